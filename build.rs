@@ -1,0 +1,25 @@
+//! Compiles `proto/` into Rust with protox (a pure-Rust protobuf compiler, so no
+//! `protoc` is needed on the machine) and tonic-prost-build, and writes the encoded
+//! descriptor set that server reflection serves.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+const PROTOS: &[&str] = &["proto/inference.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out_dir.join("aviary_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        // Tensor payloads stay `Bytes` so the gateway forwards them without copying.
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
+        .compile_fds(descriptors)?;
+    Ok(())
+}

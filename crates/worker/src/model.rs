@@ -1,0 +1,393 @@
+//! A loaded model version: a small pool of ONNX Runtime sessions over one model file,
+//! its schema and model card, and the code that turns validated tensors into ORT values
+//! and ORT outputs into raw protocol bytes.
+//!
+//! `ort::Session::run` takes `&mut self`, so concurrency comes from `instances`
+//! sessions (like Triton's instance groups), each lent to one request at a time. ORT
+//! runs on tokio's blocking pool so it never stalls the async runtime.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
+
+use aviary::tensor::{self, Datatype};
+use ort::{
+    session::{OutputSelector, RunOptions, Session, builder::GraphOptimizationLevel},
+    value::{DynValue, Tensor, TensorElementType, ValueType},
+};
+use tokio::sync::Semaphore;
+
+use crate::{
+    WorkerError,
+    repository::ModelCard,
+    runtime,
+    schema::ModelSchema,
+    stats::Timings,
+    validate::{InputTensor, TensorData, ValidatedRequest},
+};
+
+/// How sessions are created for each model version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Sessions per version; requests beyond this wait in a queue.
+    pub instances: usize,
+    /// Threads ORT uses inside one operator.
+    pub intra_op_threads: usize,
+    /// Threads ORT uses across independent operators.
+    pub inter_op_threads: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            instances: std::thread::available_parallelism().map_or(1, usize::from),
+            intra_op_threads: 1,
+            inter_op_threads: 1,
+        }
+    }
+}
+
+/// One output tensor, encoded for the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputTensor {
+    /// Output name.
+    pub name: String,
+    /// Element type.
+    pub datatype: Datatype,
+    /// Concrete shape.
+    pub shape: Vec<i64>,
+    /// Raw little-endian contents (BYTES: length-prefixed elements).
+    pub raw: Vec<u8>,
+}
+
+/// A model version ready to serve.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Inputs and outputs.
+    pub schema: ModelSchema,
+    /// Model card, if the version has one.
+    pub card: Option<ModelCard>,
+    /// The model file it was loaded from.
+    pub path: PathBuf,
+    /// When loading finished.
+    pub loaded_at: SystemTime,
+    idle: Mutex<Vec<Session>>,
+    permits: Semaphore,
+}
+
+impl LoadedModel {
+    /// Loads `path` into `options.instances` sessions and runs one warm-up inference on
+    /// zero-filled inputs. Blocking: call it off the async runtime.
+    pub fn load(
+        model: &str,
+        version: &str,
+        path: &Path,
+        card: Option<ModelCard>,
+        options: SessionOptions,
+    ) -> Result<LoadedModel, WorkerError> {
+        let load_error = |reason: String| WorkerError::Load {
+            path: path.to_owned(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| load_error(e.to_string()))?;
+        let environment = runtime::environment()?;
+        let instances = options.instances.max(1);
+        let mut sessions = Vec::with_capacity(instances);
+        for _ in 0..instances {
+            let session = Session::builder(environment)
+                .and_then(|b| {
+                    b.with_optimization_level(GraphOptimizationLevel::Level3)
+                        .map_err(Into::into)
+                })
+                .and_then(|b| {
+                    b.with_intra_threads(options.intra_op_threads.max(1))
+                        .map_err(Into::into)
+                })
+                .and_then(|b| {
+                    b.with_inter_threads(options.inter_op_threads.max(1))
+                        .map_err(Into::into)
+                })
+                .and_then(|mut b| b.commit_from_memory(&bytes))
+                .map_err(|e| load_error(format!("ONNX Runtime rejected the model: {e}")))?;
+            sessions.push(session);
+        }
+        let schema = sessions
+            .first()
+            .map(ModelSchema::from_session)
+            .transpose()
+            .map_err(load_error)?
+            .unwrap_or_default();
+        let loaded = LoadedModel {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            schema,
+            card,
+            path: path.to_owned(),
+            loaded_at: SystemTime::now(),
+            idle: Mutex::new(sessions),
+            permits: Semaphore::new(instances),
+        };
+        loaded
+            .warm_up()
+            .map_err(|e| load_error(format!("warm-up inference failed: {e}")))?;
+        Ok(loaded)
+    }
+
+    /// Runs every session once on zero-filled inputs (variable dimensions = 1), so the
+    /// first real request does not pay for ORT's lazy initialisation.
+    fn warm_up(&self) -> Result<(), String> {
+        let inputs: Vec<InputTensor> = self
+            .schema
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<i64> = spec
+                    .shape
+                    .iter()
+                    .map(|&d| if d < 0 { 1 } else { d })
+                    .collect();
+                let count = tensor::element_count(&shape).unwrap_or(0);
+                InputTensor {
+                    name: spec.name.clone(),
+                    shape,
+                    data: zeros(spec.datatype, count),
+                }
+            })
+            .collect();
+        let outputs: Vec<String> = self.schema.outputs.iter().map(|o| o.name.clone()).collect();
+        let mut idle = self
+            .idle
+            .lock()
+            .map_err(|_| "session pool poisoned".to_owned())?;
+        for session in idle.iter_mut() {
+            run_session(session, &inputs, &outputs)?;
+        }
+        Ok(())
+    }
+
+    /// Runs a validated request on a free session.
+    pub async fn infer(
+        self: &Arc<Self>,
+        request: ValidatedRequest,
+    ) -> Result<(Vec<OutputTensor>, Timings), WorkerError> {
+        let queued = Instant::now();
+        let permit = self.permits.acquire().await.map_err(|_| {
+            WorkerError::Unavailable(format!("model \"{}\" is unloading", self.model))
+        })?;
+        let queue = queued.elapsed();
+        let this = Arc::clone(self);
+        let joined = tokio::task::spawn_blocking(move || {
+            let Some(mut session) = this.take_session() else {
+                return Err(WorkerError::Unavailable(
+                    "no idle session despite a permit".into(),
+                ));
+            };
+            let result = run_timed(&mut session, &request);
+            this.return_session(session);
+            result.map_err(|reason| WorkerError::Inference {
+                model: this.model.clone(),
+                version: this.version.clone(),
+                reason,
+            })
+        })
+        .await;
+        match joined {
+            Ok(result) => {
+                drop(permit);
+                result.map(|(outputs, mut timings)| {
+                    timings.queue = queue;
+                    (outputs, timings)
+                })
+            }
+            Err(join_error) => {
+                // The session went down with the task: shrink the pool by keeping its permit.
+                permit.forget();
+                Err(WorkerError::Unavailable(format!(
+                    "inference task failed: {join_error}"
+                )))
+            }
+        }
+    }
+
+    fn take_session(&self) -> Option<Session> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    fn return_session(&self, session: Session) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(session);
+        }
+    }
+}
+
+fn run_timed(
+    session: &mut Session,
+    request: &ValidatedRequest,
+) -> Result<(Vec<OutputTensor>, Timings), String> {
+    let mut timings = Timings::default();
+    let started = Instant::now();
+    let values = to_values(&request.inputs)?;
+    timings.compute_input = started.elapsed();
+
+    let started = Instant::now();
+    let selector = request
+        .outputs
+        .iter()
+        .fold(OutputSelector::no_default(), |s, name| s.with(name.clone()));
+    let options = RunOptions::new()
+        .map_err(|e| e.to_string())?
+        .with_outputs(selector);
+    let mut outputs = session
+        .run_with_options(values, &options)
+        .map_err(|e| e.to_string())?;
+    timings.compute_infer = started.elapsed();
+
+    let started = Instant::now();
+    let encoded = request
+        .outputs
+        .iter()
+        .map(|name| {
+            let value = outputs
+                .remove(name.as_str())
+                .ok_or_else(|| format!("ONNX Runtime returned no output \"{name}\""))?;
+            encode_output(name, &value)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    timings.compute_output = started.elapsed();
+    Ok((encoded, timings))
+}
+
+fn run_session(
+    session: &mut Session,
+    inputs: &[InputTensor],
+    outputs: &[String],
+) -> Result<Vec<OutputTensor>, String> {
+    let request = ValidatedRequest {
+        inputs: inputs.to_vec(),
+        outputs: outputs.to_vec(),
+    };
+    run_timed(session, &request).map(|(outputs, _)| outputs)
+}
+
+fn to_values(inputs: &[InputTensor]) -> Result<Vec<(String, DynValue)>, String> {
+    inputs
+        .iter()
+        .map(|input| {
+            let shape = input.shape.clone();
+            let value = match &input.data {
+                TensorData::Bool(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
+                TensorData::Uint8(v) => {
+                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
+                }
+                TensorData::Uint16(v) => {
+                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
+                }
+                TensorData::Uint32(v) => {
+                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
+                }
+                TensorData::Uint64(v) => {
+                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
+                }
+                TensorData::Int8(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
+                TensorData::Int16(v) => {
+                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
+                }
+                TensorData::Int32(v) => {
+                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
+                }
+                TensorData::Int64(v) => {
+                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
+                }
+                TensorData::Fp16(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
+                TensorData::Bf16(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
+                TensorData::Fp32(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
+                TensorData::Fp64(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
+                TensorData::Bytes(v) => {
+                    Tensor::from_string_array((shape, &v[..])).map(Tensor::into_dyn)
+                }
+            };
+            value
+                .map(|v| (input.name.clone(), v))
+                .map_err(|e| format!("input \"{}\": {e}", input.name))
+        })
+        .collect()
+}
+
+fn encode_output(name: &str, value: &DynValue) -> Result<OutputTensor, String> {
+    let ValueType::Tensor { ty, .. } = value.dtype() else {
+        return Err(format!("output \"{name}\" is not a tensor"));
+    };
+    let datatype = crate::schema::datatype_of(*ty).ok_or_else(|| {
+        format!("output \"{name}\" has element type {ty:?}, which the v2 protocol cannot carry")
+    })?;
+    let fail = |e: ort::Error| format!("output \"{name}\": {e}");
+    macro_rules! raw {
+        ($t:ty) => {{
+            let (shape, data) = value.try_extract_tensor::<$t>().map_err(fail)?;
+            (shape.to_vec(), tensor::to_raw(data))
+        }};
+    }
+    let (shape, raw) = match ty {
+        TensorElementType::Bool => raw!(bool),
+        TensorElementType::Uint8 => raw!(u8),
+        TensorElementType::Uint16 => raw!(u16),
+        TensorElementType::Uint32 => raw!(u32),
+        TensorElementType::Uint64 => raw!(u64),
+        TensorElementType::Int8 => raw!(i8),
+        TensorElementType::Int16 => raw!(i16),
+        TensorElementType::Int32 => raw!(i32),
+        TensorElementType::Int64 => raw!(i64),
+        TensorElementType::Float32 => raw!(f32),
+        TensorElementType::Float64 => raw!(f64),
+        TensorElementType::Float16 => {
+            let (shape, data) = value.try_extract_tensor::<half::f16>().map_err(fail)?;
+            let bits: Vec<u16> = data.iter().map(|v| v.to_bits()).collect();
+            (shape.to_vec(), tensor::to_raw(&bits))
+        }
+        TensorElementType::Bfloat16 => {
+            let (shape, data) = value.try_extract_tensor::<half::bf16>().map_err(fail)?;
+            let bits: Vec<u16> = data.iter().map(|v| v.to_bits()).collect();
+            (shape.to_vec(), tensor::to_raw(&bits))
+        }
+        TensorElementType::String => {
+            let (shape, strings) = value.try_extract_strings().map_err(fail)?;
+            (shape.to_vec(), tensor::encode_bytes_elements(&strings))
+        }
+        other => {
+            return Err(format!(
+                "output \"{name}\" has unsupported element type {other:?}"
+            ));
+        }
+    };
+    Ok(OutputTensor {
+        name: name.to_owned(),
+        datatype,
+        shape,
+        raw,
+    })
+}
+
+fn zeros(datatype: Datatype, count: usize) -> TensorData {
+    match datatype {
+        Datatype::Bool => TensorData::Bool(vec![false; count]),
+        Datatype::Uint8 => TensorData::Uint8(vec![0; count]),
+        Datatype::Uint16 => TensorData::Uint16(vec![0; count]),
+        Datatype::Uint32 => TensorData::Uint32(vec![0; count]),
+        Datatype::Uint64 => TensorData::Uint64(vec![0; count]),
+        Datatype::Int8 => TensorData::Int8(vec![0; count]),
+        Datatype::Int16 => TensorData::Int16(vec![0; count]),
+        Datatype::Int32 => TensorData::Int32(vec![0; count]),
+        Datatype::Int64 => TensorData::Int64(vec![0; count]),
+        Datatype::Fp16 => TensorData::Fp16(vec![half::f16::ZERO; count]),
+        Datatype::Bf16 => TensorData::Bf16(vec![half::bf16::ZERO; count]),
+        Datatype::Fp32 => TensorData::Fp32(vec![0.0; count]),
+        Datatype::Fp64 => TensorData::Fp64(vec![0.0; count]),
+        Datatype::Bytes => TensorData::Bytes(vec![String::new(); count]),
+    }
+}

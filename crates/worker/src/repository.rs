@@ -1,0 +1,180 @@
+//! The model repository on disk: `<repo>/<model>/<version>/model.onnx`, with numeric
+//! version folders and an optional `model.toml` model card beside each model file.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::WorkerError;
+
+/// File name of a version's ONNX model.
+pub const MODEL_FILE: &str = "model.onnx";
+
+/// File name of a version's optional model card.
+pub const CARD_FILE: &str = "model.toml";
+
+/// What a model card says about a version: who made it, for what, and how well it does.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCard {
+    /// What the model does.
+    #[serde(default)]
+    pub description: String,
+    /// Team or person responsible.
+    #[serde(default)]
+    pub owner: String,
+    /// What it should be used for.
+    #[serde(default)]
+    pub intended_use: String,
+    /// Known limitations.
+    #[serde(default)]
+    pub limitations: String,
+    /// What it was trained on.
+    #[serde(default)]
+    pub training_data: String,
+    /// Evaluation metrics, by name.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// One version folder found in the repository.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionEntry {
+    /// Model name (the model folder's name).
+    pub model: String,
+    /// Version (the numeric folder name).
+    pub version: u64,
+    /// Path of `model.onnx`.
+    pub model_path: PathBuf,
+    /// Path of `model.toml`, if present.
+    pub card_path: Option<PathBuf>,
+}
+
+/// Lists every `<model>/<version>/model.onnx` under `root`, sorted by model then
+/// version. Folders whose name is not a number, hidden entries and version folders
+/// without a model file are skipped (with a log line), as Triton does.
+pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, WorkerError> {
+    let read = |path: &Path| {
+        fs::read_dir(path).map_err(|e| WorkerError::Load {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    };
+    let mut entries = Vec::new();
+    for model_dir in read(root)? {
+        let model_dir = model_dir.map_err(|e| WorkerError::Load {
+            path: root.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let Some(model) = visible_dir_name(&model_dir.path()) else {
+            continue;
+        };
+        for version_dir in read(&model_dir.path())? {
+            let Ok(version_dir) = version_dir else {
+                continue;
+            };
+            let path = version_dir.path();
+            let Some(name) = visible_dir_name(&path) else {
+                continue;
+            };
+            let Ok(version) = name.parse::<u64>() else {
+                tracing::debug!(path = %path.display(), "skipping non-numeric version folder");
+                continue;
+            };
+            let model_path = path.join(MODEL_FILE);
+            if !model_path.is_file() {
+                tracing::warn!(path = %path.display(), "version folder has no {MODEL_FILE}; skipping");
+                continue;
+            }
+            let card_path = Some(path.join(CARD_FILE)).filter(|p| p.is_file());
+            entries.push(VersionEntry {
+                model: model.clone(),
+                version,
+                model_path,
+                card_path,
+            });
+        }
+    }
+    entries.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
+    Ok(entries)
+}
+
+fn visible_dir_name(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    (!name.starts_with('.') && path.is_dir()).then(|| name.to_owned())
+}
+
+/// Reads and parses a model card.
+pub fn read_card(path: &Path) -> Result<ModelCard, WorkerError> {
+    let text = fs::read_to_string(path).map_err(|e| WorkerError::Load {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| WorkerError::Load {
+        path: path.to_owned(),
+        reason: format!("invalid model card: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_finds_numeric_versions_and_cards() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path();
+        for (model, version) in [
+            ("b", "10"),
+            ("b", "2"),
+            ("a", "1"),
+            ("a", "latest"),
+            (".hidden", "1"),
+        ] {
+            fs::create_dir_all(root.join(model).join(version))?;
+            fs::write(root.join(model).join(version).join(MODEL_FILE), b"x")?;
+        }
+        fs::create_dir_all(root.join("a/3"))?; // no model file
+        fs::write(
+            root.join("a/1").join(CARD_FILE),
+            "owner = \"ml\"\n[metrics]\naccuracy = 0.9\n",
+        )?;
+
+        let found: Vec<(String, u64, bool)> = scan(root)?
+            .into_iter()
+            .map(|e| (e.model, e.version, e.card_path.is_some()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("a".into(), 1, true),
+                ("b".into(), 2, false),
+                ("b".into(), 10, false)
+            ]
+        );
+        let card = read_card(&root.join("a/1").join(CARD_FILE))?;
+        assert_eq!(card.owner, "ml");
+        assert_eq!(card.metrics.get("accuracy"), Some(&0.9));
+        Ok(())
+    }
+
+    #[test]
+    fn card_with_unknown_key_is_a_load_error() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(CARD_FILE);
+        fs::write(&path, "ownr = \"typo\"\n")?;
+        let err = read_card(&path).expect_err("unknown key must be rejected");
+        assert!(err.to_string().contains("ownr"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn missing_repository_is_a_load_error() {
+        let err = scan(Path::new("/definitely/not/here")).expect_err("missing folder");
+        assert!(err.to_string().contains("/definitely/not/here"), "{err}");
+    }
+}

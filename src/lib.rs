@@ -1,0 +1,32 @@
+//! Aviary's protocol crate: the KServe v2 / Open Inference Protocol types (with the
+//! Triton extensions Aviary implements), tensor encoding helpers shared by the gateway,
+//! the worker and clients, and the descriptor set that server reflection serves.
+//!
+//! # Layout
+//!
+//! - [`pb`]: generated protobuf messages, the `GRPCInferenceService` client and server.
+//! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
+//!   length-prefix format.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every proto file.
+#![forbid(unsafe_code)]
+
+pub mod tensor;
+
+/// Generated protocol code.
+pub mod pb {
+    /// `inference.*`: the KServe v2 gRPC service and Triton's model configuration.
+    #[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs)]
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/aviary_descriptor.bin"));
+
+/// Server name reported by `ServerMetadata`.
+pub const SERVER_NAME: &str = "aviary";
+
+/// Aviary's version, reported by `ServerMetadata`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

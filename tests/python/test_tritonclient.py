@@ -1,0 +1,436 @@
+"""End-to-end tests of the Aviary gateway with the stock Triton/KServe v2 gRPC client.
+
+The test starts the real gateway binary (env AVIARY_BIN, else target/debug/aviary)
+with tests/python/aviary-test.toml on an ephemeral port, waits for the line
+`aviary: listening on 127.0.0.1:PORT` on its stdout, and talks to it with
+`tritonclient.grpc`. Expected outputs are computed independently with the Python
+onnxruntime package from the model files in tests/models.
+
+    pip install -r tests/python/requirements.txt
+    cargo build
+    pytest tests/python
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import ml_dtypes
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = Path("tests") / "python" / "aviary-test.toml"
+MODELS = REPO / "tests" / "models"
+READY_RE = re.compile(r"^aviary: listening on (127\.0\.0\.1:\d+)$")
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+BATCH = np.array(
+    [
+        [5.1, 3.5, 1.4, 0.2],
+        [6.2, 2.9, 4.3, 1.3],
+        [7.7, 3.0, 6.1, 2.3],
+    ],
+    dtype=np.float32,
+)
+
+
+# --------------------------------------------------------------------------- server
+
+
+def aviary_bin() -> Path:
+    env = os.environ.get("AVIARY_BIN")
+    return Path(env) if env else REPO / "target" / "debug" / "aviary"
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, address: str, stderr_lines: list[str]):
+        self.proc = proc
+        self.address = address
+        self.stderr_lines = stderr_lines
+
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+
+def _pump(stream, sink):
+    for line in iter(stream.readline, ""):
+        sink(line)
+    stream.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    binary = aviary_bin()
+    if not binary.is_file():
+        pytest.fail(f"aviary binary not found at {binary} (build it with `cargo build` or set AVIARY_BIN)")
+
+    proc = subprocess.Popen(
+        [str(binary), "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+    stdout_q: queue.Queue = queue.Queue()
+    stderr_lines: list[str] = []
+    # Drain both pipes for the whole life of the process so it never blocks on a full pipe.
+    threading.Thread(target=_pump, args=(proc.stdout, stdout_q.put), daemon=True).start()
+    threading.Thread(target=_pump, args=(proc.stderr, stderr_lines.append), daemon=True).start()
+
+    address = None
+    stdout_seen: list[str] = []
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while address is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"timed out after {START_TIMEOUT_S:.0f}s waiting for the listening line")
+            try:
+                line = stdout_q.get(timeout=min(remaining, 0.2))
+            except queue.Empty:
+                if proc.poll() is not None and stdout_q.empty():
+                    raise RuntimeError(f"aviary exited with code {proc.returncode} before it was ready")
+                continue
+            stdout_seen.append(line)
+            m = READY_RE.match(line.rstrip("\r\n"))
+            if m:
+                address = m.group(1)
+    except RuntimeError as e:
+        _stop(proc)
+        time.sleep(0.2)  # let the pump threads collect the last stderr lines
+        pytest.fail(
+            f"{e}\n--- aviary stdout ---\n{''.join(stdout_seen)}\n--- aviary stderr ---\n{''.join(stderr_lines)}"
+        )
+
+    srv = Server(proc, address, stderr_lines)
+    yield srv
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen):
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    c = grpcclient.InferenceServerClient(url=server.address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def stub(server):
+    """Raw gRPC stub, for requests the tritonclient API cannot express (typed contents)."""
+    channel = grpc.insecure_channel(server.address)
+    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+_SESSIONS: dict[str, ort.InferenceSession] = {}
+
+
+def oracle(model: str, version: str, feeds: dict) -> dict:
+    """Run tests/models/<model>/<version>/model.onnx with Python onnxruntime."""
+    key = f"{model}/{version}"
+    if key not in _SESSIONS:
+        _SESSIONS[key] = ort.InferenceSession(
+            str(MODELS / model / version / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
+    sess = _SESSIONS[key]
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def assert_demo_outputs(version: str, probabilities, label, batch=BATCH):
+    want = oracle("demo", version, {"input": batch})
+    assert probabilities is not None, "probabilities output missing"
+    assert label is not None, "label output missing"
+    assert probabilities.dtype == np.float32, probabilities.dtype
+    assert label.dtype == np.int64, label.dtype
+    assert probabilities.shape == (len(batch), 3), probabilities.shape
+    assert label.shape == (len(batch),), label.shape
+    assert np.allclose(probabilities, want["probabilities"], rtol=0, atol=1e-5), (
+        f"version {version}: got {probabilities.tolist()}, onnxruntime says {want['probabilities'].tolist()}"
+    )
+    assert np.array_equal(label, want["label"]), (label.tolist(), want["label"].tolist())
+
+
+def status_of(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
+# --------------------------------------------------------------------------- infer helpers
+
+
+def infer_with_client(client, model="demo", version="", batch=BATCH, outputs=None):
+    """binary_data=True: tritonclient's gRPC InferInput always sends raw_input_contents."""
+    inp = grpcclient.InferInput("input", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch)
+    requested = [grpcclient.InferRequestedOutput(n) for n in outputs] if outputs else None
+    result = client.infer(model, [inp], model_version=version, outputs=requested)
+    return result, result.get_response().model_version
+
+
+_CONTENT_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_NP = {
+    "BOOL": np.bool_,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+
+
+def decode_outputs(resp: service_pb2.ModelInferResponse) -> dict:
+    """Decode a ModelInferResponse whether the server used raw_output_contents or typed contents."""
+    out = {}
+    use_raw = len(resp.raw_output_contents) > 0
+    if use_raw:
+        assert len(resp.raw_output_contents) == len(resp.outputs), "raw_output_contents / outputs mismatch"
+    for i, o in enumerate(resp.outputs):
+        shape = list(o.shape)
+        if use_raw:
+            arr = grpcclient.InferResult(resp).as_numpy(o.name)
+        else:
+            values = list(getattr(o.contents, _CONTENT_FIELD[o.datatype]))
+            arr = np.array(values, dtype=_NP.get(o.datatype, object)).reshape(shape)
+        out[o.name] = arr
+    return out
+
+
+def infer_with_contents(stub, model="demo", version="", batch=BATCH):
+    """binary_data=False: the input goes in InferTensorContents.fp32_contents (no raw bytes)."""
+    req = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    tensor = req.inputs.add()
+    tensor.name = "input"
+    tensor.datatype = "FP32"
+    tensor.shape.extend(batch.shape)
+    tensor.contents.fp32_contents.extend(batch.reshape(-1).tolist())
+    resp = stub.ModelInfer(req, timeout=30)
+    return decode_outputs(resp), resp.model_version
+
+
+# --------------------------------------------------------------------------- health
+
+
+def test_server_live(client):
+    assert client.is_server_live() is True
+
+
+def test_server_ready(client):
+    assert client.is_server_ready() is True
+
+
+def test_model_ready(client):
+    assert client.is_model_ready("demo") is True
+
+
+def test_unknown_model_not_ready(client):
+    assert client.is_model_ready("nope") is False
+
+
+# --------------------------------------------------------------------------- metadata / config
+
+
+def test_model_metadata(client):
+    md = client.get_model_metadata("demo")
+    assert md.name == "demo"
+    assert {"1", "2"} <= set(md.versions), list(md.versions)
+    assert md.platform == "onnxruntime_onnx"
+
+    inputs = {t.name: t for t in md.inputs}
+    assert list(inputs) == ["input"], list(inputs)
+    assert inputs["input"].datatype == "FP32"
+    assert list(inputs["input"].shape) == [-1, 4]
+
+    outputs = {t.name: t for t in md.outputs}
+    assert set(outputs) == {"probabilities", "label"}, list(outputs)
+    assert outputs["probabilities"].datatype == "FP32"
+    assert list(outputs["probabilities"].shape) == [-1, 3]
+    assert outputs["label"].datatype == "INT64"
+    assert list(outputs["label"].shape) == [-1]
+
+
+def test_model_config(client):
+    cfg = client.get_model_config("demo").config
+    assert cfg.name == "demo"
+    assert cfg.platform == "onnxruntime_onnx"
+    assert cfg.backend == "onnxruntime"
+    assert cfg.max_batch_size == 0
+    inputs = {t.name: t for t in cfg.input}
+    assert list(inputs) == ["input"], list(inputs)
+    assert inputs["input"].data_type == model_config_pb2.TYPE_FP32
+    assert list(inputs["input"].dims) == [-1, 4]
+
+
+def test_model_config_outputs(client):
+    cfg = client.get_model_config("demo").config
+    outputs = {t.name: t for t in cfg.output}
+    assert set(outputs) == {"probabilities", "label"}, list(outputs)
+    assert outputs["probabilities"].data_type == model_config_pb2.TYPE_FP32
+    assert list(outputs["probabilities"].dims) == [-1, 3]
+    assert outputs["label"].data_type == model_config_pb2.TYPE_INT64
+    assert list(outputs["label"].dims) == [-1]
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def test_oracle_versions_differ():
+    """Guard: the two demo versions must be distinguishable, or the routing checks prove nothing."""
+    p1 = oracle("demo", "1", {"input": BATCH})["probabilities"]
+    p2 = oracle("demo", "2", {"input": BATCH})["probabilities"]
+    assert np.max(np.abs(p1 - p2)) > 1e-3
+
+
+@pytest.mark.parametrize("binary_data", [True, False], ids=["binary", "contents"])
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_infer_pinned_version(client, stub, version, binary_data):
+    if binary_data:
+        result, got_version = infer_with_client(client, version=version)
+        probabilities, label = result.as_numpy("probabilities"), result.as_numpy("label")
+    else:
+        outs, got_version = infer_with_contents(stub, version=version)
+        probabilities, label = outs.get("probabilities"), outs.get("label")
+    assert got_version == version
+    assert_demo_outputs(version, probabilities, label)
+
+
+@pytest.mark.parametrize("binary_data", [True, False], ids=["binary", "contents"])
+def test_infer_unpinned(client, stub, binary_data):
+    for _ in range(5):
+        if binary_data:
+            result, got_version = infer_with_client(client)
+            probabilities, label = result.as_numpy("probabilities"), result.as_numpy("label")
+        else:
+            outs, got_version = infer_with_contents(stub)
+            probabilities, label = outs.get("probabilities"), outs.get("label")
+        assert got_version in {"1", "2"}, got_version
+        assert_demo_outputs(got_version, probabilities, label)
+
+
+def test_unpinned_routing_reaches_both_versions(client):
+    """routes.demo splits 50/50: 40 unpinned requests all landing on one version has odds ~2e-12."""
+    seen = set()
+    for _ in range(40):
+        _, got_version = infer_with_client(client)
+        seen.add(got_version)
+        if seen == {"1", "2"}:
+            break
+    assert seen == {"1", "2"}, f"only saw versions {sorted(seen)}"
+
+
+def test_infer_requested_output_subset(client):
+    result, got_version = infer_with_client(client, version="1", outputs=["label"])
+    assert result.as_numpy("probabilities") is None, "unrequested output was returned"
+    label = result.as_numpy("label")
+    want = oracle("demo", "1", {"input": BATCH})["label"]
+    assert label is not None and np.array_equal(label, want)
+
+
+def test_infer_unknown_model_not_found(client):
+    with pytest.raises(InferenceServerException) as ei:
+        infer_with_client(client, model="nope")
+    assert status_of(ei.value) == str(grpc.StatusCode.NOT_FOUND), (status_of(ei.value), ei.value.message())
+
+
+@pytest.mark.parametrize("binary_data", [True, False], ids=["binary", "contents"])
+def test_infer_wrong_shape_invalid_argument(client, stub, binary_data):
+    bad = np.zeros((3, 5), dtype=np.float32)
+    if binary_data:
+        with pytest.raises(InferenceServerException) as ei:
+            infer_with_client(client, version="1", batch=bad)
+        status, message = status_of(ei.value), ei.value.message()
+    else:
+        with pytest.raises(grpc.RpcError) as ei:
+            infer_with_contents(stub, version="1", batch=bad)
+        status, message = str(ei.value.code()), ei.value.details()
+    assert status == str(grpc.StatusCode.INVALID_ARGUMENT), (status, message)
+    assert "input" in message, message
+
+
+# --------------------------------------------------------------------------- every datatype
+
+
+TYPES = [
+    ("bool", "BOOL", np.array([True, False, True])),
+    ("int8", "INT8", np.array([-128, 0, 127], dtype=np.int8)),
+    ("int16", "INT16", np.array([-32768, 1, 32767], dtype=np.int16)),
+    ("int32", "INT32", np.array([-(2**31), 1, 2**31 - 1], dtype=np.int32)),
+    ("int64", "INT64", np.array([-(2**63), 1, 2**63 - 1], dtype=np.int64)),
+    ("uint8", "UINT8", np.array([0, 1, 255], dtype=np.uint8)),
+    ("uint16", "UINT16", np.array([0, 1, 65535], dtype=np.uint16)),
+    ("uint32", "UINT32", np.array([0, 1, 2**32 - 1], dtype=np.uint32)),
+    ("uint64", "UINT64", np.array([0, 1, 2**64 - 1], dtype=np.uint64)),
+    ("fp16", "FP16", np.array([1.5, -2.25, 65504.0], dtype=np.float16)),
+    ("bf16", "BF16", np.array([1.5, -2.25, 3.0e38], dtype=ml_dtypes.bfloat16)),
+    ("fp32", "FP32", np.array([1.5, -2.25, 1e30], dtype=np.float32)),
+    ("fp64", "FP64", np.array([1.5, -2.25, 1e300], dtype=np.float64)),
+    ("bytes", "BYTES", np.array([b"hello", b"", "w\u00f6rld".encode()], dtype=np.object_)),
+]
+
+
+def test_types_round_trip(client):
+    """tests/models/types: out_<t> = Identity(in_<t>) for every KServe datatype."""
+    inputs = []
+    for t, dt, arr in TYPES:
+        inp = grpcclient.InferInput(f"in_{t}", list(arr.shape), dt)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    result = client.infer("types", inputs)
+    for t, dt, arr in TYPES:
+        got = result.as_numpy(f"out_{t}")
+        assert got is not None, f"out_{t} missing"
+        out = result.get_output(f"out_{t}")
+        assert out.datatype == dt, (t, out.datatype)
+        assert list(out.shape) == [len(arr)], (t, list(out.shape))
+        if dt == "BYTES":
+            assert [bytes(v) for v in got.tolist()] == arr.tolist(), (t, got)
+        else:
+            assert got.tobytes() == arr.tobytes(), (t, got, arr)
