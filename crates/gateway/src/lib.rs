@@ -1,1 +1,30 @@
-//! stub
+//! Aviary's gateway: the front KServe v2 server that picks a version of each model by
+//! its route and calls that version's backend (the embedded worker or a remote worker
+//! server), plus the `aviary` command line.
+//!
+//! # Layout
+//!
+//! - [`config`]: the `aviary.toml` file.
+//! - [`routing`]: the route table and backends as one swappable snapshot.
+//! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
+//! - [`front`]: the v2 service clients talk to.
+//! - [`app`]: assembling a gateway and running it until shutdown.
+//! - [`client`]: `aviary infer`, a small v2 client.
+//! - [`bench`]: `aviary bench`, a closed-loop load generator.
+//! - [`cli`]: the command line.
+//! - [`error`]: [`GatewayError`] and its mapping to gRPC statuses.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod backend;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod front;
+pub mod routing;
+
+pub use app::{Gateway, Mode};
+pub use config::Config;
+pub use error::GatewayError;

@@ -1,1 +1,242 @@
-fn main() {}
+//! The `aviary` binary.
+
+use std::{collections::BTreeMap, io::Write, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, bail};
+use aviary::pb::inference::ModelMetadataRequest;
+use aviary_gateway::{
+    Config, Gateway, Mode,
+    bench::{self, BenchOptions},
+    cli::{BenchArgs, Cli, Command, InferArgs, ServeArgs, WorkerArgs},
+    client,
+    front::VARIANT_HEADER,
+};
+use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
+use clap::Parser;
+use tokio::net::TcpListener;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AVIARY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args, Mode::Embedded).await,
+            Command::Gateway(args) => serve(args, Mode::RemoteOnly).await,
+            Command::Worker(args) => worker(args).await,
+            Command::Infer(args) => infer(args).await,
+            Command::Bench(args) => bench(args).await,
+        }
+    })
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    // Tests and scripts read this line to learn the port when asked for port 0.
+    println!("aviary: listening on {local}");
+    std::io::stdout().flush()?;
+    tracing::info!(%local, "listening");
+    Ok(listener)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    let listen = config.server.listen;
+    let gateway = Gateway::start(config, mode).await?;
+    let listener = bind(listen).await?;
+    gateway.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let defaults = SessionOptions::default();
+    let worker = Worker::open(WorkerConfig {
+        repository: args.repo,
+        session: SessionOptions {
+            instances: args.instances.unwrap_or(defaults.instances),
+            intra_op_threads: args.intra_op_threads,
+            inter_op_threads: args.inter_op_threads,
+        },
+    })
+    .await?;
+    let listener = bind(args.listen).await?;
+    server::run_worker(
+        Arc::new(worker),
+        listener,
+        args.max_message_bytes,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn infer(args: InferArgs) -> anyhow::Result<()> {
+    let mut grpc = bench::connect(&args.addr)
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    let metadata = grpc
+        .model_metadata(ModelMetadataRequest {
+            name: args.model.clone(),
+            version: args.version.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut inputs = BTreeMap::new();
+    for text in &args.inputs {
+        let (name, json) = match text.split_once('=') {
+            Some((name, json)) if !name.trim_start().starts_with('[') => (name.to_owned(), json),
+            _ => match metadata.inputs.as_slice() {
+                [only] => (only.name.clone(), text.as_str()),
+                _ => bail!(
+                    "model \"{}\" has several inputs: write --input NAME=JSON",
+                    args.model
+                ),
+            },
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(json).with_context(|| format!("input \"{name}\": not JSON"))?;
+        inputs.insert(name, value);
+    }
+    let request = client::build_request(&metadata, args.version.as_deref(), &inputs)?;
+
+    let mut by_version: BTreeMap<String, u64> = BTreeMap::new();
+    let mut first: BTreeMap<String, Vec<client::DecodedOutput>> = BTreeMap::new();
+    let mut elapsed = Duration::ZERO;
+    for _ in 0..args.repeat.max(1) {
+        let started = std::time::Instant::now();
+        let response = grpc
+            .model_infer(request.clone())
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
+        elapsed += started.elapsed();
+        let variant = response
+            .metadata()
+            .get(VARIANT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let response = response.into_inner();
+        let version = variant.unwrap_or_else(|| response.model_version.clone());
+        *by_version.entry(version.clone()).or_default() += 1;
+        if !first.contains_key(&version) {
+            first.insert(
+                version,
+                client::decode_response(&response).map_err(anyhow::Error::msg)?,
+            );
+        }
+    }
+
+    if args.json {
+        let report = serde_json::json!({
+            "model": args.model,
+            "requests": args.repeat.max(1),
+            "versions": by_version,
+            "outputs": first,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mean = elapsed / u32::try_from(args.repeat.max(1)).unwrap_or(u32::MAX);
+    for (version, outputs) in &first {
+        println!("model {} version {version}", args.model);
+        for output in outputs {
+            println!(
+                "  {} {} {:?} = {}",
+                output.name,
+                output.datatype,
+                output.shape,
+                client::render(&output.shape, &output.data, 8)
+            );
+        }
+    }
+    if args.repeat > 1 {
+        println!(
+            "{} requests, mean latency {:.2} ms",
+            args.repeat,
+            mean.as_secs_f64() * 1e3
+        );
+        for (version, count) in &by_version {
+            let share = *count as f64 * 100.0 / args.repeat as f64;
+            println!("  version {version}: {count} ({share:.1}%)");
+        }
+    }
+    Ok(())
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let options = BenchOptions {
+        addr: args.addr,
+        model: args.model,
+        version: args.version,
+        concurrency: args.concurrency,
+        duration: Duration::from_secs_f64(args.duration),
+        warmup: Duration::from_secs_f64(args.warmup),
+        batch: args.batch,
+    };
+    let report = bench::run(&options)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "model {} concurrency {}: {:.0} req/s over {:.1}s, p50 {} µs, p90 {} µs, p99 {} µs, max {} µs, errors {}",
+            report.model,
+            report.concurrency,
+            report.throughput,
+            report.seconds,
+            report.p50_us,
+            report.p90_us,
+            report.p99_us,
+            report.max_us,
+            report.error_count()
+        );
+        if !report.errors.is_empty() {
+            println!("  errors by code: {:?}", report.errors);
+        }
+    }
+    Ok(())
+}

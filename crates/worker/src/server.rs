@@ -252,3 +252,34 @@ pub fn server_metadata() -> ServerMetadataResponse {
         extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
     }
 }
+
+/// Runs a standalone worker server on `listener` until `shutdown` resolves. Health is
+/// SERVING from the start (every version was loaded before the worker existed) and
+/// turns NOT_SERVING as soon as shutdown begins.
+pub async fn run_worker<F>(
+    worker: Arc<Worker>,
+    listener: TcpListener,
+    max_message_bytes: usize,
+    shutdown: F,
+) -> Result<(), WorkerError>
+where
+    F: Future<Output = ()> + Send,
+{
+    let (health, _) = tonic_health::server::health_reporter();
+    set_serving(&health, true).await;
+    let draining = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            set_serving(&health, false).await;
+        }
+    };
+    serve(
+        WorkerService::new(worker),
+        listener,
+        max_message_bytes,
+        health,
+        draining,
+    )
+    .await
+}

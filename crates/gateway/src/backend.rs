@@ -1,0 +1,253 @@
+//! Backends: where a routed model version runs. [`InProcess`] calls the embedded
+//! worker directly; [`Remote`] calls a worker server over gRPC (one HTTP/2 channel per
+//! endpoint, shared by every version served there).
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use aviary::pb::inference::{
+    ModelConfig, ModelConfigRequest, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelMetadataResponse, ModelReadyRequest, ModelStatistics, ModelStatisticsRequest,
+    RepositoryIndexRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+    repository_index_response::ModelIndex,
+};
+use aviary_worker::Worker;
+use futures::future::BoxFuture;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::GatewayError;
+
+/// A place that runs model versions.
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Where it is, for logs and errors (`in-process`, or the endpoint URL).
+    fn location(&self) -> &str;
+
+    /// Runs one inference; `request.model_version` is already resolved.
+    fn infer(
+        &self,
+        request: ModelInferRequest,
+    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>>;
+
+    /// Whether the version is loaded and ready.
+    fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool>;
+
+    /// The version's metadata.
+    fn metadata(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelMetadataResponse, GatewayError>>;
+
+    /// The version's model configuration.
+    fn config(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelConfig, GatewayError>>;
+
+    /// The version's statistics.
+    fn statistics(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<Vec<ModelStatistics>, GatewayError>>;
+
+    /// Everything the backend's repository holds.
+    fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>>;
+}
+
+/// The worker embedded in this process.
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    worker: Arc<Worker>,
+}
+
+impl InProcess {
+    /// Wraps the embedded worker.
+    pub fn new(worker: Arc<Worker>) -> InProcess {
+        InProcess { worker }
+    }
+}
+
+impl Backend for InProcess {
+    fn location(&self) -> &str {
+        "in-process"
+    }
+
+    fn infer(
+        &self,
+        request: ModelInferRequest,
+    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
+        Box::pin(async move { Ok(self.worker.infer(request).await?) })
+    }
+
+    fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool> {
+        Box::pin(async move { self.worker.ready(&model, &version) })
+    }
+
+    fn metadata(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelMetadataResponse, GatewayError>> {
+        Box::pin(async move { Ok(self.worker.metadata(&model, &version)?) })
+    }
+
+    fn config(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelConfig, GatewayError>> {
+        Box::pin(async move { Ok(self.worker.config(&model, &version)?) })
+    }
+
+    fn statistics(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<Vec<ModelStatistics>, GatewayError>> {
+        Box::pin(async move { Ok(self.worker.statistics(&model, &version)?) })
+    }
+
+    fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>> {
+        Box::pin(async move { Ok(self.worker.index(false)) })
+    }
+}
+
+/// A worker server reached over gRPC.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    endpoint: String,
+    client: GrpcInferenceServiceClient<Channel>,
+}
+
+impl Remote {
+    /// A lazily connected client for `endpoint`: the gateway starts even when the
+    /// worker is not up yet, and reports not ready until it is.
+    pub fn connect_lazy(endpoint: &str, max_message_bytes: usize) -> Result<Remote, GatewayError> {
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| GatewayError::Config {
+                path: endpoint.to_owned(),
+                message: format!("invalid endpoint: {e}"),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .connect_lazy();
+        let client = GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        Ok(Remote {
+            endpoint: endpoint.to_owned(),
+            client,
+        })
+    }
+
+    fn error(&self, status: tonic::Status) -> GatewayError {
+        GatewayError::Remote {
+            endpoint: self.endpoint.clone(),
+            status,
+        }
+    }
+}
+
+impl Backend for Remote {
+    fn location(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn infer(
+        &self,
+        request: ModelInferRequest,
+    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            client
+                .model_infer(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| self.error(s))
+        })
+    }
+
+    fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let request = ModelReadyRequest {
+                name: model,
+                version,
+            };
+            client
+                .model_ready(request)
+                .await
+                .is_ok_and(|r| r.into_inner().ready)
+        })
+    }
+
+    fn metadata(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelMetadataResponse, GatewayError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let request = ModelMetadataRequest {
+                name: model,
+                version,
+            };
+            client
+                .model_metadata(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| self.error(s))
+        })
+    }
+
+    fn config(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelConfig, GatewayError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let request = ModelConfigRequest {
+                name: model,
+                version,
+            };
+            let response = client
+                .model_config(request)
+                .await
+                .map_err(|s| self.error(s))?;
+            Ok(response.into_inner().config.unwrap_or_default())
+        })
+    }
+
+    fn statistics(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<Vec<ModelStatistics>, GatewayError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let request = ModelStatisticsRequest {
+                name: model,
+                version,
+            };
+            let response = client
+                .model_statistics(request)
+                .await
+                .map_err(|s| self.error(s))?;
+            Ok(response.into_inner().model_stats)
+        })
+    }
+
+    fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let response = client
+                .repository_index(RepositoryIndexRequest::default())
+                .await
+                .map_err(|s| self.error(s))?;
+            Ok(response.into_inner().models)
+        })
+    }
+}

@@ -1,0 +1,236 @@
+//! `aviary bench`: a closed-loop load generator for any v2 server. `concurrency` tasks
+//! each send one request at a time over one shared HTTP/2 connection for `duration`,
+//! after a warm-up; latencies go into an HDR histogram.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use aviary::{
+    pb::inference::{
+        ModelInferRequest, ModelMetadataRequest,
+        grpc_inference_service_client::GrpcInferenceServiceClient,
+        model_infer_request::InferInputTensor,
+    },
+    tensor::{self, Datatype},
+};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// What to load and how hard.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Server address, `http://host:port`.
+    pub addr: String,
+    /// Model name.
+    pub model: String,
+    /// Pinned version, or the server's choice.
+    pub version: Option<String>,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Measured time.
+    pub duration: Duration,
+    /// Unmeasured time before it.
+    pub warmup: Duration,
+    /// Size given to every variable dimension of the inputs.
+    pub batch: i64,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Model name.
+    pub model: String,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Successful requests.
+    pub requests: u64,
+    /// Failed requests, by gRPC code.
+    pub errors: BTreeMap<String, u64>,
+    /// Successful requests per second.
+    pub throughput: f64,
+    /// Latency percentiles in microseconds.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Slowest request.
+    pub max_us: u64,
+    /// Successful responses by the version that served them.
+    pub versions: BTreeMap<String, u64>,
+}
+
+impl BenchReport {
+    /// Total failed requests.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// Connects to `addr` with generous message limits.
+pub async fn connect(
+    addr: &str,
+) -> Result<GrpcInferenceServiceClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(addr.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(GrpcInferenceServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// A request with random inputs shaped from the model's metadata.
+pub async fn random_request(
+    client: &mut GrpcInferenceServiceClient<Channel>,
+    model: &str,
+    version: Option<&str>,
+    batch: i64,
+) -> Result<ModelInferRequest, tonic::Status> {
+    let metadata = client
+        .model_metadata(ModelMetadataRequest {
+            name: model.to_owned(),
+            version: version.unwrap_or_default().to_owned(),
+        })
+        .await?
+        .into_inner();
+    let mut rng = rand::rng();
+    let mut request = ModelInferRequest {
+        model_name: model.to_owned(),
+        model_version: version.unwrap_or_default().to_owned(),
+        ..Default::default()
+    };
+    for input in metadata.inputs {
+        let shape: Vec<i64> = input
+            .shape
+            .iter()
+            .map(|&d| if d < 0 { batch } else { d })
+            .collect();
+        let count = tensor::element_count(&shape).ok_or_else(|| {
+            tonic::Status::invalid_argument(format!("input \"{}\": shape {shape:?}", input.name))
+        })?;
+        let datatype = Datatype::parse(&input.datatype).ok_or_else(|| {
+            tonic::Status::invalid_argument(format!(
+                "input \"{}\": datatype {}",
+                input.name, input.datatype
+            ))
+        })?;
+        let raw = match datatype {
+            Datatype::Bytes => {
+                tensor::encode_bytes_elements((0..count).map(|i| format!("item-{i}")))
+            }
+            Datatype::Bool => {
+                tensor::to_raw(&(0..count).map(|_| rng.random::<bool>()).collect::<Vec<_>>())
+            }
+            Datatype::Fp32 => tensor::to_raw(
+                &(0..count)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>(),
+            ),
+            Datatype::Fp64 => tensor::to_raw(
+                &(0..count)
+                    .map(|_| rng.random_range(-1.0f64..1.0))
+                    .collect::<Vec<_>>(),
+            ),
+            other => {
+                // Small non-negative integers (and their half-float bit patterns) are valid for
+                // every remaining type.
+                let size = other.element_size().unwrap_or(1);
+                let mut raw = vec![0u8; count * size];
+                raw.chunks_exact_mut(size)
+                    .for_each(|c| c[0] = rng.random_range(0..8));
+                raw
+            }
+        };
+        request.inputs.push(InferInputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape,
+            ..Default::default()
+        });
+        request.raw_input_contents.push(Bytes::from(raw));
+    }
+    Ok(request)
+}
+
+/// Runs the load and reports what it measured.
+pub async fn run(
+    options: &BenchOptions,
+) -> Result<BenchReport, Box<dyn std::error::Error + Send + Sync>> {
+    let mut client = connect(&options.addr).await?;
+    let request = random_request(
+        &mut client,
+        &options.model,
+        options.version.as_deref(),
+        options.batch,
+    )
+    .await?;
+    let warmup_end = Instant::now() + options.warmup;
+    let end = warmup_end + options.duration;
+
+    let mut tasks = Vec::with_capacity(options.concurrency);
+    for _ in 0..options.concurrency.max(1) {
+        let mut client = client.clone();
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                let started = Instant::now();
+                if started >= end {
+                    break;
+                }
+                let result = client.model_infer(request.clone()).await;
+                if started < warmup_end {
+                    continue;
+                }
+                match result {
+                    Ok(response) => {
+                        let micros =
+                            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        histogram.saturating_record(micros.max(1));
+                        *versions
+                            .entry(response.into_inner().model_version)
+                            .or_default() += 1;
+                    }
+                    Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+                }
+            }
+            Ok::<_, hdrhistogram::CreationError>((histogram, errors, versions))
+        }));
+    }
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = BTreeMap::new();
+    let mut versions = BTreeMap::new();
+    for task in tasks {
+        let (h, e, v) = task.await??;
+        histogram.add(h)?;
+        e.into_iter()
+            .for_each(|(k, n)| *errors.entry(k).or_default() += n);
+        v.into_iter()
+            .for_each(|(k, n)| *versions.entry(k).or_default() += n);
+    }
+    let seconds = options.duration.as_secs_f64();
+    Ok(BenchReport {
+        model: options.model.clone(),
+        concurrency: options.concurrency,
+        seconds,
+        requests: histogram.len(),
+        errors,
+        throughput: histogram.len() as f64 / seconds,
+        p50_us: histogram.value_at_quantile(0.50),
+        p90_us: histogram.value_at_quantile(0.90),
+        p99_us: histogram.value_at_quantile(0.99),
+        max_us: histogram.max(),
+        versions,
+    })
+}

@@ -1,0 +1,116 @@
+//! The `aviary` command line (clap derive). Settings a container sets by environment
+//! have an `AVIARY_*` variable.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Aviary: a gRPC inference gateway for ONNX models.
+#[derive(Debug, Parser)]
+#[command(name = "aviary", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway with an embedded worker for the config's [repository] (one process).
+    Serve(ServeArgs),
+    /// Run the gateway alone: every routed version names a remote worker `endpoint`.
+    Gateway(ServeArgs),
+    /// Run a standalone worker serving one model repository over the v2 protocol.
+    Worker(WorkerArgs),
+    /// Send inference requests and print the outputs and the version that served them.
+    Infer(InferArgs),
+    /// Load-test a v2 server: throughput, latency percentiles, errors.
+    Bench(BenchArgs),
+}
+
+/// `serve` and `gateway`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file (TOML).
+    #[arg(long, env = "AVIARY_CONFIG")]
+    pub config: PathBuf,
+    /// Listen address; overrides the config's server.listen (port 0 picks a free port).
+    #[arg(long, env = "AVIARY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Model repository: <repo>/<model>/<version>/model.onnx.
+    #[arg(long, env = "AVIARY_REPO")]
+    pub repo: PathBuf,
+    /// Listen address (port 0 picks a free port).
+    #[arg(long, env = "AVIARY_LISTEN", default_value = "127.0.0.1:8002")]
+    pub listen: SocketAddr,
+    /// ONNX Runtime sessions per version (default: number of cores).
+    #[arg(long, env = "AVIARY_INSTANCES")]
+    pub instances: Option<usize>,
+    /// ORT threads inside one operator.
+    #[arg(long, env = "AVIARY_INTRA_OP_THREADS", default_value_t = 1)]
+    pub intra_op_threads: usize,
+    /// ORT threads across operators.
+    #[arg(long, env = "AVIARY_INTER_OP_THREADS", default_value_t = 1)]
+    pub inter_op_threads: usize,
+    /// Largest request or response message in bytes.
+    #[arg(long, env = "AVIARY_MAX_MESSAGE_BYTES", default_value_t = aviary_worker::server::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+/// `infer`.
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Server address.
+    #[arg(long, env = "AVIARY_ADDR", default_value = "http://127.0.0.1:8001")]
+    pub addr: String,
+    /// Model name.
+    #[arg(long)]
+    pub model: String,
+    /// Pin a version (default: the gateway's routing picks).
+    #[arg(long)]
+    pub version: Option<String>,
+    /// An input as JSON, `NAME=[[...]]`, or just `[[...]]` when the model has one input.
+    #[arg(long = "input", short = 'i', required = true)]
+    pub inputs: Vec<String>,
+    /// Send the request this many times and count which versions answered.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Server address.
+    #[arg(long, env = "AVIARY_ADDR", default_value = "http://127.0.0.1:8001")]
+    pub addr: String,
+    /// Model name.
+    #[arg(long)]
+    pub model: String,
+    /// Pin a version.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Unmeasured warm-up seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Size of every variable input dimension.
+    #[arg(long, default_value_t = 1)]
+    pub batch: i64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,354 @@
+//! `aviary infer`: builds v2 requests from JSON values using the model's metadata,
+//! and renders responses for people (`--json` for scripts).
+
+use std::collections::BTreeMap;
+
+use aviary::{
+    pb::inference::{
+        ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
+        model_infer_request::InferInputTensor,
+    },
+    tensor::{self, Datatype},
+};
+use bytes::Bytes;
+use serde_json::Value;
+
+/// A JSON tensor value that cannot be sent as the model's input.
+#[derive(Debug, thiserror::Error)]
+#[error("input \"{input}\": {reason}")]
+pub struct InputError {
+    input: String,
+    reason: String,
+}
+
+/// Builds a request for `model` from `inputs` (input name → nested JSON array), typed
+/// by the model's metadata. A scalar JSON value is a tensor of shape `[]`.
+pub fn build_request(
+    metadata: &ModelMetadataResponse,
+    version: Option<&str>,
+    inputs: &BTreeMap<String, Value>,
+) -> Result<ModelInferRequest, InputError> {
+    let mut request = ModelInferRequest {
+        model_name: metadata.name.clone(),
+        model_version: version.unwrap_or_default().to_owned(),
+        ..Default::default()
+    };
+    for (name, value) in inputs {
+        let error = |reason: String| InputError {
+            input: name.clone(),
+            reason,
+        };
+        let spec = metadata
+            .inputs
+            .iter()
+            .find(|i| &i.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = metadata.inputs.iter().map(|i| i.name.as_str()).collect();
+                error(format!(
+                    "the model has no such input (inputs: {})",
+                    known.join(", ")
+                ))
+            })?;
+        let datatype = Datatype::parse(&spec.datatype).ok_or_else(|| {
+            error(format!(
+                "the model declares unknown datatype {}",
+                spec.datatype
+            ))
+        })?;
+        let (shape, leaves) = flatten(value).map_err(error)?;
+        let raw = encode(datatype, &leaves).map_err(error)?;
+        request.inputs.push(InferInputTensor {
+            name: name.clone(),
+            datatype: datatype.as_str().to_owned(),
+            shape,
+            ..Default::default()
+        });
+        request.raw_input_contents.push(Bytes::from(raw));
+    }
+    Ok(request)
+}
+
+/// Shape and row-major leaves of a nested JSON array; ragged arrays are an error.
+pub fn flatten(value: &Value) -> Result<(Vec<i64>, Vec<&Value>), String> {
+    fn walk<'v>(
+        value: &'v Value,
+        depth: usize,
+        shape: &mut Vec<i64>,
+        leaves: &mut Vec<&'v Value>,
+    ) -> Result<(), String> {
+        match value {
+            Value::Array(items) => {
+                let len = i64::try_from(items.len()).map_err(|_| "array too long".to_owned())?;
+                match shape.get(depth) {
+                    Some(&expected) if expected != len => {
+                        return Err(format!(
+                            "ragged array: dimension {depth} has lengths {expected} and {len}"
+                        ));
+                    }
+                    Some(_) => {}
+                    None if leaves.is_empty() => shape.push(len),
+                    None => {
+                        return Err(format!(
+                            "ragged array: nesting depth differs at dimension {depth}"
+                        ));
+                    }
+                }
+                items
+                    .iter()
+                    .try_for_each(|item| walk(item, depth + 1, shape, leaves))
+            }
+            leaf => {
+                if depth != shape.len() {
+                    return Err(format!(
+                        "ragged array: a value sits at depth {depth} of {}",
+                        shape.len()
+                    ));
+                }
+                leaves.push(leaf);
+                Ok(())
+            }
+        }
+    }
+    let mut shape = Vec::new();
+    let mut leaves = Vec::new();
+    walk(value, 0, &mut shape, &mut leaves)?;
+    Ok((shape, leaves))
+}
+
+fn encode(datatype: Datatype, leaves: &[&Value]) -> Result<Vec<u8>, String> {
+    let number = |v: &Value| {
+        v.as_f64()
+            .ok_or_else(|| format!("{v} is not a number ({datatype} input)"))
+    };
+    let int = |v: &Value| {
+        v.as_i64()
+            .ok_or_else(|| format!("{v} is not an integer ({datatype} input)"))
+    };
+    let uint = |v: &Value| {
+        v.as_u64()
+            .ok_or_else(|| format!("{v} is not a non-negative integer ({datatype} input)"))
+    };
+    let narrow = |v: &Value| format!("{v} is out of range for {datatype}");
+    macro_rules! ints {
+        ($ty:ty, $get:expr) => {{
+            let values = leaves
+                .iter()
+                .map(|v| $get(v).and_then(|n| <$ty>::try_from(n).map_err(|_| narrow(v))))
+                .collect::<Result<Vec<$ty>, String>>()?;
+            tensor::to_raw(&values)
+        }};
+    }
+    Ok(match datatype {
+        Datatype::Bool => {
+            let values = leaves
+                .iter()
+                .map(|v| {
+                    v.as_bool()
+                        .ok_or_else(|| format!("{v} is not true/false (BOOL input)"))
+                })
+                .collect::<Result<Vec<bool>, String>>()?;
+            tensor::to_raw(&values)
+        }
+        Datatype::Uint8 => ints!(u8, uint),
+        Datatype::Uint16 => ints!(u16, uint),
+        Datatype::Uint32 => ints!(u32, uint),
+        Datatype::Uint64 => ints!(u64, uint),
+        Datatype::Int8 => ints!(i8, int),
+        Datatype::Int16 => ints!(i16, int),
+        Datatype::Int32 => ints!(i32, int),
+        Datatype::Int64 => ints!(i64, int),
+        Datatype::Fp16 => {
+            let bits = leaves
+                .iter()
+                .map(|v| number(v).map(|n| half::f16::from_f64(n).to_bits()));
+            tensor::to_raw(&bits.collect::<Result<Vec<u16>, String>>()?)
+        }
+        Datatype::Bf16 => {
+            let bits = leaves
+                .iter()
+                .map(|v| number(v).map(|n| half::bf16::from_f64(n).to_bits()));
+            tensor::to_raw(&bits.collect::<Result<Vec<u16>, String>>()?)
+        }
+        // Narrowing to f32 is what sending an FP32 tensor means.
+        Datatype::Fp32 => tensor::to_raw(
+            &leaves
+                .iter()
+                .map(|v| number(v).map(|n| n as f32))
+                .collect::<Result<Vec<f32>, String>>()?,
+        ),
+        Datatype::Fp64 => tensor::to_raw(
+            &leaves
+                .iter()
+                .map(|v| number(v))
+                .collect::<Result<Vec<f64>, String>>()?,
+        ),
+        Datatype::Bytes => {
+            let strings = leaves
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("{v} is not a string (BYTES input)"))
+                })
+                .collect::<Result<Vec<String>, String>>()?;
+            tensor::encode_bytes_elements(&strings)
+        }
+    })
+}
+
+/// One decoded output: name, datatype, shape and values as JSON.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DecodedOutput {
+    /// Output name.
+    pub name: String,
+    /// Datatype.
+    pub datatype: String,
+    /// Shape.
+    pub shape: Vec<i64>,
+    /// Row-major values.
+    pub data: Vec<Value>,
+}
+
+/// Decodes every output of a response (raw or typed contents).
+pub fn decode_response(response: &ModelInferResponse) -> Result<Vec<DecodedOutput>, String> {
+    response
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, output)| {
+            let datatype = Datatype::parse(&output.datatype).ok_or_else(|| {
+                format!(
+                    "output \"{}\": unknown datatype {}",
+                    output.name, output.datatype
+                )
+            })?;
+            let raw = response.raw_output_contents.get(i).ok_or_else(|| {
+                format!(
+                    "output \"{}\": no raw contents in the response",
+                    output.name
+                )
+            })?;
+            let data = decode_raw(datatype, raw, &output.shape)
+                .map_err(|e| format!("output \"{}\": {e}", output.name))?;
+            Ok(DecodedOutput {
+                name: output.name.clone(),
+                datatype: output.datatype.clone(),
+                shape: output.shape.clone(),
+                data,
+            })
+        })
+        .collect()
+}
+
+fn decode_raw(datatype: Datatype, raw: &[u8], shape: &[i64]) -> Result<Vec<Value>, String> {
+    fn numbers<T: tensor::Element + Into<Value>>(raw: &[u8]) -> Result<Vec<Value>, String> {
+        tensor::from_raw::<T>(raw)
+            .map(|v| v.into_iter().map(Into::into).collect())
+            .ok_or_else(|| "raw contents are not a whole number of elements".to_owned())
+    }
+    let halves = |to_f64: fn(u16) -> f64| -> Result<Vec<Value>, String> {
+        tensor::from_raw::<u16>(raw)
+            .map(|v| v.into_iter().map(|b| Value::from(to_f64(b))).collect())
+            .ok_or_else(|| "raw contents are not a whole number of elements".to_owned())
+    };
+    match datatype {
+        Datatype::Bool => numbers::<bool>(raw),
+        Datatype::Uint8 => numbers::<u8>(raw),
+        Datatype::Uint16 => numbers::<u16>(raw),
+        Datatype::Uint32 => numbers::<u32>(raw),
+        Datatype::Uint64 => numbers::<u64>(raw),
+        Datatype::Int8 => numbers::<i8>(raw),
+        Datatype::Int16 => numbers::<i16>(raw),
+        Datatype::Int32 => numbers::<i32>(raw),
+        Datatype::Int64 => numbers::<i64>(raw),
+        Datatype::Fp16 => halves(|b| half::f16::from_bits(b).to_f64()),
+        Datatype::Bf16 => halves(|b| half::bf16::from_bits(b).to_f64()),
+        Datatype::Fp32 => numbers::<f32>(raw),
+        Datatype::Fp64 => numbers::<f64>(raw),
+        Datatype::Bytes => {
+            let count = tensor::element_count(shape).ok_or("invalid shape")?;
+            let elements = tensor::decode_bytes_elements(raw, count).map_err(|e| e.to_string())?;
+            Ok(elements
+                .into_iter()
+                .map(|e| Value::from(String::from_utf8_lossy(e).into_owned()))
+                .collect())
+        }
+    }
+}
+
+/// Renders values as a nested array following `shape`, cutting long tensors short.
+pub fn render(shape: &[i64], data: &[Value], limit: usize) -> String {
+    fn nest(shape: &[i64], data: &[Value], limit: usize, out: &mut String) {
+        match shape.split_first() {
+            None => out.push_str(&data.first().map(render_leaf).unwrap_or_default()),
+            Some((&dim, rest)) => {
+                let stride: usize = rest
+                    .iter()
+                    .map(|&d| usize::try_from(d).unwrap_or(0))
+                    .product();
+                out.push('[');
+                let dim = usize::try_from(dim).unwrap_or(0);
+                for i in 0..dim {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    if i == limit {
+                        out.push('…');
+                        break;
+                    }
+                    let start = (i * stride).min(data.len());
+                    let end = (start + stride).min(data.len());
+                    nest(rest, &data[start..end], limit, out);
+                }
+                out.push(']');
+            }
+        }
+    }
+    let mut out = String::new();
+    nest(shape, data, limit, &mut out);
+    out
+}
+
+fn render_leaf(value: &Value) -> String {
+    match value.as_f64() {
+        Some(f) if value.is_f64() => format!("{f:.6}"),
+        _ => value.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flatten_gives_shape_and_rejects_ragged() {
+        let value: Value = serde_json::json!([[1, 2, 3], [4, 5, 6]]);
+        let (shape, leaves) = flatten(&value).expect("rectangular");
+        assert_eq!(shape, vec![2, 3]);
+        assert_eq!(leaves.len(), 6);
+        assert!(flatten(&serde_json::json!([[1, 2], [3]])).is_err());
+        assert!(flatten(&serde_json::json!([[1, 2], 3])).is_err());
+        assert_eq!(
+            flatten(&serde_json::json!(7)).expect("scalar").0,
+            Vec::<i64>::new()
+        );
+    }
+
+    #[test]
+    fn encode_checks_types_and_ranges() {
+        let leaves = [&Value::from(300)];
+        assert!(encode(Datatype::Uint8, &leaves).is_err());
+        assert!(encode(Datatype::Fp32, &[&Value::from("x")]).is_err());
+        assert_eq!(
+            encode(Datatype::Int16, &[&Value::from(-2)]).expect("fits"),
+            vec![0xfe, 0xff]
+        );
+    }
+
+    #[test]
+    fn render_nests_and_truncates() {
+        let data: Vec<Value> = (0..6).map(Value::from).collect();
+        assert_eq!(render(&[2, 3], &data, 10), "[[0, 1, 2], [3, 4, 5]]");
+        assert_eq!(render(&[6], &data, 2), "[0, 1, …]");
+    }
+}

@@ -1,0 +1,238 @@
+//! The configuration file (`aviary.toml`): server settings, the embedded model
+//! repository, and a route per model naming its versions, their weights and, for
+//! remote workers, where each version is served.
+//!
+//! Relative paths are resolved against the file's folder, so a config works from any
+//! current directory.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use aviary_router::{RouteSpec, VersionWeight};
+use serde::Deserialize;
+
+use crate::GatewayError;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener and protocol limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The embedded worker's model repository (`aviary serve`).
+    pub repository: Option<RepositoryConfig>,
+    /// Routes by model name.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// Listener and protocol limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest request or response message, in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            max_message_bytes: default_max_message_bytes(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8001))
+}
+
+fn default_max_message_bytes() -> usize {
+    aviary_worker::server::DEFAULT_MAX_MESSAGE_BYTES
+}
+
+/// The embedded worker's repository and session settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// Repository root, relative to the config file.
+    pub path: PathBuf,
+    /// ONNX Runtime sessions per version (concurrent inferences per version).
+    pub instances: Option<usize>,
+    /// ORT threads inside one operator.
+    pub intra_op_threads: Option<usize>,
+    /// ORT threads across operators.
+    pub inter_op_threads: Option<usize>,
+}
+
+/// A model's route: its versions and their weights.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Versions in split order.
+    pub versions: Vec<VersionConfig>,
+}
+
+/// One version of a route.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionConfig {
+    /// Version name (the repository's numeric folder).
+    pub version: String,
+    /// Share of unpinned traffic, normalised by the sum of the route's weights.
+    pub weight: u32,
+    /// Remote worker serving this version (`http://host:port`); absent: the embedded worker.
+    pub endpoint: Option<String>,
+}
+
+impl Config {
+    /// Reads and parses `path`, resolving relative paths against its folder.
+    pub fn load(path: &Path) -> Result<Config, GatewayError> {
+        let error = |message: String| GatewayError::Config {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+        let mut config = Config::parse(&text).map_err(error)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(repository) = &mut config.repository {
+            if repository.path.is_relative() {
+                repository.path = base.join(&repository.path);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and checks a config text; every problem is listed, one per line, each
+    /// with its path.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut problems = Vec::new();
+        if config.server.max_message_bytes < 1024 {
+            problems.push(format!(
+                "server.max_message_bytes: {} is too small (at least 1024)",
+                config.server.max_message_bytes
+            ));
+        }
+        if let Some(repository) = &config.repository {
+            for (field, value) in [
+                ("instances", repository.instances),
+                ("intra_op_threads", repository.intra_op_threads),
+                ("inter_op_threads", repository.inter_op_threads),
+            ] {
+                if value == Some(0) {
+                    problems.push(format!("repository.{field}: must be at least 1"));
+                }
+            }
+        }
+        for (model, route) in &config.routes {
+            for (i, version) in route.versions.iter().enumerate() {
+                if let Some(endpoint) = &version.endpoint {
+                    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                        problems.push(format!(
+                            "routes.{model}.versions[{i}].endpoint: \"{endpoint}\" must start with http:// or https://"
+                        ));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+
+    /// The routes as the router sees them.
+    pub fn route_specs(&self) -> BTreeMap<String, RouteSpec> {
+        self.routes
+            .iter()
+            .map(|(model, route)| {
+                let versions = route
+                    .versions
+                    .iter()
+                    .map(|v| VersionWeight {
+                        version: v.version.clone(),
+                        weight: v.weight,
+                    })
+                    .collect();
+                (model.clone(), RouteSpec { versions })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_demo_config() -> Result<(), String> {
+        let config = Config::parse(
+            r#"
+            [server]
+            listen = "127.0.0.1:8001"
+            [repository]
+            path = "models"
+            instances = 2
+            [routes.demo]
+            versions = [ { version = "1", weight = 90 }, { version = "2", weight = 10, endpoint = "http://w:9001" } ]
+            "#,
+        )?;
+        assert_eq!(config.server.max_message_bytes, 64 * 1024 * 1024);
+        let specs = config.route_specs();
+        assert_eq!(specs["demo"].versions[1].weight, 10);
+        assert_eq!(
+            config.routes["demo"].versions[1].endpoint.as_deref(),
+            Some("http://w:9001")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = Config::parse("[routes.demo]\nversions = [ { version = \"1\", wieght = 1 } ]\n")
+            .expect_err("typo must be rejected");
+        assert!(err.contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let err = Config::parse(
+            r#"
+            [server]
+            max_message_bytes = 10
+            [repository]
+            path = "m"
+            instances = 0
+            [routes.demo]
+            versions = [ { version = "1", weight = 1, endpoint = "grpc://x" } ]
+            "#,
+        )
+        .expect_err("three problems");
+        assert!(err.contains("server.max_message_bytes"), "{err}");
+        assert!(err.contains("repository.instances"), "{err}");
+        assert!(err.contains("routes.demo.versions[0].endpoint"), "{err}");
+    }
+
+    #[test]
+    fn relative_repository_resolves_against_the_file() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("aviary.toml");
+        std::fs::write(&path, "[repository]\npath = \"models\"\n")?;
+        let config = Config::load(&path)?;
+        assert_eq!(
+            config.repository.map(|r| r.path),
+            Some(dir.path().join("models"))
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! The gateway's one error type, and its mapping to gRPC statuses (the only place the
+//! gateway turns errors into `tonic::Status`).
+
+use aviary_router::{RouteError, ValidationErrors};
+use aviary_worker::WorkerError;
+
+/// Everything that can go wrong in the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No route, or the pinned version is not routable.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The in-process worker refused or failed the request.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// A remote worker answered with an error status.
+    #[error("{}", .status.message())]
+    Remote {
+        /// The worker's address.
+        endpoint: String,
+        /// The worker's status, passed on with its code.
+        status: tonic::Status,
+    },
+    /// The configuration file could not be read or is invalid.
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: String,
+        /// Every problem found, one per line.
+        message: String,
+    },
+    /// The route table does not fit what the backends serve.
+    #[error("invalid routes:\n{0}")]
+    Routes(#[from] ValidationErrors),
+    /// A routed version has no backend (a bug in building the routing snapshot).
+    #[error("model \"{model}\" version \"{version}\" has no backend")]
+    NoBackend {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+    },
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(error: GatewayError) -> tonic::Status {
+        match error {
+            GatewayError::Route(e) => tonic::Status::not_found(e.to_string()),
+            GatewayError::Worker(e) => e.into(),
+            GatewayError::Remote { endpoint, status } => {
+                if status.code() == tonic::Code::Unavailable {
+                    tonic::Status::unavailable(format!(
+                        "worker {endpoint} unavailable: {}",
+                        status.message()
+                    ))
+                } else {
+                    tonic::Status::new(status.code(), status.message())
+                }
+            }
+            e @ (GatewayError::Config { .. } | GatewayError::Routes(_)) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
+            e @ GatewayError::NoBackend { .. } => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}

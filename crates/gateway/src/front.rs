@@ -1,0 +1,296 @@
+//! The gateway's front v2 service: resolves each request's version from the current
+//! routing snapshot, calls that version's backend, and says which version answered
+//! (`model_version` and the `x-aviary-variant` response header).
+
+use std::{
+    cell::RefCell,
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+use aviary::pb::inference::{
+    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
+    RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
+    RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
+};
+use aviary_router::RouteError;
+use aviary_worker::server::{InferStream, server_metadata, stream_responses};
+use rand::{SeedableRng, rngs::SmallRng};
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
+
+use crate::{GatewayError, routing::Routing};
+
+/// Response header naming the variant (version) that served the request.
+pub const VARIANT_HEADER: &str = "x-aviary-variant";
+
+thread_local! {
+    // A fast per-thread generator for unpinned splits; seeded from the OS once per thread.
+    static SPLIT_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
+}
+
+/// State the front service shares with the rest of the gateway.
+#[derive(Debug, Clone)]
+pub struct Front {
+    routing: Arc<ArcSwap<Routing>>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Front {
+    /// A front over `routing`; `ready` is kept up to date by the readiness task.
+    pub fn new(routing: Arc<ArcSwap<Routing>>, ready: Arc<AtomicBool>) -> Front {
+        Front { routing, ready }
+    }
+
+    /// Routes and runs one inference; returns the response and the variant.
+    pub async fn infer(
+        &self,
+        mut request: ModelInferRequest,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        let routing = self.routing.load_full();
+        let version = SPLIT_RNG.with_borrow_mut(|rng| {
+            let pinned = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
+            routing
+                .table
+                .resolve(&request.model_name, pinned, rng)
+                .map(|d| d.version.to_owned())
+        })?;
+        let backend = routing.backend(&request.model_name, &version)?;
+        request.model_version = version;
+        backend.infer(request).await
+    }
+
+    fn resolve_version(
+        &self,
+        routing: &Routing,
+        model: &str,
+        version: &str,
+    ) -> Result<String, GatewayError> {
+        if version.is_empty() {
+            return routing
+                .primary_version(model)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    GatewayError::Route(RouteError::UnknownModel {
+                        model: model.to_owned(),
+                    })
+                });
+        }
+        let route = routing
+            .table
+            .route(model)
+            .ok_or_else(|| RouteError::UnknownModel {
+                model: model.to_owned(),
+            })?;
+        if route.versions().any(|(v, _)| v == version) {
+            Ok(version.to_owned())
+        } else {
+            Err(GatewayError::Route(RouteError::UnknownVersion {
+                model: model.to_owned(),
+                version: version.to_owned(),
+                routable: route.versions().map(|(v, _)| v.to_owned()).collect(),
+            }))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Front {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        let ready = self.ready.load(Ordering::Relaxed);
+        Ok(Response::new(ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let routing = self.routing.load_full();
+        let versions: Vec<String> = if request.version.is_empty() {
+            routing
+                .table
+                .route(&request.name)
+                .map(|r| {
+                    r.versions()
+                        .filter(|(_, w)| *w > 0)
+                        .map(|(v, _)| v.to_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            self.resolve_version(&routing, &request.name, &request.version)
+                .map(|v| vec![v])
+                .unwrap_or_default()
+        };
+        let mut ready = !versions.is_empty();
+        for version in versions {
+            let Ok(backend) = routing.backend(&request.name, &version) else {
+                ready = false;
+                break;
+            };
+            if !backend.ready(request.name.clone(), version).await {
+                ready = false;
+                break;
+            }
+        }
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(server_metadata()))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let routing = self.routing.load_full();
+        let version = self.resolve_version(&routing, &request.name, &request.version)?;
+        let backend = routing.backend(&request.name, &version)?;
+        let mut metadata = backend.metadata(request.name.clone(), version).await?;
+        // Clients see the versions the gateway routes, not what one worker holds.
+        metadata.versions = routing
+            .table
+            .route(&request.name)
+            .map(|r| r.versions().map(|(v, _)| v.to_owned()).collect())
+            .unwrap_or_default();
+        Ok(Response::new(metadata))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let response = self.infer(request.into_inner()).await?;
+        let variant = MetadataValue::try_from(response.model_version.as_str())
+            .map_err(|_| Status::internal("version is not a valid header value"))?;
+        let mut response = Response::new(response);
+        response.metadata_mut().insert(VARIANT_HEADER, variant);
+        Ok(response)
+    }
+
+    type ModelStreamInferStream = InferStream;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<InferStream>, Status> {
+        let front = self.clone();
+        Ok(Response::new(stream_responses(
+            request.into_inner(),
+            move |r| {
+                let front = front.clone();
+                async move { front.infer(r).await.map_err(Status::from) }
+            },
+        )))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let routing = self.routing.load_full();
+        let version = self.resolve_version(&routing, &request.name, &request.version)?;
+        let backend = routing.backend(&request.name, &version)?;
+        let config = backend.config(request.name, version).await?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(config),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let routing = self.routing.load_full();
+        let wanted: Vec<(String, String)> = if request.name.is_empty() {
+            routing
+                .routed_versions()
+                .map(|(m, v)| (m.to_owned(), v.to_owned()))
+                .collect()
+        } else if request.version.is_empty() {
+            let route = routing.table.route(&request.name).ok_or_else(|| {
+                GatewayError::Route(RouteError::UnknownModel {
+                    model: request.name.clone(),
+                })
+            })?;
+            route
+                .versions()
+                .map(|(v, _)| (request.name.clone(), v.to_owned()))
+                .collect()
+        } else {
+            let version = self.resolve_version(&routing, &request.name, &request.version)?;
+            vec![(request.name.clone(), version)]
+        };
+        let mut model_stats = Vec::with_capacity(wanted.len());
+        for (model, version) in wanted {
+            let backend = routing.backend(&model, &version)?;
+            model_stats.extend(backend.statistics(model, version).await?);
+        }
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let ready_only = request.into_inner().ready;
+        let routing = self.routing.load_full();
+        let mut seen = BTreeSet::new();
+        let mut models = Vec::new();
+        for backend in routing.distinct_backends() {
+            for entry in backend.index().await? {
+                if ready_only && entry.state != "READY" {
+                    continue;
+                }
+                if seen.insert((entry.name.clone(), entry.version.clone())) {
+                    models.push(entry);
+                }
+            }
+        }
+        models.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        _: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        Err(Status::unimplemented(
+            "RepositoryModelLoad is not available yet: restart the gateway to pick up repository changes",
+        ))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        _: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        Err(Status::unimplemented(
+            "RepositoryModelUnload is not available yet: restart the gateway to change what it serves",
+        ))
+    }
+}

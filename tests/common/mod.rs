@@ -1,0 +1,216 @@
+//! Shared harness for the end-to-end tests: real servers on 127.0.0.1:0, real gRPC
+//! clients, and helpers for the demo model's tensors.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use aviary::{
+    pb::inference::{
+        ModelInferRequest, ModelInferResponse,
+        grpc_inference_service_client::GrpcInferenceServiceClient,
+        model_infer_request::InferInputTensor,
+    },
+    tensor,
+};
+use aviary_gateway::{Config, Gateway, Mode};
+use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The test model repository (`tests/models`).
+pub fn test_models() -> PathBuf {
+    repo_root().join("tests/models")
+}
+
+/// A server running in this process until stopped (or dropped).
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Running {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A connected v2 client.
+    pub async fn client(&self) -> GrpcInferenceServiceClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(self.url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("server accepts connections");
+        GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+
+    /// A raw channel (for health and reflection clients).
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("server accepts connections")
+    }
+
+    /// Asks the server to shut down and waits until it has.
+    pub async fn stop(mut self) -> Result<(), String> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.handle.take() {
+            Some(handle) => tokio::time::timeout(Duration::from_secs(30), handle)
+                .await
+                .map_err(|_| "server did not stop within 30 s".to_owned())?
+                .map_err(|e| e.to_string())?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn spawn<F, Fut>(addr: SocketAddr, run: F) -> Running
+where
+    F: FnOnce(oneshot::Receiver<()>) -> Fut,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let handle = tokio::spawn(run(rx));
+    Running {
+        addr,
+        shutdown: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+/// Session settings small enough for a 2-core machine running tests in parallel.
+pub fn test_sessions() -> SessionOptions {
+    SessionOptions {
+        instances: 2,
+        intra_op_threads: 1,
+        inter_op_threads: 1,
+    }
+}
+
+/// Starts a gateway from config text. `{models}` in the text is replaced by the test
+/// repository's absolute path.
+pub async fn start_gateway(config_text: &str, mode: Mode) -> Result<Running, String> {
+    let text = config_text.replace("{models}", &test_models().display().to_string());
+    let config = Config::parse(&text)?;
+    let gateway = Gateway::start(config, mode)
+        .await
+        .map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    Ok(spawn(addr, move |rx| async move {
+        gateway
+            .serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }))
+}
+
+/// Starts an embedded gateway over the test repository with `routes` (TOML route
+/// tables, e.g. `[routes.demo] versions = [...]`).
+pub async fn start_embedded(routes: &str) -> Running {
+    let text = format!("[repository]\npath = \"{{models}}\"\ninstances = 2\n\n{routes}");
+    start_gateway(&text, Mode::Embedded)
+        .await
+        .expect("gateway starts")
+}
+
+/// Starts a standalone worker over `repository`.
+pub async fn start_worker(repository: &Path) -> Running {
+    let worker = Worker::open(WorkerConfig {
+        repository: repository.to_owned(),
+        session: test_sessions(),
+    })
+    .await
+    .expect("worker loads the repository");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    spawn(addr, move |rx| async move {
+        server::run_worker(
+            Arc::new(worker),
+            listener,
+            server::DEFAULT_MAX_MESSAGE_BYTES,
+            async {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })
+}
+
+/// A `demo` request with FP32 rows of 4 features, as raw contents.
+pub fn demo_request(rows: &[[f32; 4]], version: &str) -> ModelInferRequest {
+    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+    ModelInferRequest {
+        model_name: "demo".into(),
+        model_version: version.into(),
+        id: "req-1".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![i64::try_from(rows.len()).expect("small"), 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![tensor::to_raw(&flat).into()],
+        ..Default::default()
+    }
+}
+
+/// The raw output `name` of a response decoded as `T`.
+pub fn output<T: tensor::Element>(response: &ModelInferResponse, name: &str) -> Vec<T> {
+    let index = response
+        .outputs
+        .iter()
+        .position(|o| o.name == name)
+        .unwrap_or_else(|| panic!("response has no output {name}"));
+    tensor::from_raw(&response.raw_output_contents[index]).expect("whole elements")
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
