@@ -23,3 +23,38 @@ async fn embedded_gateway_answers_pinned_versions() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_card_is_served_as_config_parameters() {
+    let gateway = common::start_embedded("").await;
+    let mut client = gateway.client().await;
+    let config = client
+        .model_config(aviary::pb::inference::ModelConfigRequest {
+            name: "demo".into(),
+            version: "1".into(),
+        })
+        .await
+        .expect("config")
+        .into_inner()
+        .config
+        .expect("config present");
+    let card_path = common::test_models().join("demo/1/model.toml");
+    let card: toml::Value = toml::from_str(&std::fs::read_to_string(card_path).expect("card")).expect("toml");
+    let owner = card["owner"].as_str().expect("demo card names an owner");
+    assert_eq!(config.parameters["card.owner"].string_value, owner);
+    let accuracy = card["metrics"]["heldout_accuracy"].as_float().expect("demo card has accuracy");
+    let served: f64 = config.parameters["card.metrics.heldout_accuracy"].string_value.parse().expect("number");
+    assert_eq!(served, accuracy);
+    // The fixed test model has no card, so it has no card parameters.
+    let fixed = client
+        .model_config(aviary::pb::inference::ModelConfigRequest {
+            name: "fixed".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("config")
+        .into_inner()
+        .config
+        .expect("config present");
+    assert!(fixed.parameters.keys().all(|k| !k.starts_with("card.")));
+}

@@ -28,7 +28,8 @@ pub struct Routing {
 impl Routing {
     /// Builds the routing from a config. With an embedded `worker`, versions without an
     /// `endpoint` run in-process, and every repository model without an explicit route
-    /// gets one to its newest version.
+    /// gets one that sends unpinned traffic to its newest version and lets requests pin
+    /// any loaded version.
     pub fn build(config: &Config, worker: Option<&Arc<Worker>>) -> Result<Routing, GatewayError> {
         let max_message_bytes = config.server.max_message_bytes;
         let mut specs = config.route_specs();
@@ -37,20 +38,22 @@ impl Routing {
         if let Some(worker) = worker {
             inventory = worker.inventory();
             for (model, versions) in &inventory {
-                if let (false, Some(latest)) = (
-                    specs.contains_key(model),
-                    versions.iter().max_by_key(|v| version_order(v)),
-                ) {
-                    specs.insert(
-                        model.clone(),
-                        RouteSpec {
-                            versions: vec![VersionWeight {
-                                version: latest.clone(),
-                                weight: 1,
-                            }],
-                        },
-                    );
+                if specs.contains_key(model) {
+                    continue;
                 }
+                // The newest version takes all unpinned traffic; older loaded versions stay
+                // reachable by pinning, as in Triton.
+                let mut sorted: Vec<&String> = versions.iter().collect();
+                sorted.sort_by_key(|v| version_order(v));
+                let newest = sorted.last().map(|v| v.as_str());
+                let versions = sorted
+                    .iter()
+                    .map(|v| VersionWeight {
+                        version: (*v).clone(),
+                        weight: u32::from(Some(v.as_str()) == newest),
+                    })
+                    .collect();
+                specs.insert(model.clone(), RouteSpec { versions });
             }
         }
         for (model, route) in &config.routes {

@@ -166,7 +166,11 @@ impl LoadedModel {
             .lock()
             .map_err(|_| "session pool poisoned".to_owned())?;
         for session in idle.iter_mut() {
-            run_session(session, &inputs, &outputs)?;
+            let request = ValidatedRequest {
+                inputs: inputs.clone(),
+                outputs: outputs.clone(),
+            };
+            run_timed(session, request)?;
         }
         Ok(())
     }
@@ -188,7 +192,7 @@ impl LoadedModel {
                     "no idle session despite a permit".into(),
                 ));
             };
-            let result = run_timed(&mut session, &request);
+            let result = run_timed(&mut session, request);
             this.return_session(session);
             result.map_err(|reason| WorkerError::Inference {
                 model: this.model.clone(),
@@ -226,13 +230,10 @@ impl LoadedModel {
     }
 }
 
-fn run_timed(
-    session: &mut Session,
-    request: &ValidatedRequest,
-) -> Result<(Vec<OutputTensor>, Timings), String> {
+fn run_timed(session: &mut Session, request: ValidatedRequest) -> Result<(Vec<OutputTensor>, Timings), String> {
     let mut timings = Timings::default();
     let started = Instant::now();
-    let values = to_values(&request.inputs)?;
+    let values = to_values(request.inputs)?;
     timings.compute_input = started.elapsed();
 
     let started = Instant::now();
@@ -263,54 +264,26 @@ fn run_timed(
     Ok((encoded, timings))
 }
 
-fn run_session(
-    session: &mut Session,
-    inputs: &[InputTensor],
-    outputs: &[String],
-) -> Result<Vec<OutputTensor>, String> {
-    let request = ValidatedRequest {
-        inputs: inputs.to_vec(),
-        outputs: outputs.to_vec(),
-    };
-    run_timed(session, &request).map(|(outputs, _)| outputs)
-}
-
-fn to_values(inputs: &[InputTensor]) -> Result<Vec<(String, DynValue)>, String> {
+fn to_values(inputs: Vec<InputTensor>) -> Result<Vec<(String, DynValue)>, String> {
     inputs
-        .iter()
+        .into_iter()
         .map(|input| {
-            let shape = input.shape.clone();
-            let value = match &input.data {
-                TensorData::Bool(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
-                TensorData::Uint8(v) => {
-                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
-                }
-                TensorData::Uint16(v) => {
-                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
-                }
-                TensorData::Uint32(v) => {
-                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
-                }
-                TensorData::Uint64(v) => {
-                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
-                }
-                TensorData::Int8(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
-                TensorData::Int16(v) => {
-                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
-                }
-                TensorData::Int32(v) => {
-                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
-                }
-                TensorData::Int64(v) => {
-                    Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn)
-                }
-                TensorData::Fp16(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
-                TensorData::Bf16(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
-                TensorData::Fp32(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
-                TensorData::Fp64(v) => Tensor::from_array((shape, v.clone())).map(Tensor::into_dyn),
-                TensorData::Bytes(v) => {
-                    Tensor::from_string_array((shape, &v[..])).map(Tensor::into_dyn)
-                }
+            let shape = input.shape;
+            let value = match input.data {
+                TensorData::Bool(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Uint8(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Uint16(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Uint32(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Uint64(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Int8(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Int16(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Int32(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Int64(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Fp16(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Bf16(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Fp32(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Fp64(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
+                TensorData::Bytes(v) => Tensor::from_string_array((shape, &v[..])).map(Tensor::into_dyn),
             };
             value
                 .map(|v| (input.name.clone(), v))

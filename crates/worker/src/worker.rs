@@ -2,7 +2,7 @@
 //! them (infer, metadata, config, statistics, index).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use aviary::{
     pb::inference::{
         ModelConfig, ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup,
-        ModelMetadataResponse, ModelOutput, ModelStatistics, ModelVersionPolicy,
+        ModelMetadataResponse, ModelOutput, ModelParameter, ModelStatistics, ModelVersionPolicy,
         model_infer_response::InferOutputTensor, model_instance_group,
         model_metadata_response::TensorMetadata, model_version_policy,
         repository_index_response::ModelIndex,
@@ -310,6 +310,7 @@ impl Worker {
                 kind: model_instance_group::Kind::Cpu as i32,
             }],
             default_model_filename: repository::MODEL_FILE.to_owned(),
+            parameters: loaded.card.as_ref().map(card_parameters).unwrap_or_default(),
             ..Default::default()
         })
     }
@@ -371,6 +372,24 @@ impl Worker {
         }
         index
     }
+}
+
+/// A model card as config parameters (`card.owner`, `card.metrics.accuracy`, …), the
+/// place Triton clients already read free-form model facts from.
+fn card_parameters(card: &repository::ModelCard) -> HashMap<String, ModelParameter> {
+    let text = [
+        ("description", &card.description),
+        ("owner", &card.owner),
+        ("intended_use", &card.intended_use),
+        ("limitations", &card.limitations),
+        ("training_data", &card.training_data),
+    ];
+    text.into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(key, value)| (format!("card.{key}"), value.clone()))
+        .chain(card.metrics.iter().map(|(name, value)| (format!("card.metrics.{name}"), value.to_string())))
+        .map(|(key, string_value)| (key, ModelParameter { string_value }))
+        .collect()
 }
 
 /// `(<model>, <version>)` from `<repo>/<model>/<version>/model.onnx`.

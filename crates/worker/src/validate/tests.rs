@@ -1539,22 +1539,27 @@ fn to_usize(n: i64) -> usize {
     usize::try_from(n).expect("small non-negative")
 }
 
+/// A size for a free dimension; zero now and then.
+fn free_dim() -> impl Strategy<Value = i64> {
+    prop_oneof![1 => Just(0i64), 4 => 1i64..4]
+}
+
 fn valid_cases() -> impl Strategy<Value = Vec<Case>> {
-    let image = (0i64..4).prop_flat_map(|rows| {
+    let image = free_dim().prop_flat_map(|rows| {
         vec(-1e6f32..1e6, to_usize(rows * 3)).prop_map(move |v| Case {
             name: "image",
             shape: vec![rows, 3],
             elements: Elements::Fp32(v),
         })
     });
-    let label = (0i64..4).prop_flat_map(|n| {
+    let label = free_dim().prop_flat_map(|n| {
         vec("[a-zA-Z0-9 é✓]{0,6}", to_usize(n)).prop_map(move |v| Case {
             name: "label",
             shape: vec![n],
             elements: Elements::Bytes(v),
         })
     });
-    let ids = (0i64..3).prop_flat_map(|n| {
+    let ids = free_dim().prop_flat_map(|n| {
         vec(any::<i8>(), to_usize(2 * n)).prop_map(move |v| Case {
             name: "ids",
             shape: vec![2, n],
@@ -1567,17 +1572,21 @@ fn valid_cases() -> impl Strategy<Value = Vec<Case>> {
         .prop_shuffle()
 }
 
-/// A change to an otherwise valid request.
+/// A change to an otherwise valid request. Indices are taken modulo the current number
+/// of inputs, so mutations can be chained.
 #[derive(Debug, Clone)]
 enum Mutation {
     None,
     Drop(usize),
     Duplicate(usize),
+    Rename(usize, &'static str),
     Datatype(usize, &'static str),
     Shape(usize, Vec<i64>),
     TruncateRaw(usize),
+    ReplaceRaw(usize, Vec<u8>),
     ExtraRawEntry,
     TypedAlongsideRaw(usize),
+    ReplaceContents(usize, Option<InferTensorContents>),
     Outputs(Vec<&'static str>),
 }
 
@@ -1587,20 +1596,24 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
         all.push("FLOAT");
         select(all)
     };
+    let names = select(vec!["image", "label", "ids", "", "scores"]);
     prop_oneof![
-        3 => Just(Mutation::None),
+        4 => Just(Mutation::None),
         1 => (0usize..3).prop_map(Mutation::Drop),
         1 => (0usize..3).prop_map(Mutation::Duplicate),
+        1 => (0usize..3, names).prop_map(|(i, n)| Mutation::Rename(i, n)),
         1 => (0usize..3, datatypes).prop_map(|(i, d)| Mutation::Datatype(i, d)),
         2 => (0usize..3, arb_shape()).prop_map(|(i, s)| Mutation::Shape(i, s)),
         1 => (0usize..3).prop_map(Mutation::TruncateRaw),
+        1 => (0usize..3, vec(any::<u8>(), 0..64)).prop_map(|(i, r)| Mutation::ReplaceRaw(i, r)),
         1 => Just(Mutation::ExtraRawEntry),
         1 => (0usize..3).prop_map(Mutation::TypedAlongsideRaw),
+        1 => (0usize..3, arb_contents()).prop_map(|(i, c)| Mutation::ReplaceContents(i, c)),
         2 => vec(select(OUTPUT_NAMES.to_vec()), 0..4).prop_map(Mutation::Outputs),
     ]
 }
 
-/// What a mutation must lead to.
+/// What a single mutation of a valid request must lead to.
 enum Expect {
     /// Accepted, decoding to the cases' elements.
     Accepted,
@@ -1610,103 +1623,173 @@ enum Expect {
     Either,
 }
 
-fn mutated_request(
-    cases: &[Case],
-    use_raw: bool,
-    mutation: &Mutation,
-) -> (ModelInferRequest, Expect) {
-    let mut inputs: Vec<InferInputTensor> = cases.iter().map(|c| c.input(!use_raw)).collect();
-    let mut raw: Vec<Vec<u8>> = if use_raw {
-        cases.iter().map(Case::raw).collect()
-    } else {
-        Vec::new()
-    };
-    let mut outputs: Vec<&str> = Vec::new();
-    let expect = match mutation {
-        Mutation::None => Expect::Accepted,
-        Mutation::Drop(i) => {
-            let name = inputs.remove(*i).name;
-            if use_raw {
-                raw.remove(*i);
-            }
-            Expect::Rejected(format!("missing input \"{name}\""))
-        }
-        Mutation::Duplicate(i) => {
-            inputs.push(inputs[*i].clone());
-            if use_raw {
-                raw.push(raw[*i].clone());
-            }
-            Expect::Rejected(format!("input \"{}\" is given twice", inputs[*i].name))
-        }
-        Mutation::Datatype(i, datatype) => {
-            let before = std::mem::replace(&mut inputs[*i].datatype, (*datatype).to_owned());
-            if before == *datatype {
-                Expect::Accepted
+/// A request under construction from valid cases.
+struct Draft {
+    inputs: Vec<InferInputTensor>,
+    raw: Vec<Vec<u8>>,
+    outputs: Vec<&'static str>,
+}
+
+impl Draft {
+    fn new(cases: &[Case], use_raw: bool) -> Draft {
+        Draft {
+            inputs: cases.iter().map(|c| c.input(!use_raw)).collect(),
+            raw: if use_raw {
+                cases.iter().map(Case::raw).collect()
             } else {
-                Expect::Rejected(format!("input \"{}\"", inputs[*i].name))
-            }
+                Vec::new()
+            },
+            outputs: Vec::new(),
         }
-        Mutation::Shape(i, shape) => {
-            let unchanged = inputs[*i].shape == *shape;
-            inputs[*i].shape.clone_from(shape);
-            if unchanged {
-                Expect::Accepted
-            } else if shape.iter().any(|&d| d < 0) {
-                Expect::Rejected("negative dimension".to_owned())
-            } else {
+    }
+
+    /// Applies `mutation`; the expectation holds when it is the only one applied.
+    fn apply(&mut self, cases: &[Case], use_raw: bool, mutation: &Mutation) -> Expect {
+        let count = self.inputs.len();
+        let index = |i: &usize| i.checked_rem(count);
+        match mutation {
+            Mutation::None => Expect::Accepted,
+            Mutation::Drop(i) => {
+                let Some(i) = index(i) else {
+                    return Expect::Either;
+                };
+                let name = self.inputs.remove(i).name;
+                if i < self.raw.len() {
+                    self.raw.remove(i);
+                }
+                Expect::Rejected(format!("missing input \"{name}\""))
+            }
+            Mutation::Duplicate(i) => {
+                let Some(i) = index(i) else {
+                    return Expect::Either;
+                };
+                self.inputs.push(self.inputs[i].clone());
+                if let Some(raw) = self.raw.get(i).cloned() {
+                    self.raw.push(raw);
+                }
+                Expect::Rejected(format!("input \"{}\" is given twice", self.inputs[i].name))
+            }
+            Mutation::Rename(i, name) => {
+                if let Some(i) = index(i) {
+                    (*name).clone_into(&mut self.inputs[i].name);
+                }
                 Expect::Either
             }
-        }
-        Mutation::TruncateRaw(i) => {
-            if raw.get(*i).is_some_and(|r| !r.is_empty()) {
-                raw[*i].pop();
-                Expect::Rejected(format!("input \"{}\"", inputs[*i].name))
-            } else {
-                Expect::Accepted
+            Mutation::Datatype(i, datatype) => {
+                let Some(i) = index(i) else {
+                    return Expect::Either;
+                };
+                let input = &mut self.inputs[i];
+                let before = std::mem::replace(&mut input.datatype, (*datatype).to_owned());
+                if before == *datatype {
+                    Expect::Accepted
+                } else {
+                    Expect::Rejected(format!("input \"{}\"", input.name))
+                }
             }
-        }
-        Mutation::ExtraRawEntry => {
-            raw.push(vec![0; 4]);
-            Expect::Rejected(format!(
-                "raw_input_contents has {} entries for 3 inputs",
-                raw.len()
-            ))
-        }
-        Mutation::TypedAlongsideRaw(i) => {
-            let contents = cases[*i].contents();
-            let empty = tensor::element_count(&cases[*i].shape) == Some(0);
-            inputs[*i].contents = Some(contents);
-            if use_raw && !empty {
+            Mutation::Shape(i, shape) => {
+                let Some(i) = index(i) else {
+                    return Expect::Either;
+                };
+                let input = &mut self.inputs[i];
+                let unchanged = input.shape == *shape;
+                input.shape.clone_from(shape);
+                if unchanged {
+                    Expect::Accepted
+                } else if let Some(dim) = shape.iter().find(|&&d| d < 0) {
+                    Expect::Rejected(format!(
+                        "input \"{}\": shape {shape:?} has negative dimension {dim}",
+                        input.name
+                    ))
+                } else {
+                    Expect::Either
+                }
+            }
+            Mutation::TruncateRaw(i) => {
+                match index(i).and_then(|i| self.raw.get_mut(i).map(|r| (i, r))) {
+                    Some((i, raw)) if !raw.is_empty() => {
+                        raw.pop();
+                        Expect::Rejected(format!("input \"{}\"", self.inputs[i].name))
+                    }
+                    _ => Expect::Accepted,
+                }
+            }
+            Mutation::ReplaceRaw(i, bytes) => {
+                if let Some(raw) = index(i).and_then(|i| self.raw.get_mut(i)) {
+                    raw.clone_from(bytes);
+                }
+                Expect::Either
+            }
+            Mutation::ExtraRawEntry => {
+                self.raw.push(vec![0; 4]);
                 Expect::Rejected(format!(
-                    "input \"{}\": both contents and raw_input_contents",
-                    inputs[*i].name
+                    "raw_input_contents has {} entries for {count} inputs",
+                    self.raw.len()
                 ))
-            } else {
-                Expect::Accepted
+            }
+            Mutation::TypedAlongsideRaw(i) => {
+                let Some(i) = index(i) else {
+                    return Expect::Either;
+                };
+                let Some(case) = cases.iter().find(|c| c.name == self.inputs[i].name) else {
+                    return Expect::Either;
+                };
+                let empty = tensor::element_count(&case.shape) == Some(0);
+                self.inputs[i].contents = Some(case.contents());
+                if use_raw && !empty {
+                    Expect::Rejected(format!(
+                        "input \"{}\": both contents and raw_input_contents",
+                        case.name
+                    ))
+                } else {
+                    Expect::Accepted
+                }
+            }
+            Mutation::ReplaceContents(i, contents) => {
+                if let Some(i) = index(i) {
+                    self.inputs[i].contents.clone_from(contents);
+                }
+                Expect::Either
+            }
+            Mutation::Outputs(names) => {
+                self.outputs.clone_from(names);
+                // The first offending name, in request order, is the one reported.
+                let schema = model();
+                let offence = names.iter().enumerate().find_map(|(i, name)| {
+                    if schema.output(name).is_none() {
+                        Some(format!("output \"{name}\" is not an output of this model"))
+                    } else if names[..i].contains(name) {
+                        Some(format!("output \"{name}\" is requested twice"))
+                    } else {
+                        None
+                    }
+                });
+                offence.map_or(Expect::Accepted, Expect::Rejected)
             }
         }
-        Mutation::Outputs(names) => {
-            outputs.clone_from(names);
-            let unknown = names
-                .iter()
-                .any(|n| model().outputs.iter().all(|o| o.name != *n));
-            let repeated = names
-                .iter()
-                .enumerate()
-                .any(|(i, n)| names[..i].contains(n));
-            if unknown || repeated {
-                Expect::Rejected("output \"".to_owned())
-            } else {
-                Expect::Accepted
+    }
+
+    fn request(self) -> ModelInferRequest {
+        let request = ModelInferRequest {
+            inputs: self.inputs,
+            raw_input_contents: self.raw.into_iter().map(Bytes::from).collect(),
+            ..Default::default()
+        };
+        with_outputs(request, &self.outputs)
+    }
+}
+
+/// A valid request with a few mutations: mostly near the edge between valid and invalid.
+fn near_valid_request() -> impl Strategy<Value = ModelInferRequest> {
+    (valid_cases(), any::<bool>(), vec(arb_mutation(), 0..4)).prop_map(
+        |(cases, use_raw, mutations)| {
+            let mut draft = Draft::new(&cases, use_raw);
+            for mutation in &mutations {
+                draft.apply(&cases, use_raw, mutation);
             }
-        }
-    };
-    let request = ModelInferRequest {
-        inputs,
-        raw_input_contents: raw.into_iter().map(Bytes::from).collect(),
-        ..Default::default()
-    };
-    (with_outputs(request, &outputs), expect)
+            draft.request()
+        },
+    )
 }
 
 fn has_zero_elements(cases: &[Case]) -> bool {
@@ -1715,19 +1798,109 @@ fn has_zero_elements(cases: &[Case]) -> bool {
         .any(|c| tensor::element_count(&c.shape) == Some(0))
 }
 
+/// Every rejection starts by naming what it is about, and names only what was sent.
+fn check_rejected(request: &ModelInferRequest, message: &str) -> Result<(), TestCaseError> {
+    let quoted = |prefix: &str| {
+        message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_owned)
+    };
+    if let Some(name) = quoted("input \"") {
+        prop_assert!(
+            request.inputs.iter().any(|i| i.name == name),
+            "{:?} names an input that was not sent",
+            message
+        );
+    } else if let Some(name) = quoted("output \"") {
+        prop_assert!(
+            request.outputs.iter().any(|o| o.name == name),
+            "{:?} names an output that was not requested",
+            message
+        );
+    } else {
+        prop_assert!(
+            message.starts_with("missing input") || message.starts_with("raw_input_contents has"),
+            "{:?} names nothing",
+            message
+        );
+    }
+    Ok(())
+}
+
+fn check_arbitrary(request: &ModelInferRequest) -> Result<(), TestCaseError> {
+    let schema = prop_model();
+    match validate(&schema, request) {
+        Ok(validated) => check_accepted(&schema, request, &validated),
+        Err(WorkerError::InvalidRequest(message)) => check_rejected(request, &message),
+        Err(other) => Err(TestCaseError::fail(format!(
+            "unexpected error kind: {other:?}"
+        ))),
+    }
+}
+
+fn check_mutation(cases: &[Case], use_raw: bool, mutation: &Mutation) -> Result<(), TestCaseError> {
+    let schema = prop_model();
+    let mut draft = Draft::new(cases, use_raw);
+    let expect = draft.apply(cases, use_raw, mutation);
+    let request = draft.request();
+    // Zero-element inputs cannot travel typed (see the ignored test above), and their
+    // "no data" error can come before the one the mutation provokes.
+    let expect = match expect {
+        Expect::Accepted if !use_raw && has_zero_elements(cases) => Expect::Either,
+        Expect::Rejected(_) if !use_raw && has_zero_elements(cases) => {
+            Expect::Rejected(String::new())
+        }
+        other => other,
+    };
+    let result = validate(&schema, &request);
+    match &result {
+        Ok(validated) => check_accepted(&schema, &request, validated)?,
+        Err(WorkerError::InvalidRequest(message)) => check_rejected(&request, message)?,
+        Err(other) => prop_assert!(false, "unexpected error kind: {:?}", other),
+    }
+    match (expect, result) {
+        (Expect::Accepted, Ok(validated)) => {
+            for case in cases {
+                let input = validated
+                    .inputs
+                    .iter()
+                    .find(|i| i.name == case.name)
+                    .ok_or_else(|| TestCaseError::fail("input missing"))?;
+                prop_assert_eq!(&input.shape, &case.shape);
+                prop_assert_eq!(&input.data, &case.expected());
+            }
+        }
+        (Expect::Accepted, Err(error)) => prop_assert!(false, "rejected: {}", error),
+        (Expect::Rejected(needle), Err(WorkerError::InvalidRequest(message))) => {
+            prop_assert!(
+                message.contains(&needle),
+                "{:?} lacks {:?}",
+                message,
+                needle
+            );
+        }
+        (Expect::Rejected(needle), other) => {
+            prop_assert!(
+                false,
+                "expected rejection with {:?}, got {:?}",
+                needle,
+                other
+            );
+        }
+        (Expect::Either, _) => {}
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn arbitrary_requests_never_panic_and_accepted_ones_fit(request in arb_request()) {
-        let schema = prop_model();
-        match validate(&schema, &request) {
-            Ok(validated) => check_accepted(&schema, &request, &validated)?,
-            Err(WorkerError::InvalidRequest(message)) => {
-                prop_assert!(!message.is_empty());
-            }
-            Err(other) => prop_assert!(false, "unexpected error kind: {:?}", other),
-        }
+    fn arbitrary_requests_never_panic_and_accepted_ones_fit(
+        request in prop_oneof![arb_request(), near_valid_request()],
+    ) {
+        check_arbitrary(&request)?;
     }
 
     #[test]
@@ -1736,45 +1909,6 @@ proptest! {
         use_raw in any::<bool>(),
         mutation in arb_mutation(),
     ) {
-        let schema = prop_model();
-        let (request, expect) = mutated_request(&cases, use_raw, &mutation);
-        // Zero-element inputs cannot travel typed (see the ignored test above), and
-        // their "no data" error can come before the one the mutation provokes.
-        let expect = match expect {
-            Expect::Accepted if !use_raw && has_zero_elements(&cases) => Expect::Either,
-            Expect::Rejected(_) if !use_raw && has_zero_elements(&cases) => {
-                Expect::Rejected(String::new())
-            }
-            other => other,
-        };
-        let result = validate(&schema, &request);
-        if let Ok(validated) = &result {
-            check_accepted(&schema, &request, validated)?;
-        }
-        match expect {
-            Expect::Accepted => {
-                let validated = result.map_err(|e| TestCaseError::fail(format!("rejected: {e}")))?;
-                for case in &cases {
-                    let input = validated
-                        .inputs
-                        .iter()
-                        .find(|i| i.name == case.name)
-                        .ok_or_else(|| TestCaseError::fail("input missing"))?;
-                    prop_assert_eq!(&input.shape, &case.shape);
-                    prop_assert_eq!(&input.data, &case.expected());
-                }
-            }
-            Expect::Rejected(needle) => match result {
-                Err(WorkerError::InvalidRequest(message)) => {
-                    prop_assert!(message.contains(&needle), "{:?} lacks {:?}", message, needle);
-                }
-                other => prop_assert!(false, "expected rejection with {:?}, got {:?}", needle, other),
-            },
-            Expect::Either => {
-                if let Err(error) = result {
-                    prop_assert!(matches!(error, WorkerError::InvalidRequest(_)), "{:?}", error);
-                }
-            }
-        }
+        check_mutation(&cases, use_raw, &mutation)?;
     }
 }

@@ -1,0 +1,39 @@
+# The two commands of the README: `make run` (set up, build, start the embedded demo)
+# and `make test` (set up, run every test). `make setup` installs what both need
+# beside the Rust toolchain: ONNX Runtime from the PyPI wheel and the Python test clients.
+
+CARGO ?= cargo
+CONFIG ?= deploy/local/aviary.toml
+
+.PHONY: setup run build test test-rust test-python bench models
+
+setup:
+	scripts/setup.sh
+
+run: setup
+	$(CARGO) run --release -p aviary-gateway --bin aviary -- serve --config $(CONFIG)
+
+build:
+	$(CARGO) build --workspace --bins
+
+test: setup build test-rust test-python
+
+# nextest runs each test in its own process (ONNX Runtime's environment is per process)
+# and in parallel; plain cargo test is the fallback where nextest is not installed.
+test-rust:
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+test-python:
+	.venv/bin/python -m pytest tests/python -q
+
+# Records the figures in docs/benchmarks.md (release build, several minutes).
+bench: setup
+	scripts/bench.sh
+
+# Regenerates the demo and test models (needs: pip install -r scripts/requirements-models.txt).
+models:
+	python3 scripts/make_models.py --verify

@@ -1,0 +1,463 @@
+//! The `aviary` binary as a user runs it: real processes on 127.0.0.1 port 0, talking to
+//! each other over gRPC. Every process is killed when its guard drops, even when an
+//! assertion fails first.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_aviary");
+
+/// Upper bound for a server to load its models and listen (hang protection only).
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Upper bound for a client command to finish (hang protection only).
+const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The input row the demo model takes: one row of 4 features.
+const ROW: &str = "[[5.1,3.5,1.4,0.2]]";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root exists")
+}
+
+/// A running `aviary` process; killed and reaped on drop.
+struct Process {
+    what: String,
+    child: Child,
+    stdout: Receiver<String>,
+    stdout_seen: Vec<String>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Process {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for name in ["AVIARY_CONFIG", "AVIARY_LISTEN", "AVIARY_ADDR", "AVIARY_REPO"] {
+            command.env_remove(name);
+        }
+        command.envs(env.iter().copied());
+        let what = format!("aviary {}", args.join(" "));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        let (tx, stdout) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            text
+        });
+        Process {
+            what,
+            child,
+            stdout,
+            stdout_seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads stdout until the `aviary: listening on ADDR` line and returns ADDR.
+    fn wait_listening(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    let addr = line
+                        .strip_prefix("aviary: listening on ")
+                        .map(|a| a.trim().parse().expect("listening line has an address"));
+                    self.stdout_seen.push(line);
+                    if let Some(addr) = addr {
+                        return addr;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("{} did not listen within {START_DEADLINE:?}", self.what)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.wait_exit(Duration::from_secs(10));
+                    let stderr = self.take_stderr();
+                    panic!(
+                        "{} exited ({status}) before listening; stderr:\n{stderr}",
+                        self.what
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to exit, polling until `timeout`; panics (and the guard
+    /// kills it) if it does not.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => panic!("{} still running after {timeout:?}", self.what),
+                Err(e) => panic!("waiting for {}: {e}", self.what),
+            }
+        }
+    }
+
+    /// Everything the process wrote on stdout (call after it exited).
+    fn take_stdout(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => self.stdout_seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("{}: stdout did not close", self.what),
+            }
+        }
+        let mut text = self.stdout_seen.join("\n");
+        text.push('\n');
+        text
+    }
+
+    /// Everything the process wrote on stderr (call after it exited).
+    fn take_stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished command said.
+#[derive(Debug)]
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `aviary ARGS` to completion.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut process = Process::spawn(args, env);
+    let status = process.wait_exit(COMMAND_DEADLINE);
+    Output {
+        status,
+        stdout: process.take_stdout(),
+        stderr: process.take_stderr(),
+    }
+}
+
+fn json(output: &Output) -> Value {
+    assert!(output.status.success(), "command failed: {output:#?}");
+    serde_json::from_str(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {output:#?}"))
+}
+
+/// `aviary serve` over the demo config on a free port.
+fn serve_demo() -> (Process, String) {
+    let config = repo_root().join("deploy/local/aviary.toml");
+    let config = config.to_str().expect("utf-8 path");
+    let mut server = Process::spawn(
+        &["serve", "--config", config, "--listen", "127.0.0.1:0"],
+        &[],
+    );
+    let addr = server.wait_listening();
+    (server, format!("http://{addr}"))
+}
+
+#[test]
+fn serve_and_infer_split_pin_and_refuse() {
+    let (_server, addr) = serve_demo();
+
+    let output = run(
+        &[
+            "infer", "--addr", &addr, "--model", "demo", "--input", ROW, "--repeat", "300",
+            "--json",
+        ],
+        &[],
+    );
+    let report = json(&output);
+    assert_eq!(report["model"], "demo", "{report:#}");
+    assert_eq!(report["requests"], 300, "{report:#}");
+    let versions: BTreeMap<String, u64> =
+        serde_json::from_value(report["versions"].clone()).expect("versions: name -> count");
+    // At 90/10 over 300 requests, P(version 2 never answers) = 0.9^300 ≈ 2e-14.
+    assert_eq!(
+        versions.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["1", "2"],
+        "both versions answer and no other: {report:#}"
+    );
+    assert_eq!(versions.values().sum::<u64>(), 300, "{report:#}");
+    assert!(
+        versions["1"] > versions["2"],
+        "version 1 has the larger share: {report:#}"
+    );
+    let mut probabilities = BTreeMap::new();
+    for version in ["1", "2"] {
+        let outputs = report["outputs"][version]
+            .as_array()
+            .unwrap_or_else(|| panic!("outputs of version {version}: {report:#}"));
+        let output = outputs
+            .iter()
+            .find(|o| o["name"] == "probabilities")
+            .unwrap_or_else(|| panic!("version {version} has probabilities: {report:#}"));
+        assert_eq!(output["shape"], serde_json::json!([1, 3]), "{report:#}");
+        assert_eq!(output["datatype"], "FP32", "{report:#}");
+        probabilities.insert(version, output["data"].clone());
+    }
+    assert_ne!(
+        probabilities["1"], probabilities["2"],
+        "the versions answer differently"
+    );
+
+    let output = run(
+        &[
+            "infer", "--addr", &addr, "--model", "demo", "--input", ROW, "--version", "2",
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{output:#?}");
+    assert!(output.stdout.contains("version 2"), "{output:#?}");
+    assert!(!output.stdout.contains("version 1"), "{output:#?}");
+    assert!(output.stdout.contains("probabilities"), "{output:#?}");
+
+    let output = run(
+        &[
+            "infer",
+            "--addr",
+            &addr,
+            "--model",
+            "demo",
+            "--input",
+            "[[5.1,3.5,1.4,0.2,9.9]]",
+        ],
+        &[],
+    );
+    assert!(!output.status.success(), "a bad shape must fail: {output:#?}");
+    assert!(output.stderr.contains("InvalidArgument"), "{output:#?}");
+    assert!(output.stderr.contains("input \"input\""), "{output:#?}");
+}
+
+#[test]
+fn worker_and_bench() {
+    let models = repo_root().join("tests/models");
+    let mut worker = Process::spawn(
+        &[
+            "worker",
+            "--repo",
+            models.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+            "--instances",
+            "2",
+        ],
+        &[],
+    );
+    let addr = format!("http://{}", worker.wait_listening());
+
+    let output = run(
+        &[
+            "bench",
+            "--addr",
+            &addr,
+            "--model",
+            "demo",
+            "--concurrency",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--json",
+        ],
+        &[],
+    );
+    let report = json(&output);
+    assert_eq!(report["model"], "demo", "{report:#}");
+    assert!(
+        report["requests"].as_u64().is_some_and(|n| n > 0),
+        "some requests succeeded: {report:#}"
+    );
+    assert_eq!(
+        report["errors"],
+        serde_json::json!({}),
+        "no request failed: {report:#}"
+    );
+    let served: u64 = report["versions"]
+        .as_object()
+        .expect("versions object")
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(
+        Some(served),
+        report["requests"].as_u64(),
+        "every success is counted by a version: {report:#}"
+    );
+}
+
+#[test]
+fn sigterm_stops_serve_with_exit_code_zero() {
+    let (mut server, addr) = serve_demo();
+    // It really serves before it is told to stop.
+    let output = run(
+        &["infer", "--addr", &addr, "--model", "demo", "--input", ROW],
+        &[],
+    );
+    assert!(output.status.success(), "{output:#?}");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success(), "kill -TERM delivered");
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "serve exits 0 on SIGTERM; stderr:\n{}",
+        server.take_stderr()
+    );
+}
+
+#[test]
+fn missing_onnx_runtime_says_what_to_do() {
+    let models = repo_root().join("tests/models");
+    let missing = "/nonexistent/libonnxruntime.so";
+    let output = run(
+        &[
+            "worker",
+            "--repo",
+            models.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[("ORT_DYLIB_PATH", missing)],
+    );
+    assert!(!output.status.success(), "{output:#?}");
+    assert!(
+        !output.stdout.contains("listening"),
+        "it never listens: {output:#?}"
+    );
+    assert!(output.stderr.contains("ORT_DYLIB_PATH"), "{output:#?}");
+    assert!(output.stderr.contains(missing), "names the path: {output:#?}");
+    assert!(
+        output.stderr.contains("unset it") && output.stderr.contains("libonnxruntime.so.1.31.1"),
+        "says what to do: {output:#?}"
+    );
+}
+
+#[test]
+fn config_typo_is_rejected_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = repo_root().join("tests/models");
+    let cases = [
+        (
+            "wieght",
+            format!(
+                "[repository]\npath = \"{}\"\n[routes.demo]\nversions = [ {{ version = \"1\", wieght = 1 }} ]\n",
+                models.display()
+            ),
+        ),
+        (
+            "max_mesage_bytes",
+            "[server]\nmax_mesage_bytes = 1048576\n".to_owned(),
+        ),
+    ];
+    for (key, text) in cases {
+        let path = dir.path().join(format!("{key}.toml"));
+        std::fs::write(&path, text).expect("write config");
+        let output = run(
+            &[
+                "serve",
+                "--config",
+                path.to_str().expect("utf-8 path"),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &[],
+        );
+        assert!(!output.status.success(), "{key}: {output:#?}");
+        assert!(
+            !output.stdout.contains("listening"),
+            "{key}: never listens: {output:#?}"
+        );
+        assert!(output.stderr.contains(key), "names the key: {output:#?}");
+        assert!(
+            output.stderr.contains(&path.display().to_string()),
+            "names the file: {output:#?}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_with_an_open_stream_still_exits_zero() {
+    let (mut server, addr) = serve_demo();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _stream = runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut stream = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        stream.message().await.expect("first status");
+        stream
+    });
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", server.take_stderr());
+}
