@@ -271,7 +271,7 @@ pub fn to_raw<T: Element>(values: &[T]) -> Vec<u8> {
 /// elements.
 pub fn from_raw<T: Element>(raw: &[u8]) -> Option<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    if raw.len() % size != 0 {
+    if !raw.len().is_multiple_of(size) {
         return None;
     }
     Some(raw.chunks_exact(size).map(T::read_le).collect())

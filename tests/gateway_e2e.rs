@@ -673,7 +673,7 @@ async fn statistics_count_successes_failures_and_batch_rows() {
     assert_eq!(v1.len(), 1, "{v1:?}");
     let v1 = &v1[0];
     assert_eq!((v1.name.as_str(), v1.version.as_str()), ("demo", "1"));
-    let stats = v1.inference_stats.clone().expect("inference_stats");
+    let stats = v1.inference_stats.expect("inference_stats");
     let success = stats.success.expect("success");
     let fail = stats.fail.expect("fail");
     assert_eq!(success.count, n, "{v1:?}");
@@ -690,7 +690,7 @@ async fn statistics_count_successes_failures_and_batch_rows() {
     assert_eq!(v2.len(), 1, "{v2:?}");
     assert_eq!(v2[0].version, "2");
     assert_eq!(v2[0].execution_count, 0, "{v2:?}");
-    let v2_stats = v2[0].inference_stats.clone().expect("inference_stats");
+    let v2_stats = v2[0].inference_stats.expect("inference_stats");
     assert_eq!(v2_stats.success.expect("success").count, 0);
     assert_eq!(v2_stats.fail.expect("fail").count, 0);
 

@@ -39,11 +39,17 @@ async fn model_card_is_served_as_config_parameters() {
         .config
         .expect("config present");
     let card_path = common::test_models().join("demo/1/model.toml");
-    let card: toml::Value = toml::from_str(&std::fs::read_to_string(card_path).expect("card")).expect("toml");
+    let card: toml::Value =
+        toml::from_str(&std::fs::read_to_string(card_path).expect("card")).expect("toml");
     let owner = card["owner"].as_str().expect("demo card names an owner");
     assert_eq!(config.parameters["card.owner"].string_value, owner);
-    let accuracy = card["metrics"]["heldout_accuracy"].as_float().expect("demo card has accuracy");
-    let served: f64 = config.parameters["card.metrics.heldout_accuracy"].string_value.parse().expect("number");
+    let accuracy = card["metrics"]["heldout_accuracy"]
+        .as_float()
+        .expect("demo card has accuracy");
+    let served: f64 = config.parameters["card.metrics.heldout_accuracy"]
+        .string_value
+        .parse()
+        .expect("number");
     assert_eq!(served, accuracy);
     // The fixed test model has no card, so it has no card parameters.
     let fixed = client

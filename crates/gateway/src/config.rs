@@ -103,10 +103,8 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
         let mut config = Config::parse(&text).map_err(error)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(repository) = &mut config.repository {
-            if repository.path.is_relative() {
-                repository.path = base.join(&repository.path);
-            }
+        if let Some(repository) = config.repository.as_mut().filter(|r| r.path.is_relative()) {
+            repository.path = base.join(&repository.path);
         }
         Ok(config)
     }
@@ -135,12 +133,12 @@ impl Config {
         }
         for (model, route) in &config.routes {
             for (i, version) in route.versions.iter().enumerate() {
-                if let Some(endpoint) = &version.endpoint {
-                    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                        problems.push(format!(
-                            "routes.{model}.versions[{i}].endpoint: \"{endpoint}\" must start with http:// or https://"
-                        ));
-                    }
+                if let Some(endpoint) = &version.endpoint
+                    && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+                {
+                    problems.push(format!(
+                        "routes.{model}.versions[{i}].endpoint: \"{endpoint}\" must start with http:// or https://"
+                    ));
                 }
             }
         }

@@ -161,11 +161,8 @@ async fn infer(args: InferArgs) -> anyhow::Result<()> {
         let response = response.into_inner();
         let version = variant.unwrap_or_else(|| response.model_version.clone());
         *by_version.entry(version.clone()).or_default() += 1;
-        if !first.contains_key(&version) {
-            first.insert(
-                version,
-                client::decode_response(&response).map_err(anyhow::Error::msg)?,
-            );
+        if let std::collections::btree_map::Entry::Vacant(slot) = first.entry(version) {
+            slot.insert(client::decode_response(&response).map_err(anyhow::Error::msg)?);
         }
     }
 

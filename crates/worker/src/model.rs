@@ -230,7 +230,10 @@ impl LoadedModel {
     }
 }
 
-fn run_timed(session: &mut Session, request: ValidatedRequest) -> Result<(Vec<OutputTensor>, Timings), String> {
+fn run_timed(
+    session: &mut Session,
+    request: ValidatedRequest,
+) -> Result<(Vec<OutputTensor>, Timings), String> {
     let mut timings = Timings::default();
     let started = Instant::now();
     let values = to_values(request.inputs)?;
@@ -283,7 +286,9 @@ fn to_values(inputs: Vec<InputTensor>) -> Result<Vec<(String, DynValue)>, String
                 TensorData::Bf16(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
                 TensorData::Fp32(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
                 TensorData::Fp64(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
-                TensorData::Bytes(v) => Tensor::from_string_array((shape, &v[..])).map(Tensor::into_dyn),
+                TensorData::Bytes(v) => {
+                    Tensor::from_string_array((shape, &v[..])).map(Tensor::into_dyn)
+                }
             };
             value
                 .map(|v| (input.name.clone(), v))

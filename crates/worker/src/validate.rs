@@ -196,6 +196,8 @@ fn decode_input(
             return Err("both contents and raw_input_contents are set; send one of them".into());
         }
         (Some(raw), _) => decode_raw(datatype, raw, count)?,
+        // A zero-element tensor has nothing to put in a typed field.
+        (None, Some(_)) if count == 0 => decode_raw(datatype, &[], 0)?,
         (None, Some(contents)) if has_any_contents(contents) => {
             decode_typed(datatype, contents, count)?
         }

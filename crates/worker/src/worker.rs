@@ -310,7 +310,11 @@ impl Worker {
                 kind: model_instance_group::Kind::Cpu as i32,
             }],
             default_model_filename: repository::MODEL_FILE.to_owned(),
-            parameters: loaded.card.as_ref().map(card_parameters).unwrap_or_default(),
+            parameters: loaded
+                .card
+                .as_ref()
+                .map(card_parameters)
+                .unwrap_or_default(),
             ..Default::default()
         })
     }
@@ -387,7 +391,11 @@ fn card_parameters(card: &repository::ModelCard) -> HashMap<String, ModelParamet
     text.into_iter()
         .filter(|(_, value)| !value.is_empty())
         .map(|(key, value)| (format!("card.{key}"), value.clone()))
-        .chain(card.metrics.iter().map(|(name, value)| (format!("card.metrics.{name}"), value.to_string())))
+        .chain(
+            card.metrics
+                .iter()
+                .map(|(name, value)| (format!("card.metrics.{name}"), value.to_string())),
+        )
         .map(|(key, string_value)| (key, ModelParameter { string_value }))
         .collect()
 }

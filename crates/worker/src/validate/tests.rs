@@ -518,7 +518,6 @@ fn scalar_and_zero_element_tensors_are_accepted_raw() {
 /// an empty repeated field from an unset one; a present-but-empty `contents` is the only
 /// way to send it typed (the only way at all when the other inputs travel typed).
 #[test]
-#[ignore = "bug: a zero-element input with present-but-empty typed contents is rejected as \"no data\""]
 fn zero_element_tensor_is_accepted_with_empty_typed_contents() {
     let request = typed_request(vec![
         typed("image", "FP32", &[0, 3], InferTensorContents::default()),
