@@ -63,18 +63,26 @@ pub struct WorkerArgs {
     pub max_message_bytes: usize,
 }
 
-/// `infer`.
+/// The server and model a client command talks to.
 #[derive(Debug, Args)]
-pub struct InferArgs {
+pub struct TargetArgs {
     /// Server address.
     #[arg(long, env = "AVIARY_ADDR", default_value = "http://127.0.0.1:8001")]
     pub addr: String,
     /// Model name.
     #[arg(long)]
     pub model: String,
-    /// Pin a version (default: the gateway's routing picks).
+    /// Pin a version (default: the server's routing picks).
     #[arg(long)]
     pub version: Option<String>,
+}
+
+/// `infer`.
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Which server and model.
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// An input as JSON, `NAME=[[...]]`, or just `[[...]]` when the model has one input.
     #[arg(long = "input", short = 'i', required = true)]
     pub inputs: Vec<String>,
@@ -89,15 +97,9 @@ pub struct InferArgs {
 /// `bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Server address.
-    #[arg(long, env = "AVIARY_ADDR", default_value = "http://127.0.0.1:8001")]
-    pub addr: String,
-    /// Model name.
-    #[arg(long)]
-    pub model: String,
-    /// Pin a version.
-    #[arg(long)]
-    pub version: Option<String>,
+    /// Which server and model.
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,

@@ -114,13 +114,14 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 async fn infer(args: InferArgs) -> anyhow::Result<()> {
-    let mut grpc = bench::connect(&args.addr)
+    let target = &args.target;
+    let mut grpc = bench::connect(&target.addr)
         .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+        .with_context(|| format!("connecting to {}", target.addr))?;
     let metadata = grpc
         .model_metadata(ModelMetadataRequest {
-            name: args.model.clone(),
-            version: args.version.clone().unwrap_or_default(),
+            name: target.model.clone(),
+            version: target.version.clone().unwrap_or_default(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
@@ -133,7 +134,7 @@ async fn infer(args: InferArgs) -> anyhow::Result<()> {
                 [only] => (only.name.clone(), text.as_str()),
                 _ => bail!(
                     "model \"{}\" has several inputs: write --input NAME=JSON",
-                    args.model
+                    target.model
                 ),
             },
         };
@@ -141,7 +142,7 @@ async fn infer(args: InferArgs) -> anyhow::Result<()> {
             serde_json::from_str(json).with_context(|| format!("input \"{name}\": not JSON"))?;
         inputs.insert(name, value);
     }
-    let request = client::build_request(&metadata, args.version.as_deref(), &inputs)?;
+    let request = client::build_request(&metadata, target.version.as_deref(), &inputs)?;
 
     let mut by_version: BTreeMap<String, u64> = BTreeMap::new();
     let mut first: BTreeMap<String, Vec<client::DecodedOutput>> = BTreeMap::new();
@@ -168,7 +169,7 @@ async fn infer(args: InferArgs) -> anyhow::Result<()> {
 
     if args.json {
         let report = serde_json::json!({
-            "model": args.model,
+            "model": target.model,
             "requests": args.repeat.max(1),
             "versions": by_version,
             "outputs": first,
@@ -178,7 +179,7 @@ async fn infer(args: InferArgs) -> anyhow::Result<()> {
     }
     let mean = elapsed / u32::try_from(args.repeat.max(1)).unwrap_or(u32::MAX);
     for (version, outputs) in &first {
-        println!("model {} version {version}", args.model);
+        println!("model {} version {version}", target.model);
         for output in outputs {
             println!(
                 "  {} {} {:?} = {}",
@@ -205,9 +206,9 @@ async fn infer(args: InferArgs) -> anyhow::Result<()> {
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let options = BenchOptions {
-        addr: args.addr,
-        model: args.model,
-        version: args.version,
+        addr: args.target.addr,
+        model: args.target.model,
+        version: args.target.version,
         concurrency: args.concurrency,
         duration: Duration::from_secs_f64(args.duration),
         warmup: Duration::from_secs_f64(args.warmup),
