@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use aviary::{
     pb::inference::{
-        ModelConfigRequest, ModelMetadataRequest, ModelReadyRequest,
-        ModelStatisticsRequest, ServerLiveRequest, ServerReadyRequest,
+        ModelConfigRequest, ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest,
+        ServerLiveRequest, ServerReadyRequest,
         grpc_inference_service_client::GrpcInferenceServiceClient,
     },
     tensor,
@@ -78,7 +78,10 @@ async fn expected_answers(
             .await
             .unwrap_or_else(|s| panic!("pinned version {version} should answer: {s:?}"))
             .into_inner();
-        assert_eq!(response.model_version, version, "pinned version is honoured");
+        assert_eq!(
+            response.model_version, version,
+            "pinned version is honoured"
+        );
         let answer = Answer::of(&response);
         assert_eq!(answer.probabilities.len(), 3, "one row of 3 probabilities");
         assert_eq!(answer.label.len(), 1, "one label");
@@ -159,8 +162,7 @@ async fn weighted_split_through_one_remote_worker() {
     const TOTAL: usize = TASKS * PER_TASK;
 
     let worker = common::start_worker(&common::test_models()).await;
-    let gateway =
-        start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
+    let gateway = start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
     let mut client = gateway.client().await;
     let expected = expected_answers(&mut client).await;
 
@@ -233,7 +235,11 @@ async fn weighted_split_through_one_remote_worker() {
     assert_eq!(counts.values().sum::<usize>(), TOTAL, "{counts:?}");
     let ones = counts.get("1").copied().unwrap_or(0);
     let twos = counts.get("2").copied().unwrap_or(0);
-    assert_eq!(ones + twos, TOTAL, "only versions 1 and 2 answer: {counts:?}");
+    assert_eq!(
+        ones + twos,
+        TOTAL,
+        "only versions 1 and 2 answer: {counts:?}"
+    );
     // Binomial share of version 1 over n = 2000 at p = 0.9: sd = sqrt(0.9 * 0.1 / 2000)
     // ≈ 0.67 pp, so ±3.5 pp is about 5.2 sigma (a false failure about once in 5 million runs).
     let share = ones as f64 / TOTAL as f64;
@@ -273,8 +279,16 @@ async fn versions_on_two_workers_reach_their_own_worker() {
     let twos = served.get("2").copied().unwrap_or(0);
     assert_eq!(ones + twos, 200, "only versions 1 and 2 answer: {served:?}");
     assert!(ones > 0 && twos > 0, "both versions answer: {served:?}");
-    assert_eq!(successes(&a, "1").await, before.0 + ones, "worker A ran every v1");
-    assert_eq!(successes(&b, "2").await, before.1 + twos, "worker B ran every v2");
+    assert_eq!(
+        successes(&a, "1").await,
+        before.0 + ones,
+        "worker A ran every v1"
+    );
+    assert_eq!(
+        successes(&b, "2").await,
+        before.1 + twos,
+        "worker B ran every v2"
+    );
     assert_eq!(successes(&a, "2").await, 0, "worker A never runs v2");
     assert_eq!(successes(&b, "1").await, 0, "worker B never runs v1");
 
@@ -317,8 +331,7 @@ async fn versions_on_two_workers_reach_their_own_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_pass_through_with_their_code_and_message() {
     let worker = common::start_worker(&common::test_models()).await;
-    let gateway =
-        start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
+    let gateway = start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
     let mut client = gateway.client().await;
     let mut direct = worker.client().await;
 
@@ -346,7 +359,10 @@ async fn errors_pass_through_with_their_code_and_message() {
     wrong_datatype.inputs[0].datatype = "FP64".into();
     wrong_datatype.raw_input_contents = vec![tensor::to_raw(&[5.1f64, 3.5, 1.4, 0.2]).into()];
 
-    for (what, request) in [("shape [1,5]", wrong_shape), ("datatype FP64", wrong_datatype)] {
+    for (what, request) in [
+        ("shape [1,5]", wrong_shape),
+        ("datatype FP64", wrong_datatype),
+    ] {
         let worker_status: tonic::Status = direct
             .model_infer(request.clone())
             .await
@@ -386,8 +402,7 @@ async fn errors_pass_through_with_their_code_and_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_config_and_readiness_through_the_gateway() {
     let worker = common::start_worker(&common::test_models()).await;
-    let gateway =
-        start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
+    let gateway = start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
     let mut client = gateway.client().await;
 
     let metadata = client
@@ -425,7 +440,10 @@ async fn metadata_config_and_readiness_through_the_gateway() {
         async move { server_ready(&mut client).await }
     })
     .await;
-    assert!(ready, "ServerReady turns true once the worker's versions are ready");
+    assert!(
+        ready,
+        "ServerReady turns true once the worker's versions are ready"
+    );
     for version in ["", "1", "2"] {
         let model_ready = client
             .model_ready(ModelReadyRequest {
@@ -491,6 +509,16 @@ async fn worker_down_makes_the_gateway_unavailable_but_alive() {
     })
     .await;
     assert!(not_ready, "ServerReady turns false when the worker is gone");
+    let model_ready = client
+        .model_ready(ModelReadyRequest {
+            name: "demo".into(),
+            version: String::new(),
+        })
+        .await
+        .expect("ModelReady still answers")
+        .into_inner()
+        .ready;
+    assert!(!model_ready, "demo is not ready without its worker");
     let channel = gateway.channel().await;
     let not_serving = common::eventually(READINESS_DEADLINE, || {
         let channel = channel.clone();

@@ -128,7 +128,7 @@ pub async fn start_gateway(config_text: &str, mode: Mode) -> Result<Running, Str
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     Ok(spawn(addr, move |rx| async move {
         gateway
-            .serve(listener, async {
+            .serve(listener, server::DEFAULT_GRACE_PERIOD, async {
                 let _ = rx.await;
             })
             .await
@@ -159,7 +159,7 @@ pub async fn start_worker(repository: &Path) -> Running {
         server::run_worker(
             Arc::new(worker),
             listener,
-            server::DEFAULT_MAX_MESSAGE_BYTES,
+            server::ServeOptions::default(),
             async {
                 let _ = rx.await;
             },

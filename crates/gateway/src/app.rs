@@ -95,8 +95,13 @@ impl Gateway {
     }
 
     /// Serves on `listener` until `shutdown` resolves; health turns NOT_SERVING first,
-    /// then in-flight requests finish.
-    pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), GatewayError>
+    /// then in-flight requests get up to `grace_period` to finish.
+    pub async fn serve<F>(
+        self,
+        listener: TcpListener,
+        grace_period: Duration,
+        shutdown: F,
+    ) -> Result<(), GatewayError>
     where
         F: Future<Output = ()> + Send,
     {
@@ -118,14 +123,11 @@ impl Gateway {
             }
         };
         let front = Front::new(Arc::clone(&self.routing), Arc::clone(&self.ready));
-        let result = server::serve(
-            front,
-            listener,
-            self.config.server.max_message_bytes,
-            health,
-            draining,
-        )
-        .await;
+        let options = server::ServeOptions {
+            max_message_bytes: self.config.server.max_message_bytes,
+            grace_period,
+        };
+        let result = server::serve(front, listener, options, health, draining).await;
         readiness.abort();
         Ok(result?)
     }

@@ -38,6 +38,9 @@ pub struct ServeArgs {
     /// Listen address; overrides the config's server.listen (port 0 picks a free port).
     #[arg(long, env = "AVIARY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]
+    pub grace_period: f64,
 }
 
 /// `worker`.
@@ -61,6 +64,9 @@ pub struct WorkerArgs {
     /// Largest request or response message in bytes.
     #[arg(long, env = "AVIARY_MAX_MESSAGE_BYTES", default_value_t = aviary_worker::server::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]
+    pub grace_period: f64,
 }
 
 /// The server and model a client command talks to.

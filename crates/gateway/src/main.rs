@@ -60,6 +60,12 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+fn grace_period(seconds: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        anyhow::anyhow!("--grace-period: {seconds} is not a non-negative number of seconds")
+    })
+}
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     let terminate = async {
@@ -87,7 +93,13 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let gateway = Gateway::start(config, mode).await?;
     let listener = bind(listen).await?;
-    gateway.serve(listener, shutdown_signal()).await?;
+    gateway
+        .serve(
+            listener,
+            grace_period(args.grace_period)?,
+            shutdown_signal(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -103,13 +115,11 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     })
     .await?;
     let listener = bind(args.listen).await?;
-    server::run_worker(
-        Arc::new(worker),
-        listener,
-        args.max_message_bytes,
-        shutdown_signal(),
-    )
-    .await?;
+    let options = server::ServeOptions {
+        max_message_bytes: args.max_message_bytes,
+        grace_period: grace_period(args.grace_period)?,
+    };
+    server::run_worker(Arc::new(worker), listener, options, shutdown_signal()).await?;
     Ok(())
 }
 

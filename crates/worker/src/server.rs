@@ -2,7 +2,7 @@
 //! runner that the worker and the gateway share: message size limits, gRPC health and
 //! server reflection on the same port, and graceful shutdown.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use aviary::pb::inference::{
     ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
@@ -36,12 +36,35 @@ pub const HEALTH_SERVICE: &str = "inference.GRPCInferenceService";
 pub type InferStream =
     Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
 
-/// Runs `service` on `listener` with health and reflection until `shutdown` resolves,
-/// then lets in-flight requests finish.
+/// How a server listens and stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// How long in-flight requests (and open streams) may run after shutdown begins.
+    pub grace_period: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            grace_period: DEFAULT_GRACE_PERIOD,
+        }
+    }
+}
+
+/// Default time in-flight requests get to finish after shutdown begins.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+/// Runs `service` on `listener` with health and reflection until `shutdown` resolves.
+/// Then the listener closes at once (new connections are refused), in-flight requests
+/// get up to `grace_period` to finish, and whatever is still open after that (an idle
+/// stream, a health watch) is abandoned so the process can exit.
 pub async fn serve<S, F>(
     service: S,
     listener: TcpListener,
-    max_message_bytes: usize,
+    options: ServeOptions,
     health: HealthReporter,
     shutdown: F,
 ) -> Result<(), WorkerError>
@@ -49,6 +72,7 @@ where
     S: GrpcInferenceService,
     F: Future<Output = ()> + Send,
 {
+    let max_message_bytes = options.max_message_bytes;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(aviary::FILE_DESCRIPTOR_SET)
@@ -65,14 +89,34 @@ where
         .max_encoding_message_size(max_message_bytes);
     let health_service =
         tonic_health::pb::health_server::HealthServer::new(health_service_from(health));
-    tonic::transport::Server::builder()
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = draining_tx.send(());
+    };
+    let serving = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(inference)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| WorkerError::Serve(e.to_string()))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let grace_over = async move {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(options.grace_period).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = serving => result.map_err(|e| WorkerError::Serve(e.to_string())),
+        () = grace_over => {
+            tracing::warn!(
+                grace_period = ?options.grace_period,
+                "grace period over; abandoning connections that are still open"
+            );
+            Ok(())
+        }
+    }
 }
 
 fn health_service_from(reporter: HealthReporter) -> impl tonic_health::pb::health_server::Health {
@@ -259,7 +303,7 @@ pub fn server_metadata() -> ServerMetadataResponse {
 pub async fn run_worker<F>(
     worker: Arc<Worker>,
     listener: TcpListener,
-    max_message_bytes: usize,
+    options: ServeOptions,
     shutdown: F,
 ) -> Result<(), WorkerError>
 where
@@ -277,7 +321,7 @@ where
     serve(
         WorkerService::new(worker),
         listener,
-        max_message_bytes,
+        options,
         health,
         draining,
     )
