@@ -6,7 +6,7 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["proto/inference.proto"];
+const PROTOS: &[&str] = &["proto/inference.proto", "proto/aviary/admin/v1/admin.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //!
-//! - [`pb`]: generated protobuf messages, the `GRPCInferenceService` client and server.
+//! - [`pb`]: generated protobuf messages, the `GRPCInferenceService` and the admin
+//!   API's clients and servers.
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every proto file.
@@ -18,6 +19,12 @@ pub mod pb {
     #[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs)]
     pub mod inference {
         tonic::include_proto!("inference");
+    }
+
+    /// `aviary.admin.v1.*`: the gateway's control plane.
+    #[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs)]
+    pub mod admin {
+        tonic::include_proto!("aviary.admin.v1");
     }
 }
 

@@ -18,7 +18,7 @@ use aviary::{
     },
     tensor,
 };
-use aviary_gateway::{Config, Gateway, Mode};
+use aviary_gateway::{Config, Gateway, Listeners, Mode};
 use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -37,6 +37,8 @@ pub fn test_models() -> PathBuf {
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its admin API listens (gateways only).
+    pub admin_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), String>>>,
 }
@@ -57,6 +59,17 @@ impl Running {
         GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20)
+    }
+
+    /// A connected admin API client (gateways only).
+    pub async fn admin(&self) -> aviary::pb::admin::admin_client::AdminClient<Channel> {
+        let addr = self.admin_addr.expect("a gateway has an admin listener");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("admin API accepts connections");
+        aviary::pb::admin::admin_client::AdminClient::new(channel)
     }
 
     /// A raw channel (for health and reflection clients).
@@ -100,6 +113,7 @@ where
     let handle = tokio::spawn(run(rx));
     Running {
         addr,
+        admin_addr: None,
         shutdown: Some(tx),
         handle: Some(handle),
     }
@@ -122,18 +136,63 @@ pub async fn start_gateway(config_text: &str, mode: Mode) -> Result<Running, Str
     let gateway = Gateway::start(config, mode)
         .await
         .map_err(|e| e.to_string())?;
+    serve_gateway(gateway).await
+}
+
+/// Starts a gateway from a config file that it watches while it runs, as `aviary
+/// serve --config PATH` does.
+pub async fn start_gateway_from_file(path: &Path, mode: Mode) -> Result<Running, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let gateway = Gateway::start(config, mode)
+        .await
+        .map_err(|e| e.to_string())?
+        .watch_config(path.to_owned());
+    serve_gateway(gateway).await
+}
+
+/// Serves a started gateway on ephemeral inference and admin ports.
+pub async fn serve_gateway(gateway: Gateway) -> Result<Running, String> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    Ok(spawn(addr, move |rx| async move {
+    let admin = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    let mut running = spawn(addr, move |rx| async move {
+        let listeners = Listeners {
+            inference: listener,
+            admin: Some(admin),
+        };
         gateway
-            .serve(listener, server::DEFAULT_GRACE_PERIOD, async {
+            .serve(listeners, server::DEFAULT_GRACE_PERIOD, async {
                 let _ = rx.await;
             })
             .await
             .map_err(|e| e.to_string())
-    }))
+    });
+    running.admin_addr = Some(admin_addr);
+    Ok(running)
+}
+
+/// Copies the test repository into `dir` (tests that change model files work on a copy).
+pub fn copy_test_models(dir: &Path) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("create folder");
+        for entry in std::fs::read_dir(from).expect("read folder") {
+            let entry = entry.expect("entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("type").is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).expect("copy file");
+            }
+        }
+    }
+    let target = dir.join("models");
+    copy(&test_models(), &target);
+    target
 }
 
 /// Starts an embedded gateway over the test repository with `routes` (TOML route
@@ -147,12 +206,9 @@ pub async fn start_embedded(routes: &str) -> Running {
 
 /// Starts a standalone worker over `repository`.
 pub async fn start_worker(repository: &Path) -> Running {
-    let worker = Worker::open(WorkerConfig {
-        repository: repository.to_owned(),
-        session: test_sessions(),
-    })
-    .await
-    .expect("worker loads the repository");
+    let worker = Worker::open(WorkerConfig::new(repository.to_owned(), test_sessions()))
+        .await
+        .expect("worker loads the repository");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     spawn(addr, move |rx| async move {

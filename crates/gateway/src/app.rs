@@ -1,9 +1,10 @@
 //! Assembling and running a gateway: load the config's embedded worker (if any),
-//! build the routing snapshot, keep readiness and gRPC health current, and serve until
-//! shutdown.
+//! build the routing, then serve the v2 front and the admin API while background tasks
+//! keep readiness current and watch the config file and the repository.
 
 use std::{
     future::Future,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,10 +14,13 @@ use std::{
 
 use arc_swap::ArcSwap;
 use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tonic_health::server::HealthReporter;
 
-use crate::{GatewayError, config::Config, front::Front, routing::Routing};
+use crate::{
+    GatewayError, admin, config::Config, control::Control, front::Front, routing::Routing,
+    watch as watcher,
+};
 
 /// How often readiness of every routed version is re-checked.
 const READINESS_INTERVAL: Duration = Duration::from_millis(500);
@@ -34,9 +38,18 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Gateway {
     config: Config,
-    routing: Arc<ArcSwap<Routing>>,
+    control: Arc<Control>,
     ready: Arc<AtomicBool>,
-    worker: Option<Arc<Worker>>,
+    config_path: Option<PathBuf>,
+}
+
+/// The listeners a gateway serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The v2 inference API.
+    pub inference: TcpListener,
+    /// The admin API, if enabled.
+    pub admin: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -45,9 +58,9 @@ impl Gateway {
         let worker = match (mode, &config.repository) {
             (Mode::Embedded, Some(repository)) => {
                 let defaults = SessionOptions::default();
-                let worker_config = WorkerConfig {
-                    repository: repository.path.clone(),
-                    session: SessionOptions {
+                let mut worker_config = WorkerConfig::new(
+                    repository.path.clone(),
+                    SessionOptions {
                         instances: repository.instances.unwrap_or(defaults.instances),
                         intra_op_threads: repository
                             .intra_op_threads
@@ -56,7 +69,9 @@ impl Gateway {
                             .inter_op_threads
                             .unwrap_or(defaults.inter_op_threads),
                     },
-                };
+                );
+                worker_config.default_policy = repository.version_policy.clone();
+                worker_config.policies = repository.policies.clone();
                 Some(Arc::new(Worker::open(worker_config).await?))
             }
             (Mode::Embedded, None) => None,
@@ -68,7 +83,8 @@ impl Gateway {
             }
             (Mode::RemoteOnly, None) => None,
         };
-        let routing = Routing::build(&config, worker.as_ref())?;
+        let control = Control::new(&config, worker)?;
+        let routing = control.routing().load_full();
         for (model, version) in routing.routed_versions() {
             let share = routing
                 .table
@@ -83,22 +99,34 @@ impl Gateway {
         }
         Ok(Gateway {
             config,
-            routing: Arc::new(ArcSwap::from_pointee(routing)),
+            control: Arc::new(control),
             ready: Arc::new(AtomicBool::new(false)),
-            worker,
+            config_path: None,
         })
+    }
+
+    /// Watches `path` (the file this gateway's config came from) and applies route
+    /// changes while running.
+    pub fn watch_config(mut self, path: PathBuf) -> Gateway {
+        self.config_path = Some(path);
+        self
+    }
+
+    /// The live state: routes, versions, and the ways to change them.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// The embedded worker, if any.
     pub fn worker(&self) -> Option<&Arc<Worker>> {
-        self.worker.as_ref()
+        self.control.worker()
     }
 
-    /// Serves on `listener` until `shutdown` resolves; health turns NOT_SERVING first,
-    /// then in-flight requests get up to `grace_period` to finish.
+    /// Serves until `shutdown` resolves. Then health turns NOT_SERVING, listeners
+    /// close, and in-flight requests get up to `grace_period` to finish.
     pub async fn serve<F>(
         self,
-        listener: TcpListener,
+        listeners: Listeners,
         grace_period: Duration,
         shutdown: F,
     ) -> Result<(), GatewayError>
@@ -107,28 +135,58 @@ impl Gateway {
     {
         let (health, _) = tonic_health::server::health_reporter();
         server::set_serving(&health, false).await;
-        let readiness = tokio::spawn(track_readiness(
-            Arc::clone(&self.routing),
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(track_readiness(
+            Arc::clone(self.control.routing()),
             Arc::clone(&self.ready),
             health.clone(),
         ));
+        if let Some(path) = self.config_path.clone() {
+            tasks.spawn(watcher::watch_config(
+                path,
+                self.config.clone(),
+                Arc::clone(&self.control),
+                stop_rx.clone(),
+            ));
+        }
+        if let Some(repository) = self.config.repository.as_ref().filter(|r| r.watch) {
+            let interval = Duration::from_millis(repository.watch_interval_ms);
+            tasks.spawn(watcher::watch_repository(
+                repository.path.clone(),
+                interval,
+                Arc::clone(&self.control),
+                stop_rx.clone(),
+            ));
+        }
+        if let Some(listener) = listeners.admin {
+            let control = Arc::clone(&self.control);
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+                };
+                if let Err(error) = admin::serve(control, listener, stopped).await {
+                    tracing::error!(%error, "admin API stopped");
+                }
+            });
+        }
         let draining = {
             let health = health.clone();
-            let readiness = readiness.abort_handle();
             async move {
                 shutdown.await;
-                readiness.abort();
+                let _ = stop_tx.send(true);
                 server::set_serving(&health, false).await;
                 tracing::info!("shutting down: finishing in-flight requests");
             }
         };
-        let front = Front::new(Arc::clone(&self.routing), Arc::clone(&self.ready));
+        let front = Front::new(Arc::clone(&self.control), Arc::clone(&self.ready));
         let options = server::ServeOptions {
             max_message_bytes: self.config.server.max_message_bytes,
             grace_period,
         };
-        let result = server::serve(front, listener, options, health, draining).await;
-        readiness.abort();
+        let result = server::serve(front, listeners.inference, options, health, draining).await;
+        tasks.abort_all();
         Ok(result?)
     }
 }

@@ -10,7 +10,7 @@ use aviary::pb::inference::{
     RepositoryIndexRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
     repository_index_response::ModelIndex,
 };
-use aviary_worker::Worker;
+use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
@@ -55,16 +55,19 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>>;
 }
 
-/// The worker embedded in this process.
+/// One version of the worker embedded in this process. It holds the version's slot,
+/// so a request that picked it keeps working even if the version is unloaded while
+/// the request runs.
 #[derive(Debug, Clone)]
 pub struct InProcess {
     worker: Arc<Worker>,
+    slot: Arc<VersionSlot>,
 }
 
 impl InProcess {
-    /// Wraps the embedded worker.
-    pub fn new(worker: Arc<Worker>) -> InProcess {
-        InProcess { worker }
+    /// The backend of one loaded version.
+    pub fn new(worker: Arc<Worker>, slot: Arc<VersionSlot>) -> InProcess {
+        InProcess { worker, slot }
     }
 }
 
@@ -77,11 +80,12 @@ impl Backend for InProcess {
         &self,
         request: ModelInferRequest,
     ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        Box::pin(async move { Ok(self.worker.infer(request).await?) })
+        Box::pin(async move { Ok(infer_on(&self.slot, request).await?) })
     }
 
-    fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool> {
-        Box::pin(async move { self.worker.ready(&model, &version) })
+    fn ready(&self, _model: String, _version: String) -> BoxFuture<'_, bool> {
+        // A slot exists only once its version is loaded and warmed up.
+        Box::pin(async { true })
     }
 
     fn metadata(

@@ -27,6 +27,8 @@ pub enum Command {
     Infer(InferArgs),
     /// Load-test a v2 server: throughput, latency percentiles, errors.
     Bench(BenchArgs),
+    /// Change a running gateway through its admin API: routes, weights, model versions.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// `serve` and `gateway`.
@@ -38,6 +40,9 @@ pub struct ServeArgs {
     /// Listen address; overrides the config's server.listen (port 0 picks a free port).
     #[arg(long, env = "AVIARY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Admin API listen address; overrides the config's admin.listen.
+    #[arg(long, env = "AVIARY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]
     pub grace_period: f64,

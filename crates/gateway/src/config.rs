@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aviary_router::{RouteSpec, VersionWeight};
+use aviary_worker::VersionPolicy;
 use serde::Deserialize;
 
 use crate::GatewayError;
@@ -23,6 +23,9 @@ pub struct Config {
     /// Listener and protocol limits.
     #[serde(default)]
     pub server: ServerConfig,
+    /// The admin API listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The embedded worker's model repository (`aviary serve`).
     pub repository: Option<RepositoryConfig>,
     /// Routes by model name.
@@ -59,6 +62,36 @@ fn default_max_message_bytes() -> usize {
     aviary_worker::server::DEFAULT_MAX_MESSAGE_BYTES
 }
 
+/// The admin API (`aviary ctl` talks to it).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; `--admin-listen` overrides it. Keep it on loopback or a
+    /// private network: the admin API changes what the gateway serves.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Whether to serve the admin API at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            enabled: true,
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8003))
+}
+
+fn default_true() -> bool {
+    true
+}
+
 /// The embedded worker's repository and session settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +104,23 @@ pub struct RepositoryConfig {
     pub intra_op_threads: Option<usize>,
     /// ORT threads across operators.
     pub inter_op_threads: Option<usize>,
+    /// Which versions to keep loaded, unless a model has its own policy.
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    /// Version policy per model, e.g. `demo = { latest = 2 }`.
+    #[serde(default)]
+    pub policies: BTreeMap<String, VersionPolicy>,
+    /// Pick up new and changed version folders while running (see docs/configuration.md
+    /// for how to publish a version so it is never read half-written).
+    #[serde(default)]
+    pub watch: bool,
+    /// How often watch mode scans the repository, in milliseconds.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+}
+
+fn default_watch_interval_ms() -> u64 {
+    1000
 }
 
 /// A model's route: its versions and their weights.
@@ -130,6 +180,9 @@ impl Config {
                     problems.push(format!("repository.{field}: must be at least 1"));
                 }
             }
+            if repository.watch_interval_ms == 0 {
+                problems.push("repository.watch_interval_ms: must be at least 1".to_owned());
+            }
         }
         for (model, route) in &config.routes {
             for (i, version) in route.versions.iter().enumerate() {
@@ -147,24 +200,6 @@ impl Config {
         } else {
             Err(problems.join("\n"))
         }
-    }
-
-    /// The routes as the router sees them.
-    pub fn route_specs(&self) -> BTreeMap<String, RouteSpec> {
-        self.routes
-            .iter()
-            .map(|(model, route)| {
-                let versions = route
-                    .versions
-                    .iter()
-                    .map(|v| VersionWeight {
-                        version: v.version.clone(),
-                        weight: v.weight,
-                    })
-                    .collect();
-                (model.clone(), RouteSpec { versions })
-            })
-            .collect()
     }
 }
 
@@ -186,8 +221,8 @@ mod tests {
             "#,
         )?;
         assert_eq!(config.server.max_message_bytes, 64 * 1024 * 1024);
-        let specs = config.route_specs();
-        assert_eq!(specs["demo"].versions[1].weight, 10);
+        let specs = config.routes["demo"].spec();
+        assert_eq!(specs.versions[1].weight, 10);
         assert_eq!(
             config.routes["demo"].versions[1].endpoint.as_deref(),
             Some("http://w:9001")

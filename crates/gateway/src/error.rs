@@ -32,6 +32,19 @@ pub enum GatewayError {
     /// The route table does not fit what the backends serve.
     #[error("invalid routes:\n{0}")]
     Routes(#[from] ValidationErrors),
+    /// A compare-and-set route change lost the race.
+    #[error(
+        "route table is at generation {current}, not {expected}; read the routes again and retry"
+    )]
+    GenerationMismatch {
+        /// The generation the caller expected.
+        expected: u64,
+        /// The table's generation.
+        current: u64,
+    },
+    /// The change is valid but not allowed in the current state.
+    #[error("{0}")]
+    Refused(String),
     /// A routed version has no backend (a bug in building the routing snapshot).
     #[error("model \"{model}\" version \"{version}\" has no backend")]
     NoBackend {
@@ -57,7 +70,11 @@ impl From<GatewayError> for tonic::Status {
                     tonic::Status::new(status.code(), status.message())
                 }
             }
+            // Only route changes (admin API) reach a client with these: the change is invalid.
             e @ (GatewayError::Config { .. } | GatewayError::Routes(_)) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            e @ (GatewayError::GenerationMismatch { .. } | GatewayError::Refused(_)) => {
                 tonic::Status::failed_precondition(e.to_string())
             }
             e @ GatewayError::NoBackend { .. } => tonic::Status::unavailable(e.to_string()),

@@ -26,7 +26,7 @@ use aviary_worker::server::{InferStream, server_metadata, stream_responses};
 use rand::{SeedableRng, rngs::SmallRng};
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
 
-use crate::{GatewayError, routing::Routing};
+use crate::{GatewayError, control::Control, routing::Routing};
 
 /// Response header naming the variant (version) that served the request.
 pub const VARIANT_HEADER: &str = "x-aviary-variant";
@@ -40,13 +40,18 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub struct Front {
     routing: Arc<ArcSwap<Routing>>,
+    control: Arc<Control>,
     ready: Arc<AtomicBool>,
 }
 
 impl Front {
-    /// A front over `routing`; `ready` is kept up to date by the readiness task.
-    pub fn new(routing: Arc<ArcSwap<Routing>>, ready: Arc<AtomicBool>) -> Front {
-        Front { routing, ready }
+    /// A front over `control`'s routing; `ready` is kept up to date by the readiness task.
+    pub fn new(control: Arc<Control>, ready: Arc<AtomicBool>) -> Front {
+        Front {
+            routing: Arc::clone(control.routing()),
+            control,
+            ready,
+        }
     }
 
     /// Routes and runs one inference; returns the response and the variant.
@@ -262,8 +267,12 @@ impl GrpcInferenceService for Front {
         let routing = self.routing.load_full();
         let mut seen = BTreeSet::new();
         let mut models = Vec::new();
-        for backend in routing.distinct_backends() {
-            for entry in backend.index().await? {
+        let mut entries = routing.worker().map(|w| w.index(false)).unwrap_or_default();
+        for backend in routing.remotes() {
+            entries.extend(backend.index().await?);
+        }
+        {
+            for entry in entries {
                 if ready_only && entry.state != "READY" {
                     continue;
                 }
@@ -278,19 +287,21 @@ impl GrpcInferenceService for Front {
 
     async fn repository_model_load(
         &self,
-        _: Request<RepositoryModelLoadRequest>,
+        request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        Err(Status::unimplemented(
-            "RepositoryModelLoad is not available yet: restart the gateway to pick up repository changes",
-        ))
+        let model = request.into_inner().model_name;
+        let generation = self.control.load_model(&model).await?;
+        tracing::info!(%model, generation, "model loaded through RepositoryModelLoad");
+        Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
     async fn repository_model_unload(
         &self,
-        _: Request<RepositoryModelUnloadRequest>,
+        request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        Err(Status::unimplemented(
-            "RepositoryModelUnload is not available yet: restart the gateway to change what it serves",
-        ))
+        let model = request.into_inner().model_name;
+        let generation = self.control.unload_model(&model).await?;
+        tracing::info!(%model, generation, "model unloaded through RepositoryModelUnload");
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }

@@ -6,25 +6,33 @@
 //!
 //! - [`config`]: the `aviary.toml` file.
 //! - [`routing`]: the route table and backends as one swappable snapshot.
+//! - [`control`]: live changes: routes, version load/reload/unload, repository sync.
+//! - [`watch`]: watching the config file and the model repository.
+//! - [`admin`]: the admin API (`aviary.admin.v1.Admin`) over [`control`].
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
 //! - [`front`]: the v2 service clients talk to.
 //! - [`app`]: assembling a gateway and running it until shutdown.
 //! - [`client`]: `aviary infer`, a small v2 client.
 //! - [`bench`]: `aviary bench`, a closed-loop load generator.
+//! - [`ctl`]: `aviary ctl`, the admin API's command-line client.
 //! - [`cli`]: the command line.
 //! - [`error`]: [`GatewayError`] and its mapping to gRPC statuses.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod error;
 pub mod front;
 pub mod routing;
+pub mod watch;
 
-pub use app::{Gateway, Mode};
+pub use app::{Gateway, Listeners, Mode};
 pub use config::Config;
 pub use error::GatewayError;

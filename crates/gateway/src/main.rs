@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, io::Write, net::SocketAddr, sync::Arc, time::Du
 use anyhow::{Context, bail};
 use aviary::pb::inference::ModelMetadataRequest;
 use aviary_gateway::{
-    Config, Gateway, Mode,
+    Config, Gateway, Listeners, Mode,
     bench::{self, BenchOptions},
     cli::{BenchArgs, Cli, Command, InferArgs, ServeArgs, WorkerArgs},
     client,
@@ -44,19 +44,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Worker(args) => worker(args).await,
             Command::Infer(args) => infer(args).await,
             Command::Bench(args) => bench(args).await,
+            Command::Ctl(args) => {
+                println!("{}", aviary_gateway::ctl::run(&args).await?);
+                Ok(())
+            }
         }
     })
 }
 
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {addr}"))?;
+        .with_context(|| format!("binding the {what} listener to {addr}"))?;
     let local = listener.local_addr()?;
-    // Tests and scripts read this line to learn the port when asked for port 0.
-    println!("aviary: listening on {local}");
+    // Tests and scripts read these lines to learn the ports when asked for port 0.
+    let prefix = if what == "admin" { "admin " } else { "" };
+    println!("aviary: {prefix}listening on {local}");
     std::io::stdout().flush()?;
-    tracing::info!(%local, "listening");
+    tracing::info!(%local, what, "listening");
     Ok(listener)
 }
 
@@ -90,12 +95,21 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
-    let listen = config.server.listen;
-    let gateway = Gateway::start(config, mode).await?;
-    let listener = bind(listen).await?;
+    if let Some(listen) = args.admin_listen {
+        config.admin.listen = listen;
+    }
+    let (listen, admin) = (config.server.listen, config.admin.clone());
+    let gateway = Gateway::start(config, mode)
+        .await?
+        .watch_config(args.config.clone());
+    let inference = bind(listen, "inference").await?;
+    let admin = match admin.enabled {
+        true => Some(bind(admin.listen, "admin").await?),
+        false => None,
+    };
     gateway
         .serve(
-            listener,
+            Listeners { inference, admin },
             grace_period(args.grace_period)?,
             shutdown_signal(),
         )
@@ -105,16 +119,16 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let defaults = SessionOptions::default();
-    let worker = Worker::open(WorkerConfig {
-        repository: args.repo,
-        session: SessionOptions {
+    let worker = Worker::open(WorkerConfig::new(
+        args.repo,
+        SessionOptions {
             instances: args.instances.unwrap_or(defaults.instances),
             intra_op_threads: args.intra_op_threads,
             inter_op_threads: args.inter_op_threads,
         },
-    })
+    ))
     .await?;
-    let listener = bind(args.listen).await?;
+    let listener = bind(args.listen, "inference").await?;
     let options = server::ServeOptions {
         max_message_bytes: args.max_message_bytes,
         grace_period: grace_period(args.grace_period)?,

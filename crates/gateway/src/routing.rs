@@ -1,6 +1,7 @@
 //! The routing snapshot: the compiled route table together with the backend of every
-//! routed version. The gateway holds one behind an `ArcSwap`, so each request sees one
-//! consistent pair of table and backends.
+//! routed version and the table's generation number. The gateway holds one behind an
+//! `ArcSwap`, so each request sees one consistent table and set of backends; every
+//! change builds and validates a whole new snapshot off the request path.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,50 +14,76 @@ use aviary_worker::Worker;
 use crate::{
     GatewayError,
     backend::{Backend, InProcess, Remote},
-    config::Config,
+    config::RouteConfig,
 };
+
+/// Remote worker clients by endpoint, kept across rebuilds so a weight change never
+/// reconnects.
+pub type RemotePool = BTreeMap<String, Arc<dyn Backend>>;
+
+/// What a snapshot is built from.
+#[derive(Debug)]
+pub struct RoutingInputs<'a> {
+    /// Explicit routes (config file and admin API).
+    pub routes: &'a BTreeMap<String, RouteConfig>,
+    /// The embedded worker, if any.
+    pub worker: Option<&'a Arc<Worker>>,
+    /// Versions to leave out of every route (a version about to be unloaded).
+    pub hidden: &'a BTreeSet<(String, String)>,
+    /// Largest message for new remote clients.
+    pub max_message_bytes: usize,
+    /// The new snapshot's generation.
+    pub generation: u64,
+}
 
 /// A compiled route table and the backends behind it.
 #[derive(Debug)]
 pub struct Routing {
     /// Which version serves which request.
     pub table: RouteTable,
+    /// Increases with every applied change.
+    pub generation: u64,
+    /// The routes as configured, with implicit routes of unrouted embedded models.
+    pub routes: BTreeMap<String, RouteConfig>,
     backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>>,
-    distinct: Vec<Arc<dyn Backend>>,
+    worker: Option<Arc<Worker>>,
+    remotes: Vec<Arc<dyn Backend>>,
 }
 
 impl Routing {
-    /// Builds the routing from a config. With an embedded `worker`, versions without an
+    /// Builds and validates a snapshot. With an embedded `worker`, versions without an
     /// `endpoint` run in-process, and every repository model without an explicit route
     /// gets one that sends unpinned traffic to its newest version and lets requests pin
-    /// any loaded version.
-    pub fn build(config: &Config, worker: Option<&Arc<Worker>>) -> Result<Routing, GatewayError> {
-        let max_message_bytes = config.server.max_message_bytes;
-        let mut specs = config.route_specs();
+    /// any loaded version. Every problem is reported, each with its path.
+    pub fn build(
+        inputs: RoutingInputs<'_>,
+        remotes: &mut RemotePool,
+    ) -> Result<Routing, GatewayError> {
+        let RoutingInputs {
+            routes: explicit,
+            worker,
+            hidden,
+            max_message_bytes,
+            generation,
+        } = inputs;
+        let is_hidden =
+            |model: &str, version: &str| hidden.contains(&(model.to_owned(), version.to_owned()));
+        let mut routes = explicit.clone();
         let mut inventory: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut missing_endpoints = Vec::new();
         if let Some(worker) = worker {
             inventory = worker.inventory();
+            for (model, versions) in &mut inventory {
+                versions.retain(|v| !is_hidden(model, v));
+            }
+            inventory.retain(|_, versions| !versions.is_empty());
             for (model, versions) in &inventory {
-                if specs.contains_key(model) {
-                    continue;
+                if !routes.contains_key(model) {
+                    routes.insert(model.clone(), implicit_route(versions));
                 }
-                // The newest version takes all unpinned traffic; older loaded versions stay
-                // reachable by pinning, as in Triton.
-                let mut sorted: Vec<&String> = versions.iter().collect();
-                sorted.sort_by_key(|v| version_order(v));
-                let newest = sorted.last().map(|v| v.as_str());
-                let versions = sorted
-                    .iter()
-                    .map(|v| VersionWeight {
-                        version: (*v).clone(),
-                        weight: u32::from(Some(v.as_str()) == newest),
-                    })
-                    .collect();
-                specs.insert(model.clone(), RouteSpec { versions });
             }
         }
-        for (model, route) in &config.routes {
+        let mut missing_endpoints = Vec::new();
+        for (model, route) in explicit {
             for (i, version) in route.versions.iter().enumerate() {
                 if version.endpoint.is_some() {
                     inventory
@@ -77,33 +104,37 @@ impl Routing {
                 message: missing_endpoints.join("\n"),
             });
         }
+        let specs: BTreeMap<String, RouteSpec> = routes
+            .iter()
+            .map(|(model, route)| (model.clone(), route.spec()))
+            .collect();
         let table = RouteTable::compile(&specs, &inventory)?;
 
-        let in_process: Option<Arc<dyn Backend>> =
-            worker.map(|w| Arc::new(InProcess::new(Arc::clone(w))) as _);
-        let mut remotes: BTreeMap<String, Arc<dyn Backend>> = BTreeMap::new();
         let mut backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>> = BTreeMap::new();
-        for (model, spec) in &specs {
-            for version in &spec.versions {
-                let endpoint = config
-                    .routes
-                    .get(model)
-                    .and_then(|r| r.versions.iter().find(|v| v.version == version.version))
-                    .and_then(|v| v.endpoint.clone());
-                let backend = match endpoint {
-                    Some(endpoint) => match remotes.get(&endpoint) {
-                        Some(existing) => Arc::clone(existing),
-                        None => {
-                            let remote: Arc<dyn Backend> =
-                                Arc::new(Remote::connect_lazy(&endpoint, max_message_bytes)?);
-                            remotes.insert(endpoint, Arc::clone(&remote));
-                            remote
+        let mut used_remotes = BTreeSet::new();
+        for (model, route) in &routes {
+            for version in &route.versions {
+                let backend: Arc<dyn Backend> = match &version.endpoint {
+                    Some(endpoint) => {
+                        used_remotes.insert(endpoint.clone());
+                        match remotes.get(endpoint) {
+                            Some(existing) => Arc::clone(existing),
+                            None => {
+                                let remote: Arc<dyn Backend> =
+                                    Arc::new(Remote::connect_lazy(endpoint, max_message_bytes)?);
+                                remotes.insert(endpoint.clone(), Arc::clone(&remote));
+                                remote
+                            }
                         }
-                    },
-                    None => in_process.clone().ok_or_else(|| GatewayError::NoBackend {
-                        model: model.clone(),
-                        version: version.version.clone(),
-                    })?,
+                    }
+                    None => {
+                        let worker = worker.ok_or_else(|| GatewayError::NoBackend {
+                            model: model.clone(),
+                            version: version.version.clone(),
+                        })?;
+                        let slot = worker.slot(model, &version.version)?;
+                        Arc::new(InProcess::new(Arc::clone(worker), slot))
+                    }
                 };
                 backends
                     .entry(model.clone())
@@ -111,14 +142,18 @@ impl Routing {
                     .insert(version.version.clone(), backend);
             }
         }
-        let distinct = in_process
-            .into_iter()
-            .chain(remotes.into_values())
+        let remotes_in_use = remotes
+            .iter()
+            .filter(|(endpoint, _)| used_remotes.contains(*endpoint))
+            .map(|(_, backend)| Arc::clone(backend))
             .collect();
         Ok(Routing {
             table,
+            generation,
+            routes,
             backends,
-            distinct,
+            worker: worker.cloned(),
+            remotes: remotes_in_use,
         })
     }
 
@@ -146,6 +181,14 @@ impl Routing {
         best.map(|(v, _)| v)
     }
 
+    /// The weight of `model` at `version` in the table (0 when not routed).
+    pub fn weight(&self, model: &str, version: &str) -> u32 {
+        self.table
+            .route(model)
+            .and_then(|r| r.weight(version))
+            .unwrap_or(0)
+    }
+
     /// Every (model, version) the table routes, in order.
     pub fn routed_versions(&self) -> impl Iterator<Item = (&str, &str)> {
         self.table
@@ -154,9 +197,32 @@ impl Routing {
             .flat_map(|(m, r)| r.versions().map(move |(v, _)| (m, v)))
     }
 
-    /// Each backend once.
-    pub fn distinct_backends(&self) -> &[Arc<dyn Backend>] {
-        &self.distinct
+    /// The embedded worker, if any.
+    pub fn worker(&self) -> Option<&Arc<Worker>> {
+        self.worker.as_ref()
+    }
+
+    /// Each remote worker the table routes to, once.
+    pub fn remotes(&self) -> &[Arc<dyn Backend>] {
+        &self.remotes
+    }
+}
+
+/// The route of an unrouted embedded model: the newest version takes all unpinned
+/// traffic; older loaded versions stay reachable by pinning, as in Triton.
+fn implicit_route(versions: &BTreeSet<String>) -> RouteConfig {
+    let mut sorted: Vec<&String> = versions.iter().collect();
+    sorted.sort_by_key(|v| version_order(v));
+    let newest = sorted.last().map(|v| v.as_str());
+    RouteConfig {
+        versions: sorted
+            .iter()
+            .map(|v| crate::config::VersionConfig {
+                version: (*v).clone(),
+                weight: u32::from(Some(v.as_str()) == newest),
+                endpoint: None,
+            })
+            .collect(),
     }
 }
 
@@ -165,4 +231,20 @@ fn version_order(version: &str) -> (u64, String) {
     version
         .parse()
         .map_or((u64::MAX, version.to_owned()), |n| (n, String::new()))
+}
+
+impl RouteConfig {
+    /// The route as the router sees it.
+    pub fn spec(&self) -> RouteSpec {
+        RouteSpec {
+            versions: self
+                .versions
+                .iter()
+                .map(|v| VersionWeight {
+                    version: v.version.clone(),
+                    weight: v.weight,
+                })
+                .collect(),
+        }
+    }
 }

@@ -10,6 +10,7 @@
 //! - [`validate`]: pure request validation and tensor decoding.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
+//! - [`lifecycle`]: load, reload, unload, version policies and repository sync.
 //! - [`worker`]: the catalog of loaded versions and the v2 operations on it.
 //! - [`server`]: the v2 gRPC service over a [`Worker`], and the server runner shared
 //!   with the gateway.
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod lifecycle;
 pub mod model;
 pub mod repository;
 pub mod runtime;
@@ -27,5 +29,6 @@ pub mod validate;
 pub mod worker;
 
 pub use error::WorkerError;
+pub use lifecycle::{LoadOutcome, SyncReport, VersionPolicy};
 pub use model::SessionOptions;
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{VersionSlot, Worker, WorkerConfig, infer_on};

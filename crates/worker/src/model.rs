@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::{
     WorkerError,
-    repository::ModelCard,
+    repository::{Fingerprint, ModelCard},
     runtime,
     schema::ModelSchema,
     stats::Timings,
@@ -77,6 +77,8 @@ pub struct LoadedModel {
     pub path: PathBuf,
     /// When loading finished.
     pub loaded_at: SystemTime,
+    /// The model file's fingerprint when it was read.
+    pub fingerprint: Fingerprint,
     idle: Mutex<Vec<Session>>,
     permits: Semaphore,
 }
@@ -89,6 +91,7 @@ impl LoadedModel {
         version: &str,
         path: &Path,
         card: Option<ModelCard>,
+        fingerprint: Fingerprint,
         options: SessionOptions,
     ) -> Result<LoadedModel, WorkerError> {
         let load_error = |reason: String| WorkerError::Load {
@@ -130,6 +133,7 @@ impl LoadedModel {
             card,
             path: path.to_owned(),
             loaded_at: SystemTime::now(),
+            fingerprint,
             idle: Mutex::new(sessions),
             permits: Semaphore::new(instances),
         };

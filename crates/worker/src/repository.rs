@@ -41,6 +41,31 @@ pub struct ModelCard {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// Identity of a model file's contents as the filesystem sees it: replacing the file
+/// (an atomic rename gives a new inode) or rewriting it changes the fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fingerprint {
+    /// Size in bytes.
+    pub len: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub modified_ns: i128,
+    /// Inode number.
+    pub inode: u64,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `path` now.
+    pub fn of(path: &Path) -> std::io::Result<Fingerprint> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)?;
+        Ok(Fingerprint {
+            len: meta.len(),
+            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            inode: meta.ino(),
+        })
+    }
+}
+
 /// One version folder found in the repository.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VersionEntry {
@@ -52,6 +77,26 @@ pub struct VersionEntry {
     pub model_path: PathBuf,
     /// Path of `model.toml`, if present.
     pub card_path: Option<PathBuf>,
+    /// The model file's fingerprint when scanned.
+    pub fingerprint: Fingerprint,
+}
+
+/// The entry of one version folder, or a load error saying what is missing.
+pub fn version_entry(root: &Path, model: &str, version: u64) -> Result<VersionEntry, WorkerError> {
+    let dir = root.join(model).join(version.to_string());
+    let model_path = dir.join(MODEL_FILE);
+    let fingerprint = Fingerprint::of(&model_path).map_err(|e| WorkerError::Load {
+        path: model_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let card_path = Some(dir.join(CARD_FILE)).filter(|p| p.is_file());
+    Ok(VersionEntry {
+        model: model.to_owned(),
+        version,
+        model_path,
+        card_path,
+        fingerprint,
+    })
 }
 
 /// Lists every `<model>/<version>/model.onnx` under `root`, sorted by model then
@@ -86,16 +131,17 @@ pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, WorkerError> {
                 continue;
             };
             let model_path = path.join(MODEL_FILE);
-            if !model_path.is_file() {
-                tracing::warn!(path = %path.display(), "version folder has no {MODEL_FILE}; skipping");
+            let Ok(fingerprint) = Fingerprint::of(&model_path) else {
+                tracing::debug!(path = %path.display(), "version folder has no {MODEL_FILE}; skipping");
                 continue;
-            }
+            };
             let card_path = Some(path.join(CARD_FILE)).filter(|p| p.is_file());
             entries.push(VersionEntry {
                 model: model.clone(),
                 version,
                 model_path,
                 card_path,
+                fingerprint,
             });
         }
     }

@@ -23,8 +23,10 @@ use bytes::Bytes;
 
 use crate::{
     WorkerError,
+    lifecycle::VersionPolicy,
     model::{LoadedModel, SessionOptions},
     repository,
+    repository::Fingerprint,
     stats::VersionStats,
     validate,
 };
@@ -42,13 +44,29 @@ pub struct WorkerConfig {
     pub repository: PathBuf,
     /// Session settings for every version.
     pub session: SessionOptions,
+    /// Version policy of models not in `policies`.
+    pub default_policy: VersionPolicy,
+    /// Version policy per model.
+    pub policies: BTreeMap<String, VersionPolicy>,
+}
+
+impl WorkerConfig {
+    /// Every version of every model in `repository`, with `session` settings.
+    pub fn new(repository: PathBuf, session: SessionOptions) -> WorkerConfig {
+        WorkerConfig {
+            repository,
+            session,
+            default_policy: VersionPolicy::All,
+            policies: BTreeMap::new(),
+        }
+    }
 }
 
 /// One model version slot: the loaded model and its cumulative statistics.
 #[derive(Debug)]
 pub struct VersionSlot {
-    current: ArcSwap<LoadedModel>,
-    stats: VersionStats,
+    pub(crate) current: ArcSwap<LoadedModel>,
+    pub(crate) stats: VersionStats,
 }
 
 impl VersionSlot {
@@ -63,68 +81,44 @@ impl VersionSlot {
     }
 }
 
-#[derive(Debug, Default)]
-struct Catalog {
-    models: BTreeMap<String, BTreeMap<u64, Arc<VersionSlot>>>,
-    /// Versions whose load failed, with the reason, for the repository index.
-    failed: BTreeMap<(String, u64), String>,
+/// Every loaded version, and the versions whose last load failed. Immutable once
+/// published; changes publish a new catalog.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Catalog {
+    pub(crate) models: BTreeMap<String, BTreeMap<u64, Arc<VersionSlot>>>,
+    pub(crate) failed: BTreeMap<(String, u64), Failure>,
+}
+
+/// Why a version's last load failed, and which file it was.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) reason: String,
+    pub(crate) fingerprint: Fingerprint,
 }
 
 /// Every loaded version of a repository's models.
 #[derive(Debug)]
 pub struct Worker {
-    config: WorkerConfig,
-    catalog: ArcSwap<Catalog>,
+    pub(crate) config: WorkerConfig,
+    pub(crate) catalog: ArcSwap<Catalog>,
+    /// Serialises load, reload, unload and sync; requests never take it.
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
 }
 
 impl Worker {
-    /// Scans the repository and loads (and warms up) every version it holds. A version
-    /// that fails to load is logged and listed as unavailable in the repository index;
-    /// the others still serve.
+    /// Scans the repository and loads (and warms up) every version its version policy
+    /// selects. A version that fails to load is logged and listed as unavailable in the
+    /// repository index; the others still serve.
     pub async fn open(config: WorkerConfig) -> Result<Worker, WorkerError> {
-        let entries = repository::scan(&config.repository)?;
-        let mut catalog = Catalog::default();
-        for entry in entries {
-            let options = config.session;
-            let loaded = tokio::task::spawn_blocking(move || {
-                let card = entry
-                    .card_path
-                    .as_deref()
-                    .map(repository::read_card)
-                    .transpose()?;
-                let version = entry.version.to_string();
-                LoadedModel::load(&entry.model, &version, &entry.model_path, card, options)
-                    .map(|m| (entry.model, entry.version, m))
-            })
-            .await
-            .map_err(|e| WorkerError::Unavailable(format!("loading task failed: {e}")))?;
-            match loaded {
-                Ok((model, version, loaded)) => {
-                    tracing::info!(%model, version, path = %loaded.path.display(), "loaded model version");
-                    catalog.models.entry(model).or_default().insert(
-                        version,
-                        Arc::new(VersionSlot {
-                            current: ArcSwap::from_pointee(loaded),
-                            stats: VersionStats::default(),
-                        }),
-                    );
-                }
-                Err(error) => {
-                    tracing::error!(%error, "model version failed to load");
-                    if let WorkerError::Load { path, reason } = &error {
-                        if let Some((model, version)) = model_version_of(path) {
-                            catalog.failed.insert((model, version), reason.clone());
-                        }
-                    } else {
-                        return Err(error);
-                    }
-                }
-            }
-        }
-        Ok(Worker {
+        // Fail early, with the message that says what to do, when ONNX Runtime is missing.
+        crate::runtime::environment()?;
+        let worker = Worker {
             config,
-            catalog: ArcSwap::from_pointee(catalog),
-        })
+            catalog: ArcSwap::from_pointee(Catalog::default()),
+            lifecycle: tokio::sync::Mutex::new(()),
+        };
+        worker.sync(None, &BTreeSet::new(), &|_, _| true).await?;
+        Ok(worker)
     }
 
     /// The repository root.
@@ -175,56 +169,68 @@ impl Worker {
         slot.cloned().ok_or_else(unknown)
     }
 
-    /// Validates and runs one inference.
+    /// Validates and runs one inference on the version the request names (the newest
+    /// when it names none).
     pub async fn infer(
         &self,
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse, WorkerError> {
-        let started = Instant::now();
         let slot = self.slot(&request.model_name, &request.model_version)?;
-        let model = slot.current();
-        let result = async {
-            let validated = validate::validate(&model.schema, &request)?;
-            let batch = validated
-                .inputs
-                .first()
-                .and_then(|i| i.shape.first())
-                .map_or(1, |&d| u64::try_from(d).unwrap_or(0));
-            let (outputs, timings) = model.infer(validated).await?;
-            Ok::<_, WorkerError>((outputs, timings, batch))
-        }
-        .await;
-        match result {
-            Ok((outputs, timings, batch)) => {
-                slot.stats.record_success(started.elapsed(), timings, batch);
-                let (tensors, raw): (Vec<_>, Vec<_>) = outputs
-                    .into_iter()
-                    .map(|o| {
-                        let tensor = InferOutputTensor {
-                            name: o.name,
-                            datatype: o.datatype.as_str().to_owned(),
-                            shape: o.shape,
-                            ..Default::default()
-                        };
-                        (tensor, Bytes::from(o.raw))
-                    })
-                    .unzip();
-                Ok(ModelInferResponse {
-                    model_name: model.model.clone(),
-                    model_version: model.version.clone(),
-                    id: request.id,
-                    parameters: Default::default(),
-                    outputs: tensors,
-                    raw_output_contents: raw,
+        infer_on(&slot, request).await
+    }
+}
+
+/// Validates and runs one inference on `slot`, whatever version the request names. A
+/// caller holding the slot can use it even after the version is unloaded.
+pub async fn infer_on(
+    slot: &VersionSlot,
+    request: ModelInferRequest,
+) -> Result<ModelInferResponse, WorkerError> {
+    let started = Instant::now();
+    let model = slot.current();
+    let result = async {
+        let validated = validate::validate(&model.schema, &request)?;
+        let batch = validated
+            .inputs
+            .first()
+            .and_then(|i| i.shape.first())
+            .map_or(1, |&d| u64::try_from(d).unwrap_or(0));
+        let (outputs, timings) = model.infer(validated).await?;
+        Ok::<_, WorkerError>((outputs, timings, batch))
+    }
+    .await;
+    match result {
+        Ok((outputs, timings, batch)) => {
+            slot.stats.record_success(started.elapsed(), timings, batch);
+            let (tensors, raw): (Vec<_>, Vec<_>) = outputs
+                .into_iter()
+                .map(|o| {
+                    let tensor = InferOutputTensor {
+                        name: o.name,
+                        datatype: o.datatype.as_str().to_owned(),
+                        shape: o.shape,
+                        ..Default::default()
+                    };
+                    (tensor, Bytes::from(o.raw))
                 })
-            }
-            Err(error) => {
-                slot.stats.record_failure(started.elapsed());
-                Err(error)
-            }
+                .unzip();
+            Ok(ModelInferResponse {
+                model_name: model.model.clone(),
+                model_version: model.version.clone(),
+                id: request.id,
+                parameters: Default::default(),
+                outputs: tensors,
+                raw_output_contents: raw,
+            })
+        }
+        Err(error) => {
+            slot.stats.record_failure(started.elapsed());
+            Err(error)
         }
     }
+}
 
+impl Worker {
     /// Whether `model` (at `version`, or any version when empty) is ready.
     pub fn ready(&self, model: &str, version: &str) -> bool {
         self.slot(model, version).is_ok()
@@ -365,11 +371,18 @@ impl Worker {
                 catalog
                     .failed
                     .iter()
-                    .map(|((name, version), reason)| ModelIndex {
+                    // A failed reload of a running version leaves that version READY.
+                    .filter(|((name, version), _)| {
+                        catalog
+                            .models
+                            .get(name)
+                            .is_none_or(|v| !v.contains_key(version))
+                    })
+                    .map(|((name, version), failure)| ModelIndex {
                         name: name.clone(),
                         version: version.to_string(),
                         state: "UNAVAILABLE".to_owned(),
-                        reason: reason.clone(),
+                        reason: failure.reason.clone(),
                     }),
             );
             index.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
@@ -398,12 +411,4 @@ fn card_parameters(card: &repository::ModelCard) -> HashMap<String, ModelParamet
         )
         .map(|(key, string_value)| (key, ModelParameter { string_value }))
         .collect()
-}
-
-/// `(<model>, <version>)` from `<repo>/<model>/<version>/model.onnx`.
-fn model_version_of(path: &Path) -> Option<(String, u64)> {
-    let version_dir = path.parent()?;
-    let version = version_dir.file_name()?.to_str()?.parse().ok()?;
-    let model = version_dir.parent()?.file_name()?.to_str()?.to_owned();
-    Some((model, version))
 }

@@ -1,0 +1,248 @@
+//! The admin API (`aviary.admin.v1.Admin`) over [`Control`], on its own listener.
+
+use std::{future::Future, sync::Arc, time::UNIX_EPOCH};
+
+use aviary::pb::admin::{
+    ConfigStatus, GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, ListModelsRequest,
+    ListModelsResponse, ModelCard, ModelVersionInfo, Route, SetRouteRequest, SetRouteResponse,
+    UnloadVersionRequest, VersionRequest, VersionResponse, VersionWeight,
+    admin_server::{Admin, AdminServer},
+};
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    GatewayError,
+    config::{RouteConfig, VersionConfig},
+    control::Control,
+    routing::Routing,
+};
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve<F>(
+    control: Arc<Control>,
+    listener: TcpListener,
+    shutdown: F,
+) -> Result<(), GatewayError>
+where
+    F: Future<Output = ()> + Send,
+{
+    tonic::transport::Server::builder()
+        .add_service(AdminServer::new(AdminService { control }))
+        .serve_with_incoming_shutdown(aviary_worker::server::incoming(listener), shutdown)
+        .await
+        .map_err(|e| GatewayError::Refused(format!("admin server: {e}")))
+}
+
+/// The admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    control: Arc<Control>,
+}
+
+impl AdminService {
+    /// An admin service over `control`.
+    pub fn new(control: Arc<Control>) -> AdminService {
+        AdminService { control }
+    }
+
+    fn version_info(&self, model: &str, version: &str) -> Option<ModelVersionInfo> {
+        let routing = self.control.routing().load_full();
+        model_versions(&self.control, &routing)
+            .into_iter()
+            .find(|v| v.model == model && v.version == version)
+    }
+}
+
+fn routes_message(routing: &Routing) -> Vec<Route> {
+    routing
+        .routes
+        .iter()
+        .map(|(model, route)| Route {
+            model: model.clone(),
+            versions: route
+                .versions
+                .iter()
+                .map(|v| VersionWeight {
+                    version: v.version.clone(),
+                    weight: v.weight,
+                    endpoint: v.endpoint.clone().unwrap_or_default(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo> {
+    let Some(worker) = control.worker() else {
+        return Vec::new();
+    };
+    worker
+        .index(false)
+        .into_iter()
+        .map(|entry| {
+            let loaded = worker
+                .slot(&entry.name, &entry.version)
+                .ok()
+                .map(|s| s.current());
+            let routed = routing
+                .table
+                .route(&entry.name)
+                .is_some_and(|r| r.versions().any(|(v, _)| v == entry.version));
+            ModelVersionInfo {
+                weight: routing.weight(&entry.name, &entry.version),
+                routed,
+                state: entry.state,
+                reason: entry.reason,
+                loaded_at_ms: loaded
+                    .as_ref()
+                    .and_then(|m| m.loaded_at.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                path: loaded
+                    .as_ref()
+                    .map(|m| m.path.display().to_string())
+                    .unwrap_or_default(),
+                card: loaded
+                    .as_ref()
+                    .and_then(|m| m.card.as_ref())
+                    .map(|c| ModelCard {
+                        description: c.description.clone(),
+                        owner: c.owner.clone(),
+                        intended_use: c.intended_use.clone(),
+                        limitations: c.limitations.clone(),
+                        training_data: c.training_data.clone(),
+                        metrics: c.metrics.clone().into_iter().collect(),
+                    }),
+                model: entry.name,
+                version: entry.version,
+            }
+        })
+        .collect()
+}
+
+fn route_config(route: &Route) -> RouteConfig {
+    RouteConfig {
+        versions: route
+            .versions
+            .iter()
+            .map(|v| VersionConfig {
+                version: v.version.clone(),
+                weight: v.weight,
+                endpoint: Some(v.endpoint.clone()).filter(|e| !e.is_empty()),
+            })
+            .collect(),
+    }
+}
+
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{field} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_routes(
+        &self,
+        _: Request<GetRoutesRequest>,
+    ) -> Result<Response<GetRoutesResponse>, Status> {
+        let routing = self.control.routing().load_full();
+        Ok(Response::new(GetRoutesResponse {
+            generation: routing.generation,
+            routes: routes_message(&routing),
+        }))
+    }
+
+    async fn set_route(
+        &self,
+        request: Request<SetRouteRequest>,
+    ) -> Result<Response<SetRouteResponse>, Status> {
+        let request = request.into_inner();
+        let route = request
+            .route
+            .ok_or_else(|| Status::invalid_argument("route is required"))?;
+        let model = required("route.model", &route.model)?;
+        let generation = self
+            .control
+            .set_route(model, route_config(&route), request.expected_generation)
+            .await?;
+        tracing::info!(model, generation, "route set through the admin API");
+        Ok(Response::new(SetRouteResponse { generation }))
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let model = request.into_inner().model;
+        let routing = self.control.routing().load_full();
+        let versions = model_versions(&self.control, &routing)
+            .into_iter()
+            .filter(|v| model.is_empty() || v.model == model)
+            .collect();
+        Ok(Response::new(ListModelsResponse { versions }))
+    }
+
+    async fn load_version(
+        &self,
+        request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let (outcome, generation) = self.control.load_version(model, version).await?;
+        Ok(Response::new(VersionResponse {
+            version: self.version_info(model, version),
+            generation,
+            load_ms: u64::try_from(outcome.load_time.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn reload_version(
+        &self,
+        request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let outcome = self.control.reload_version(model, version).await?;
+        Ok(Response::new(VersionResponse {
+            version: self.version_info(model, version),
+            generation: self.control.routing().load().generation,
+            load_ms: u64::try_from(outcome.load_time.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn unload_version(
+        &self,
+        request: Request<UnloadVersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let generation = self
+            .control
+            .unload_version(model, version, request.force)
+            .await?;
+        Ok(Response::new(VersionResponse {
+            version: None,
+            generation,
+            load_ms: 0,
+        }))
+    }
+
+    async fn get_config_status(
+        &self,
+        _: Request<GetConfigStatusRequest>,
+    ) -> Result<Response<ConfigStatus>, Status> {
+        let status = self.control.config_status();
+        Ok(Response::new(ConfigStatus {
+            path: status.path,
+            applied_at_ms: status.applied_at_ms,
+            errors: status.errors,
+            rejected_at_ms: status.rejected_at_ms,
+        }))
+    }
+}

@@ -1,0 +1,181 @@
+//! Watching the config file and the model repository while the gateway runs.
+//!
+//! The config file is re-read when its folder reports a change (inotify through
+//! `notify`) and, as a fallback for filesystems without events, every few seconds. The
+//! decision is made on the file's contents, read through any symlinks, so all the
+//! ways a file gets replaced look the same: editors that write a temporary file and
+//! rename it, Kubernetes ConfigMap volumes (`..data` symlink swap), plain rewrites. A
+//! deleted file keeps the last good config; an invalid one is rejected with every
+//! error logged and shown by the admin API, and the last good routes keep serving.
+//!
+//! The repository is scanned every `interval`. A version folder is acted on only once
+//! its model file looked the same (size, mtime, inode) in two consecutive scans, so a
+//! file still being copied is never loaded half-written.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use aviary_worker::repository::{self, Fingerprint};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+use crate::{config::Config, control::Control};
+
+/// How often the config file is re-read even without a change event.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Events often come in bursts (write, chmod, rename); wait this long for the burst
+/// to end before reading.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Applies changes of the config file at `path` until `stop` turns true.
+pub async fn watch_config(
+    path: PathBuf,
+    started_with: Config,
+    control: Arc<Control>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
+    // The folder is watched, not the file: editors and ConfigMaps replace the file.
+    let folder = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let _watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = events_tx.send(());
+        }
+    })
+    .and_then(|mut w| w.watch(&folder, RecursiveMode::NonRecursive).map(|()| w))
+    .inspect_err(|error| tracing::warn!(%error, folder = %folder.display(), "no file events; polling the config file"))
+    .ok();
+
+    let shown = path.display().to_string();
+    control.watching_config(&shown);
+    let mut last_seen = std::fs::read(&path).ok();
+    let mut warned_missing = false;
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            Some(()) = events.recv() => {
+                tokio::time::sleep(SETTLE).await;
+                while events.try_recv().is_ok() {}
+            }
+            () = tokio::time::sleep(CONFIG_POLL) => {}
+        }
+        let contents = match std::fs::read(&path) {
+            Ok(contents) => contents,
+            Err(error) => {
+                if !warned_missing {
+                    tracing::warn!(path = %shown, %error, "config file unreadable or deleted; keeping the last good config");
+                    warned_missing = true;
+                }
+                continue;
+            }
+        };
+        warned_missing = false;
+        if last_seen.as_deref() == Some(contents.as_slice()) {
+            continue;
+        }
+        last_seen = Some(contents);
+        apply_config(&path, &started_with, &control).await;
+    }
+}
+
+async fn apply_config(path: &Path, started_with: &Config, control: &Control) {
+    let shown = path.display().to_string();
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            let errors: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
+            tracing::error!(path = %shown, errors = ?errors, "config change rejected; the last good config keeps serving");
+            control.record_config(&shown, errors);
+            return;
+        }
+    };
+    let restart_needed: Vec<&str> = [
+        ("server", config.server != started_with.server),
+        ("admin", config.admin != started_with.admin),
+        ("repository", config.repository != started_with.repository),
+    ]
+    .into_iter()
+    .filter_map(|(section, changed)| changed.then_some(section))
+    .collect();
+    if !restart_needed.is_empty() {
+        tracing::warn!(sections = ?restart_needed, "config sections changed that apply only at restart; routes apply now");
+    }
+    match control.replace_routes(config.routes).await {
+        Ok(generation) => {
+            tracing::info!(path = %shown, generation, "config applied");
+            control.record_config(&shown, Vec::new());
+        }
+        Err(error) => {
+            let errors: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
+            tracing::error!(path = %shown, errors = ?errors, "config change rejected; the last good routes keep serving");
+            control.record_config(&shown, errors);
+        }
+    }
+}
+
+/// Syncs the embedded worker with `root` every `interval` until `stop` turns true.
+pub async fn watch_repository(
+    root: PathBuf,
+    interval: Duration,
+    control: Arc<Control>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut previous = fingerprints(&root);
+    // Versions that were still changing at the last scan, to act on once they settle.
+    let mut pending = false;
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let current = fingerprints(&root);
+        let unsettled: BTreeSet<(String, u64)> = current
+            .iter()
+            .filter(|(key, fingerprint)| previous.get(*key) != Some(*fingerprint))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let changed = current != previous;
+        previous = current;
+        if !changed && !pending {
+            // Nothing moved since the last sync; a sync could only retry known failures.
+            continue;
+        }
+        pending = !unsettled.is_empty();
+        match control.sync_repository(&unsettled).await {
+            Ok(report) => {
+                if !report.kept.is_empty() {
+                    tracing::warn!(versions = ?report.kept, "versions gone from the repository still have weight; keeping them loaded");
+                }
+                for (model, version, reason) in &report.failed {
+                    tracing::error!(%model, version, %reason, "repository version failed to load");
+                }
+            }
+            Err(error) => tracing::error!(%error, "repository sync failed"),
+        }
+    }
+}
+
+fn fingerprints(root: &Path) -> BTreeMap<(String, u64), Fingerprint> {
+    repository::scan(root)
+        .map(|entries| {
+            entries
+                .into_iter()
+                .map(|e| ((e.model, e.version), e.fingerprint))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // Map the borrow guard away at once: it must not live across an await.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}

@@ -1,0 +1,425 @@
+//! Changing what a running worker serves: load, reload and unload versions, version
+//! policies, and syncing with the repository on disk.
+//!
+//! A reload loads and warms up the new file beside the running copy, then swaps it
+//! into the version's slot with one `ArcSwap` store: requests already running keep
+//! their `Arc` of the old copy and finish on it; the old sessions drop with the last
+//! of them. A failed load leaves the running copy serving and returns the error.
+//! Lifecycle operations are serialised; requests never wait on them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+
+use crate::{
+    WorkerError,
+    model::LoadedModel,
+    repository::{self, Fingerprint, VersionEntry},
+    stats::VersionStats,
+    worker::{Catalog, VersionSlot, Worker},
+};
+
+/// Which versions of a model the worker keeps loaded (Triton's version policy).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VersionPolicy {
+    /// Every version in the repository.
+    #[default]
+    All,
+    /// The newest N versions.
+    Latest(u32),
+    /// Exactly these versions (those present in the repository).
+    Specific(BTreeSet<u64>),
+}
+
+impl VersionPolicy {
+    /// The versions to keep out of those `present`.
+    pub fn select(&self, present: &BTreeSet<u64>) -> BTreeSet<u64> {
+        match self {
+            VersionPolicy::All => present.clone(),
+            VersionPolicy::Latest(n) => present.iter().rev().take(*n as usize).copied().collect(),
+            VersionPolicy::Specific(wanted) => present.intersection(wanted).copied().collect(),
+        }
+    }
+}
+
+/// What loading one version did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOutcome {
+    /// A running copy was replaced (a reload), rather than a new version added.
+    pub replaced: bool,
+    /// Reading, creating sessions and warming up.
+    pub load_time: Duration,
+}
+
+/// What one sync with the repository changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Versions newly loaded.
+    pub loaded: Vec<(String, u64)>,
+    /// Versions whose file changed and was swapped in.
+    pub reloaded: Vec<(String, u64)>,
+    /// Versions unloaded (gone from disk or outside the policy).
+    pub unloaded: Vec<(String, u64)>,
+    /// Versions that should go but were kept, because the caller still routes them.
+    pub kept: Vec<(String, u64)>,
+    /// Versions that failed to load, with the reason; running copies keep serving.
+    pub failed: Vec<(String, u64, String)>,
+}
+
+impl SyncReport {
+    /// Whether the set of loaded versions changed.
+    pub fn changed_inventory(&self) -> bool {
+        !(self.loaded.is_empty() && self.unloaded.is_empty())
+    }
+}
+
+impl Worker {
+    /// Loads `<repo>/<model>/<version>` and warms it up. If the version is already
+    /// loaded, the new copy replaces it (a reload) once it is ready; on any failure
+    /// the running copy keeps serving.
+    pub async fn load_version(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<LoadOutcome, WorkerError> {
+        let _serial = self.lifecycle.lock().await;
+        let entry = repository::version_entry(self.repository(), model, version)?;
+        self.load_entry(entry).await
+    }
+
+    /// Loads the running version's file again and swaps it in; an error if the version
+    /// is not loaded.
+    pub async fn reload_version(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<LoadOutcome, WorkerError> {
+        self.slot(model, &version.to_string())?;
+        self.load_version(model, version).await
+    }
+
+    /// Stops serving a version. Requests already running on it finish; its sessions
+    /// are freed when the last one does.
+    pub async fn unload_version(&self, model: &str, version: u64) -> Result<(), WorkerError> {
+        let _serial = self.lifecycle.lock().await;
+        self.slot(model, &version.to_string())?;
+        self.update_catalog(|catalog| {
+            if let Some(versions) = catalog.models.get_mut(model) {
+                versions.remove(&version);
+                if versions.is_empty() {
+                    catalog.models.remove(model);
+                }
+            }
+            catalog.failed.remove(&(model.to_owned(), version));
+        });
+        tracing::info!(model, version, "unloaded model version");
+        Ok(())
+    }
+
+    /// Brings the loaded versions in line with the repository and the version
+    /// policies: loads new versions, reloads versions whose file changed, unloads
+    /// versions that are gone or outside the policy unless `may_unload` says no.
+    /// `only_model` limits the sync to one model; versions in `unsettled` (files still
+    /// being written) are left as they are.
+    pub async fn sync(
+        &self,
+        only_model: Option<&str>,
+        unsettled: &BTreeSet<(String, u64)>,
+        may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
+    ) -> Result<SyncReport, WorkerError> {
+        let _serial = self.lifecycle.lock().await;
+        let scanned = repository::scan(self.repository())?;
+        let mut present: BTreeMap<String, BTreeMap<u64, VersionEntry>> = BTreeMap::new();
+        for entry in scanned {
+            if only_model.is_none_or(|m| m == entry.model) {
+                present
+                    .entry(entry.model.clone())
+                    .or_default()
+                    .insert(entry.version, entry);
+            }
+        }
+        let mut report = SyncReport::default();
+        let catalog = self.catalog.load_full();
+
+        for (model, versions) in &present {
+            let numbers: BTreeSet<u64> = versions.keys().copied().collect();
+            let wanted = self.policy(model).select(&numbers);
+            for number in wanted {
+                let key = (model.clone(), number);
+                if unsettled.contains(&key) {
+                    continue;
+                }
+                let entry = &versions[&number];
+                let running = catalog.models.get(model).and_then(|v| v.get(&number));
+                let is_new = running.is_none();
+                if let Some(slot) = running {
+                    if slot.current().fingerprint == entry.fingerprint {
+                        continue;
+                    }
+                } else if self.failed_fingerprint(model, number) == Some(entry.fingerprint) {
+                    // Same broken file as last time: do not retry on every sync.
+                    continue;
+                }
+                match self.load_entry(entry.clone()).await {
+                    Ok(_) if is_new => report.loaded.push(key),
+                    Ok(_) => report.reloaded.push(key),
+                    Err(error) => report
+                        .failed
+                        .push((model.clone(), number, error.to_string())),
+                }
+            }
+        }
+
+        let catalog = self.catalog.load_full();
+        for (model, versions) in &catalog.models {
+            if only_model.is_some_and(|m| m != model) {
+                continue;
+            }
+            let numbers: BTreeSet<u64> = present
+                .get(model)
+                .map(|v| v.keys().copied().collect())
+                .unwrap_or_default();
+            let wanted = self.policy(model).select(&numbers);
+            for &number in versions.keys() {
+                let key = (model.clone(), number);
+                if wanted.contains(&number) || unsettled.contains(&key) {
+                    continue;
+                }
+                if may_unload(model, number) {
+                    report.unloaded.push(key);
+                } else {
+                    report.kept.push(key);
+                }
+            }
+        }
+        if !report.unloaded.is_empty() {
+            let gone = report.unloaded.clone();
+            self.update_catalog(|catalog| {
+                for (model, number) in &gone {
+                    if let Some(versions) = catalog.models.get_mut(model) {
+                        versions.remove(number);
+                        if versions.is_empty() {
+                            catalog.models.remove(model);
+                        }
+                    }
+                }
+            });
+            for (model, version) in &report.unloaded {
+                tracing::info!(%model, version, "unloaded model version (gone from the repository or the policy)");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Triton's RepositoryModelLoad: loads or reloads `model` from the repository as
+    /// its version policy says, new copies beside running ones (no unload-before-load
+    /// gap). An error when no version of the model ends up loaded.
+    pub async fn load_model(
+        &self,
+        model: &str,
+        may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
+    ) -> Result<SyncReport, WorkerError> {
+        if model.is_empty() || model.contains(['/', '\\']) || model.starts_with('.') {
+            return Err(WorkerError::invalid(format!(
+                "model_name \"{model}\" is not a model folder name"
+            )));
+        }
+        let report = self.sync(Some(model), &BTreeSet::new(), may_unload).await?;
+        if self.versions(model).is_empty() {
+            let reasons: Vec<String> = report
+                .failed
+                .iter()
+                .map(|(_, v, reason)| format!("version {v}: {reason}"))
+                .collect();
+            return Err(if reasons.is_empty() {
+                WorkerError::UnknownModel {
+                    model: model.to_owned(),
+                    available: "no loadable version in the repository".to_owned(),
+                }
+            } else {
+                WorkerError::Load {
+                    path: self.repository().join(model),
+                    reason: reasons.join("; "),
+                }
+            });
+        }
+        if let Some((_, version, reason)) = report.failed.first() {
+            return Err(WorkerError::Load {
+                path: self.repository().join(model).join(version.to_string()),
+                reason: format!("{reason} (the versions that were running keep serving)"),
+            });
+        }
+        Ok(report)
+    }
+
+    /// Triton's RepositoryModelUnload: unloads every version of `model`.
+    pub async fn unload_model(&self, model: &str) -> Result<Vec<u64>, WorkerError> {
+        self.slot(model, "")?;
+        let versions: Vec<u64> = self
+            .versions(model)
+            .iter()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        for &version in &versions {
+            self.unload_version(model, version).await?;
+        }
+        Ok(versions)
+    }
+
+    fn policy(&self, model: &str) -> &VersionPolicy {
+        self.config
+            .policies
+            .get(model)
+            .unwrap_or(&self.config.default_policy)
+    }
+
+    fn failed_fingerprint(&self, model: &str, version: u64) -> Option<Fingerprint> {
+        self.catalog
+            .load()
+            .failed
+            .get(&(model.to_owned(), version))
+            .map(|f| f.fingerprint)
+    }
+
+    /// Loads one version off the async runtime, then adds it or swaps it in.
+    async fn load_entry(&self, entry: VersionEntry) -> Result<LoadOutcome, WorkerError> {
+        let options = self.config.session;
+        let started = Instant::now();
+        let (model, number, fingerprint) = (entry.model.clone(), entry.version, entry.fingerprint);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let card = entry
+                .card_path
+                .as_deref()
+                .map(repository::read_card)
+                .transpose()?;
+            let version = entry.version.to_string();
+            LoadedModel::load(
+                &entry.model,
+                &version,
+                &entry.model_path,
+                card,
+                entry.fingerprint,
+                options,
+            )
+        })
+        .await
+        .map_err(|e| WorkerError::Unavailable(format!("loading task failed: {e}")))?;
+        let loaded = match loaded {
+            Ok(loaded) => Arc::new(loaded),
+            Err(error) => {
+                tracing::error!(%error, model, version = number, "model version failed to load; running copy (if any) keeps serving");
+                let reason = error.to_string();
+                self.update_catalog(|catalog| {
+                    catalog.failed.insert(
+                        (model.clone(), number),
+                        crate::worker::Failure {
+                            reason: reason.clone(),
+                            fingerprint,
+                        },
+                    );
+                });
+                return Err(error);
+            }
+        };
+        let load_time = started.elapsed();
+        let existing = self
+            .catalog
+            .load()
+            .models
+            .get(&model)
+            .and_then(|v| v.get(&number))
+            .cloned();
+        let replaced = existing.is_some();
+        match existing {
+            Some(slot) => slot.replace(loaded),
+            None => {
+                let slot = Arc::new(VersionSlot::new(loaded));
+                self.update_catalog(|catalog| {
+                    catalog
+                        .models
+                        .entry(model.clone())
+                        .or_default()
+                        .insert(number, Arc::clone(&slot));
+                });
+            }
+        }
+        self.update_catalog(|catalog| {
+            catalog.failed.remove(&(model.clone(), number));
+        });
+        tracing::info!(
+            model,
+            version = number,
+            replaced,
+            load_ms = load_time.as_millis() as u64,
+            "model version ready"
+        );
+        Ok(LoadOutcome {
+            replaced,
+            load_time,
+        })
+    }
+
+    /// Applies `change` to a copy of the catalog and publishes it.
+    fn update_catalog(&self, change: impl Fn(&mut Catalog)) {
+        self.catalog.rcu(|current| {
+            let mut next = Catalog::clone(current);
+            change(&mut next);
+            next
+        });
+    }
+}
+
+impl VersionSlot {
+    pub(crate) fn new(model: Arc<LoadedModel>) -> VersionSlot {
+        VersionSlot {
+            current: ArcSwap::new(model),
+            stats: VersionStats::default(),
+        }
+    }
+
+    fn replace(&self, model: Arc<LoadedModel>) {
+        self.current.store(model);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_select_versions() {
+        let present: BTreeSet<u64> = [1, 2, 5, 9].into();
+        assert_eq!(VersionPolicy::All.select(&present), present);
+        assert_eq!(VersionPolicy::Latest(2).select(&present), [5, 9].into());
+        assert_eq!(VersionPolicy::Latest(0).select(&present), BTreeSet::new());
+        assert_eq!(
+            VersionPolicy::Specific([2, 3].into()).select(&present),
+            [2].into()
+        );
+    }
+
+    #[test]
+    fn policies_parse_from_toml() {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            policy: VersionPolicy,
+        }
+        let parse = |text: &str| toml::from_str::<Wrapper>(text).map(|w| w.policy);
+        assert_eq!(parse("policy = \"all\"").ok(), Some(VersionPolicy::All));
+        assert_eq!(
+            parse("policy = { latest = 2 }").ok(),
+            Some(VersionPolicy::Latest(2))
+        );
+        assert_eq!(
+            parse("policy = { specific = [1, 3] }").ok(),
+            Some(VersionPolicy::Specific([1, 3].into()))
+        );
+        assert!(parse("policy = { newest = 1 }").is_err());
+    }
+}
