@@ -33,6 +33,7 @@ test-python:
 # Records the figures in docs/benchmarks.md (release build, several minutes).
 bench: setup
 	scripts/bench.sh
+	scripts/bench_swap.sh
 
 # Regenerates the demo and test models (needs: pip install -r scripts/requirements-models.txt).
 models:

@@ -48,7 +48,7 @@ wait_ready() {
 
 start worker worker --repo deploy/local/models --listen 127.0.0.1:0 --instances 2
 worker_addr=$addr; worker_pid=$pid
-start serve serve --config deploy/local/aviary.toml --listen 127.0.0.1:0
+start serve serve --config deploy/local/aviary.toml --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
 serve_addr=$addr; serve_pid=$pid
 
 cat >"$out/remote.toml" <<TOML
@@ -57,7 +57,7 @@ versions = [ { version = "1", weight = 90, endpoint = "http://$worker_addr" }, {
 [routes.mlp]
 versions = [ { version = "1", weight = 1, endpoint = "http://$worker_addr" } ]
 TOML
-start gateway gateway --config "$out/remote.toml" --listen 127.0.0.1:0
+start gateway gateway --config "$out/remote.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
 gateway_addr=$addr; gateway_pid=$pid
 wait_ready "$gateway_addr"
 sleep 1

@@ -124,8 +124,9 @@ impl Control {
     ) -> Result<(LoadOutcome, u64), GatewayError> {
         let worker = self.embedded()?;
         let number = version_number(model, version)?;
-        let mut writer = self.writer.lock().await;
+        // Loading can take long; route changes need not wait for it.
         let outcome = worker.load_version(model, number).await?;
+        let mut writer = self.writer.lock().await;
         let routes = writer.routes.clone();
         let generation = self.publish(&mut writer, routes, &BTreeSet::new())?;
         Ok((outcome, generation))
@@ -139,7 +140,7 @@ impl Control {
     ) -> Result<LoadOutcome, GatewayError> {
         let worker = self.embedded()?;
         let number = version_number(model, version)?;
-        let _writer = self.writer.lock().await;
+        // The slot stays the same, so routes are untouched and need no lock.
         Ok(worker.reload_version(model, number).await?)
     }
 
