@@ -100,8 +100,11 @@ impl Worker {
         model: &str,
         version: u64,
     ) -> Result<LoadOutcome, WorkerError> {
+        let _serial = self.lifecycle.lock().await;
+        // Checked under the lock, so a concurrent unload cannot be undone by this reload.
         self.slot(model, &version.to_string())?;
-        self.load_version(model, version).await
+        let entry = repository::version_entry(self.repository(), model, version)?;
+        self.load_entry(entry).await
     }
 
     /// Stops serving a version. Requests already running on it finish; its sessions
