@@ -233,6 +233,8 @@ impl Worker {
                 "model_name \"{model}\" is not a model folder name"
             )));
         }
+        // An explicit load retries files that failed before, even unchanged ones.
+        self.update_catalog(|catalog| catalog.failed.retain(|(m, _), _| m != model));
         let report = self.sync(Some(model), &BTreeSet::new(), may_unload).await?;
         if self.versions(model).is_empty() {
             let reasons: Vec<String> = report
