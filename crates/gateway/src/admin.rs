@@ -131,6 +131,7 @@ fn route_config(route: &Route) -> RouteConfig {
                 endpoint: Some(v.endpoint.clone()).filter(|e| !e.is_empty()),
             })
             .collect(),
+        ..RouteConfig::default()
     }
 }
 

@@ -11,6 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aviary_router::{RuleSpec, StickySpec};
 use aviary_worker::VersionPolicy;
 use serde::Deserialize;
 
@@ -124,11 +125,17 @@ fn default_watch_interval_ms() -> u64 {
 }
 
 /// A model's route: its versions and their weights.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// Versions in split order.
+    /// Versions in split order; with `sticky`, list the canary first.
     pub versions: Vec<VersionConfig>,
+    /// Keeps each user on one version: the routing key's header or parameter.
+    #[serde(default)]
+    pub sticky: Option<StickySpec>,
+    /// Header or parameter matches that pick a version before the split.
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
 }
 
 /// One version of a route.

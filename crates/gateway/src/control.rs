@@ -99,6 +99,15 @@ impl Control {
             return Err(GatewayError::GenerationMismatch { expected, current });
         }
         let mut routes = writer.routes.clone();
+        let mut route = route;
+        // The admin API sets versions and weights; a route's sticky key and match rules
+        // (config file) stay as they are.
+        if let Some(existing) = routes.get(model) {
+            route.sticky = route.sticky.or_else(|| existing.sticky.clone());
+            if route.rules.is_empty() {
+                route.rules = existing.rules.clone();
+            }
+        }
         routes.insert(model.to_owned(), route);
         self.publish(&mut writer, routes, &BTreeSet::new())
     }

@@ -4,7 +4,7 @@
 
 use std::{
     cell::RefCell,
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,7 +13,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use aviary::pb::inference::{
-    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
     ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
     ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
     RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
@@ -21,15 +21,40 @@ use aviary::pb::inference::{
     ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
     ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
 };
-use aviary_router::RouteError;
+use aviary_router::{RequestAttributes, RouteError};
 use aviary_worker::server::{InferStream, server_metadata, stream_responses};
 use rand::{SeedableRng, rngs::SmallRng};
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataValue};
+use tonic::{
+    Request, Response, Status, Streaming,
+    metadata::{MetadataMap, MetadataValue},
+};
 
 use crate::{GatewayError, control::Control, routing::Routing};
 
 /// Response header naming the variant (version) that served the request.
 pub const VARIANT_HEADER: &str = "x-aviary-variant";
+
+/// What match rules and sticky keys read from a request: gRPC headers and string
+/// parameters.
+struct RequestView<'a> {
+    metadata: &'a MetadataMap,
+    parameters: &'a HashMap<String, InferParameter>,
+}
+
+impl RequestAttributes for RequestView<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.metadata.get(name)?.to_str().ok()
+    }
+
+    fn parameter(&self, name: &str) -> Option<&str> {
+        match self.parameters.get(name)?.parameter_choice.as_ref()? {
+            aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(value) => {
+                Some(value)
+            }
+            _ => None,
+        }
+    }
+}
 
 thread_local! {
     // A fast per-thread generator for unpinned splits; seeded from the OS once per thread.
@@ -54,17 +79,23 @@ impl Front {
         }
     }
 
-    /// Routes and runs one inference; returns the response and the variant.
+    /// Routes and runs one inference. `metadata` (the call's gRPC headers) and the
+    /// request's string parameters feed match rules and sticky routing keys.
     pub async fn infer(
         &self,
+        metadata: &MetadataMap,
         mut request: ModelInferRequest,
     ) -> Result<ModelInferResponse, GatewayError> {
         let routing = self.routing.load_full();
+        let attributes = RequestView {
+            metadata,
+            parameters: &request.parameters,
+        };
         let version = SPLIT_RNG.with_borrow_mut(|rng| {
             let pinned = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
             routing
                 .table
-                .resolve(&request.model_name, pinned, rng)
+                .resolve_with(&request.model_name, pinned, &attributes, rng)
                 .map(|d| d.version.to_owned())
         })?;
         let backend = routing.backend(&request.model_name, &version)?;
@@ -188,7 +219,8 @@ impl GrpcInferenceService for Front {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let response = self.infer(request.into_inner()).await?;
+        let (metadata, _, request) = request.into_parts();
+        let response = self.infer(&metadata, request).await?;
         let variant = MetadataValue::try_from(response.model_version.as_str())
             .map_err(|_| Status::internal("version is not a valid header value"))?;
         let mut response = Response::new(response);
@@ -203,13 +235,13 @@ impl GrpcInferenceService for Front {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<InferStream>, Status> {
         let front = self.clone();
-        Ok(Response::new(stream_responses(
-            request.into_inner(),
-            move |r| {
-                let front = front.clone();
-                async move { front.infer(r).await.map_err(Status::from) }
-            },
-        )))
+        // The stream's headers apply to every request on it.
+        let (metadata, _, inbound) = request.into_parts();
+        let metadata = Arc::new(metadata);
+        Ok(Response::new(stream_responses(inbound, move |r| {
+            let (front, metadata) = (front.clone(), Arc::clone(&metadata));
+            async move { front.infer(&metadata, r).await.map_err(Status::from) }
+        })))
     }
 
     async fn model_config(

@@ -223,6 +223,7 @@ fn implicit_route(versions: &BTreeSet<String>) -> RouteConfig {
                 endpoint: None,
             })
             .collect(),
+        ..RouteConfig::default()
     }
 }
 
@@ -245,6 +246,8 @@ impl RouteConfig {
                     weight: v.weight,
                 })
                 .collect(),
+            sticky: self.sticky.clone(),
+            rules: self.rules.clone(),
         }
     }
 }

@@ -1,10 +1,16 @@
-//! One model's compiled weighted split and how a version is picked from it.
+//! One model's compiled route: its weighted split, match rules and sticky key, and how
+//! a version is picked from them.
 
 use rand::Rng;
 
+use crate::attributes::RequestAttributes;
+use crate::rules::Rule;
 use crate::spec::RouteSpec;
+use crate::sticky::Sticky;
+use crate::table::{Decision, DecisionReason};
 
-/// One model's compiled route: its versions in config order and their traffic segments.
+/// One model's compiled route: its versions in config order and their traffic segments,
+/// plus the match rules and sticky key that choose among them.
 ///
 /// The versions' weights are laid out as consecutive segments of `0..total`, starting
 /// at 0 in config order, so the first version (the canary, by convention) owns the
@@ -14,6 +20,9 @@ pub struct Route {
     slots: Vec<Slot>,
     /// Sum of all weights; always positive.
     total: u64,
+    /// Tried in config order; each names a slot of `slots`.
+    rules: Vec<Rule>,
+    sticky: Option<Sticky>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +43,8 @@ pub(crate) enum WeightError {
 }
 
 impl Route {
-    /// Lays out the weights of `spec`; checks only the weights, not the version names.
+    /// Lays out the weights of `spec`, with no rules and no sticky key; checks only the
+    /// weights, not the version names.
     pub(crate) fn new(spec: &RouteSpec) -> Result<Self, WeightError> {
         let mut total: u64 = 0;
         let mut slots = Vec::with_capacity(spec.versions.len());
@@ -51,7 +61,21 @@ impl Route {
         if total == 0 {
             return Err(WeightError::NoPositiveWeight);
         }
-        Ok(Self { slots, total })
+        Ok(Self {
+            slots,
+            total,
+            rules: Vec::new(),
+            sticky: None,
+        })
+    }
+
+    /// Adds the compiled rules and sticky key; every rule's slot must index `versions()`.
+    pub(crate) fn with_matching(self, rules: Vec<Rule>, sticky: Option<Sticky>) -> Self {
+        Self {
+            rules,
+            sticky,
+            ..self
+        }
     }
 
     /// The versions and their weights, in config order (zero-weight versions included).
@@ -83,10 +107,50 @@ impl Route {
         self.version_at(offset.min(self.total - 1))
     }
 
+    /// The version owning the point `fraction / 2^64` of `[0, 1)`; sticky keys are placed with it.
+    ///
+    /// The same layout as [`pick_at`](Self::pick_at), in exact integer arithmetic: a
+    /// point in the first version's segment stays there whenever its weight is raised
+    /// (or the others' lowered), with no rounding at the segment ends.
+    pub fn pick_at_fraction(&self, fraction: u64) -> &str {
+        // fraction < 2^64, so fraction * total / 2^64 < total and fits in u64.
+        let offset = (u128::from(fraction) * u128::from(self.total)) >> 64;
+        self.version_at(offset as u64)
+    }
+
     /// Picks a version at random, each with probability weight / total.
     pub fn pick<R: Rng + ?Sized>(&self, rng: &mut R) -> &str {
         // Integer draw: every unit of weight is exactly equally likely.
         self.version_at(rng.random_range(0..self.total))
+    }
+
+    /// Decides an unpinned request: the first matching rule, else the sticky key's
+    /// segment when the request has a key, else a weighted draw with `rng`.
+    pub(crate) fn decide<A, R>(&self, attributes: &A, rng: &mut R) -> Decision<'_>
+    where
+        A: RequestAttributes + ?Sized,
+        R: Rng + ?Sized,
+    {
+        for (index, rule) in self.rules.iter().enumerate() {
+            if let Some(slot) = rule.apply(attributes) {
+                return Decision {
+                    // Rule slots index `slots`: validation resolves each rule's version
+                    // to its position in the same version list `slots` is built from.
+                    version: &self.slots[slot].version,
+                    reason: DecisionReason::Rule(index),
+                };
+            }
+        }
+        if let Some(hash) = self.sticky.as_ref().and_then(|s| s.hash(attributes)) {
+            return Decision {
+                version: self.pick_at_fraction(hash),
+                reason: DecisionReason::Sticky,
+            };
+        }
+        Decision {
+            version: self.pick(rng),
+            reason: DecisionReason::Weighted,
+        }
     }
 
     /// Looks up `version` in this route, returning the route's own copy of the name.
@@ -120,8 +184,8 @@ mod tests {
 
     /// A route over versions `v0`, `v1`, ... with the given weights.
     fn route(weights: &[u32]) -> Route {
-        let spec = RouteSpec {
-            versions: weights
+        let spec = RouteSpec::weighted(
+            weights
                 .iter()
                 .enumerate()
                 .map(|(i, &weight)| VersionWeight {
@@ -129,7 +193,7 @@ mod tests {
                     weight,
                 })
                 .collect(),
-        };
+        );
         Route::new(&spec).expect("test weights have a positive sum")
     }
 
@@ -207,15 +271,13 @@ mod tests {
 
     #[test]
     fn no_positive_weight_is_rejected() {
-        let spec = RouteSpec {
-            versions: vec![VersionWeight {
-                version: "1".into(),
-                weight: 0,
-            }],
-        };
+        let spec = RouteSpec::weighted(vec![VersionWeight {
+            version: "1".into(),
+            weight: 0,
+        }]);
         assert_eq!(Route::new(&spec), Err(WeightError::NoPositiveWeight));
         assert_eq!(
-            Route::new(&RouteSpec { versions: vec![] }),
+            Route::new(&RouteSpec::default()),
             Err(WeightError::NoPositiveWeight)
         );
     }

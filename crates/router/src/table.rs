@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use rand::Rng;
 
+use crate::attributes::RequestAttributes;
 use crate::error::{RouteError, ValidationErrors};
 use crate::route::Route;
 use crate::spec::{Inventory, RouteSpec};
@@ -29,6 +30,10 @@ pub struct Decision<'a> {
 pub enum DecisionReason {
     /// The request named the version.
     Pinned,
+    /// The match rule at this index (in the route's `rules`) matched the request.
+    Rule(usize),
+    /// The request's routing key placed it in the version's segment of the split.
+    Sticky,
     /// The version was drawn from the weighted split.
     Weighted,
 }
@@ -38,6 +43,8 @@ impl DecisionReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pinned => "pinned",
+            Self::Rule(_) => "rule",
+            Self::Sticky => "sticky",
             Self::Weighted => "weighted",
         }
     }
@@ -77,18 +84,46 @@ impl RouteTable {
         self.routes.get(model)
     }
 
-    /// Decides the version for one request; `pinned` is the request's `model_version`.
+    /// Decides the version for a request with no headers or parameters; `pinned` is
+    /// the request's `model_version`.
     ///
-    /// A pin must name one of the route's versions, even one with weight 0: pinning a
-    /// loaded zero-weight version is how operators try out a dark version. `Some("")`
-    /// counts as no pin, as an empty `model_version` does in the v2 protocol. Without
-    /// a pin the version is drawn from the weighted split with `rng`.
+    /// The same as [`resolve_with`](Self::resolve_with) with no attributes: a pin,
+    /// else a weighted draw with `rng` (no rule can match and there is no sticky key).
     pub fn resolve<R: Rng + ?Sized>(
         &self,
         model: &str,
         pinned: Option<&str>,
         rng: &mut R,
     ) -> Result<Decision<'_>, RouteError> {
+        self.resolve_with(model, pinned, &(), rng)
+    }
+
+    /// Decides the version for one request; `pinned` is the request's `model_version`.
+    ///
+    /// In order of precedence:
+    ///
+    /// 1. A pin must name one of the route's versions, even one with weight 0: pinning
+    ///    a loaded zero-weight version is how operators try out a dark version.
+    ///    `Some("")` counts as no pin, as an empty `model_version` does in the v2
+    ///    protocol.
+    /// 2. The first match rule whose attribute matches picks its version (weight 0
+    ///    included).
+    /// 3. With a sticky key configured and present (and not empty) in `attributes`, the
+    ///    key's hash picks the version, the same one every time while weights stay put.
+    /// 4. Otherwise the version is drawn from the weighted split with `rng`.
+    ///
+    /// Apart from building an error, this does not allocate.
+    pub fn resolve_with<R, A>(
+        &self,
+        model: &str,
+        pinned: Option<&str>,
+        attributes: &A,
+        rng: &mut R,
+    ) -> Result<Decision<'_>, RouteError>
+    where
+        R: Rng + ?Sized,
+        A: RequestAttributes + ?Sized,
+    {
         let route = self.route(model).ok_or_else(|| RouteError::UnknownModel {
             model: model.to_owned(),
         })?;
@@ -104,10 +139,7 @@ impl RouteTable {
                     routable: route.versions().map(|(v, _)| v.to_owned()).collect(),
                 }),
             },
-            None => Ok(Decision {
-                version: route.pick(rng),
-                reason: DecisionReason::Weighted,
-            }),
+            None => Ok(route.decide(attributes, rng)),
         }
     }
 }
@@ -120,6 +152,7 @@ mod tests {
     use rand::rngs::SmallRng;
 
     use super::*;
+    use crate::Attributes;
     use crate::spec::VersionWeight;
 
     /// `demo` routes 70/30 to versions 1 and 2 and has a dark version 3 with weight 0.
@@ -136,16 +169,9 @@ mod tests {
         let specs = [
             (
                 "demo".to_owned(),
-                RouteSpec {
-                    versions: vec![entry("1", 70), entry("2", 30), entry("3", 0)],
-                },
+                RouteSpec::weighted(vec![entry("1", 70), entry("2", 30), entry("3", 0)]),
             ),
-            (
-                "other".to_owned(),
-                RouteSpec {
-                    versions: vec![entry("a", 1)],
-                },
-            ),
+            ("other".to_owned(), RouteSpec::weighted(vec![entry("a", 1)])),
         ]
         .into();
         RouteTable::compile(&specs, &inventory).expect("demo specs are valid")
@@ -256,6 +282,195 @@ mod tests {
     #[test]
     fn reasons_have_stable_names() {
         assert_eq!(DecisionReason::Pinned.as_str(), "pinned");
+        assert_eq!(DecisionReason::Rule(0).as_str(), "rule");
+        assert_eq!(DecisionReason::Rule(7).as_str(), "rule");
+        assert_eq!(DecisionReason::Sticky.as_str(), "sticky");
         assert_eq!(DecisionReason::Weighted.as_str(), "weighted");
+    }
+
+    /// `demo` as in [`demo_table`] (70/30 over 1 and 2, dark 3), keyed on `x-user-id`,
+    /// with the rules of the design example; the regex rule's header is configured in
+    /// mixed case.
+    fn rules_table() -> RouteTable {
+        let inventory: BTreeMap<String, BTreeSet<String>> =
+            [("demo".to_owned(), ["1", "2", "3"].map(str::to_owned).into())].into();
+        let spec: RouteSpec = toml::from_str(
+            r#"
+versions = [{ version = "1", weight = 70 }, { version = "2", weight = 30 }, { version = "3", weight = 0 }]
+sticky = { header = "x-user-id" }
+rules = [
+  { header = "x-canary", equals = "always", version = "2" },
+  { parameter = "tier", prefix = "beta-", version = "2" },
+  { header = "X-User", regex = "^qa-.*$", version = "3" },
+  { header = "x-canary", equals = "dark", version = "3" },
+]
+"#,
+        )
+        .expect("valid spec");
+        RouteTable::compile(&[("demo".to_owned(), spec)].into(), &inventory)
+            .expect("rules spec is valid")
+    }
+
+    /// Answers only exact names, as gRPC metadata does for its lowercase keys.
+    struct Exact<'a>(&'a [(&'a str, &'a str)]);
+
+    impl RequestAttributes for Exact<'_> {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.0.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
+        }
+
+        fn parameter(&self, _name: &str) -> Option<&str> {
+            None
+        }
+    }
+
+    fn decide<'t>(
+        table: &'t RouteTable,
+        pinned: Option<&str>,
+        attributes: &Attributes,
+    ) -> Decision<'t> {
+        table
+            .resolve_with("demo", pinned, attributes, &mut SmallRng::seed_from_u64(5))
+            .expect("demo is routed")
+    }
+
+    fn rule(version: &str, index: usize) -> Decision<'_> {
+        Decision {
+            version,
+            reason: DecisionReason::Rule(index),
+        }
+    }
+
+    #[test]
+    fn equals_rules_match_whole_values() {
+        let table = rules_table();
+        let canary = |value: &str| {
+            decide(
+                &table,
+                None,
+                &Attributes::new().with_header("x-canary", value),
+            )
+        };
+        assert_eq!(canary("always"), rule("2", 0));
+        assert_eq!(canary("dark"), rule("3", 3));
+        for value in ["", "Always", "always!", "never"] {
+            assert!(
+                !matches!(canary(value).reason, DecisionReason::Rule(_)),
+                "x-canary: {value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn prefix_rules_match_parameters_case_sensitively() {
+        let table = rules_table();
+        let tier = |name: &str, value: &str| {
+            decide(&table, None, &Attributes::new().with_parameter(name, value))
+        };
+        assert_eq!(tier("tier", "beta-1"), rule("2", 1));
+        assert_eq!(tier("tier", "beta-"), rule("2", 1));
+        assert_eq!(tier("tier", "beta").reason, DecisionReason::Weighted);
+        assert_eq!(tier("Tier", "beta-1").reason, DecisionReason::Weighted);
+        // A header of the same name is not the parameter.
+        let header = Attributes::new().with_header("tier", "beta-1");
+        assert_eq!(
+            decide(&table, None, &header).reason,
+            DecisionReason::Weighted
+        );
+    }
+
+    #[test]
+    fn regex_rules_send_testers_to_a_dark_version() {
+        let table = rules_table();
+        let user = |value: &str| {
+            decide(
+                &table,
+                None,
+                &Attributes::new().with_header("x-user", value),
+            )
+        };
+        assert_eq!(user("qa-alice"), rule("3", 2));
+        assert_eq!(user("qa-"), rule("3", 2));
+        assert_eq!(user("alice-qa-").reason, DecisionReason::Weighted);
+    }
+
+    #[test]
+    fn header_names_match_whatever_their_configured_case() {
+        let table = rules_table();
+        let mut rng = SmallRng::seed_from_u64(5);
+        // The rule says `X-User`; gRPC metadata only answers `x-user`.
+        let decision = table.resolve_with("demo", None, &Exact(&[("x-user", "qa-bob")]), &mut rng);
+        assert_eq!(decision, Ok(rule("3", 2)));
+        let decision = decide(
+            &table,
+            None,
+            &Attributes::new().with_header("X-USER", "qa-bob"),
+        );
+        assert_eq!(decision, rule("3", 2));
+    }
+
+    #[test]
+    fn the_first_matching_rule_wins() {
+        let table = rules_table();
+        let both = Attributes::new()
+            .with_header("x-user", "qa-alice")
+            .with_parameter("tier", "beta-1");
+        assert_eq!(decide(&table, None, &both), rule("2", 1));
+        // Rule 3 matches too, but comes later.
+        let later = both.clone().with_header("x-canary", "dark");
+        assert_eq!(decide(&table, None, &later), rule("2", 1));
+        let earlier = both.with_header("x-canary", "always");
+        assert_eq!(decide(&table, None, &earlier), rule("2", 0));
+    }
+
+    #[test]
+    fn pins_beat_rules_beat_sticky_keys_beat_the_draw() {
+        let table = rules_table();
+        let sticky_user = Attributes::new().with_header("x-user-id", "alice");
+        let ruled = sticky_user.clone().with_header("x-canary", "always");
+
+        let pinned = decide(&table, Some("1"), &ruled);
+        assert_eq!(
+            (pinned.version, pinned.reason),
+            ("1", DecisionReason::Pinned)
+        );
+        assert_eq!(decide(&table, None, &ruled), rule("2", 0));
+        let sticky = decide(&table, None, &sticky_user);
+        assert_eq!(sticky.reason, DecisionReason::Sticky);
+        let route = table.route("demo").expect("demo is routed");
+        assert_eq!(
+            sticky.version,
+            route.pick_at_fraction(crate::sticky_hash("demo", "alice"))
+        );
+        assert_eq!(
+            decide(&table, None, &Attributes::new()).reason,
+            DecisionReason::Weighted
+        );
+        // An empty key is no key.
+        let empty = Attributes::new().with_header("x-user-id", "");
+        assert_eq!(
+            decide(&table, None, &empty).reason,
+            DecisionReason::Weighted
+        );
+        // An unknown pin is still an error, whatever the attributes.
+        assert!(matches!(
+            table.resolve_with("demo", Some("9"), &ruled, &mut SmallRng::seed_from_u64(1)),
+            Err(RouteError::UnknownVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn resolve_is_resolve_with_no_attributes() {
+        let table = rules_table();
+        let (mut a, mut b) = (SmallRng::seed_from_u64(9), SmallRng::seed_from_u64(9));
+        for _ in 0..1_000 {
+            let plain = table.resolve("demo", None, &mut a);
+            assert_eq!(plain, table.resolve_with("demo", None, &(), &mut b));
+            assert_eq!(plain.map(|d| d.reason), Ok(DecisionReason::Weighted));
+        }
+        assert_eq!(
+            table.resolve("ghost", None, &mut a),
+            table.resolve_with("ghost", None, &Attributes::new(), &mut b)
+        );
     }
 }
