@@ -1,0 +1,184 @@
+//! Sticky routing keys and match rules through a real gateway: the header a client
+//! sends decides the version, and raising the canary's weight never moves a user out
+//! of it.
+mod common;
+
+use std::collections::BTreeMap;
+
+use aviary::pb::{
+    admin::{GetRoutesRequest, Route, SetRouteRequest, VersionWeight},
+    inference::{InferParameter, infer_parameter::ParameterChoice},
+};
+use tonic::Request;
+
+const ROW: [[f32; 4]; 1] = [[5.1, 3.5, 1.4, 0.2]];
+
+/// Demo with version 2 (the canary) listed first, sticky on `x-user-id`, and a rule
+/// sending `x-canary: always` to version 2 whatever the split says.
+const ROUTES: &str = r#"
+[routes.demo]
+versions = [ { version = "2", weight = 10 }, { version = "1", weight = 90 } ]
+sticky = { header = "x-user-id" }
+rules = [
+  { header = "x-canary", equals = "always", version = "2" },
+  { parameter = "tier", prefix = "beta-", version = "2" },
+]
+"#;
+
+async fn version_for(
+    client: &mut aviary::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >,
+    headers: &[(&'static str, String)],
+    parameters: &[(&str, &str)],
+) -> String {
+    let mut body = common::demo_request(&ROW, "");
+    for (name, value) in parameters {
+        body.parameters.insert(
+            (*name).to_owned(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam((*value).to_owned())),
+            },
+        );
+    }
+    let mut request = Request::new(body);
+    for (name, value) in headers {
+        request
+            .metadata_mut()
+            .insert(*name, value.parse().expect("ascii header"));
+    }
+    client
+        .model_infer(request)
+        .await
+        .expect("infer succeeds")
+        .into_inner()
+        .model_version
+}
+
+async fn set_weights(gateway: &common::Running, canary: u32, baseline: u32) {
+    let mut admin = gateway.admin().await;
+    admin
+        .set_route(SetRouteRequest {
+            route: Some(Route {
+                model: "demo".into(),
+                versions: vec![
+                    VersionWeight {
+                        version: "2".into(),
+                        weight: canary,
+                        endpoint: String::new(),
+                    },
+                    VersionWeight {
+                        version: "1".into(),
+                        weight: baseline,
+                        endpoint: String::new(),
+                    },
+                ],
+            }),
+            expected_generation: None,
+        })
+        .await
+        .expect("weights apply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_users_keep_their_version_and_only_move_into_the_canary() {
+    let gateway = common::start_embedded(ROUTES).await;
+    let mut client = gateway.client().await;
+    let users: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+
+    let mut at_10 = BTreeMap::new();
+    for user in &users {
+        let first = version_for(&mut client, &[("x-user-id", user.clone())], &[]).await;
+        let again = version_for(&mut client, &[("x-user-id", user.clone())], &[]).await;
+        assert_eq!(first, again, "{user} changed version at fixed weights");
+        at_10.insert(user.clone(), first);
+    }
+    let canary = at_10.values().filter(|v| *v == "2").count();
+    // 1,000 users at 10%: binomial sd is 0.95 pp, so ±5 pp is a >5-sigma bound.
+    assert!(
+        (50..=150).contains(&canary),
+        "{canary} of 1000 users in the canary at 10%"
+    );
+
+    set_weights(&gateway, 50, 50).await;
+    // The admin API keeps the route's sticky key and rules when it sets weights.
+    let routes = gateway
+        .admin()
+        .await
+        .get_routes(GetRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner();
+    assert!(routes.routes.iter().any(|r| r.model == "demo"));
+    let mut moved_in = 0;
+    for user in &users {
+        let now = version_for(&mut client, &[("x-user-id", user.clone())], &[]).await;
+        if at_10[user] == "2" {
+            assert_eq!(
+                now, "2",
+                "{user} left the canary when its weight went 10% -> 50%"
+            );
+        } else if now == "2" {
+            moved_in += 1;
+        }
+    }
+    assert!(
+        moved_in > 0,
+        "raising the canary to 50% moved nobody into it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn match_rules_override_the_split_even_at_weight_zero() {
+    let gateway = common::start_embedded(ROUTES).await;
+    set_weights(&gateway, 0, 100).await;
+    let mut client = gateway.client().await;
+    for i in 0..50 {
+        let user = format!("user-{i}");
+        assert_eq!(
+            version_for(&mut client, &[("x-user-id", user.clone())], &[]).await,
+            "1"
+        );
+        let forced = version_for(
+            &mut client,
+            &[("x-user-id", user), ("x-canary", "always".into())],
+            &[],
+        )
+        .await;
+        assert_eq!(forced, "2", "the x-canary rule picks the dark version");
+    }
+    assert_eq!(
+        version_for(&mut client, &[], &[("tier", "beta-7")]).await,
+        "2"
+    );
+    assert_eq!(
+        version_for(&mut client, &[], &[("tier", "gold")]).await,
+        "1"
+    );
+    assert_eq!(
+        version_for(&mut client, &[("x-canary", "sometimes".into())], &[]).await,
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_rules_are_rejected_with_their_paths() {
+    let broken = r#"
+[routes.demo]
+versions = [ { version = "1", weight = 1 } ]
+sticky = { header = "" }
+rules = [ { header = "x-a", regex = "^(qa", version = "1" }, { parameter = "p", equals = "x", version = "9" } ]
+"#;
+    let text = format!("[repository]\npath = \"{{models}}\"\n\n{broken}");
+    let error = common::start_gateway(&text, aviary_gateway::Mode::Embedded)
+        .await
+        .err()
+        .expect("invalid rules are rejected");
+    for path in [
+        "routes.demo.sticky",
+        "routes.demo.rules[0].regex",
+        "routes.demo.rules[1].version",
+    ] {
+        assert!(error.contains(path), "{path} missing from: {error}");
+    }
+}
