@@ -20,6 +20,11 @@ Files written (layout `<repo>/<model>/<version>/model.onnx` + optional `model.to
     tests/models/demo/{1,2}/model.{onnx,toml}          same bytes as the demo repository
     tests/models/types/1/model.onnx                    one Identity per KServe datatype
     tests/models/fixed/1/model.onnx                    fixed [2, 3] input, y = 2 * x
+    tests/slow-models/slow/1/model.onnx                deliberately slow: 640 x (MatMul + Tanh)
+
+The slow model lives in its own repository because tests of `tests/models` expect that
+folder's exact contents; it exists for drain and timeout tests that need requests to
+stay in flight (batch 64 takes ~200 ms on one ONNX Runtime thread).
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from onnx import TensorProto, helper, numpy_helper
 REPO = Path(__file__).resolve().parent.parent
 DEMO_REPO = REPO / "deploy" / "local" / "models"
 TEST_REPO = REPO / "tests" / "models"
+SLOW_REPO = REPO / "tests" / "slow-models"
+
+# The slow model: SLOW_LAYERS x (MatMul with one shared WIDTH x WIDTH weight, Tanh).
+SLOW_WIDTH = 512
+SLOW_LAYERS = 640
+SLOW_SEED = 512
 
 OPSET = 17
 IR_VERSION = 8
@@ -285,6 +296,35 @@ def fixed_model():
     return finish(graph, "y = 2 * x with a fully fixed [2, 3] FP32 shape.")
 
 
+def slow_model():
+    """y = tanh(...tanh(tanh(x @ W) @ W)... @ W), SLOW_LAYERS times, one shared W.
+
+    One initializer keeps the file ~1 MB however many layers there are. W is random
+    normal with gain 1.5 / sqrt(width): with Tanh between the MatMuls, activations stay
+    within [-1, 1] and of order one instead of decaying towards 0 over 640 layers.
+    """
+    rng = np.random.default_rng(SLOW_SEED)
+    w = (rng.standard_normal((SLOW_WIDTH, SLOW_WIDTH)) * (1.5 / np.sqrt(SLOW_WIDTH))).astype(np.float32)
+    nodes, prev = [], "x"
+    for i in range(SLOW_LAYERS):
+        out = "y" if i == SLOW_LAYERS - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"], name=f"matmul{i}"))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out], name=f"tanh{i}"))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return finish(
+        graph,
+        f"Deliberately slow model for drain tests: {SLOW_LAYERS} x (MatMul with one shared "
+        f"{SLOW_WIDTH}x{SLOW_WIDTH} weight, then Tanh). Its outputs carry no meaning.",
+    )
+
+
 # --------------------------------------------------------------------------- cards
 
 
@@ -390,6 +430,7 @@ def build():
     write_bytes(DEMO_REPO / "mlp/1/model.toml", mlp_card, written)
     write_bytes(TEST_REPO / "types/1/model.onnx", types_model().SerializeToString(), written)
     write_bytes(TEST_REPO / "fixed/1/model.onnx", fixed_model().SerializeToString(), written)
+    write_bytes(SLOW_REPO / "slow/1/model.onnx", slow_model().SerializeToString(), written)
 
     for p in written:
         print(f"wrote {p.relative_to(REPO)} ({p.stat().st_size} bytes)")
@@ -438,6 +479,26 @@ def verify():
     (y,) = s.run(None, {"x": x})
     assert np.array_equal(y, x * 2)
     print(f"fixed/1: y={y.tolist()}")
+
+    # slow/1 on one thread, as the tests run it (intra_op_threads = 1).
+    import time
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    s = ort.InferenceSession(
+        str(SLOW_REPO / "slow/1/model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    x = np.random.default_rng(0).standard_normal((64, SLOW_WIDTH)).astype(np.float32)
+    (y,) = s.run(None, {"x": x})
+    assert y.shape == (64, SLOW_WIDTH) and y.dtype == np.float32, (y.shape, y.dtype)
+    assert np.all(np.isfinite(y)) and np.mean(np.abs(y)) > 0.05, np.mean(np.abs(y))
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        s.run(None, {"x": x})
+        times.append(time.perf_counter() - started)
+    print(f"slow/1: batch 64 on one thread: median {sorted(times)[2] * 1e3:.0f} ms, mean |y| {np.mean(np.abs(y)):.3f}")
 
     # types/1. The Python binding cannot turn a bfloat16 tensor into numpy, and cannot
     # make an OrtValue from a string array, so the run is done in two steps:
