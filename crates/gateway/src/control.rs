@@ -200,7 +200,13 @@ impl Control {
         let may_unload = |m: &str, v: u64| routing.weight(m, &v.to_string()) == 0;
         let result = worker.load_model(model, &may_unload).await;
         let routes = writer.routes.clone();
-        let generation = self.publish_keeping(&mut writer, routes)?;
+        let mut generation = self.publish_keeping(&mut writer, routes)?;
+        if let Ok(report) = &result {
+            generation = self
+                .release_kept(&mut writer, worker, &report.kept)
+                .await?
+                .unwrap_or(generation);
+        }
         result.map(|_| generation).map_err(Into::into)
     }
 
@@ -236,7 +242,45 @@ impl Control {
             let routes = writer.routes.clone();
             self.publish_keeping(&mut writer, routes)?;
         }
+        self.release_kept(&mut writer, worker, &report.kept).await?;
         Ok(report)
+    }
+
+    /// A sync keeps versions that had weight when it started; the routes it publishes
+    /// can take that weight away (a new newest version takes over an implicit route).
+    /// Unloads those now-unweighted versions; returns the new generation if any went.
+    async fn release_kept(
+        &self,
+        writer: &mut Writer,
+        worker: &Worker,
+        kept: &[(String, u64)],
+    ) -> Result<Option<u64>, GatewayError> {
+        let routing = self.routing.load_full();
+        let free: Vec<&(String, u64)> = kept
+            .iter()
+            .filter(|(model, version)| routing.weight(model, &version.to_string()) == 0)
+            // A version an explicit route names (even at weight 0) is the operator's to remove.
+            .filter(|(model, version)| {
+                let version = version.to_string();
+                !writer
+                    .routes
+                    .get(model)
+                    .is_some_and(|r| r.versions.iter().any(|v| v.version == version))
+            })
+            .collect();
+        if free.is_empty() {
+            return Ok(None);
+        }
+        let hidden: BTreeSet<(String, String)> = free
+            .iter()
+            .map(|(m, v)| (m.clone(), v.to_string()))
+            .collect();
+        let routes = writer.routes.clone();
+        self.publish(writer, routes.clone(), &hidden)?;
+        for (model, version) in free {
+            worker.unload_version(model, *version).await?;
+        }
+        self.publish_keeping(writer, routes).map(Some)
     }
 
     /// The status of the watched config file.
