@@ -153,12 +153,20 @@ pub struct VersionConfig {
 impl Config {
     /// Reads and parses `path`, resolving relative paths against its folder.
     pub fn load(path: &Path) -> Result<Config, GatewayError> {
-        let error = |message: String| GatewayError::Config {
+        let text = std::fs::read_to_string(path).map_err(|e| GatewayError::Config {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Config::from_text(&text, path)
+    }
+
+    /// Parses `text` as the contents of the file at `path` (relative paths resolve
+    /// against its folder).
+    pub fn from_text(text: &str, path: &Path) -> Result<Config, GatewayError> {
+        let mut config = Config::parse(text).map_err(|message| GatewayError::Config {
             path: path.display().to_string(),
             message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
-        let mut config = Config::parse(&text).map_err(error)?;
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(repository) = config.repository.as_mut().filter(|r| r.path.is_relative()) {
             repository.path = base.join(&repository.path);
@@ -166,10 +174,11 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses and checks a config text; every problem is listed, one per line, each
-    /// with its path.
+    /// Parses and checks a config text. A syntax error or unknown key stops parsing
+    /// and is reported with its line; once the text parses, every remaining problem is
+    /// listed, one per line, each with its path.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let config: Config = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         let mut problems = Vec::new();
         if config.server.max_message_bytes < 1024 {
             problems.push(format!(
@@ -210,6 +219,21 @@ impl Config {
     }
 }
 
+/// One line: `line L, column C: message` (toml's own text spreads over several lines
+/// of source excerpt, which reads badly in logs and the admin API).
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,10 +262,12 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_rejected_with_their_name() {
+    fn unknown_fields_are_rejected_with_their_name_and_line() {
         let err = Config::parse("[routes.demo]\nversions = [ { version = \"1\", wieght = 1 } ]\n")
             .expect_err("typo must be rejected");
         assert!(err.contains("wieght"), "{err}");
+        assert!(err.starts_with("line 2, column"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
 
     #[test]

@@ -56,16 +56,21 @@ pub async fn watch_config(
 
     let shown = path.display().to_string();
     control.watching_config(&shown);
-    let mut last_seen = std::fs::read(&path).ok();
+    // No baseline: the first pass compares the file with the routes in force, so an
+    // edit saved while the gateway was starting (loading models) still applies.
+    let mut last_seen: Option<Vec<u8>> = None;
     let mut warned_missing = false;
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = stopped(&mut stop) => return,
-            Some(()) = events.recv() => {
-                tokio::time::sleep(SETTLE).await;
-                while events.try_recv().is_ok() {}
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                Some(()) = events.recv() => {
+                    tokio::time::sleep(SETTLE).await;
+                    while events.try_recv().is_ok() {}
+                }
+                () = tokio::time::sleep(CONFIG_POLL) => {}
             }
-            () = tokio::time::sleep(CONFIG_POLL) => {}
         }
         let contents = match std::fs::read(&path) {
             Ok(contents) => contents,
@@ -78,17 +83,30 @@ pub async fn watch_config(
             }
         };
         warned_missing = false;
+        if contents.iter().all(u8::is_ascii_whitespace) {
+            // An in-place save truncates before it writes; an empty file is never meant.
+            tracing::debug!(path = %shown, "config file is empty; waiting for its contents");
+            continue;
+        }
         if last_seen.as_deref() == Some(contents.as_slice()) {
             continue;
         }
+        apply_config(&path, &contents, &started_with, &control).await;
         last_seen = Some(contents);
-        apply_config(&path, &started_with, &control).await;
     }
 }
 
-async fn apply_config(path: &Path, started_with: &Config, control: &Control) {
+/// Applies the file contents that were read (not a second read, which could see a
+/// newer version and apply it twice).
+async fn apply_config(path: &Path, contents: &[u8], started_with: &Config, control: &Control) {
     let shown = path.display().to_string();
-    let config = match Config::load(path) {
+    let parsed = std::str::from_utf8(contents)
+        .map_err(|e| crate::GatewayError::Config {
+            path: shown.clone(),
+            message: format!("not UTF-8: {e}"),
+        })
+        .and_then(|text| Config::from_text(text, path));
+    let config = match parsed {
         Ok(config) => config,
         Err(error) => {
             let errors: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
