@@ -182,3 +182,48 @@ rules = [ { header = "x-a", regex = "^(qa", version = "1" }, { parameter = "p", 
         assert!(error.contains(path), "{path} missing from: {error}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_fail_only_their_version_and_survive_weight_changes() {
+    let gateway = common::start_embedded(
+        r#"
+[routes.demo]
+versions = [ { version = "2", weight = 50, fault = { error_rate = 1.0 } }, { version = "1", weight = 50 } ]
+"#,
+    )
+    .await;
+    let mut client = gateway.client().await;
+    let pinned = |version: &str| common::demo_request(&ROW, version);
+    let status = client
+        .model_infer(pinned("2"))
+        .await
+        .expect_err("version 2 always fails");
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert!(
+        status.message().contains("injected fault"),
+        "{}",
+        status.message()
+    );
+    client
+        .model_infer(pinned("1"))
+        .await
+        .expect("version 1 is untouched");
+
+    // Weights set through the admin API keep the configured fault.
+    set_weights(&gateway, 10, 90).await;
+    let status = client
+        .model_infer(pinned("2"))
+        .await
+        .expect_err("still faulty");
+    assert_eq!(status.code(), tonic::Code::Internal);
+
+    let invalid = "[repository]\npath = \"{models}\"\n[routes.demo]\nversions = [ { version = \"1\", weight = 1, fault = { error_rate = 1.5 } } ]\n";
+    let error = common::start_gateway(invalid, aviary_gateway::Mode::Embedded)
+        .await
+        .err()
+        .expect("an error rate above 1 is rejected");
+    assert!(
+        error.contains("routes.demo.versions[0].fault.error_rate"),
+        "{error}"
+    );
+}

@@ -129,6 +129,7 @@ fn route_config(route: &Route) -> RouteConfig {
                 version: v.version.clone(),
                 weight: v.weight,
                 endpoint: Some(v.endpoint.clone()).filter(|e| !e.is_empty()),
+                fault: None,
             })
             .collect(),
         ..RouteConfig::default()

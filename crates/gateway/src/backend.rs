@@ -14,7 +14,7 @@ use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::GatewayError;
+use crate::{GatewayError, config::FaultConfig};
 
 /// A place that runs model versions.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
@@ -114,6 +114,77 @@ impl Backend for InProcess {
 
     fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>> {
         Box::pin(async move { Ok(self.worker.index(false)) })
+    }
+}
+
+/// A version with injected faults: a delay before each request and a share of
+/// requests failed with `INTERNAL`, for tests and game days.
+#[derive(Debug)]
+pub struct Faulty {
+    inner: Arc<dyn Backend>,
+    fault: FaultConfig,
+}
+
+impl Faulty {
+    /// Wraps `inner` with `fault`.
+    pub fn new(inner: Arc<dyn Backend>, fault: FaultConfig) -> Faulty {
+        Faulty { inner, fault }
+    }
+}
+
+impl Backend for Faulty {
+    fn location(&self) -> &str {
+        self.inner.location()
+    }
+
+    fn infer(
+        &self,
+        request: ModelInferRequest,
+    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
+        Box::pin(async move {
+            if self.fault.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(self.fault.delay_ms)).await;
+            }
+            if self.fault.error_rate > 0.0 && rand::random::<f64>() < self.fault.error_rate {
+                return Err(GatewayError::InjectedFault {
+                    model: request.model_name,
+                    version: request.model_version,
+                });
+            }
+            self.inner.infer(request).await
+        })
+    }
+
+    fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool> {
+        self.inner.ready(model, version)
+    }
+
+    fn metadata(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelMetadataResponse, GatewayError>> {
+        self.inner.metadata(model, version)
+    }
+
+    fn config(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<ModelConfig, GatewayError>> {
+        self.inner.config(model, version)
+    }
+
+    fn statistics(
+        &self,
+        model: String,
+        version: String,
+    ) -> BoxFuture<'_, Result<Vec<ModelStatistics>, GatewayError>> {
+        self.inner.statistics(model, version)
+    }
+
+    fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>> {
+        self.inner.index()
     }
 }
 

@@ -148,6 +148,20 @@ pub struct VersionConfig {
     pub weight: u32,
     /// Remote worker serving this version (`http://host:port`); absent: the embedded worker.
     pub endpoint: Option<String>,
+    /// Injected failures and latency, for tests and game days; off unless set.
+    pub fault: Option<FaultConfig>,
+}
+
+/// Faults injected into one version's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Share of requests answered with an injected `INTERNAL` error, 0.0 to 1.0.
+    #[serde(default)]
+    pub error_rate: f64,
+    /// Delay added before each request runs, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 impl Config {
@@ -202,6 +216,14 @@ impl Config {
         }
         for (model, route) in &config.routes {
             for (i, version) in route.versions.iter().enumerate() {
+                if let Some(fault) = &version.fault
+                    && !(0.0..=1.0).contains(&fault.error_rate)
+                {
+                    problems.push(format!(
+                        "routes.{model}.versions[{i}].fault.error_rate: {} is not between 0 and 1",
+                        fault.error_rate
+                    ));
+                }
                 if let Some(endpoint) = &version.endpoint
                     && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
                 {

@@ -100,12 +100,19 @@ impl Control {
         }
         let mut routes = writer.routes.clone();
         let mut route = route;
-        // The admin API sets versions and weights; a route's sticky key and match rules
-        // (config file) stay as they are.
+        // The admin API sets versions and weights; a route's sticky key, match rules and
+        // injected faults (config file) stay as they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
+            }
+            for version in &mut route.versions {
+                let configured = existing
+                    .versions
+                    .iter()
+                    .find(|v| v.version == version.version);
+                version.fault = version.fault.or_else(|| configured.and_then(|v| v.fault));
             }
         }
         routes.insert(model.to_owned(), route);

@@ -45,6 +45,16 @@ pub enum GatewayError {
     /// The change is valid but not allowed in the current state.
     #[error("{0}")]
     Refused(String),
+    /// Fault injection failed this request on purpose.
+    #[error(
+        "injected fault: model \"{model}\" version \"{version}\" is configured to fail a share of requests"
+    )]
+    InjectedFault {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+    },
     /// A routed version has no backend (a bug in building the routing snapshot).
     #[error("model \"{model}\" version \"{version}\" has no backend")]
     NoBackend {
@@ -78,6 +88,7 @@ impl From<GatewayError> for tonic::Status {
                 tonic::Status::failed_precondition(e.to_string())
             }
             e @ GatewayError::NoBackend { .. } => tonic::Status::unavailable(e.to_string()),
+            e @ GatewayError::InjectedFault { .. } => tonic::Status::internal(e.to_string()),
         }
     }
 }

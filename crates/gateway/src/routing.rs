@@ -13,7 +13,7 @@ use aviary_worker::Worker;
 
 use crate::{
     GatewayError,
-    backend::{Backend, InProcess, Remote},
+    backend::{Backend, Faulty, InProcess, Remote},
     config::RouteConfig,
 };
 
@@ -136,6 +136,10 @@ impl Routing {
                         Arc::new(InProcess::new(Arc::clone(worker), slot))
                     }
                 };
+                let backend = match version.fault {
+                    Some(fault) => Arc::new(Faulty::new(backend, fault)),
+                    None => backend,
+                };
                 backends
                     .entry(model.clone())
                     .or_default()
@@ -221,6 +225,7 @@ fn implicit_route(versions: &BTreeSet<String>) -> RouteConfig {
                 version: (*v).clone(),
                 weight: u32::from(Some(v.as_str()) == newest),
                 endpoint: None,
+                fault: None,
             })
             .collect(),
         ..RouteConfig::default()
