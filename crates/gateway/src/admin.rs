@@ -4,8 +4,9 @@ use std::{future::Future, sync::Arc, time::UNIX_EPOCH};
 
 use aviary::pb::admin::{
     ConfigStatus, GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, ListModelsRequest,
-    ListModelsResponse, ModelCard, ModelVersionInfo, Route, SetRouteRequest, SetRouteResponse,
-    UnloadVersionRequest, VersionRequest, VersionResponse, VersionWeight,
+    ListModelsResponse, ModelCard, ModelVersionInfo, OutputComparison, Route, SetRouteRequest,
+    SetRouteResponse, ShadowReport, ShadowReportRequest, UnloadVersionRequest, VersionRequest,
+    VersionResponse, VersionWeight,
     admin_server::{Admin, AdminServer},
 };
 use tokio::net::TcpListener;
@@ -232,6 +233,48 @@ impl Admin for AdminService {
             version: None,
             generation,
             load_ms: 0,
+        }))
+    }
+
+    async fn get_shadow_report(
+        &self,
+        request: Request<ShadowReportRequest>,
+    ) -> Result<Response<ShadowReport>, Status> {
+        let model = request.into_inner().model;
+        let routing = self.control.routing().load_full();
+        let mirror = routing.mirror(required("model", &model)?).ok_or_else(|| {
+            Status::not_found(format!(
+                "model \"{model}\" has no shadow (set routes.{model}.shadow)"
+            ))
+        })?;
+        let report = mirror.report();
+        let outputs = report
+            .outputs
+            .iter()
+            .map(|(name, c)| {
+                let ks = aviary_router::stats::ks_two_sample(&c.primary_sample, &c.shadow_sample);
+                OutputComparison {
+                    output: name.clone(),
+                    compared: c.compared,
+                    agreement_total: c.agreement_total,
+                    agreement: c.agreement().unwrap_or(0.0),
+                    mean_abs_diff: c.mean_abs_diff().unwrap_or(0.0),
+                    max_abs_diff: c.abs_diff_max,
+                    mismatched: c.mismatched,
+                    ks_statistic: ks.map_or(0.0, |t| t.statistic),
+                    ks_p_value: ks.map_or(1.0, |t| t.p_value),
+                    sample_size: c.primary_sample.len() as u64,
+                }
+            })
+            .collect();
+        Ok(Response::new(ShadowReport {
+            model,
+            version: report.version,
+            percent: mirror.config().percent,
+            sent: report.sent,
+            dropped: report.dropped,
+            failed: report.failed,
+            outputs,
         }))
     }
 

@@ -13,6 +13,8 @@ use std::{
 
 use aviary_router::{RuleSpec, StickySpec};
 use aviary_worker::VersionPolicy;
+
+use crate::shadow::ShadowConfig;
 use serde::Deserialize;
 
 use crate::GatewayError;
@@ -136,6 +138,9 @@ pub struct RouteConfig {
     /// Header or parameter matches that pick a version before the split.
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
+    /// A version that also receives a share of the requests, off the request path.
+    #[serde(default)]
+    pub shadow: Option<ShadowConfig>,
 }
 
 /// One version of a route.
@@ -215,6 +220,32 @@ impl Config {
             }
         }
         for (model, route) in &config.routes {
+            if let Some(shadow) = &route.shadow {
+                let path = format!("routes.{model}.shadow");
+                if !(0.0..=100.0).contains(&shadow.percent) {
+                    problems.push(format!(
+                        "{path}.percent: {} is not between 0 and 100",
+                        shadow.percent
+                    ));
+                }
+                if shadow.queue == 0 {
+                    problems.push(format!("{path}.queue: must be at least 1"));
+                }
+                if shadow.concurrency == 0 {
+                    problems.push(format!("{path}.concurrency: must be at least 1"));
+                }
+                if route
+                    .versions
+                    .iter()
+                    .any(|v| v.version == shadow.version && v.weight > 0)
+                {
+                    problems.push(format!(
+                        "{path}.version: \"{}\" also has weight in the route; a shadow must be a version \
+                         without unpinned traffic",
+                        shadow.version
+                    ));
+                }
+            }
             for (i, version) in route.versions.iter().enumerate() {
                 if let Some(fault) = &version.fault
                     && !(0.0..=1.0).contains(&fault.error_rate)

@@ -17,7 +17,7 @@ use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError};
 use crate::{
     GatewayError,
     config::{Config, RouteConfig},
-    routing::{RemotePool, Routing, RoutingInputs},
+    routing::{Pools, Routing, RoutingInputs},
 };
 
 /// Whether the last config file change applied.
@@ -36,7 +36,7 @@ pub struct ConfigStatus {
 #[derive(Debug)]
 struct Writer {
     routes: BTreeMap<String, RouteConfig>,
-    remotes: RemotePool,
+    pools: Pools,
 }
 
 /// The gateway's live state and every way to change it.
@@ -52,7 +52,7 @@ pub struct Control {
 impl Control {
     /// Builds the first routing snapshot (generation 1) from `config`.
     pub fn new(config: &Config, worker: Option<Arc<Worker>>) -> Result<Control, GatewayError> {
-        let mut remotes = RemotePool::new();
+        let mut pools = Pools::default();
         let routing = Routing::build(
             RoutingInputs {
                 routes: &config.routes,
@@ -61,7 +61,7 @@ impl Control {
                 max_message_bytes: config.server.max_message_bytes,
                 generation: 1,
             },
-            &mut remotes,
+            &mut pools,
         )?;
         Ok(Control {
             routing: Arc::new(ArcSwap::from_pointee(routing)),
@@ -69,7 +69,7 @@ impl Control {
             max_message_bytes: config.server.max_message_bytes,
             writer: tokio::sync::Mutex::new(Writer {
                 routes: config.routes.clone(),
-                remotes,
+                pools,
             }),
             config_status: Mutex::new(ConfigStatus::default()),
         })
@@ -345,7 +345,7 @@ impl Control {
                 max_message_bytes: self.max_message_bytes,
                 generation,
             },
-            &mut writer.remotes,
+            &mut writer.pools,
         )?;
         self.routing.store(Arc::new(routing));
         writer.routes = routes;

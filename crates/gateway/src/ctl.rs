@@ -5,7 +5,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use aviary::pb::admin::{
     GetConfigStatusRequest, GetRoutesRequest, ListModelsRequest, Route, SetRouteRequest,
-    UnloadVersionRequest, VersionRequest, VersionWeight, admin_client::AdminClient,
+    ShadowReportRequest, UnloadVersionRequest, VersionRequest, VersionWeight,
+    admin_client::AdminClient,
 };
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -77,6 +78,11 @@ pub enum CtlCommand {
     },
     /// Whether the last config file change applied, and its errors.
     ConfigStatus,
+    /// How a model's shadow version compares with the versions that answered.
+    Shadow {
+        /// Model name.
+        model: String,
+    },
 }
 
 fn parse_weight(text: &str) -> Result<(String, u32), String> {
@@ -292,6 +298,68 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 format!(
                     "{model} version {version} unloaded (routes at generation {})",
                     response.generation
+                )
+            }
+        }
+        CtlCommand::Shadow { model } => {
+            let report = admin
+                .get_shadow_report(ShadowReportRequest {
+                    model: model.clone(),
+                })
+                .await?
+                .into_inner();
+            if args.json {
+                json!({
+                    "model": report.model,
+                    "version": report.version,
+                    "percent": report.percent,
+                    "sent": report.sent,
+                    "dropped": report.dropped,
+                    "failed": report.failed,
+                    "outputs": report.outputs.iter().map(|o| json!({
+                        "output": o.output,
+                        "compared": o.compared,
+                        "agreement": o.agreement,
+                        "agreement_total": o.agreement_total,
+                        "mean_abs_diff": o.mean_abs_diff,
+                        "max_abs_diff": o.max_abs_diff,
+                        "mismatched": o.mismatched,
+                        "ks_statistic": o.ks_statistic,
+                        "ks_p_value": o.ks_p_value,
+                        "sample_size": o.sample_size,
+                    })).collect::<Vec<_>>(),
+                })
+                .to_string()
+            } else {
+                let mut rows = vec![vec![
+                    "OUTPUT".into(),
+                    "COMPARED".into(),
+                    "AGREEMENT".into(),
+                    "MEAN |Δ|".into(),
+                    "MAX |Δ|".into(),
+                    "KS D".into(),
+                    "KS p".into(),
+                ]];
+                for o in &report.outputs {
+                    rows.push(vec![
+                        o.output.clone(),
+                        o.compared.to_string(),
+                        format!("{:.2}% of {}", o.agreement * 100.0, o.agreement_total),
+                        format!("{:.6}", o.mean_abs_diff),
+                        format!("{:.6}", o.max_abs_diff),
+                        format!("{:.4}", o.ks_statistic),
+                        format!("{:.4}", o.ks_p_value),
+                    ]);
+                }
+                format!(
+                    "{} shadow version {} at {}%: {} mirrored, {} dropped (shadow too slow), {} failed\n{}",
+                    report.model,
+                    report.version,
+                    report.percent,
+                    report.sent,
+                    report.dropped,
+                    report.failed,
+                    table(&rows)
                 )
             }
         }

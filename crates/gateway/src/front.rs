@@ -100,7 +100,16 @@ impl Front {
         })?;
         let backend = routing.backend(&request.model_name, &version)?;
         request.model_version = version;
-        backend.infer(request).await
+        // The shadow coin is flipped first so only mirrored requests are copied.
+        let mirror = routing
+            .mirror(&request.model_name)
+            .filter(|mirror| SPLIT_RNG.with_borrow_mut(|rng| mirror.chosen(rng)));
+        let copy = mirror.map(|_| request.clone());
+        let response = backend.infer(request).await?;
+        if let (Some(mirror), Some(copy)) = (mirror, copy) {
+            mirror.enqueue(copy, &response);
+        }
+        Ok(response)
     }
 
     fn resolve_version(

@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: the `aviary.toml` file.
 //! - [`routing`]: the route table and backends as one swappable snapshot.
+//! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
 //! - [`control`]: live changes: routes, version load/reload/unload, repository sync.
 //! - [`watch`]: watching the config file and the model repository.
 //! - [`admin`]: the admin API (`aviary.admin.v1.Admin`) over [`control`].
@@ -31,6 +32,7 @@ pub mod ctl;
 pub mod error;
 pub mod front;
 pub mod routing;
+pub mod shadow;
 pub mod watch;
 
 pub use app::{Gateway, Listeners, Mode};

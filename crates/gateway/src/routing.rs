@@ -14,12 +14,20 @@ use aviary_worker::Worker;
 use crate::{
     GatewayError,
     backend::{Backend, Faulty, InProcess, Remote},
-    config::RouteConfig,
+    config::{FaultConfig, RouteConfig},
+    shadow::{Mirror, ShadowConfig},
 };
 
-/// Remote worker clients by endpoint, kept across rebuilds so a weight change never
-/// reconnects.
-pub type RemotePool = BTreeMap<String, Arc<dyn Backend>>;
+/// What outlives routing snapshots: remote worker clients by endpoint (so a weight
+/// change never reconnects) and shadow mirrors by model (their queues and comparisons
+/// carry on).
+#[derive(Debug, Default)]
+pub struct Pools {
+    /// Remote worker clients by endpoint.
+    pub remotes: BTreeMap<String, Arc<dyn Backend>>,
+    /// Shadow mirrors by model.
+    pub mirrors: BTreeMap<String, Arc<Mirror>>,
+}
 
 /// What a snapshot is built from.
 #[derive(Debug)]
@@ -46,6 +54,7 @@ pub struct Routing {
     /// The routes as configured, with implicit routes of unrouted embedded models.
     pub routes: BTreeMap<String, RouteConfig>,
     backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>>,
+    mirrors: BTreeMap<String, Arc<Mirror>>,
     worker: Option<Arc<Worker>>,
     remotes: Vec<Arc<dyn Backend>>,
 }
@@ -55,10 +64,7 @@ impl Routing {
     /// `endpoint` run in-process, and every repository model without an explicit route
     /// gets one that sends unpinned traffic to its newest version and lets requests pin
     /// any loaded version. Every problem is reported, each with its path.
-    pub fn build(
-        inputs: RoutingInputs<'_>,
-        remotes: &mut RemotePool,
-    ) -> Result<Routing, GatewayError> {
+    pub fn build(inputs: RoutingInputs<'_>, pools: &mut Pools) -> Result<Routing, GatewayError> {
         let RoutingInputs {
             routes: explicit,
             worker,
@@ -110,43 +116,93 @@ impl Routing {
             .collect();
         let table = RouteTable::compile(&specs, &inventory)?;
 
-        let mut backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>> = BTreeMap::new();
         let mut used_remotes = BTreeSet::new();
-        for (model, route) in &routes {
-            for version in &route.versions {
-                let backend: Arc<dyn Backend> = match &version.endpoint {
-                    Some(endpoint) => {
-                        used_remotes.insert(endpoint.clone());
-                        match remotes.get(endpoint) {
-                            Some(existing) => Arc::clone(existing),
-                            None => {
-                                let remote: Arc<dyn Backend> =
-                                    Arc::new(Remote::connect_lazy(endpoint, max_message_bytes)?);
-                                remotes.insert(endpoint.clone(), Arc::clone(&remote));
-                                remote
-                            }
+        let mut backend_for = |model: &str,
+                               version: &str,
+                               endpoint: Option<&String>,
+                               fault: Option<FaultConfig>|
+         -> Result<Arc<dyn Backend>, GatewayError> {
+            let backend: Arc<dyn Backend> = match endpoint {
+                Some(endpoint) => {
+                    used_remotes.insert(endpoint.clone());
+                    match pools.remotes.get(endpoint) {
+                        Some(existing) => Arc::clone(existing),
+                        None => {
+                            let remote: Arc<dyn Backend> =
+                                Arc::new(Remote::connect_lazy(endpoint, max_message_bytes)?);
+                            pools.remotes.insert(endpoint.clone(), Arc::clone(&remote));
+                            remote
                         }
                     }
-                    None => {
-                        let worker = worker.ok_or_else(|| GatewayError::NoBackend {
-                            model: model.clone(),
-                            version: version.version.clone(),
-                        })?;
-                        let slot = worker.slot(model, &version.version)?;
-                        Arc::new(InProcess::new(Arc::clone(worker), slot))
-                    }
-                };
-                let backend = match version.fault {
-                    Some(fault) => Arc::new(Faulty::new(backend, fault)),
-                    None => backend,
-                };
+                }
+                None => {
+                    let worker = worker.ok_or_else(|| GatewayError::NoBackend {
+                        model: model.to_owned(),
+                        version: version.to_owned(),
+                    })?;
+                    let slot = worker.slot(model, version)?;
+                    Arc::new(InProcess::new(Arc::clone(worker), slot))
+                }
+            };
+            Ok(match fault {
+                Some(fault) => Arc::new(Faulty::new(backend, fault)),
+                None => backend,
+            })
+        };
+
+        let mut backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>> = BTreeMap::new();
+        let mut shadows: BTreeMap<String, (ShadowConfig, Arc<dyn Backend>)> = BTreeMap::new();
+        for (model, route) in &routes {
+            for version in &route.versions {
+                let backend = backend_for(
+                    model,
+                    &version.version,
+                    version.endpoint.as_ref(),
+                    version.fault,
+                )?;
                 backends
                     .entry(model.clone())
                     .or_default()
                     .insert(version.version.clone(), backend);
             }
+            if let Some(shadow) = &route.shadow {
+                let backend = backend_for(
+                    model,
+                    &shadow.version,
+                    shadow.endpoint.as_ref(),
+                    shadow.fault,
+                )
+                .map_err(|e| GatewayError::Config {
+                    path: format!("routes.{model}.shadow.version"),
+                    message: format!(
+                        "shadow version \"{}\" cannot be served: {e}",
+                        shadow.version
+                    ),
+                })?;
+                shadows.insert(model.clone(), (shadow.clone(), backend));
+            }
         }
-        let remotes_in_use = remotes
+        // Mirrors outlive snapshots (their queues and comparisons carry on across weight
+        // changes); a changed shadow setting starts a fresh mirror.
+        pools.mirrors.retain(|model, mirror| {
+            shadows
+                .get(model)
+                .is_some_and(|(c, _)| c == mirror.config())
+        });
+        let mut mirrors = BTreeMap::new();
+        for (model, (config, backend)) in shadows {
+            let mirror = match pools.mirrors.get(&model) {
+                Some(existing) => {
+                    existing.set_backend(backend);
+                    Arc::clone(existing)
+                }
+                None => Mirror::start(config, backend),
+            };
+            pools.mirrors.insert(model.clone(), Arc::clone(&mirror));
+            mirrors.insert(model, mirror);
+        }
+        let remotes_in_use = pools
+            .remotes
             .iter()
             .filter(|(endpoint, _)| used_remotes.contains(*endpoint))
             .map(|(_, backend)| Arc::clone(backend))
@@ -156,9 +212,15 @@ impl Routing {
             generation,
             routes,
             backends,
+            mirrors,
             worker: worker.cloned(),
             remotes: remotes_in_use,
         })
+    }
+
+    /// The shadow mirror of `model`, if its route has one.
+    pub fn mirror(&self, model: &str) -> Option<&Arc<Mirror>> {
+        self.mirrors.get(model)
     }
 
     /// The backend serving `model` at `version`.

@@ -26,13 +26,18 @@
 //! - `table`: [`RouteTable`], the snapshot the gateway reads, and [`Decision`].
 //! - `error`: [`RouteError`] for request-time failures, [`ValidationErrors`] for
 //!   rejected specs.
+//! - `rollout`: [`rollout::Rollout`], the pure state machine behind progressive rollouts.
+//! - `stats`: significance tests, confidence intervals and the KS drift test for
+//!   experiment and canary reports.
 #![forbid(unsafe_code)]
 
 mod attributes;
 mod error;
+pub mod rollout;
 mod route;
 mod rules;
 mod spec;
+pub mod stats;
 mod sticky;
 mod table;
 mod validate;
