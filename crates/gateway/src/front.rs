@@ -29,7 +29,7 @@ use tonic::{
     metadata::{MetadataMap, MetadataValue},
 };
 
-use crate::{GatewayError, control::Control, routing::Routing};
+use crate::{GatewayError, control::Control, metrics::Metrics, routing::Routing};
 
 /// Response header naming the variant (version) that served the request.
 pub const VARIANT_HEADER: &str = "x-aviary-variant";
@@ -67,15 +67,18 @@ pub struct Front {
     routing: Arc<ArcSwap<Routing>>,
     control: Arc<Control>,
     ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 impl Front {
-    /// A front over `control`'s routing; `ready` is kept up to date by the readiness task.
-    pub fn new(control: Arc<Control>, ready: Arc<AtomicBool>) -> Front {
+    /// A front over `control`'s routing; `ready` is kept up to date by the readiness
+    /// task, and every routed request is counted in `metrics`.
+    pub fn new(control: Arc<Control>, ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Front {
         Front {
             routing: Arc::clone(control.routing()),
             control,
             ready,
+            metrics,
         }
     }
 
@@ -98,8 +101,23 @@ impl Front {
                 .resolve_with(&request.model_name, pinned, &attributes, rng)
                 .map(|d| d.version.to_owned())
         })?;
-        let backend = routing.backend(&request.model_name, &version)?;
-        request.model_version = version;
+        // From here on the request belongs to `version`: its outcome counts for it.
+        let model = request.model_name.clone();
+        let started = std::time::Instant::now();
+        request.model_version.clone_from(&version);
+        let result = self.call(&routing, request).await;
+        self.metrics
+            .record(&model, &version, result.is_ok(), started.elapsed());
+        result
+    }
+
+    /// Calls the backend of the version the request names, and mirrors it if chosen.
+    async fn call(
+        &self,
+        routing: &Routing,
+        request: ModelInferRequest,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        let backend = routing.backend(&request.model_name, &request.model_version)?;
         // The shadow coin is flipped first so only mirrored requests are copied.
         let mirror = routing
             .mirror(&request.model_name)
