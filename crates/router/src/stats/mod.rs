@@ -102,8 +102,15 @@ mod tests {
     proptest! {
         #[test]
         fn sample_tests_never_panic_and_p_is_a_probability(a in any_sample(), b in any_sample()) {
-            prop_assert!(valid(mann_whitney_u(&a, &b)));
-            prop_assert!(valid(ks_two_sample(&a, &b)));
+            let (u_ab, u_ba) = (mann_whitney_u(&a, &b), mann_whitney_u(&b, &a));
+            prop_assert!(valid(u_ab));
+            if let (Some(ab), Some(ba)) = (u_ab, u_ba) {
+                prop_assert_eq!(ab.statistic + ba.statistic, (a.len() * b.len()) as f64);
+                prop_assert!((ab.p_value - ba.p_value).abs() < 1e-12);
+            }
+            let ks = ks_two_sample(&a, &b);
+            prop_assert!(valid(ks));
+            prop_assert_eq!(ks, ks_two_sample(&b, &a));
             if let Some(s) = SampleSummary::from_samples(&a)
                 && let Some((lo, hi)) = mean_interval(&s, 0.95)
             {
@@ -121,6 +128,10 @@ mod tests {
             prop_assert!(valid(chi_square_2x2(s_a, n_a, s_b, n_b)));
             if let Some(p) = msprt_two_proportions(s_a, n_a, s_b, n_b, tau) {
                 prop_assert!((0.0..=1.0).contains(&p));
+            }
+            let summary = SampleSummary { n: n_a, mean: s_a as f64, variance: n_b as f64 };
+            if let Some((lo, hi)) = mean_interval(&summary, confidence) {
+                prop_assert!(lo <= summary.mean && summary.mean <= hi);
             }
             if let Some((lo, hi)) = wilson_interval(s_a, n_a, confidence) {
                 let rate = s_a as f64 / n_a as f64;
