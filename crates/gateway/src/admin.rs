@@ -3,12 +3,14 @@
 use std::{future::Future, sync::Arc, time::UNIX_EPOCH};
 
 use aviary::pb::admin::{
-    ConfigStatus, GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, ListModelsRequest,
-    ListModelsResponse, ModelCard, ModelVersionInfo, OutputComparison, Route, SetRouteRequest,
-    SetRouteResponse, ShadowReport, ShadowReportRequest, UnloadVersionRequest, VersionRequest,
-    VersionResponse, VersionWeight,
+    ConfigStatus, GetConfigStatusRequest, GetRolloutRequest, GetRoutesRequest, GetRoutesResponse,
+    ListModelsRequest, ListModelsResponse, ModelCard, ModelVersionInfo, OutputComparison,
+    RolloutCommandRequest, RolloutDecision, RolloutMetrics, Route, SetRouteRequest,
+    SetRouteResponse, ShadowReport, ShadowReportRequest, StartRolloutRequest, UnloadVersionRequest,
+    VersionRequest, VersionResponse, VersionWeight,
     admin_server::{Admin, AdminServer},
 };
+use aviary_router::rollout::{Gates, RolloutPlan, RolloutState, Step, StepMetrics};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -16,12 +18,14 @@ use crate::{
     GatewayError,
     config::{RouteConfig, VersionConfig},
     control::Control,
+    rollouts::{Command, RolloutStatus, Rollouts},
     routing::Routing,
 };
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
 pub async fn serve<F>(
     control: Arc<Control>,
+    rollouts: Arc<Rollouts>,
     listener: TcpListener,
     shutdown: F,
 ) -> Result<(), GatewayError>
@@ -29,7 +33,7 @@ where
     F: Future<Output = ()> + Send,
 {
     tonic::transport::Server::builder()
-        .add_service(AdminServer::new(AdminService { control }))
+        .add_service(AdminServer::new(AdminService { control, rollouts }))
         .serve_with_incoming_shutdown(aviary_worker::server::incoming(listener), shutdown)
         .await
         .map_err(|e| GatewayError::Refused(format!("admin server: {e}")))
@@ -39,12 +43,24 @@ where
 #[derive(Debug, Clone)]
 pub struct AdminService {
     control: Arc<Control>,
+    rollouts: Arc<Rollouts>,
 }
 
 impl AdminService {
-    /// An admin service over `control`.
-    pub fn new(control: Arc<Control>) -> AdminService {
-        AdminService { control }
+    /// An admin service over `control` and the rollout driver.
+    pub fn new(control: Arc<Control>, rollouts: Arc<Rollouts>) -> AdminService {
+        AdminService { control, rollouts }
+    }
+
+    async fn rollout_command(
+        &self,
+        request: Request<RolloutCommandRequest>,
+        command: Command,
+    ) -> Result<Response<aviary::pb::admin::RolloutStatus>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let status = self.rollouts.command(model, command, &request.note).await?;
+        Ok(Response::new(status_message(&status)))
     }
 
     fn version_info(&self, model: &str, version: &str) -> Option<ModelVersionInfo> {
@@ -134,6 +150,82 @@ fn route_config(route: &Route) -> RouteConfig {
             })
             .collect(),
         ..RouteConfig::default()
+    }
+}
+
+fn plan_from(request: StartRolloutRequest) -> RolloutPlan {
+    let defaults = Gates::error_rate(0.0);
+    let gates = request.gates.unwrap_or_default();
+    RolloutPlan {
+        model: request.model,
+        baseline: request.baseline,
+        canary: request.canary,
+        steps: request
+            .steps
+            .iter()
+            .map(|s| Step {
+                weight: s.weight,
+                min_duration_ms: s.min_duration_ms,
+                min_requests: s.min_requests,
+            })
+            .collect(),
+        gates: Gates {
+            max_error_rate_increase: gates.max_error_rate_increase,
+            max_latency_ratio: gates.max_latency_ratio,
+            min_requests_for_rollback: gates
+                .min_requests_for_rollback
+                .unwrap_or(defaults.min_requests_for_rollback),
+            ..defaults
+        },
+    }
+}
+
+/// The 1-based step a state is at; 0 when at none.
+fn step_of(state: &RolloutState) -> u32 {
+    match state {
+        RolloutState::Progressing { step, .. } | RolloutState::Paused { step, .. } => {
+            u32::try_from(*step).map_or(u32::MAX, |s| s.saturating_add(1))
+        }
+        _ => 0,
+    }
+}
+
+fn metrics_message(metrics: &StepMetrics) -> RolloutMetrics {
+    RolloutMetrics {
+        requests: metrics.requests,
+        errors: metrics.errors,
+        latency_p99_us: metrics.latency_p99_us.unwrap_or(0),
+    }
+}
+
+fn status_message(status: &RolloutStatus) -> aviary::pb::admin::RolloutStatus {
+    let rollout = &status.rollout;
+    let plan = rollout.plan();
+    aviary::pb::admin::RolloutStatus {
+        model: plan.model.clone(),
+        canary: plan.canary.clone(),
+        baseline: plan.baseline.clone(),
+        state: rollout.state().label().to_owned(),
+        terminal: rollout.state().is_terminal(),
+        step: step_of(rollout.state()),
+        steps: u32::try_from(plan.steps.len()).unwrap_or(u32::MAX),
+        canary_weight: rollout.canary_weight().unwrap_or(0),
+        history: rollout
+            .history()
+            .iter()
+            .map(|d| RolloutDecision {
+                at_ms: d.at_ms,
+                from: d.from.label().to_owned(),
+                to: d.to.label().to_owned(),
+                reason: d.reason.clone(),
+                numbers: d.numbers.clone().into_iter().collect(),
+                step: step_of(&d.to),
+            })
+            .collect(),
+        canary_metrics: Some(metrics_message(&status.canary)),
+        baseline_metrics: Some(metrics_message(&status.baseline)),
+        waiting_for: status.waiting_for.clone(),
+        plan_json: serde_json::to_string(plan).unwrap_or_default(),
     }
 }
 
@@ -289,5 +381,51 @@ impl Admin for AdminService {
             errors: status.errors,
             rejected_at_ms: status.rejected_at_ms,
         }))
+    }
+
+    async fn start_rollout(
+        &self,
+        request: Request<StartRolloutRequest>,
+    ) -> Result<Response<aviary::pb::admin::RolloutStatus>, Status> {
+        let plan = plan_from(request.into_inner());
+        let status = self.rollouts.start(plan).await?;
+        Ok(Response::new(status_message(&status)))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<RolloutCommandRequest>,
+    ) -> Result<Response<aviary::pb::admin::RolloutStatus>, Status> {
+        self.rollout_command(request, Command::Pause).await
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<RolloutCommandRequest>,
+    ) -> Result<Response<aviary::pb::admin::RolloutStatus>, Status> {
+        self.rollout_command(request, Command::Resume).await
+    }
+
+    async fn promote_rollout(
+        &self,
+        request: Request<RolloutCommandRequest>,
+    ) -> Result<Response<aviary::pb::admin::RolloutStatus>, Status> {
+        self.rollout_command(request, Command::Promote).await
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<RolloutCommandRequest>,
+    ) -> Result<Response<aviary::pb::admin::RolloutStatus>, Status> {
+        self.rollout_command(request, Command::Abort).await
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<aviary::pb::admin::RolloutStatus>, Status> {
+        let model = request.into_inner().model;
+        let status = self.rollouts.status(required("model", &model)?).await?;
+        Ok(Response::new(status_message(&status)))
     }
 }

@@ -1,6 +1,7 @@
 //! Assembling and running a gateway: load the config's embedded worker (if any),
-//! build the routing, then serve the v2 front and the admin API while background tasks
-//! keep readiness current and watch the config file and the repository.
+//! build the routing and resume saved rollouts, then serve the v2 front and the admin
+//! API while background tasks keep readiness current, drive rollouts, and watch the
+//! config file and the repository.
 
 use std::{
     future::Future,
@@ -18,8 +19,8 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    GatewayError, admin, config::Config, control::Control, front::Front, routing::Routing,
-    watch as watcher,
+    GatewayError, admin, config::Config, control::Control, front::Front, metrics::Metrics,
+    rollouts::Rollouts, routing::Routing, watch as watcher,
 };
 
 /// How often readiness of every routed version is re-checked.
@@ -41,6 +42,8 @@ pub struct Gateway {
     control: Arc<Control>,
     ready: Arc<AtomicBool>,
     config_path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    rollouts: Arc<Rollouts>,
 }
 
 /// The listeners a gateway serves on.
@@ -97,11 +100,18 @@ impl Gateway {
                 .unwrap_or_default();
             tracing::info!(model, version, share = format!("{:.1}%", share * 100.0), %location, "route");
         }
+        let control = Arc::new(control);
+        let metrics = Arc::new(Metrics::default());
+        // Saved rollouts get their weights back before the first request is served.
+        let rollouts =
+            Rollouts::open(Arc::clone(&control), Arc::clone(&metrics), &config.rollouts).await?;
         Ok(Gateway {
             config,
-            control: Arc::new(control),
+            control,
             ready: Arc::new(AtomicBool::new(false)),
             config_path: None,
+            metrics,
+            rollouts: Arc::new(rollouts),
         })
     }
 
@@ -115,6 +125,16 @@ impl Gateway {
     /// The live state: routes, versions, and the ways to change them.
     pub fn control(&self) -> &Arc<Control> {
         &self.control
+    }
+
+    /// Per-variant request metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The rollout driver.
+    pub fn rollouts(&self) -> &Arc<Rollouts> {
+        &self.rollouts
     }
 
     /// The embedded worker, if any.
@@ -159,14 +179,19 @@ impl Gateway {
                 stop_rx.clone(),
             ));
         }
+        tasks.spawn(Arc::clone(&self.rollouts).run(
+            Duration::from_millis(self.config.rollouts.evaluate_interval_ms),
+            stop_rx.clone(),
+        ));
         if let Some(listener) = listeners.admin {
             let control = Arc::clone(&self.control);
+            let rollouts = Arc::clone(&self.rollouts);
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await.map(|_| ());
                 };
-                if let Err(error) = admin::serve(control, listener, stopped).await {
+                if let Err(error) = admin::serve(control, rollouts, listener, stopped).await {
                     tracing::error!(%error, "admin API stopped");
                 }
             });
@@ -180,7 +205,11 @@ impl Gateway {
                 tracing::info!("shutting down: finishing in-flight requests");
             }
         };
-        let front = Front::new(Arc::clone(&self.control), Arc::clone(&self.ready));
+        let front = Front::new(
+            Arc::clone(&self.control),
+            Arc::clone(&self.ready),
+            Arc::clone(&self.metrics),
+        );
         let options = server::ServeOptions {
             max_message_bytes: self.config.server.max_message_bytes,
             grace_period,

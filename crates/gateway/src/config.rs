@@ -34,6 +34,35 @@ pub struct Config {
     /// Routes by model name.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
+    /// The progressive rollout driver.
+    #[serde(default)]
+    pub rollouts: RolloutsConfig,
+}
+
+/// How this gateway drives progressive rollouts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutsConfig {
+    /// How often active rollouts are judged on their step metrics, in milliseconds.
+    #[serde(default = "default_evaluate_interval_ms")]
+    pub evaluate_interval_ms: u64,
+    /// Where rollouts are kept across restarts, relative to the config file; absent:
+    /// rollouts live only as long as the process.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for RolloutsConfig {
+    fn default() -> Self {
+        RolloutsConfig {
+            evaluate_interval_ms: default_evaluate_interval_ms(),
+            state_file: None,
+        }
+    }
+}
+
+fn default_evaluate_interval_ms() -> u64 {
+    1000
 }
 
 /// Listener and protocol limits.
@@ -190,6 +219,14 @@ impl Config {
         if let Some(repository) = config.repository.as_mut().filter(|r| r.path.is_relative()) {
             repository.path = base.join(&repository.path);
         }
+        if let Some(state_file) = config
+            .rollouts
+            .state_file
+            .as_mut()
+            .filter(|p| p.is_relative())
+        {
+            *state_file = base.join(&*state_file);
+        }
         Ok(config)
     }
 
@@ -218,6 +255,9 @@ impl Config {
             if repository.watch_interval_ms == 0 {
                 problems.push("repository.watch_interval_ms: must be at least 1".to_owned());
             }
+        }
+        if config.rollouts.evaluate_interval_ms == 0 {
+            problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());
         }
         for (model, route) in &config.routes {
             if let Some(shadow) = &route.shadow {

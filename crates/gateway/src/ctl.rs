@@ -4,9 +4,10 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use aviary::pb::admin::{
-    GetConfigStatusRequest, GetRoutesRequest, ListModelsRequest, Route, SetRouteRequest,
-    ShadowReportRequest, UnloadVersionRequest, VersionRequest, VersionWeight,
-    admin_client::AdminClient,
+    GetConfigStatusRequest, GetRolloutRequest, GetRoutesRequest, ListModelsRequest,
+    RolloutCommandRequest, RolloutGates, RolloutMetrics, RolloutStatus, RolloutStep, Route,
+    SetRouteRequest, ShadowReportRequest, StartRolloutRequest, UnloadVersionRequest,
+    VersionRequest, VersionWeight, admin_client::AdminClient,
 };
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -83,6 +84,69 @@ pub enum CtlCommand {
         /// Model name.
         model: String,
     },
+    /// Progressive rollouts: move traffic to a canary step by step, judged on its metrics.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+}
+
+/// `aviary ctl rollout` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout: `aviary ctl rollout start demo --canary 2 --baseline 1 --steps 5,25,50,100`.
+    Start {
+        /// Model name.
+        model: String,
+        /// The new version.
+        #[arg(long)]
+        canary: String,
+        /// The version serving now.
+        #[arg(long)]
+        baseline: String,
+        /// Canary weights in percent, strictly increasing, ending at 100.
+        #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+        steps: Vec<u32>,
+        /// Minimum seconds per step.
+        #[arg(long, default_value_t = 60)]
+        step_duration: u64,
+        /// Minimum canary requests per step.
+        #[arg(long, default_value_t = 100)]
+        step_requests: u64,
+        /// Largest allowed canary error rate minus the baseline's (0 to 1).
+        #[arg(long, default_value_t = 0.01)]
+        max_error_rate_increase: f64,
+        /// Largest allowed canary p99 latency over the baseline's.
+        #[arg(long)]
+        max_latency_ratio: Option<f64>,
+    },
+    /// Hold the current step (a failed gate still rolls back).
+    Pause(RolloutNote),
+    /// Carry on from a pause.
+    Resume(RolloutNote),
+    /// Give the canary all the traffic now.
+    Promote(RolloutNote),
+    /// Give the baseline all the traffic again.
+    Abort(RolloutNote),
+    /// State, step metrics and every decision with its reason.
+    Status {
+        /// Model name.
+        model: String,
+        /// Redraw every second until the rollout is over.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// A model and why the operator acts on its rollout.
+#[derive(Debug, Args)]
+pub struct RolloutNote {
+    /// Model name.
+    model: String,
+    /// Why, kept in the rollout's history.
+    #[arg(long, default_value = "")]
+    note: String,
 }
 
 fn parse_weight(text: &str) -> Result<(String, u32), String> {
@@ -363,6 +427,7 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 )
             }
         }
+        CtlCommand::Rollout { command } => rollout(&mut admin, command, args.json).await?,
         CtlCommand::ConfigStatus => {
             let status = admin
                 .get_config_status(GetConfigStatusRequest {})
@@ -393,6 +458,171 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
         }
     };
     Ok(output)
+}
+
+async fn rollout(
+    admin: &mut AdminClient<tonic::transport::Channel>,
+    command: &RolloutCommand,
+    json: bool,
+) -> Result<String, CtlError> {
+    let note = |n: &RolloutNote| RolloutCommandRequest {
+        model: n.model.clone(),
+        note: n.note.clone(),
+    };
+    let status = match command {
+        RolloutCommand::Start {
+            model,
+            canary,
+            baseline,
+            steps,
+            step_duration,
+            step_requests,
+            max_error_rate_increase,
+            max_latency_ratio,
+        } => {
+            let request = StartRolloutRequest {
+                model: model.clone(),
+                canary: canary.clone(),
+                baseline: baseline.clone(),
+                steps: steps
+                    .iter()
+                    .map(|&weight| RolloutStep {
+                        weight,
+                        min_duration_ms: step_duration.saturating_mul(1000),
+                        min_requests: *step_requests,
+                    })
+                    .collect(),
+                gates: Some(RolloutGates {
+                    max_error_rate_increase: *max_error_rate_increase,
+                    max_latency_ratio: *max_latency_ratio,
+                    min_requests_for_rollback: None,
+                }),
+            };
+            admin.start_rollout(request).await?.into_inner()
+        }
+        RolloutCommand::Pause(n) => admin.pause_rollout(note(n)).await?.into_inner(),
+        RolloutCommand::Resume(n) => admin.resume_rollout(note(n)).await?.into_inner(),
+        RolloutCommand::Promote(n) => admin.promote_rollout(note(n)).await?.into_inner(),
+        RolloutCommand::Abort(n) => admin.abort_rollout(note(n)).await?.into_inner(),
+        RolloutCommand::Status { model, watch } => {
+            let get = GetRolloutRequest {
+                model: model.clone(),
+            };
+            let mut status = admin.get_rollout(get.clone()).await?.into_inner();
+            if *watch {
+                let clear = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !json;
+                while !status.terminal {
+                    if clear {
+                        // Clear the screen and home the cursor, so the table redraws in place.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    println!("{}\n", render_rollout(&status, json));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    status = admin.get_rollout(get.clone()).await?.into_inner();
+                }
+                if clear {
+                    print!("\x1b[2J\x1b[H");
+                }
+            }
+            status
+        }
+    };
+    Ok(render_rollout(&status, json))
+}
+
+fn render_rollout(status: &RolloutStatus, json: bool) -> String {
+    if json {
+        return rollout_json(status).to_string();
+    }
+    let at = if status.step > 0 {
+        format!(" at step {}/{}", status.step, status.steps)
+    } else {
+        String::new()
+    };
+    let mut out = format!(
+        "{}: {}{at}; canary {} at {}%, baseline {} at {}%\n",
+        status.model,
+        status.state,
+        status.canary,
+        status.canary_weight,
+        status.baseline,
+        100 - status.canary_weight.min(100)
+    );
+    if !status.terminal {
+        let metrics = |m: Option<&RolloutMetrics>| {
+            let m = m.cloned().unwrap_or_default();
+            let p99 = if m.latency_p99_us == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1} ms", m.latency_p99_us as f64 / 1000.0)
+            };
+            format!("{} requests, {} errors, p99 {p99}", m.requests, m.errors)
+        };
+        out.push_str(&format!(
+            "this step: canary {}; baseline {}\n",
+            metrics(status.canary_metrics.as_ref()),
+            metrics(status.baseline_metrics.as_ref())
+        ));
+        if !status.waiting_for.is_empty() {
+            out.push_str(&format!("waiting for: {}\n", status.waiting_for.join("; ")));
+        }
+    }
+    let mut rows = vec![vec![
+        "WHEN".into(),
+        "FROM".into(),
+        "TO".into(),
+        "STEP".into(),
+        "REASON".into(),
+    ]];
+    for d in &status.history {
+        rows.push(vec![
+            loaded_at(d.at_ms),
+            d.from.clone(),
+            d.to.clone(),
+            if d.step == 0 {
+                "-".into()
+            } else {
+                d.step.to_string()
+            },
+            d.reason.clone(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+fn rollout_json(status: &RolloutStatus) -> Value {
+    let metrics = |m: Option<&RolloutMetrics>| {
+        m.map(|m| {
+            json!({
+                "requests": m.requests,
+                "errors": m.errors,
+                "latency_p99_us": m.latency_p99_us,
+            })
+        })
+    };
+    json!({
+        "model": status.model,
+        "canary": status.canary,
+        "baseline": status.baseline,
+        "state": status.state,
+        "terminal": status.terminal,
+        "step": status.step,
+        "steps": status.steps,
+        "canary_weight": status.canary_weight,
+        "canary_metrics": metrics(status.canary_metrics.as_ref()),
+        "baseline_metrics": metrics(status.baseline_metrics.as_ref()),
+        "waiting_for": status.waiting_for,
+        "plan": serde_json::from_str::<Value>(&status.plan_json).unwrap_or(Value::Null),
+        "history": status.history.iter().map(|d| json!({
+            "at_ms": d.at_ms,
+            "from": d.from,
+            "to": d.to,
+            "step": d.step,
+            "reason": d.reason,
+            "numbers": d.numbers,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn shown(path: &str) -> &str {

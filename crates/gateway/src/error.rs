@@ -1,7 +1,7 @@
 //! The gateway's one error type, and its mapping to gRPC statuses (the only place the
 //! gateway turns errors into `tonic::Status`).
 
-use aviary_router::{RouteError, ValidationErrors};
+use aviary_router::{RouteError, ValidationErrors, rollout::CommandError};
 use aviary_worker::WorkerError;
 
 /// Everything that can go wrong in the gateway.
@@ -55,6 +55,18 @@ pub enum GatewayError {
         /// The version.
         version: String,
     },
+    /// A rollout plan cannot start: every problem, each with its path.
+    #[error("invalid rollout:\n{}", .0.join("\n"))]
+    InvalidRollout(Vec<String>),
+    /// An operator command the rollout's state does not allow.
+    #[error(transparent)]
+    RolloutCommand(#[from] CommandError),
+    /// The model has no rollout.
+    #[error("model \"{model}\" has no rollout; start one with `aviary ctl rollout start`")]
+    NoRollout {
+        /// The model.
+        model: String,
+    },
     /// A routed version has no backend (a bug in building the routing snapshot).
     #[error("model \"{model}\" version \"{version}\" has no backend")]
     NoBackend {
@@ -81,12 +93,13 @@ impl From<GatewayError> for tonic::Status {
                 }
             }
             // Only route changes (admin API) reach a client with these: the change is invalid.
-            e @ (GatewayError::Config { .. } | GatewayError::Routes(_)) => {
-                tonic::Status::invalid_argument(e.to_string())
-            }
-            e @ (GatewayError::GenerationMismatch { .. } | GatewayError::Refused(_)) => {
-                tonic::Status::failed_precondition(e.to_string())
-            }
+            e @ (GatewayError::Config { .. }
+            | GatewayError::Routes(_)
+            | GatewayError::InvalidRollout(_)) => tonic::Status::invalid_argument(e.to_string()),
+            e @ (GatewayError::GenerationMismatch { .. }
+            | GatewayError::Refused(_)
+            | GatewayError::RolloutCommand(_)) => tonic::Status::failed_precondition(e.to_string()),
+            e @ GatewayError::NoRollout { .. } => tonic::Status::not_found(e.to_string()),
             e @ GatewayError::NoBackend { .. } => tonic::Status::unavailable(e.to_string()),
             e @ GatewayError::InjectedFault { .. } => tonic::Status::internal(e.to_string()),
         }

@@ -7,6 +7,8 @@
 //! - [`config`]: the `aviary.toml` file.
 //! - [`routing`]: the route table and backends as one swappable snapshot.
 //! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
+//! - [`metrics`]: requests, errors and latency per routed version, with rollout step windows.
+//! - [`rollouts`]: the rollout driver: progressive rollouts on this gateway's traffic.
 //! - [`control`]: live changes: routes, version load/reload/unload, repository sync.
 //! - [`watch`]: watching the config file and the model repository.
 //! - [`admin`]: the admin API (`aviary.admin.v1.Admin`) over [`control`].
@@ -31,6 +33,8 @@ pub mod control;
 pub mod ctl;
 pub mod error;
 pub mod front;
+pub mod metrics;
+pub mod rollouts;
 pub mod routing;
 pub mod shadow;
 pub mod watch;

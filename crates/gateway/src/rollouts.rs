@@ -1,0 +1,426 @@
+//! The rollout driver: runs each model's [`Rollout`] state machine against this
+//! gateway's own metrics and routes.
+//!
+//! It applies the machine's actions (weights through [`Control::set_route`], step
+//! window resets in [`Metrics`]), judges every active rollout each
+//! `[rollouts] evaluate_interval_ms`, and writes every rollout to the state file after
+//! each change, so a restarted gateway carries on where it stopped. With many gateways
+//! each drives its own rollouts on its own traffic.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aviary_router::rollout::{Action, MetricsSnapshot, Rollout, RolloutPlan, StepMetrics};
+use tokio::sync::{Mutex, watch};
+
+use crate::{
+    GatewayError,
+    config::{RolloutsConfig, VersionConfig},
+    control::Control,
+    metrics::Metrics,
+};
+
+/// How many times a weight change is retried when another change to the route table
+/// lands between reading the route and writing it.
+const SET_WEIGHTS_ATTEMPTS: usize = 5;
+
+/// An operator command on a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Hold the current step.
+    Pause,
+    /// Carry on from a pause.
+    Resume,
+    /// Give the canary all the traffic now.
+    Promote,
+    /// Give the baseline all the traffic again.
+    Abort,
+}
+
+/// A rollout with what its current step has measured so far.
+#[derive(Debug, Clone)]
+pub struct RolloutStatus {
+    /// The rollout: plan, state and history.
+    pub rollout: Rollout,
+    /// The canary since the step began.
+    pub canary: StepMetrics,
+    /// The baseline since the step began.
+    pub baseline: StepMetrics,
+    /// What keeps the step from advancing; empty when not running or about to act.
+    pub waiting_for: Vec<String>,
+}
+
+/// This gateway's rollouts, one per model (the last one started).
+#[derive(Debug)]
+pub struct Rollouts {
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+    state_file: Option<PathBuf>,
+    rollouts: Mutex<BTreeMap<String, Rollout>>,
+}
+
+impl Rollouts {
+    /// Loads the rollouts saved in the state file, if any, and gives each one still
+    /// running the canary weight its state calls for.
+    pub async fn open(
+        control: Arc<Control>,
+        metrics: Arc<Metrics>,
+        config: &RolloutsConfig,
+    ) -> Result<Rollouts, GatewayError> {
+        let saved = match &config.state_file {
+            Some(path) => load(path)?,
+            None => Vec::new(),
+        };
+        let rollouts = Rollouts {
+            control,
+            metrics,
+            state_file: config.state_file.clone(),
+            rollouts: Mutex::new(BTreeMap::new()),
+        };
+        let mut map = rollouts.rollouts.lock().await;
+        for rollout in saved {
+            if !rollout.state().is_terminal()
+                && let Some(weight) = rollout.canary_weight()
+            {
+                let actions = [
+                    Action::SetWeights {
+                        canary_weight: weight,
+                        baseline_weight: 100 - weight.min(100),
+                    },
+                    Action::ResetStepMetrics,
+                ];
+                match rollouts.apply(rollout.plan(), &actions).await {
+                    Ok(()) => tracing::info!(
+                        model = rollout.plan().model,
+                        state = rollout.state().label(),
+                        canary_weight = weight,
+                        "rollout resumed from the state file"
+                    ),
+                    Err(error) => tracing::error!(
+                        model = rollout.plan().model,
+                        %error,
+                        "could not restore a saved rollout's weights"
+                    ),
+                }
+            }
+            map.insert(rollout.plan().model.clone(), rollout);
+        }
+        drop(map);
+        Ok(rollouts)
+    }
+
+    /// Checks `plan` against the routes, starts it and applies its first step.
+    pub async fn start(&self, plan: RolloutPlan) -> Result<RolloutStatus, GatewayError> {
+        let mut problems = self.check_routable(&plan);
+        problems.extend(unmeasured_gates(&plan));
+        let rollout = Rollout::new(plan.clone());
+        if let Err(errors) = &rollout {
+            problems.extend(errors.errors().iter().map(ToString::to_string));
+        }
+        let mut rollout = match rollout {
+            Ok(rollout) if problems.is_empty() => rollout,
+            _ => return Err(GatewayError::InvalidRollout(problems)),
+        };
+        let mut rollouts = self.rollouts.lock().await;
+        if let Some(active) = rollouts
+            .get(&plan.model)
+            .filter(|r| !r.state().is_terminal())
+        {
+            return Err(GatewayError::Refused(format!(
+                "model \"{}\" already has a rollout ({} to version \"{}\"); abort it first",
+                plan.model,
+                active.state().label(),
+                active.plan().canary
+            )));
+        }
+        let actions = rollout.start(now_ms())?;
+        self.apply(&plan, &actions).await?;
+        tracing::info!(
+            model = plan.model,
+            canary = plan.canary,
+            baseline = plan.baseline,
+            "rollout started"
+        );
+        rollouts.insert(plan.model.clone(), rollout);
+        self.persist(&rollouts);
+        self.status_of(&rollouts, &plan.model)
+    }
+
+    /// Runs an operator command on the model's rollout.
+    pub async fn command(
+        &self,
+        model: &str,
+        command: Command,
+        note: &str,
+    ) -> Result<RolloutStatus, GatewayError> {
+        let mut rollouts = self.rollouts.lock().await;
+        let rollout = rollouts
+            .get_mut(model)
+            .ok_or_else(|| GatewayError::NoRollout {
+                model: model.to_owned(),
+            })?;
+        let now = now_ms();
+        let actions = match command {
+            Command::Pause => rollout.pause(now, note),
+            Command::Resume => rollout.resume(now, note),
+            Command::Promote => rollout.promote_now(now, note),
+            Command::Abort => rollout.abort(now, note),
+        }?;
+        let plan = rollout.plan().clone();
+        tracing::info!(
+            model,
+            ?command,
+            note,
+            state = rollout.state().label(),
+            "rollout command"
+        );
+        let applied = self.apply(&plan, &actions).await;
+        self.persist(&rollouts);
+        applied?;
+        self.status_of(&rollouts, model)
+    }
+
+    /// The model's rollout and its current step's metrics.
+    pub async fn status(&self, model: &str) -> Result<RolloutStatus, GatewayError> {
+        let rollouts = self.rollouts.lock().await;
+        self.status_of(&rollouts, model)
+    }
+
+    /// Judges every running rollout once on its step metrics and applies what it decides.
+    pub async fn evaluate(&self) {
+        let mut rollouts = self.rollouts.lock().await;
+        let mut changed = false;
+        let now = now_ms();
+        for rollout in rollouts.values_mut() {
+            if rollout.state().is_terminal() {
+                continue;
+            }
+            let snapshot = self.snapshot(rollout.plan());
+            let actions = rollout.evaluate(now, &snapshot);
+            if actions.is_empty() {
+                continue;
+            }
+            changed = true;
+            let plan = rollout.plan();
+            let reason = rollout
+                .history()
+                .last()
+                .map(|d| d.reason.as_str())
+                .unwrap_or_default();
+            tracing::info!(
+                model = plan.model,
+                state = rollout.state().label(),
+                reason,
+                "rollout decision"
+            );
+            if let Err(error) = self.apply(plan, &actions).await {
+                tracing::error!(model = plan.model, %error, "could not apply a rollout decision");
+            }
+        }
+        if changed {
+            self.persist(&rollouts);
+        }
+    }
+
+    /// Evaluates every `interval` until `stop` turns true.
+    pub async fn run(self: Arc<Self>, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // The watch guard is dropped at once: it must not live across an await.
+            let stopped = async { stop.wait_for(|stopped| *stopped).await.is_ok() };
+            tokio::select! {
+                _ = ticker.tick() => self.evaluate().await,
+                _ = stopped => return,
+            }
+        }
+    }
+
+    fn status_of(
+        &self,
+        rollouts: &BTreeMap<String, Rollout>,
+        model: &str,
+    ) -> Result<RolloutStatus, GatewayError> {
+        let rollout = rollouts.get(model).ok_or_else(|| GatewayError::NoRollout {
+            model: model.to_owned(),
+        })?;
+        let snapshot = self.snapshot(rollout.plan());
+        Ok(RolloutStatus {
+            waiting_for: rollout.waiting_for(now_ms(), &snapshot),
+            canary: snapshot.canary,
+            baseline: snapshot.baseline,
+            rollout: rollout.clone(),
+        })
+    }
+
+    fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {
+        MetricsSnapshot {
+            canary: self.metrics.step(&plan.model, &plan.canary).step_metrics(),
+            baseline: self
+                .metrics
+                .step(&plan.model, &plan.baseline)
+                .step_metrics(),
+            ..MetricsSnapshot::default()
+        }
+    }
+
+    /// Every reason the plan's versions cannot carry a rollout on the current routes.
+    fn check_routable(&self, plan: &RolloutPlan) -> Vec<String> {
+        let routing = self.control.routing().load_full();
+        let Some(route) = routing.table.route(&plan.model) else {
+            return vec![format!("model: no route for model \"{}\"", plan.model)];
+        };
+        let routable: Vec<&str> = route.versions().map(|(v, _)| v).collect();
+        [("canary", &plan.canary), ("baseline", &plan.baseline)]
+            .into_iter()
+            .filter(|(_, version)| !version.is_empty() && !routable.contains(&version.as_str()))
+            .map(|(field, version)| {
+                format!(
+                    "{field}: version \"{version}\" is not a routable version of model \"{}\" (routable: {})",
+                    plan.model,
+                    routable.join(", ")
+                )
+            })
+            .collect()
+    }
+
+    async fn apply(&self, plan: &RolloutPlan, actions: &[Action]) -> Result<(), GatewayError> {
+        for action in actions {
+            match *action {
+                Action::SetWeights {
+                    canary_weight,
+                    baseline_weight,
+                } => {
+                    self.set_weights(plan, canary_weight, baseline_weight)
+                        .await?
+                }
+                Action::ResetStepMetrics => {
+                    self.metrics.reset_step(&plan.model, &plan.canary);
+                    self.metrics.reset_step(&plan.model, &plan.baseline);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes the canary first with `canary`, the baseline with `baseline`, and leaves
+    /// the route's other versions pinnable at weight 0; endpoints, faults, sticky keys,
+    /// rules and shadow stay as they are.
+    async fn set_weights(
+        &self,
+        plan: &RolloutPlan,
+        canary: u32,
+        baseline: u32,
+    ) -> Result<(), GatewayError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let routing = self.control.routing().load_full();
+            let mut route = routing.routes.get(&plan.model).cloned().unwrap_or_default();
+            let mut take = |version: &str, weight: u32| {
+                let mut found = match route.versions.iter().position(|v| v.version == version) {
+                    Some(i) => route.versions.remove(i),
+                    None => VersionConfig {
+                        version: version.to_owned(),
+                        weight: 0,
+                        endpoint: None,
+                        fault: None,
+                    },
+                };
+                found.weight = weight;
+                found
+            };
+            let mut versions = vec![take(&plan.canary, canary), take(&plan.baseline, baseline)];
+            for mut other in route.versions.drain(..) {
+                other.weight = 0;
+                versions.push(other);
+            }
+            route.versions = versions;
+            match self
+                .control
+                .set_route(&plan.model, route, Some(routing.generation))
+                .await
+            {
+                Err(GatewayError::GenerationMismatch { .. }) if attempt < SET_WEIGHTS_ATTEMPTS => {}
+                Err(error) => return Err(error),
+                Ok(generation) => {
+                    tracing::info!(
+                        model = plan.model,
+                        canary = plan.canary,
+                        canary_weight = canary,
+                        baseline = plan.baseline,
+                        baseline_weight = baseline,
+                        generation,
+                        "rollout weights applied"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Writes every rollout to the state file (a temporary file renamed over it, so a
+    /// crash leaves the old or the new file, never half of one). A failure is logged:
+    /// the rollout carries on in memory.
+    fn persist(&self, rollouts: &BTreeMap<String, Rollout>) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let all: Vec<&Rollout> = rollouts.values().collect();
+        let result = serde_json::to_vec_pretty(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = path.with_extension("json.tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(error) = result {
+            tracing::error!(path = %path.display(), %error, "could not save rollouts");
+        }
+    }
+}
+
+/// Reads the state file; a missing file is no rollouts.
+fn load(path: &Path) -> Result<Vec<Rollout>, GatewayError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => {
+            return Err(GatewayError::Config {
+                path: path.display().to_string(),
+                message: format!("cannot read the rollout state file: {error}"),
+            });
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|error| GatewayError::Config {
+        path: path.display().to_string(),
+        message: format!("rollout state file is not valid: {error}"),
+    })
+}
+
+/// Gates this gateway has no measurements for: a rollout using them would never pass.
+fn unmeasured_gates(plan: &RolloutPlan) -> Vec<String> {
+    let gates = &plan.gates;
+    [
+        ("max_accuracy_drop", gates.max_accuracy_drop.is_some(), "accuracy feedback"),
+        ("min_shadow_agreement", gates.min_shadow_agreement.is_some(), "shadow agreement between canary and baseline"),
+        ("min_distribution_p_value", gates.min_distribution_p_value.is_some(), "output distributions of canary and baseline"),
+    ]
+    .into_iter()
+    .filter(|(_, set, _)| *set)
+    .map(|(field, _, what)| {
+        format!("gates.{field}: the gateway's rollout driver does not measure {what} yet; remove this gate")
+    })
+    .collect()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

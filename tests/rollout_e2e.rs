@@ -1,0 +1,350 @@
+//! Progressive rollouts driven by a real gateway on its own traffic: a healthy canary is
+//! promoted step by step with no operator action, a failing one is rolled back with the
+//! error rates as the reason, and a restarted gateway carries on where it stopped.
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use aviary::pb::admin::{
+    GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutStatus, RolloutStep,
+    StartRolloutRequest,
+};
+use aviary_gateway::Mode;
+use tokio::task::JoinSet;
+
+const ROWS: [[f32; 4]; 2] = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]];
+
+/// A gateway over the test repository with `demo` on version 1 only, judging rollouts
+/// every 100 ms; `extra` goes into the config text as is.
+fn config(version_2: &str, extra: &str) -> String {
+    format!(
+        r#"
+[repository]
+path = "{{models}}"
+instances = 2
+
+[rollouts]
+evaluate_interval_ms = 100
+{extra}
+
+[routes.demo]
+versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0{version_2} }} ]
+"#
+    )
+}
+
+fn plan(min_duration_ms: u64) -> StartRolloutRequest {
+    StartRolloutRequest {
+        model: "demo".into(),
+        canary: "2".into(),
+        baseline: "1".into(),
+        steps: [50, 100]
+            .into_iter()
+            .map(|weight| RolloutStep {
+                weight,
+                min_duration_ms,
+                min_requests: 20,
+            })
+            .collect(),
+        gates: Some(RolloutGates {
+            max_error_rate_increase: 0.05,
+            ..Default::default()
+        }),
+    }
+}
+
+async fn rollout(gateway: &common::Running) -> RolloutStatus {
+    gateway
+        .admin()
+        .await
+        .get_rollout(GetRolloutRequest {
+            model: "demo".into(),
+        })
+        .await
+        .expect("demo has a rollout")
+        .into_inner()
+}
+
+async fn weights(gateway: &common::Running) -> Vec<(String, u32)> {
+    let routes = gateway
+        .admin()
+        .await
+        .get_routes(GetRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner();
+    routes
+        .routes
+        .iter()
+        .find(|r| r.model == "demo")
+        .expect("demo is routed")
+        .versions
+        .iter()
+        .map(|v| (v.version.clone(), v.weight))
+        .collect()
+}
+
+fn weight_of(weights: &[(String, u32)], version: &str) -> u32 {
+    weights
+        .iter()
+        .find(|(v, _)| v == version)
+        .map_or(0, |(_, w)| *w)
+}
+
+/// Unpinned clients sending until stopped; each failure's (message) is collected.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: JoinSet<(u64, Vec<String>)>,
+}
+
+impl Load {
+    async fn start(gateway: &common::Running, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = JoinSet::new();
+        for _ in 0..clients {
+            let mut client = gateway.client().await;
+            let stop = Arc::clone(&stop);
+            tasks.spawn(async move {
+                let (mut ok, mut failures) = (0, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match client.model_infer(common::demo_request(&ROWS, "")).await {
+                        Ok(_) => ok += 1,
+                        Err(status) => failures.push(status.message().to_owned()),
+                    }
+                }
+                (ok, failures)
+            });
+        }
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients; returns the answered count and every failure's message.
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut ok, mut failures) = (0, Vec::new());
+        for (n, f) in self.tasks.join_all().await {
+            ok += n;
+            failures.extend(f);
+        }
+        (ok, failures)
+    }
+}
+
+async fn ends(gateway: &common::Running, state: &str) -> bool {
+    common::eventually(Duration::from_secs(60), || async {
+        rollout(gateway).await.terminal
+    })
+    .await
+        && rollout(gateway).await.state == state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_canary_is_promoted_step_by_step_without_an_operator() {
+    let gateway = common::start_gateway(&config("", ""), Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    let load = Load::start(&gateway, 2).await;
+    let started = gateway
+        .admin()
+        .await
+        .start_rollout(plan(200))
+        .await
+        .expect("plan is valid")
+        .into_inner();
+    assert_eq!((started.state.as_str(), started.step), ("progressing", 1));
+    assert_eq!(started.canary_weight, 50);
+
+    let promoted = ends(&gateway, "promoted").await;
+    let (answered, failures) = load.finish().await;
+    let status = rollout(&gateway).await;
+    assert!(promoted, "rollout ends promoted: {status:?}");
+    assert!(failures.is_empty(), "no request failed: {failures:?}");
+    assert!(answered >= 40, "both steps saw traffic: {answered}");
+    let weights = weights(&gateway).await;
+    assert_eq!(weight_of(&weights, "2"), 100, "{weights:?}");
+    assert_eq!(weight_of(&weights, "1"), 0, "{weights:?}");
+    assert_eq!(status.canary_weight, 100);
+
+    // Started at step 1, moved to step 2, promoted: one record per step, each with why.
+    let path: Vec<(&str, &str, u32)> = status
+        .history
+        .iter()
+        .map(|d| (d.from.as_str(), d.to.as_str(), d.step))
+        .collect();
+    assert_eq!(
+        path,
+        [
+            ("pending", "progressing", 1),
+            ("progressing", "progressing", 2),
+            ("progressing", "promoted", 0),
+        ],
+        "{status:?}"
+    );
+    assert!(
+        status.history.iter().all(|d| !d.reason.is_empty()),
+        "{status:?}"
+    );
+    assert!(status.history[2].reason.contains("promoting"), "{status:?}");
+    let canary_requests = status.history[1].numbers.get("canary_requests");
+    assert!(
+        canary_requests.is_some_and(|&n| n >= 20.0),
+        "the step advanced on its canary requests: {:?}",
+        status.history[1].numbers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_canary_is_rolled_back_on_its_error_rate() {
+    let gateway = common::start_gateway(
+        &config(", fault = { error_rate = 1.0 }", ""),
+        Mode::Embedded,
+    )
+    .await
+    .expect("gateway starts");
+    let load = Load::start(&gateway, 2).await;
+    gateway
+        .admin()
+        .await
+        .start_rollout(plan(200))
+        .await
+        .expect("plan is valid");
+
+    let rolled_back = ends(&gateway, "rolled back").await;
+    let (answered, failures) = load.finish().await;
+    let status = rollout(&gateway).await;
+    assert!(rolled_back, "rollout ends rolled back: {status:?}");
+    assert_eq!(status.canary_weight, 0);
+    let weights = weights(&gateway).await;
+    assert_eq!(weight_of(&weights, "2"), 0, "{weights:?}");
+    assert_eq!(weight_of(&weights, "1"), 100, "{weights:?}");
+
+    let last = status.history.last().expect("a decision");
+    assert_eq!(last.to, "rolled back");
+    assert!(last.reason.contains("error rate"), "{}", last.reason);
+    assert!(
+        last.numbers.get("canary_error_rate") == Some(&1.0),
+        "{:?}",
+        last.numbers
+    );
+    assert!(answered > 0, "the baseline kept answering");
+    assert!(
+        failures.len() >= 20,
+        "the canary failed enough to be judged"
+    );
+    for message in &failures {
+        assert!(
+            message.contains("injected fault") && message.contains("version \"2\""),
+            "only the canary fails: {message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_resumes_the_rollout_at_its_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_file = dir.path().join("rollouts.json");
+    let text = config(
+        "",
+        &format!("state_file = {:?}", state_file.display().to_string()),
+    );
+    let gateway = common::start_gateway(&text, Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    let started = gateway
+        .admin()
+        .await
+        .start_rollout(plan(3_600_000))
+        .await
+        .expect("plan is valid")
+        .into_inner();
+    assert_eq!(weight_of(&weights(&gateway).await, "2"), 50);
+    gateway.stop().await.expect("gateway stops");
+    assert!(state_file.exists(), "the rollout was saved");
+
+    // The new gateway's config routes everything to version 1 again; the saved rollout
+    // puts its step's weights back.
+    let gateway = common::start_gateway(&text, Mode::Embedded)
+        .await
+        .expect("gateway restarts");
+    let resumed = rollout(&gateway).await;
+    assert_eq!(
+        (resumed.state.as_str(), resumed.step, resumed.canary_weight),
+        ("progressing", 1, 50)
+    );
+    assert_eq!(resumed.history, started.history);
+    let weights = weights(&gateway).await;
+    assert_eq!(weight_of(&weights, "2"), 50, "{weights:?}");
+    assert_eq!(weight_of(&weights, "1"), 50, "{weights:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
+    let gateway = common::start_gateway(&config("", ""), Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    let mut admin = gateway.admin().await;
+    let mut bad = plan(200);
+    bad.canary = "7".into();
+    bad.steps[1].weight = 90;
+    let error = admin.start_rollout(bad).await.expect_err("invalid plan");
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(error.message().contains("canary: version \"7\""), "{error}");
+    assert!(error.message().contains("steps[1].weight"), "{error}");
+
+    let error = admin
+        .get_rollout(GetRolloutRequest {
+            model: "demo".into(),
+        })
+        .await
+        .expect_err("no rollout yet");
+    assert_eq!(error.code(), tonic::Code::NotFound);
+
+    admin.start_rollout(plan(3_600_000)).await.expect("starts");
+    let command = |note: &str| aviary::pb::admin::RolloutCommandRequest {
+        model: "demo".into(),
+        note: note.into(),
+    };
+    let error = admin
+        .resume_rollout(command("not paused"))
+        .await
+        .expect_err("resume needs a pause");
+    assert_eq!(error.code(), tonic::Code::FailedPrecondition);
+    let aborted = admin
+        .abort_rollout(command("wrong build"))
+        .await
+        .expect("abort")
+        .into_inner();
+    assert_eq!(
+        (aborted.state.as_str(), aborted.canary_weight),
+        ("aborted", 0)
+    );
+    assert!(
+        aborted
+            .history
+            .last()
+            .is_some_and(|d| d.reason.contains("wrong build")),
+        "{aborted:?}"
+    );
+    assert_eq!(weight_of(&weights(&gateway).await, "2"), 0);
+
+    // `aviary ctl rollout status --watch` returns at once for a finished rollout.
+    let args = aviary_gateway::ctl::CtlArgs {
+        admin: format!("http://{}", gateway.admin_addr.expect("admin")),
+        json: false,
+        command: aviary_gateway::ctl::CtlCommand::Rollout {
+            command: aviary_gateway::ctl::RolloutCommand::Status {
+                model: "demo".into(),
+                watch: true,
+            },
+        },
+    };
+    let printed = aviary_gateway::ctl::run(&args).await.expect("ctl status");
+    assert!(printed.starts_with("demo: aborted;"), "{printed}");
+    assert!(printed.contains("wrong build"), "{printed}");
+}
