@@ -125,8 +125,16 @@ shadow = { version = "2", percent = 100, queue = 64 }
         .iter()
         .find(|o| o.output == "label")
         .expect("label compared");
-    let labels_equal = common::output::<i64>(&one, "label") == common::output::<i64>(&two, "label");
-    assert_eq!(label.agreement, if labels_equal { 1.0 } else { 0.0 });
+    let (l1, l2) = (
+        common::output::<i64>(&one, "label"),
+        common::output::<i64>(&two, "label"),
+    );
+    let same = l1.iter().zip(&l2).filter(|(a, b)| a == b).count();
+    assert_eq!(label.agreement_total, requests * ROWS.len() as u64);
+    assert!(
+        (label.agreement - same as f64 / ROWS.len() as f64).abs() < 1e-12,
+        "{label:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

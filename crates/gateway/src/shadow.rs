@@ -291,8 +291,9 @@ fn as_f64(datatype: Datatype, raw: &[u8]) -> Option<Vec<f64>> {
 }
 
 /// Adds one response pair to `entry`. Floating-point outputs of shape [N, C] with C > 1
-/// are classifier scores: rows agree when their arg-max does. Other outputs agree when
-/// every element is equal.
+/// are classifier scores: rows agree when their arg-max does; other floating-point
+/// outputs agree when every element is equal. Integer outputs (labels, ids) agree
+/// element by element.
 pub fn compare(
     entry: &mut OutputComparison,
     datatype: Datatype,
@@ -317,9 +318,14 @@ pub fn compare(
                 entry.agreement_equal += u64::from(argmax(a) == argmax(b));
             }
         }
-        _ => {
+        (true, _) => {
             entry.agreement_total += 1;
             entry.agreement_equal += u64::from(mine == theirs);
+        }
+        // Integer outputs are labels or ids: each element is one prediction.
+        (false, _) => {
+            entry.agreement_total += mine.len() as u64;
+            entry.agreement_equal += mine.iter().zip(theirs).filter(|(a, b)| a == b).count() as u64;
         }
     }
     if floating {
@@ -378,11 +384,11 @@ mod tests {
     }
 
     #[test]
-    fn integer_outputs_agree_only_when_identical() {
+    fn integer_outputs_agree_element_by_element() {
         let mut entry = OutputComparison::default();
         compare(&mut entry, Datatype::Int64, &[2], &[0.0, 1.0], &[0.0, 1.0]);
         compare(&mut entry, Datatype::Int64, &[2], &[0.0, 1.0], &[0.0, 2.0]);
-        assert_eq!(entry.agreement(), Some(0.5));
+        assert_eq!(entry.agreement(), Some(0.75));
         assert_eq!(entry.elements, 0, "integers get no numeric difference");
     }
 
