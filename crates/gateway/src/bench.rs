@@ -38,6 +38,11 @@ pub struct BenchOptions {
     pub warmup: Duration,
     /// Size given to every variable dimension of the inputs.
     pub batch: i64,
+    /// gRPC headers sent with every request.
+    pub headers: Vec<(String, String)>,
+    /// A header sent with a fresh random value on every request (a sticky routing key
+    /// for many distinct users).
+    pub random_header: Option<String>,
 }
 
 /// What a run measured.
@@ -160,6 +165,25 @@ pub async fn random_request(
     Ok(request)
 }
 
+type Headers = Vec<(
+    tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
+    tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+)>;
+
+fn parse_headers(headers: &[(String, String)]) -> Result<Headers, String> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let key = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
+                .map_err(|_| format!("--header: \"{name}\" is not a valid gRPC header name"))?;
+            let value = value
+                .parse()
+                .map_err(|_| format!("--header: the value of \"{name}\" is not valid ASCII"))?;
+            Ok((key, value))
+        })
+        .collect()
+}
+
 /// Runs the load and reports what it measured.
 pub async fn run(
     options: &BenchOptions,
@@ -172,6 +196,15 @@ pub async fn run(
         options.batch,
     )
     .await?;
+    let headers = parse_headers(&options.headers)?;
+    let random_header = options
+        .random_header
+        .as_deref()
+        .map(|name| {
+            tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(name.as_bytes())
+                .map_err(|_| format!("--random-header: \"{name}\" is not a valid gRPC header name"))
+        })
+        .transpose()?;
     let warmup_end = Instant::now() + options.warmup;
     let end = warmup_end + options.duration;
 
@@ -179,6 +212,8 @@ pub async fn run(
     for _ in 0..options.concurrency.max(1) {
         let mut client = client.clone();
         let request = request.clone();
+        let headers = headers.clone();
+        let random_header = random_header.clone();
         tasks.push(tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -188,7 +223,17 @@ pub async fn run(
                 if started >= end {
                     break;
                 }
-                let result = client.model_infer(request.clone()).await;
+                let mut call = tonic::Request::new(request.clone());
+                for (name, value) in &headers {
+                    call.metadata_mut().insert(name.clone(), value.clone());
+                }
+                if let Some(name) = &random_header {
+                    let user = rand::random::<u64>().to_string();
+                    if let Ok(value) = user.parse() {
+                        call.metadata_mut().insert(name.clone(), value);
+                    }
+                }
+                let result = client.model_infer(call).await;
                 if started < warmup_end {
                     continue;
                 }

@@ -123,7 +123,19 @@ pub struct BenchArgs {
     /// Size of every variable input dimension.
     #[arg(long, default_value_t = 1)]
     pub batch: i64,
+    /// A gRPC header sent with every request, `NAME=VALUE` (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// A header sent with a new random value on every request (e.g. a sticky user key).
+    #[arg(long)]
+    pub random_header: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.to_owned()))
+        .ok_or_else(|| format!("\"{text}\": write NAME=VALUE"))
 }

@@ -237,6 +237,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.duration),
         warmup: Duration::from_secs_f64(args.warmup),
         batch: args.batch,
+        headers: args.headers,
+        random_header: args.random_header,
     };
     let report = bench::run(&options)
         .await
