@@ -44,14 +44,16 @@ TOML
 
 run() { # NAME CONFIG EXTRA-BENCH-ARGS...
   local name=$1 config=$2; shift 2
-  "$bin" serve --config "$config" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$out/$name.out" 2>"$out/$name.err" &
+  local file="$out/routing-${name//[^a-z0-9]/_}"
+  "$bin" serve --config "$config" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$file.out" 2>"$file.err" &
   pid=$!
   local addr=
   for _ in $(seq 1 200); do
-    addr=$(sed -n 's/^aviary: listening on //p' "$out/$name.out")
+    addr=$(sed -n 's/^aviary: listening on //p' "$file.out")
     [ -n "$addr" ] && break
     sleep 0.1
   done
+  [ -n "$addr" ] || { cat "$file.err" >&2; exit 1; }
   for concurrency in 1 32; do
     "$bin" bench --addr "http://$addr" --model demo --concurrency "$concurrency" --duration "$duration" --warmup 2 --json "$@" \
       | python3 -c "import json,sys; r=json.load(sys.stdin); print(f\"| $name | {r['concurrency']} | {r['throughput']:.0f} | {r['p50_us']} | {r['p99_us']} | {sum(r['errors'].values())} |\")"
