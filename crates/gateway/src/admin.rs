@@ -3,7 +3,8 @@
 use std::{future::Future, sync::Arc, time::UNIX_EPOCH};
 
 use aviary::pb::admin::{
-    ConfigStatus, GetConfigStatusRequest, GetRolloutRequest, GetRoutesRequest, GetRoutesResponse,
+    ConfigStatus, ExperimentReport, ExperimentReportRequest, FeedbackRequest, FeedbackResponse,
+    GetConfigStatusRequest, GetRolloutRequest, GetRoutesRequest, GetRoutesResponse,
     ListModelsRequest, ListModelsResponse, ModelCard, ModelVersionInfo, OutputComparison,
     RolloutCommandRequest, RolloutDecision, RolloutMetrics, Route, SetRouteRequest,
     SetRouteResponse, ShadowReport, ShadowReportRequest, StartRolloutRequest, UnloadVersionRequest,
@@ -18,6 +19,8 @@ use crate::{
     GatewayError,
     config::{RouteConfig, VersionConfig},
     control::Control,
+    experiment,
+    metrics::{Metrics, Outcome},
     rollouts::{Command, RolloutStatus, Rollouts},
     routing::Routing,
 };
@@ -26,6 +29,7 @@ use crate::{
 pub async fn serve<F>(
     control: Arc<Control>,
     rollouts: Arc<Rollouts>,
+    metrics: Arc<Metrics>,
     listener: TcpListener,
     shutdown: F,
 ) -> Result<(), GatewayError>
@@ -33,7 +37,9 @@ where
     F: Future<Output = ()> + Send,
 {
     tonic::transport::Server::builder()
-        .add_service(AdminServer::new(AdminService { control, rollouts }))
+        .add_service(AdminServer::new(AdminService::new(
+            control, rollouts, metrics,
+        )))
         .serve_with_incoming_shutdown(aviary_worker::server::incoming(listener), shutdown)
         .await
         .map_err(|e| GatewayError::Refused(format!("admin server: {e}")))
@@ -44,12 +50,39 @@ where
 pub struct AdminService {
     control: Arc<Control>,
     rollouts: Arc<Rollouts>,
+    metrics: Arc<Metrics>,
 }
 
 impl AdminService {
-    /// An admin service over `control` and the rollout driver.
-    pub fn new(control: Arc<Control>, rollouts: Arc<Rollouts>) -> AdminService {
-        AdminService { control, rollouts }
+    /// An admin service over `control`, the rollout driver and the front's metrics.
+    pub fn new(
+        control: Arc<Control>,
+        rollouts: Arc<Rollouts>,
+        metrics: Arc<Metrics>,
+    ) -> AdminService {
+        AdminService {
+            control,
+            rollouts,
+            metrics,
+        }
+    }
+
+    /// The model's variants: the versions its route has now, then any others that
+    /// served requests or got feedback since start-up (a version taken out of the
+    /// route is still part of the experiment that ran on it).
+    fn variants(&self, model: &str) -> Vec<String> {
+        let routing = self.control.routing().load();
+        let mut versions: Vec<String> = routing
+            .table
+            .route(model)
+            .map(|r| r.versions().map(|(v, _)| v.to_owned()).collect())
+            .unwrap_or_default();
+        for seen in self.metrics.versions(model) {
+            if !versions.contains(&seen) {
+                versions.push(seen);
+            }
+        }
+        versions
     }
 
     async fn rollout_command(
@@ -427,5 +460,55 @@ impl Admin for AdminService {
         let model = request.into_inner().model;
         let status = self.rollouts.status(required("model", &model)?).await?;
         Ok(Response::new(status_message(&status)))
+    }
+
+    async fn feedback(
+        &self,
+        request: Request<FeedbackRequest>,
+    ) -> Result<Response<FeedbackResponse>, Status> {
+        use aviary::pb::admin::feedback_request::Outcome as Given;
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let outcome = match request.outcome {
+            Some(Given::Correct(correct)) => Outcome::Correct(correct),
+            Some(Given::Reward(reward)) if reward.is_finite() => Outcome::Reward(reward),
+            Some(Given::Reward(reward)) => {
+                return Err(Status::invalid_argument(format!(
+                    "reward must be a finite number, got {reward}"
+                )));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "outcome is required: correct or reward",
+                ));
+            }
+        };
+        if !self.variants(model).iter().any(|v| v == version) {
+            return Err(Status::invalid_argument(format!(
+                "model \"{model}\" has no variant \"{version}\": it is not routed and has served no requests"
+            )));
+        }
+        let feedback = self.metrics.record_outcome(model, version, outcome);
+        tracing::debug!(model, version, request_id = %request.request_id, "feedback recorded");
+        Ok(Response::new(FeedbackResponse { feedback }))
+    }
+
+    async fn get_experiment_report(
+        &self,
+        request: Request<ExperimentReportRequest>,
+    ) -> Result<Response<ExperimentReport>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let versions = self.variants(model);
+        if versions.is_empty() {
+            return Err(Status::not_found(format!(
+                "model \"{model}\" is not routed and has served no requests"
+            )));
+        }
+        let baseline = Some(request.baseline.as_str()).filter(|b| !b.is_empty());
+        experiment::report(&self.metrics, model, &versions, baseline)
+            .map(Response::new)
+            .map_err(Status::invalid_argument)
     }
 }

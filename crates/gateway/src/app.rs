@@ -186,12 +186,15 @@ impl Gateway {
         if let Some(listener) = listeners.admin {
             let control = Arc::clone(&self.control);
             let rollouts = Arc::clone(&self.rollouts);
+            let metrics = Arc::clone(&self.metrics);
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await.map(|_| ());
                 };
-                if let Err(error) = admin::serve(control, rollouts, listener, stopped).await {
+                if let Err(error) =
+                    admin::serve(control, rollouts, metrics, listener, stopped).await
+                {
                     tracing::error!(%error, "admin API stopped");
                 }
             });

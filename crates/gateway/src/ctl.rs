@@ -4,10 +4,11 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use aviary::pb::admin::{
-    GetConfigStatusRequest, GetRolloutRequest, GetRoutesRequest, ListModelsRequest,
-    RolloutCommandRequest, RolloutGates, RolloutMetrics, RolloutStatus, RolloutStep, Route,
-    SetRouteRequest, ShadowReportRequest, StartRolloutRequest, UnloadVersionRequest,
-    VersionRequest, VersionWeight, admin_client::AdminClient,
+    ExperimentReport, ExperimentReportRequest, FeedbackRequest, GetConfigStatusRequest,
+    GetRolloutRequest, GetRoutesRequest, ListModelsRequest, RolloutCommandRequest, RolloutGates,
+    RolloutMetrics, RolloutStatus, RolloutStep, Route, SetRouteRequest, ShadowReportRequest,
+    StartRolloutRequest, UnloadVersionRequest, VersionRequest, VersionWeight,
+    admin_client::AdminClient,
 };
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -89,6 +90,44 @@ pub enum CtlCommand {
         /// What to do.
         #[command(subcommand)]
         command: RolloutCommand,
+    },
+    /// A/B experiments: per-variant outcomes and significance against a baseline.
+    Experiment {
+        /// What to do.
+        #[command(subcommand)]
+        command: ExperimentCommand,
+    },
+    /// Report ground truth for a prediction: `aviary ctl feedback demo 2 req-17 --correct`.
+    Feedback {
+        /// Model name.
+        model: String,
+        /// The version that answered.
+        version: String,
+        /// The request's id.
+        request_id: String,
+        /// The prediction was right.
+        #[arg(long, group = "outcome")]
+        correct: bool,
+        /// The prediction was wrong.
+        #[arg(long, group = "outcome")]
+        incorrect: bool,
+        /// The prediction earned this reward.
+        #[arg(long, group = "outcome", allow_negative_numbers = true)]
+        reward: Option<f64>,
+    },
+}
+
+/// `aviary ctl experiment` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    /// Per-variant requests, errors, latency, accuracy and reward, and each variant
+    /// tested against the baseline.
+    Report {
+        /// Model name.
+        model: String,
+        /// The version to compare with (default: the one with the most requests).
+        #[arg(long)]
+        baseline: Option<String>,
     },
 }
 
@@ -428,6 +467,60 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             }
         }
         CtlCommand::Rollout { command } => rollout(&mut admin, command, args.json).await?,
+        CtlCommand::Experiment {
+            command: ExperimentCommand::Report { model, baseline },
+        } => {
+            let report = admin
+                .get_experiment_report(ExperimentReportRequest {
+                    model: model.clone(),
+                    baseline: baseline.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if args.json {
+                experiment_json(&report).to_string()
+            } else {
+                render_experiment(&report)
+            }
+        }
+        CtlCommand::Feedback {
+            model,
+            version,
+            request_id,
+            correct,
+            incorrect,
+            reward,
+        } => {
+            use aviary::pb::admin::feedback_request::Outcome;
+            let outcome = match (correct, incorrect, reward) {
+                (_, _, Some(reward)) => Outcome::Reward(*reward),
+                (true, _, None) => Outcome::Correct(true),
+                (false, true, None) => Outcome::Correct(false),
+                (false, false, None) => {
+                    return Err(CtlError::Status {
+                        code: tonic::Code::InvalidArgument,
+                        message: "give --correct, --incorrect or --reward X".into(),
+                    });
+                }
+            };
+            let response = admin
+                .feedback(FeedbackRequest {
+                    request_id: request_id.clone(),
+                    model: model.clone(),
+                    version: version.clone(),
+                    outcome: Some(outcome),
+                })
+                .await?
+                .into_inner();
+            if args.json {
+                json!({ "feedback": response.feedback }).to_string()
+            } else {
+                format!(
+                    "{model} version {version}: feedback recorded ({} so far)",
+                    response.feedback
+                )
+            }
+        }
         CtlCommand::ConfigStatus => {
             let status = admin
                 .get_config_status(GetConfigStatusRequest {})
@@ -625,6 +718,134 @@ fn rollout_json(status: &RolloutStatus) -> Value {
     })
 }
 
+/// `x` with `digits` decimals, or `-` when absent.
+fn opt(x: Option<f64>, digits: usize) -> String {
+    x.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
+}
+
+fn render_experiment(report: &ExperimentReport) -> String {
+    let mut rows = vec![
+        [
+            "VERSION",
+            "REQUESTS",
+            "ERRORS",
+            "P50 µs",
+            "P90 µs",
+            "P99 µs",
+            "FEEDBACK",
+            "ACCURACY (95% CI)",
+            "MEAN REWARD (95% CI)",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for v in &report.variants {
+        let us = |x: Option<u64>| x.map_or_else(|| "-".into(), |x| x.to_string());
+        let accuracy = match (v.accuracy, v.accuracy_interval) {
+            (Some(a), Some(i)) => format!(
+                "{:.2}% [{:.2}, {:.2}] of {}",
+                a * 100.0,
+                i.low * 100.0,
+                i.high * 100.0,
+                v.labelled
+            ),
+            _ => "-".into(),
+        };
+        let reward = match (v.mean_reward, v.reward_interval) {
+            (Some(m), Some(i)) => format!("{m:.4} [{:.4}, {:.4}] of {}", i.low, i.high, v.rewards),
+            (Some(m), None) => format!("{m:.4} of {}", v.rewards),
+            _ => "-".into(),
+        };
+        rows.push(vec![
+            if v.version == report.baseline {
+                format!("{} (baseline)", v.version)
+            } else {
+                v.version.clone()
+            },
+            v.requests.to_string(),
+            v.error_rate.map_or_else(
+                || v.errors.to_string(),
+                |r| format!("{} ({:.2}%)", v.errors, r * 100.0),
+            ),
+            us(v.latency_p50_us),
+            us(v.latency_p90_us),
+            us(v.latency_p99_us),
+            v.feedback.to_string(),
+            accuracy,
+            reward,
+        ]);
+    }
+    let mut tests = vec![
+        [
+            "VS BASELINE",
+            "ERROR RATE z (p)",
+            "LATENCY U (p)",
+            "ACCURACY z (p)",
+            "ACCURACY mSPRT p",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for c in &report.comparisons {
+        let test = |t: Option<aviary::pb::admin::Significance>, digits: usize| {
+            t.map_or_else(
+                || "-".into(),
+                |t| format!("{:.digits$} ({:.4})", t.statistic, t.p_value),
+            )
+        };
+        tests.push(vec![
+            c.version.clone(),
+            test(c.error_rate, 3),
+            test(c.latency, 0),
+            test(c.accuracy, 3),
+            opt(c.accuracy_msprt_p, 4),
+        ]);
+    }
+    format!(
+        "{} experiment, baseline {}\n{}\n\n{}\n(p: fixed-sample two-sided; mSPRT p stays valid however often it is read)",
+        report.model,
+        report.baseline,
+        table(&rows),
+        table(&tests)
+    )
+}
+
+fn experiment_json(report: &ExperimentReport) -> Value {
+    let interval = |i: Option<aviary::pb::admin::Interval>| i.map(|i| json!([i.low, i.high]));
+    let test = |t: Option<aviary::pb::admin::Significance>| {
+        t.map(|t| json!({ "statistic": t.statistic, "p_value": t.p_value }))
+    };
+    json!({
+        "model": report.model,
+        "baseline": report.baseline,
+        "variants": report.variants.iter().map(|v| json!({
+            "version": v.version,
+            "requests": v.requests,
+            "errors": v.errors,
+            "error_rate": v.error_rate,
+            "latency_p50_us": v.latency_p50_us,
+            "latency_p90_us": v.latency_p90_us,
+            "latency_p99_us": v.latency_p99_us,
+            "feedback": v.feedback,
+            "labelled": v.labelled,
+            "correct": v.correct,
+            "accuracy": v.accuracy,
+            "accuracy_interval": interval(v.accuracy_interval),
+            "rewards": v.rewards,
+            "mean_reward": v.mean_reward,
+            "reward_interval": interval(v.reward_interval),
+            "latency_sample_size": v.latency_sample_size,
+        })).collect::<Vec<_>>(),
+        "comparisons": report.comparisons.iter().map(|c| json!({
+            "version": c.version,
+            "error_rate": test(c.error_rate),
+            "latency": test(c.latency),
+            "accuracy": test(c.accuracy),
+            "accuracy_msprt_p": c.accuracy_msprt_p,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn shown(path: &str) -> &str {
     if path.is_empty() {
         "(not watched yet)"
@@ -732,5 +953,70 @@ mod tests {
             vec!["wide".to_owned(), "x".to_owned()],
         ];
         assert_eq!(table(&rows), "A     LONG\nwide  x");
+    }
+
+    #[test]
+    fn feedback_takes_exactly_one_outcome() {
+        use clap::Parser;
+
+        use crate::cli::{Cli, Command};
+
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                ["aviary", "ctl", "feedback", "demo", "2", "req-1"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        let Ok(Cli {
+            command:
+                Command::Ctl(CtlArgs {
+                    command: CtlCommand::Feedback { reward, .. },
+                    ..
+                }),
+            ..
+        }) = parse(&["--reward", "-0.5"])
+        else {
+            panic!("--reward parses");
+        };
+        assert_eq!(reward, Some(-0.5));
+        assert!(parse(&["--correct"]).is_ok());
+        assert!(parse(&["--correct", "--incorrect"]).is_err());
+    }
+
+    #[test]
+    fn experiment_tables_mark_the_baseline_and_absent_values() {
+        use aviary::pb::admin::{VariantComparison, VariantReport};
+
+        let report = ExperimentReport {
+            model: "demo".into(),
+            baseline: "1".into(),
+            variants: vec![
+                VariantReport {
+                    version: "1".into(),
+                    requests: 10,
+                    error_rate: Some(0.1),
+                    errors: 1,
+                    ..Default::default()
+                },
+                VariantReport {
+                    version: "2".into(),
+                    ..Default::default()
+                },
+            ],
+            comparisons: vec![VariantComparison {
+                version: "2".into(),
+                ..Default::default()
+            }],
+        };
+        let text = render_experiment(&report);
+        assert!(text.contains("1 (baseline)  10"), "{text}");
+        assert!(text.contains("1 (10.00%)"), "{text}");
+        assert!(
+            text.contains("\n2             0         0           -"),
+            "{text}"
+        );
+        let json = experiment_json(&report);
+        assert_eq!(json["comparisons"][0]["accuracy"], Value::Null);
     }
 }

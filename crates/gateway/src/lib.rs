@@ -8,6 +8,7 @@
 //! - [`routing`]: the route table and backends as one swappable snapshot.
 //! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
 //! - [`metrics`]: requests, errors and latency per routed version, with rollout step windows.
+//! - [`experiment`]: A/B experiment reports: per-variant outcomes and significance tests.
 //! - [`rollouts`]: the rollout driver: progressive rollouts on this gateway's traffic.
 //! - [`control`]: live changes: routes, version load/reload/unload, repository sync.
 //! - [`watch`]: watching the config file and the model repository.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod error;
+pub mod experiment;
 pub mod front;
 pub mod metrics;
 pub mod rollouts;

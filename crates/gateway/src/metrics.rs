@@ -1,6 +1,9 @@
 //! Per-variant request metrics: requests, errors and latency of every (model, version)
 //! the front routed to, both since start-up and since the variant's step window was
-//! last reset (a rollout step's evidence, see [`crate::rollouts`]).
+//! last reset (a rollout step's evidence, see [`crate::rollouts`]); and, for A/B
+//! experiment reports, the outcomes that feedback reported for the variant and a
+//! bounded uniform sample of its latencies (a rank test needs values, which the
+//! histogram does not keep).
 //!
 //! Recording takes a read lock on the variant map (a write lock only the first time a
 //! variant is seen) and one short mutex per variant, so requests on different versions
@@ -12,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use aviary_router::rollout::StepMetrics;
+use aviary_router::{rollout::StepMetrics, stats::SampleSummary};
 use hdrhistogram::Histogram;
 
 /// Largest latency the histograms track exactly, in microseconds (slower requests are
@@ -65,10 +68,110 @@ impl Window {
     }
 }
 
+/// Latencies kept per variant for rank tests; enough for Mann–Whitney to detect small
+/// shifts, small enough to sort on every report.
+pub const LATENCY_SAMPLE_SIZE: usize = 2_000;
+
+/// Ground truth reported after the prediction, accumulated per variant since start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Outcomes {
+    /// Every feedback received, boolean or numeric.
+    pub feedback: u64,
+    /// Feedback that said correct or incorrect.
+    pub labelled: u64,
+    /// Of those, the ones that said correct.
+    pub correct: u64,
+    /// Numeric rewards received.
+    pub rewards: u64,
+    /// Their running mean (Welford: no cancellation, unlike a sum of squares).
+    pub reward_mean: f64,
+    /// Their running sum of squared deviations from the mean.
+    pub reward_m2: f64,
+}
+
+/// One piece of feedback on a prediction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// The prediction was right or wrong.
+    Correct(bool),
+    /// The prediction earned this reward (finite).
+    Reward(f64),
+}
+
+impl Outcomes {
+    fn record(&mut self, outcome: Outcome) {
+        self.feedback += 1;
+        match outcome {
+            Outcome::Correct(correct) => {
+                self.labelled += 1;
+                self.correct += u64::from(correct);
+            }
+            Outcome::Reward(reward) => {
+                self.rewards += 1;
+                let delta = reward - self.reward_mean;
+                self.reward_mean += delta / self.rewards as f64;
+                self.reward_m2 += delta * (reward - self.reward_mean);
+            }
+        }
+    }
+
+    /// Count, mean and sample variance of the rewards, for a t interval; `None` when
+    /// there are none.
+    pub fn reward_summary(&self) -> Option<SampleSummary> {
+        (self.rewards > 0).then(|| SampleSummary {
+            n: self.rewards,
+            mean: self.reward_mean,
+            variance: if self.rewards > 1 {
+                self.reward_m2 / (self.rewards - 1) as f64
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
+/// A uniform random sample of at most [`LATENCY_SAMPLE_SIZE`] latencies (reservoir
+/// sampling, Algorithm R), in microseconds.
+#[derive(Debug, Clone, Default)]
+struct Reservoir {
+    seen: u64,
+    samples: Vec<f64>,
+}
+
+impl Reservoir {
+    fn record(&mut self, us: f64) {
+        self.seen += 1;
+        if self.samples.len() < LATENCY_SAMPLE_SIZE {
+            self.samples.push(us);
+            return;
+        }
+        let slot = rand::random_range(0..self.seen);
+        if let Some(kept) = usize::try_from(slot)
+            .ok()
+            .and_then(|i| self.samples.get_mut(i))
+        {
+            *kept = us;
+        }
+    }
+}
+
+/// What an experiment report reads of one variant: everything since start-up.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    /// Requests, errors and latency histogram.
+    pub total: Window,
+    /// Feedback received.
+    pub outcomes: Outcomes,
+    /// A uniform sample of the latencies, in microseconds.
+    pub latency_sample_us: Vec<f64>,
+}
+
 #[derive(Debug)]
 struct Variant {
     total: Window,
     step: Window,
+    outcomes: Outcomes,
+    latencies: Reservoir,
 }
 
 /// One model's variants by version.
@@ -87,6 +190,47 @@ impl Metrics {
         let mut variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
         variant.total.record(ok, latency);
         variant.step.record(ok, latency);
+        variant.latencies.record(latency.as_secs_f64() * 1e6);
+    }
+
+    /// Counts feedback on a prediction of `model` at `version`; returns the variant's
+    /// feedback count after it.
+    pub fn record_outcome(&self, model: &str, version: &str, outcome: Outcome) -> u64 {
+        let variant = self.variant(model, version);
+        let mut variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
+        variant.outcomes.record(outcome);
+        variant.outcomes.feedback
+    }
+
+    /// Versions of `model` that requests or feedback were recorded for.
+    pub fn versions(&self, model: &str) -> Vec<String> {
+        let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
+        let mut versions: Vec<String> = variants
+            .get(model)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        versions.sort();
+        versions
+    }
+
+    /// Everything an experiment report needs of a variant; empty for one never seen.
+    pub fn experiment(&self, model: &str, version: &str) -> Experiment {
+        let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
+        match variants.get(model).and_then(|m| m.get(version)) {
+            Some(variant) => {
+                let variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
+                Experiment {
+                    total: variant.total.clone(),
+                    outcomes: variant.outcomes,
+                    latency_sample_us: variant.latencies.samples.clone(),
+                }
+            }
+            None => Experiment {
+                total: Window::new(),
+                outcomes: Outcomes::default(),
+                latency_sample_us: Vec::new(),
+            },
+        }
     }
 
     /// Everything since start-up; an empty window for a variant never seen.
@@ -136,6 +280,8 @@ impl Metrics {
                     Arc::new(Mutex::new(Variant {
                         total: Window::new(),
                         step: Window::new(),
+                        outcomes: Outcomes::default(),
+                        latencies: Reservoir::default(),
                     }))
                 }),
         )
@@ -172,6 +318,51 @@ mod tests {
         let step = metrics.step("demo", "2").step_metrics();
         assert_eq!((step.requests, step.errors), (1, 1));
         assert_eq!(metrics.total("demo", "2").requests, 11);
+    }
+
+    #[test]
+    fn outcomes_accumulate_counts_and_reward_moments() {
+        let metrics = Metrics::default();
+        for correct in [true, true, false] {
+            metrics.record_outcome("demo", "1", Outcome::Correct(correct));
+        }
+        for reward in [1.0, 2.0, 4.0] {
+            metrics.record_outcome("demo", "1", Outcome::Reward(reward));
+        }
+        let outcomes = metrics.experiment("demo", "1").outcomes;
+        assert_eq!(
+            (outcomes.feedback, outcomes.labelled, outcomes.correct),
+            (6, 3, 2)
+        );
+        let summary = outcomes.reward_summary().expect("rewards recorded");
+        let direct = SampleSummary::from_samples(&[1.0, 2.0, 4.0]).expect("finite");
+        assert_eq!(summary.n, 3);
+        assert!((summary.mean - direct.mean).abs() < 1e-12);
+        assert!((summary.variance - direct.variance).abs() < 1e-12);
+        assert_eq!(
+            metrics.experiment("demo", "2").outcomes,
+            Outcomes::default()
+        );
+    }
+
+    #[test]
+    fn the_latency_sample_is_bounded_and_keeps_every_value_until_full() {
+        let metrics = Metrics::default();
+        for ms in 0..10 {
+            metrics.record("demo", "1", true, Duration::from_millis(ms));
+        }
+        let sample = metrics.experiment("demo", "1").latency_sample_us;
+        assert_eq!(sample.len(), 10);
+        assert_eq!(sample[9], 9_000.0);
+        for _ in 0..LATENCY_SAMPLE_SIZE * 2 {
+            metrics.record("demo", "1", true, Duration::from_millis(1));
+        }
+        let experiment = metrics.experiment("demo", "1");
+        assert_eq!(experiment.latency_sample_us.len(), LATENCY_SAMPLE_SIZE);
+        assert_eq!(
+            experiment.total.requests,
+            10 + 2 * LATENCY_SAMPLE_SIZE as u64
+        );
     }
 
     #[test]
