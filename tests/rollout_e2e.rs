@@ -1,6 +1,8 @@
 //! Progressive rollouts driven by a real gateway on its own traffic: a healthy canary is
 //! promoted step by step with no operator action, a failing one is rolled back with the
-//! error rates as the reason, and a restarted gateway carries on where it stopped.
+//! error rates (or, from feedback, the accuracies) as the reason, a shadow on the
+//! canary feeds the agreement gates, a plan in the config file starts by itself, and a
+//! restarted gateway carries on where it stopped.
 mod common;
 
 use std::{
@@ -12,8 +14,8 @@ use std::{
 };
 
 use aviary::pb::admin::{
-    GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutStatus, RolloutStep,
-    StartRolloutRequest,
+    FeedbackRequest, GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutStatus, RolloutStep,
+    ShadowReportRequest, StartRolloutRequest, feedback_request::Outcome,
 };
 use aviary_gateway::Mode;
 use tokio::task::JoinSet;
@@ -103,18 +105,48 @@ struct Load {
     tasks: JoinSet<(u64, Vec<String>)>,
 }
 
+/// Ground truth a load sends after each answer: whether the answer of this version,
+/// for the `n`th request of a client, was correct.
+type Truth = fn(&str, u64) -> bool;
+
 impl Load {
     async fn start(gateway: &common::Running, clients: usize) -> Load {
+        Load::with_feedback(gateway, clients, None).await
+    }
+
+    /// Like [`Load::start`], each answer followed by Feedback saying what `truth` says.
+    async fn with_feedback(
+        gateway: &common::Running,
+        clients: usize,
+        truth: Option<Truth>,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
         for _ in 0..clients {
             let mut client = gateway.client().await;
+            let mut admin = gateway.admin().await;
             let stop = Arc::clone(&stop);
             tasks.spawn(async move {
                 let (mut ok, mut failures) = (0, Vec::new());
                 while !stop.load(Ordering::Relaxed) {
                     match client.model_infer(common::demo_request(&ROWS, "")).await {
-                        Ok(_) => ok += 1,
+                        Ok(response) => {
+                            ok += 1;
+                            let Some(truth) = truth else { continue };
+                            let version = response.into_inner().model_version;
+                            let correct = truth(&version, ok);
+                            let sent = admin
+                                .feedback(FeedbackRequest {
+                                    request_id: format!("req-{ok}"),
+                                    model: "demo".into(),
+                                    version,
+                                    outcome: Some(Outcome::Correct(correct)),
+                                })
+                                .await;
+                            if let Err(status) = sent {
+                                failures.push(format!("feedback: {}", status.message()));
+                            }
+                        }
                         Err(status) => failures.push(status.message().to_owned()),
                     }
                 }
@@ -297,6 +329,23 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
     assert!(error.message().contains("canary: version \"7\""), "{error}");
     assert!(error.message().contains("steps[1].weight"), "{error}");
 
+    // The shadow gates need the route's shadow on the canary; demo has none.
+    let mut shadow_gate = plan(200);
+    shadow_gate.gates = Some(RolloutGates {
+        min_shadow_agreement: Some(0.9),
+        ..Default::default()
+    });
+    let error = admin
+        .start_rollout(shadow_gate)
+        .await
+        .expect_err("no shadow on the canary");
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(
+        error.message().contains("gates.min_shadow_agreement")
+            && error.message().contains("routes.demo.shadow.version"),
+        "{error}"
+    );
+
     let error = admin
         .get_rollout(GetRolloutRequest {
             model: "demo".into(),
@@ -347,4 +396,194 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
     let printed = aviary_gateway::ctl::run(&args).await.expect("ctl status");
     assert!(printed.starts_with("demo: aborted;"), "{printed}");
     assert!(printed.contains("wrong build"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_with_worse_feedback_is_rolled_back_on_its_accuracy() {
+    let gateway = common::start_gateway(&config("", ""), Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    // The baseline is always right; the canary right on one answer in five.
+    let load =
+        Load::with_feedback(&gateway, 2, Some(|version, n| version == "1" || n % 5 == 0)).await;
+    let mut accuracy_plan = plan(200);
+    accuracy_plan.gates = Some(RolloutGates {
+        max_error_rate_increase: 0.05,
+        max_accuracy_drop: Some(0.1),
+        ..Default::default()
+    });
+    gateway
+        .admin()
+        .await
+        .start_rollout(accuracy_plan)
+        .await
+        .expect("the accuracy gate is measured");
+
+    let rolled_back = ends(&gateway, "rolled back").await;
+    let (_, failures) = load.finish().await;
+    let status = rollout(&gateway).await;
+    assert!(rolled_back, "rollout ends rolled back: {status:?}");
+    assert!(failures.is_empty(), "no request failed: {failures:?}");
+    assert_eq!(weight_of(&weights(&gateway).await, "2"), 0);
+    let last = status.history.last().expect("a decision");
+    assert!(last.reason.contains("accuracy"), "{}", last.reason);
+    assert!(!last.reason.contains("error rate"), "{}", last.reason);
+    let canary = last.numbers.get("canary_accuracy").copied();
+    assert!(
+        canary.is_some_and(|a| a < 0.5),
+        "canary accuracy from its feedback: {:?}",
+        last.numbers
+    );
+    assert_eq!(last.numbers.get("baseline_accuracy"), Some(&1.0));
+}
+
+/// A gateway whose demo route mirrors every request to version 2, running a rollout of
+/// version 2 under load with `gates` until it ends; returns the gateway and the rollout.
+async fn shadowed_rollout(gates: RolloutGates) -> (common::Running, RolloutStatus) {
+    let shadowed = config("", "") + "shadow = { version = \"2\", percent = 100, queue = 256 }\n";
+    let gateway = common::start_gateway(&shadowed, Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    let load = Load::start(&gateway, 2).await;
+    let mut shadow_plan = plan(200);
+    shadow_plan.gates = Some(gates);
+    gateway
+        .admin()
+        .await
+        .start_rollout(shadow_plan)
+        .await
+        .expect("the shadow is the canary");
+    let ended = common::eventually(Duration::from_secs(60), || async {
+        rollout(&gateway).await.terminal
+    })
+    .await;
+    load.finish().await;
+    let status = rollout(&gateway).await;
+    assert!(ended, "the rollout ends: {status:?}");
+    (gateway, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_on_the_canary_feeds_the_agreement_gate() {
+    let (gateway, status) = shadowed_rollout(RolloutGates {
+        max_error_rate_increase: 0.05,
+        min_shadow_agreement: Some(0.9),
+        ..Default::default()
+    })
+    .await;
+    // Both test versions pick the same class for these rows.
+    assert_eq!(status.state, "promoted", "{status:?}");
+    let report = gateway
+        .admin()
+        .await
+        .get_shadow_report(ShadowReportRequest {
+            model: "demo".into(),
+        })
+        .await
+        .expect("demo has a shadow")
+        .into_inner();
+    let most = report
+        .outputs
+        .iter()
+        .max_by_key(|o| o.agreement_total)
+        .expect("outputs compared");
+    // The same rows every request: the agreement share is the same at any count.
+    let advanced = &status.history[1].numbers;
+    assert_eq!(
+        advanced.get("shadow_agreement"),
+        Some(&most.agreement),
+        "{advanced:?} vs {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_on_the_canary_feeds_the_distribution_gate() {
+    let (_gateway, status) = shadowed_rollout(RolloutGates {
+        max_error_rate_increase: 0.05,
+        min_distribution_p_value: Some(0.01),
+        ..Default::default()
+    })
+    .await;
+    // The versions agree on the class but their probabilities come from different
+    // weights: a KS test over many mirrored answers tells them apart.
+    assert_eq!(status.state, "rolled back", "{status:?}");
+    let last = status.history.last().expect("a decision");
+    assert!(
+        last.reason.contains("distributions differ"),
+        "{}",
+        last.reason
+    );
+    assert!(
+        last.numbers
+            .get("distribution_p_value")
+            .is_some_and(|p| *p < 0.01),
+        "{:?}",
+        last.numbers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_in_the_config_starts_by_itself_and_is_not_run_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state_file = dir.path().join("rollouts.json");
+    let text = config(
+        "",
+        &format!(
+            r#"state_file = {:?}
+
+[rollouts.plans.demo]
+canary = "2"
+baseline = "1"
+steps = [ {{ weight = 50, min_duration_ms = 200, min_requests = 20 }}, {{ weight = 100, min_duration_ms = 200, min_requests = 20 }} ]
+gates = {{ max_error_rate_increase = 0.05 }}
+"#,
+            state_file.display().to_string()
+        ),
+    );
+    let gateway = common::start_gateway(&text, Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    assert_eq!(
+        weight_of(&weights(&gateway).await, "2"),
+        50,
+        "step 1 is applied at start"
+    );
+    let load = Load::start(&gateway, 2).await;
+    let promoted = ends(&gateway, "promoted").await;
+    let (_, failures) = load.finish().await;
+    let status = rollout(&gateway).await;
+    assert!(promoted, "rollout ends promoted: {status:?}");
+    assert!(failures.is_empty(), "no request failed: {failures:?}");
+    assert_eq!(weight_of(&weights(&gateway).await, "2"), 100);
+    gateway.stop().await.expect("gateway stops");
+
+    let gateway = common::start_gateway(&text, Mode::Embedded)
+        .await
+        .expect("gateway restarts");
+    let after = rollout(&gateway).await;
+    assert_eq!(
+        after.state, "promoted",
+        "a finished plan is not started again"
+    );
+    assert_eq!(after.history, status.history);
+}
+
+#[test]
+fn an_invalid_plan_in_the_config_lists_every_problem() {
+    let text = config(
+        "",
+        r#"
+[rollouts.plans.demo]
+canary = "9"
+baseline = "1"
+steps = [ { weight = 50, min_duration_ms = 200, min_requests = 20 }, { weight = 40, min_duration_ms = 200, min_requests = 20 } ]
+gates = { max_error_rate_increase = 0.05 }
+"#,
+    );
+    let error = aviary_gateway::config::Config::parse(&text).expect_err("invalid plan");
+    assert!(
+        error.contains("rollouts.plans.demo.steps[1].weight"),
+        "{error}"
+    );
+    assert!(error.contains("rollouts.plans.demo.canary"), "{error}");
 }

@@ -205,10 +205,12 @@ fn plan_from(request: StartRolloutRequest) -> RolloutPlan {
         gates: Gates {
             max_error_rate_increase: gates.max_error_rate_increase,
             max_latency_ratio: gates.max_latency_ratio,
+            max_accuracy_drop: gates.max_accuracy_drop,
+            min_shadow_agreement: gates.min_shadow_agreement,
+            min_distribution_p_value: gates.min_distribution_p_value,
             min_requests_for_rollback: gates
                 .min_requests_for_rollback
                 .unwrap_or(defaults.min_requests_for_rollback),
-            ..defaults
         },
     }
 }

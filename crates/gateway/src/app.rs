@@ -105,6 +105,7 @@ impl Gateway {
         // Saved rollouts get their weights back before the first request is served.
         let rollouts =
             Rollouts::open(Arc::clone(&control), Arc::clone(&metrics), &config.rollouts).await?;
+        rollouts.start_configured(&config.rollouts.plans).await?;
         Ok(Gateway {
             config,
             control,

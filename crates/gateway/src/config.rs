@@ -11,7 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aviary_router::{RuleSpec, StickySpec};
+use aviary_router::{
+    RuleSpec, StickySpec,
+    rollout::{Gates, RolloutPlan, Step},
+};
 use aviary_worker::VersionPolicy;
 
 use crate::shadow::ShadowConfig;
@@ -50,6 +53,9 @@ pub struct RolloutsConfig {
     /// rollouts live only as long as the process.
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// Rollouts started when the gateway starts, by model (`[rollouts.plans.demo]`).
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanConfig>,
 }
 
 impl Default for RolloutsConfig {
@@ -57,6 +63,34 @@ impl Default for RolloutsConfig {
         RolloutsConfig {
             evaluate_interval_ms: default_evaluate_interval_ms(),
             state_file: None,
+            plans: BTreeMap::new(),
+        }
+    }
+}
+
+/// A rollout plan in the config file; the model is its key under `rollouts.plans`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// The version serving today.
+    pub baseline: String,
+    /// The version being rolled out.
+    pub canary: String,
+    /// Canary weights in order; strictly increasing, the last one 100.
+    pub steps: Vec<Step>,
+    /// What the canary must keep to within to go on.
+    pub gates: Gates,
+}
+
+impl PlanConfig {
+    /// The plan for `model`.
+    pub fn plan(&self, model: &str) -> RolloutPlan {
+        RolloutPlan {
+            model: model.to_owned(),
+            baseline: self.baseline.clone(),
+            canary: self.canary.clone(),
+            steps: self.steps.clone(),
+            gates: self.gates.clone(),
         }
     }
 }
@@ -259,6 +293,26 @@ impl Config {
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());
         }
+        for (model, plan) in &config.rollouts.plans {
+            let path = format!("rollouts.plans.{model}");
+            if let Err(errors) = plan.plan(model).validate() {
+                problems.extend(errors.errors().iter().map(|e| format!("{path}.{e}")));
+            }
+            match config.routes.get(model) {
+                None => problems.push(format!(
+                    "{path}: no route for model \"{model}\"; add [routes.{model}] with both versions"
+                )),
+                Some(route) => {
+                    for (field, version) in [("canary", &plan.canary), ("baseline", &plan.baseline)] {
+                        if !version.is_empty() && !route.versions.iter().any(|v| &v.version == version) {
+                            problems.push(format!(
+                                "{path}.{field}: version \"{version}\" is not in routes.{model}.versions"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         for (model, route) in &config.routes {
             if let Some(shadow) = &route.shadow {
                 let path = format!("routes.{model}.shadow");
@@ -380,6 +434,36 @@ mod tests {
         assert!(err.contains("server.max_message_bytes"), "{err}");
         assert!(err.contains("repository.instances"), "{err}");
         assert!(err.contains("routes.demo.versions[0].endpoint"), "{err}");
+    }
+
+    #[test]
+    fn rollout_plans_list_every_problem_with_its_path() {
+        let route = "[routes.demo]\nversions = [ { version = \"1\", weight = 100 }, { version = \"2\", weight = 0 } ]\n";
+        let good = format!(
+            "{route}[rollouts.plans.demo]\ncanary = \"2\"\nbaseline = \"1\"\n\
+             steps = [ {{ weight = 50, min_duration_ms = 10, min_requests = 5 }}, {{ weight = 100, min_duration_ms = 10, min_requests = 5 }} ]\n\
+             gates = {{ max_error_rate_increase = 0.01, max_accuracy_drop = 0.05 }}\n"
+        );
+        let config = Config::parse(&good).expect("valid plan");
+        let plan = config.rollouts.plans["demo"].plan("demo");
+        assert_eq!((plan.model.as_str(), plan.steps[1].weight), ("demo", 100));
+        assert_eq!(plan.gates.max_accuracy_drop, Some(0.05));
+
+        let bad = format!(
+            "{route}[rollouts.plans.demo]\ncanary = \"7\"\nbaseline = \"1\"\n\
+             steps = [ {{ weight = 50, min_duration_ms = 10, min_requests = 5 }}, {{ weight = 90, min_duration_ms = 10, min_requests = 5 }} ]\n\
+             gates = {{ max_error_rate_increase = 0.01 }}\n\
+             [rollouts.plans.other]\ncanary = \"2\"\nbaseline = \"1\"\nsteps = []\ngates = {{ max_error_rate_increase = 0.01 }}\n"
+        );
+        let err = Config::parse(&bad).expect_err("invalid plans");
+        for path in [
+            "rollouts.plans.demo.steps[1].weight",
+            "rollouts.plans.demo.canary: version \"7\"",
+            "rollouts.plans.other.steps",
+            "rollouts.plans.other: no route",
+        ] {
+            assert!(err.contains(path), "{path} missing from: {err}");
+        }
     }
 
     #[test]

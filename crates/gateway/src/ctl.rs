@@ -588,7 +588,7 @@ async fn rollout(
                 gates: Some(RolloutGates {
                     max_error_rate_increase: *max_error_rate_increase,
                     max_latency_ratio: *max_latency_ratio,
-                    min_requests_for_rollback: None,
+                    ..RolloutGates::default()
                 }),
             };
             admin.start_rollout(request).await?.into_inner()

@@ -31,6 +31,10 @@ pub struct Window {
     pub errors: u64,
     /// Latency of every request, in microseconds.
     pub latency_us: Histogram<u64>,
+    /// Feedback in the window that said correct or incorrect (the accuracy gate's evidence).
+    pub labelled: u64,
+    /// Of those, the ones that said correct.
+    pub correct: u64,
 }
 
 impl Window {
@@ -43,6 +47,8 @@ impl Window {
             requests: 0,
             errors: 0,
             latency_us,
+            labelled: 0,
+            correct: 0,
         }
     }
 
@@ -56,14 +62,22 @@ impl Window {
             .saturating_record(us.clamp(1, MAX_LATENCY_US));
     }
 
-    /// What the rollout gates read: counts and the 99th-percentile latency.
+    fn record_outcome(&mut self, outcome: Outcome) {
+        if let Outcome::Correct(correct) = outcome {
+            self.labelled += 1;
+            self.correct += u64::from(correct);
+        }
+    }
+
+    /// What the rollout gates read: counts, the 99th-percentile latency, and the share
+    /// of labelled feedback that said correct (`None` without labelled feedback).
     pub fn step_metrics(&self) -> StepMetrics {
         StepMetrics {
             requests: self.requests,
             errors: self.errors,
             latency_p99_us: (!self.latency_us.is_empty())
                 .then(|| self.latency_us.value_at_quantile(0.99)),
-            accuracy: None,
+            accuracy: (self.labelled > 0).then(|| self.correct as f64 / self.labelled as f64),
         }
     }
 }
@@ -194,11 +208,15 @@ impl Metrics {
     }
 
     /// Counts feedback on a prediction of `model` at `version`; returns the variant's
-    /// feedback count after it.
+    /// feedback count after it. Feedback counts in the step window it arrives in, not
+    /// the one its prediction was made in: a step's accuracy is what was reported
+    /// during the step.
     pub fn record_outcome(&self, model: &str, version: &str, outcome: Outcome) -> u64 {
         let variant = self.variant(model, version);
         let mut variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
         variant.outcomes.record(outcome);
+        variant.total.record_outcome(outcome);
+        variant.step.record_outcome(outcome);
         variant.outcomes.feedback
     }
 
@@ -318,6 +336,27 @@ mod tests {
         let step = metrics.step("demo", "2").step_metrics();
         assert_eq!((step.requests, step.errors), (1, 1));
         assert_eq!(metrics.total("demo", "2").requests, 11);
+    }
+
+    #[test]
+    fn step_accuracy_counts_labelled_feedback_since_the_reset() {
+        let metrics = Metrics::default();
+        assert_eq!(metrics.step("demo", "2").step_metrics().accuracy, None);
+        metrics.record_outcome("demo", "2", Outcome::Reward(1.0));
+        assert_eq!(metrics.step("demo", "2").step_metrics().accuracy, None);
+        for correct in [true, false, false, false] {
+            metrics.record_outcome("demo", "2", Outcome::Correct(correct));
+        }
+        assert_eq!(
+            metrics.step("demo", "2").step_metrics().accuracy,
+            Some(0.25)
+        );
+
+        metrics.reset_step("demo", "2");
+        assert_eq!(metrics.step("demo", "2").step_metrics().accuracy, None);
+        metrics.record_outcome("demo", "2", Outcome::Correct(true));
+        assert_eq!(metrics.step("demo", "2").step_metrics().accuracy, Some(1.0));
+        assert_eq!(metrics.total("demo", "2").labelled, 5);
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! `[rollouts] evaluate_interval_ms`, and writes every rollout to the state file after
 //! each change, so a restarted gateway carries on where it stopped. With many gateways
 //! each drives its own rollouts on its own traffic.
+//!
+//! The gates read the step windows (requests, errors, p99 latency, accuracy from
+//! feedback received during the step) and, when the route's shadow is the canary, the
+//! model's mirror: baseline answers compared with the canary's on the same inputs.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +23,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::{
     GatewayError,
-    config::{RolloutsConfig, VersionConfig},
+    config::{PlanConfig, RolloutsConfig, VersionConfig},
     control::Control,
     metrics::Metrics,
 };
@@ -113,10 +117,48 @@ impl Rollouts {
         Ok(rollouts)
     }
 
+    /// Starts each configured plan whose model has no active rollout and which has not
+    /// run to its end already (a finished plan in the state file is not run again).
+    pub async fn start_configured(
+        &self,
+        plans: &BTreeMap<String, PlanConfig>,
+    ) -> Result<(), GatewayError> {
+        for (model, config) in plans {
+            let plan = config.plan(model);
+            {
+                let rollouts = self.rollouts.lock().await;
+                if let Some(saved) = rollouts.get(model) {
+                    if !saved.state().is_terminal() {
+                        tracing::info!(
+                            model,
+                            "configured plan skipped: the model has an active rollout"
+                        );
+                        continue;
+                    }
+                    if saved.plan() == &plan {
+                        tracing::info!(
+                            model,
+                            state = saved.state().label(),
+                            "configured plan skipped: it already ran to its end"
+                        );
+                        continue;
+                    }
+                }
+            }
+            self.start(plan)
+                .await
+                .map_err(|error| GatewayError::Config {
+                    path: format!("rollouts.plans.{model}"),
+                    message: format!("cannot start the rollout: {error}"),
+                })?;
+        }
+        Ok(())
+    }
+
     /// Checks `plan` against the routes, starts it and applies its first step.
     pub async fn start(&self, plan: RolloutPlan) -> Result<RolloutStatus, GatewayError> {
         let mut problems = self.check_routable(&plan);
-        problems.extend(unmeasured_gates(&plan));
+        problems.extend(self.unmeasured_gates(&plan));
         let rollout = Rollout::new(plan.clone());
         if let Err(errors) = &rollout {
             problems.extend(errors.errors().iter().map(ToString::to_string));
@@ -258,14 +300,73 @@ impl Rollouts {
     }
 
     fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {
+        let (shadow_agreement, distribution_p_value) = self.shadow_evidence(plan);
         MetricsSnapshot {
             canary: self.metrics.step(&plan.model, &plan.canary).step_metrics(),
             baseline: self
                 .metrics
                 .step(&plan.model, &plan.baseline)
                 .step_metrics(),
-            ..MetricsSnapshot::default()
+            shadow_agreement,
+            distribution_p_value,
         }
+    }
+
+    /// Agreement and KS p-value from the model's mirror when its shadow is the canary;
+    /// `None`s otherwise or before the first comparison (which holds the step).
+    ///
+    /// A model may have several outputs; the gate reads the one with the most compared
+    /// pairs, the best-supported figure (for a classifier, its label or probabilities).
+    /// The mirror counts since it started, not since the step did: a route keeps one
+    /// mirror across weight changes, and its samples cannot be split by step.
+    fn shadow_evidence(&self, plan: &RolloutPlan) -> (Option<f64>, Option<f64>) {
+        let routing = self.control.routing().load_full();
+        let Some(mirror) = routing
+            .mirror(&plan.model)
+            .filter(|m| m.config().version == plan.canary)
+        else {
+            return (None, None);
+        };
+        let report = mirror.report();
+        let Some(output) = report.outputs.values().max_by_key(|o| o.agreement_total) else {
+            return (None, None);
+        };
+        let p_value =
+            aviary_router::stats::ks_two_sample(&output.primary_sample, &output.shadow_sample)
+                .map(|test| test.p_value);
+        (output.agreement(), p_value)
+    }
+
+    /// Gates this gateway cannot measure for `plan`: a rollout using them would never pass.
+    fn unmeasured_gates(&self, plan: &RolloutPlan) -> Vec<String> {
+        let routing = self.control.routing().load_full();
+        let shadow = routing
+            .mirror(&plan.model)
+            .map(|m| m.config().version.clone());
+        if shadow.as_deref() == Some(plan.canary.as_str()) {
+            return Vec::new();
+        }
+        let gates = &plan.gates;
+        [
+            ("min_shadow_agreement", gates.min_shadow_agreement.is_some()),
+            ("min_distribution_p_value", gates.min_distribution_p_value.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(field, _)| {
+            format!(
+                "gates.{field}: needs the canary's answers compared with the baseline's, but route \"{}\" {}; \
+                 set routes.{}.shadow.version = \"{}\" (with the canary at weight 0 in the config) or remove this gate",
+                plan.model,
+                match &shadow {
+                    Some(version) => format!("shadows version \"{version}\", not the canary"),
+                    None => "has no shadow".to_owned(),
+                },
+                plan.model,
+                plan.canary
+            )
+        })
+        .collect()
     }
 
     /// Every reason the plan's versions cannot carry a rollout on the current routes.
@@ -400,22 +501,6 @@ fn load(path: &Path) -> Result<Vec<Rollout>, GatewayError> {
         path: path.display().to_string(),
         message: format!("rollout state file is not valid: {error}"),
     })
-}
-
-/// Gates this gateway has no measurements for: a rollout using them would never pass.
-fn unmeasured_gates(plan: &RolloutPlan) -> Vec<String> {
-    let gates = &plan.gates;
-    [
-        ("max_accuracy_drop", gates.max_accuracy_drop.is_some(), "accuracy feedback"),
-        ("min_shadow_agreement", gates.min_shadow_agreement.is_some(), "shadow agreement between canary and baseline"),
-        ("min_distribution_p_value", gates.min_distribution_p_value.is_some(), "output distributions of canary and baseline"),
-    ]
-    .into_iter()
-    .filter(|(_, set, _)| *set)
-    .map(|(field, _, what)| {
-        format!("gates.{field}: the gateway's rollout driver does not measure {what} yet; remove this gate")
-    })
-    .collect()
 }
 
 fn now_ms() -> u64 {
