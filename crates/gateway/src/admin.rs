@@ -4,11 +4,12 @@ use std::{future::Future, sync::Arc, time::UNIX_EPOCH};
 
 use aviary::pb::admin::{
     ConfigStatus, ExperimentReport, ExperimentReportRequest, FeedbackRequest, FeedbackResponse,
-    GetConfigStatusRequest, GetRolloutRequest, GetRoutesRequest, GetRoutesResponse,
+    GetConfigStatusRequest, GetRolloutRequest, GetRoutesRequest, GetRoutesResponse, LatencyBucket,
     ListModelsRequest, ListModelsResponse, ModelCard, ModelVersionInfo, OutputComparison,
-    RolloutCommandRequest, RolloutDecision, RolloutMetrics, Route, SetRouteRequest,
-    SetRouteResponse, ShadowReport, ShadowReportRequest, StartRolloutRequest, UnloadVersionRequest,
-    VersionRequest, VersionResponse, VersionWeight,
+    ResetVariantStatsResponse, RolloutCommandRequest, RolloutDecision, RolloutMetrics, Route,
+    SetRouteRequest, SetRouteResponse, ShadowReport, ShadowReportRequest, StartRolloutRequest,
+    UnloadVersionRequest, VariantStats, VariantStatsRequest, VariantStatsResponse, VersionRequest,
+    VersionResponse, VersionWeight,
     admin_server::{Admin, AdminServer},
 };
 use aviary_router::rollout::{Gates, RolloutPlan, RolloutState, Step, StepMetrics};
@@ -186,7 +187,7 @@ fn route_config(route: &Route) -> RouteConfig {
     }
 }
 
-fn plan_from(request: StartRolloutRequest) -> RolloutPlan {
+pub(crate) fn plan_from(request: StartRolloutRequest) -> RolloutPlan {
     let defaults = Gates::error_rate(0.0);
     let gates = request.gates.unwrap_or_default();
     RolloutPlan {
@@ -233,7 +234,7 @@ fn metrics_message(metrics: &StepMetrics) -> RolloutMetrics {
     }
 }
 
-fn status_message(status: &RolloutStatus) -> aviary::pb::admin::RolloutStatus {
+pub(crate) fn status_message(status: &RolloutStatus) -> aviary::pb::admin::RolloutStatus {
     let rollout = &status.rollout;
     let plan = rollout.plan();
     aviary::pb::admin::RolloutStatus {
@@ -264,7 +265,7 @@ fn status_message(status: &RolloutStatus) -> aviary::pb::admin::RolloutStatus {
     }
 }
 
-fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+pub(crate) fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
     if value.is_empty() {
         Err(Status::invalid_argument(format!("{field} is required")))
     } else {
@@ -512,5 +513,45 @@ impl Admin for AdminService {
         experiment::report(&self.metrics, model, &versions, baseline)
             .map(Response::new)
             .map_err(Status::invalid_argument)
+    }
+
+    async fn get_variant_stats(
+        &self,
+        request: Request<VariantStatsRequest>,
+    ) -> Result<Response<VariantStatsResponse>, Status> {
+        let model = request.into_inner().model;
+        let model = required("model", &model)?;
+        let versions = self
+            .variants(model)
+            .into_iter()
+            .map(|version| {
+                let window = self.metrics.step(model, &version);
+                VariantStats {
+                    requests: window.requests,
+                    errors: window.errors,
+                    latency: window
+                        .latency_buckets()
+                        .into_iter()
+                        .map(|(value_us, count)| LatencyBucket { value_us, count })
+                        .collect(),
+                    labelled: window.labelled,
+                    correct: window.correct,
+                    version,
+                }
+            })
+            .collect();
+        Ok(Response::new(VariantStatsResponse { versions }))
+    }
+
+    async fn reset_variant_stats(
+        &self,
+        request: Request<VariantStatsRequest>,
+    ) -> Result<Response<ResetVariantStatsResponse>, Status> {
+        let model = request.into_inner().model;
+        let model = required("model", &model)?;
+        for version in self.variants(model) {
+            self.metrics.reset_step(model, &version);
+        }
+        Ok(Response::new(ResetVariantStatsResponse {}))
     }
 }

@@ -29,6 +29,33 @@ pub enum Command {
     Bench(BenchArgs),
     /// Change a running gateway through its admin API: routes, weights, model versions.
     Ctl(crate::ctl::CtlArgs),
+    /// Run the rollouts of many gateways on their summed stats (gateways set
+    /// `[rollouts] controlled = true`).
+    Controller(ControllerArgs),
+}
+
+/// `controller`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("targets").required(true))]
+pub struct ControllerArgs {
+    /// The gateways' admin addresses, `HOST:PORT,HOST:PORT`.
+    #[arg(
+        long,
+        env = "AVIARY_GATEWAYS",
+        value_delimiter = ',',
+        group = "targets"
+    )]
+    pub gateways: Vec<String>,
+    /// A DNS name resolving to every gateway replica, `NAME:PORT` (the admin port),
+    /// resolved again every evaluation (e.g. a Kubernetes headless Service).
+    #[arg(long, env = "AVIARY_GATEWAYS_DNS", group = "targets")]
+    pub gateways_dns: Option<String>,
+    /// Where the controller serves the rollout admin RPCs.
+    #[arg(long, env = "AVIARY_ADMIN_LISTEN", default_value = "127.0.0.1:8004")]
+    pub admin_listen: SocketAddr,
+    /// How often active rollouts are judged, in milliseconds.
+    #[arg(long, env = "AVIARY_EVALUATE_INTERVAL_MS", default_value_t = 5_000)]
+    pub evaluate_interval_ms: u64,
 }
 
 /// `serve` and `gateway`.

@@ -56,6 +56,10 @@ pub struct RolloutsConfig {
     /// Rollouts started when the gateway starts, by model (`[rollouts.plans.demo]`).
     #[serde(default)]
     pub plans: BTreeMap<String, PlanConfig>,
+    /// An `aviary controller` runs the rollouts of many gateways: this one drives none
+    /// and refuses rollout commands, and only serves its stats and takes route changes.
+    #[serde(default)]
+    pub controlled: bool,
 }
 
 impl Default for RolloutsConfig {
@@ -64,6 +68,7 @@ impl Default for RolloutsConfig {
             evaluate_interval_ms: default_evaluate_interval_ms(),
             state_file: None,
             plans: BTreeMap::new(),
+            controlled: false,
         }
     }
 }
@@ -293,6 +298,12 @@ impl Config {
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());
         }
+        if config.rollouts.controlled && !config.rollouts.plans.is_empty() {
+            problems.push(
+                "rollouts.plans: a controlled gateway runs no rollouts; start them on the controller"
+                    .to_owned(),
+            );
+        }
         for (model, plan) in &config.rollouts.plans {
             let path = format!("rollouts.plans.{model}");
             if let Err(errors) = plan.plan(model).validate() {
@@ -434,6 +445,27 @@ mod tests {
         assert!(err.contains("server.max_message_bytes"), "{err}");
         assert!(err.contains("repository.instances"), "{err}");
         assert!(err.contains("routes.demo.versions[0].endpoint"), "{err}");
+    }
+
+    #[test]
+    fn a_controlled_gateway_takes_no_rollout_plans() {
+        let route = "[routes.demo]\nversions = [ { version = \"1\", weight = 100 }, { version = \"2\", weight = 0 } ]\n";
+        let plan = "[rollouts.plans.demo]\ncanary = \"2\"\nbaseline = \"1\"\n\
+             steps = [ { weight = 100, min_duration_ms = 10, min_requests = 5 } ]\n\
+             gates = { max_error_rate_increase = 0.01 }\n";
+        let controlled = format!("[rollouts]\ncontrolled = true\n{route}");
+        assert!(
+            Config::parse(&controlled)
+                .expect("valid")
+                .rollouts
+                .controlled
+        );
+        let err = Config::parse(&format!("[rollouts]\ncontrolled = true\n{plan}{route}"))
+            .expect_err("plans belong on the controller");
+        assert!(
+            err.contains("rollouts.plans: a controlled gateway"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`experiment`]: A/B experiment reports: per-variant outcomes and significance tests.
 //! - [`rollouts`]: the rollout driver: progressive rollouts on this gateway's traffic.
 //! - [`control`]: live changes: routes, version load/reload/unload, repository sync.
+//! - [`controller`]: `aviary controller`: one rollout driver for many gateways.
 //! - [`watch`]: watching the config file and the model repository.
 //! - [`admin`]: the admin API (`aviary.admin.v1.Admin`) over [`control`].
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod controller;
 pub mod ctl;
 pub mod error;
 pub mod experiment;

@@ -7,8 +7,9 @@ use aviary::pb::inference::ModelMetadataRequest;
 use aviary_gateway::{
     Config, Gateway, Listeners, Mode,
     bench::{self, BenchOptions},
-    cli::{BenchArgs, Cli, Command, InferArgs, ServeArgs, WorkerArgs},
+    cli::{BenchArgs, Cli, Command, ControllerArgs, InferArgs, ServeArgs, WorkerArgs},
     client,
+    controller::{Controller, ControllerOptions, Gateways},
     front::VARIANT_HEADER,
 };
 use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
@@ -44,6 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Worker(args) => worker(args).await,
             Command::Infer(args) => infer(args).await,
             Command::Bench(args) => bench(args).await,
+            Command::Controller(args) => controller(args).await,
             Command::Ctl(args) => {
                 println!("{}", aviary_gateway::ctl::run(&args).await?);
                 Ok(())
@@ -113,6 +115,24 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
             grace_period(args.grace_period)?,
             shutdown_signal(),
         )
+        .await?;
+    Ok(())
+}
+
+async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    if args.evaluate_interval_ms == 0 {
+        bail!("--evaluate-interval-ms: must be at least 1");
+    }
+    let gateways = match args.gateways_dns {
+        Some(name) => Gateways::Dns(name),
+        None => Gateways::List(args.gateways),
+    };
+    let options = ControllerOptions {
+        evaluate_interval: Duration::from_millis(args.evaluate_interval_ms),
+    };
+    let admin = bind(args.admin_listen, "admin").await?;
+    Arc::new(Controller::with_gateways(gateways, options))
+        .serve(admin, shutdown_signal())
         .await?;
     Ok(())
 }

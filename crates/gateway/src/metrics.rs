@@ -37,8 +37,15 @@ pub struct Window {
     pub correct: u64,
 }
 
+impl Default for Window {
+    fn default() -> Window {
+        Window::new()
+    }
+}
+
 impl Window {
-    fn new() -> Window {
+    /// An empty window.
+    pub fn new() -> Window {
         // Bounds are constants that hdrhistogram accepts (1 <= low, high >= 2 * low,
         // sigfig <= 5), so this cannot fail.
         let latency_us = Histogram::new_with_bounds(1, MAX_LATENCY_US, 2)
@@ -66,6 +73,35 @@ impl Window {
         if let Outcome::Correct(correct) = outcome {
             self.labelled += 1;
             self.correct += u64::from(correct);
+        }
+    }
+
+    /// The latency histogram's non-empty buckets as (highest value in µs, count): what
+    /// another process needs to add this window into its own with [`Window::add`].
+    pub fn latency_buckets(&self) -> Vec<(u64, u64)> {
+        self.latency_us
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect()
+    }
+
+    /// Adds another window's counts and latency buckets to this one (a controller
+    /// summing the step windows of many gateways).
+    pub fn add(
+        &mut self,
+        requests: u64,
+        errors: u64,
+        buckets: &[(u64, u64)],
+        labelled: u64,
+        correct: u64,
+    ) {
+        self.requests += requests;
+        self.errors += errors;
+        self.labelled += labelled;
+        self.correct += correct;
+        for &(us, count) in buckets {
+            self.latency_us
+                .saturating_record_n(us.clamp(1, MAX_LATENCY_US), count);
         }
     }
 
@@ -402,6 +438,36 @@ mod tests {
             experiment.total.requests,
             10 + 2 * LATENCY_SAMPLE_SIZE as u64
         );
+    }
+
+    #[test]
+    fn windows_added_from_buckets_keep_counts_and_percentiles() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        for i in 0..100 {
+            a.record("demo", "2", i != 0, Duration::from_millis(2));
+            b.record(
+                "demo",
+                "2",
+                true,
+                Duration::from_millis(if i < 50 { 2 } else { 40 }),
+            );
+        }
+        let mut sum = Window::new();
+        for window in [a.step("demo", "2"), b.step("demo", "2")] {
+            sum.add(
+                window.requests,
+                window.errors,
+                &window.latency_buckets(),
+                0,
+                0,
+            );
+        }
+        let step = sum.step_metrics();
+        assert_eq!((step.requests, step.errors), (200, 1));
+        let p99 = step.latency_p99_us.expect("latency measured");
+        assert!((39_000..=41_000).contains(&p99), "p99 {p99} µs");
+        let p50 = sum.latency_us.value_at_quantile(0.5);
+        assert!((1_900..=2_100).contains(&p50), "p50 {p50} µs");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! window resets in [`Metrics`]), judges every active rollout each
 //! `[rollouts] evaluate_interval_ms`, and writes every rollout to the state file after
 //! each change, so a restarted gateway carries on where it stopped. With many gateways
-//! each drives its own rollouts on its own traffic.
+//! one `aviary controller` drives the rollouts on their summed stats (see
+//! [`crate::controller`]); each gateway then runs with `[rollouts] controlled = true`
+//! and its driver neither evaluates nor takes commands.
 //!
 //! The gates read the step windows (requests, errors, p99 latency, accuracy from
 //! feedback received during the step) and, when the route's shadow is the canary, the
@@ -64,6 +66,7 @@ pub struct Rollouts {
     control: Arc<Control>,
     metrics: Arc<Metrics>,
     state_file: Option<PathBuf>,
+    controlled: bool,
     rollouts: Mutex<BTreeMap<String, Rollout>>,
 }
 
@@ -76,13 +79,14 @@ impl Rollouts {
         config: &RolloutsConfig,
     ) -> Result<Rollouts, GatewayError> {
         let saved = match &config.state_file {
-            Some(path) => load(path)?,
-            None => Vec::new(),
+            Some(path) if !config.controlled => load(path)?,
+            _ => Vec::new(),
         };
         let rollouts = Rollouts {
             control,
             metrics,
             state_file: config.state_file.clone(),
+            controlled: config.controlled,
             rollouts: Mutex::new(BTreeMap::new()),
         };
         let mut map = rollouts.rollouts.lock().await;
@@ -155,8 +159,19 @@ impl Rollouts {
         Ok(())
     }
 
+    /// Refuses rollout commands on a gateway whose rollouts a controller drives.
+    fn check_not_controlled(&self) -> Result<(), GatewayError> {
+        match self.controlled {
+            true => Err(GatewayError::Refused(
+                "rollouts are driven by the controller".to_owned(),
+            )),
+            false => Ok(()),
+        }
+    }
+
     /// Checks `plan` against the routes, starts it and applies its first step.
     pub async fn start(&self, plan: RolloutPlan) -> Result<RolloutStatus, GatewayError> {
+        self.check_not_controlled()?;
         let mut problems = self.check_routable(&plan);
         problems.extend(self.unmeasured_gates(&plan));
         let rollout = Rollout::new(plan.clone());
@@ -199,6 +214,7 @@ impl Rollouts {
         command: Command,
         note: &str,
     ) -> Result<RolloutStatus, GatewayError> {
+        self.check_not_controlled()?;
         let mut rollouts = self.rollouts.lock().await;
         let rollout = rollouts
             .get_mut(model)
@@ -228,6 +244,7 @@ impl Rollouts {
 
     /// The model's rollout and its current step's metrics.
     pub async fn status(&self, model: &str) -> Result<RolloutStatus, GatewayError> {
+        self.check_not_controlled()?;
         let rollouts = self.rollouts.lock().await;
         self.status_of(&rollouts, model)
     }
@@ -270,6 +287,9 @@ impl Rollouts {
 
     /// Evaluates every `interval` until `stop` turns true.
     pub async fn run(self: Arc<Self>, interval: Duration, mut stop: watch::Receiver<bool>) {
+        if self.controlled {
+            return;
+        }
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -422,25 +442,8 @@ impl Rollouts {
             attempt += 1;
             let routing = self.control.routing().load_full();
             let mut route = routing.routes.get(&plan.model).cloned().unwrap_or_default();
-            let mut take = |version: &str, weight: u32| {
-                let mut found = match route.versions.iter().position(|v| v.version == version) {
-                    Some(i) => route.versions.remove(i),
-                    None => VersionConfig {
-                        version: version.to_owned(),
-                        weight: 0,
-                        endpoint: None,
-                        fault: None,
-                    },
-                };
-                found.weight = weight;
-                found
-            };
-            let mut versions = vec![take(&plan.canary, canary), take(&plan.baseline, baseline)];
-            for mut other in route.versions.drain(..) {
-                other.weight = 0;
-                versions.push(other);
-            }
-            route.versions = versions;
+            route.versions =
+                rollout_versions(std::mem::take(&mut route.versions), plan, canary, baseline);
             match self
                 .control
                 .set_route(&plan.model, route, Some(routing.generation))
@@ -485,6 +488,35 @@ impl Rollouts {
     }
 }
 
+/// A route's versions with the canary first at `canary`, the baseline at `baseline`,
+/// and every other version kept pinnable at weight 0.
+pub(crate) fn rollout_versions(
+    mut versions: Vec<VersionConfig>,
+    plan: &RolloutPlan,
+    canary: u32,
+    baseline: u32,
+) -> Vec<VersionConfig> {
+    let mut take = |version: &str, weight: u32| {
+        let mut found = match versions.iter().position(|v| v.version == version) {
+            Some(i) => versions.remove(i),
+            None => VersionConfig {
+                version: version.to_owned(),
+                weight: 0,
+                endpoint: None,
+                fault: None,
+            },
+        };
+        found.weight = weight;
+        found
+    };
+    let mut ordered = vec![take(&plan.canary, canary), take(&plan.baseline, baseline)];
+    for mut other in versions {
+        other.weight = 0;
+        ordered.push(other);
+    }
+    ordered
+}
+
 /// Reads the state file; a missing file is no rollouts.
 fn load(path: &Path) -> Result<Vec<Rollout>, GatewayError> {
     let bytes = match std::fs::read(path) {
@@ -503,7 +535,7 @@ fn load(path: &Path) -> Result<Vec<Rollout>, GatewayError> {
     })
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -1,0 +1,252 @@
+//! One `aviary controller` running one rollout for two gateways on their summed stats:
+//! both gateways carry the same weights at every step and end promoted together, and a
+//! gateway in controlled mode refuses to drive a rollout itself.
+mod common;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aviary::pb::admin::{
+    GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutStatus, RolloutStep,
+    StartRolloutRequest, admin_client::AdminClient,
+};
+use aviary_gateway::{
+    Mode,
+    controller::{Controller, ControllerOptions},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
+use tonic::{Code, transport::Channel};
+
+const ROWS: [[f32; 4]; 1] = [[5.1, 3.5, 1.4, 0.2]];
+
+/// A gateway whose rollouts a controller drives, `demo` on version 1 only.
+const CONTROLLED: &str = r#"
+[repository]
+path = "{models}"
+instances = 2
+
+[rollouts]
+controlled = true
+
+[routes.demo]
+versions = [ { version = "1", weight = 100 }, { version = "2", weight = 0 } ]
+"#;
+
+fn plan() -> StartRolloutRequest {
+    StartRolloutRequest {
+        model: "demo".into(),
+        canary: "2".into(),
+        baseline: "1".into(),
+        steps: [50, 100]
+            .into_iter()
+            .map(|weight| RolloutStep {
+                weight,
+                min_duration_ms: 200,
+                min_requests: 20,
+            })
+            .collect(),
+        gates: Some(RolloutGates {
+            max_error_rate_increase: 0.05,
+            ..Default::default()
+        }),
+    }
+}
+
+async fn connect(addr: std::net::SocketAddr) -> AdminClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid url")
+        .connect()
+        .await
+        .expect("admin API accepts connections");
+    AdminClient::new(channel)
+}
+
+async fn rollout(controller: &mut AdminClient<Channel>) -> RolloutStatus {
+    controller
+        .get_rollout(GetRolloutRequest {
+            model: "demo".into(),
+        })
+        .await
+        .expect("demo has a rollout")
+        .into_inner()
+}
+
+/// The gateway's weights of versions 2 and 1 for `demo`.
+async fn weights(gateway: &mut AdminClient<Channel>) -> (u32, u32) {
+    let routes = gateway
+        .get_routes(GetRoutesRequest {})
+        .await
+        .expect("routes")
+        .into_inner();
+    let route = routes
+        .routes
+        .iter()
+        .find(|r| r.model == "demo")
+        .expect("demo is routed");
+    let weight = |version: &str| {
+        route
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .map_or(0, |v| v.weight)
+    };
+    (weight("2"), weight("1"))
+}
+
+/// Unpinned clients on every gateway until stopped; returns (answered, failures).
+fn load(gateways: &[&common::Running], stop: &Arc<AtomicBool>) -> JoinSet<(u64, Vec<String>)> {
+    let mut tasks = JoinSet::new();
+    for gateway in gateways {
+        let url = gateway.url();
+        let stop = Arc::clone(stop);
+        tasks.spawn(async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .expect("valid url")
+                .connect()
+                .await
+                .expect("gateway accepts connections");
+            let mut client =
+                aviary::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
+                    channel,
+                );
+            let (mut ok, mut failures) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match client.model_infer(common::demo_request(&ROWS, "")).await {
+                    Ok(_) => ok += 1,
+                    Err(status) => failures.push(status.message().to_owned()),
+                }
+            }
+            (ok, failures)
+        });
+    }
+    tasks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_controller_moves_two_gateways_through_the_same_steps() {
+    let a = common::start_gateway(CONTROLLED, Mode::Embedded)
+        .await
+        .expect("gateway a starts");
+    let b = common::start_gateway(CONTROLLED, Mode::Embedded)
+        .await
+        .expect("gateway b starts");
+    let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
+    let controller = Arc::new(Controller::new(
+        addresses.to_vec(),
+        ControllerOptions {
+            evaluate_interval: Duration::from_millis(100),
+        },
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let controller_addr = listener.local_addr().expect("local addr");
+    let (stop_controller, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(Arc::clone(&controller).serve(listener, async {
+        let _ = stopped.await;
+    }));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&[&a, &b], &stop);
+    let mut ctl = connect(controller_addr).await;
+    let (mut admin_a, mut admin_b) = (
+        connect(a.admin_addr.expect("admin")).await,
+        connect(b.admin_addr.expect("admin")).await,
+    );
+    let started = ctl
+        .start_rollout(plan())
+        .await
+        .expect("plan is valid")
+        .into_inner();
+    assert_eq!(
+        (started.state.as_str(), started.canary_weight),
+        ("progressing", 50)
+    );
+
+    // The controller holds its rollouts while it pushes weights, so when its status
+    // reads the same before and after reading both gateways, no change was in flight:
+    // both gateways must show that status's weights.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let last = loop {
+        let before = rollout(&mut ctl).await;
+        let (on_a, on_b) = (weights(&mut admin_a).await, weights(&mut admin_b).await);
+        let after = rollout(&mut ctl).await;
+        if before.history.len() == after.history.len() {
+            let expected = (after.canary_weight, 100 - after.canary_weight);
+            assert_eq!(
+                on_a, expected,
+                "gateway a at {} ({:?})",
+                after.state, after.history
+            );
+            assert_eq!(
+                on_b, expected,
+                "gateway b at {} ({:?})",
+                after.state, after.history
+            );
+            if seen.last() != Some(&expected.0) {
+                seen.push(expected.0);
+            }
+        }
+        if after.terminal || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    let (mut answered, mut failures) = (0, Vec::new());
+    for (n, f) in clients.join_all().await {
+        answered += n;
+        failures.extend(f);
+    }
+
+    assert_eq!(last.state, "promoted", "rollout ends promoted: {last:?}");
+    assert_eq!(
+        seen,
+        [50, 100],
+        "both gateways went through every step together"
+    );
+    let steps: Vec<u32> = last.history.iter().map(|d| d.step).collect();
+    assert_eq!(
+        steps,
+        [1, 2, 0],
+        "started, advanced, promoted: {:?}",
+        last.history
+    );
+    assert_eq!(weights(&mut admin_a).await, (100, 0));
+    assert_eq!(weights(&mut admin_b).await, (100, 0));
+    assert!(failures.is_empty(), "no request failed: {failures:?}");
+    assert!(answered >= 40, "both steps saw traffic: {answered}");
+
+    let _ = stop_controller.send(());
+    served
+        .await
+        .expect("controller task")
+        .expect("controller stops cleanly");
+    a.stop().await.expect("gateway a stops");
+    b.stop().await.expect("gateway b stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controlled_gateway_refuses_to_drive_a_rollout() {
+    let gateway = common::start_gateway(CONTROLLED, Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    let refused = gateway
+        .admin()
+        .await
+        .start_rollout(plan())
+        .await
+        .expect_err("the controller drives rollouts");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("driven by the controller"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(weights(&mut gateway.admin().await).await, (0, 100));
+    gateway.stop().await.expect("gateway stops");
+}
