@@ -196,3 +196,46 @@ shadow = { version = "1", percent = 150, queue = 0 }
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_changes_keep_the_shadow_and_its_comparison() {
+    use aviary::pb::admin::{Route, SetRouteRequest, VersionWeight};
+    let gateway = common::start_embedded(
+        r#"
+[routes.demo]
+versions = [ { version = "1", weight = 1 }, { version = "2", weight = 0 } ]
+shadow = { version = "2", percent = 100 }
+"#,
+    )
+    .await;
+    let mut client = gateway.client().await;
+    client
+        .model_infer(common::demo_request(&ROWS, ""))
+        .await
+        .expect("primary answers");
+    let weight = |version: &str, weight: u32| VersionWeight {
+        version: version.into(),
+        weight,
+        endpoint: String::new(),
+    };
+    gateway
+        .admin()
+        .await
+        .set_route(SetRouteRequest {
+            route: Some(Route {
+                model: "demo".into(),
+                versions: vec![weight("1", 3), weight("2", 0)],
+            }),
+            expected_generation: None,
+        })
+        .await
+        .expect("weights apply");
+    client
+        .model_infer(common::demo_request(&ROWS, ""))
+        .await
+        .expect("primary answers");
+    // The same mirror carries on: both requests are counted.
+    let report = report(&gateway).await;
+    assert_eq!(report.version, "2");
+    assert_eq!(report.sent + report.dropped, 2, "{report:?}");
+}
