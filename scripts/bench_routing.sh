@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark of issue "Progressive delivery": gateway throughput and latency with plain
 # weighted routing vs sticky routing (a random user key per request) + two match rules
-# + 10% shadow traffic, for the demo model at concurrency 1 and 32. Release build,
+# + 10% shadow traffic, and vs a shadow that takes 50 ms per call (every request
+# mirrored, so nearly all mirrors are dropped), for the demo model at concurrency 1 and 32. Release build,
 # 127.0.0.1 only; the load generator shares the machine's cores.
 # Output: markdown on stdout (and in target/bench/routing.md).
 set -euo pipefail
@@ -42,6 +43,15 @@ rules = [
 shadow = { version = "3", percent = 10, queue = 64, concurrency = 1 }
 TOML
 
+cat >"$out/slow-shadow.toml" <<TOML
+[repository]
+path = "$repo"
+instances = 2
+[routes.demo]
+versions = [ { version = "2", weight = 10 }, { version = "1", weight = 90 } ]
+shadow = { version = "3", percent = 100, queue = 64, concurrency = 1, fault = { delay_ms = 50 } }
+TOML
+
 run() { # NAME CONFIG EXTRA-BENCH-ARGS...
   local name=$1 config=$2; shift 2
   local file="$out/routing-${name//[^a-z0-9]/_}"
@@ -66,5 +76,6 @@ run() { # NAME CONFIG EXTRA-BENCH-ARGS...
   echo "|---|---:|---:|---:|---:|---:|"
   run "weighted 90/10" "$out/plain.toml"
   run "sticky + 2 rules + 10% shadow" "$out/full.toml" --random-header x-user-id
+  run "weighted + 100% shadow taking 50 ms" "$out/slow-shadow.toml"
 } | tee "$out/routing.md"
 rm -rf "$repo"
