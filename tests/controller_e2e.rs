@@ -250,3 +250,46 @@ async fn a_controlled_gateway_refuses_to_drive_a_rollout() {
     assert_eq!(weights(&mut gateway.admin().await).await, (0, 100));
     gateway.stop().await.expect("gateway stops");
 }
+
+/// `--gateways-dns NAME:PORT` resolves the name on every round and drives every address
+/// it returns. An IP literal goes through the same lookup without depending on how this
+/// machine resolves host names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_name_finds_the_gateways_to_drive() {
+    let gateway = common::start_gateway(CONTROLLED, Mode::Embedded)
+        .await
+        .expect("gateway starts");
+    let admin_addr = gateway.admin_addr.expect("admin listener");
+    let controller = Controller::with_gateways(
+        aviary_gateway::controller::Gateways::Dns(format!("127.0.0.1:{}", admin_addr.port())),
+        ControllerOptions {
+            evaluate_interval: Duration::from_millis(100),
+        },
+    );
+    let plan = plan();
+    let started = controller
+        .start(aviary_router::rollout::RolloutPlan {
+            model: plan.model.clone(),
+            canary: plan.canary.clone(),
+            baseline: plan.baseline.clone(),
+            steps: plan
+                .steps
+                .iter()
+                .map(|s| aviary_router::rollout::Step {
+                    weight: s.weight,
+                    min_duration_ms: s.min_duration_ms,
+                    min_requests: s.min_requests,
+                })
+                .collect(),
+            gates: aviary_router::rollout::Gates::error_rate(0.05),
+        })
+        .await
+        .expect("the gateway behind the name is found and the plan starts");
+    assert_eq!(started.rollout.canary_weight(), Some(50));
+    let mut admin = connect(admin_addr).await;
+    assert_eq!(
+        weights(&mut admin).await,
+        (50, 50),
+        "the start weights reached the gateway"
+    );
+}
