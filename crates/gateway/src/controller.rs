@@ -38,7 +38,7 @@ use crate::{
     admin::{plan_from, required, status_message},
     config::VersionConfig,
     metrics::Window,
-    rollouts::{Command, RolloutStatus, now_ms, rollout_versions},
+    rollouts::{Command, RolloutStatus, ensure_none_active, new_rollout, now_ms, rollout_versions},
 };
 
 /// How long one admin call to a gateway may take before it counts as unreachable.
@@ -194,26 +194,9 @@ impl Controller {
                 ));
             }
         }
-        let rollout = Rollout::new(plan.clone());
-        if let Err(errors) = &rollout {
-            problems.extend(errors.errors().iter().map(ToString::to_string));
-        }
-        let mut rollout = match rollout {
-            Ok(rollout) if problems.is_empty() => rollout,
-            _ => return Err(GatewayError::InvalidRollout(problems)),
-        };
+        let mut rollout = new_rollout(&plan, problems)?;
         let mut rollouts = self.rollouts.lock().await;
-        if let Some(active) = rollouts
-            .get(&plan.model)
-            .filter(|r| !r.state().is_terminal())
-        {
-            return Err(GatewayError::Refused(format!(
-                "model \"{}\" already has a rollout ({} to version \"{}\"); abort it first",
-                plan.model,
-                active.state().label(),
-                active.plan().canary
-            )));
-        }
+        ensure_none_active(&rollouts, &plan.model)?;
         let actions = rollout.start(now_ms())?;
         self.apply(&gateways, &plan, &actions).await;
         tracing::info!(
@@ -241,13 +224,7 @@ impl Controller {
             .ok_or_else(|| GatewayError::NoRollout {
                 model: model.to_owned(),
             })?;
-        let now = now_ms();
-        let actions = match command {
-            Command::Pause => rollout.pause(now, note),
-            Command::Resume => rollout.resume(now, note),
-            Command::Promote => rollout.promote_now(now, note),
-            Command::Abort => rollout.abort(now, note),
-        }?;
+        let actions = command.run(rollout, now_ms(), note)?;
         tracing::info!(
             model,
             ?command,

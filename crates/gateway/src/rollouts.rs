@@ -47,6 +47,54 @@ pub enum Command {
     Abort,
 }
 
+impl Command {
+    /// Runs the command on `rollout`; the actions to apply.
+    pub(crate) fn run(
+        self,
+        rollout: &mut Rollout,
+        now: u64,
+        note: &str,
+    ) -> Result<Vec<Action>, GatewayError> {
+        Ok(match self {
+            Command::Pause => rollout.pause(now, note),
+            Command::Resume => rollout.resume(now, note),
+            Command::Promote => rollout.promote_now(now, note),
+            Command::Abort => rollout.abort(now, note),
+        }?)
+    }
+}
+
+/// Builds a rollout of `plan`, reporting the caller's `problems` together with the
+/// plan's own, every one listed.
+pub(crate) fn new_rollout(
+    plan: &RolloutPlan,
+    mut problems: Vec<String>,
+) -> Result<Rollout, GatewayError> {
+    let rollout = Rollout::new(plan.clone());
+    if let Err(errors) = &rollout {
+        problems.extend(errors.errors().iter().map(ToString::to_string));
+    }
+    match rollout {
+        Ok(rollout) if problems.is_empty() => Ok(rollout),
+        _ => Err(GatewayError::InvalidRollout(problems)),
+    }
+}
+
+/// Refuses a second rollout of a model while one is still running.
+pub(crate) fn ensure_none_active(
+    rollouts: &BTreeMap<String, Rollout>,
+    model: &str,
+) -> Result<(), GatewayError> {
+    match rollouts.get(model).filter(|r| !r.state().is_terminal()) {
+        Some(active) => Err(GatewayError::Refused(format!(
+            "model \"{model}\" already has a rollout ({} to version \"{}\"); abort it first",
+            active.state().label(),
+            active.plan().canary
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A rollout with what its current step has measured so far.
 #[derive(Debug, Clone)]
 pub struct RolloutStatus {
@@ -174,26 +222,9 @@ impl Rollouts {
         self.check_not_controlled()?;
         let mut problems = self.check_routable(&plan);
         problems.extend(self.unmeasured_gates(&plan));
-        let rollout = Rollout::new(plan.clone());
-        if let Err(errors) = &rollout {
-            problems.extend(errors.errors().iter().map(ToString::to_string));
-        }
-        let mut rollout = match rollout {
-            Ok(rollout) if problems.is_empty() => rollout,
-            _ => return Err(GatewayError::InvalidRollout(problems)),
-        };
+        let mut rollout = new_rollout(&plan, problems)?;
         let mut rollouts = self.rollouts.lock().await;
-        if let Some(active) = rollouts
-            .get(&plan.model)
-            .filter(|r| !r.state().is_terminal())
-        {
-            return Err(GatewayError::Refused(format!(
-                "model \"{}\" already has a rollout ({} to version \"{}\"); abort it first",
-                plan.model,
-                active.state().label(),
-                active.plan().canary
-            )));
-        }
+        ensure_none_active(&rollouts, &plan.model)?;
         let actions = rollout.start(now_ms())?;
         self.apply(&plan, &actions).await?;
         tracing::info!(
@@ -221,13 +252,7 @@ impl Rollouts {
             .ok_or_else(|| GatewayError::NoRollout {
                 model: model.to_owned(),
             })?;
-        let now = now_ms();
-        let actions = match command {
-            Command::Pause => rollout.pause(now, note),
-            Command::Resume => rollout.resume(now, note),
-            Command::Promote => rollout.promote_now(now, note),
-            Command::Abort => rollout.abort(now, note),
-        }?;
+        let actions = command.run(rollout, now_ms(), note)?;
         let plan = rollout.plan().clone();
         tracing::info!(
             model,
