@@ -11,7 +11,7 @@ setup:
 	scripts/setup.sh
 
 run: setup
-	$(CARGO) run --release -p aviary-gateway --bin aviary -- serve --config $(CONFIG)
+	$(CARGO) run --release -p aviary-cli --bin aviary -- serve --config $(CONFIG)
 
 build:
 	$(CARGO) build --workspace --bins

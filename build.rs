@@ -20,6 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor payloads stay `Bytes` so the gateway forwards them without copying.
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")
+        // `aviary ctl --json` prints the admin messages themselves.
+        .type_attribute(
+            ".aviary.admin.v1",
+            "#[cfg_attr(feature = \"serde\", derive(serde::Serialize))]",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -14,7 +14,7 @@ duration=${BENCH_DURATION:-10}
 warmup=${BENCH_WARMUP:-2}
 out=target/bench
 mkdir -p "$out"
-cargo build --release -p aviary-gateway --bin aviary >&2
+cargo build --release -p aviary-cli --bin aviary >&2
 bin=target/release/aviary
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }

@@ -12,7 +12,7 @@ cd "$root"
 duration=${BENCH_DURATION:-10}
 out=target/bench
 mkdir -p "$out"
-cargo build --release -p aviary-gateway --bin aviary >&2
+cargo build --release -p aviary-cli --bin aviary >&2
 bin=target/release/aviary
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true' EXIT

@@ -1,6 +1,7 @@
 //! Aviary's protocol crate: the KServe v2 / Open Inference Protocol types (with the
 //! Triton extensions Aviary implements), tensor encoding helpers shared by the gateway,
-//! the worker and clients, and the descriptor set that server reflection serves.
+//! the worker and clients, the descriptor set that server reflection serves, and (by
+//! feature) the shared server runner and a typed client.
 //!
 //! # Layout
 //!
@@ -8,9 +9,16 @@
 //!   API's clients and servers.
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
+//! - [`server`] (feature `server`): the server runner every Aviary server shares.
+//! - [`client`] (feature `client`): connecting, requests built from JSON values, and
+//!   decoded responses (what `aviary infer` uses).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every proto file.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod tensor;
 
 /// Generated protocol code.

@@ -12,15 +12,16 @@ use std::{
 };
 
 use aviary::pb::admin::{
-    GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutStatus, RolloutStep,
-    StartRolloutRequest, admin_client::AdminClient,
+    GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutPlan, RolloutStatus, RolloutStep,
 };
 use aviary_gateway::{
     Mode,
-    controller::{Controller, ControllerOptions},
+    controller::{ControllerOptions, run_controller},
+    rollouts::{Driver, Gateways, RemoteGateways},
 };
+use common::Admin;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 const ROWS: [[f32; 4]; 1] = [[5.1, 3.5, 1.4, 0.2]];
 
@@ -37,8 +38,8 @@ controlled = true
 versions = [ { version = "1", weight = 100 }, { version = "2", weight = 0 } ]
 "#;
 
-fn plan() -> StartRolloutRequest {
-    StartRolloutRequest {
+fn plan() -> RolloutPlan {
+    RolloutPlan {
         model: "demo".into(),
         canary: "2".into(),
         baseline: "1".into(),
@@ -57,17 +58,9 @@ fn plan() -> StartRolloutRequest {
     }
 }
 
-async fn connect(addr: std::net::SocketAddr) -> AdminClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("valid url")
-        .connect()
-        .await
-        .expect("admin API accepts connections");
-    AdminClient::new(channel)
-}
-
-async fn rollout(controller: &mut AdminClient<Channel>) -> RolloutStatus {
+async fn rollout(controller: &mut Admin) -> RolloutStatus {
     controller
+        .rollouts()
         .get_rollout(GetRolloutRequest {
             model: "demo".into(),
         })
@@ -77,8 +70,9 @@ async fn rollout(controller: &mut AdminClient<Channel>) -> RolloutStatus {
 }
 
 /// The gateway's weights of versions 2 and 1 for `demo`.
-async fn weights(gateway: &mut AdminClient<Channel>) -> (u32, u32) {
+async fn weights(gateway: &mut Admin) -> (u32, u32) {
     let routes = gateway
+        .routes()
         .get_routes(GetRoutesRequest {})
         .await
         .expect("routes")
@@ -136,27 +130,30 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
         .await
         .expect("gateway b starts");
     let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
-    let controller = Arc::new(Controller::new(
-        addresses.to_vec(),
-        ControllerOptions {
-            evaluate_interval: Duration::from_millis(100),
-        },
-    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let controller_addr = listener.local_addr().expect("local addr");
     let (stop_controller, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(Arc::clone(&controller).serve(listener, async {
-        let _ = stopped.await;
-    }));
+    let served = tokio::spawn(run_controller(
+        Gateways::List(addresses.to_vec()),
+        ControllerOptions {
+            evaluate_interval: Duration::from_millis(100),
+            state_file: None,
+        },
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(&[&a, &b], &stop);
-    let mut ctl = connect(controller_addr).await;
+    let mut ctl = Admin::connect(controller_addr).await;
     let (mut admin_a, mut admin_b) = (
-        connect(a.admin_addr.expect("admin")).await,
-        connect(b.admin_addr.expect("admin")).await,
+        Admin::connect(a.admin_addr.expect("admin")).await,
+        Admin::connect(b.admin_addr.expect("admin")).await,
     );
     let started = ctl
+        .rollouts()
         .start_rollout(plan())
         .await
         .expect("plan is valid")
@@ -231,22 +228,18 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controlled_gateway_refuses_to_drive_a_rollout() {
+async fn a_controlled_gateway_does_not_serve_rollouts() {
     let gateway = common::start_gateway(CONTROLLED, Mode::Embedded)
         .await
         .expect("gateway starts");
     let refused = gateway
         .admin()
         .await
+        .rollouts()
         .start_rollout(plan())
         .await
         .expect_err("the controller drives rollouts");
-    assert_eq!(refused.code(), Code::FailedPrecondition);
-    assert!(
-        refused.message().contains("driven by the controller"),
-        "{}",
-        refused.message()
-    );
+    assert_eq!(refused.code(), Code::Unimplemented, "{}", refused.message());
     assert_eq!(weights(&mut gateway.admin().await).await, (0, 100));
     gateway.stop().await.expect("gateway stops");
 }
@@ -260,12 +253,12 @@ async fn a_dns_name_finds_the_gateways_to_drive() {
         .await
         .expect("gateway starts");
     let admin_addr = gateway.admin_addr.expect("admin listener");
-    let controller = Controller::with_gateways(
-        aviary_gateway::controller::Gateways::Dns(format!("127.0.0.1:{}", admin_addr.port())),
-        ControllerOptions {
-            evaluate_interval: Duration::from_millis(100),
-        },
-    );
+    let controller = Driver::open(
+        RemoteGateways::new(Gateways::Dns(format!("127.0.0.1:{}", admin_addr.port()))),
+        None,
+    )
+    .await
+    .expect("no state file to read");
     let plan = plan();
     let started = controller
         .start(aviary_router::rollout::RolloutPlan {
@@ -286,7 +279,7 @@ async fn a_dns_name_finds_the_gateways_to_drive() {
         .await
         .expect("the gateway behind the name is found and the plan starts");
     assert_eq!(started.rollout.canary_weight(), Some(50));
-    let mut admin = connect(admin_addr).await;
+    let mut admin = Admin::connect(admin_addr).await;
     assert_eq!(
         weights(&mut admin).await,
         (50, 50),

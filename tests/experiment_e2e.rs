@@ -19,6 +19,7 @@ async fn get_report(gateway: &common::Running, baseline: &str) -> ExperimentRepo
     gateway
         .admin()
         .await
+        .experiments()
         .get_experiment_report(ExperimentReportRequest {
             model: "demo".into(),
             baseline: baseline.into(),
@@ -69,11 +70,12 @@ async fn report_numbers_equal_the_statistics_of_the_same_counts() {
         }
     }
 
-    let mut admin = gateway.admin().await;
+    let admin = gateway.admin().await;
     for (version, correct) in [("1", 80), ("2", 60)] {
         for i in 0..100 {
             let outcome = Some(Outcome::Correct(i < correct));
             let response = admin
+                .experiments()
                 .feedback(feedback(version, i, outcome))
                 .await
                 .expect("feedback on a routed version is accepted")
@@ -142,9 +144,10 @@ async fn report_numbers_equal_the_statistics_of_the_same_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_needs_a_known_variant_and_an_outcome() {
     let gateway = common::start_embedded(ROUTES).await;
-    let mut admin = gateway.admin().await;
+    let admin = gateway.admin().await;
 
     let unknown = admin
+        .experiments()
         .feedback(feedback("9", 0, Some(Outcome::Correct(true))))
         .await
         .expect_err("version 9 is not a variant of demo");
@@ -152,12 +155,14 @@ async fn feedback_needs_a_known_variant_and_an_outcome() {
     assert!(unknown.message().contains("\"9\""), "{}", unknown.message());
 
     let missing = admin
+        .experiments()
         .feedback(feedback("1", 0, None))
         .await
         .expect_err("no outcome");
     assert_eq!(missing.code(), tonic::Code::InvalidArgument);
 
     let response = admin
+        .experiments()
         .feedback(feedback("2", 0, Some(Outcome::Reward(2.5))))
         .await
         .expect("a reward for a routed version")
@@ -172,6 +177,7 @@ async fn feedback_needs_a_known_variant_and_an_outcome() {
     let bad_baseline = gateway
         .admin()
         .await
+        .experiments()
         .get_experiment_report(ExperimentReportRequest {
             model: "demo".into(),
             baseline: "9".into(),

@@ -18,7 +18,6 @@ use aviary::pb::{
     admin::{
         GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, ListModelsRequest, Route,
         SetRouteRequest, UnloadVersionRequest, VersionRequest, VersionWeight,
-        admin_client::AdminClient,
     },
     inference::{
         ModelInferResponse, ModelReadyRequest, RepositoryModelLoadRequest,
@@ -29,7 +28,7 @@ use aviary_gateway::Mode;
 use tonic::{Code, Status, transport::Channel};
 
 type Client = GrpcInferenceServiceClient<Channel>;
-type Admin = AdminClient<Channel>;
+use common::Admin;
 
 /// Route splitting `demo` evenly between its two versions.
 const DEMO_BOTH: &str = "[routes.demo]\nversions = [ { version = \"1\", weight = 50 }, { version = \"2\", weight = 50 } ]\n";
@@ -62,6 +61,7 @@ fn route(versions: &[(&str, u32)]) -> Route {
 
 async fn set_demo(admin: &mut Admin, weights: [u32; 2]) -> u64 {
     admin
+        .routes()
         .set_route(SetRouteRequest {
             route: Some(demo_route(weights)),
             expected_generation: None,
@@ -74,6 +74,7 @@ async fn set_demo(admin: &mut Admin, weights: [u32; 2]) -> u64 {
 
 async fn get_routes(admin: &mut Admin) -> GetRoutesResponse {
     admin
+        .routes()
         .get_routes(GetRoutesRequest {})
         .await
         .expect("GetRoutes")
@@ -444,16 +445,19 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
 
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut current = [50, 50];
+    let mut in_file = current;
     let (mut reloads, mut set_routes, mut rewrites) = (0usize, 0usize, 0usize);
     for round in 0..ROUNDS {
         // A config file rewrite, alternately as a ConfigMap swap and an editor's save,
-        // with weights the route does not have yet, so its arrival is visible.
+        // with weights the route does not have yet, so its arrival is visible, and that
+        // the file did not have: a file change applies to the routes it changes.
         let weights = loop {
             let w = rng.weights();
-            if w != current {
+            if w != current && w != in_file {
                 break w;
             }
         };
+        in_file = weights;
         let text = config_text(&models, weights, &format!("rewrite {round}"));
         let start = Instant::now();
         if round.is_multiple_of(2) {
@@ -467,6 +471,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
         })
         .await;
         let status = admin
+            .routes()
             .get_config_status(GetConfigStatusRequest {})
             .await
             .expect("GetConfigStatus")
@@ -514,6 +519,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
                     &original[source - 1],
                 );
                 let response = admin
+                    .models()
                     .reload_version(VersionRequest {
                         model: "demo".into(),
                         version: version.to_string(),
@@ -591,6 +597,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
     }
     infer(&mut client, "").await;
     let status = admin
+        .routes()
         .get_config_status(GetConfigStatusRequest {})
         .await
         .expect("GetConfigStatus")
@@ -598,6 +605,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
     assert!(status.errors.is_empty(), "config status: {status:?}");
     assert!(status.applied_at_ms > 0, "config status: {status:?}");
     let models = admin
+        .models()
         .list_models(ListModelsRequest {
             model: "demo".into(),
         })
@@ -649,6 +657,7 @@ async fn set_route_with_a_stale_generation_is_refused_and_with_the_current_one_a
     assert_eq!(current, stale + 1, "every applied change adds one");
 
     let status = admin
+        .routes()
         .set_route(SetRouteRequest {
             route: Some(demo_route([10, 90])),
             expected_generation: Some(stale),
@@ -670,6 +679,7 @@ async fn set_route_with_a_stale_generation_is_refused_and_with_the_current_one_a
     assert_eq!(demo_weights(&routes), pairs([70, 30]));
 
     let applied = admin
+        .routes()
         .set_route(SetRouteRequest {
             route: Some(demo_route([10, 90])),
             expected_generation: Some(current),
@@ -692,6 +702,7 @@ async fn an_invalid_route_is_rejected_listing_every_problem_and_changes_nothing(
     let before = get_routes(&mut admin).await;
 
     let status = admin
+        .routes()
         .set_route(SetRouteRequest {
             route: Some(route(&[("1", 0), ("9", 0), ("1", 0)])),
             expected_generation: None,
@@ -736,7 +747,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
     let gateway = common::start_gateway(&text, Mode::Embedded)
         .await
         .expect("gateway starts");
-    let mut admin = gateway.admin().await;
+    let admin = gateway.admin().await;
     let mut client = gateway.client().await;
     let reference = reference(&mut client).await;
     let load = Load::start(&gateway, &reference, 2, 3).await;
@@ -752,6 +763,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
     ] {
         replace_file(&file, bytes);
         let status = admin
+            .models()
             .reload_version(VersionRequest {
                 model: "demo".into(),
                 version: "2".into(),
@@ -778,6 +790,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
             );
         }
         let listed = admin
+            .models()
             .list_models(ListModelsRequest {
                 model: "demo".into(),
             })
@@ -796,6 +809,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
     }
 
     let status = admin
+        .models()
         .load_version(VersionRequest {
             model: "demo".into(),
             version: "7".into(),
@@ -815,6 +829,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
     // The real file back: the reload works again.
     replace_file(&file, &real);
     admin
+        .models()
         .reload_version(VersionRequest {
             model: "demo".into(),
             version: "2".into(),
@@ -832,6 +847,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
 
 async fn config_errors(admin: &mut Admin) -> Vec<String> {
     admin
+        .routes()
         .get_config_status(GetConfigStatusRequest {})
         .await
         .expect("GetConfigStatus")
@@ -844,9 +860,10 @@ async fn config_errors(admin: &mut Admin) -> Vec<String> {
 /// `a_config_change_written_while_the_gateway_starts_applies`).
 async fn wait_for_watcher(admin: &mut Admin) {
     let running = common::eventually(PATIENCE, || {
-        let mut admin = admin.clone();
+        let admin = admin.clone();
         async move {
             let status = admin
+                .routes()
                 .get_config_status(GetConfigStatusRequest {})
                 .await
                 .expect("GetConfigStatus")
@@ -969,6 +986,7 @@ async fn unloading_a_weighted_version_needs_force_and_drops_no_request() {
     };
 
     let status = admin
+        .models()
         .unload_version(unload(false))
         .await
         .expect_err("demo/2 has weight 50");
@@ -979,6 +997,7 @@ async fn unloading_a_weighted_version_needs_force_and_drops_no_request() {
     let load = Load::start(&gateway, &reference, 4, 0).await;
     load.wait_for(50).await;
     admin
+        .models()
         .unload_version(unload(true))
         .await
         .expect("a forced unload works");
@@ -1007,6 +1026,7 @@ async fn unloading_a_weighted_version_needs_force_and_drops_no_request() {
 
     // Back again, then unloaded at weight 0: no force needed.
     admin
+        .models()
         .load_version(VersionRequest {
             model: "demo".into(),
             version: "2".into(),
@@ -1016,6 +1036,7 @@ async fn unloading_a_weighted_version_needs_force_and_drops_no_request() {
     set_demo(&mut admin, [100, 0]).await;
     assert_eq!(probabilities(&infer(&mut client, "2").await), reference[1]);
     admin
+        .models()
         .unload_version(unload(false))
         .await
         .expect("a version with weight 0 unloads without force");
@@ -1146,6 +1167,7 @@ async fn an_invalid_config_file_reports_the_typo_then_the_route_problem() {
     let mut admin = gateway.admin().await;
     wait_for_watcher(&mut admin).await;
     let before = admin
+        .routes()
         .get_routes(GetRoutesRequest {})
         .await
         .expect("routes")
@@ -1193,6 +1215,7 @@ async fn an_invalid_config_file_reports_the_typo_then_the_route_problem() {
             );
         }
         let now = admin
+            .routes()
             .get_routes(GetRoutesRequest {})
             .await
             .expect("routes")

@@ -162,6 +162,7 @@ impl Watched {
         self.gateway
             .admin()
             .await
+            .models()
             .list_models(ListModelsRequest {
                 model: "demo".into(),
             })
@@ -280,6 +281,7 @@ async fn a_deleted_version_folder_is_unloaded_only_when_it_has_no_weight() {
         .gateway
         .admin()
         .await
+        .routes()
         .get_routes(aviary::pb::admin::GetRoutesRequest {})
         .await
         .expect("routes")

@@ -14,8 +14,8 @@ use std::{
 };
 
 use aviary::pb::admin::{
-    FeedbackRequest, GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutStatus, RolloutStep,
-    ShadowReportRequest, StartRolloutRequest, feedback_request::Outcome,
+    FeedbackRequest, GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutPlan, RolloutStatus,
+    RolloutStep, ShadowReportRequest, feedback_request::Outcome,
 };
 use aviary_gateway::Mode;
 use tokio::task::JoinSet;
@@ -41,8 +41,8 @@ versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0{ver
     )
 }
 
-fn plan(min_duration_ms: u64) -> StartRolloutRequest {
-    StartRolloutRequest {
+fn plan(min_duration_ms: u64) -> RolloutPlan {
+    RolloutPlan {
         model: "demo".into(),
         canary: "2".into(),
         baseline: "1".into(),
@@ -65,6 +65,7 @@ async fn rollout(gateway: &common::Running) -> RolloutStatus {
     gateway
         .admin()
         .await
+        .rollouts()
         .get_rollout(GetRolloutRequest {
             model: "demo".into(),
         })
@@ -77,6 +78,7 @@ async fn weights(gateway: &common::Running) -> Vec<(String, u32)> {
     let routes = gateway
         .admin()
         .await
+        .routes()
         .get_routes(GetRoutesRequest {})
         .await
         .expect("routes")
@@ -124,7 +126,7 @@ impl Load {
         let mut tasks = JoinSet::new();
         for _ in 0..clients {
             let mut client = gateway.client().await;
-            let mut admin = gateway.admin().await;
+            let admin = gateway.admin().await;
             let stop = Arc::clone(&stop);
             tasks.spawn(async move {
                 let (mut ok, mut failures) = (0, Vec::new());
@@ -136,6 +138,7 @@ impl Load {
                             let version = response.into_inner().model_version;
                             let correct = truth(&version, ok);
                             let sent = admin
+                                .experiments()
                                 .feedback(FeedbackRequest {
                                     request_id: format!("req-{ok}"),
                                     model: "demo".into(),
@@ -185,6 +188,7 @@ async fn healthy_canary_is_promoted_step_by_step_without_an_operator() {
     let started = gateway
         .admin()
         .await
+        .rollouts()
         .start_rollout(plan(200))
         .await
         .expect("plan is valid")
@@ -243,6 +247,7 @@ async fn failing_canary_is_rolled_back_on_its_error_rate() {
     gateway
         .admin()
         .await
+        .rollouts()
         .start_rollout(plan(200))
         .await
         .expect("plan is valid");
@@ -291,6 +296,7 @@ async fn a_restarted_gateway_resumes_the_rollout_at_its_step() {
     let started = gateway
         .admin()
         .await
+        .rollouts()
         .start_rollout(plan(3_600_000))
         .await
         .expect("plan is valid")
@@ -320,11 +326,15 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
     let gateway = common::start_gateway(&config("", ""), Mode::Embedded)
         .await
         .expect("gateway starts");
-    let mut admin = gateway.admin().await;
+    let admin = gateway.admin().await;
     let mut bad = plan(200);
     bad.canary = "7".into();
     bad.steps[1].weight = 90;
-    let error = admin.start_rollout(bad).await.expect_err("invalid plan");
+    let error = admin
+        .rollouts()
+        .start_rollout(bad)
+        .await
+        .expect_err("invalid plan");
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
     assert!(error.message().contains("canary: version \"7\""), "{error}");
     assert!(error.message().contains("steps[1].weight"), "{error}");
@@ -336,6 +346,7 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
         ..Default::default()
     });
     let error = admin
+        .rollouts()
         .start_rollout(shadow_gate)
         .await
         .expect_err("no shadow on the canary");
@@ -347,6 +358,7 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
     );
 
     let error = admin
+        .rollouts()
         .get_rollout(GetRolloutRequest {
             model: "demo".into(),
         })
@@ -354,17 +366,23 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
         .expect_err("no rollout yet");
     assert_eq!(error.code(), tonic::Code::NotFound);
 
-    admin.start_rollout(plan(3_600_000)).await.expect("starts");
+    admin
+        .rollouts()
+        .start_rollout(plan(3_600_000))
+        .await
+        .expect("starts");
     let command = |note: &str| aviary::pb::admin::RolloutCommandRequest {
         model: "demo".into(),
         note: note.into(),
     };
     let error = admin
+        .rollouts()
         .resume_rollout(command("not paused"))
         .await
         .expect_err("resume needs a pause");
     assert_eq!(error.code(), tonic::Code::FailedPrecondition);
     let aborted = admin
+        .rollouts()
         .abort_rollout(command("wrong build"))
         .await
         .expect("abort")
@@ -383,17 +401,17 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
     assert_eq!(weight_of(&weights(&gateway).await, "2"), 0);
 
     // `aviary ctl rollout status --watch` returns at once for a finished rollout.
-    let args = aviary_gateway::ctl::CtlArgs {
+    let args = aviary_cli::ctl::CtlArgs {
         admin: format!("http://{}", gateway.admin_addr.expect("admin")),
         json: false,
-        command: aviary_gateway::ctl::CtlCommand::Rollout {
-            command: aviary_gateway::ctl::RolloutCommand::Status {
+        command: aviary_cli::ctl::CtlCommand::Rollout {
+            command: aviary_cli::ctl::RolloutCommand::Status {
                 model: "demo".into(),
                 watch: true,
             },
         },
     };
-    let printed = aviary_gateway::ctl::run(&args).await.expect("ctl status");
+    let printed = aviary_cli::ctl::run(&args).await.expect("ctl status");
     assert!(printed.starts_with("demo: aborted;"), "{printed}");
     assert!(printed.contains("wrong build"), "{printed}");
 }
@@ -415,6 +433,7 @@ async fn canary_with_worse_feedback_is_rolled_back_on_its_accuracy() {
     gateway
         .admin()
         .await
+        .rollouts()
         .start_rollout(accuracy_plan)
         .await
         .expect("the accuracy gate is measured");
@@ -450,6 +469,7 @@ async fn shadowed_rollout(gates: RolloutGates) -> (common::Running, RolloutStatu
     gateway
         .admin()
         .await
+        .rollouts()
         .start_rollout(shadow_plan)
         .await
         .expect("the shadow is the canary");
@@ -476,6 +496,7 @@ async fn a_shadow_on_the_canary_feeds_the_agreement_gate() {
     let report = gateway
         .admin()
         .await
+        .experiments()
         .get_shadow_report(ShadowReportRequest {
             model: "demo".into(),
         })

@@ -56,8 +56,9 @@ async fn version_for(
 }
 
 async fn set_weights(gateway: &common::Running, canary: u32, baseline: u32) {
-    let mut admin = gateway.admin().await;
+    let admin = gateway.admin().await;
     admin
+        .routes()
         .set_route(SetRouteRequest {
             route: Some(Route {
                 model: "demo".into(),
@@ -105,6 +106,7 @@ async fn sticky_users_keep_their_version_and_only_move_into_the_canary() {
     let routes = gateway
         .admin()
         .await
+        .routes()
         .get_routes(GetRoutesRequest {})
         .await
         .expect("routes")

@@ -18,6 +18,7 @@ async fn report(gateway: &common::Running) -> ShadowReport {
     gateway
         .admin()
         .await
+        .experiments()
         .get_shadow_report(ShadowReportRequest {
             model: "demo".into(),
         })
@@ -221,6 +222,7 @@ shadow = { version = "2", percent = 100 }
     gateway
         .admin()
         .await
+        .routes()
         .set_route(SetRouteRequest {
             route: Some(Route {
                 model: "demo".into(),

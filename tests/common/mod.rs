@@ -11,6 +11,7 @@ use std::{
 };
 
 use aviary::{
+    pb::admin,
     pb::inference::{
         ModelInferRequest, ModelInferResponse,
         grpc_inference_service_client::GrpcInferenceServiceClient,
@@ -31,6 +32,45 @@ pub fn repo_root() -> PathBuf {
 /// The test model repository (`tests/models`).
 pub fn test_models() -> PathBuf {
     repo_root().join("tests/models")
+}
+
+/// A connection to an admin API (a gateway's or a controller's), with a client for
+/// each of its services.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    channel: Channel,
+}
+
+impl Admin {
+    /// Connects to the admin API at `addr`.
+    pub async fn connect(addr: SocketAddr) -> Admin {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("admin API accepts connections");
+        Admin { channel }
+    }
+
+    pub fn routes(&self) -> admin::routes_client::RoutesClient<Channel> {
+        admin::routes_client::RoutesClient::new(self.channel.clone())
+    }
+
+    pub fn models(&self) -> admin::models_client::ModelsClient<Channel> {
+        admin::models_client::ModelsClient::new(self.channel.clone())
+    }
+
+    pub fn rollouts(&self) -> admin::rollouts_client::RolloutsClient<Channel> {
+        admin::rollouts_client::RolloutsClient::new(self.channel.clone())
+    }
+
+    pub fn experiments(&self) -> admin::experiments_client::ExperimentsClient<Channel> {
+        admin::experiments_client::ExperimentsClient::new(self.channel.clone())
+    }
+
+    pub fn fleet(&self) -> admin::fleet_client::FleetClient<Channel> {
+        admin::fleet_client::FleetClient::new(self.channel.clone())
+    }
 }
 
 /// A server running in this process until stopped (or dropped).
@@ -62,14 +102,8 @@ impl Running {
     }
 
     /// A connected admin API client (gateways only).
-    pub async fn admin(&self) -> aviary::pb::admin::admin_client::AdminClient<Channel> {
-        let addr = self.admin_addr.expect("a gateway has an admin listener");
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("valid url")
-            .connect()
-            .await
-            .expect("admin API accepts connections");
-        aviary::pb::admin::admin_client::AdminClient::new(channel)
+    pub async fn admin(&self) -> Admin {
+        Admin::connect(self.admin_addr.expect("a gateway has an admin listener")).await
     }
 
     /// A raw channel (for health and reflection clients).
@@ -166,7 +200,7 @@ pub async fn serve_gateway(gateway: Gateway) -> Result<Running, String> {
             admin: Some(admin),
         };
         gateway
-            .serve(listeners, server::DEFAULT_GRACE_PERIOD, async {
+            .serve(listeners, aviary::server::DEFAULT_GRACE_PERIOD, async {
                 let _ = rx.await;
             })
             .await
@@ -215,7 +249,7 @@ pub async fn start_worker(repository: &Path) -> Running {
         server::run_worker(
             Arc::new(worker),
             listener,
-            server::ServeOptions::default(),
+            aviary::server::ServeOptions::default(),
             async {
                 let _ = rx.await;
             },

@@ -79,7 +79,7 @@ def server():
         pytest.fail(f"aviary binary not found at {binary} (build it with `cargo build` or set AVIARY_BIN)")
 
     proc = subprocess.Popen(
-        [str(binary), "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0"],
+        [str(binary), "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

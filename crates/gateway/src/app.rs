@@ -14,13 +14,20 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
+use aviary::server;
+use aviary_worker::{SessionOptions, Worker, WorkerConfig};
 use tokio::{net::TcpListener, sync::watch};
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    GatewayError, admin, config::Config, control::Control, front::Front, metrics::Metrics,
-    rollouts::Rollouts, routing::Routing, watch as watcher,
+    GatewayError, admin,
+    config::Config,
+    control::Control,
+    front::Front,
+    metrics::Metrics,
+    rollouts::{LocalGateway, Rollouts},
+    routing::Routing,
+    watch as watcher,
 };
 
 /// How often readiness of every routed version is re-checked.
@@ -43,7 +50,8 @@ pub struct Gateway {
     ready: Arc<AtomicBool>,
     config_path: Option<PathBuf>,
     metrics: Arc<Metrics>,
-    rollouts: Arc<Rollouts>,
+    /// `None` when a controller drives this gateway's rollouts.
+    rollouts: Option<Arc<Rollouts>>,
 }
 
 /// The listeners a gateway serves on.
@@ -102,17 +110,25 @@ impl Gateway {
         }
         let control = Arc::new(control);
         let metrics = Arc::new(Metrics::default());
-        // Saved rollouts get their weights back before the first request is served.
-        let rollouts =
-            Rollouts::open(Arc::clone(&control), Arc::clone(&metrics), &config.rollouts).await?;
-        rollouts.start_configured(&config.rollouts.plans).await?;
+        let rollouts = match config.rollouts.controlled {
+            true => None,
+            false => {
+                // Saved rollouts get their weights back before the first request is served.
+                let target = LocalGateway::new(Arc::clone(&control), Arc::clone(&metrics));
+                let rollouts = Rollouts::open(target, config.rollouts.state_file.clone()).await?;
+                for note in rollouts.start_plans(&config.rollouts.plans).await? {
+                    tracing::warn!(note, "configured rollout plan");
+                }
+                Some(Arc::new(rollouts))
+            }
+        };
         Ok(Gateway {
             config,
             control,
             ready: Arc::new(AtomicBool::new(false)),
             config_path: None,
             metrics,
-            rollouts: Arc::new(rollouts),
+            rollouts,
         })
     }
 
@@ -133,9 +149,9 @@ impl Gateway {
         &self.metrics
     }
 
-    /// The rollout driver.
-    pub fn rollouts(&self) -> &Arc<Rollouts> {
-        &self.rollouts
+    /// The rollout driver; `None` when a controller drives this gateway's rollouts.
+    pub fn rollouts(&self) -> Option<&Arc<Rollouts>> {
+        self.rollouts.as_ref()
     }
 
     /// The embedded worker, if any.
@@ -168,6 +184,7 @@ impl Gateway {
                 path,
                 self.config.clone(),
                 Arc::clone(&self.control),
+                self.rollouts.clone(),
                 stop_rx.clone(),
             ));
         }
@@ -180,13 +197,15 @@ impl Gateway {
                 stop_rx.clone(),
             ));
         }
-        tasks.spawn(Arc::clone(&self.rollouts).run(
-            Duration::from_millis(self.config.rollouts.evaluate_interval_ms),
-            stop_rx.clone(),
-        ));
+        if let Some(rollouts) = &self.rollouts {
+            tasks.spawn(Arc::clone(rollouts).run(
+                Duration::from_millis(self.config.rollouts.evaluate_interval_ms),
+                stop_rx.clone(),
+            ));
+        }
         if let Some(listener) = listeners.admin {
             let control = Arc::clone(&self.control);
-            let rollouts = Arc::clone(&self.rollouts);
+            let rollouts = self.rollouts.clone();
             let metrics = Arc::clone(&self.metrics);
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {

@@ -130,7 +130,7 @@ fn default_listen() -> SocketAddr {
 }
 
 fn default_max_message_bytes() -> usize {
-    aviary_worker::server::DEFAULT_MAX_MESSAGE_BYTES
+    aviary::server::DEFAULT_MAX_MESSAGE_BYTES
 }
 
 /// The admin API (`aviary ctl` talks to it).
@@ -223,6 +223,18 @@ pub struct VersionConfig {
     pub endpoint: Option<String>,
     /// Injected failures and latency, for tests and game days; off unless set.
     pub fault: Option<FaultConfig>,
+}
+
+impl VersionConfig {
+    /// A version of the embedded worker at `weight`, with no injected faults.
+    pub fn new(version: &str, weight: u32) -> VersionConfig {
+        VersionConfig {
+            version: version.to_owned(),
+            weight,
+            endpoint: None,
+            fault: None,
+        }
+    }
 }
 
 /// Faults injected into one version's requests.

@@ -4,6 +4,15 @@
 //! Writers are serialised by one async mutex; every change builds a whole new routing
 //! snapshot, validates it, and publishes it with one `ArcSwap` store, so requests never
 //! wait and never see half a change. A change that fails validation publishes nothing.
+//!
+//! Who owns a route's weights:
+//! - the config file, per model: a file change applies to the models whose route in
+//!   the file changed, so an edit to one model never undoes live changes to another;
+//! - the admin API (`SetRoute`), until the file changes that model's route again;
+//! - a running rollout, above both: while it runs, its canary and baseline weights are
+//!   held; a file edit to that model's weights is reported in the config status as held,
+//!   and `SetRoute` that would change them is refused. When the rollout ends its final
+//!   weights become the route's own.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,7 +25,7 @@ use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError};
 
 use crate::{
     GatewayError,
-    config::{Config, RouteConfig},
+    config::{Config, RouteConfig, VersionConfig},
     routing::{Pools, Routing, RoutingInputs},
 };
 
@@ -31,11 +40,75 @@ pub struct ConfigStatus {
     pub errors: Vec<String>,
     /// When a change was last rejected (ms since the epoch; 0: never).
     pub rejected_at_ms: u64,
+    /// What of the applied file is not in force as written, each with its path.
+    pub notes: Vec<String>,
+}
+
+/// The watched config file: its status and the routes it last gave.
+#[derive(Debug, Default)]
+struct FileState {
+    status: ConfigStatus,
+    /// The file's routes as last applied (the ones the gateway started with at first).
+    routes: BTreeMap<String, RouteConfig>,
+}
+
+/// The weights a rollout gives its model's route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutWeights {
+    /// The version being rolled out.
+    pub canary: String,
+    /// Its weight, 0 to 100.
+    pub canary_weight: u32,
+    /// The version serving before the rollout.
+    pub baseline: String,
+    /// Its weight, 0 to 100.
+    pub baseline_weight: u32,
+}
+
+impl RolloutWeights {
+    /// `route` with these weights: the canary first (so sticky users only ever move
+    /// into it as it grows), the baseline second, every other version kept pinnable at
+    /// weight 0. Endpoints, faults, sticky key, rules and shadow stay as they are.
+    pub fn apply_to(&self, route: &RouteConfig) -> RouteConfig {
+        let mut versions = route.versions.clone();
+        let mut take = |version: &str, weight: u32| {
+            let mut found = match versions.iter().position(|v| v.version == version) {
+                Some(i) => versions.remove(i),
+                None => VersionConfig::new(version, 0),
+            };
+            found.weight = weight;
+            found
+        };
+        let mut ordered = vec![
+            take(&self.canary, self.canary_weight),
+            take(&self.baseline, self.baseline_weight),
+        ];
+        for mut other in versions {
+            other.weight = 0;
+            ordered.push(other);
+        }
+        RouteConfig {
+            versions: ordered,
+            ..route.clone()
+        }
+    }
+
+    /// `canary "2" at 20, baseline "1" at 80`.
+    fn describe(&self) -> String {
+        format!(
+            "canary \"{}\" at {}, baseline \"{}\" at {}",
+            self.canary, self.canary_weight, self.baseline, self.baseline_weight
+        )
+    }
 }
 
 #[derive(Debug)]
 struct Writer {
+    /// The routes before rollout holds: the file's, with admin changes and finished
+    /// rollouts' weights on top.
     routes: BTreeMap<String, RouteConfig>,
+    /// Weights of running rollouts, by model.
+    holds: BTreeMap<String, RolloutWeights>,
     pools: Pools,
 }
 
@@ -46,7 +119,7 @@ pub struct Control {
     worker: Option<Arc<Worker>>,
     max_message_bytes: usize,
     writer: tokio::sync::Mutex<Writer>,
-    config_status: Mutex<ConfigStatus>,
+    file: Mutex<FileState>,
 }
 
 impl Control {
@@ -69,9 +142,13 @@ impl Control {
             max_message_bytes: config.server.max_message_bytes,
             writer: tokio::sync::Mutex::new(Writer {
                 routes: config.routes.clone(),
+                holds: BTreeMap::new(),
                 pools,
             }),
-            config_status: Mutex::new(ConfigStatus::default()),
+            file: Mutex::new(FileState {
+                status: ConfigStatus::default(),
+                routes: config.routes.clone(),
+            }),
         })
     }
 
@@ -116,20 +193,84 @@ impl Control {
                 version.fault = version.fault.or_else(|| configured.and_then(|v| v.fault));
             }
         }
+        if let Some(hold) = writer.holds.get(model)
+            && hold.apply_to(&route).versions != route.versions
+        {
+            return Err(GatewayError::HeldByRollout {
+                model: model.to_owned(),
+                weights: hold.describe(),
+            });
+        }
         routes.insert(model.to_owned(), route);
         self.publish(&mut writer, routes, &BTreeSet::new())
     }
 
-    /// Replaces every explicit route (a config file change). Returns the new generation.
-    pub async fn replace_routes(
+    /// Applies a new version of the config file's routes: each model whose route in
+    /// the file changed since the last applied version takes the file's route; the
+    /// others keep theirs (admin changes, finished rollouts). Running rollouts keep
+    /// their weights ([`Control::config_status`] reports the file's weights as held).
+    /// Returns the generation in force afterwards.
+    pub async fn apply_file_routes(
         &self,
-        routes: BTreeMap<String, RouteConfig>,
+        file_routes: BTreeMap<String, RouteConfig>,
     ) -> Result<u64, GatewayError> {
         let mut writer = self.writer.lock().await;
-        if routes == writer.routes {
+        let previous = self.file_state(|file| file.routes.clone());
+        let changed: BTreeSet<&String> = file_routes
+            .keys()
+            .chain(previous.keys())
+            .filter(|model| file_routes.get(*model) != previous.get(*model))
+            .collect();
+        if changed.is_empty() {
             return Ok(self.routing.load().generation);
         }
-        self.publish(&mut writer, routes, &BTreeSet::new())
+        let mut routes = writer.routes.clone();
+        for model in changed {
+            match file_routes.get(model) {
+                Some(route) => routes.insert(model.clone(), route.clone()),
+                None => routes.remove(model),
+            };
+        }
+        let generation = self.publish(&mut writer, routes, &BTreeSet::new())?;
+        self.file_state(|file| file.routes = file_routes);
+        Ok(generation)
+    }
+
+    /// Gives a rollout's versions their weights. While the rollout runs (`held`) the
+    /// weights are held against file edits and `SetRoute`; once it ended (`!held`) they
+    /// become the route's own and the hold is released. Setting what is already in
+    /// force publishes nothing. Returns the generation in force afterwards.
+    pub async fn set_rollout_weights(
+        &self,
+        model: &str,
+        weights: RolloutWeights,
+        held: bool,
+    ) -> Result<u64, GatewayError> {
+        let mut writer = self.writer.lock().await;
+        let mut routes = writer.routes.clone();
+        let previous = writer.holds.get(model).cloned();
+        if held {
+            if previous.as_ref() == Some(&weights) {
+                return Ok(self.routing.load().generation);
+            }
+            writer.holds.insert(model.to_owned(), weights);
+        } else {
+            let route = routes.get(model).cloned().unwrap_or_default();
+            let committed = weights.apply_to(&route);
+            if previous.is_none() && committed == route {
+                return Ok(self.routing.load().generation);
+            }
+            routes.insert(model.to_owned(), committed);
+            writer.holds.remove(model);
+        }
+        let published = self.publish(&mut writer, routes, &BTreeSet::new());
+        if published.is_err() {
+            match previous {
+                Some(previous) => writer.holds.insert(model.to_owned(), previous),
+                None => writer.holds.remove(model),
+            };
+        }
+        published
     }
 
     /// Loads (or reloads) a version of the embedded worker; routes are rebuilt so a
@@ -174,6 +315,16 @@ impl Control {
         let number = version_number(model, version)?;
         worker.slot(model, version)?;
         let mut writer = self.writer.lock().await;
+        if let Some(hold) = writer
+            .holds
+            .get(model)
+            .filter(|h| h.canary == version || h.baseline == version)
+        {
+            return Err(GatewayError::HeldByRollout {
+                model: model.to_owned(),
+                weights: hold.describe(),
+            });
+        }
         let weight = self.routing.load().weight(model, version);
         if weight > 0 && !force {
             return Err(GatewayError::Refused(format!(
@@ -291,34 +442,60 @@ impl Control {
         self.publish_keeping(writer, routes).map(Some)
     }
 
-    /// The status of the watched config file.
-    pub fn config_status(&self) -> ConfigStatus {
-        self.config_status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+    /// The status of the watched config file, with a note for every model whose
+    /// weights in the file a running rollout holds.
+    pub async fn config_status(&self) -> ConfigStatus {
+        let holds = self.writer.lock().await.holds.clone();
+        self.file_state(|file| {
+            let mut status = file.status.clone();
+            for (model, hold) in &holds {
+                let Some(route) = file.routes.get(model) else {
+                    continue;
+                };
+                if hold.apply_to(route).versions != route.versions {
+                    status.notes.push(format!(
+                        "routes.{model}: the file's weights are not in force: a running rollout holds them ({}); \
+                         when it ends its final weights stay until the file changes this route again",
+                        hold.describe()
+                    ));
+                }
+            }
+            status
+        })
     }
 
     /// Names the config file being watched.
     pub fn watching_config(&self, path: &str) {
-        if let Ok(mut status) = self.config_status.lock() {
-            status.path = path.to_owned();
-            status.applied_at_ms = now_ms();
-        }
+        self.file_state(|file| {
+            file.status.path = path.to_owned();
+            file.status.applied_at_ms = now_ms();
+        });
     }
 
-    /// Records the outcome of applying the config file.
-    pub fn record_config(&self, path: &str, errors: Vec<String>) {
-        if let Ok(mut status) = self.config_status.lock() {
+    /// Records the outcome of applying the config file: the errors that rejected it,
+    /// or (when it applied) notes on what of it is not in force as written.
+    pub fn record_config(&self, path: &str, errors: Vec<String>, notes: Vec<String>) {
+        self.file_state(|file| {
+            let status = &mut file.status;
             status.path = path.to_owned();
             if errors.is_empty() {
                 status.applied_at_ms = now_ms();
                 status.errors.clear();
+                status.notes = notes;
             } else {
                 status.rejected_at_ms = now_ms();
                 status.errors = errors;
             }
-        }
+        });
+    }
+
+    fn file_state<R>(&self, f: impl FnOnce(&mut FileState) -> R) -> R {
+        // The state is plain data, whole after every write: a panic elsewhere while the
+        // lock was held leaves nothing half-changed, so a poisoned lock is taken as is.
+        f(&mut self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     fn embedded(&self) -> Result<&Arc<Worker>, GatewayError> {
@@ -329,8 +506,8 @@ impl Control {
         })
     }
 
-    /// Builds, validates and stores a snapshot of `routes`; on success they become the
-    /// explicit routes.
+    /// Builds, validates and stores a snapshot of `routes` with the rollouts' held
+    /// weights on top; on success `routes` become the explicit routes.
     fn publish(
         &self,
         writer: &mut Writer,
@@ -338,9 +515,14 @@ impl Control {
         hidden: &BTreeSet<(String, String)>,
     ) -> Result<u64, GatewayError> {
         let generation = self.routing.load().generation + 1;
+        let mut in_force = routes.clone();
+        for (model, hold) in &writer.holds {
+            let route = in_force.get(model).cloned().unwrap_or_default();
+            in_force.insert(model.clone(), hold.apply_to(&route));
+        }
         let routing = Routing::build(
             RoutingInputs {
-                routes: &routes,
+                routes: &in_force,
                 worker: self.worker.as_ref(),
                 hidden,
                 max_message_bytes: self.max_message_bytes,

@@ -45,6 +45,17 @@ pub enum GatewayError {
     /// The change is valid but not allowed in the current state.
     #[error("{0}")]
     Refused(String),
+    /// A route change would move weights that a running rollout holds.
+    #[error(
+        "model \"{model}\" is in a running rollout that holds its weights ({weights}); \
+         pause, promote or abort it first (aviary ctl rollout ...)"
+    )]
+    HeldByRollout {
+        /// The model.
+        model: String,
+        /// The weights held.
+        weights: String,
+    },
     /// Fault injection failed this request on purpose.
     #[error(
         "injected fault: model \"{model}\" version \"{version}\" is configured to fail a share of requests"
@@ -67,6 +78,12 @@ pub enum GatewayError {
         /// The model.
         model: String,
     },
+    /// Other servers (a controller's gateways) could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// A server (inference or admin) could not start or stopped with an error.
+    #[error(transparent)]
+    Serve(#[from] aviary::server::ServeError),
     /// A routed version has no backend (a bug in building the routing snapshot).
     #[error("model \"{model}\" version \"{version}\" has no backend")]
     NoBackend {
@@ -98,10 +115,15 @@ impl From<GatewayError> for tonic::Status {
             | GatewayError::InvalidRollout(_)) => tonic::Status::invalid_argument(e.to_string()),
             e @ (GatewayError::GenerationMismatch { .. }
             | GatewayError::Refused(_)
+            | GatewayError::HeldByRollout { .. }
             | GatewayError::RolloutCommand(_)) => tonic::Status::failed_precondition(e.to_string()),
             e @ GatewayError::NoRollout { .. } => tonic::Status::not_found(e.to_string()),
-            e @ GatewayError::NoBackend { .. } => tonic::Status::unavailable(e.to_string()),
-            e @ GatewayError::InjectedFault { .. } => tonic::Status::internal(e.to_string()),
+            e @ (GatewayError::NoBackend { .. } | GatewayError::Unreachable(_)) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            e @ (GatewayError::InjectedFault { .. } | GatewayError::Serve(_)) => {
+                tonic::Status::internal(e.to_string())
+            }
         }
     }
 }

@@ -21,8 +21,8 @@ use aviary::pb::inference::{
     ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
     ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
 };
+use aviary::server::{InferStream, server_metadata, stream_responses};
 use aviary_router::{RequestAttributes, RouteError};
-use aviary_worker::server::{InferStream, server_metadata, stream_responses};
 use rand::{SeedableRng, rngs::SmallRng};
 use tonic::{
     Request, Response, Status, Streaming,

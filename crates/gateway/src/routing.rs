@@ -201,12 +201,11 @@ impl Routing {
             pools.mirrors.insert(model.clone(), Arc::clone(&mirror));
             mirrors.insert(model, mirror);
         }
-        let remotes_in_use = pools
+        // A remote no route uses any more is dropped with its connection.
+        pools
             .remotes
-            .iter()
-            .filter(|(endpoint, _)| used_remotes.contains(*endpoint))
-            .map(|(_, backend)| Arc::clone(backend))
-            .collect();
+            .retain(|endpoint, _| used_remotes.contains(endpoint));
+        let remotes_in_use = pools.remotes.values().cloned().collect();
         Ok(Routing {
             table,
             generation,
@@ -283,12 +282,7 @@ fn implicit_route(versions: &BTreeSet<String>) -> RouteConfig {
     RouteConfig {
         versions: sorted
             .iter()
-            .map(|v| crate::config::VersionConfig {
-                version: (*v).clone(),
-                weight: u32::from(Some(v.as_str()) == newest),
-                endpoint: None,
-                fault: None,
-            })
+            .map(|v| crate::config::VersionConfig::new(v, u32::from(Some(v.as_str()) == newest)))
             .collect(),
         ..RouteConfig::default()
     }

@@ -23,7 +23,11 @@ use aviary_worker::repository::{self, Fingerprint};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use crate::{config::Config, control::Control};
+use crate::{
+    config::{Config, PlanConfig},
+    control::Control,
+    rollouts::Rollouts,
+};
 
 /// How often the config file is re-read even without a change event.
 const CONFIG_POLL: Duration = Duration::from_secs(2);
@@ -32,11 +36,15 @@ const CONFIG_POLL: Duration = Duration::from_secs(2);
 /// to end before reading.
 const SETTLE: Duration = Duration::from_millis(50);
 
-/// Applies changes of the config file at `path` until `stop` turns true.
+/// Applies changes of the config file at `path` until `stop` turns true: routes per
+/// changed model (see [`Control::apply_file_routes`]), and rollout plans that are new
+/// or changed (with `rollouts`, the gateway's own driver). What does not apply while
+/// running is reported in the config status.
 pub async fn watch_config(
     path: PathBuf,
     started_with: Config,
     control: Arc<Control>,
+    rollouts: Option<Arc<Rollouts>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
@@ -59,6 +67,7 @@ pub async fn watch_config(
     // No baseline: the first pass compares the file with the routes in force, so an
     // edit saved while the gateway was starting (loading models) still applies.
     let mut last_seen: Option<Vec<u8>> = None;
+    let mut applied = started_with.clone();
     let mut warned_missing = false;
     let mut first = true;
     loop {
@@ -91,14 +100,33 @@ pub async fn watch_config(
         if last_seen.as_deref() == Some(contents.as_slice()) {
             continue;
         }
-        apply_config(&path, &contents, &started_with, &control).await;
+        if let Some(config) = apply_config(
+            &path,
+            &contents,
+            &started_with,
+            &applied,
+            &control,
+            rollouts.as_deref(),
+        )
+        .await
+        {
+            applied = config;
+        }
         last_seen = Some(contents);
     }
 }
 
 /// Applies the file contents that were read (not a second read, which could see a
-/// newer version and apply it twice).
-async fn apply_config(path: &Path, contents: &[u8], started_with: &Config, control: &Control) {
+/// newer version and apply it twice); `applied` is the config last applied. Returns
+/// the new config when it applied.
+async fn apply_config(
+    path: &Path,
+    contents: &[u8],
+    started_with: &Config,
+    applied: &Config,
+    control: &Control,
+    rollouts: Option<&Rollouts>,
+) -> Option<Config> {
     let shown = path.display().to_string();
     let parsed = std::str::from_utf8(contents)
         .map_err(|e| crate::GatewayError::Config {
@@ -106,37 +134,82 @@ async fn apply_config(path: &Path, contents: &[u8], started_with: &Config, contr
             message: format!("not UTF-8: {e}"),
         })
         .and_then(|text| Config::from_text(text, path));
+    let reject = |errors: Vec<String>| {
+        tracing::error!(path = %shown, errors = ?errors, "config change rejected; the last good config keeps serving");
+        control.record_config(&shown, errors, Vec::new());
+    };
     let config = match parsed {
         Ok(config) => config,
         Err(error) => {
-            let errors: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
-            tracing::error!(path = %shown, errors = ?errors, "config change rejected; the last good config keeps serving");
-            control.record_config(&shown, errors);
-            return;
+            reject(error.to_string().lines().map(str::to_owned).collect());
+            return None;
         }
     };
-    let restart_needed: Vec<&str> = [
+    if let Err(error) = control.apply_file_routes(config.routes.clone()).await {
+        reject(error.to_string().lines().map(str::to_owned).collect());
+        return None;
+    }
+    let mut notes = restart_only(started_with, &config);
+    if let Some(rollouts) = rollouts {
+        notes.extend(apply_plans(&applied.rollouts.plans, &config.rollouts.plans, rollouts).await);
+    }
+    for note in &notes {
+        tracing::warn!(path = %shown, note, "config applied in part");
+    }
+    tracing::info!(path = %shown, generation = control.routing().load().generation, "config applied");
+    control.record_config(&shown, Vec::new(), notes);
+    Some(config)
+}
+
+/// A note for every setting that differs from the one the gateway started with and
+/// applies only at restart.
+fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
+    let (before, after) = (&started_with.rollouts, &config.rollouts);
+    [
         ("server", config.server != started_with.server),
         ("admin", config.admin != started_with.admin),
         ("repository", config.repository != started_with.repository),
+        (
+            "rollouts.evaluate_interval_ms",
+            before.evaluate_interval_ms != after.evaluate_interval_ms,
+        ),
+        ("rollouts.state_file", before.state_file != after.state_file),
+        ("rollouts.controlled", before.controlled != after.controlled),
     ]
     .into_iter()
-    .filter_map(|(section, changed)| changed.then_some(section))
-    .collect();
-    if !restart_needed.is_empty() {
-        tracing::warn!(sections = ?restart_needed, "config sections changed that apply only at restart; routes apply now");
-    }
-    match control.replace_routes(config.routes).await {
-        Ok(generation) => {
-            tracing::info!(path = %shown, generation, "config applied");
-            control.record_config(&shown, Vec::new());
+    .filter(|(_, changed)| *changed)
+    .map(|(path, _)| format!("{path}: changed in the file; applies at restart"))
+    .collect()
+}
+
+/// Starts the plans that are new or changed since `before`; a note for each one that
+/// did not start and for each one removed (removing a plan stops no rollout).
+async fn apply_plans(
+    before: &BTreeMap<String, PlanConfig>,
+    after: &BTreeMap<String, PlanConfig>,
+    rollouts: &Rollouts,
+) -> Vec<String> {
+    let changed: BTreeMap<String, PlanConfig> = after
+        .iter()
+        .filter(|(model, plan)| before.get(*model) != Some(*plan))
+        .map(|(model, plan)| (model.clone(), plan.clone()))
+        .collect();
+    let mut notes: Vec<String> = before
+        .keys()
+        .filter(|model| !after.contains_key(*model))
+        .map(|model| {
+            format!(
+                "rollouts.plans.{model}: removed from the file; that stops no rollout (aviary ctl rollout abort {model})"
+            )
+        })
+        .collect();
+    for (model, plan) in changed {
+        match rollouts.start_plans(&BTreeMap::from([(model, plan)])).await {
+            Ok(skipped) => notes.extend(skipped),
+            Err(error) => notes.push(error.to_string().replace('\n', "; ")),
         }
-        Err(error) => {
-            let errors: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
-            tracing::error!(path = %shown, errors = ?errors, "config change rejected; the last good routes keep serving");
-            control.record_config(&shown, errors);
-        }
     }
+    notes
 }
 
 /// Syncs the embedded worker with `root` every `interval` until `stop` turns true.

@@ -3,14 +3,12 @@
 //! SIGTERM drain with slow requests in flight. Every process is killed when its guard
 //! drops, even when an assertion fails first.
 
+mod support;
+
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Read},
-    net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError},
-    thread::JoinHandle,
+    net::TcpStream,
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -22,351 +20,8 @@ use aviary::{
     },
     tensor,
 };
-use serde_json::Value;
+use support::*;
 use tonic::transport::{Channel, Endpoint};
-
-const BIN: &str = env!("CARGO_BIN_EXE_aviary");
-
-/// Upper bound for a server to load its models and listen (hang protection only).
-const START_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Upper bound for a client command to finish (hang protection only).
-const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
-
-/// Upper bound for a watched config change to show (the watcher also polls every 2 s).
-const CONFIG_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The input row the demo model takes: one row of 4 features.
-const ROW: &str = "[[5.1,3.5,1.4,0.2]]";
-
-/// Environment that would change what a command talks to; removed from every process.
-const AMBIENT: [&str; 6] = [
-    "AVIARY_CONFIG",
-    "AVIARY_LISTEN",
-    "AVIARY_ADMIN_LISTEN",
-    "AVIARY_ADDR",
-    "AVIARY_ADMIN",
-    "AVIARY_GRACE_PERIOD",
-];
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root exists")
-}
-
-/// A running `aviary` process; killed and reaped on drop.
-struct Process {
-    what: String,
-    child: Child,
-    stdout: Receiver<String>,
-    stdout_seen: Vec<String>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl Process {
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut command = Command::new(BIN);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for name in AMBIENT {
-            command.env_remove(name);
-        }
-        command.envs(env.iter().copied());
-        let what = format!("aviary {}", args.join(" "));
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-        let (tx, stdout) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout is piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        });
-        Process {
-            what,
-            child,
-            stdout,
-            stdout_seen: Vec::new(),
-            stderr: Some(stderr),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Reads stdout until the inference and the admin `listening on` lines.
-    fn wait_listening(&mut self) -> (SocketAddr, SocketAddr) {
-        let deadline = Instant::now() + START_DEADLINE;
-        let (mut inference, mut admin) = (None, None);
-        loop {
-            if let (Some(inference), Some(admin)) = (inference, admin) {
-                return (inference, admin);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(line) => {
-                    let parse = |rest: &str| -> SocketAddr {
-                        rest.trim().parse().expect("listening line has an address")
-                    };
-                    if let Some(rest) = line.strip_prefix("aviary: listening on ") {
-                        inference = Some(parse(rest));
-                    } else if let Some(rest) = line.strip_prefix("aviary: admin listening on ") {
-                        admin = Some(parse(rest));
-                    }
-                    self.stdout_seen.push(line);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("{} did not listen within {START_DEADLINE:?}", self.what)
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.wait_exit(Duration::from_secs(10));
-                    let stderr = self.take_stderr();
-                    panic!(
-                        "{} exited ({status}) before listening; stderr:\n{stderr}",
-                        self.what
-                    )
-                }
-            }
-        }
-    }
-
-    /// The exit status if the process has exited.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-
-    /// Waits for the process to exit, polling until `timeout`; panics (and the guard
-    /// kills it) if it does not.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Ok(None) => panic!("{} still running after {timeout:?}", self.what),
-                Err(e) => panic!("waiting for {}: {e}", self.what),
-            }
-        }
-    }
-
-    /// Everything the process wrote on stdout (call after it exited).
-    fn take_stdout(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(line) => self.stdout_seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!("{}: stdout did not close", self.what),
-            }
-        }
-        let mut text = self.stdout_seen.join("\n");
-        text.push('\n');
-        text
-    }
-
-    /// Everything the process wrote on stderr (call after it exited).
-    fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// What a finished command said.
-#[derive(Debug)]
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn ok(self) -> Output {
-        assert!(self.status.success(), "command failed: {self:#?}");
-        self
-    }
-
-    fn failed(self) -> Output {
-        assert!(!self.status.success(), "command must fail: {self:#?}");
-        self
-    }
-
-    fn json(&self) -> Value {
-        assert!(self.status.success(), "command failed: {self:#?}");
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
-    }
-}
-
-/// Runs `aviary ARGS` to completion.
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut process = Process::spawn(args, env);
-    let status = process.wait_exit(COMMAND_DEADLINE);
-    Output {
-        status,
-        stdout: process.take_stdout(),
-        stderr: process.take_stderr(),
-    }
-}
-
-/// A gateway process serving a config file of its own.
-struct Served {
-    server: Process,
-    /// `http://` address of the inference API.
-    addr: String,
-    inference: SocketAddr,
-    /// `http://` address of the admin API.
-    admin: String,
-    config: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Served {
-    /// `aviary serve` over `config_text`, written to a temporary file it watches.
-    fn start(config_text: &str, extra: &[&str]) -> Served {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config = dir.path().join("aviary.toml");
-        std::fs::write(&config, config_text).expect("write config");
-        let path = config.to_str().expect("utf-8 path");
-        let mut args = vec![
-            "serve",
-            "--config",
-            path,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        let mut server = Process::spawn(&args, &[]);
-        let (inference, admin) = server.wait_listening();
-        Served {
-            server,
-            addr: format!("http://{inference}"),
-            inference,
-            admin: format!("http://{admin}"),
-            config,
-            _dir: dir,
-        }
-    }
-
-    /// The demo deployment (`deploy/local/aviary.toml`: demo 1 at 90, 2 at 10, mlp
-    /// unrouted), from a copy whose repository path is absolute.
-    fn demo() -> Served {
-        Served::start(&demo_config(), &[])
-    }
-
-    /// `aviary ctl --admin ADMIN ARGS`.
-    fn ctl(&self, args: &[&str]) -> Output {
-        let mut all = vec!["ctl", "--admin", &self.admin];
-        all.extend_from_slice(args);
-        run(&all, &[])
-    }
-
-    /// `aviary ctl routes --json`.
-    fn routes(&self) -> Value {
-        self.ctl(&["routes", "--json"]).json()
-    }
-}
-
-/// `deploy/local/aviary.toml` with its repository path made absolute.
-fn demo_config() -> String {
-    let original = std::fs::read_to_string(repo_root().join("deploy/local/aviary.toml"))
-        .expect("read the demo config");
-    let models = repo_root().join("deploy/local/models");
-    let text = original.replace(
-        "path = \"models\"",
-        &format!("path = \"{}\"", models.display()),
-    );
-    assert_ne!(text, original, "the demo config names its repository path");
-    text
-}
-
-/// `(version, weight)` of `model` in a `ctl routes --json` report, in split order.
-fn route_of(routes: &Value, model: &str) -> Option<Vec<(String, u64)>> {
-    routes["routes"]
-        .as_array()
-        .expect("routes is an array")
-        .iter()
-        .find(|r| r["model"] == model)
-        .map(|r| {
-            r["versions"]
-                .as_array()
-                .expect("versions is an array")
-                .iter()
-                .map(|v| {
-                    (
-                        v["version"].as_str().expect("version").to_owned(),
-                        v["weight"].as_u64().expect("weight"),
-                    )
-                })
-                .collect()
-        })
-}
-
-fn pairs(list: &[(&str, u64)]) -> Option<Vec<(String, u64)>> {
-    Some(list.iter().map(|(v, w)| ((*v).to_owned(), *w)).collect())
-}
-
-/// Whitespace-separated cells of every table row that starts with `cells`.
-fn rows_starting<'a>(table: &'a str, cells: &[&str]) -> Vec<Vec<&'a str>> {
-    table
-        .lines()
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|row| row.starts_with(cells))
-        .collect()
-}
-
-/// Polls `condition` every 100 ms until it holds or `timeout` passes.
-fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn sigterm(process: &Process) {
-    let kill = Command::new("kill")
-        .args(["-TERM", &process.pid().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(kill.success(), "kill -TERM delivered");
-}
 
 #[test]
 fn routes_show_weights_and_set_weights_steers_traffic() {
@@ -506,7 +161,7 @@ fn models_lists_every_version_with_state_path_and_card() {
     }
 
     let list = served.ctl(&["models", "--json"]).json();
-    let list = list.as_array().expect("an array of versions");
+    let list = list["versions"].as_array().expect("an array of versions");
     assert_eq!(list.len(), 3, "{list:#?}");
     let demo1 = list
         .iter()
@@ -526,7 +181,7 @@ fn models_lists_every_version_with_state_path_and_card() {
     );
 
     let only_demo = served.ctl(&["models", "demo", "--json"]).json();
-    let listed: Vec<(&str, &str)> = only_demo
+    let listed: Vec<(&str, &str)> = only_demo["versions"]
         .as_array()
         .expect("an array of versions")
         .iter()
@@ -593,7 +248,7 @@ fn unload_refuses_weighted_versions_unless_forced_and_load_brings_them_back() {
         .and_then(|n| n.parse::<u64>().ok());
     assert!(ms.is_some(), "prints the load time: {loaded:#?}");
     let list = served.ctl(&["models", "demo", "--json"]).json();
-    let demo2 = list
+    let demo2 = list["versions"]
         .as_array()
         .expect("an array of versions")
         .iter()
@@ -603,7 +258,9 @@ fn unload_refuses_weighted_versions_unless_forced_and_load_brings_them_back() {
 
     let reloaded = served.ctl(&["reload", "mlp", "1", "--json"]).json();
     assert!(reloaded["load_ms"].is_u64(), "{reloaded:#}");
-    assert_eq!(reloaded["action"], "reloaded", "{reloaded:#}");
+    assert_eq!(reloaded["version"]["model"], "mlp", "{reloaded:#}");
+    assert_eq!(reloaded["version"]["version"], "1", "{reloaded:#}");
+    assert_eq!(reloaded["version"]["state"], "READY", "{reloaded:#}");
 }
 
 #[test]

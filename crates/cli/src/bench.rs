@@ -19,7 +19,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use rand::Rng;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// What to load and how hard.
 #[derive(Debug, Clone)]
@@ -77,19 +77,6 @@ impl BenchReport {
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
-}
-
-/// Connects to `addr` with generous message limits.
-pub async fn connect(
-    addr: &str,
-) -> Result<GrpcInferenceServiceClient<Channel>, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(addr.to_owned())?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    Ok(GrpcInferenceServiceClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX))
 }
 
 /// A request with random inputs shaped from the model's metadata.
@@ -188,7 +175,7 @@ fn parse_headers(headers: &[(String, String)]) -> Result<Headers, String> {
 pub async fn run(
     options: &BenchOptions,
 ) -> Result<BenchReport, Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = connect(&options.addr).await?;
+    let mut client = aviary::client::connect(&options.addr).await?;
     let request = random_request(
         &mut client,
         &options.model,

@@ -1,33 +1,27 @@
-//! The `aviary` binary.
+//! What each subcommand does: servers bind their listeners (printing each bound
+//! address, which tests and scripts read when they ask for port 0) and run until
+//! SIGTERM or SIGINT; clients run once and print.
 
 use std::{collections::BTreeMap, io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
-use aviary::pb::inference::ModelMetadataRequest;
+use aviary::{client, pb::inference::ModelMetadataRequest};
 use aviary_gateway::{
     Config, Gateway, Listeners, Mode,
-    bench::{self, BenchOptions},
-    cli::{BenchArgs, Cli, Command, ControllerArgs, InferArgs, ServeArgs, WorkerArgs},
-    client,
-    controller::{Controller, ControllerOptions, Gateways},
+    controller::{ControllerOptions, run_controller},
     front::VARIANT_HEADER,
+    rollouts::Gateways,
 };
 use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
-use clap::Parser;
 use tokio::net::TcpListener;
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
+use crate::{
+    args::{BenchArgs, Cli, Command, ControllerArgs, InferArgs, ServeArgs, WorkerArgs},
+    bench::{self, BenchOptions},
+};
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command line `cli` to its end.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -47,7 +41,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Bench(args) => bench(args).await,
             Command::Controller(args) => controller(args).await,
             Command::Ctl(args) => {
-                println!("{}", aviary_gateway::ctl::run(&args).await?);
+                println!("{}", crate::ctl::run(&args).await?);
                 Ok(())
             }
         }
@@ -129,11 +123,10 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let options = ControllerOptions {
         evaluate_interval: Duration::from_millis(args.evaluate_interval_ms),
+        state_file: args.state_file,
     };
     let admin = bind(args.admin_listen, "admin").await?;
-    Arc::new(Controller::with_gateways(gateways, options))
-        .serve(admin, shutdown_signal())
-        .await?;
+    run_controller(gateways, options, admin, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -149,7 +142,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     ))
     .await?;
     let listener = bind(args.listen, "inference").await?;
-    let options = server::ServeOptions {
+    let options = aviary::server::ServeOptions {
         max_message_bytes: args.max_message_bytes,
         grace_period: grace_period(args.grace_period)?,
     };
@@ -159,7 +152,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 
 async fn infer(args: InferArgs) -> anyhow::Result<()> {
     let target = &args.target;
-    let mut grpc = bench::connect(&target.addr)
+    let mut grpc = client::connect(&target.addr)
         .await
         .with_context(|| format!("connecting to {}", target.addr))?;
     let metadata = grpc

@@ -2,207 +2,27 @@
 //! each other over gRPC. Every process is killed when its guard drops, even when an
 //! assertion fails first.
 
-use std::{
-    collections::BTreeMap,
-    io::{BufRead, BufReader, Read},
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError},
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+mod support;
+
+use std::{collections::BTreeMap, time::Duration};
 
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_aviary");
-
-/// Upper bound for a server to load its models and listen (hang protection only).
-const START_DEADLINE: Duration = Duration::from_secs(60);
-
-/// Upper bound for a client command to finish (hang protection only).
-const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
-
-/// The input row the demo model takes: one row of 4 features.
-const ROW: &str = "[[5.1,3.5,1.4,0.2]]";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root exists")
-}
-
-/// A running `aviary` process; killed and reaped on drop.
-struct Process {
-    what: String,
-    child: Child,
-    stdout: Receiver<String>,
-    stdout_seen: Vec<String>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl Process {
-    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut command = Command::new(BIN);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for name in [
-            "AVIARY_CONFIG",
-            "AVIARY_LISTEN",
-            "AVIARY_ADDR",
-            "AVIARY_REPO",
-        ] {
-            command.env_remove(name);
-        }
-        command.envs(env.iter().copied());
-        let what = format!("aviary {}", args.join(" "));
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-        let (tx, stdout) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout is piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        });
-        Process {
-            what,
-            child,
-            stdout,
-            stdout_seen: Vec::new(),
-            stderr: Some(stderr),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Reads stdout until the `aviary: listening on ADDR` line and returns ADDR.
-    fn wait_listening(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(line) => {
-                    let addr = line
-                        .strip_prefix("aviary: listening on ")
-                        .map(|a| a.trim().parse().expect("listening line has an address"));
-                    self.stdout_seen.push(line);
-                    if let Some(addr) = addr {
-                        return addr;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("{} did not listen within {START_DEADLINE:?}", self.what)
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.wait_exit(Duration::from_secs(10));
-                    let stderr = self.take_stderr();
-                    panic!(
-                        "{} exited ({status}) before listening; stderr:\n{stderr}",
-                        self.what
-                    )
-                }
-            }
-        }
-    }
-
-    /// Waits for the process to exit, polling until `timeout`; panics (and the guard
-    /// kills it) if it does not.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Ok(None) => panic!("{} still running after {timeout:?}", self.what),
-                Err(e) => panic!("waiting for {}: {e}", self.what),
-            }
-        }
-    }
-
-    /// Everything the process wrote on stdout (call after it exited).
-    fn take_stdout(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stdout.recv_timeout(left) {
-                Ok(line) => self.stdout_seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!("{}: stdout did not close", self.what),
-            }
-        }
-        let mut text = self.stdout_seen.join("\n");
-        text.push('\n');
-        text
-    }
-
-    /// Everything the process wrote on stderr (call after it exited).
-    fn take_stderr(&mut self) -> String {
-        self.stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// What a finished command said.
-#[derive(Debug)]
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `aviary ARGS` to completion.
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut process = Process::spawn(args, env);
-    let status = process.wait_exit(COMMAND_DEADLINE);
-    Output {
-        status,
-        stdout: process.take_stdout(),
-        stderr: process.take_stderr(),
-    }
-}
-
-fn json(output: &Output) -> Value {
-    assert!(output.status.success(), "command failed: {output:#?}");
-    serde_json::from_str(&output.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {output:#?}"))
-}
+use support::*;
 
 /// `aviary serve` over the demo config on a free port.
 fn serve_demo() -> (Process, String) {
     let config = repo_root().join("deploy/local/aviary.toml");
     let config = config.to_str().expect("utf-8 path");
     let mut server = Process::spawn(
-        &["serve", "--config", config, "--listen", "127.0.0.1:0"],
+        &[
+            "serve",
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
         &[],
     );
     let addr = server.wait_listening();
@@ -220,7 +40,7 @@ fn serve_and_infer_split_pin_and_refuse() {
         ],
         &[],
     );
-    let report = json(&output);
+    let report = output.json();
     assert_eq!(report["model"], "demo", "{report:#}");
     assert_eq!(report["requests"], 300, "{report:#}");
     let versions: BTreeMap<String, u64> =
@@ -327,7 +147,7 @@ fn worker_and_bench() {
         ],
         &[],
     );
-    let report = json(&output);
+    let report = output.json();
     assert_eq!(report["model"], "demo", "{report:#}");
     assert!(
         report["requests"].as_u64().is_some_and(|n| n > 0),
@@ -361,11 +181,7 @@ fn sigterm_stops_serve_with_exit_code_zero() {
     );
     assert!(output.status.success(), "{output:#?}");
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(kill.success(), "kill -TERM delivered");
+    sigterm(&server);
     let status = server.wait_exit(Duration::from_secs(10));
     assert_eq!(
         status.code(),
@@ -432,6 +248,8 @@ fn config_typo_is_rejected_naming_the_key() {
                 path.to_str().expect("utf-8 path"),
                 "--listen",
                 "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
             ],
             &[],
         );
@@ -463,6 +281,8 @@ fn sigterm_with_an_open_stream_exits_zero_after_the_grace_period() {
             config,
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--grace-period",
             "1",
         ],
@@ -490,11 +310,7 @@ fn sigterm_with_an_open_stream_exits_zero_after_the_grace_period() {
         stream.message().await.expect("first status");
         stream
     });
-    let kill = Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(kill.success(), "kill -TERM delivered");
+    sigterm(&server);
     let status = server.wait_exit(Duration::from_secs(10));
     assert_eq!(
         status.code(),

@@ -56,6 +56,10 @@ pub struct ControllerArgs {
     /// How often active rollouts are judged, in milliseconds.
     #[arg(long, env = "AVIARY_EVALUATE_INTERVAL_MS", default_value_t = 5_000)]
     pub evaluate_interval_ms: u64,
+    /// Where rollouts are kept across restarts (a JSON file, replaced atomically); a
+    /// restarted controller resumes them. Without it rollouts live only in memory.
+    #[arg(long, env = "AVIARY_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
 }
 
 /// `serve` and `gateway`.
@@ -94,7 +98,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "AVIARY_INTER_OP_THREADS", default_value_t = 1)]
     pub inter_op_threads: usize,
     /// Largest request or response message in bytes.
-    #[arg(long, env = "AVIARY_MAX_MESSAGE_BYTES", default_value_t = aviary_worker::server::DEFAULT_MAX_MESSAGE_BYTES)]
+    #[arg(long, env = "AVIARY_MAX_MESSAGE_BYTES", default_value_t = aviary::server::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]

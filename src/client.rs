@@ -1,17 +1,35 @@
-//! `aviary infer`: builds v2 requests from JSON values using the model's metadata,
-//! and renders responses for people (`--json` for scripts).
+//! A typed v2 client: connecting with message limits fit for tensors, building
+//! requests from JSON values using the model's metadata, and decoding responses into
+//! JSON values and text for people (what `aviary infer` prints).
 
 use std::collections::BTreeMap;
 
-use aviary::{
+use bytes::Bytes;
+use serde_json::Value;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
     pb::inference::{
         ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
+        grpc_inference_service_client::GrpcInferenceServiceClient,
         model_infer_request::InferInputTensor,
     },
     tensor::{self, Datatype},
 };
-use bytes::Bytes;
-use serde_json::Value;
+
+/// Connects to a v2 server at `addr` (`http://host:port`) with TCP_NODELAY and no
+/// message size limit of its own (the server's limit is the one that counts).
+pub async fn connect(
+    addr: &str,
+) -> Result<GrpcInferenceServiceClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(addr.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(GrpcInferenceServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
 
 /// A JSON tensor value that cannot be sent as the model's input.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,360 @@
+//! `aviary ctl`: the operator's client of the admin API. Human tables by default;
+//! `--json` prints the admin API's response messages as JSON (field names as in
+//! `admin.proto`), for scripts.
+//!
+//! - `routes`: `routes`, `set-weights`, `config-status`.
+//! - `models`: `models`, `load`, `reload`, `unload`.
+//! - `rollout`: `rollout start|pause|resume|promote|abort|status`.
+//! - `experiment`: `experiment report`, `feedback`, `shadow`.
+//! - `table`: plain-text tables and times for people.
+
+mod experiment;
+mod models;
+mod rollout;
+mod routes;
+mod table;
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// `aviary ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Admin API address of the gateway (or, for `rollout`, of a controller).
+    #[arg(
+        long,
+        env = "AVIARY_ADMIN",
+        default_value = "http://127.0.0.1:8003",
+        global = true
+    )]
+    pub admin: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `aviary ctl` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Show every route: versions, weights, shares, endpoints, and the table's generation.
+    Routes,
+    /// Set a model's route: `aviary ctl set-weights demo 1=90 2=10` (versions not named leave the route).
+    SetWeights {
+        /// Model name.
+        model: String,
+        /// `VERSION=WEIGHT` pairs, in split order.
+        #[arg(required = true, value_parser = parse_weight)]
+        weights: Vec<(String, u32)>,
+        /// Apply only if the table is still at this generation (compare-and-set).
+        #[arg(long)]
+        expect_generation: Option<u64>,
+    },
+    /// List model versions: state, weight, load time, file.
+    Models {
+        /// Only this model.
+        model: Option<String>,
+    },
+    /// Load a version from the repository (and warm it up).
+    Load {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+    },
+    /// Load a version's file again and swap it in; the running copy serves until then.
+    Reload {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+    },
+    /// Unload a version (refused while it has weight, unless --force).
+    Unload {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+        /// Remove it from its route first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Whether the last config file change applied, and its errors.
+    ConfigStatus,
+    /// How a model's shadow version compares with the versions that answered.
+    Shadow {
+        /// Model name.
+        model: String,
+    },
+    /// Progressive rollouts: move traffic to a canary step by step, judged on its metrics.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// A/B experiments: per-variant outcomes and significance against a baseline.
+    Experiment {
+        /// What to do.
+        #[command(subcommand)]
+        command: ExperimentCommand,
+    },
+    /// Report ground truth for a prediction: `aviary ctl feedback demo 2 req-17 --correct`.
+    Feedback {
+        /// Model name.
+        model: String,
+        /// The version that answered.
+        version: String,
+        /// The request's id.
+        request_id: String,
+        /// The prediction was right.
+        #[arg(long, group = "outcome")]
+        correct: bool,
+        /// The prediction was wrong.
+        #[arg(long, group = "outcome")]
+        incorrect: bool,
+        /// The prediction earned this reward.
+        #[arg(long, group = "outcome", allow_negative_numbers = true)]
+        reward: Option<f64>,
+    },
+}
+
+/// `aviary ctl experiment` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    /// Per-variant requests, errors, latency, accuracy and reward, and each variant
+    /// tested against the baseline.
+    Report {
+        /// Model name.
+        model: String,
+        /// The version to compare with (default: the one with the most requests).
+        #[arg(long)]
+        baseline: Option<String>,
+    },
+}
+
+/// `aviary ctl rollout` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Start a rollout: `aviary ctl rollout start demo --canary 2 --baseline 1 --steps 5,25,50,100`.
+    Start {
+        /// Model name.
+        model: String,
+        /// The new version.
+        #[arg(long)]
+        canary: String,
+        /// The version serving now.
+        #[arg(long)]
+        baseline: String,
+        /// Canary weights in percent, strictly increasing, ending at 100.
+        #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+        steps: Vec<u32>,
+        /// Minimum seconds per step.
+        #[arg(long, default_value_t = 60)]
+        step_duration: u64,
+        /// Minimum canary requests per step.
+        #[arg(long, default_value_t = 100)]
+        step_requests: u64,
+        /// Largest allowed canary error rate minus the baseline's (0 to 1).
+        #[arg(long, default_value_t = 0.01)]
+        max_error_rate_increase: f64,
+        /// Largest allowed canary p99 latency over the baseline's.
+        #[arg(long)]
+        max_latency_ratio: Option<f64>,
+    },
+    /// Hold the current step (a failed gate still rolls back).
+    Pause(RolloutNote),
+    /// Carry on from a pause.
+    Resume(RolloutNote),
+    /// Give the canary all the traffic now.
+    Promote(RolloutNote),
+    /// Give the baseline all the traffic again.
+    Abort(RolloutNote),
+    /// State, step metrics and every decision with its reason.
+    Status {
+        /// Model name.
+        model: String,
+        /// Redraw every second until the rollout is over.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// A model and why the operator acts on its rollout.
+#[derive(Debug, Args)]
+pub struct RolloutNote {
+    /// Model name.
+    model: String,
+    /// Why, kept in the rollout's history.
+    #[arg(long, default_value = "")]
+    note: String,
+}
+
+fn parse_weight(text: &str) -> Result<(String, u32), String> {
+    let (version, weight) = text
+        .split_once('=')
+        .ok_or_else(|| format!("\"{text}\": write VERSION=WEIGHT, e.g. 2=10"))?;
+    let weight = weight
+        .parse()
+        .map_err(|_| format!("\"{text}\": weight must be a non-negative integer"))?;
+    if version.is_empty() {
+        return Err(format!("\"{text}\": version is empty"));
+    }
+    Ok((version.to_owned(), weight))
+}
+
+/// An error from the admin API or the connection, for people.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The gateway could not be reached.
+    #[error("cannot reach the admin API at {addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The gateway refused the request.
+    #[error("{code:?}: {message}")]
+    Status {
+        /// gRPC code.
+        code: tonic::Code,
+        /// The gateway's explanation.
+        message: String,
+    },
+}
+
+impl From<tonic::Status> for CtlError {
+    fn from(status: tonic::Status) -> CtlError {
+        CtlError::Status {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// Runs one `aviary ctl` command and returns what to print.
+pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
+    let channel = connect(&args.admin).await?;
+    let json = args.json;
+    match &args.command {
+        CtlCommand::Routes => routes::show(channel, json).await,
+        CtlCommand::SetWeights {
+            model,
+            weights,
+            expect_generation,
+        } => routes::set_weights(channel, model, weights, *expect_generation, json).await,
+        CtlCommand::ConfigStatus => routes::config_status(channel, json).await,
+        CtlCommand::Models { model } => models::list(channel, model.as_deref(), json).await,
+        CtlCommand::Load { model, version } => {
+            models::load(channel, model, version, models::Load::Fresh, json).await
+        }
+        CtlCommand::Reload { model, version } => {
+            models::load(channel, model, version, models::Load::Again, json).await
+        }
+        CtlCommand::Unload {
+            model,
+            version,
+            force,
+        } => models::unload(channel, model, version, *force, json).await,
+        CtlCommand::Shadow { model } => experiment::shadow(channel, model, json).await,
+        CtlCommand::Rollout { command } => rollout::run(channel, command, json).await,
+        CtlCommand::Experiment {
+            command: ExperimentCommand::Report { model, baseline },
+        } => experiment::report(channel, model, baseline.as_deref(), json).await,
+        CtlCommand::Feedback {
+            model,
+            version,
+            request_id,
+            correct,
+            incorrect,
+            reward,
+        } => {
+            let outcome = experiment::outcome(*correct, *incorrect, *reward)?;
+            experiment::feedback(channel, model, version, request_id, outcome, json).await
+        }
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, CtlError> {
+    let failed = |source| CtlError::Connect {
+        addr: addr.to_owned(),
+        source,
+    };
+    Endpoint::from_shared(addr.to_owned())
+        .map_err(failed)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(failed)
+}
+
+/// `message` as JSON, or what `human` makes of it.
+fn print<M: Serialize>(message: &M, json: bool, human: impl FnOnce(&M) -> String) -> String {
+    match json {
+        // The admin messages are plain data (strings, numbers, lists, maps): they
+        // always serialise.
+        true => {
+            serde_json::to_string(message).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        }
+        false => human(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_parse_with_clear_errors() {
+        assert_eq!(parse_weight("2=10"), Ok(("2".into(), 10)));
+        assert!(
+            parse_weight("2")
+                .expect_err("no =")
+                .contains("VERSION=WEIGHT")
+        );
+        assert!(
+            parse_weight("2=-1")
+                .expect_err("negative")
+                .contains("non-negative")
+        );
+        assert!(
+            parse_weight("=3")
+                .expect_err("empty version")
+                .contains("empty")
+        );
+    }
+
+    #[test]
+    fn feedback_takes_exactly_one_outcome() {
+        use clap::Parser;
+
+        use crate::args::{Cli, Command};
+
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                ["aviary", "ctl", "feedback", "demo", "2", "req-1"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        let Ok(Cli {
+            command:
+                Command::Ctl(CtlArgs {
+                    command: CtlCommand::Feedback { reward, .. },
+                    ..
+                }),
+            ..
+        }) = parse(&["--reward", "-0.5"])
+        else {
+            panic!("--reward parses");
+        };
+        assert_eq!(reward, Some(-0.5));
+        assert!(parse(&["--correct"]).is_ok());
+        assert!(parse(&["--correct", "--incorrect"]).is_err());
+    }
+}

@@ -1,0 +1,479 @@
+//! What the binary tests share: a guard for `aviary` processes (killed and reaped on
+//! drop, even when an assertion fails first), commands run to completion, and a
+//! gateway serving a config file of its own. Every listener binds 127.0.0.1 port 0;
+//! the tests read the bound addresses from the lines the process prints.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aviary::{
+    pb::inference::{ModelInferRequest, model_infer_request::InferInputTensor},
+    tensor,
+};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_aviary");
+
+/// Upper bound for a server to load its models and listen (hang protection only).
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Upper bound for a client command to finish (hang protection only).
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Upper bound for a watched config change to show (the watcher also polls every 2 s).
+pub const CONFIG_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The input row the demo model takes: one row of 4 features.
+pub const ROW: &str = "[[5.1,3.5,1.4,0.2]]";
+
+/// Environment that would change what a command talks to; removed from every process.
+pub const AMBIENT: [&str; 6] = [
+    "AVIARY_CONFIG",
+    "AVIARY_LISTEN",
+    "AVIARY_ADMIN_LISTEN",
+    "AVIARY_ADDR",
+    "AVIARY_ADMIN",
+    "AVIARY_GRACE_PERIOD",
+];
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root exists")
+}
+
+/// A running `aviary` process; killed and reaped on drop.
+pub struct Process {
+    what: String,
+    child: Child,
+    pub stdout: Receiver<String>,
+    stdout_seen: Vec<String>,
+    pub stderr: Option<JoinHandle<String>>,
+}
+
+impl Process {
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for name in AMBIENT {
+            command.env_remove(name);
+        }
+        command.envs(env.iter().copied());
+        let what = format!("aviary {}", args.join(" "));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        let (tx, stdout) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            text
+        });
+        Process {
+            what,
+            child,
+            stdout,
+            stdout_seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads stdout until the `aviary: listening on ADDR` line (the inference API) and
+    /// returns ADDR.
+    pub fn wait_listening(&mut self) -> SocketAddr {
+        self.wait_address("aviary: listening on ")
+    }
+
+    /// Reads stdout until the `aviary: admin listening on ADDR` line and returns ADDR.
+    /// A gateway prints it after the inference line.
+    pub fn wait_admin(&mut self) -> SocketAddr {
+        self.wait_address("aviary: admin listening on ")
+    }
+
+    pub fn wait_address(&mut self, prefix: &str) -> SocketAddr {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    let addr = line
+                        .strip_prefix(prefix)
+                        .map(|a| a.trim().parse().expect("listening line has an address"));
+                    self.stdout_seen.push(line);
+                    if let Some(addr) = addr {
+                        return addr;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("{} did not listen within {START_DEADLINE:?}", self.what)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.wait_exit(Duration::from_secs(10));
+                    let stderr = self.take_stderr();
+                    panic!(
+                        "{} exited ({status}) before listening; stderr:\n{stderr}",
+                        self.what
+                    )
+                }
+            }
+        }
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits for the process to exit, polling until `timeout`; panics (and the guard
+    /// kills it) if it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => panic!("{} still running after {timeout:?}", self.what),
+                Err(e) => panic!("waiting for {}: {e}", self.what),
+            }
+        }
+    }
+
+    /// Everything the process wrote on stdout (call after it exited).
+    pub fn take_stdout(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => self.stdout_seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("{}: stdout did not close", self.what),
+            }
+        }
+        let mut text = self.stdout_seen.join("\n");
+        text.push('\n');
+        text
+    }
+
+    /// Everything the process wrote on stderr (call after it exited).
+    pub fn take_stderr(&mut self) -> String {
+        self.stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished command said.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn ok(self) -> Output {
+        assert!(self.status.success(), "command failed: {self:#?}");
+        self
+    }
+
+    pub fn failed(self) -> Output {
+        assert!(!self.status.success(), "command must fail: {self:#?}");
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        assert!(self.status.success(), "command failed: {self:#?}");
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+}
+
+/// Runs `aviary ARGS` to completion.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut process = Process::spawn(args, env);
+    let status = process.wait_exit(COMMAND_DEADLINE);
+    Output {
+        status,
+        stdout: process.take_stdout(),
+        stderr: process.take_stderr(),
+    }
+}
+
+/// A gateway process serving a config file of its own.
+pub struct Served {
+    pub server: Process,
+    /// `http://` address of the inference API.
+    pub addr: String,
+    pub inference: SocketAddr,
+    /// `http://` address of the admin API.
+    pub admin: String,
+    pub config: PathBuf,
+    /// The folder of the config file, for state files beside it.
+    pub dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Served {
+    /// `aviary serve` over `config_text`, written to a temporary file it watches.
+    /// `{dir}` in the text stands for that file's folder.
+    pub fn start(config_text: &str, extra: &[&str]) -> Served {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("aviary.toml");
+        let text = config_text.replace("{dir}", &dir.path().display().to_string());
+        std::fs::write(&config, text).expect("write config");
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let (server, inference, admin) = Served::spawn(&config, &extra);
+        Served {
+            server,
+            addr: format!("http://{inference}"),
+            inference,
+            admin: format!("http://{admin}"),
+            config,
+            dir,
+            extra,
+        }
+    }
+
+    fn spawn(config: &Path, extra: &[String]) -> (Process, SocketAddr, SocketAddr) {
+        let path = config.to_str().expect("utf-8 path");
+        let mut args = vec![
+            "serve",
+            "--config",
+            path,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let mut server = Process::spawn(&args, &[]);
+        let inference = server.wait_listening();
+        let admin = server.wait_admin();
+        (server, inference, admin)
+    }
+
+    /// Stops the gateway with SIGTERM (asserting it exits 0) and starts it again over
+    /// the same config file, on new ports.
+    pub fn restart(&mut self) {
+        sigterm(&self.server);
+        let status = self.server.wait_exit(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "serve exits 0 on SIGTERM");
+        let (server, inference, admin) = Served::spawn(&self.config, &self.extra);
+        self.server = server;
+        self.inference = inference;
+        self.addr = format!("http://{inference}");
+        self.admin = format!("http://{admin}");
+    }
+
+    /// The demo deployment (`deploy/local/aviary.toml`: demo 1 at 90, 2 at 10, mlp
+    /// unrouted), from a copy whose repository path is absolute.
+    pub fn demo() -> Served {
+        Served::start(&demo_config(), &[])
+    }
+
+    /// `aviary ctl --admin ADMIN ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["ctl", "--admin", &self.admin];
+        all.extend_from_slice(args);
+        run(&all, &[])
+    }
+
+    /// `aviary ctl routes --json`.
+    pub fn routes(&self) -> Value {
+        self.ctl(&["routes", "--json"]).json()
+    }
+}
+
+/// `deploy/local/aviary.toml` with its repository path made absolute.
+pub fn demo_config() -> String {
+    let original = std::fs::read_to_string(repo_root().join("deploy/local/aviary.toml"))
+        .expect("read the demo config");
+    let models = repo_root().join("deploy/local/models");
+    let text = original.replace(
+        "path = \"models\"",
+        &format!("path = \"{}\"", models.display()),
+    );
+    assert_ne!(text, original, "the demo config names its repository path");
+    text
+}
+
+/// `(version, weight)` of `model` in a `ctl routes --json` report, in split order.
+pub fn route_of(routes: &Value, model: &str) -> Option<Vec<(String, u64)>> {
+    routes["routes"]
+        .as_array()
+        .expect("routes is an array")
+        .iter()
+        .find(|r| r["model"] == model)
+        .map(|r| {
+            r["versions"]
+                .as_array()
+                .expect("versions is an array")
+                .iter()
+                .map(|v| {
+                    (
+                        v["version"].as_str().expect("version").to_owned(),
+                        v["weight"].as_u64().expect("weight"),
+                    )
+                })
+                .collect()
+        })
+}
+
+pub fn pairs(list: &[(&str, u64)]) -> Option<Vec<(String, u64)>> {
+    Some(list.iter().map(|(v, w)| ((*v).to_owned(), *w)).collect())
+}
+
+/// Whitespace-separated cells of every table row that starts with `cells`.
+pub fn rows_starting<'a>(table: &'a str, cells: &[&str]) -> Vec<Vec<&'a str>> {
+    table
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|row| row.starts_with(cells))
+        .collect()
+}
+
+/// Polls `condition` every 100 ms until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn sigterm(process: &Process) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &process.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success(), "kill -TERM delivered");
+}
+
+/// One row for the demo model (4 features).
+pub fn demo_request() -> ModelInferRequest {
+    let values = [5.1f32, 3.5, 1.4, 0.2];
+    ModelInferRequest {
+        model_name: "demo".into(),
+        inputs: vec![InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 4],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![tensor::to_raw(&values).into()],
+        ..Default::default()
+    }
+}
+
+/// What a [`Traffic`] client saw: answers by version, and every failure's message.
+pub type Seen = (BTreeMap<String, u64>, Vec<String>);
+
+/// Unpinned demo requests sent one after another to each address until stopped, on a
+/// thread of their own; counts the answers by the version that served them.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Seen>>,
+}
+
+impl Traffic {
+    /// Starts one client per `http://` address.
+    pub fn start(addrs: &[&str]) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = addrs
+            .iter()
+            .map(|addr| {
+                let (addr, stop) = ((*addr).to_owned(), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(send_until(addr, stop))
+                })
+            })
+            .collect();
+        Traffic { stop, threads }
+    }
+
+    /// Stops the clients; the answers by version and every failure's message.
+    pub fn stop(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut answered = BTreeMap::new();
+        let mut failures = Vec::new();
+        for thread in self.threads {
+            let (by_version, failed) = thread.join().expect("traffic thread");
+            for (version, n) in by_version {
+                *answered.entry(version).or_default() += n;
+            }
+            failures.extend(failed);
+        }
+        (answered, failures)
+    }
+}
+
+async fn send_until(addr: String, stop: Arc<AtomicBool>) -> Seen {
+    let mut client = aviary::client::connect(&addr)
+        .await
+        .expect("the gateway accepts connections");
+    let (mut answered, mut failures) = (BTreeMap::new(), Vec::new());
+    while !stop.load(Ordering::Relaxed) {
+        match client.model_infer(demo_request()).await {
+            Ok(response) => {
+                *answered
+                    .entry(response.into_inner().model_version)
+                    .or_default() += 1
+            }
+            Err(status) => failures.push(format!("{:?}: {}", status.code(), status.message())),
+        }
+    }
+    (answered, failures)
+}

@@ -1,0 +1,104 @@
+//! The `Fleet` service: what `aviary controller` uses on each gateway whose rollouts it
+//! drives: the step windows' counters, a new step window, and the rollout's weights.
+
+use std::sync::Arc;
+
+use aviary::pb::admin::{
+    LatencyBucket, ResetVariantStatsResponse, RolloutWeights as WeightsMessage, SetRouteResponse,
+    VariantStats, VariantStatsRequest, VariantStatsResponse,
+    fleet_server::{Fleet, FleetServer},
+};
+use tonic::{Request, Response, Status};
+
+use super::{required, variants};
+use crate::{
+    control::{Control, RolloutWeights},
+    metrics::Metrics,
+};
+
+/// The `Fleet` service over a gateway's routes and request metrics.
+#[derive(Debug, Clone)]
+pub struct FleetService {
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+}
+
+impl FleetService {
+    /// The service, ready to add to a server.
+    pub fn server(control: Arc<Control>, metrics: Arc<Metrics>) -> FleetServer<FleetService> {
+        FleetServer::new(FleetService { control, metrics })
+    }
+}
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn get_variant_stats(
+        &self,
+        request: Request<VariantStatsRequest>,
+    ) -> Result<Response<VariantStatsResponse>, Status> {
+        let model = request.into_inner().model;
+        let model = required("model", &model)?;
+        let versions = variants(&self.control, &self.metrics, model)
+            .into_iter()
+            .map(|version| {
+                let window = self.metrics.step(model, &version);
+                VariantStats {
+                    requests: window.requests,
+                    errors: window.errors,
+                    latency: window
+                        .latency_buckets()
+                        .into_iter()
+                        .map(|(value_us, count)| LatencyBucket { value_us, count })
+                        .collect(),
+                    labelled: window.labelled,
+                    correct: window.correct,
+                    version,
+                }
+            })
+            .collect();
+        Ok(Response::new(VariantStatsResponse { versions }))
+    }
+
+    async fn reset_variant_stats(
+        &self,
+        request: Request<VariantStatsRequest>,
+    ) -> Result<Response<ResetVariantStatsResponse>, Status> {
+        let model = request.into_inner().model;
+        let model = required("model", &model)?;
+        for version in variants(&self.control, &self.metrics, model) {
+            self.metrics.reset_step(model, &version);
+        }
+        Ok(Response::new(ResetVariantStatsResponse {}))
+    }
+
+    async fn set_rollout_weights(
+        &self,
+        request: Request<WeightsMessage>,
+    ) -> Result<Response<SetRouteResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        required("canary", &request.canary)?;
+        required("baseline", &request.baseline)?;
+        for (field, weight) in [
+            ("canary_weight", request.canary_weight),
+            ("baseline_weight", request.baseline_weight),
+        ] {
+            if weight > 100 {
+                return Err(Status::invalid_argument(format!(
+                    "{field}: {weight} is over 100"
+                )));
+            }
+        }
+        let weights = RolloutWeights {
+            canary: request.canary,
+            canary_weight: request.canary_weight,
+            baseline: request.baseline,
+            baseline_weight: request.baseline_weight,
+        };
+        let generation = self
+            .control
+            .set_rollout_weights(model, weights, request.held)
+            .await?;
+        Ok(Response::new(SetRouteResponse { generation }))
+    }
+}

@@ -1,0 +1,81 @@
+//! The admin API on its own listener: five gRPC services, one per concern (see
+//! `proto/aviary/admin/v1/admin.proto`). A gateway serves all five (`Rollouts` only
+//! while it drives its own rollouts); `aviary controller` serves `Rollouts`.
+//!
+//! - `routes`: the route table and the config file's status.
+//! - `models`: the embedded worker's versions: list, load, reload, unload.
+//! - `rollouts`: start, commands and status of a rollout driver's rollouts.
+//! - `experiments`: feedback, experiment reports and shadow comparisons.
+//! - `fleet`: what a controller uses on the gateways it drives.
+
+mod experiments;
+mod fleet;
+mod models;
+mod rollouts;
+mod routes;
+
+use std::{future::Future, sync::Arc};
+
+use tokio::net::TcpListener;
+use tonic::Status;
+
+pub use experiments::ExperimentsService;
+pub use fleet::FleetService;
+pub use models::ModelsService;
+pub use rollouts::RolloutsService;
+pub use routes::RoutesService;
+
+use crate::{GatewayError, control::Control, metrics::Metrics, rollouts::Rollouts};
+
+/// Serves a gateway's admin API on `listener` until `shutdown` resolves; the
+/// `Rollouts` service only when the gateway drives its own rollouts (`rollouts`).
+pub async fn serve<F>(
+    control: Arc<Control>,
+    rollouts: Option<Arc<Rollouts>>,
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    shutdown: F,
+) -> Result<(), GatewayError>
+where
+    F: Future<Output = ()> + Send,
+{
+    tonic::transport::Server::builder()
+        .add_service(RoutesService::server(Arc::clone(&control)))
+        .add_service(ModelsService::server(Arc::clone(&control)))
+        .add_service(ExperimentsService::server(
+            Arc::clone(&control),
+            Arc::clone(&metrics),
+        ))
+        .add_service(FleetService::server(control, metrics))
+        .add_optional_service(rollouts.map(RolloutsService::server))
+        .serve_with_incoming_shutdown(aviary::server::incoming(listener), shutdown)
+        .await
+        .map_err(|e| aviary::server::ServeError::new(format!("admin API: {e}")).into())
+}
+
+/// `value`, or INVALID_ARGUMENT naming `field` when it is empty.
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("{field} is required")))
+    } else {
+        Ok(value)
+    }
+}
+
+/// The model's variants: the versions its route has now, then any others that served
+/// requests or got feedback since start-up (a version taken out of the route is still
+/// part of the experiment that ran on it).
+fn variants(control: &Control, metrics: &Metrics, model: &str) -> Vec<String> {
+    let routing = control.routing().load();
+    let mut versions: Vec<String> = routing
+        .table
+        .route(model)
+        .map(|r| r.versions().map(|(v, _)| v.to_owned()).collect())
+        .unwrap_or_default();
+    for seen in metrics.versions(model) {
+        if !versions.contains(&seen) {
+            versions.push(seen);
+        }
+    }
+    versions
+}

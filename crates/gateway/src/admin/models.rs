@@ -1,0 +1,149 @@
+//! The `Models` service: the embedded worker's versions, with their state, file and
+//! model card; load, reload and unload them.
+
+use std::{sync::Arc, time::UNIX_EPOCH};
+
+use aviary::pb::admin::{
+    ListModelsRequest, ListModelsResponse, ModelCard, ModelVersionInfo, UnloadVersionRequest,
+    VersionRequest, VersionResponse,
+    models_server::{Models, ModelsServer},
+};
+use tonic::{Request, Response, Status};
+
+use super::required;
+use crate::{control::Control, routing::Routing};
+
+/// The `Models` service over a gateway's [`Control`].
+#[derive(Debug, Clone)]
+pub struct ModelsService {
+    control: Arc<Control>,
+}
+
+impl ModelsService {
+    /// The service, ready to add to a server.
+    pub fn server(control: Arc<Control>) -> ModelsServer<ModelsService> {
+        ModelsServer::new(ModelsService { control })
+    }
+
+    fn version_info(&self, model: &str, version: &str) -> Option<ModelVersionInfo> {
+        let routing = self.control.routing().load_full();
+        model_versions(&self.control, &routing)
+            .into_iter()
+            .find(|v| v.model == model && v.version == version)
+    }
+}
+
+fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo> {
+    let Some(worker) = control.worker() else {
+        return Vec::new();
+    };
+    worker
+        .index(false)
+        .into_iter()
+        .map(|entry| {
+            let loaded = worker
+                .slot(&entry.name, &entry.version)
+                .ok()
+                .map(|s| s.current());
+            let routed = routing
+                .table
+                .route(&entry.name)
+                .is_some_and(|r| r.versions().any(|(v, _)| v == entry.version));
+            ModelVersionInfo {
+                weight: routing.weight(&entry.name, &entry.version),
+                routed,
+                state: entry.state,
+                reason: entry.reason,
+                loaded_at_ms: loaded
+                    .as_ref()
+                    .and_then(|m| m.loaded_at.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                path: loaded
+                    .as_ref()
+                    .map(|m| m.path.display().to_string())
+                    .unwrap_or_default(),
+                card: loaded
+                    .as_ref()
+                    .and_then(|m| m.card.as_ref())
+                    .map(|c| ModelCard {
+                        description: c.description.clone(),
+                        owner: c.owner.clone(),
+                        intended_use: c.intended_use.clone(),
+                        limitations: c.limitations.clone(),
+                        training_data: c.training_data.clone(),
+                        metrics: c.metrics.clone().into_iter().collect(),
+                    }),
+                model: entry.name,
+                version: entry.version,
+            }
+        })
+        .collect()
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[tonic::async_trait]
+impl Models for ModelsService {
+    async fn list_models(
+        &self,
+        request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let model = request.into_inner().model;
+        let routing = self.control.routing().load_full();
+        let versions = model_versions(&self.control, &routing)
+            .into_iter()
+            .filter(|v| model.is_empty() || v.model == model)
+            .collect();
+        Ok(Response::new(ListModelsResponse { versions }))
+    }
+
+    async fn load_version(
+        &self,
+        request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let (outcome, generation) = self.control.load_version(model, version).await?;
+        Ok(Response::new(VersionResponse {
+            version: self.version_info(model, version),
+            generation,
+            load_ms: millis(outcome.load_time),
+        }))
+    }
+
+    async fn reload_version(
+        &self,
+        request: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let outcome = self.control.reload_version(model, version).await?;
+        Ok(Response::new(VersionResponse {
+            version: self.version_info(model, version),
+            generation: self.control.routing().load().generation,
+            load_ms: millis(outcome.load_time),
+        }))
+    }
+
+    async fn unload_version(
+        &self,
+        request: Request<UnloadVersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let generation = self
+            .control
+            .unload_version(model, version, request.force)
+            .await?;
+        Ok(Response::new(VersionResponse {
+            version: None,
+            generation,
+            load_ms: 0,
+        }))
+    }
+}

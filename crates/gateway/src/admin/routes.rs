@@ -1,0 +1,111 @@
+//! The `Routes` service: the route table (read and compare-and-set one model's route)
+//! and the watched config file's status.
+
+use std::sync::Arc;
+
+use aviary::pb::admin::{
+    self as pb, GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, SetRouteRequest,
+    SetRouteResponse,
+    routes_server::{Routes, RoutesServer},
+};
+use tonic::{Request, Response, Status};
+
+use super::required;
+use crate::{
+    config::{RouteConfig, VersionConfig},
+    control::Control,
+};
+
+/// The `Routes` service over a gateway's [`Control`].
+#[derive(Debug, Clone)]
+pub struct RoutesService {
+    control: Arc<Control>,
+}
+
+impl RoutesService {
+    /// The service, ready to add to a server.
+    pub fn server(control: Arc<Control>) -> RoutesServer<RoutesService> {
+        RoutesServer::new(RoutesService { control })
+    }
+}
+
+#[tonic::async_trait]
+impl Routes for RoutesService {
+    async fn get_routes(
+        &self,
+        _: Request<GetRoutesRequest>,
+    ) -> Result<Response<GetRoutesResponse>, Status> {
+        let routing = self.control.routing().load_full();
+        Ok(Response::new(GetRoutesResponse {
+            generation: routing.generation,
+            routes: routing
+                .routes
+                .iter()
+                .map(|(model, route)| route_message(model, route))
+                .collect(),
+        }))
+    }
+
+    async fn set_route(
+        &self,
+        request: Request<SetRouteRequest>,
+    ) -> Result<Response<SetRouteResponse>, Status> {
+        let request = request.into_inner();
+        let route = request
+            .route
+            .ok_or_else(|| Status::invalid_argument("route is required"))?;
+        let model = required("route.model", &route.model)?.to_owned();
+        let generation = self
+            .control
+            .set_route(&model, route_from(&route), request.expected_generation)
+            .await?;
+        tracing::info!(model, generation, "route set through the admin API");
+        Ok(Response::new(SetRouteResponse { generation }))
+    }
+
+    async fn get_config_status(
+        &self,
+        _: Request<GetConfigStatusRequest>,
+    ) -> Result<Response<pb::ConfigStatus>, Status> {
+        let status = self.control.config_status().await;
+        Ok(Response::new(pb::ConfigStatus {
+            path: status.path,
+            applied_at_ms: status.applied_at_ms,
+            errors: status.errors,
+            rejected_at_ms: status.rejected_at_ms,
+            notes: status.notes,
+        }))
+    }
+}
+
+/// A route as the admin API shows it: versions, weights and endpoints.
+fn route_message(model: &str, route: &RouteConfig) -> pb::Route {
+    pb::Route {
+        model: model.to_owned(),
+        versions: route
+            .versions
+            .iter()
+            .map(|v| pb::VersionWeight {
+                version: v.version.clone(),
+                weight: v.weight,
+                endpoint: v.endpoint.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// The route `SetRoute` asks for; what the message cannot say (sticky key, rules,
+/// shadow, faults) the gateway keeps from the route in force.
+fn route_from(message: &pb::Route) -> RouteConfig {
+    RouteConfig {
+        versions: message
+            .versions
+            .iter()
+            .map(|v| VersionConfig {
+                endpoint: Some(v.endpoint.clone()).filter(|e| !e.is_empty()),
+                ..VersionConfig::new(&v.version, v.weight)
+            })
+            .collect(),
+        ..RouteConfig::default()
+    }
+}

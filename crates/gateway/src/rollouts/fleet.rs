@@ -1,0 +1,296 @@
+//! The rollout target of `aviary controller`: many gateways reached through their
+//! admin API. Evidence is the gateways' step windows summed (latency histograms bucket
+//! by bucket, so the p99 is the fleet's); decisions go to every gateway.
+//!
+//! A gateway that does not answer is logged and left out of that round: it never holds
+//! back the others, and the driver's next round brings it to the rollout's weights. A
+//! running rollout's weights count as applied when at least one gateway took them (the
+//! rest are caught up every round); a finished rollout's only when every gateway did.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use aviary::pb::admin::{
+    GetRoutesRequest, RolloutWeights as WeightsMessage, VariantStatsRequest,
+    fleet_client::FleetClient, routes_client::RoutesClient,
+};
+use aviary_router::rollout::{MetricsSnapshot, RolloutPlan};
+use tonic::transport::Channel;
+
+use super::Target;
+use crate::{GatewayError, control::RolloutWeights, metrics::Window};
+
+/// How long one admin call to a gateway may take before it counts as unreachable.
+const GATEWAY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the gateways are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gateways {
+    /// Admin addresses, `HOST:PORT`.
+    List(Vec<String>),
+    /// A `NAME:PORT` resolved every round; each address is one gateway's admin API.
+    Dns(String),
+}
+
+/// Many gateways, as the place a rollout reads its evidence from and applies its
+/// decisions to.
+#[derive(Debug)]
+pub struct RemoteGateways {
+    gateways: Gateways,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl RemoteGateways {
+    /// The gateways at `gateways`.
+    pub fn new(gateways: Gateways) -> RemoteGateways {
+        RemoteGateways {
+            gateways,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The gateways' admin addresses now; a failed DNS lookup is logged and is none.
+    async fn addresses(&self) -> Vec<String> {
+        match &self.gateways {
+            Gateways::List(list) => list.clone(),
+            Gateways::Dns(name) => match tokio::net::lookup_host(name.as_str()).await {
+                Ok(found) => {
+                    let mut addresses: Vec<String> = found.map(|a| a.to_string()).collect();
+                    addresses.sort();
+                    addresses.dedup();
+                    addresses
+                }
+                Err(error) => {
+                    tracing::warn!(name, %error, "cannot resolve the gateways' DNS name");
+                    Vec::new()
+                }
+            },
+        }
+    }
+
+    /// A channel to the gateway's admin API, made once and kept (it reconnects by itself).
+    fn channel(&self, address: &str) -> Result<Channel, String> {
+        // The map only ever gains complete entries, so a poisoned lock holds good data.
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(GATEWAY_TIMEOUT)
+            .timeout(GATEWAY_TIMEOUT)
+            .connect_lazy();
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    fn fleet(&self, address: &str) -> Result<FleetClient<Channel>, String> {
+        self.channel(address).map(FleetClient::new)
+    }
+
+    /// The versions of the gateway's route for `plan.model`, `None` when it has none;
+    /// `Err` when the gateway cannot be reached.
+    async fn route_versions(
+        &self,
+        address: &str,
+        model: &str,
+    ) -> Result<Option<Vec<String>>, String> {
+        let mut client = RoutesClient::new(self.channel(address)?);
+        let routes = client
+            .get_routes(GetRoutesRequest {})
+            .await
+            .map_err(|status| status.message().to_owned())?
+            .into_inner();
+        Ok(routes
+            .routes
+            .into_iter()
+            .find(|r| r.model == model)
+            .map(|r| r.versions.into_iter().map(|v| v.version).collect()))
+    }
+}
+
+impl Target for RemoteGateways {
+    async fn check(&self, plan: &RolloutPlan) -> Vec<String> {
+        let gateways = self.addresses().await;
+        let mut problems = Vec::new();
+        let gates = &plan.gates;
+        for (field, set) in [
+            ("min_shadow_agreement", gates.min_shadow_agreement.is_some()),
+            (
+                "min_distribution_p_value",
+                gates.min_distribution_p_value.is_some(),
+            ),
+        ] {
+            if set {
+                problems.push(format!(
+                    "gates.{field}: the controller does not read the gateways' shadow comparisons; remove this gate"
+                ));
+            }
+        }
+        let mut reached = 0;
+        for address in &gateways {
+            let versions = match self.route_versions(address, &plan.model).await {
+                Ok(versions) => versions,
+                Err(error) => {
+                    tracing::warn!(gateway = address, error, "cannot read the gateway's routes");
+                    continue;
+                }
+            };
+            reached += 1;
+            let Some(versions) = versions else {
+                problems.push(format!(
+                    "model: gateway {address} has no route for model \"{}\"",
+                    plan.model
+                ));
+                continue;
+            };
+            for (field, version) in [("canary", &plan.canary), ("baseline", &plan.baseline)] {
+                if !version.is_empty() && !versions.contains(version) {
+                    problems.push(format!(
+                        "{field}: version \"{version}\" is not in gateway {address}'s route for model \"{}\"",
+                        plan.model
+                    ));
+                }
+            }
+        }
+        if reached == 0 {
+            problems.push(format!(
+                "no gateway answered ({}): the controller needs at least one",
+                gateways.join(", ")
+            ));
+        }
+        problems
+    }
+
+    /// The canary's and the baseline's step windows summed over every gateway that
+    /// answers; one that does not is logged and left out of this round.
+    async fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {
+        let (mut canary, mut baseline) = (Window::new(), Window::new());
+        for address in self.addresses().await {
+            let stats = match self.fleet(&address) {
+                Ok(mut client) => client
+                    .get_variant_stats(VariantStatsRequest {
+                        model: plan.model.clone(),
+                    })
+                    .await
+                    .map_err(|status| status.message().to_owned()),
+                Err(error) => Err(error),
+            };
+            let stats = match stats {
+                Ok(stats) => stats.into_inner(),
+                Err(error) => {
+                    tracing::warn!(gateway = address, error, "cannot read the gateway's stats");
+                    continue;
+                }
+            };
+            for version in stats.versions {
+                let window = if version.version == plan.canary {
+                    &mut canary
+                } else if version.version == plan.baseline {
+                    &mut baseline
+                } else {
+                    continue;
+                };
+                let buckets: Vec<(u64, u64)> = version
+                    .latency
+                    .iter()
+                    .map(|b| (b.value_us, b.count))
+                    .collect();
+                window.add(
+                    version.requests,
+                    version.errors,
+                    &buckets,
+                    version.labelled,
+                    version.correct,
+                );
+            }
+        }
+        MetricsSnapshot {
+            canary: canary.step_metrics(),
+            baseline: baseline.step_metrics(),
+            shadow_agreement: None,
+            distribution_p_value: None,
+        }
+    }
+
+    async fn set_weights(
+        &self,
+        plan: &RolloutPlan,
+        weights: RolloutWeights,
+        held: bool,
+    ) -> Result<(), GatewayError> {
+        let gateways = self.addresses().await;
+        let message = WeightsMessage {
+            model: plan.model.clone(),
+            canary: weights.canary,
+            canary_weight: weights.canary_weight,
+            baseline: weights.baseline,
+            baseline_weight: weights.baseline_weight,
+            held,
+        };
+        let mut missed = Vec::new();
+        for address in &gateways {
+            let result = match self.fleet(address) {
+                Ok(mut client) => client
+                    .set_rollout_weights(message.clone())
+                    .await
+                    .map(|r| r.into_inner().generation)
+                    .map_err(|status| status.message().to_owned()),
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(generation) => tracing::debug!(
+                    gateway = address,
+                    model = plan.model,
+                    generation,
+                    "rollout weights set"
+                ),
+                Err(error) => {
+                    tracing::warn!(
+                        gateway = address,
+                        model = plan.model,
+                        error,
+                        "cannot set the rollout's weights"
+                    );
+                    missed.push(format!("{address} ({error})"));
+                }
+            }
+        }
+        let enough = match held {
+            true => missed.len() < gateways.len(),
+            false => missed.is_empty(),
+        };
+        match enough {
+            true => Ok(()),
+            false => Err(GatewayError::Unreachable(format!(
+                "the rollout's weights did not reach {}",
+                if missed.is_empty() {
+                    "any gateway (none found)".to_owned()
+                } else {
+                    missed.join(", ")
+                }
+            ))),
+        }
+    }
+
+    async fn reset_step(&self, plan: &RolloutPlan) -> Result<(), GatewayError> {
+        for address in self.addresses().await {
+            let reset = match self.fleet(&address) {
+                Ok(mut client) => client
+                    .reset_variant_stats(VariantStatsRequest {
+                        model: plan.model.clone(),
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|status| status.message().to_owned()),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = reset {
+                tracing::warn!(gateway = address, error, "cannot reset the gateway's stats");
+            }
+        }
+        Ok(())
+    }
+}

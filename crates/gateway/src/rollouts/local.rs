@@ -1,0 +1,158 @@
+//! The rollout target of one gateway: its own step metrics, shadow comparisons and
+//! routes.
+
+use std::sync::Arc;
+
+use aviary_router::rollout::{MetricsSnapshot, RolloutPlan};
+
+use super::Target;
+use crate::{
+    GatewayError,
+    control::{Control, RolloutWeights},
+    metrics::Metrics,
+};
+
+/// This gateway, as the place a rollout reads its evidence from and applies its
+/// decisions to.
+#[derive(Debug, Clone)]
+pub struct LocalGateway {
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+}
+
+impl LocalGateway {
+    /// The gateway whose routes `control` changes and whose requests `metrics` counts.
+    pub fn new(control: Arc<Control>, metrics: Arc<Metrics>) -> LocalGateway {
+        LocalGateway { control, metrics }
+    }
+
+    /// Agreement and KS p-value from the model's mirror when its shadow is the canary;
+    /// `None`s otherwise or before the first comparison (which holds the step).
+    ///
+    /// A model may have several outputs; the gate reads the one with the most compared
+    /// pairs, the best-supported figure (for a classifier, its label or probabilities).
+    /// The mirror counts since it started, not since the step did: a route keeps one
+    /// mirror across weight changes, and its samples cannot be split by step.
+    fn shadow_evidence(&self, plan: &RolloutPlan) -> (Option<f64>, Option<f64>) {
+        let routing = self.control.routing().load_full();
+        let Some(mirror) = routing
+            .mirror(&plan.model)
+            .filter(|m| m.config().version == plan.canary)
+        else {
+            return (None, None);
+        };
+        let report = mirror.report();
+        let Some(output) = report.outputs.values().max_by_key(|o| o.agreement_total) else {
+            return (None, None);
+        };
+        let p_value =
+            aviary_router::stats::ks_two_sample(&output.primary_sample, &output.shadow_sample)
+                .map(|test| test.p_value);
+        (output.agreement(), p_value)
+    }
+
+    /// Gates this gateway cannot measure for `plan`: a rollout using them would never pass.
+    fn unmeasured_gates(&self, plan: &RolloutPlan) -> Vec<String> {
+        let routing = self.control.routing().load_full();
+        let shadow = routing
+            .mirror(&plan.model)
+            .map(|m| m.config().version.clone());
+        if shadow.as_deref() == Some(plan.canary.as_str()) {
+            return Vec::new();
+        }
+        let gates = &plan.gates;
+        [
+            ("min_shadow_agreement", gates.min_shadow_agreement.is_some()),
+            ("min_distribution_p_value", gates.min_distribution_p_value.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(field, _)| {
+            format!(
+                "gates.{field}: needs the canary's answers compared with the baseline's, but route \"{}\" {}; \
+                 set routes.{}.shadow.version = \"{}\" (with the canary at weight 0 in the config) or remove this gate",
+                plan.model,
+                match &shadow {
+                    Some(version) => format!("shadows version \"{version}\", not the canary"),
+                    None => "has no shadow".to_owned(),
+                },
+                plan.model,
+                plan.canary
+            )
+        })
+        .collect()
+    }
+
+    /// Every reason the plan's versions cannot carry a rollout on the current routes.
+    fn check_routable(&self, plan: &RolloutPlan) -> Vec<String> {
+        let routing = self.control.routing().load_full();
+        let Some(route) = routing.table.route(&plan.model) else {
+            return vec![format!("model: no route for model \"{}\"", plan.model)];
+        };
+        let routable: Vec<&str> = route.versions().map(|(v, _)| v).collect();
+        [("canary", &plan.canary), ("baseline", &plan.baseline)]
+            .into_iter()
+            .filter(|(_, version)| !version.is_empty() && !routable.contains(&version.as_str()))
+            .map(|(field, version)| {
+                format!(
+                    "{field}: version \"{version}\" is not a routable version of model \"{}\" (routable: {})",
+                    plan.model,
+                    routable.join(", ")
+                )
+            })
+            .collect()
+    }
+}
+
+impl Target for LocalGateway {
+    async fn check(&self, plan: &RolloutPlan) -> Vec<String> {
+        let mut problems = self.check_routable(plan);
+        problems.extend(self.unmeasured_gates(plan));
+        problems
+    }
+
+    async fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {
+        let (shadow_agreement, distribution_p_value) = self.shadow_evidence(plan);
+        MetricsSnapshot {
+            canary: self.metrics.step(&plan.model, &plan.canary).step_metrics(),
+            baseline: self
+                .metrics
+                .step(&plan.model, &plan.baseline)
+                .step_metrics(),
+            shadow_agreement,
+            distribution_p_value,
+        }
+    }
+
+    async fn set_weights(
+        &self,
+        plan: &RolloutPlan,
+        weights: RolloutWeights,
+        held: bool,
+    ) -> Result<(), GatewayError> {
+        let before = self.control.routing().load().generation;
+        let generation = self
+            .control
+            .set_rollout_weights(&plan.model, weights.clone(), held)
+            .await?;
+        if generation != before {
+            tracing::info!(
+                model = plan.model,
+                canary = weights.canary,
+                canary_weight = weights.canary_weight,
+                baseline = weights.baseline,
+                baseline_weight = weights.baseline_weight,
+                held,
+                generation,
+                "rollout weights applied"
+            );
+        }
+        Ok(())
+    }
+
+    async fn reset_step(&self, plan: &RolloutPlan) -> Result<(), GatewayError> {
+        self.metrics.reset_step(&plan.model, &plan.canary);
+        self.metrics.reset_step(&plan.model, &plan.baseline);
+        Ok(())
+    }
+}

@@ -1,0 +1,419 @@
+//! The rollout driver: runs each model's [`Rollout`] state machine and applies what it
+//! decides. One driver serves both deployments, generic over its [`Target`], where the
+//! evidence comes from and where the decisions go:
+//!
+//! - [`LocalGateway`]: this gateway's own metrics and routes (`aviary serve` and
+//!   `aviary gateway` with `[rollouts] controlled = false`);
+//! - [`RemoteGateways`]: many gateways through their admin API, their stats summed
+//!   (`aviary controller`; the gateways run with `[rollouts] controlled = true`).
+//!
+//! Every `evaluate_interval` the driver brings the target to each running rollout's
+//! weights (a no-op where they are in force; it catches up a gateway that restarted or
+//! missed a round), judges the rollout on the step's evidence and applies its actions.
+//! While a rollout runs its weights are held: config file edits and `SetRoute` do not
+//! move them (see [`crate::control`]). Every rollout is written to the state file after
+//! each change, so a restarted driver carries on where it stopped.
+
+mod fleet;
+mod local;
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aviary_router::rollout::{Action, MetricsSnapshot, Rollout, RolloutPlan, StepMetrics};
+use tokio::sync::{Mutex, watch};
+
+pub use fleet::{Gateways, RemoteGateways};
+pub use local::LocalGateway;
+
+use crate::{GatewayError, config::PlanConfig, control::RolloutWeights};
+
+/// Where a driver's evidence comes from and where its decisions go.
+pub trait Target: Send + Sync + 'static {
+    /// Why `plan` cannot run here, each problem with its field (the plan's own checks
+    /// are the driver's): versions that are not routable, gates nothing measures.
+    fn check(&self, plan: &RolloutPlan) -> impl Future<Output = Vec<String>> + Send;
+
+    /// The evidence for the current step of `plan`.
+    fn snapshot(&self, plan: &RolloutPlan) -> impl Future<Output = MetricsSnapshot> + Send;
+
+    /// Gives the plan's versions `weights`: held while the rollout runs, the route's
+    /// own once it ended.
+    fn set_weights(
+        &self,
+        plan: &RolloutPlan,
+        weights: RolloutWeights,
+        held: bool,
+    ) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// Starts a new step window for the plan's versions.
+    fn reset_step(
+        &self,
+        plan: &RolloutPlan,
+    ) -> impl Future<Output = Result<(), GatewayError>> + Send;
+}
+
+/// An operator command on a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Hold the current step.
+    Pause,
+    /// Carry on from a pause.
+    Resume,
+    /// Give the canary all the traffic now.
+    Promote,
+    /// Give the baseline all the traffic again.
+    Abort,
+}
+
+impl Command {
+    /// Runs the command on `rollout`; the actions to apply.
+    fn run(self, rollout: &mut Rollout, now: u64, note: &str) -> Result<Vec<Action>, GatewayError> {
+        Ok(match self {
+            Command::Pause => rollout.pause(now, note),
+            Command::Resume => rollout.resume(now, note),
+            Command::Promote => rollout.promote_now(now, note),
+            Command::Abort => rollout.abort(now, note),
+        }?)
+    }
+}
+
+/// A rollout with what its current step has measured so far.
+#[derive(Debug, Clone)]
+pub struct RolloutStatus {
+    /// The rollout: plan, state and history.
+    pub rollout: Rollout,
+    /// The canary since the step began.
+    pub canary: StepMetrics,
+    /// The baseline since the step began.
+    pub baseline: StepMetrics,
+    /// What keeps the step from advancing; empty when not running or about to act.
+    pub waiting_for: Vec<String>,
+}
+
+/// A rollout and whether its weights are known to be in force on the target.
+#[derive(Debug)]
+struct Entry {
+    rollout: Rollout,
+    synced: bool,
+}
+
+/// The rollouts of one target, one per model (the last one started).
+#[derive(Debug)]
+pub struct Driver<T> {
+    target: T,
+    state_file: Option<PathBuf>,
+    entries: Mutex<BTreeMap<String, Entry>>,
+}
+
+/// The driver of one gateway's own rollouts.
+pub type Rollouts = Driver<LocalGateway>;
+
+impl<T: Target> Driver<T> {
+    /// A driver over `target` with the rollouts saved in `state_file` (if any); each
+    /// one still running gets its weights back before this returns.
+    pub async fn open(target: T, state_file: Option<PathBuf>) -> Result<Driver<T>, GatewayError> {
+        let saved = match &state_file {
+            Some(path) => load(path)?,
+            None => Vec::new(),
+        };
+        let entries = saved
+            .into_iter()
+            .map(|rollout| {
+                let synced = rollout.state().is_terminal();
+                (rollout.plan().model.clone(), Entry { rollout, synced })
+            })
+            .collect();
+        let driver = Driver {
+            target,
+            state_file,
+            entries: Mutex::new(entries),
+        };
+        let mut entries = driver.entries.lock().await;
+        for entry in entries.values_mut() {
+            if !entry.synced {
+                driver.sync(entry).await;
+                tracing::info!(
+                    model = entry.rollout.plan().model,
+                    state = entry.rollout.state().label(),
+                    canary_weight = entry.rollout.canary_weight(),
+                    "rollout resumed from the state file"
+                );
+            }
+        }
+        drop(entries);
+        Ok(driver)
+    }
+
+    /// What the driver drives.
+    pub fn target(&self) -> &T {
+        &self.target
+    }
+
+    /// Starts each plan whose model has no running rollout and which has not run to its
+    /// end already (a finished plan in the state file is not run again). Returns a note
+    /// for every plan it did not start, with the reason.
+    pub async fn start_plans(
+        &self,
+        plans: &BTreeMap<String, PlanConfig>,
+    ) -> Result<Vec<String>, GatewayError> {
+        let mut skipped = Vec::new();
+        for (model, config) in plans {
+            let plan = config.plan(model);
+            let entries = self.entries.lock().await;
+            match entries.get(model).map(|e| &e.rollout) {
+                // Resumed from the state file, or already run to its end.
+                Some(saved) if saved.plan() == &plan => continue,
+                Some(saved) if !saved.state().is_terminal() => {
+                    skipped.push(format!(
+                        "rollouts.plans.{model}: not started: the model's rollout to version \"{}\" is still {}; \
+                         abort it to start this plan",
+                        saved.plan().canary,
+                        saved.state().label()
+                    ));
+                    continue;
+                }
+                _ => drop(entries),
+            }
+            self.start(plan)
+                .await
+                .map_err(|error| GatewayError::Config {
+                    path: format!("rollouts.plans.{model}"),
+                    message: format!("cannot start the rollout: {error}"),
+                })?;
+        }
+        Ok(skipped)
+    }
+
+    /// Checks `plan` against the target, starts it and applies its first step.
+    pub async fn start(&self, plan: RolloutPlan) -> Result<RolloutStatus, GatewayError> {
+        let mut problems = self.target.check(&plan).await;
+        let rollout = Rollout::new(plan.clone());
+        if let Err(errors) = &rollout {
+            problems.extend(errors.errors().iter().map(ToString::to_string));
+        }
+        let mut rollout = match rollout {
+            Ok(rollout) if problems.is_empty() => rollout,
+            _ => return Err(GatewayError::InvalidRollout(problems)),
+        };
+        let mut entries = self.entries.lock().await;
+        if let Some(active) = entries
+            .get(&plan.model)
+            .filter(|e| !e.rollout.state().is_terminal())
+        {
+            return Err(GatewayError::Refused(format!(
+                "model \"{}\" already has a rollout ({} to version \"{}\"); abort it first",
+                plan.model,
+                active.rollout.state().label(),
+                active.rollout.plan().canary
+            )));
+        }
+        let actions = rollout.start(now_ms())?;
+        let mut entry = Entry {
+            rollout,
+            synced: false,
+        };
+        // A rollout that cannot take its first step is not kept.
+        self.apply(&mut entry, &actions).await?;
+        tracing::info!(
+            model = plan.model,
+            canary = plan.canary,
+            baseline = plan.baseline,
+            "rollout started"
+        );
+        entries.insert(plan.model.clone(), entry);
+        self.persist(&entries);
+        self.status_of(&entries, &plan.model).await
+    }
+
+    /// Runs an operator command on the model's rollout.
+    pub async fn command(
+        &self,
+        model: &str,
+        command: Command,
+        note: &str,
+    ) -> Result<RolloutStatus, GatewayError> {
+        let mut entries = self.entries.lock().await;
+        let entry = entries
+            .get_mut(model)
+            .ok_or_else(|| GatewayError::NoRollout {
+                model: model.to_owned(),
+            })?;
+        let actions = command.run(&mut entry.rollout, now_ms(), note)?;
+        tracing::info!(
+            model,
+            ?command,
+            note,
+            state = entry.rollout.state().label(),
+            "rollout command"
+        );
+        let applied = self.apply(entry, &actions).await;
+        self.persist(&entries);
+        applied?;
+        self.status_of(&entries, model).await
+    }
+
+    /// The model's rollout and its current step's metrics.
+    pub async fn status(&self, model: &str) -> Result<RolloutStatus, GatewayError> {
+        let entries = self.entries.lock().await;
+        self.status_of(&entries, model).await
+    }
+
+    /// Brings the target to every rollout's weights, then judges every running rollout
+    /// once on its step's evidence and applies what it decides.
+    pub async fn evaluate(&self) {
+        let mut entries = self.entries.lock().await;
+        let mut changed = false;
+        let now = now_ms();
+        for entry in entries.values_mut() {
+            let terminal = entry.rollout.state().is_terminal();
+            if !terminal || !entry.synced {
+                self.sync(entry).await;
+            }
+            if terminal {
+                continue;
+            }
+            let snapshot = self.target.snapshot(entry.rollout.plan()).await;
+            let actions = entry.rollout.evaluate(now, &snapshot);
+            if actions.is_empty() {
+                continue;
+            }
+            changed = true;
+            tracing::info!(
+                model = entry.rollout.plan().model,
+                state = entry.rollout.state().label(),
+                reason = entry.rollout.history().last().map(|d| d.reason.as_str()),
+                "rollout decision"
+            );
+            if let Err(error) = self.apply(entry, &actions).await {
+                tracing::error!(model = entry.rollout.plan().model, %error, "could not apply a rollout decision; retrying next round");
+            }
+        }
+        if changed {
+            self.persist(&entries);
+        }
+    }
+
+    /// Evaluates every `interval` until `stop` turns true.
+    pub async fn run(self: Arc<Self>, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // The watch guard is dropped at once: it must not live across an await.
+            let stopped = async { stop.wait_for(|stopped| *stopped).await.is_ok() };
+            tokio::select! {
+                _ = ticker.tick() => self.evaluate().await,
+                _ = stopped => return,
+            }
+        }
+    }
+
+    async fn status_of(
+        &self,
+        entries: &BTreeMap<String, Entry>,
+        model: &str,
+    ) -> Result<RolloutStatus, GatewayError> {
+        let rollout = &entries
+            .get(model)
+            .ok_or_else(|| GatewayError::NoRollout {
+                model: model.to_owned(),
+            })?
+            .rollout;
+        let snapshot = self.target.snapshot(rollout.plan()).await;
+        Ok(RolloutStatus {
+            waiting_for: rollout.waiting_for(now_ms(), &snapshot),
+            canary: snapshot.canary,
+            baseline: snapshot.baseline,
+            rollout: rollout.clone(),
+        })
+    }
+
+    async fn apply(&self, entry: &mut Entry, actions: &[Action]) -> Result<(), GatewayError> {
+        for action in actions {
+            match action {
+                Action::SetWeights { .. } => {
+                    entry.synced = false;
+                    self.set_weights(entry).await?;
+                }
+                Action::ResetStepMetrics => self.target.reset_step(entry.rollout.plan()).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the target the weights the rollout's state calls for; a failure is logged
+    /// and retried on the next round.
+    async fn sync(&self, entry: &mut Entry) {
+        if let Err(error) = self.set_weights(entry).await {
+            tracing::warn!(model = entry.rollout.plan().model, %error, "cannot set the rollout's weights; retrying next round");
+        }
+    }
+
+    async fn set_weights(&self, entry: &mut Entry) -> Result<(), GatewayError> {
+        let rollout = &entry.rollout;
+        let Some(canary_weight) = rollout.canary_weight() else {
+            return Ok(());
+        };
+        let plan = rollout.plan();
+        let weights = RolloutWeights {
+            canary: plan.canary.clone(),
+            canary_weight,
+            baseline: plan.baseline.clone(),
+            baseline_weight: 100 - canary_weight.min(100),
+        };
+        let held = !rollout.state().is_terminal();
+        self.target.set_weights(plan, weights, held).await?;
+        entry.synced = true;
+        Ok(())
+    }
+
+    /// Writes every rollout to the state file (a temporary file renamed over it, so a
+    /// crash leaves the old or the new file, never half of one). A failure is logged:
+    /// the rollout carries on in memory.
+    fn persist(&self, entries: &BTreeMap<String, Entry>) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let all: Vec<&Rollout> = entries.values().map(|e| &e.rollout).collect();
+        let result = serde_json::to_vec_pretty(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = path.with_extension("json.tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(error) = result {
+            tracing::error!(path = %path.display(), %error, "could not save rollouts");
+        }
+    }
+}
+
+/// Reads the state file; a missing file is no rollouts.
+fn load(path: &Path) -> Result<Vec<Rollout>, GatewayError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => {
+            return Err(GatewayError::Config {
+                path: path.display().to_string(),
+                message: format!("cannot read the rollout state file: {error}"),
+            });
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|error| GatewayError::Config {
+        path: path.display().to_string(),
+        message: format!("rollout state file is not valid: {error}"),
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
