@@ -10,13 +10,17 @@
 //! - [`validate`]: pure request validation and tensor decoding.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
-//! - [`lifecycle`]: load, reload, unload, version policies and repository sync.
-//! - [`worker`]: the catalog of loaded versions and the v2 operations on it.
+//! - [`catalog`]: the loaded and failed versions as pure data, and the look-ups on them.
+//! - [`lifecycle`]: load, reload, unload, version policies and repository sync, applied
+//!   to a catalog it is given.
+//! - [`worker`]: a catalog and its lifecycle composed into a [`Worker`], and the v2
+//!   operations on it.
 //! - [`server`]: the v2 gRPC service over a [`Worker`], and the server runner shared
 //!   with the gateway.
 //! - [`error`]: [`WorkerError`] and its mapping to gRPC statuses.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod error;
 pub mod lifecycle;
 pub mod model;

@@ -6,9 +6,13 @@
 //! their `Arc` of the old copy and finish on it; the old sessions drop with the last
 //! of them. A failed load leaves the running copy serving and returns the error.
 //! Lifecycle operations are serialised; requests never wait on them.
+//!
+//! The lifecycle changes a catalog it is handed and never sees the worker that
+//! serves from it, so the worker's reads and its changes do not depend on each other.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,10 +22,9 @@ use serde::Deserialize;
 
 use crate::{
     WorkerError,
-    model::LoadedModel,
-    repository::{self, Fingerprint, VersionEntry},
-    stats::VersionStats,
-    worker::{Catalog, VersionSlot, Worker},
+    catalog::{Catalog, Failure, VersionSlot},
+    model::{LoadedModel, SessionOptions},
+    repository::{self, VersionEntry},
 };
 
 /// Which versions of a model the worker keeps loaded (Triton's version policy).
@@ -79,46 +82,88 @@ impl SyncReport {
     }
 }
 
-impl Worker {
+/// Changes the catalog it is given: owns the repository root, the session settings and
+/// the version policies, and serialises every change.
+#[derive(Debug)]
+pub(crate) struct Lifecycle {
+    repository: PathBuf,
+    session: SessionOptions,
+    default_policy: VersionPolicy,
+    policies: BTreeMap<String, VersionPolicy>,
+    /// Serialises load, reload, unload and sync; requests never take it.
+    serial: tokio::sync::Mutex<()>,
+}
+
+impl Lifecycle {
+    /// A lifecycle for `<repository>/<model>/<version>` with `session` settings, keeping
+    /// the versions `policies` (or `default_policy`, for models without one) select. It
+    /// loads nothing until asked.
+    pub(crate) fn new(
+        repository: PathBuf,
+        session: SessionOptions,
+        default_policy: VersionPolicy,
+        policies: BTreeMap<String, VersionPolicy>,
+    ) -> Lifecycle {
+        Lifecycle {
+            repository,
+            session,
+            default_policy,
+            policies,
+            serial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The repository root.
+    pub(crate) fn repository(&self) -> &Path {
+        &self.repository
+    }
+
+    /// The session settings of every version.
+    pub(crate) fn session(&self) -> SessionOptions {
+        self.session
+    }
+
     /// Loads `<repo>/<model>/<version>` and warms it up. If the version is already
     /// loaded, the new copy replaces it (a reload) once it is ready; on any failure
     /// the running copy keeps serving.
-    pub async fn load_version(
+    pub(crate) async fn load_version(
         &self,
+        catalog: &ArcSwap<Catalog>,
         model: &str,
         version: u64,
     ) -> Result<LoadOutcome, WorkerError> {
-        let _serial = self.lifecycle.lock().await;
+        let _serial = self.serial.lock().await;
         let entry = repository::version_entry(self.repository(), model, version)?;
-        self.load_entry(entry).await
+        self.load_entry(catalog, entry).await
     }
 
     /// Loads the running version's file again and swaps it in; an error if the version
     /// is not loaded.
-    pub async fn reload_version(
+    pub(crate) async fn reload_version(
         &self,
+        catalog: &ArcSwap<Catalog>,
         model: &str,
         version: u64,
     ) -> Result<LoadOutcome, WorkerError> {
-        let _serial = self.lifecycle.lock().await;
+        let _serial = self.serial.lock().await;
         // Checked under the lock, so a concurrent unload cannot be undone by this reload.
-        self.slot(model, &version.to_string())?;
+        catalog.load().slot(model, &version.to_string())?;
         let entry = repository::version_entry(self.repository(), model, version)?;
-        self.load_entry(entry).await
+        self.load_entry(catalog, entry).await
     }
 
     /// Stops serving a version. Requests already running on it finish; its sessions
     /// are freed when the last one does.
-    pub async fn unload_version(&self, model: &str, version: u64) -> Result<(), WorkerError> {
-        let _serial = self.lifecycle.lock().await;
-        self.slot(model, &version.to_string())?;
-        self.update_catalog(|catalog| {
-            if let Some(versions) = catalog.models.get_mut(model) {
-                versions.remove(&version);
-                if versions.is_empty() {
-                    catalog.models.remove(model);
-                }
-            }
+    pub(crate) async fn unload_version(
+        &self,
+        catalog: &ArcSwap<Catalog>,
+        model: &str,
+        version: u64,
+    ) -> Result<(), WorkerError> {
+        let _serial = self.serial.lock().await;
+        catalog.load().slot(model, &version.to_string())?;
+        update(catalog, |catalog| {
+            catalog.remove_version(model, version);
             catalog.failed.remove(&(model.to_owned(), version));
         });
         tracing::info!(model, version, "unloaded model version");
@@ -130,13 +175,14 @@ impl Worker {
     /// versions that are gone or outside the policy unless `may_unload` says no.
     /// `only_model` limits the sync to one model; versions in `unsettled` (files still
     /// being written) are left as they are.
-    pub async fn sync(
+    pub(crate) async fn sync(
         &self,
+        catalog: &ArcSwap<Catalog>,
         only_model: Option<&str>,
         unsettled: &BTreeSet<(String, u64)>,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
-        let _serial = self.lifecycle.lock().await;
+        let _serial = self.serial.lock().await;
         let scanned = repository::scan(self.repository())?;
         let mut present: BTreeMap<String, BTreeMap<u64, VersionEntry>> = BTreeMap::new();
         for entry in scanned {
@@ -148,7 +194,7 @@ impl Worker {
             }
         }
         let mut report = SyncReport::default();
-        let catalog = self.catalog.load_full();
+        let before = catalog.load_full();
 
         for (model, versions) in &present {
             let numbers: BTreeSet<u64> = versions.keys().copied().collect();
@@ -159,17 +205,19 @@ impl Worker {
                     continue;
                 }
                 let entry = &versions[&number];
-                let running = catalog.models.get(model).and_then(|v| v.get(&number));
+                let running = before.running(model, number);
                 let is_new = running.is_none();
                 if let Some(slot) = running {
                     if slot.current().fingerprint == entry.fingerprint {
                         continue;
                     }
-                } else if self.failed_fingerprint(model, number) == Some(entry.fingerprint) {
+                } else if catalog.load().failed_fingerprint(model, number)
+                    == Some(entry.fingerprint)
+                {
                     // Same broken file as last time: do not retry on every sync.
                     continue;
                 }
-                match self.load_entry(entry.clone()).await {
+                match self.load_entry(catalog, entry.clone()).await {
                     Ok(_) if is_new => report.loaded.push(key),
                     Ok(_) => report.reloaded.push(key),
                     Err(error) => report
@@ -179,8 +227,8 @@ impl Worker {
             }
         }
 
-        let catalog = self.catalog.load_full();
-        for (model, versions) in &catalog.models {
+        let after = catalog.load_full();
+        for (model, versions) in &after.models {
             if only_model.is_some_and(|m| m != model) {
                 continue;
             }
@@ -203,14 +251,9 @@ impl Worker {
         }
         if !report.unloaded.is_empty() {
             let gone = report.unloaded.clone();
-            self.update_catalog(|catalog| {
+            update(catalog, |catalog| {
                 for (model, number) in &gone {
-                    if let Some(versions) = catalog.models.get_mut(model) {
-                        versions.remove(number);
-                        if versions.is_empty() {
-                            catalog.models.remove(model);
-                        }
-                    }
+                    catalog.remove_version(model, *number);
                 }
             });
             for (model, version) in &report.unloaded {
@@ -223,8 +266,9 @@ impl Worker {
     /// Triton's RepositoryModelLoad: loads or reloads `model` from the repository as
     /// its version policy says, new copies beside running ones (no unload-before-load
     /// gap). An error when no version of the model ends up loaded.
-    pub async fn load_model(
+    pub(crate) async fn load_model(
         &self,
+        catalog: &ArcSwap<Catalog>,
         model: &str,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
@@ -234,9 +278,13 @@ impl Worker {
             )));
         }
         // An explicit load retries files that failed before, even unchanged ones.
-        self.update_catalog(|catalog| catalog.failed.retain(|(m, _), _| m != model));
-        let report = self.sync(Some(model), &BTreeSet::new(), may_unload).await?;
-        if self.versions(model).is_empty() {
+        update(catalog, |catalog| {
+            catalog.failed.retain(|(m, _), _| m != model)
+        });
+        let report = self
+            .sync(catalog, Some(model), &BTreeSet::new(), may_unload)
+            .await?;
+        if catalog.load().versions(model).is_empty() {
             let reasons: Vec<String> = report
                 .failed
                 .iter()
@@ -264,37 +312,35 @@ impl Worker {
     }
 
     /// Triton's RepositoryModelUnload: unloads every version of `model`.
-    pub async fn unload_model(&self, model: &str) -> Result<Vec<u64>, WorkerError> {
-        self.slot(model, "")?;
-        let versions: Vec<u64> = self
+    pub(crate) async fn unload_model(
+        &self,
+        catalog: &ArcSwap<Catalog>,
+        model: &str,
+    ) -> Result<Vec<u64>, WorkerError> {
+        catalog.load().slot(model, "")?;
+        let versions: Vec<u64> = catalog
+            .load()
             .versions(model)
             .iter()
             .filter_map(|v| v.parse().ok())
             .collect();
         for &version in &versions {
-            self.unload_version(model, version).await?;
+            self.unload_version(catalog, model, version).await?;
         }
         Ok(versions)
     }
 
     fn policy(&self, model: &str) -> &VersionPolicy {
-        self.config
-            .policies
-            .get(model)
-            .unwrap_or(&self.config.default_policy)
-    }
-
-    fn failed_fingerprint(&self, model: &str, version: u64) -> Option<Fingerprint> {
-        self.catalog
-            .load()
-            .failed
-            .get(&(model.to_owned(), version))
-            .map(|f| f.fingerprint)
+        self.policies.get(model).unwrap_or(&self.default_policy)
     }
 
     /// Loads one version off the async runtime, then adds it or swaps it in.
-    async fn load_entry(&self, entry: VersionEntry) -> Result<LoadOutcome, WorkerError> {
-        let options = self.config.session;
+    async fn load_entry(
+        &self,
+        catalog: &ArcSwap<Catalog>,
+        entry: VersionEntry,
+    ) -> Result<LoadOutcome, WorkerError> {
+        let options = self.session;
         let started = Instant::now();
         let (model, number, fingerprint) = (entry.model.clone(), entry.version, entry.fingerprint);
         let loaded = tokio::task::spawn_blocking(move || {
@@ -320,10 +366,10 @@ impl Worker {
             Err(error) => {
                 tracing::error!(%error, model, version = number, "model version failed to load; running copy (if any) keeps serving");
                 let reason = error.to_string();
-                self.update_catalog(|catalog| {
+                update(catalog, |catalog| {
                     catalog.failed.insert(
                         (model.clone(), number),
-                        crate::worker::Failure {
+                        Failure {
                             reason: reason.clone(),
                             fingerprint,
                         },
@@ -333,19 +379,13 @@ impl Worker {
             }
         };
         let load_time = started.elapsed();
-        let existing = self
-            .catalog
-            .load()
-            .models
-            .get(&model)
-            .and_then(|v| v.get(&number))
-            .cloned();
+        let existing = catalog.load().running(&model, number).cloned();
         let replaced = existing.is_some();
         match existing {
             Some(slot) => slot.replace(loaded),
             None => {
                 let slot = Arc::new(VersionSlot::new(loaded));
-                self.update_catalog(|catalog| {
+                update(catalog, |catalog| {
                     catalog
                         .models
                         .entry(model.clone())
@@ -354,7 +394,7 @@ impl Worker {
                 });
             }
         }
-        self.update_catalog(|catalog| {
+        update(catalog, |catalog| {
             catalog.failed.remove(&(model.clone(), number));
         });
         tracing::info!(
@@ -369,28 +409,15 @@ impl Worker {
             load_time,
         })
     }
-
-    /// Applies `change` to a copy of the catalog and publishes it.
-    fn update_catalog(&self, change: impl Fn(&mut Catalog)) {
-        self.catalog.rcu(|current| {
-            let mut next = Catalog::clone(current);
-            change(&mut next);
-            next
-        });
-    }
 }
 
-impl VersionSlot {
-    pub(crate) fn new(model: Arc<LoadedModel>) -> VersionSlot {
-        VersionSlot {
-            current: ArcSwap::new(model),
-            stats: VersionStats::default(),
-        }
-    }
-
-    fn replace(&self, model: Arc<LoadedModel>) {
-        self.current.store(model);
-    }
+/// Applies `change` to a copy of the catalog and publishes it.
+fn update(catalog: &ArcSwap<Catalog>, change: impl Fn(&mut Catalog)) {
+    catalog.rcu(|current| {
+        let mut next = Catalog::clone(current);
+        change(&mut next);
+        next
+    });
 }
 
 #[cfg(test)]

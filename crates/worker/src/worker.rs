@@ -1,5 +1,8 @@
-//! The worker: every loaded model version of one repository, and the v2 operations on
-//! them (infer, metadata, config, statistics, index).
+//! The worker: a catalog and its lifecycle behind one API, and the v2 operations on it.
+//!
+//! Reads (infer, metadata, config, statistics, index) go to the published catalog and
+//! changes go to the lifecycle, so the worker only wires the two together; neither of
+//! them knows about it or about each other.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,14 +24,13 @@ use aviary::{
 };
 use bytes::Bytes;
 
+pub use crate::catalog::VersionSlot;
 use crate::{
     WorkerError,
-    lifecycle::VersionPolicy,
-    model::{LoadedModel, SessionOptions},
-    repository,
-    repository::Fingerprint,
-    stats::VersionStats,
-    validate,
+    catalog::Catalog,
+    lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
+    model::SessionOptions,
+    repository, validate,
 };
 
 /// Platform name Triton uses for ONNX models.
@@ -62,47 +64,11 @@ impl WorkerConfig {
     }
 }
 
-/// One model version slot: the loaded model and its cumulative statistics.
-#[derive(Debug)]
-pub struct VersionSlot {
-    pub(crate) current: ArcSwap<LoadedModel>,
-    pub(crate) stats: VersionStats,
-}
-
-impl VersionSlot {
-    /// The model currently in this slot.
-    pub fn current(&self) -> Arc<LoadedModel> {
-        self.current.load_full()
-    }
-
-    /// The slot's statistics.
-    pub fn stats(&self) -> &VersionStats {
-        &self.stats
-    }
-}
-
-/// Every loaded version, and the versions whose last load failed. Immutable once
-/// published; changes publish a new catalog.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Catalog {
-    pub(crate) models: BTreeMap<String, BTreeMap<u64, Arc<VersionSlot>>>,
-    pub(crate) failed: BTreeMap<(String, u64), Failure>,
-}
-
-/// Why a version's last load failed, and which file it was.
-#[derive(Debug, Clone)]
-pub(crate) struct Failure {
-    pub(crate) reason: String,
-    pub(crate) fingerprint: Fingerprint,
-}
-
 /// Every loaded version of a repository's models.
 #[derive(Debug)]
 pub struct Worker {
-    pub(crate) config: WorkerConfig,
-    pub(crate) catalog: ArcSwap<Catalog>,
-    /// Serialises load, reload, unload and sync; requests never take it.
-    pub(crate) lifecycle: tokio::sync::Mutex<()>,
+    catalog: ArcSwap<Catalog>,
+    lifecycle: Lifecycle,
 }
 
 impl Worker {
@@ -112,10 +78,15 @@ impl Worker {
     pub async fn open(config: WorkerConfig) -> Result<Worker, WorkerError> {
         // Fail early, with the message that says what to do, when ONNX Runtime is missing.
         crate::runtime::environment()?;
+        let WorkerConfig {
+            repository,
+            session,
+            default_policy,
+            policies,
+        } = config;
         let worker = Worker {
-            config,
             catalog: ArcSwap::from_pointee(Catalog::default()),
-            lifecycle: tokio::sync::Mutex::new(()),
+            lifecycle: Lifecycle::new(repository, session, default_policy, policies),
         };
         worker.sync(None, &BTreeSet::new(), &|_, _| true).await?;
         Ok(worker)
@@ -123,50 +94,17 @@ impl Worker {
 
     /// The repository root.
     pub fn repository(&self) -> &Path {
-        &self.config.repository
+        self.lifecycle.repository()
     }
 
     /// Loaded versions per model, for route validation.
     pub fn inventory(&self) -> BTreeMap<String, BTreeSet<String>> {
-        self.catalog
-            .load()
-            .models
-            .iter()
-            .map(|(m, versions)| (m.clone(), versions.keys().map(u64::to_string).collect()))
-            .collect()
+        self.catalog.load().inventory()
     }
 
     /// The slot for `model` at `version`; an empty version means the newest loaded.
     pub fn slot(&self, model: &str, version: &str) -> Result<Arc<VersionSlot>, WorkerError> {
-        let catalog = self.catalog.load();
-        let versions = catalog
-            .models
-            .get(model)
-            .ok_or_else(|| WorkerError::UnknownModel {
-                model: model.to_owned(),
-                available: catalog
-                    .models
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-        let unknown = || WorkerError::UnknownVersion {
-            model: model.to_owned(),
-            version: version.to_owned(),
-            available: versions
-                .keys()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
-        let slot = if version.is_empty() {
-            versions.values().next_back()
-        } else {
-            let number: u64 = version.parse().map_err(|_| unknown())?;
-            versions.get(&number)
-        };
-        slot.cloned().ok_or_else(unknown)
+        self.catalog.load().slot(model, version)
     }
 
     /// Validates and runs one inference on the version the request names (the newest
@@ -201,7 +139,8 @@ pub async fn infer_on(
     .await;
     match result {
         Ok((outputs, timings, batch)) => {
-            slot.stats.record_success(started.elapsed(), timings, batch);
+            slot.stats()
+                .record_success(started.elapsed(), timings, batch);
             let (tensors, raw): (Vec<_>, Vec<_>) = outputs
                 .into_iter()
                 .map(|o| {
@@ -224,7 +163,7 @@ pub async fn infer_on(
             })
         }
         Err(error) => {
-            slot.stats.record_failure(started.elapsed());
+            slot.stats().record_failure(started.elapsed());
             Err(error)
         }
     }
@@ -264,12 +203,7 @@ impl Worker {
 
     /// Loaded versions of `model`, oldest first.
     pub fn versions(&self, model: &str) -> Vec<String> {
-        self.catalog
-            .load()
-            .models
-            .get(model)
-            .map(|v| v.keys().map(u64::to_string).collect())
-            .unwrap_or_default()
+        self.catalog.load().versions(model)
     }
 
     /// `ModelConfig`: the subset of Triton's configuration that its tools read.
@@ -312,7 +246,7 @@ impl Worker {
                 .collect(),
             instance_group: vec![ModelInstanceGroup {
                 name: format!("{model}_cpu"),
-                count: i32::try_from(self.config.session.instances).unwrap_or(i32::MAX),
+                count: i32::try_from(self.lifecycle.session().instances).unwrap_or(i32::MAX),
                 kind: model_instance_group::Kind::Cpu as i32,
             }],
             default_model_filename: repository::MODEL_FILE.to_owned(),
@@ -331,63 +265,79 @@ impl Worker {
         model: &str,
         version: &str,
     ) -> Result<Vec<ModelStatistics>, WorkerError> {
-        if !model.is_empty() {
-            if !version.is_empty() {
-                let slot = self.slot(model, version)?;
-                return Ok(vec![slot.stats.snapshot(model, &slot.current().version)]);
-            }
-            self.slot(model, "")?;
-        }
-        let catalog = self.catalog.load();
-        Ok(catalog
-            .models
-            .iter()
-            .filter(|(name, _)| model.is_empty() || *name == model)
-            .flat_map(|(name, versions)| {
-                versions
-                    .iter()
-                    .map(move |(v, slot)| slot.stats.snapshot(name, &v.to_string()))
-            })
-            .collect())
+        self.catalog.load().statistics(model, version)
     }
 
     /// `RepositoryIndex`: every version in the repository with its state.
     pub fn index(&self, ready_only: bool) -> Vec<ModelIndex> {
-        let catalog = self.catalog.load();
-        let mut index: Vec<ModelIndex> = catalog
-            .models
-            .iter()
-            .flat_map(|(name, versions)| {
-                versions.keys().map(move |v| ModelIndex {
-                    name: name.clone(),
-                    version: v.to_string(),
-                    state: "READY".to_owned(),
-                    reason: String::new(),
-                })
-            })
-            .collect();
-        if !ready_only {
-            index.extend(
-                catalog
-                    .failed
-                    .iter()
-                    // A failed reload of a running version leaves that version READY.
-                    .filter(|((name, version), _)| {
-                        catalog
-                            .models
-                            .get(name)
-                            .is_none_or(|v| !v.contains_key(version))
-                    })
-                    .map(|((name, version), failure)| ModelIndex {
-                        name: name.clone(),
-                        version: version.to_string(),
-                        state: "UNAVAILABLE".to_owned(),
-                        reason: failure.reason.clone(),
-                    }),
-            );
-            index.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
-        }
-        index
+        self.catalog.load().index(ready_only)
+    }
+
+    /// Loads `<repo>/<model>/<version>` and warms it up. If the version is already
+    /// loaded, the new copy replaces it (a reload) once it is ready; on any failure
+    /// the running copy keeps serving.
+    pub async fn load_version(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<LoadOutcome, WorkerError> {
+        self.lifecycle
+            .load_version(&self.catalog, model, version)
+            .await
+    }
+
+    /// Loads the running version's file again and swaps it in; an error if the version
+    /// is not loaded.
+    pub async fn reload_version(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<LoadOutcome, WorkerError> {
+        self.lifecycle
+            .reload_version(&self.catalog, model, version)
+            .await
+    }
+
+    /// Stops serving a version. Requests already running on it finish; its sessions
+    /// are freed when the last one does.
+    pub async fn unload_version(&self, model: &str, version: u64) -> Result<(), WorkerError> {
+        self.lifecycle
+            .unload_version(&self.catalog, model, version)
+            .await
+    }
+
+    /// Brings the loaded versions in line with the repository and the version
+    /// policies: loads new versions, reloads versions whose file changed, unloads
+    /// versions that are gone or outside the policy unless `may_unload` says no.
+    /// `only_model` limits the sync to one model; versions in `unsettled` (files still
+    /// being written) are left as they are.
+    pub async fn sync(
+        &self,
+        only_model: Option<&str>,
+        unsettled: &BTreeSet<(String, u64)>,
+        may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
+    ) -> Result<SyncReport, WorkerError> {
+        self.lifecycle
+            .sync(&self.catalog, only_model, unsettled, may_unload)
+            .await
+    }
+
+    /// Triton's RepositoryModelLoad: loads or reloads `model` from the repository as
+    /// its version policy says, new copies beside running ones (no unload-before-load
+    /// gap). An error when no version of the model ends up loaded.
+    pub async fn load_model(
+        &self,
+        model: &str,
+        may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
+    ) -> Result<SyncReport, WorkerError> {
+        self.lifecycle
+            .load_model(&self.catalog, model, may_unload)
+            .await
+    }
+
+    /// Triton's RepositoryModelUnload: unloads every version of `model`.
+    pub async fn unload_model(&self, model: &str) -> Result<Vec<u64>, WorkerError> {
+        self.lifecycle.unload_model(&self.catalog, model).await
     }
 }
 
