@@ -15,8 +15,8 @@
 //!   to a catalog it is given.
 //! - [`worker`]: a catalog and its lifecycle composed into a [`Worker`], and the v2
 //!   operations on it.
-//! - [`server`]: the v2 gRPC service over a [`Worker`], and the server runner shared
-//!   with the gateway.
+//! - [`server`]: the v2 gRPC service over a [`Worker`] and the standalone worker
+//!   server (the runner itself is `aviary::server`, shared with the gateway).
 //! - [`error`]: [`WorkerError`] and its mapping to gRPC statuses.
 #![forbid(unsafe_code)]
 
