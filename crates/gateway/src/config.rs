@@ -3,7 +3,8 @@
 //! remote workers, where each version is served.
 //!
 //! Relative paths are resolved against the file's folder, so a config works from any
-//! current directory.
+//! current directory. These are plain data, as the file says them; the gateway builds
+//! its own types from them (a route: [`crate::route::Route`]).
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +18,6 @@ use aviary_router::{
 };
 use aviary_worker::VersionPolicy;
 
-use crate::shadow::ShadowConfig;
 use serde::Deserialize;
 
 use crate::GatewayError;
@@ -225,18 +225,6 @@ pub struct VersionConfig {
     pub fault: Option<FaultConfig>,
 }
 
-impl VersionConfig {
-    /// A version of the embedded worker at `weight`, with no injected faults.
-    pub fn new(version: &str, weight: u32) -> VersionConfig {
-        VersionConfig {
-            version: version.to_owned(),
-            weight,
-            endpoint: None,
-            fault: None,
-        }
-    }
-}
-
 /// Faults injected into one version's requests.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,6 +235,34 @@ pub struct FaultConfig {
     /// Delay added before each request runs, in milliseconds.
     #[serde(default)]
     pub delay_ms: u64,
+}
+
+/// A route's shadow: which version, how much traffic, how much buffering.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// The shadow version (loaded like any routed version, or on `endpoint`).
+    pub version: String,
+    /// Percentage of the model's requests mirrored, 0 to 100.
+    pub percent: f64,
+    /// Remote worker serving the shadow; absent: the embedded worker.
+    pub endpoint: Option<String>,
+    /// Faults injected into the shadow's calls (a slow or failing shadow on purpose).
+    pub fault: Option<FaultConfig>,
+    /// Mirrors waiting for the shadow; beyond this they are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Shadow calls in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_queue() -> usize {
+    64
+}
+
+fn default_concurrency() -> usize {
+    1
 }
 
 impl Config {
@@ -422,8 +438,7 @@ mod tests {
             "#,
         )?;
         assert_eq!(config.server.max_message_bytes, 64 * 1024 * 1024);
-        let specs = config.routes["demo"].spec();
-        assert_eq!(specs.versions[1].weight, 10);
+        assert_eq!(config.routes["demo"].versions[1].weight, 10);
         assert_eq!(
             config.routes["demo"].versions[1].endpoint.as_deref(),
             Some("http://w:9001")

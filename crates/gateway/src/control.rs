@@ -25,7 +25,8 @@ use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError};
 
 use crate::{
     GatewayError,
-    config::{Config, RouteConfig, VersionConfig},
+    config::Config,
+    route::{Route, RouteVersion, Routes},
     routing::{Pools, Routing, RoutingInputs},
 };
 
@@ -49,7 +50,7 @@ pub struct ConfigStatus {
 struct FileState {
     status: ConfigStatus,
     /// The file's routes as last applied (the ones the gateway started with at first).
-    routes: BTreeMap<String, RouteConfig>,
+    routes: Routes,
 }
 
 /// The weights a rollout gives its model's route.
@@ -69,12 +70,12 @@ impl RolloutWeights {
     /// `route` with these weights: the canary first (so sticky users only ever move
     /// into it as it grows), the baseline second, every other version kept pinnable at
     /// weight 0. Endpoints, faults, sticky key, rules and shadow stay as they are.
-    pub fn apply_to(&self, route: &RouteConfig) -> RouteConfig {
+    pub fn apply_to(&self, route: &Route) -> Route {
         let mut versions = route.versions.clone();
         let mut take = |version: &str, weight: u32| {
             let mut found = match versions.iter().position(|v| v.version == version) {
                 Some(i) => versions.remove(i),
-                None => VersionConfig::new(version, 0),
+                None => RouteVersion::new(version, 0),
             };
             found.weight = weight;
             found
@@ -87,10 +88,26 @@ impl RolloutWeights {
             other.weight = 0;
             ordered.push(other);
         }
-        RouteConfig {
+        Route {
             versions: ordered,
             ..route.clone()
         }
+    }
+
+    /// Whether `route` gives any version another weight than these (the order of the
+    /// versions aside).
+    fn differ_from(&self, route: &Route) -> bool {
+        let held = self.apply_to(route);
+        let weight = |route: &Route, version: &str| {
+            route
+                .versions
+                .iter()
+                .find(|v| v.version == version)
+                .map(|v| v.weight)
+        };
+        held.versions
+            .iter()
+            .any(|v| weight(route, &v.version) != Some(v.weight))
     }
 
     /// `canary "2" at 20, baseline "1" at 80`.
@@ -106,7 +123,7 @@ impl RolloutWeights {
 struct Writer {
     /// The routes before rollout holds: the file's, with admin changes and finished
     /// rollouts' weights on top.
-    routes: BTreeMap<String, RouteConfig>,
+    routes: Routes,
     /// Weights of running rollouts, by model.
     holds: BTreeMap<String, RolloutWeights>,
     pools: Pools,
@@ -126,9 +143,10 @@ impl Control {
     /// Builds the first routing snapshot (generation 1) from `config`.
     pub fn new(config: &Config, worker: Option<Arc<Worker>>) -> Result<Control, GatewayError> {
         let mut pools = Pools::default();
+        let routes = Route::all_from(&config.routes);
         let routing = Routing::build(
             RoutingInputs {
-                routes: &config.routes,
+                routes: &routes,
                 worker: worker.as_ref(),
                 hidden: &BTreeSet::new(),
                 max_message_bytes: config.server.max_message_bytes,
@@ -141,13 +159,13 @@ impl Control {
             worker,
             max_message_bytes: config.server.max_message_bytes,
             writer: tokio::sync::Mutex::new(Writer {
-                routes: config.routes.clone(),
+                routes: routes.clone(),
                 holds: BTreeMap::new(),
                 pools,
             }),
             file: Mutex::new(FileState {
                 status: ConfigStatus::default(),
-                routes: config.routes.clone(),
+                routes,
             }),
         })
     }
@@ -167,7 +185,7 @@ impl Control {
     pub async fn set_route(
         &self,
         model: &str,
-        route: RouteConfig,
+        route: Route,
         expected_generation: Option<u64>,
     ) -> Result<u64, GatewayError> {
         let mut writer = self.writer.lock().await;
@@ -194,7 +212,7 @@ impl Control {
             }
         }
         if let Some(hold) = writer.holds.get(model)
-            && hold.apply_to(&route).versions != route.versions
+            && hold.differ_from(&route)
         {
             return Err(GatewayError::HeldByRollout {
                 model: model.to_owned(),
@@ -210,10 +228,7 @@ impl Control {
     /// others keep theirs (admin changes, finished rollouts). Running rollouts keep
     /// their weights ([`Control::config_status`] reports the file's weights as held).
     /// Returns the generation in force afterwards.
-    pub async fn apply_file_routes(
-        &self,
-        file_routes: BTreeMap<String, RouteConfig>,
-    ) -> Result<u64, GatewayError> {
+    pub async fn apply_file_routes(&self, file_routes: Routes) -> Result<u64, GatewayError> {
         let mut writer = self.writer.lock().await;
         let previous = self.file_state(|file| file.routes.clone());
         let changed: BTreeSet<&String> = file_routes
@@ -452,7 +467,7 @@ impl Control {
                 let Some(route) = file.routes.get(model) else {
                     continue;
                 };
-                if hold.apply_to(route).versions != route.versions {
+                if hold.differ_from(route) {
                     status.notes.push(format!(
                         "routes.{model}: the file's weights are not in force: a running rollout holds them ({}); \
                          when it ends its final weights stay until the file changes this route again",
@@ -511,7 +526,7 @@ impl Control {
     fn publish(
         &self,
         writer: &mut Writer,
-        routes: BTreeMap<String, RouteConfig>,
+        routes: Routes,
         hidden: &BTreeSet<(String, String)>,
     ) -> Result<u64, GatewayError> {
         let generation = self.routing.load().generation + 1;
@@ -539,11 +554,7 @@ impl Control {
     /// explicit route now names a version that is gone, the routes are kept as they
     /// were and the error reported (the worker only unloads unweighted versions, so
     /// this means a weight-0 version left a route).
-    fn publish_keeping(
-        &self,
-        writer: &mut Writer,
-        routes: BTreeMap<String, RouteConfig>,
-    ) -> Result<u64, GatewayError> {
+    fn publish_keeping(&self, writer: &mut Writer, routes: Routes) -> Result<u64, GatewayError> {
         match self.publish(writer, routes.clone(), &BTreeSet::new()) {
             Ok(generation) => Ok(generation),
             Err(error) => {
@@ -553,7 +564,7 @@ impl Control {
                     .as_ref()
                     .map(|w| w.inventory())
                     .unwrap_or_default();
-                let pruned: BTreeMap<String, RouteConfig> = routes
+                let pruned: Routes = routes
                     .into_iter()
                     .filter_map(|(model, mut route)| {
                         route.versions.retain(|v| {
@@ -587,4 +598,187 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two models on remote endpoints (connected lazily: nothing is dialled).
+    fn config() -> Config {
+        Config::parse(
+            r#"
+            [routes.a]
+            versions = [ { version = "1", weight = 100, endpoint = "http://127.0.0.1:9" },
+                         { version = "2", weight = 0, endpoint = "http://127.0.0.1:9" } ]
+            [routes.b]
+            versions = [ { version = "1", weight = 100, endpoint = "http://127.0.0.1:9" } ]
+            "#,
+        )
+        .expect("valid config")
+    }
+
+    fn weights(control: &Control, model: &str) -> Vec<(String, u32)> {
+        control.routing().load().routes[model]
+            .versions
+            .iter()
+            .map(|v| (v.version.clone(), v.weight))
+            .collect()
+    }
+
+    fn pairs(list: &[(&str, u32)]) -> Vec<(String, u32)> {
+        list.iter().map(|(v, w)| ((*v).to_owned(), *w)).collect()
+    }
+
+    fn with_weights(route: &Route, list: &[(&str, u32)]) -> Route {
+        let mut route = route.clone();
+        for (version, weight) in list {
+            if let Some(v) = route.versions.iter_mut().find(|v| v.version == *version) {
+                v.weight = *weight;
+            }
+        }
+        route
+    }
+
+    fn held() -> RolloutWeights {
+        RolloutWeights {
+            canary: "2".into(),
+            canary_weight: 20,
+            baseline: "1".into(),
+            baseline_weight: 80,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_change_applies_to_the_models_it_changes() {
+        let config = config();
+        let control = Control::new(&config, None).expect("builds");
+        let file = Route::all_from(&config.routes);
+        let generation = control.routing().load().generation;
+        assert_eq!(
+            control
+                .apply_file_routes(file.clone())
+                .await
+                .expect("applies"),
+            generation,
+            "the file as the gateway started with it changes nothing"
+        );
+
+        let a = with_weights(&file["a"], &[("1", 50), ("2", 50)]);
+        control.set_route("a", a, None).await.expect("admin change");
+        let mut edited = file.clone();
+        edited.insert("b".into(), with_weights(&file["b"], &[("1", 7)]));
+        control
+            .apply_file_routes(edited.clone())
+            .await
+            .expect("applies");
+        assert_eq!(
+            weights(&control, "a"),
+            pairs(&[("1", 50), ("2", 50)]),
+            "a keeps the admin's weights"
+        );
+        assert_eq!(weights(&control, "b"), pairs(&[("1", 7)]));
+
+        edited.insert(
+            "a".into(),
+            with_weights(&file["a"], &[("1", 90), ("2", 10)]),
+        );
+        control.apply_file_routes(edited).await.expect("applies");
+        assert_eq!(
+            weights(&control, "a"),
+            pairs(&[("1", 90), ("2", 10)]),
+            "a changed in the file"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_running_rollout_holds_its_weights_until_it_ends() {
+        let config = config();
+        let control = Control::new(&config, None).expect("builds");
+        let file = Route::all_from(&config.routes);
+        control
+            .set_rollout_weights("a", held(), true)
+            .await
+            .expect("held");
+        assert_eq!(
+            weights(&control, "a"),
+            pairs(&[("2", 20), ("1", 80)]),
+            "canary first"
+        );
+        let generation = control.routing().load().generation;
+        assert_eq!(
+            control
+                .set_rollout_weights("a", held(), true)
+                .await
+                .expect("same"),
+            generation,
+            "holding the same weights again publishes nothing"
+        );
+
+        let mut edited = file.clone();
+        edited.insert(
+            "a".into(),
+            with_weights(&file["a"], &[("1", 50), ("2", 50)]),
+        );
+        control.apply_file_routes(edited).await.expect("applies");
+        assert_eq!(
+            weights(&control, "a"),
+            pairs(&[("2", 20), ("1", 80)]),
+            "the file does not move them"
+        );
+        let notes = control.config_status().await.notes;
+        assert!(
+            notes.len() == 1
+                && notes[0].starts_with("routes.a: the file's weights are not in force"),
+            "{notes:?}"
+        );
+        let refused = control
+            .set_route("a", with_weights(&file["a"], &[("1", 100), ("2", 0)]), None)
+            .await;
+        assert!(
+            matches!(refused, Err(GatewayError::HeldByRollout { .. })),
+            "{refused:?}"
+        );
+        let same = with_weights(&file["a"], &[("1", 80), ("2", 20)]);
+        control
+            .set_route("a", same, None)
+            .await
+            .expect("a route with the held weights is taken");
+
+        let ended = RolloutWeights {
+            canary_weight: 100,
+            baseline_weight: 0,
+            ..held()
+        };
+        control
+            .set_rollout_weights("a", ended, false)
+            .await
+            .expect("ends");
+        assert_eq!(weights(&control, "a"), pairs(&[("2", 100), ("1", 0)]));
+        assert!(
+            control.config_status().await.notes.is_empty(),
+            "nothing is held"
+        );
+        control
+            .set_route("a", with_weights(&file["a"], &[("1", 30), ("2", 70)]), None)
+            .await
+            .expect("free again");
+    }
+
+    #[tokio::test]
+    async fn a_remote_no_route_uses_is_dropped() {
+        let config = config();
+        let control = Control::new(&config, None).expect("builds");
+        assert_eq!(control.routing().load().remotes().len(), 1);
+        let mut moved = Route::all_from(&config.routes);
+        for route in moved.values_mut() {
+            for version in &mut route.versions {
+                version.endpoint = Some("http://127.0.0.1:10".into());
+            }
+        }
+        control.apply_file_routes(moved).await.expect("applies");
+        let routing = control.routing().load();
+        let locations: Vec<&str> = routing.remotes().iter().map(|r| r.location()).collect();
+        assert_eq!(locations, ["http://127.0.0.1:10"]);
+    }
 }

@@ -6,6 +6,7 @@
 //! # Layout
 //!
 //! - [`config`]: the `aviary.toml` file.
+//! - [`route`]: a model's route: versions, weights, endpoints, sticky key, rules, shadow.
 //! - [`routing`]: the route table and backends as one swappable snapshot.
 //! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
 //! - [`metrics`]: requests, errors and latency per routed version, with rollout step windows.
@@ -35,6 +36,7 @@ pub mod experiment;
 pub mod front;
 pub mod metrics;
 pub mod rollouts;
+pub mod route;
 pub mod routing;
 pub mod shadow;
 pub mod watch;

@@ -8,14 +8,15 @@ use std::{
     sync::Arc,
 };
 
-use aviary_router::{RouteSpec, RouteTable, VersionWeight};
+use aviary_router::{RouteSpec, RouteTable};
 use aviary_worker::Worker;
 
 use crate::{
     GatewayError,
     backend::{Backend, Faulty, InProcess, Remote},
-    config::{FaultConfig, RouteConfig},
-    shadow::{Mirror, ShadowConfig},
+    config::{FaultConfig, ShadowConfig},
+    route::{Route, Routes},
+    shadow::Mirror,
 };
 
 /// What outlives routing snapshots: remote worker clients by endpoint (so a weight
@@ -33,7 +34,7 @@ pub struct Pools {
 #[derive(Debug)]
 pub struct RoutingInputs<'a> {
     /// Explicit routes (config file and admin API).
-    pub routes: &'a BTreeMap<String, RouteConfig>,
+    pub routes: &'a Routes,
     /// The embedded worker, if any.
     pub worker: Option<&'a Arc<Worker>>,
     /// Versions to leave out of every route (a version about to be unloaded).
@@ -52,7 +53,7 @@ pub struct Routing {
     /// Increases with every applied change.
     pub generation: u64,
     /// The routes as configured, with implicit routes of unrouted embedded models.
-    pub routes: BTreeMap<String, RouteConfig>,
+    pub routes: Routes,
     backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>>,
     mirrors: BTreeMap<String, Arc<Mirror>>,
     worker: Option<Arc<Worker>>,
@@ -72,89 +73,25 @@ impl Routing {
             max_message_bytes,
             generation,
         } = inputs;
-        let is_hidden =
-            |model: &str, version: &str| hidden.contains(&(model.to_owned(), version.to_owned()));
-        let mut routes = explicit.clone();
-        let mut inventory: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        if let Some(worker) = worker {
-            inventory = worker.inventory();
-            for (model, versions) in &mut inventory {
-                versions.retain(|v| !is_hidden(model, v));
-            }
-            inventory.retain(|_, versions| !versions.is_empty());
-            for (model, versions) in &inventory {
-                if !routes.contains_key(model) {
-                    routes.insert(model.clone(), implicit_route(versions));
-                }
-            }
-        }
-        let mut missing_endpoints = Vec::new();
-        for (model, route) in explicit {
-            for (i, version) in route.versions.iter().enumerate() {
-                if version.endpoint.is_some() {
-                    inventory
-                        .entry(model.clone())
-                        .or_default()
-                        .insert(version.version.clone());
-                } else if worker.is_none() {
-                    missing_endpoints.push(format!(
-                        "routes.{model}.versions[{i}].endpoint: required, since `aviary gateway` has no embedded worker \
-                         (use `aviary serve` with a [repository] to run models in-process)"
-                    ));
-                }
-            }
-        }
-        if !missing_endpoints.is_empty() {
-            return Err(GatewayError::Config {
-                path: "routes".into(),
-                message: missing_endpoints.join("\n"),
-            });
-        }
+        check_endpoints(explicit, worker.is_some())?;
+        let (routes, inventory) = with_implicit_routes(explicit, worker, hidden);
         let specs: BTreeMap<String, RouteSpec> = routes
             .iter()
             .map(|(model, route)| (model.clone(), route.spec()))
             .collect();
         let table = RouteTable::compile(&specs, &inventory)?;
 
-        let mut used_remotes = BTreeSet::new();
-        let mut backend_for = |model: &str,
-                               version: &str,
-                               endpoint: Option<&String>,
-                               fault: Option<FaultConfig>|
-         -> Result<Arc<dyn Backend>, GatewayError> {
-            let backend: Arc<dyn Backend> = match endpoint {
-                Some(endpoint) => {
-                    used_remotes.insert(endpoint.clone());
-                    match pools.remotes.get(endpoint) {
-                        Some(existing) => Arc::clone(existing),
-                        None => {
-                            let remote: Arc<dyn Backend> =
-                                Arc::new(Remote::connect_lazy(endpoint, max_message_bytes)?);
-                            pools.remotes.insert(endpoint.clone(), Arc::clone(&remote));
-                            remote
-                        }
-                    }
-                }
-                None => {
-                    let worker = worker.ok_or_else(|| GatewayError::NoBackend {
-                        model: model.to_owned(),
-                        version: version.to_owned(),
-                    })?;
-                    let slot = worker.slot(model, version)?;
-                    Arc::new(InProcess::new(Arc::clone(worker), slot))
-                }
-            };
-            Ok(match fault {
-                Some(fault) => Arc::new(Faulty::new(backend, fault)),
-                None => backend,
-            })
+        let mut factory = BackendFactory {
+            worker,
+            remotes: &mut pools.remotes,
+            used_remotes: BTreeSet::new(),
+            max_message_bytes,
         };
-
         let mut backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>> = BTreeMap::new();
         let mut shadows: BTreeMap<String, (ShadowConfig, Arc<dyn Backend>)> = BTreeMap::new();
         for (model, route) in &routes {
             for version in &route.versions {
-                let backend = backend_for(
+                let backend = factory.backend(
                     model,
                     &version.version,
                     version.endpoint.as_ref(),
@@ -166,54 +103,36 @@ impl Routing {
                     .insert(version.version.clone(), backend);
             }
             if let Some(shadow) = &route.shadow {
-                let backend = backend_for(
-                    model,
-                    &shadow.version,
-                    shadow.endpoint.as_ref(),
-                    shadow.fault,
-                )
-                .map_err(|e| GatewayError::Config {
-                    path: format!("routes.{model}.shadow.version"),
-                    message: format!(
-                        "shadow version \"{}\" cannot be served: {e}",
-                        shadow.version
-                    ),
-                })?;
+                let backend = factory
+                    .backend(
+                        model,
+                        &shadow.version,
+                        shadow.endpoint.as_ref(),
+                        shadow.fault,
+                    )
+                    .map_err(|e| GatewayError::Config {
+                        path: format!("routes.{model}.shadow.version"),
+                        message: format!(
+                            "shadow version \"{}\" cannot be served: {e}",
+                            shadow.version
+                        ),
+                    })?;
                 shadows.insert(model.clone(), (shadow.clone(), backend));
             }
         }
-        // Mirrors outlive snapshots (their queues and comparisons carry on across weight
-        // changes); a changed shadow setting starts a fresh mirror.
-        pools.mirrors.retain(|model, mirror| {
-            shadows
-                .get(model)
-                .is_some_and(|(c, _)| c == mirror.config())
-        });
-        let mut mirrors = BTreeMap::new();
-        for (model, (config, backend)) in shadows {
-            let mirror = match pools.mirrors.get(&model) {
-                Some(existing) => {
-                    existing.set_backend(backend);
-                    Arc::clone(existing)
-                }
-                None => Mirror::start(config, backend),
-            };
-            pools.mirrors.insert(model.clone(), Arc::clone(&mirror));
-            mirrors.insert(model, mirror);
-        }
         // A remote no route uses any more is dropped with its connection.
+        let used_remotes = factory.used_remotes;
         pools
             .remotes
             .retain(|endpoint, _| used_remotes.contains(endpoint));
-        let remotes_in_use = pools.remotes.values().cloned().collect();
         Ok(Routing {
             table,
             generation,
             routes,
             backends,
-            mirrors,
+            mirrors: keep_mirrors(&mut pools.mirrors, shadows),
             worker: worker.cloned(),
-            remotes: remotes_in_use,
+            remotes: pools.remotes.values().cloned().collect(),
         })
     }
 
@@ -273,42 +192,137 @@ impl Routing {
     }
 }
 
-/// The route of an unrouted embedded model: the newest version takes all unpinned
-/// traffic; older loaded versions stay reachable by pinning, as in Triton.
-fn implicit_route(versions: &BTreeSet<String>) -> RouteConfig {
-    let mut sorted: Vec<&String> = versions.iter().collect();
-    sorted.sort_by_key(|v| version_order(v));
-    let newest = sorted.last().map(|v| v.as_str());
-    RouteConfig {
-        versions: sorted
-            .iter()
-            .map(|v| crate::config::VersionConfig::new(v, u32::from(Some(v.as_str()) == newest)))
-            .collect(),
-        ..RouteConfig::default()
+/// Every explicit version without an endpoint, when there is no embedded worker to run
+/// it.
+fn check_endpoints(explicit: &Routes, embedded: bool) -> Result<(), GatewayError> {
+    if embedded {
+        return Ok(());
     }
-}
-
-/// Numeric versions sort numerically, others after them by name.
-fn version_order(version: &str) -> (u64, String) {
-    version
-        .parse()
-        .map_or((u64::MAX, version.to_owned()), |n| (n, String::new()))
-}
-
-impl RouteConfig {
-    /// The route as the router sees it.
-    pub fn spec(&self) -> RouteSpec {
-        RouteSpec {
-            versions: self
+    let missing: Vec<String> = explicit
+        .iter()
+        .flat_map(|(model, route)| {
+            route
                 .versions
                 .iter()
-                .map(|v| VersionWeight {
-                    version: v.version.clone(),
-                    weight: v.weight,
+                .enumerate()
+                .filter(|(_, v)| v.endpoint.is_none())
+                .map(move |(i, _)| {
+                    format!(
+                        "routes.{model}.versions[{i}].endpoint: required, since `aviary gateway` has no embedded worker \
+                         (use `aviary serve` with a [repository] to run models in-process)"
+                    )
                 })
-                .collect(),
-            sticky: self.sticky.clone(),
-            rules: self.rules.clone(),
+        })
+        .collect();
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(GatewayError::Config {
+            path: "routes".into(),
+            message: missing.join("\n"),
+        }),
+    }
+}
+
+/// The explicit routes plus an implicit route for every embedded model without one,
+/// and the versions each model can be routed to (loaded in the worker, or on an
+/// endpoint); `hidden` versions are left out of both.
+fn with_implicit_routes(
+    explicit: &Routes,
+    worker: Option<&Arc<Worker>>,
+    hidden: &BTreeSet<(String, String)>,
+) -> (Routes, BTreeMap<String, BTreeSet<String>>) {
+    let mut routes = explicit.clone();
+    let mut inventory = worker.map(|w| w.inventory()).unwrap_or_default();
+    for (model, versions) in &mut inventory {
+        versions.retain(|v| !hidden.contains(&(model.clone(), v.clone())));
+    }
+    inventory.retain(|_, versions| !versions.is_empty());
+    for (model, versions) in &inventory {
+        if !routes.contains_key(model) {
+            routes.insert(model.clone(), Route::implicit(versions));
         }
     }
+    for (model, route) in explicit {
+        for version in route.versions.iter().filter(|v| v.endpoint.is_some()) {
+            inventory
+                .entry(model.clone())
+                .or_default()
+                .insert(version.version.clone());
+        }
+    }
+    (routes, inventory)
+}
+
+/// Makes the backend of each routed version: the embedded worker's slot, or a remote
+/// worker client shared by every version on that endpoint (kept across snapshots, so a
+/// weight change never reconnects), wrapped in fault injection when configured.
+struct BackendFactory<'a> {
+    worker: Option<&'a Arc<Worker>>,
+    remotes: &'a mut BTreeMap<String, Arc<dyn Backend>>,
+    used_remotes: BTreeSet<String>,
+    max_message_bytes: usize,
+}
+
+impl BackendFactory<'_> {
+    fn backend(
+        &mut self,
+        model: &str,
+        version: &str,
+        endpoint: Option<&String>,
+        fault: Option<FaultConfig>,
+    ) -> Result<Arc<dyn Backend>, GatewayError> {
+        let backend: Arc<dyn Backend> = match endpoint {
+            Some(endpoint) => {
+                self.used_remotes.insert(endpoint.clone());
+                match self.remotes.get(endpoint) {
+                    Some(existing) => Arc::clone(existing),
+                    None => {
+                        let remote: Arc<dyn Backend> =
+                            Arc::new(Remote::connect_lazy(endpoint, self.max_message_bytes)?);
+                        self.remotes.insert(endpoint.clone(), Arc::clone(&remote));
+                        remote
+                    }
+                }
+            }
+            None => {
+                let worker = self.worker.ok_or_else(|| GatewayError::NoBackend {
+                    model: model.to_owned(),
+                    version: version.to_owned(),
+                })?;
+                let slot = worker.slot(model, version)?;
+                Arc::new(InProcess::new(Arc::clone(worker), slot))
+            }
+        };
+        Ok(match fault {
+            Some(fault) => Arc::new(Faulty::new(backend, fault)),
+            None => backend,
+        })
+    }
+}
+
+/// The mirrors of the new snapshot. Mirrors outlive snapshots (their queues and
+/// comparisons carry on across weight changes): an unchanged shadow keeps its mirror
+/// with the new backend; a changed shadow setting starts a fresh one.
+fn keep_mirrors(
+    pool: &mut BTreeMap<String, Arc<Mirror>>,
+    shadows: BTreeMap<String, (ShadowConfig, Arc<dyn Backend>)>,
+) -> BTreeMap<String, Arc<Mirror>> {
+    pool.retain(|model, mirror| {
+        shadows
+            .get(model)
+            .is_some_and(|(c, _)| c == mirror.config())
+    });
+    let mut mirrors = BTreeMap::new();
+    for (model, (config, backend)) in shadows {
+        let mirror = match pool.get(&model) {
+            Some(existing) => {
+                existing.set_backend(backend);
+                Arc::clone(existing)
+            }
+            None => Mirror::start(config, backend),
+        };
+        pool.insert(model.clone(), Arc::clone(&mirror));
+        mirrors.insert(model, mirror);
+    }
+    mirrors
 }

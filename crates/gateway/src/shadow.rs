@@ -23,41 +23,12 @@ use aviary::{
     tensor::{self, Datatype},
 };
 use rand::Rng;
-use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::backend::Backend;
+use crate::{backend::Backend, config::ShadowConfig};
 
 /// Values kept per output and side for the distribution test.
 const SAMPLE_CAPACITY: usize = 2000;
-
-/// A route's shadow: which version, how much traffic, how much buffering.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShadowConfig {
-    /// The shadow version (loaded like any routed version, or on `endpoint`).
-    pub version: String,
-    /// Percentage of the model's requests mirrored, 0 to 100.
-    pub percent: f64,
-    /// Remote worker serving the shadow; absent: the embedded worker.
-    pub endpoint: Option<String>,
-    /// Faults injected into the shadow's calls (a slow or failing shadow on purpose).
-    pub fault: Option<crate::config::FaultConfig>,
-    /// Mirrors waiting for the shadow; beyond this they are dropped and counted.
-    #[serde(default = "default_queue")]
-    pub queue: usize,
-    /// Shadow calls in flight at once.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: usize,
-}
-
-fn default_queue() -> usize {
-    64
-}
-
-fn default_concurrency() -> usize {
-    1
-}
 
 /// One mirrored request and the primary's answer to it.
 #[derive(Debug)]

@@ -27,6 +27,7 @@ use crate::{
     config::{Config, PlanConfig},
     control::Control,
     rollouts::Rollouts,
+    route::Route,
 };
 
 /// How often the config file is re-read even without a change event.
@@ -145,7 +146,10 @@ async fn apply_config(
             return None;
         }
     };
-    if let Err(error) = control.apply_file_routes(config.routes.clone()).await {
+    if let Err(error) = control
+        .apply_file_routes(Route::all_from(&config.routes))
+        .await
+    {
         reject(error.to_string().lines().map(str::to_owned).collect());
         return None;
     }

@@ -11,10 +11,7 @@ use aviary::pb::admin::{
 use tonic::{Request, Response, Status};
 
 use super::required;
-use crate::{
-    config::{RouteConfig, VersionConfig},
-    control::Control,
-};
+use crate::{control::Control, route::Route};
 
 /// The `Routes` service over a gateway's [`Control`].
 #[derive(Debug, Clone)]
@@ -41,7 +38,7 @@ impl Routes for RoutesService {
             routes: routing
                 .routes
                 .iter()
-                .map(|(model, route)| route_message(model, route))
+                .map(|(model, route)| route.to_message(model))
                 .collect(),
         }))
     }
@@ -57,7 +54,11 @@ impl Routes for RoutesService {
         let model = required("route.model", &route.model)?.to_owned();
         let generation = self
             .control
-            .set_route(&model, route_from(&route), request.expected_generation)
+            .set_route(
+                &model,
+                Route::from_message(&route),
+                request.expected_generation,
+            )
             .await?;
         tracing::info!(model, generation, "route set through the admin API");
         Ok(Response::new(SetRouteResponse { generation }))
@@ -75,37 +76,5 @@ impl Routes for RoutesService {
             rejected_at_ms: status.rejected_at_ms,
             notes: status.notes,
         }))
-    }
-}
-
-/// A route as the admin API shows it: versions, weights and endpoints.
-fn route_message(model: &str, route: &RouteConfig) -> pb::Route {
-    pb::Route {
-        model: model.to_owned(),
-        versions: route
-            .versions
-            .iter()
-            .map(|v| pb::VersionWeight {
-                version: v.version.clone(),
-                weight: v.weight,
-                endpoint: v.endpoint.clone().unwrap_or_default(),
-            })
-            .collect(),
-    }
-}
-
-/// The route `SetRoute` asks for; what the message cannot say (sticky key, rules,
-/// shadow, faults) the gateway keeps from the route in force.
-fn route_from(message: &pb::Route) -> RouteConfig {
-    RouteConfig {
-        versions: message
-            .versions
-            .iter()
-            .map(|v| VersionConfig {
-                endpoint: Some(v.endpoint.clone()).filter(|e| !e.is_empty()),
-                ..VersionConfig::new(&v.version, v.weight)
-            })
-            .collect(),
-        ..RouteConfig::default()
     }
 }

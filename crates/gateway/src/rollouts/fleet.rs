@@ -265,7 +265,7 @@ impl Target for RemoteGateways {
         match enough {
             true => Ok(()),
             false => Err(GatewayError::Unreachable(format!(
-                "the rollout's weights did not reach {}",
+                "the rollout's weights did not reach {} (sent again every round until they do)",
                 if missed.is_empty() {
                     "any gateway (none found)".to_owned()
                 } else {

@@ -1,0 +1,197 @@
+//! A model's route as the gateway works with it: its versions with their weights and
+//! where each runs, the sticky key, match rules and shadow. Built from the config file
+//! ([`RouteConfig`]) or from the admin API's message, and shown back as that message;
+//! compiled into the router's [`RouteSpec`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aviary::pb::admin as pb;
+use aviary_router::{RouteSpec, RuleSpec, StickySpec, VersionWeight};
+
+use crate::config::{FaultConfig, RouteConfig, ShadowConfig};
+
+/// Every model's route, by model name.
+pub type Routes = BTreeMap<String, Route>;
+
+/// One model's route.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Route {
+    /// Versions in split order (the canary first for sticky routing).
+    pub versions: Vec<RouteVersion>,
+    /// Keeps each user on one version: the routing key's header or parameter.
+    pub sticky: Option<StickySpec>,
+    /// Header or parameter matches that pick a version before the split.
+    pub rules: Vec<RuleSpec>,
+    /// A version that also receives a share of the requests, off the request path.
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// One version of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteVersion {
+    /// Version name.
+    pub version: String,
+    /// Share of unpinned traffic, normalised by the sum of the route's weights.
+    pub weight: u32,
+    /// Remote worker serving it (`http://host:port`); `None`: the embedded worker.
+    pub endpoint: Option<String>,
+    /// Injected failures and latency; `None`: none.
+    pub fault: Option<FaultConfig>,
+}
+
+impl RouteVersion {
+    /// A version of the embedded worker at `weight`, with no injected faults.
+    pub fn new(version: &str, weight: u32) -> RouteVersion {
+        RouteVersion {
+            version: version.to_owned(),
+            weight,
+            endpoint: None,
+            fault: None,
+        }
+    }
+}
+
+impl From<&RouteConfig> for Route {
+    fn from(config: &RouteConfig) -> Route {
+        Route {
+            versions: config
+                .versions
+                .iter()
+                .map(|v| RouteVersion {
+                    version: v.version.clone(),
+                    weight: v.weight,
+                    endpoint: v.endpoint.clone(),
+                    fault: v.fault,
+                })
+                .collect(),
+            sticky: config.sticky.clone(),
+            rules: config.rules.clone(),
+            shadow: config.shadow.clone(),
+        }
+    }
+}
+
+impl Route {
+    /// The routes of a config file.
+    pub fn all_from(config: &BTreeMap<String, RouteConfig>) -> Routes {
+        config
+            .iter()
+            .map(|(model, route)| (model.clone(), Route::from(route)))
+            .collect()
+    }
+
+    /// The route `SetRoute` asks for: versions, weights and endpoints. What the message
+    /// cannot say (sticky key, rules, shadow, faults) is empty here; the gateway keeps
+    /// it from the route in force.
+    pub fn from_message(message: &pb::Route) -> Route {
+        Route {
+            versions: message
+                .versions
+                .iter()
+                .map(|v| RouteVersion {
+                    endpoint: Some(v.endpoint.clone()).filter(|e| !e.is_empty()),
+                    ..RouteVersion::new(&v.version, v.weight)
+                })
+                .collect(),
+            ..Route::default()
+        }
+    }
+
+    /// The route as the admin API shows it.
+    pub fn to_message(&self, model: &str) -> pb::Route {
+        pb::Route {
+            model: model.to_owned(),
+            versions: self
+                .versions
+                .iter()
+                .map(|v| pb::VersionWeight {
+                    version: v.version.clone(),
+                    weight: v.weight,
+                    endpoint: v.endpoint.clone().unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The route of an embedded model without an explicit one: the newest version
+    /// takes all unpinned traffic; older loaded versions stay reachable by pinning, as
+    /// in Triton.
+    pub fn implicit(versions: &BTreeSet<String>) -> Route {
+        let mut sorted: Vec<&String> = versions.iter().collect();
+        sorted.sort_by_key(|v| version_order(v));
+        let newest = sorted.last().map(|v| v.as_str());
+        Route {
+            versions: sorted
+                .iter()
+                .map(|v| RouteVersion::new(v, u32::from(Some(v.as_str()) == newest)))
+                .collect(),
+            ..Route::default()
+        }
+    }
+
+    /// The route as the router sees it.
+    pub fn spec(&self) -> RouteSpec {
+        RouteSpec {
+            versions: self
+                .versions
+                .iter()
+                .map(|v| VersionWeight {
+                    version: v.version.clone(),
+                    weight: v.weight,
+                })
+                .collect(),
+            sticky: self.sticky.clone(),
+            rules: self.rules.clone(),
+        }
+    }
+}
+
+/// Numeric versions sort numerically, others after them by name.
+fn version_order(version: &str) -> (u64, String) {
+    version
+        .parse()
+        .map_or((u64::MAX, version.to_owned()), |n| (n, String::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_numeric_version_takes_an_implicit_route() {
+        let versions: BTreeSet<String> = ["2", "10", "1"].map(String::from).into();
+        let route = Route::implicit(&versions);
+        let weights: Vec<(&str, u32)> = route
+            .versions
+            .iter()
+            .map(|v| (v.version.as_str(), v.weight))
+            .collect();
+        assert_eq!(weights, [("1", 0), ("2", 0), ("10", 1)]);
+    }
+
+    #[test]
+    fn a_message_round_trips_with_its_endpoints() {
+        let message = pb::Route {
+            model: "demo".into(),
+            versions: vec![
+                pb::VersionWeight {
+                    version: "1".into(),
+                    weight: 90,
+                    endpoint: String::new(),
+                },
+                pb::VersionWeight {
+                    version: "2".into(),
+                    weight: 10,
+                    endpoint: "http://127.0.0.1:9".into(),
+                },
+            ],
+        };
+        let route = Route::from_message(&message);
+        assert_eq!(route.versions[0].endpoint, None);
+        assert_eq!(
+            route.versions[1].endpoint.as_deref(),
+            Some("http://127.0.0.1:9")
+        );
+        assert_eq!(route.to_message("demo"), message);
+    }
+}
