@@ -45,3 +45,10 @@ pub const SERVER_NAME: &str = "aviary";
 
 /// Aviary's version, reported by `ServerMetadata`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `at` in milliseconds since the Unix epoch, the unit every time in the protocol and
+/// the admin API is in (0 before the epoch, saturating far after it).
+pub fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

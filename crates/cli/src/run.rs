@@ -87,20 +87,18 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
-    let mut config = Config::load(&args.config)?;
-    if let Some(listen) = args.listen {
-        config.server.listen = listen;
-    }
-    if let Some(listen) = args.admin_listen {
-        config.admin.listen = listen;
-    }
-    let (listen, admin) = (config.server.listen, config.admin.clone());
+    // The flags override where to listen without changing the config: the watcher
+    // compares the file with the config as the file said it.
+    let config = Config::load(&args.config)?;
+    let listen = args.listen.unwrap_or(config.server.listen);
+    let admin_listen = args.admin_listen.unwrap_or(config.admin.listen);
+    let admin_enabled = config.admin.enabled;
     let gateway = Gateway::start(config, mode)
         .await?
         .watch_config(args.config.clone());
     let inference = bind(listen, "inference").await?;
-    let admin = match admin.enabled {
-        true => Some(bind(admin.listen, "admin").await?),
+    let admin = match admin_enabled {
+        true => Some(bind(admin_listen, "admin").await?),
         false => None,
     };
     gateway

@@ -244,3 +244,76 @@ fn a_running_rollout_holds_its_weights_against_edits_and_set_weights() {
         pairs(&[("1", 70), ("2", 30)])
     );
 }
+
+#[test]
+fn plans_added_to_a_running_gateway_start_and_what_waits_for_a_restart_is_reported() {
+    let with_plan = plan_config(3_600_000);
+    let (before_plan, plan) = with_plan
+        .split_once("[rollouts.plans.demo]")
+        .expect("the config has a plan");
+    let served = Served::start(before_plan, &[]);
+    assert!(
+        served
+            .ctl(&["rollout", "status", "demo"])
+            .failed()
+            .stderr
+            .contains("NotFound"),
+        "no rollout before the plan is in the file"
+    );
+
+    // The plan is added, and the evaluation interval changed with it.
+    let edited = format!("{before_plan}[rollouts.plans.demo]{plan}")
+        .replace("evaluate_interval_ms = 100", "evaluate_interval_ms = 200");
+    let applied_before = config_status(&served)["applied_at_ms"].as_u64();
+    std::fs::write(served.dir.path().join("next.toml"), &edited).expect("write");
+    std::fs::rename(served.dir.path().join("next.toml"), &served.config).expect("rename");
+    assert!(
+        eventually(CONFIG_DEADLINE, || config_status(&served)["applied_at_ms"]
+            .as_u64()
+            > applied_before),
+        "the edit applied: {:#}",
+        config_status(&served)
+    );
+    let status = rollout(&served);
+    assert_eq!(
+        (status["state"].as_str(), status["canary_weight"].as_u64()),
+        (Some("progressing"), Some(20)),
+        "the added plan started: {status:#}"
+    );
+    let notes: Vec<String> = config_status(&served)["notes"]
+        .as_array()
+        .expect("notes")
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "rollouts.evaluate_interval_ms: changed in the file; applies at restart".to_owned(),
+            demo_notes(&served).concat()
+        ],
+        "the listen flags are no change to the file's settings; demo's file weights are \
+         held by the rollout: {notes:?}"
+    );
+    assert!(
+        notes[1].contains("a running rollout holds them"),
+        "{notes:?}"
+    );
+
+    // The plan is removed again: the rollout goes on, and the status says why.
+    let applied_before = config_status(&served)["applied_at_ms"].as_u64();
+    std::fs::write(served.dir.path().join("next.toml"), before_plan).expect("write");
+    std::fs::rename(served.dir.path().join("next.toml"), &served.config).expect("rename");
+    assert!(
+        eventually(CONFIG_DEADLINE, || config_status(&served)["applied_at_ms"]
+            .as_u64()
+            > applied_before),
+        "the edit applied"
+    );
+    let notes = config_status(&served)["notes"].to_string();
+    assert!(
+        notes.contains("rollouts.plans.demo: removed from the file; that stops no rollout"),
+        "{notes}"
+    );
+    assert_eq!(rollout(&served)["state"], "progressing");
+}

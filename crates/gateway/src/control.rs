@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use arc_swap::ArcSwap;
@@ -594,10 +594,7 @@ fn version_number(model: &str, version: &str) -> Result<u64, GatewayError> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    aviary::unix_ms(SystemTime::now())
 }
 
 #[cfg(test)]

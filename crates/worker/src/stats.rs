@@ -3,7 +3,7 @@
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use aviary::pb::inference::{InferStatistics, ModelStatistics, StatisticDuration};
@@ -76,11 +76,8 @@ impl VersionStats {
     }
 
     fn touch(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        self.last_inference_ms.store(now, Ordering::Relaxed);
+        self.last_inference_ms
+            .store(aviary::unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
 
     /// The protocol message for this version.

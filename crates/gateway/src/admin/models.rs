@@ -1,7 +1,7 @@
 //! The `Models` service: the embedded worker's versions, with their state, file and
 //! model card; load, reload and unload them.
 
-use std::{sync::Arc, time::UNIX_EPOCH};
+use std::sync::Arc;
 
 use aviary::pb::admin::{
     ListModelsRequest, ListModelsResponse, ModelCard, ModelVersionInfo, UnloadVersionRequest,
@@ -54,10 +54,7 @@ fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo>
                 routed,
                 state: entry.state,
                 reason: entry.reason,
-                loaded_at_ms: loaded
-                    .as_ref()
-                    .and_then(|m| m.loaded_at.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                loaded_at_ms: loaded.as_ref().map_or(0, |m| aviary::unix_ms(m.loaded_at)),
                 path: loaded
                     .as_ref()
                     .map(|m| m.path.display().to_string())
