@@ -254,7 +254,10 @@ async fn a_dns_name_finds_the_gateways_to_drive() {
         .expect("gateway starts");
     let admin_addr = gateway.admin_addr.expect("admin listener");
     let controller = Driver::open(
-        RemoteGateways::new(Gateways::Dns(format!("127.0.0.1:{}", admin_addr.port()))),
+        RemoteGateways::new(
+            Gateways::Dns(format!("127.0.0.1:{}", admin_addr.port())),
+            Duration::from_millis(100),
+        ),
         None,
     )
     .await

@@ -115,6 +115,12 @@ impl Gateway {
             false => {
                 // Saved rollouts get their weights back before the first request is served.
                 let target = LocalGateway::new(Arc::clone(&control), Arc::clone(&metrics));
+                if config.rollouts.state_file.is_none() && !config.rollouts.plans.is_empty() {
+                    tracing::warn!(
+                        "[rollouts.plans] without [rollouts] state_file: the plans run again from \
+                         their first step at every start"
+                    );
+                }
                 let rollouts = Rollouts::open(target, config.rollouts.state_file.clone()).await?;
                 for note in rollouts.start_plans(&config.rollouts.plans).await? {
                     tracing::warn!(note, "configured rollout plan");

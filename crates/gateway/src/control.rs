@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -119,13 +119,34 @@ impl RolloutWeights {
     }
 }
 
+/// How long a rollout holds its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// While the rollout runs. With a lease the hold ends by itself when it is not
+    /// renewed in time (a controller that stopped without ending its rollout); the
+    /// weights then stay as the route's own.
+    Running {
+        /// How long the hold lasts unless set again; `None`: until the rollout ends.
+        lease: Option<Duration>,
+    },
+    /// The rollout ended: the weights become the route's own and the hold is released.
+    Ended,
+}
+
+/// Weights a running rollout holds, and until when.
+#[derive(Debug, Clone)]
+struct Hold {
+    weights: RolloutWeights,
+    expires: Option<Instant>,
+}
+
 #[derive(Debug)]
 struct Writer {
     /// The routes before rollout holds: the file's, with admin changes and finished
     /// rollouts' weights on top.
     routes: Routes,
     /// Weights of running rollouts, by model.
-    holds: BTreeMap<String, RolloutWeights>,
+    holds: BTreeMap<String, Hold>,
     pools: Pools,
 }
 
@@ -190,6 +211,7 @@ impl Control {
     ) -> Result<u64, GatewayError> {
         let mut writer = self.writer.lock().await;
         let current = self.routing.load().generation;
+        self.expire_holds(&mut writer);
         if let Some(expected) = expected_generation.filter(|&e| e != current) {
             return Err(GatewayError::GenerationMismatch { expected, current });
         }
@@ -212,11 +234,11 @@ impl Control {
             }
         }
         if let Some(hold) = writer.holds.get(model)
-            && hold.differ_from(&route)
+            && hold.weights.differ_from(&route)
         {
             return Err(GatewayError::HeldByRollout {
                 model: model.to_owned(),
-                weights: hold.describe(),
+                weights: hold.weights.describe(),
             });
         }
         routes.insert(model.to_owned(), route);
@@ -230,6 +252,7 @@ impl Control {
     /// Returns the generation in force afterwards.
     pub async fn apply_file_routes(&self, file_routes: Routes) -> Result<u64, GatewayError> {
         let mut writer = self.writer.lock().await;
+        self.expire_holds(&mut writer);
         let previous = self.file_state(|file| file.routes.clone());
         let changed: BTreeSet<&String> = file_routes
             .keys()
@@ -251,32 +274,41 @@ impl Control {
         Ok(generation)
     }
 
-    /// Gives a rollout's versions their weights. While the rollout runs (`held`) the
-    /// weights are held against file edits and `SetRoute`; once it ended (`!held`) they
-    /// become the route's own and the hold is released. Setting what is already in
-    /// force publishes nothing. Returns the generation in force afterwards.
+    /// Gives a rollout's versions their weights. While the rollout runs they are held
+    /// against file edits and `SetRoute` (renewing the lease, if any); once it ended
+    /// they become the route's own and the hold is released. Setting what is already
+    /// in force publishes nothing. Returns the generation in force afterwards.
     pub async fn set_rollout_weights(
         &self,
         model: &str,
         weights: RolloutWeights,
-        held: bool,
+        holding: Holding,
     ) -> Result<u64, GatewayError> {
         let mut writer = self.writer.lock().await;
+        self.expire_holds(&mut writer);
         let mut routes = writer.routes.clone();
         let previous = writer.holds.get(model).cloned();
-        if held {
-            if previous.as_ref() == Some(&weights) {
-                return Ok(self.routing.load().generation);
+        match holding {
+            Holding::Running { lease } => {
+                let hold = Hold {
+                    expires: lease.map(|lease| Instant::now() + lease),
+                    weights,
+                };
+                let unchanged = previous.as_ref().is_some_and(|p| p.weights == hold.weights);
+                writer.holds.insert(model.to_owned(), hold);
+                if unchanged {
+                    return Ok(self.routing.load().generation);
+                }
             }
-            writer.holds.insert(model.to_owned(), weights);
-        } else {
-            let route = routes.get(model).cloned().unwrap_or_default();
-            let committed = weights.apply_to(&route);
-            if previous.is_none() && committed == route {
-                return Ok(self.routing.load().generation);
+            Holding::Ended => {
+                let route = routes.get(model).cloned().unwrap_or_default();
+                let committed = weights.apply_to(&route);
+                if previous.is_none() && committed == route {
+                    return Ok(self.routing.load().generation);
+                }
+                routes.insert(model.to_owned(), committed);
+                writer.holds.remove(model);
             }
-            routes.insert(model.to_owned(), committed);
-            writer.holds.remove(model);
         }
         let published = self.publish(&mut writer, routes, &BTreeSet::new());
         if published.is_err() {
@@ -286,6 +318,30 @@ impl Control {
             };
         }
         published
+    }
+
+    /// Ends the holds whose lease ran out: their weights stay, as the routes' own. The
+    /// routes in force do not change, so nothing is published.
+    fn expire_holds(&self, writer: &mut Writer) {
+        let now = Instant::now();
+        let expired: Vec<String> = writer
+            .holds
+            .iter()
+            .filter(|(_, hold)| hold.expires.is_some_and(|at| at <= now))
+            .map(|(model, _)| model.clone())
+            .collect();
+        for model in expired {
+            if let Some(hold) = writer.holds.remove(&model) {
+                tracing::warn!(
+                    model,
+                    weights = hold.weights.describe(),
+                    "a rollout's hold on the weights expired (its controller stopped renewing it); \
+                     the weights stay as the route's own"
+                );
+                let route = writer.routes.get(&model).cloned().unwrap_or_default();
+                writer.routes.insert(model, hold.weights.apply_to(&route));
+            }
+        }
     }
 
     /// Loads (or reloads) a version of the embedded worker; routes are rebuilt so a
@@ -330,14 +386,15 @@ impl Control {
         let number = version_number(model, version)?;
         worker.slot(model, version)?;
         let mut writer = self.writer.lock().await;
+        self.expire_holds(&mut writer);
         if let Some(hold) = writer
             .holds
             .get(model)
-            .filter(|h| h.canary == version || h.baseline == version)
+            .filter(|h| h.weights.canary == version || h.weights.baseline == version)
         {
             return Err(GatewayError::HeldByRollout {
                 model: model.to_owned(),
-                weights: hold.describe(),
+                weights: hold.weights.describe(),
             });
         }
         let weight = self.routing.load().weight(model, version);
@@ -460,18 +517,22 @@ impl Control {
     /// The status of the watched config file, with a note for every model whose
     /// weights in the file a running rollout holds.
     pub async fn config_status(&self) -> ConfigStatus {
-        let holds = self.writer.lock().await.holds.clone();
+        let holds = {
+            let mut writer = self.writer.lock().await;
+            self.expire_holds(&mut writer);
+            writer.holds.clone()
+        };
         self.file_state(|file| {
             let mut status = file.status.clone();
             for (model, hold) in &holds {
                 let Some(route) = file.routes.get(model) else {
                     continue;
                 };
-                if hold.differ_from(route) {
+                if hold.weights.differ_from(route) {
                     status.notes.push(format!(
                         "routes.{model}: the file's weights are not in force: a running rollout holds them ({}); \
                          when it ends its final weights stay until the file changes this route again",
-                        hold.describe()
+                        hold.weights.describe()
                     ));
                 }
             }
@@ -533,7 +594,7 @@ impl Control {
         let mut in_force = routes.clone();
         for (model, hold) in &writer.holds {
             let route = in_force.get(model).cloned().unwrap_or_default();
-            in_force.insert(model.clone(), hold.apply_to(&route));
+            in_force.insert(model.clone(), hold.weights.apply_to(&route));
         }
         let routing = Routing::build(
             RoutingInputs {
@@ -637,6 +698,8 @@ mod tests {
         route
     }
 
+    const RUNNING: Holding = Holding::Running { lease: None };
+
     fn held() -> RolloutWeights {
         RolloutWeights {
             canary: "2".into(),
@@ -694,7 +757,7 @@ mod tests {
         let control = Control::new(&config, None).expect("builds");
         let file = Route::all_from(&config.routes);
         control
-            .set_rollout_weights("a", held(), true)
+            .set_rollout_weights("a", held(), RUNNING)
             .await
             .expect("held");
         assert_eq!(
@@ -705,7 +768,7 @@ mod tests {
         let generation = control.routing().load().generation;
         assert_eq!(
             control
-                .set_rollout_weights("a", held(), true)
+                .set_rollout_weights("a", held(), RUNNING)
                 .await
                 .expect("same"),
             generation,
@@ -748,7 +811,7 @@ mod tests {
             ..held()
         };
         control
-            .set_rollout_weights("a", ended, false)
+            .set_rollout_weights("a", ended, Holding::Ended)
             .await
             .expect("ends");
         assert_eq!(weights(&control, "a"), pairs(&[("2", 100), ("1", 0)]));
@@ -758,6 +821,37 @@ mod tests {
         );
         control
             .set_route("a", with_weights(&file["a"], &[("1", 30), ("2", 70)]), None)
+            .await
+            .expect("free again");
+    }
+
+    #[tokio::test]
+    async fn a_hold_whose_lease_ran_out_leaves_its_weights_free() {
+        let config = config();
+        let control = Control::new(&config, None).expect("builds");
+        let file = Route::all_from(&config.routes);
+        let lapsing = Holding::Running {
+            lease: Some(Duration::ZERO),
+        };
+        control
+            .set_rollout_weights("a", held(), lapsing)
+            .await
+            .expect("held");
+        assert_eq!(weights(&control, "a"), pairs(&[("2", 20), ("1", 80)]));
+        assert!(
+            control.config_status().await.notes.is_empty(),
+            "an expired hold holds nothing"
+        );
+        let mut edited = file.clone();
+        edited.insert("b".into(), with_weights(&file["b"], &[("1", 3)]));
+        control.apply_file_routes(edited).await.expect("applies");
+        assert_eq!(
+            weights(&control, "a"),
+            pairs(&[("2", 20), ("1", 80)]),
+            "the weights stay as the route's own"
+        );
+        control
+            .set_route("a", with_weights(&file["a"], &[("1", 60), ("2", 40)]), None)
             .await
             .expect("free again");
     }

@@ -50,8 +50,8 @@ pub async fn run_controller<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    let controller =
-        Arc::new(Driver::open(RemoteGateways::new(gateways), options.state_file).await?);
+    let target = RemoteGateways::new(gateways, options.evaluate_interval);
+    let controller = Arc::new(Driver::open(target, options.state_file).await?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let driver = tokio::spawn(Arc::clone(&controller).run(options.evaluate_interval, stop_rx));
     let served = tonic::transport::Server::builder()

@@ -48,7 +48,7 @@ pub enum GatewayError {
     /// A route change would move weights that a running rollout holds.
     #[error(
         "model \"{model}\" is in a running rollout that holds its weights ({weights}); \
-         pause, promote or abort it first (aviary ctl rollout ...)"
+         promote or abort it first (aviary ctl rollout promote|abort; a paused rollout still holds them)"
     )]
     HeldByRollout {
         /// The model.

@@ -1,7 +1,7 @@
 //! The `Fleet` service: what `aviary controller` uses on each gateway whose rollouts it
 //! drives: the step windows' counters, a new step window, and the rollout's weights.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use aviary::pb::admin::{
     LatencyBucket, ResetVariantStatsResponse, RolloutWeights as WeightsMessage, SetRouteResponse,
@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::{required, variants};
 use crate::{
-    control::{Control, RolloutWeights},
+    control::{Control, Holding, RolloutWeights},
     metrics::Metrics,
 };
 
@@ -89,6 +89,13 @@ impl Fleet for FleetService {
                 )));
             }
         }
+        let holding = match request.held {
+            true => Holding::Running {
+                lease: Some(Duration::from_millis(request.lease_ms))
+                    .filter(|lease| !lease.is_zero()),
+            },
+            false => Holding::Ended,
+        };
         let weights = RolloutWeights {
             canary: request.canary,
             canary_weight: request.canary_weight,
@@ -97,7 +104,7 @@ impl Fleet for FleetService {
         };
         let generation = self
             .control
-            .set_rollout_weights(model, weights, request.held)
+            .set_rollout_weights(model, weights, holding)
             .await?;
         Ok(Response::new(SetRouteResponse { generation }))
     }

@@ -22,6 +22,14 @@ use crate::{GatewayError, control::RolloutWeights, metrics::Window};
 /// How long one admin call to a gateway may take before it counts as unreachable.
 const GATEWAY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Evaluate intervals a gateway holds a running rollout's weights without hearing
+/// from the controller: a round or two can fail without the hold lapsing.
+const LEASE_ROUNDS: u32 = 5;
+
+/// The shortest lease, so that a fast evaluate interval still outlasts a slow round
+/// (each gateway call may take up to `GATEWAY_TIMEOUT`).
+const MIN_LEASE: Duration = Duration::from_secs(30);
+
 /// Where the gateways are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gateways {
@@ -36,14 +44,19 @@ pub enum Gateways {
 #[derive(Debug)]
 pub struct RemoteGateways {
     gateways: Gateways,
+    lease: Duration,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl RemoteGateways {
-    /// The gateways at `gateways`.
-    pub fn new(gateways: Gateways) -> RemoteGateways {
+    /// The gateways at `gateways`, driven every `evaluate_interval`. A running
+    /// rollout's weights are held on each gateway for a lease of a few intervals,
+    /// renewed every round: a controller that stops without ending its rollouts leaves
+    /// the gateways free again once the lease runs out (the weights stay).
+    pub fn new(gateways: Gateways, evaluate_interval: Duration) -> RemoteGateways {
         RemoteGateways {
             gateways,
+            lease: (evaluate_interval * LEASE_ROUNDS).max(MIN_LEASE),
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -229,6 +242,7 @@ impl Target for RemoteGateways {
             baseline: weights.baseline,
             baseline_weight: weights.baseline_weight,
             held,
+            lease_ms: u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX),
         };
         let mut missed = Vec::new();
         for address in &gateways {

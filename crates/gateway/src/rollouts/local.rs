@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use aviary_router::rollout::{MetricsSnapshot, RolloutPlan};
 
-use super::Target;
+use super::{Target, holding};
 use crate::{
     GatewayError,
     control::{Control, RolloutWeights},
@@ -133,7 +133,7 @@ impl Target for LocalGateway {
         let before = self.control.routing().load().generation;
         let generation = self
             .control
-            .set_rollout_weights(&plan.model, weights.clone(), held)
+            .set_rollout_weights(&plan.model, weights.clone(), holding(held, None))
             .await?;
         if generation != before {
             tracing::info!(

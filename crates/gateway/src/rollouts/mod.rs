@@ -26,12 +26,17 @@ use std::{
 };
 
 use aviary_router::rollout::{Action, MetricsSnapshot, Rollout, RolloutPlan, StepMetrics};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
 pub use fleet::{Gateways, RemoteGateways};
 pub use local::LocalGateway;
 
-use crate::{GatewayError, config::PlanConfig, control::RolloutWeights};
+use crate::{
+    GatewayError,
+    config::PlanConfig,
+    control::{Holding, RolloutWeights},
+};
 
 /// Where a driver's evidence comes from and where its decisions go.
 pub trait Target: Send + Sync + 'static {
@@ -56,6 +61,15 @@ pub trait Target: Send + Sync + 'static {
         &self,
         plan: &RolloutPlan,
     ) -> impl Future<Output = Result<(), GatewayError>> + Send;
+}
+
+/// How a target holds weights the driver sends: `held` while the rollout runs, with
+/// the lease a remote target gives them.
+fn holding(held: bool, lease: Option<Duration>) -> Holding {
+    match held {
+        true => Holding::Running { lease },
+        false => Holding::Ended,
+    }
 }
 
 /// An operator command on a running rollout.
@@ -96,11 +110,23 @@ pub struct RolloutStatus {
     pub waiting_for: Vec<String>,
 }
 
-/// A rollout and whether its weights are known to be in force on the target.
-#[derive(Debug)]
+/// A rollout and whether its weights are known to be in force on the target; the
+/// state file keeps both, so final weights that did not reach every gateway before a
+/// restart are still sent after it.
+#[derive(Debug, Serialize, Deserialize)]
 struct Entry {
     rollout: Rollout,
+    #[serde(rename = "weights_applied")]
     synced: bool,
+}
+
+/// One rollout in the state file: an entry, or a bare rollout as files written before
+/// `weights_applied` existed hold them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Saved {
+    Entry(Entry),
+    Rollout(Rollout),
 }
 
 /// The rollouts of one target, one per model (the last one started).
@@ -124,9 +150,19 @@ impl<T: Target> Driver<T> {
         };
         let entries = saved
             .into_iter()
-            .map(|rollout| {
-                let synced = rollout.state().is_terminal();
-                (rollout.plan().model.clone(), Entry { rollout, synced })
+            .map(|saved| {
+                let entry = match saved {
+                    // A running rollout's weights are sent again on open in any case.
+                    Saved::Entry(entry) => Entry {
+                        synced: entry.synced && entry.rollout.state().is_terminal(),
+                        ..entry
+                    },
+                    Saved::Rollout(rollout) => Entry {
+                        synced: rollout.state().is_terminal(),
+                        rollout,
+                    },
+                };
+                (entry.rollout.plan().model.clone(), entry)
             })
             .collect();
         let driver = Driver {
@@ -135,16 +171,20 @@ impl<T: Target> Driver<T> {
             entries: Mutex::new(entries),
         };
         let mut entries = driver.entries.lock().await;
-        for entry in entries.values_mut() {
-            if !entry.synced {
-                driver.sync(entry).await;
-                tracing::info!(
-                    model = entry.rollout.plan().model,
-                    state = entry.rollout.state().label(),
-                    canary_weight = entry.rollout.canary_weight(),
-                    "rollout resumed from the state file"
-                );
-            }
+        let mut resumed = false;
+        for entry in entries.values_mut().filter(|e| !e.synced) {
+            driver.sync(entry).await;
+            resumed = true;
+            tracing::info!(
+                model = entry.rollout.plan().model,
+                state = entry.rollout.state().label(),
+                canary_weight = entry.rollout.canary_weight(),
+                weights_applied = entry.synced,
+                "rollout resumed from the state file"
+            );
+        }
+        if resumed {
+            driver.persist(&entries);
         }
         drop(entries);
         Ok(driver)
@@ -273,7 +313,9 @@ impl<T: Target> Driver<T> {
         for entry in entries.values_mut() {
             let terminal = entry.rollout.state().is_terminal();
             if !terminal || !entry.synced {
+                let was_synced = entry.synced;
                 self.sync(entry).await;
+                changed |= terminal && entry.synced != was_synced;
             }
             if terminal {
                 continue;
@@ -379,7 +421,7 @@ impl<T: Target> Driver<T> {
         let Some(path) = &self.state_file else {
             return;
         };
-        let all: Vec<&Rollout> = entries.values().map(|e| &e.rollout).collect();
+        let all: Vec<&Entry> = entries.values().collect();
         let result = serde_json::to_vec_pretty(&all)
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
@@ -394,7 +436,7 @@ impl<T: Target> Driver<T> {
 }
 
 /// Reads the state file; a missing file is no rollouts.
-fn load(path: &Path) -> Result<Vec<Rollout>, GatewayError> {
+fn load(path: &Path) -> Result<Vec<Saved>, GatewayError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

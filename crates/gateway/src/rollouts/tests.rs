@@ -259,3 +259,42 @@ async fn configured_plans_start_once() {
     );
     assert_eq!(driver.target().weights(), [(20, true)]);
 }
+
+#[tokio::test]
+async fn final_weights_that_did_not_arrive_before_a_restart_are_sent_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state_file = dir.path().join("rollouts.json");
+    let first = driver(Fake::default(), Some(state_file.clone())).await;
+    first.start(plan(&[50, 100])).await.expect("starts");
+    *first.target().failures_left.lock().expect("lock") = 1;
+    first
+        .command("demo", Command::Promote, "ship it")
+        .await
+        .expect_err("the promotion's weights did not arrive");
+    drop(first);
+
+    let reopened = driver(Fake::default(), Some(state_file.clone())).await;
+    assert_eq!(
+        reopened.target().weights(),
+        [(100, false)],
+        "sent again on open"
+    );
+    reopened.evaluate().await;
+    drop(reopened);
+    let again = driver(Fake::default(), Some(state_file)).await;
+    assert!(
+        again.target().weights().is_empty(),
+        "once they arrived they are not sent again"
+    );
+}
+
+#[tokio::test]
+async fn a_state_file_of_bare_rollouts_still_loads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state_file = dir.path().join("rollouts.json");
+    let mut rollout = Rollout::new(plan(&[50, 100])).expect("valid plan");
+    rollout.start(1).expect("starts");
+    std::fs::write(&state_file, serde_json::to_vec(&[&rollout]).expect("json")).expect("write");
+    let driver = driver(Fake::default(), Some(state_file)).await;
+    assert_eq!(driver.target().weights(), [(50, true)]);
+}
