@@ -1,26 +1,18 @@
 //! One `aviary controller` running one rollout for two gateways on their summed stats:
 //! both gateways carry the same weights at every step and end promoted together, and a
 //! gateway in controlled mode refuses to drive a rollout itself.
-mod common;
+mod support;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use aviary::pb::admin::{
-    GetRolloutRequest, GetRoutesRequest, RolloutGates, RolloutPlan, RolloutStatus, RolloutStep,
-};
+use aviary::pb::admin::{RolloutPlan, RolloutStatus};
 use aviary_gateway::{
     Mode,
     controller::{ControllerOptions, run_controller},
     rollouts::{Driver, Gateways, RemoteGateways},
 };
-use common::Admin;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinSet};
+use support::{Admin, Load, weight_of};
+use tokio::{net::TcpListener, sync::oneshot};
 use tonic::Code;
 
 const ROWS: [[f32; 4]; 1] = [[5.1, 3.5, 1.4, 0.2]];
@@ -39,94 +31,26 @@ versions = [ { version = "1", weight = 100 }, { version = "2", weight = 0 } ]
 "#;
 
 fn plan() -> RolloutPlan {
-    RolloutPlan {
-        model: "demo".into(),
-        canary: "2".into(),
-        baseline: "1".into(),
-        steps: [50, 100]
-            .into_iter()
-            .map(|weight| RolloutStep {
-                weight,
-                min_duration_ms: 200,
-                min_requests: 20,
-            })
-            .collect(),
-        gates: Some(RolloutGates {
-            max_error_rate_increase: 0.05,
-            ..Default::default()
-        }),
-    }
+    support::demo_plan(200)
 }
 
 async fn rollout(controller: &mut Admin) -> RolloutStatus {
-    controller
-        .rollouts()
-        .get_rollout(GetRolloutRequest {
-            model: "demo".into(),
-        })
-        .await
-        .expect("demo has a rollout")
-        .into_inner()
+    controller.rollout("demo").await
 }
 
 /// The gateway's weights of versions 2 and 1 for `demo`.
 async fn weights(gateway: &mut Admin) -> (u32, u32) {
-    let routes = gateway
-        .routes()
-        .get_routes(GetRoutesRequest {})
-        .await
-        .expect("routes")
-        .into_inner();
-    let route = routes
-        .routes
-        .iter()
-        .find(|r| r.model == "demo")
-        .expect("demo is routed");
-    let weight = |version: &str| {
-        route
-            .versions
-            .iter()
-            .find(|v| v.version == version)
-            .map_or(0, |v| v.weight)
-    };
-    (weight("2"), weight("1"))
-}
-
-/// Unpinned clients on every gateway until stopped; returns (answered, failures).
-fn load(gateways: &[&common::Running], stop: &Arc<AtomicBool>) -> JoinSet<(u64, Vec<String>)> {
-    let mut tasks = JoinSet::new();
-    for gateway in gateways {
-        let url = gateway.url();
-        let stop = Arc::clone(stop);
-        tasks.spawn(async move {
-            let channel = tonic::transport::Endpoint::from_shared(url)
-                .expect("valid url")
-                .connect()
-                .await
-                .expect("gateway accepts connections");
-            let mut client =
-                aviary::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(
-                    channel,
-                );
-            let (mut ok, mut failures) = (0, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                match client.model_infer(common::demo_request(&ROWS, "")).await {
-                    Ok(_) => ok += 1,
-                    Err(status) => failures.push(status.message().to_owned()),
-                }
-            }
-            (ok, failures)
-        });
-    }
-    tasks
+    let weights = gateway.weights("demo").await;
+    assert!(!weights.is_empty(), "demo is routed");
+    (weight_of(&weights, "2"), weight_of(&weights, "1"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_controller_moves_two_gateways_through_the_same_steps() {
-    let a = common::start_gateway(CONTROLLED, Mode::Embedded)
+    let a = support::start_gateway(CONTROLLED, Mode::Embedded)
         .await
         .expect("gateway a starts");
-    let b = common::start_gateway(CONTROLLED, Mode::Embedded)
+    let b = support::start_gateway(CONTROLLED, Mode::Embedded)
         .await
         .expect("gateway b starts");
     let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
@@ -145,8 +69,7 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
         },
     ));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(&[&a, &b], &stop);
+    let load = Load::start(&[&a, &b], 1, &ROWS).await;
     let mut ctl = Admin::connect(controller_addr).await;
     let (mut admin_a, mut admin_b) = (
         Admin::connect(a.admin_addr.expect("admin")).await,
@@ -193,12 +116,7 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    stop.store(true, Ordering::Relaxed);
-    let (mut answered, mut failures) = (0, Vec::new());
-    for (n, f) in clients.join_all().await {
-        answered += n;
-        failures.extend(f);
-    }
+    let (answered, failures) = load.finish().await;
 
     assert_eq!(last.state, "promoted", "rollout ends promoted: {last:?}");
     assert_eq!(
@@ -229,7 +147,7 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controlled_gateway_does_not_serve_rollouts() {
-    let gateway = common::start_gateway(CONTROLLED, Mode::Embedded)
+    let gateway = support::start_gateway(CONTROLLED, Mode::Embedded)
         .await
         .expect("gateway starts");
     let refused = gateway
@@ -249,7 +167,7 @@ async fn a_controlled_gateway_does_not_serve_rollouts() {
 /// machine resolves host names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dns_name_finds_the_gateways_to_drive() {
-    let gateway = common::start_gateway(CONTROLLED, Mode::Embedded)
+    let gateway = support::start_gateway(CONTROLLED, Mode::Embedded)
         .await
         .expect("gateway starts");
     let admin_addr = gateway.admin_addr.expect("admin listener");

@@ -1,7 +1,7 @@
 //! A/B experiment reports through a real gateway: pinned traffic on two versions,
 //! ground truth sent through the Feedback RPC, and a report whose numbers are exactly
 //! what `aviary_router::stats` computes from the same counts.
-mod common;
+mod support;
 
 use aviary::pb::admin::{
     ExperimentReport, ExperimentReportRequest, FeedbackRequest, feedback_request::Outcome,
@@ -15,7 +15,7 @@ const ROUTES: &str = r#"
 versions = [ { version = "1", weight = 50 }, { version = "2", weight = 50 } ]
 "#;
 
-async fn get_report(gateway: &common::Running, baseline: &str) -> ExperimentReport {
+async fn get_report(gateway: &support::Running, baseline: &str) -> ExperimentReport {
     gateway
         .admin()
         .await
@@ -40,7 +40,7 @@ fn feedback(version: &str, id: usize, outcome: Option<Outcome>) -> FeedbackReque
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_numbers_equal_the_statistics_of_the_same_counts() {
-    let gateway = common::start_embedded(ROUTES).await;
+    let gateway = support::start_embedded(ROUTES).await;
 
     let empty = get_report(&gateway, "").await;
     assert_eq!(empty.baseline, "1");
@@ -62,7 +62,7 @@ async fn report_numbers_equal_the_statistics_of_the_same_counts() {
     for version in ["1", "2"] {
         for _ in 0..100 {
             let response = client
-                .model_infer(common::demo_request(&ROWS, version))
+                .model_infer(support::demo_request(&ROWS, version))
                 .await
                 .expect("pinned request answers")
                 .into_inner();
@@ -143,7 +143,7 @@ async fn report_numbers_equal_the_statistics_of_the_same_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_needs_a_known_variant_and_an_outcome() {
-    let gateway = common::start_embedded(ROUTES).await;
+    let gateway = support::start_embedded(ROUTES).await;
     let admin = gateway.admin().await;
 
     let unknown = admin

@@ -1,23 +1,21 @@
 //! End-to-end tests of the gateway's v2 surface: a real embedded gateway over
 //! `tests/models` on 127.0.0.1:0, driven by real gRPC clients (inference, health,
 //! reflection). Every test asserts what a client of the gateway would see.
-mod common;
+mod support;
 
 use std::{collections::BTreeSet, time::Duration};
 
 use aviary::{
     pb::inference::{
-        DataType, InferTensorContents, ModelConfigRequest, ModelInferRequest, ModelInferResponse,
-        ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest,
-        ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
-        grpc_inference_service_client::GrpcInferenceServiceClient,
-        model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
-        model_metadata_response::TensorMetadata,
+        DataType, InferTensorContents, ModelInferRequest, ModelStatisticsRequest,
+        RepositoryIndexRequest, ServerLiveRequest, ServerMetadataRequest,
+        model_infer_request::InferRequestedOutputTensor, model_metadata_response::TensorMetadata,
     },
     tensor,
 };
 use prost::Message;
-use tonic::{Code, Status, transport::Channel};
+use support::{Client, infer, infer_error, input, request};
+use tonic::Code;
 
 /// Route splitting `demo` evenly between its two versions.
 const DEMO_BOTH: &str = "[routes.demo]\nversions = [ { version = \"1\", weight = 1 }, { version = \"2\", weight = 1 } ]\n";
@@ -29,33 +27,6 @@ const ROWS: [[f32; 4]; 4] = [
     [6.7, 3.1, 5.6, 2.4],
     [5.7, 2.8, 4.1, 1.3],
 ];
-
-type Client = GrpcInferenceServiceClient<Channel>;
-
-fn input(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
-    InferInputTensor {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape: shape.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn request(
-    model: &str,
-    version: &str,
-    inputs: Vec<InferInputTensor>,
-    raw: Vec<Vec<u8>>,
-) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: model.into(),
-        model_version: version.into(),
-        id: "e2e".into(),
-        inputs,
-        raw_input_contents: raw.into_iter().map(Into::into).collect(),
-        ..Default::default()
-    }
-}
 
 fn one_row_raw() -> Vec<u8> {
     tensor::to_raw(&ROWS[0])
@@ -71,35 +42,20 @@ fn wrong_datatype(version: &str) -> ModelInferRequest {
     )
 }
 
-async fn infer(client: &mut Client, request: ModelInferRequest) -> ModelInferResponse {
-    client
-        .model_infer(request)
-        .await
-        .unwrap_or_else(|status| panic!("inference failed: {status:?}"))
-        .into_inner()
-}
-
-async fn infer_error(client: &mut Client, request: ModelInferRequest) -> Status {
-    match client.model_infer(request).await {
-        Ok(response) => panic!("expected an error, got {:?}", response.into_inner()),
-        Err(status) => status,
-    }
-}
-
 /// `probabilities` of every row of `ROWS`, pinned to `version`.
 async fn pinned_probabilities(client: &mut Client, version: &str) -> Vec<Vec<f32>> {
     let mut all = Vec::new();
     for row in ROWS {
-        let response = infer(client, common::demo_request(&[row], version)).await;
+        let response = infer(client, support::demo_request(&[row], version)).await;
         assert_eq!(response.model_version, version);
-        all.push(common::output::<f32>(&response, "probabilities"));
+        all.push(support::output::<f32>(&response, "probabilities"));
     }
     all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_follows_the_weights_and_each_version_answers_as_itself() {
-    let gateway = common::start_embedded(
+    let gateway = support::start_embedded(
         "[routes.demo]\nversions = [ { version = \"1\", weight = 90 }, { version = \"2\", weight = 10 } ]\n",
     )
     .await;
@@ -126,7 +82,7 @@ async fn weighted_split_follows_the_weights_and_each_version_answers_as_itself()
             for i in (task..TOTAL).step_by(TASKS) {
                 let row = i % ROWS.len();
                 let response = client
-                    .model_infer(common::demo_request(&[ROWS[row]], ""))
+                    .model_infer(support::demo_request(&[ROWS[row]], ""))
                     .await
                     .map_err(|s| format!("request {i} failed: {s:?}"))?;
                 let header = response
@@ -146,7 +102,7 @@ async fn weighted_split_follows_the_weights_and_each_version_answers_as_itself()
                         response.model_version
                     ));
                 }
-                let probabilities = common::output::<f32>(&response, "probabilities");
+                let probabilities = support::output::<f32>(&response, "probabilities");
                 if probabilities != expected[index][row] {
                     return Err(format!(
                         "request {i} (version {}): probabilities {probabilities:?}, pinned gives {:?}",
@@ -186,7 +142,7 @@ async fn weighted_split_follows_the_weights_and_each_version_answers_as_itself()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_resolve_and_unknown_models_or_versions_are_not_found() {
-    let gateway = common::start_embedded(
+    let gateway = support::start_embedded(
         "[routes.demo]\nversions = [ { version = \"1\", weight = 100 }, { version = \"2\", weight = 0 } ]\n",
     )
     .await;
@@ -194,7 +150,7 @@ async fn pins_resolve_and_unknown_models_or_versions_are_not_found() {
 
     for version in ["1", "2"] {
         let response = client
-            .model_infer(common::demo_request(&[ROWS[0]], version))
+            .model_infer(support::demo_request(&[ROWS[0]], version))
             .await
             .unwrap_or_else(|s| panic!("pinned {version}: {s:?}"));
         let header = response
@@ -207,17 +163,17 @@ async fn pins_resolve_and_unknown_models_or_versions_are_not_found() {
     }
     // The weight-0 version serves pins only: unpinned traffic never reaches it.
     for _ in 0..50 {
-        let response = infer(&mut client, common::demo_request(&[ROWS[1]], "")).await;
+        let response = infer(&mut client, support::demo_request(&[ROWS[1]], "")).await;
         assert_eq!(response.model_version, "1");
     }
 
-    let mut ghost = common::demo_request(&[ROWS[0]], "");
+    let mut ghost = support::demo_request(&[ROWS[0]], "");
     ghost.model_name = "ghost".into();
     let status = infer_error(&mut client, ghost).await;
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(status.message().contains("ghost"), "{status:?}");
 
-    let status = infer_error(&mut client, common::demo_request(&[ROWS[0]], "9")).await;
+    let status = infer_error(&mut client, support::demo_request(&[ROWS[0]], "9")).await;
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(status.message().contains("\"9\""), "{status:?}");
     assert!(status.message().contains("demo"), "{status:?}");
@@ -226,17 +182,17 @@ async fn pins_resolve_and_unknown_models_or_versions_are_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_invalid_argument_naming_input_and_reason() {
-    let gateway = common::start_embedded("").await;
+    let gateway = support::start_embedded("").await;
     let mut client = gateway.client().await;
-    let reference = infer(&mut client, common::demo_request(&[ROWS[0]], "")).await;
+    let reference = infer(&mut client, support::demo_request(&[ROWS[0]], "")).await;
     let fp32 = |shape: &[i64]| vec![input("input", "FP32", shape)];
 
-    let mut unknown_output = common::demo_request(&[ROWS[0]], "");
+    let mut unknown_output = support::demo_request(&[ROWS[0]], "");
     unknown_output.outputs = vec![InferRequestedOutputTensor {
         name: "bogus".into(),
         ..Default::default()
     }];
-    let mut both = common::demo_request(&[ROWS[0]], "");
+    let mut both = support::demo_request(&[ROWS[0]], "");
     both.inputs[0].contents = Some(InferTensorContents {
         fp32_contents: ROWS[0].to_vec(),
         ..Default::default()
@@ -373,7 +329,7 @@ async fn malformed_requests_are_invalid_argument_naming_input_and_reason() {
         }
     }
 
-    let after = infer(&mut client, common::demo_request(&[ROWS[0]], "")).await;
+    let after = infer(&mut client, support::demo_request(&[ROWS[0]], "")).await;
     assert_eq!(after.model_version, reference.model_version);
     assert_eq!(after.outputs, reference.outputs);
     assert_eq!(after.raw_output_contents, reference.raw_output_contents);
@@ -382,10 +338,10 @@ async fn malformed_requests_are_invalid_argument_naming_input_and_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_contents_match_raw_and_requested_outputs_are_the_only_ones_returned() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut client = gateway.client().await;
     let rows = &ROWS[..3];
-    let raw = infer(&mut client, common::demo_request(rows, "1")).await;
+    let raw = infer(&mut client, support::demo_request(rows, "1")).await;
 
     let mut typed = request("demo", "1", vec![input("input", "FP32", &[3, 4])], vec![]);
     typed.inputs[0].contents = Some(InferTensorContents {
@@ -396,9 +352,9 @@ async fn typed_contents_match_raw_and_requested_outputs_are_the_only_ones_return
     assert_eq!(typed.model_version, "1");
     assert_eq!(typed.outputs, raw.outputs);
     assert_eq!(typed.raw_output_contents, raw.raw_output_contents);
-    assert_eq!(common::output::<i64>(&raw, "label").len(), 3);
+    assert_eq!(support::output::<i64>(&raw, "label").len(), 3);
 
-    let mut label_only = common::demo_request(rows, "1");
+    let mut label_only = support::demo_request(rows, "1");
     label_only.outputs = vec![InferRequestedOutputTensor {
         name: "label".into(),
         ..Default::default()
@@ -410,15 +366,15 @@ async fn typed_contents_match_raw_and_requested_outputs_are_the_only_ones_return
     assert_eq!(label_only.outputs[0].datatype, "INT64");
     assert_eq!(label_only.outputs[0].shape, [3]);
     assert_eq!(
-        common::output::<i64>(&label_only, "label"),
-        common::output::<i64>(&raw, "label")
+        support::output::<i64>(&label_only, "label"),
+        support::output::<i64>(&raw, "label")
     );
     gateway.stop().await.expect("clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_datatype_round_trips_byte_identical() {
-    let gateway = common::start_embedded("").await;
+    let gateway = support::start_embedded("").await;
     let mut client = gateway.client().await;
 
     // (suffix, datatype, raw contents); 4 elements each.
@@ -519,17 +475,10 @@ async fn every_datatype_round_trips_byte_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_config_and_readiness_describe_the_served_models() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut client = gateway.client().await;
 
-    let metadata = client
-        .model_metadata(ModelMetadataRequest {
-            name: "demo".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("metadata")
-        .into_inner();
+    let metadata = support::model_metadata(&mut client, "demo", "").await;
     assert_eq!(metadata.name, "demo");
     assert_eq!(metadata.versions, ["1", "2"]);
     assert_eq!(metadata.platform, "onnxruntime_onnx");
@@ -547,16 +496,7 @@ async fn metadata_config_and_readiness_describe_the_served_models() {
         ]
     );
 
-    let config = client
-        .model_config(ModelConfigRequest {
-            name: "demo".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("config")
-        .into_inner()
-        .config
-        .expect("config is set");
+    let config = support::model_config(&mut client, "demo", "").await;
     assert_eq!(config.name, "demo");
     assert_eq!(config.platform, "onnxruntime_onnx");
     assert_eq!(config.backend, "onnxruntime");
@@ -598,14 +538,9 @@ async fn metadata_config_and_readiness_describe_the_served_models() {
         .expect("live")
         .into_inner();
     assert!(live.live);
-    let ready = common::eventually(Duration::from_secs(10), || {
+    let ready = support::eventually(support::READINESS_DEADLINE, || {
         let mut client = client.clone();
-        async move {
-            client
-                .server_ready(ServerReadyRequest {})
-                .await
-                .is_ok_and(|r| r.into_inner().ready)
-        }
+        async move { support::server_ready(&mut client).await }
     })
     .await;
     assert!(ready, "ServerReady never became true");
@@ -617,32 +552,25 @@ async fn metadata_config_and_readiness_describe_the_served_models() {
         ("ghost", "", false),
         ("demo", "9", false),
     ] {
-        let answer = client
-            .model_ready(ModelReadyRequest {
-                name: name.into(),
-                version: version.into(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("ModelReady({name}, {version:?}) is no error: {s:?}"))
-            .into_inner();
-        assert_eq!(answer.ready, expected, "ModelReady({name}, {version:?})");
+        let ready = support::model_ready(&mut client, name, version).await;
+        assert_eq!(ready, expected, "ModelReady({name}, {version:?})");
     }
     gateway.stop().await.expect("clean stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statistics_count_successes_failures_and_batch_rows() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut client = gateway.client().await;
 
     let batches = [1usize, 2, 3, 5];
     for rows in batches {
         let rows: Vec<[f32; 4]> = ROWS.iter().cycle().take(rows).copied().collect();
-        infer(&mut client, common::demo_request(&rows, "1")).await;
+        infer(&mut client, support::demo_request(&rows, "1")).await;
     }
-    let mut bad_shape = common::demo_request(&[ROWS[0]], "1");
+    let mut bad_shape = support::demo_request(&[ROWS[0]], "1");
     bad_shape.inputs[0].shape = vec![4];
-    let mut bad_output = common::demo_request(&[ROWS[0]], "1");
+    let mut bad_output = support::demo_request(&[ROWS[0]], "1");
     bad_output.outputs = vec![InferRequestedOutputTensor {
         name: "bogus".into(),
         ..Default::default()
@@ -714,7 +642,7 @@ async fn statistics_count_successes_failures_and_batch_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repository_index_lists_every_version_ready() {
-    let gateway = common::start_embedded("").await;
+    let gateway = support::start_embedded("").await;
     let mut client = gateway.client().await;
     let index = client
         .repository_index(RepositoryIndexRequest {
@@ -752,11 +680,11 @@ async fn health_turns_serving_and_reflection_lists_the_services() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
 
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let channel = gateway.channel().await;
     let health = HealthClient::new(channel.clone());
     for service in ["", "inference.GRPCInferenceService"] {
-        let serving = common::eventually(Duration::from_secs(10), || {
+        let serving = support::eventually(Duration::from_secs(10), || {
             let mut health = health.clone();
             async move {
                 health
@@ -801,18 +729,18 @@ async fn health_turns_serving_and_reflection_lists_the_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_infer_answers_each_request_in_order_and_survives_errors() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut client = gateway.client().await;
     let unary = [
-        infer(&mut client, common::demo_request(&[ROWS[2]], "1")).await,
-        infer(&mut client, common::demo_request(&[ROWS[2]], "2")).await,
+        infer(&mut client, support::demo_request(&[ROWS[2]], "1")).await,
+        infer(&mut client, support::demo_request(&[ROWS[2]], "2")).await,
     ];
 
-    let mut first = common::demo_request(&[ROWS[2]], "1");
+    let mut first = support::demo_request(&[ROWS[2]], "1");
     first.id = "first".into();
     let mut second = wrong_datatype("1");
     second.id = "second".into();
-    let mut third = common::demo_request(&[ROWS[2]], "2");
+    let mut third = support::demo_request(&[ROWS[2]], "2");
     third.id = "third".into();
     let mut stream = client
         .model_stream_infer(tokio_stream::iter([first, second, third]))
@@ -858,25 +786,25 @@ async fn stream_infer_answers_each_request_in_order_and_survives_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_above_tonics_4_mib_default_are_accepted() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut client = gateway.client().await;
     const ROWS_IN_BATCH: usize = 300_000;
     let rows: Vec<[f32; 4]> = ROWS.iter().cycle().take(ROWS_IN_BATCH).copied().collect();
-    let big = common::demo_request(&rows, "1");
+    let big = support::demo_request(&rows, "1");
     assert!(
         big.encoded_len() > 4 << 20,
         "the request must exceed tonic's 4 MiB default to test anything"
     );
     let response = infer(&mut client, big).await;
-    let labels = common::output::<i64>(&response, "label");
-    let probabilities = common::output::<f32>(&response, "probabilities");
+    let labels = support::output::<i64>(&response, "label");
+    let probabilities = support::output::<f32>(&response, "probabilities");
     assert_eq!(labels.len(), ROWS_IN_BATCH);
     assert_eq!(probabilities.len(), ROWS_IN_BATCH * 3);
 
     // Rows repeat every ROWS.len(); each must agree with the same row sent alone.
-    let single = infer(&mut client, common::demo_request(&ROWS, "1")).await;
-    let single_labels = common::output::<i64>(&single, "label");
-    let single_probabilities = common::output::<f32>(&single, "probabilities");
+    let single = infer(&mut client, support::demo_request(&ROWS, "1")).await;
+    let single_labels = support::output::<i64>(&single, "label");
+    let single_probabilities = support::output::<f32>(&single, "probabilities");
     for (i, label) in labels.iter().enumerate() {
         let j = i % ROWS.len();
         assert_eq!(*label, single_labels[j], "row {i}");

@@ -2,7 +2,7 @@
 //! changed through the admin API and through the watched config file, all inside a
 //! running embedded gateway while clients keep sending requests. What a client must
 //! see: no failed request, and every answer from a version that could be routed.
-mod common;
+mod support;
 
 use std::{
     collections::BTreeSet,
@@ -17,18 +17,17 @@ use std::{
 use aviary::pb::{
     admin::{
         GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, ListModelsRequest, Route,
-        SetRouteRequest, UnloadVersionRequest, VersionRequest, VersionWeight,
+        SetRouteRequest, UnloadVersionRequest, VersionRequest,
     },
     inference::{
         ModelInferResponse, ModelReadyRequest, RepositoryModelLoadRequest,
-        RepositoryModelUnloadRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+        RepositoryModelUnloadRequest,
     },
 };
 use aviary_gateway::Mode;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
-type Client = GrpcInferenceServiceClient<Channel>;
-use common::Admin;
+use support::{Admin, Client};
 
 /// Route splitting `demo` evenly between its two versions.
 const DEMO_BOTH: &str = "[routes.demo]\nversions = [ { version = \"1\", weight = 50 }, { version = \"2\", weight = 50 } ]\n";
@@ -42,84 +41,38 @@ const PATIENCE: Duration = Duration::from_secs(15);
 // ---- small helpers -------------------------------------------------------------
 
 fn demo_route(weights: [u32; 2]) -> Route {
-    route(&[("1", weights[0]), ("2", weights[1])])
-}
-
-fn route(versions: &[(&str, u32)]) -> Route {
-    Route {
-        model: "demo".into(),
-        versions: versions
-            .iter()
-            .map(|&(version, weight)| VersionWeight {
-                version: version.into(),
-                weight,
-                endpoint: String::new(),
-            })
-            .collect(),
-    }
+    support::route("demo", &[("1", weights[0]), ("2", weights[1])])
 }
 
 async fn set_demo(admin: &mut Admin, weights: [u32; 2]) -> u64 {
     admin
-        .routes()
-        .set_route(SetRouteRequest {
-            route: Some(demo_route(weights)),
-            expected_generation: None,
-        })
+        .set_weights("demo", &[("1", weights[0]), ("2", weights[1])])
         .await
-        .unwrap_or_else(|s| panic!("SetRoute demo {weights:?} failed: {s:?}"))
-        .into_inner()
-        .generation
 }
 
 async fn get_routes(admin: &mut Admin) -> GetRoutesResponse {
-    admin
-        .routes()
-        .get_routes(GetRoutesRequest {})
-        .await
-        .expect("GetRoutes")
-        .into_inner()
+    admin.get_routes().await
 }
 
 /// `demo`'s route as (version, weight) pairs; empty when it has none.
 fn demo_weights(routes: &GetRoutesResponse) -> Vec<(String, u32)> {
-    routes
-        .routes
-        .iter()
-        .find(|r| r.model == "demo")
-        .map(|r| {
-            r.versions
-                .iter()
-                .map(|v| (v.version.clone(), v.weight))
-                .collect()
-        })
-        .unwrap_or_default()
+    support::route_weights(routes, "demo")
 }
 
 fn pairs(weights: [u32; 2]) -> Vec<(String, u32)> {
-    vec![("1".into(), weights[0]), ("2".into(), weights[1])]
+    support::owned(&[("1", weights[0]), ("2", weights[1])])
 }
 
 async fn infer(client: &mut Client, version: &str) -> ModelInferResponse {
-    client
-        .model_infer(common::demo_request(&[ROW], version))
-        .await
-        .unwrap_or_else(|s| panic!("inference (version {version:?}) failed: {s:?}"))
-        .into_inner()
+    support::infer(client, support::demo_request(&[ROW], version)).await
 }
 
 async fn infer_error(client: &mut Client, version: &str) -> Status {
-    match client
-        .model_infer(common::demo_request(&[ROW], version))
-        .await
-    {
-        Ok(response) => panic!("expected an error, got {:?}", response.into_inner()),
-        Err(status) => status,
-    }
+    support::infer_error(client, support::demo_request(&[ROW], version)).await
 }
 
 fn probabilities(response: &ModelInferResponse) -> Vec<f32> {
-    common::output::<f32>(response, "probabilities")
+    support::output::<f32>(response, "probabilities")
 }
 
 /// The outputs of demo/1 and demo/2 on [`ROW`], pinned; they must differ.
@@ -216,7 +169,7 @@ impl Load {
     /// `clients` tasks, each on its own connection; every `pin_every`-th request of a
     /// task is pinned (alternately to 1 and 2), the others are unpinned (0: none pinned).
     async fn start(
-        gateway: &common::Running,
+        gateway: &support::Running,
         reference: &[Vec<f32>; 2],
         clients: usize,
         pin_every: usize,
@@ -240,7 +193,7 @@ impl Load {
                             "2"
                         }
                     });
-                    let request = common::demo_request(&[ROW], pinned.unwrap_or(""));
+                    let request = support::demo_request(&[ROW], pinned.unwrap_or(""));
                     let sent = Instant::now();
                     let result = client.model_infer(request).await;
                     let answered = Instant::now();
@@ -280,7 +233,7 @@ impl Load {
     async fn wait_for(&self, more: usize) {
         let target = self.done() + more;
         assert!(
-            common::eventually(PATIENCE, || async { self.done() >= target }).await,
+            support::eventually(PATIENCE, || async { self.done() >= target }).await,
             "the load stalled at {} requests",
             self.done()
         );
@@ -413,7 +366,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
     const SET_ROUTES_PER_ROUND: usize = 10;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let models = common::copy_test_models(dir.path());
+    let models = support::copy_test_models(dir.path());
     let original = [
         std::fs::read(models.join("demo/1/model.onnx")).expect("read demo/1"),
         std::fs::read(models.join("demo/2/model.onnx")).expect("read demo/2"),
@@ -431,7 +384,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
         weights: [50, 50],
     }];
     config.swap_configmap(&config_text(&models, [50, 50], "initial"));
-    let gateway = common::start_gateway_from_file(&config.path(), Mode::Embedded)
+    let gateway = support::start_gateway_from_file(&config.path(), Mode::Embedded)
         .await
         .expect("gateway starts");
     let mut admin = gateway.admin().await;
@@ -465,7 +418,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
         } else {
             config.write_renamed(&text);
         }
-        let applied = common::eventually(PATIENCE, || {
+        let applied = support::eventually(PATIENCE, || {
             let mut admin = admin.clone();
             async move { demo_weights(&get_routes(&mut admin).await) == pairs(weights) }
         })
@@ -628,7 +581,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weight_change_applies_to_every_request_after_it_returns() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut admin = gateway.admin().await;
     let mut client = gateway.client().await;
     let reference = reference(&mut client).await;
@@ -650,7 +603,7 @@ async fn a_weight_change_applies_to_every_request_after_it_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_route_with_a_stale_generation_is_refused_and_with_the_current_one_applies() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut admin = gateway.admin().await;
     let stale = get_routes(&mut admin).await.generation;
     let current = set_demo(&mut admin, [70, 30]).await;
@@ -696,7 +649,7 @@ async fn set_route_with_a_stale_generation_is_refused_and_with_the_current_one_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_route_is_rejected_listing_every_problem_and_changes_nothing() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut admin = gateway.admin().await;
     let mut client = gateway.client().await;
     let before = get_routes(&mut admin).await;
@@ -704,7 +657,7 @@ async fn an_invalid_route_is_rejected_listing_every_problem_and_changes_nothing(
     let status = admin
         .routes()
         .set_route(SetRouteRequest {
-            route: Some(route(&[("1", 0), ("9", 0), ("1", 0)])),
+            route: Some(support::route("demo", &[("1", 0), ("9", 0), ("1", 0)])),
             expected_generation: None,
         })
         .await
@@ -742,9 +695,9 @@ async fn an_invalid_route_is_rejected_listing_every_problem_and_changes_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let models = common::copy_test_models(dir.path());
+    let models = support::copy_test_models(dir.path());
     let text = format!("{}{DEMO_BOTH}", repository_section(&models));
-    let gateway = common::start_gateway(&text, Mode::Embedded)
+    let gateway = support::start_gateway(&text, Mode::Embedded)
         .await
         .expect("gateway starts");
     let admin = gateway.admin().await;
@@ -846,20 +799,14 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
 // ---- the watched config file ---------------------------------------------------
 
 async fn config_errors(admin: &mut Admin) -> Vec<String> {
-    admin
-        .routes()
-        .get_config_status(GetConfigStatusRequest {})
-        .await
-        .expect("GetConfigStatus")
-        .into_inner()
-        .errors
+    admin.config_status().await.errors
 }
 
 /// Waits until the gateway's config watcher runs (it names its file in the status).
 /// Changes written before that are missed (see
 /// `a_config_change_written_while_the_gateway_starts_applies`).
 async fn wait_for_watcher(admin: &mut Admin) {
-    let running = common::eventually(PATIENCE, || {
+    let running = support::eventually(PATIENCE, || {
         let admin = admin.clone();
         async move {
             let status = admin
@@ -878,11 +825,11 @@ async fn wait_for_watcher(admin: &mut Admin) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let models = common::test_models();
+    let models = support::test_models();
     let path = dir.path().join("aviary.toml");
     let write = |text: &str| replace_file(&path, text.as_bytes());
     write(&config_text(&models, [50, 50], "initial"));
-    let gateway = common::start_gateway_from_file(&path, Mode::Embedded)
+    let gateway = support::start_gateway_from_file(&path, Mode::Embedded)
         .await
         .expect("gateway starts");
     let mut admin = gateway.admin().await;
@@ -896,7 +843,7 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
         "{}[routes.demo]\nversions = [ {{ version = \"1\", wieght = 50 }}, {{ version = \"9\", weight = 50 }} ]\n",
         repository_section(&models)
     ));
-    let shown = common::eventually(PATIENCE, || {
+    let shown = support::eventually(PATIENCE, || {
         let mut admin = admin.clone();
         async move {
             config_errors(&mut admin)
@@ -917,7 +864,7 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
         "{}[routes.demo]\nversions = [ {{ version = \"1\", weight = 50 }}, {{ version = \"9\", weight = 50 }} ]\n",
         repository_section(&models)
     ));
-    let shown = common::eventually(PATIENCE, || {
+    let shown = support::eventually(PATIENCE, || {
         let mut admin = admin.clone();
         async move {
             config_errors(&mut admin)
@@ -935,7 +882,7 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
 
     // A valid file: the errors clear and the new routes apply.
     write(&config_text(&models, [0, 100], "fixed"));
-    let applied = common::eventually(PATIENCE, || {
+    let applied = support::eventually(PATIENCE, || {
         let mut admin = admin.clone();
         async move {
             config_errors(&mut admin).await.is_empty()
@@ -961,7 +908,7 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
 
     // Written again: the watcher is still at work.
     write(&config_text(&models, [100, 0], "recreated"));
-    let applied = common::eventually(PATIENCE, || {
+    let applied = support::eventually(PATIENCE, || {
         let mut admin = admin.clone();
         async move { demo_weights(&get_routes(&mut admin).await) == pairs([100, 0]) }
     })
@@ -975,7 +922,7 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unloading_a_weighted_version_needs_force_and_drops_no_request() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut admin = gateway.admin().await;
     let mut client = gateway.client().await;
     let reference = reference(&mut client).await;
@@ -1052,7 +999,7 @@ async fn unloading_a_weighted_version_needs_force_and_drops_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
-    let gateway = common::start_embedded(DEMO_BOTH).await;
+    let gateway = support::start_embedded(DEMO_BOTH).await;
     let mut client = gateway.client().await;
     let reference = reference(&mut client).await;
     let ready = |name: &str| ModelReadyRequest {
@@ -1107,10 +1054,10 @@ async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_place_save_never_applies_the_momentarily_empty_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let models = common::test_models();
+    let models = support::test_models();
     let path = dir.path().join("aviary.toml");
     replace_file(&path, config_text(&models, [100, 0], "initial").as_bytes());
-    let gateway = common::start_gateway_from_file(&path, Mode::Embedded)
+    let gateway = support::start_gateway_from_file(&path, Mode::Embedded)
         .await
         .expect("gateway starts");
     let mut admin = gateway.admin().await;
@@ -1143,7 +1090,7 @@ async fn an_in_place_save_never_applies_the_momentarily_empty_file() {
     )
     .expect("write the config in place");
     drop(file);
-    let applied = common::eventually(PATIENCE, || {
+    let applied = support::eventually(PATIENCE, || {
         let mut admin = admin.clone();
         async move { demo_weights(&get_routes(&mut admin).await) == pairs([0, 100]) }
     })
@@ -1158,10 +1105,10 @@ async fn an_in_place_save_never_applies_the_momentarily_empty_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_file_reports_the_typo_then_the_route_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let models = common::test_models();
+    let models = support::test_models();
     let path = dir.path().join("aviary.toml");
     replace_file(&path, config_text(&models, [50, 50], "initial").as_bytes());
-    let gateway = common::start_gateway_from_file(&path, Mode::Embedded)
+    let gateway = support::start_gateway_from_file(&path, Mode::Embedded)
         .await
         .expect("gateway starts");
     let mut admin = gateway.admin().await;
@@ -1190,7 +1137,7 @@ async fn an_invalid_config_file_reports_the_typo_then_the_route_problem() {
             )
             .as_bytes(),
         );
-        let rejected = common::eventually(PATIENCE, || {
+        let rejected = support::eventually(PATIENCE, || {
             let mut admin = admin.clone();
             async move {
                 config_errors(&mut admin)
@@ -1233,7 +1180,7 @@ async fn an_invalid_config_file_reports_the_typo_then_the_route_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_change_written_while_the_gateway_starts_applies() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let models = common::test_models();
+    let models = support::test_models();
     let path = dir.path().join("aviary.toml");
     replace_file(&path, config_text(&models, [50, 50], "initial").as_bytes());
     let config = aviary_gateway::Config::load(&path).expect("valid config");
@@ -1246,12 +1193,12 @@ async fn a_config_change_written_while_the_gateway_starts_applies() {
         &path,
         config_text(&models, [0, 100], "saved during startup").as_bytes(),
     );
-    let gateway = common::serve_gateway(gateway)
+    let gateway = support::serve_gateway(gateway)
         .await
         .expect("gateway serves");
     let mut admin = gateway.admin().await;
     // Three times the watcher's fallback poll interval (2 s), events aside.
-    let applied = common::eventually(Duration::from_secs(6), || {
+    let applied = support::eventually(Duration::from_secs(6), || {
         let mut admin = admin.clone();
         async move { demo_weights(&get_routes(&mut admin).await) == pairs([0, 100]) }
     })

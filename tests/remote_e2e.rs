@@ -1,29 +1,21 @@
 //! End to end through a remote-only gateway (`aviary gateway`): every routed version
 //! runs on a standalone worker server reached over gRPC. Real servers on 127.0.0.1:0,
 //! real gRPC clients.
-mod common;
+mod support;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use aviary::{
-    pb::inference::{
-        ModelConfigRequest, ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest,
-        ServerLiveRequest, ServerReadyRequest,
-        grpc_inference_service_client::GrpcInferenceServiceClient,
-    },
+    pb::inference::{ModelStatisticsRequest, ServerLiveRequest},
     tensor,
 };
 use aviary_gateway::{Mode, front::VARIANT_HEADER};
-use tonic::{Code, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use support::{Client, READINESS_DEADLINE, health_status, model_ready, server_ready};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The input row every test sends; versions 1 and 2 answer it differently.
 const ROW: [f32; 4] = [5.1, 3.5, 1.4, 0.2];
-
-/// How long a condition that depends on the gateway's readiness loop may take.
-const READINESS_DEADLINE: Duration = Duration::from_secs(15);
 
 /// A remote-only route for `demo`: version 1 on `v1` with weight `w1`, version 2 on
 /// `v2` with weight `w2`.
@@ -34,8 +26,8 @@ fn demo_route(v1: &str, w1: u32, v2: &str, w2: u32) -> String {
     )
 }
 
-async fn start_remote_gateway(config: &str) -> common::Running {
-    match common::start_gateway(config, Mode::RemoteOnly).await {
+async fn start_remote_gateway(config: &str) -> support::Running {
+    match support::start_gateway(config, Mode::RemoteOnly).await {
         Ok(gateway) => gateway,
         Err(error) => panic!("remote-only gateway should start: {error}"),
     }
@@ -51,8 +43,8 @@ struct Answer {
 impl Answer {
     fn of(response: &aviary::pb::inference::ModelInferResponse) -> Answer {
         Answer {
-            probabilities: common::output::<f32>(response, "probabilities"),
-            label: common::output::<i64>(response, "label"),
+            probabilities: support::output::<f32>(response, "probabilities"),
+            label: support::output::<i64>(response, "label"),
         }
     }
 
@@ -68,13 +60,11 @@ impl Answer {
 }
 
 /// Pins each version once through `client` and returns its answer to [`ROW`].
-async fn expected_answers(
-    client: &mut GrpcInferenceServiceClient<Channel>,
-) -> BTreeMap<String, Answer> {
+async fn expected_answers(client: &mut Client) -> BTreeMap<String, Answer> {
     let mut answers = BTreeMap::new();
     for version in ["1", "2"] {
         let response = client
-            .model_infer(common::demo_request(&[ROW], version))
+            .model_infer(support::demo_request(&[ROW], version))
             .await
             .unwrap_or_else(|s| panic!("pinned version {version} should answer: {s:?}"))
             .into_inner();
@@ -102,7 +92,7 @@ async fn expected_answers(
 }
 
 /// The worker's success count for `demo` at `version` (0 when it reports none).
-async fn successes(worker: &common::Running, version: &str) -> u64 {
+async fn successes(worker: &support::Running, version: &str) -> u64 {
     let mut client = worker.client().await;
     let stats = client
         .model_statistics(ModelStatisticsRequest {
@@ -121,35 +111,12 @@ async fn successes(worker: &common::Running, version: &str) -> u64 {
         .sum()
 }
 
-async fn server_ready(client: &mut GrpcInferenceServiceClient<Channel>) -> bool {
-    client
-        .server_ready(ServerReadyRequest {})
-        .await
-        .is_ok_and(|r| r.into_inner().ready)
-}
-
-async fn health_status(channel: Channel) -> Option<ServingStatus> {
-    let mut health = HealthClient::new(channel);
-    let response = health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()?
-        .into_inner();
-    ServingStatus::try_from(response.status).ok()
-}
-
 /// Sends `n` pinned or unpinned requests from one task; every one must succeed.
-async fn send(gateway: &common::Running, version: &str, n: usize) -> BTreeMap<String, u64> {
+async fn send(gateway: &support::Running, version: &str, n: usize) -> BTreeMap<String, u64> {
     let mut client = gateway.client().await;
     let mut served = BTreeMap::new();
-    for i in 0..n {
-        let response = client
-            .model_infer(common::demo_request(&[ROW], version))
-            .await
-            .unwrap_or_else(|s| panic!("request {i} (version {version:?}) failed: {s:?}"))
-            .into_inner();
+    for _ in 0..n {
+        let response = support::infer(&mut client, support::demo_request(&[ROW], version)).await;
         *served.entry(response.model_version).or_default() += 1;
     }
     served
@@ -161,7 +128,7 @@ async fn weighted_split_through_one_remote_worker() {
     const PER_TASK: usize = 250;
     const TOTAL: usize = TASKS * PER_TASK;
 
-    let worker = common::start_worker(&common::test_models()).await;
+    let worker = support::start_worker(&support::test_models()).await;
     let gateway = start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
     let mut client = gateway.client().await;
     let expected = expected_answers(&mut client).await;
@@ -174,7 +141,7 @@ async fn weighted_split_through_one_remote_worker() {
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             let mut failures: Vec<String> = Vec::new();
             for i in 0..PER_TASK {
-                let mut request = common::demo_request(&[ROW], "");
+                let mut request = support::demo_request(&[ROW], "");
                 request.id = format!("task-{task}-req-{i}");
                 let response = match client.model_infer(request).await {
                     Ok(response) => response,
@@ -255,8 +222,8 @@ async fn weighted_split_through_one_remote_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_on_two_workers_reach_their_own_worker() {
-    let a = common::start_worker(&common::test_models()).await;
-    let b = common::start_worker(&common::test_models()).await;
+    let a = support::start_worker(&support::test_models()).await;
+    let b = support::start_worker(&support::test_models()).await;
     let gateway = start_remote_gateway(&demo_route(&a.url(), 50, &b.url(), 50)).await;
 
     // Pinned to version 1: only worker A's version 1 counts them.
@@ -330,12 +297,12 @@ async fn versions_on_two_workers_reach_their_own_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_pass_through_with_their_code_and_message() {
-    let worker = common::start_worker(&common::test_models()).await;
+    let worker = support::start_worker(&support::test_models()).await;
     let gateway = start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
     let mut client = gateway.client().await;
     let mut direct = worker.client().await;
 
-    let mut unknown_model = common::demo_request(&[ROW], "");
+    let mut unknown_model = support::demo_request(&[ROW], "");
     unknown_model.model_name = "nosuch".into();
     let status = client
         .model_infer(unknown_model)
@@ -345,17 +312,17 @@ async fn errors_pass_through_with_their_code_and_message() {
     assert!(status.message().contains("nosuch"), "{status:?}");
 
     let status = client
-        .model_infer(common::demo_request(&[ROW], "9"))
+        .model_infer(support::demo_request(&[ROW], "9"))
         .await
         .expect_err("unknown version is refused");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(status.message().contains("\"9\""), "{status:?}");
 
-    let mut wrong_shape = common::demo_request(&[ROW], "1");
+    let mut wrong_shape = support::demo_request(&[ROW], "1");
     wrong_shape.inputs[0].shape = vec![1, 5];
     wrong_shape.raw_input_contents = vec![tensor::to_raw(&[5.1f32, 3.5, 1.4, 0.2, 9.9]).into()];
 
-    let mut wrong_datatype = common::demo_request(&[ROW], "1");
+    let mut wrong_datatype = support::demo_request(&[ROW], "1");
     wrong_datatype.inputs[0].datatype = "FP64".into();
     wrong_datatype.raw_input_contents = vec![tensor::to_raw(&[5.1f64, 3.5, 1.4, 0.2]).into()];
 
@@ -401,18 +368,11 @@ async fn errors_pass_through_with_their_code_and_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_config_and_readiness_through_the_gateway() {
-    let worker = common::start_worker(&common::test_models()).await;
+    let worker = support::start_worker(&support::test_models()).await;
     let gateway = start_remote_gateway(&demo_route(&worker.url(), 90, &worker.url(), 10)).await;
     let mut client = gateway.client().await;
 
-    let metadata = client
-        .model_metadata(ModelMetadataRequest {
-            name: "demo".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("metadata")
-        .into_inner();
+    let metadata = support::model_metadata(&mut client, "demo", "").await;
     assert_eq!(metadata.name, "demo");
     assert_eq!(metadata.versions, ["1", "2"]);
     let inputs: Vec<(&str, &str, &[i64])> = metadata
@@ -422,20 +382,11 @@ async fn metadata_config_and_readiness_through_the_gateway() {
         .collect();
     assert_eq!(inputs, [("input", "FP32", &[-1i64, 4][..])]);
 
-    let config = client
-        .model_config(ModelConfigRequest {
-            name: "demo".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("config")
-        .into_inner()
-        .config
-        .expect("config present");
+    let config = support::model_config(&mut client, "demo", "").await;
     assert_eq!(config.name, "demo");
     assert_eq!(config.platform, "onnxruntime_onnx");
 
-    let ready = common::eventually(READINESS_DEADLINE, || {
+    let ready = support::eventually(READINESS_DEADLINE, || {
         let mut client = client.clone();
         async move { server_ready(&mut client).await }
     })
@@ -445,26 +396,15 @@ async fn metadata_config_and_readiness_through_the_gateway() {
         "ServerReady turns true once the worker's versions are ready"
     );
     for version in ["", "1", "2"] {
-        let model_ready = client
-            .model_ready(ModelReadyRequest {
-                name: "demo".into(),
-                version: version.into(),
-            })
-            .await
-            .expect("model ready")
-            .into_inner()
-            .ready;
-        assert!(model_ready, "demo version {version:?} is ready");
+        assert!(
+            model_ready(&mut client, "demo", version).await,
+            "demo version {version:?} is ready"
+        );
     }
-    let status = client
-        .model_ready(ModelReadyRequest {
-            name: "nosuch".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("model ready of an unknown model answers")
-        .into_inner();
-    assert!(!status.ready, "an unknown model is not ready");
+    assert!(
+        !model_ready(&mut client, "nosuch", "").await,
+        "an unknown model is not ready"
+    );
     assert_eq!(
         health_status(gateway.channel().await).await,
         Some(ServingStatus::Serving)
@@ -476,25 +416,25 @@ async fn metadata_config_and_readiness_through_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_down_makes_the_gateway_unavailable_but_alive() {
-    let worker = common::start_worker(&common::test_models()).await;
+    let worker = support::start_worker(&support::test_models()).await;
     let worker_url = worker.url();
     let gateway = start_remote_gateway(&demo_route(&worker_url, 90, &worker_url, 10)).await;
     let mut client = gateway.client().await;
-    let ready = common::eventually(READINESS_DEADLINE, || {
+    let ready = support::eventually(READINESS_DEADLINE, || {
         let mut client = client.clone();
         async move { server_ready(&mut client).await }
     })
     .await;
     assert!(ready, "gateway becomes ready while the worker is up");
     client
-        .model_infer(common::demo_request(&[ROW], ""))
+        .model_infer(support::demo_request(&[ROW], ""))
         .await
         .expect("infer works while the worker is up");
 
     worker.stop().await.expect("worker stops cleanly");
 
     let status = client
-        .model_infer(common::demo_request(&[ROW], ""))
+        .model_infer(support::demo_request(&[ROW], ""))
         .await
         .expect_err("no worker, no answer");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -503,24 +443,18 @@ async fn worker_down_makes_the_gateway_unavailable_but_alive() {
         "message names the worker: {status:?}"
     );
 
-    let not_ready = common::eventually(READINESS_DEADLINE, || {
+    let not_ready = support::eventually(READINESS_DEADLINE, || {
         let mut client = client.clone();
         async move { !server_ready(&mut client).await }
     })
     .await;
     assert!(not_ready, "ServerReady turns false when the worker is gone");
-    let model_ready = client
-        .model_ready(ModelReadyRequest {
-            name: "demo".into(),
-            version: String::new(),
-        })
-        .await
-        .expect("ModelReady still answers")
-        .into_inner()
-        .ready;
-    assert!(!model_ready, "demo is not ready without its worker");
+    assert!(
+        !model_ready(&mut client, "demo", "").await,
+        "demo is not ready without its worker"
+    );
     let channel = gateway.channel().await;
-    let not_serving = common::eventually(READINESS_DEADLINE, || {
+    let not_serving = support::eventually(READINESS_DEADLINE, || {
         let channel = channel.clone();
         async move { health_status(channel).await == Some(ServingStatus::NotServing) }
     })
@@ -535,7 +469,7 @@ async fn worker_down_makes_the_gateway_unavailable_but_alive() {
         .live;
     assert!(live, "the gateway process keeps running");
     let status = client
-        .model_infer(common::demo_request(&[ROW], "2"))
+        .model_infer(support::demo_request(&[ROW], "2"))
         .await
         .expect_err("still no worker");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -546,24 +480,18 @@ async fn worker_down_makes_the_gateway_unavailable_but_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_configs_are_rejected_at_start_naming_the_field() {
     let no_endpoint = "[routes.demo]\nversions = [ { version = \"1\", weight = 1 } ]\n";
-    match common::start_gateway(no_endpoint, Mode::RemoteOnly).await {
-        Ok(_) => panic!("a remote-only version without an endpoint must be rejected"),
-        Err(error) => assert!(
-            error.contains("routes.demo.versions[0].endpoint"),
-            "error names the field: {error}"
-        ),
-    }
+    let error = support::rejected_at_start(no_endpoint, Mode::RemoteOnly).await;
+    assert!(
+        error.contains("routes.demo.versions[0].endpoint"),
+        "error names the field: {error}"
+    );
 
     let unknown_version = "[repository]\npath = \"{models}\"\ninstances = 1\n\n\
         [routes.demo]\nversions = [ { version = \"1\", weight = 90 }, { version = \"7\", weight = 10 } ]\n";
-    match common::start_gateway(unknown_version, Mode::Embedded).await {
-        Ok(_) => panic!("a route to a version the repository lacks must be rejected"),
-        Err(error) => {
-            assert!(
-                error.contains("routes.demo.versions[1]"),
-                "error names the field: {error}"
-            );
-            assert!(error.contains("\"7\""), "error names the version: {error}");
-        }
-    }
+    let error = support::rejected_at_start(unknown_version, Mode::Embedded).await;
+    assert!(
+        error.contains("routes.demo.versions[1]"),
+        "error names the field: {error}"
+    );
+    assert!(error.contains("\"7\""), "error names the version: {error}");
 }

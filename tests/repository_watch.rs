@@ -3,7 +3,7 @@
 //! tells operators to publish, and observed through real gRPC clients. Without an
 //! explicit `demo` route, the implicit one sends unpinned traffic to the newest version
 //! and keeps older ones pinnable with weight 0.
-mod common;
+mod support;
 
 use std::{
     future::Future,
@@ -40,7 +40,7 @@ const ROWS: [[f32; 4]; 3] = [
 
 /// A watching gateway over a private copy of the test repository.
 struct Watched {
-    gateway: common::Running,
+    gateway: support::Running,
     client: Client,
     models: PathBuf,
     _dir: tempfile::TempDir,
@@ -51,13 +51,13 @@ impl Watched {
     /// the config (e.g. `[repository.policies]`).
     async fn start(extra: &str) -> Watched {
         let dir = tempfile::tempdir().expect("temp dir");
-        let models = common::copy_test_models(dir.path());
+        let models = support::copy_test_models(dir.path());
         let config = format!(
             "[repository]\npath = \"{}\"\ninstances = 1\nwatch = true\nwatch_interval_ms = {}\n\n{extra}",
             models.display(),
             SCAN.as_millis()
         );
-        let gateway = common::start_gateway(&config, Mode::Embedded)
+        let gateway = support::start_gateway(&config, Mode::Embedded)
             .await
             .expect("gateway starts");
         let client = gateway.client().await;
@@ -76,7 +76,7 @@ impl Watched {
     /// The bytes of `demo/<version>/model.onnx` in the test repository.
     fn model_bytes(version: &str) -> Vec<u8> {
         std::fs::read(
-            common::test_models()
+            support::test_models()
                 .join("demo")
                 .join(version)
                 .join("model.onnx"),
@@ -104,10 +104,10 @@ impl Watched {
         let mut versions = Vec::new();
         for row in ROWS {
             let response = client
-                .model_infer(common::demo_request(&[row], version))
+                .model_infer(support::demo_request(&[row], version))
                 .await?
                 .into_inner();
-            probabilities.push(common::output::<f32>(&response, "probabilities"));
+            probabilities.push(support::output::<f32>(&response, "probabilities"));
             versions.push(response.model_version);
         }
         Ok((probabilities, versions))

@@ -1,12 +1,12 @@
 //! Sticky routing keys and match rules through a real gateway: the header a client
 //! sends decides the version, and raising the canary's weight never moves a user out
 //! of it.
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 
 use aviary::pb::{
-    admin::{GetRoutesRequest, Route, SetRouteRequest, VersionWeight},
+    admin::GetRoutesRequest,
     inference::{InferParameter, infer_parameter::ParameterChoice},
 };
 use tonic::Request;
@@ -32,7 +32,7 @@ async fn version_for(
     headers: &[(&'static str, String)],
     parameters: &[(&str, &str)],
 ) -> String {
-    let mut body = common::demo_request(&ROW, "");
+    let mut body = support::demo_request(&ROW, "");
     for (name, value) in parameters {
         body.parameters.insert(
             (*name).to_owned(),
@@ -55,35 +55,17 @@ async fn version_for(
         .model_version
 }
 
-async fn set_weights(gateway: &common::Running, canary: u32, baseline: u32) {
-    let admin = gateway.admin().await;
-    admin
-        .routes()
-        .set_route(SetRouteRequest {
-            route: Some(Route {
-                model: "demo".into(),
-                versions: vec![
-                    VersionWeight {
-                        version: "2".into(),
-                        weight: canary,
-                        endpoint: String::new(),
-                    },
-                    VersionWeight {
-                        version: "1".into(),
-                        weight: baseline,
-                        endpoint: String::new(),
-                    },
-                ],
-            }),
-            expected_generation: None,
-        })
+async fn set_weights(gateway: &support::Running, canary: u32, baseline: u32) {
+    gateway
+        .admin()
         .await
-        .expect("weights apply");
+        .set_weights("demo", &[("2", canary), ("1", baseline)])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_users_keep_their_version_and_only_move_into_the_canary() {
-    let gateway = common::start_embedded(ROUTES).await;
+    let gateway = support::start_embedded(ROUTES).await;
     let mut client = gateway.client().await;
     let users: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
 
@@ -132,7 +114,7 @@ async fn sticky_users_keep_their_version_and_only_move_into_the_canary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn match_rules_override_the_split_even_at_weight_zero() {
-    let gateway = common::start_embedded(ROUTES).await;
+    let gateway = support::start_embedded(ROUTES).await;
     set_weights(&gateway, 0, 100).await;
     let mut client = gateway.client().await;
     for i in 0..50 {
@@ -172,10 +154,7 @@ sticky = { header = "" }
 rules = [ { header = "x-a", regex = "^(qa", version = "1" }, { parameter = "p", equals = "x", version = "9" } ]
 "#;
     let text = format!("[repository]\npath = \"{{models}}\"\n\n{broken}");
-    let error = common::start_gateway(&text, aviary_gateway::Mode::Embedded)
-        .await
-        .err()
-        .expect("invalid rules are rejected");
+    let error = support::rejected_at_start(&text, aviary_gateway::Mode::Embedded).await;
     for path in [
         "routes.demo.sticky",
         "routes.demo.rules[0].regex",
@@ -187,7 +166,7 @@ rules = [ { header = "x-a", regex = "^(qa", version = "1" }, { parameter = "p", 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_faults_fail_only_their_version_and_survive_weight_changes() {
-    let gateway = common::start_embedded(
+    let gateway = support::start_embedded(
         r#"
 [routes.demo]
 versions = [ { version = "2", weight = 50, fault = { error_rate = 1.0 } }, { version = "1", weight = 50 } ]
@@ -195,7 +174,7 @@ versions = [ { version = "2", weight = 50, fault = { error_rate = 1.0 } }, { ver
     )
     .await;
     let mut client = gateway.client().await;
-    let pinned = |version: &str| common::demo_request(&ROW, version);
+    let pinned = |version: &str| support::demo_request(&ROW, version);
     let status = client
         .model_infer(pinned("2"))
         .await
@@ -220,10 +199,7 @@ versions = [ { version = "2", weight = 50, fault = { error_rate = 1.0 } }, { ver
     assert_eq!(status.code(), tonic::Code::Internal);
 
     let invalid = "[repository]\npath = \"{models}\"\n[routes.demo]\nversions = [ { version = \"1\", weight = 1, fault = { error_rate = 1.5 } } ]\n";
-    let error = common::start_gateway(invalid, aviary_gateway::Mode::Embedded)
-        .await
-        .err()
-        .expect("an error rate above 1 is rejected");
+    let error = support::rejected_at_start(invalid, aviary_gateway::Mode::Embedded).await;
     assert!(
         error.contains("routes.demo.versions[0].fault.error_rate"),
         "{error}"

@@ -1,11 +1,11 @@
 //! Shadow traffic through a real gateway: mirrors run off the request path, are dropped
 //! and counted when the shadow cannot keep up, and the comparison numbers are the ones
 //! computed by hand from the two versions' answers.
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use aviary::pb::admin::{ShadowReport, ShadowReportRequest};
+use aviary::pb::admin::ShadowReport;
 
 const ROWS: [[f32; 4]; 4] = [
     [5.1, 3.5, 1.4, 0.2],
@@ -14,22 +14,13 @@ const ROWS: [[f32; 4]; 4] = [
     [5.6, 2.8, 4.9, 2.0],
 ];
 
-async fn report(gateway: &common::Running) -> ShadowReport {
-    gateway
-        .admin()
-        .await
-        .experiments()
-        .get_shadow_report(ShadowReportRequest {
-            model: "demo".into(),
-        })
-        .await
-        .expect("demo has a shadow")
-        .into_inner()
+async fn report(gateway: &support::Running) -> ShadowReport {
+    gateway.admin().await.shadow_report("demo").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comparison_matches_the_hand_computed_numbers() {
-    let gateway = common::start_embedded(
+    let gateway = support::start_embedded(
         r#"
 [routes.demo]
 versions = [ { version = "1", weight = 1 }, { version = "2", weight = 0 } ]
@@ -41,7 +32,7 @@ shadow = { version = "2", percent = 100, queue = 64 }
     // Version 2 answers pinned requests itself; a request already on the shadow version
     // is not mirrored, so this one adds nothing to the comparison.
     let two = client
-        .model_infer(common::demo_request(&ROWS, "2"))
+        .model_infer(support::demo_request(&ROWS, "2"))
         .await
         .expect("v2")
         .into_inner();
@@ -49,7 +40,7 @@ shadow = { version = "2", percent = 100, queue = 64 }
     let mut one = None;
     for _ in 0..requests {
         let response = client
-            .model_infer(common::demo_request(&ROWS, ""))
+            .model_infer(support::demo_request(&ROWS, ""))
             .await
             .expect("primary answers")
             .into_inner();
@@ -57,7 +48,7 @@ shadow = { version = "2", percent = 100, queue = 64 }
         one = Some(response);
     }
     let one = one.expect("at least one request");
-    let compared = common::eventually(Duration::from_secs(20), || async {
+    let compared = support::eventually(Duration::from_secs(20), || async {
         report(&gateway)
             .await
             .outputs
@@ -73,8 +64,8 @@ shadow = { version = "2", percent = 100, queue = 64 }
         (requests, 0, 0)
     );
 
-    let p1 = common::output::<f32>(&one, "probabilities");
-    let p2 = common::output::<f32>(&two, "probabilities");
+    let p1 = support::output::<f32>(&one, "probabilities");
+    let p2 = support::output::<f32>(&two, "probabilities");
     let argmax = |row: &[f32]| {
         row.iter()
             .enumerate()
@@ -127,8 +118,8 @@ shadow = { version = "2", percent = 100, queue = 64 }
         .find(|o| o.output == "label")
         .expect("label compared");
     let (l1, l2) = (
-        common::output::<i64>(&one, "label"),
-        common::output::<i64>(&two, "label"),
+        support::output::<i64>(&one, "label"),
+        support::output::<i64>(&two, "label"),
     );
     let same = l1.iter().zip(&l2).filter(|(a, b)| a == b).count();
     assert_eq!(label.agreement_total, requests * ROWS.len() as u64);
@@ -141,7 +132,7 @@ shadow = { version = "2", percent = 100, queue = 64 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_shadow_never_holds_up_the_primary_and_drops_are_counted() {
     // The shadow takes 30 s per call and may run one at a time with one queued.
-    let gateway = common::start_embedded(
+    let gateway = support::start_embedded(
         r#"
 [routes.demo]
 versions = [ { version = "1", weight = 1 } ]
@@ -153,7 +144,7 @@ shadow = { version = "2", percent = 100, queue = 1, concurrency = 1, fault = { d
     let requests = 20u64;
     for _ in 0..requests {
         let response = client
-            .model_infer(common::demo_request(&ROWS, ""))
+            .model_infer(support::demo_request(&ROWS, ""))
             .await
             .expect("primary answers");
         assert_eq!(response.into_inner().model_version, "1");
@@ -176,10 +167,7 @@ path = "{models}"
 versions = [ { version = "1", weight = 1 } ]
 shadow = { version = "1", percent = 150, queue = 0 }
 "#;
-    let error = common::start_gateway(text, aviary_gateway::Mode::Embedded)
-        .await
-        .err()
-        .expect("invalid shadow rejected");
+    let error = support::rejected_at_start(text, aviary_gateway::Mode::Embedded).await;
     for path in [
         "routes.demo.shadow.percent",
         "routes.demo.shadow.queue",
@@ -188,10 +176,7 @@ shadow = { version = "1", percent = 150, queue = 0 }
         assert!(error.contains(path), "{path} missing: {error}");
     }
     let unknown = "[repository]\npath = \"{models}\"\n[routes.demo]\nversions = [ { version = \"1\", weight = 1 } ]\nshadow = { version = \"7\", percent = 10 }\n";
-    let error = common::start_gateway(unknown, aviary_gateway::Mode::Embedded)
-        .await
-        .err()
-        .expect("unknown shadow version rejected");
+    let error = support::rejected_at_start(unknown, aviary_gateway::Mode::Embedded).await;
     assert!(
         error.contains("routes.demo.shadow.version") && error.contains("\"7\""),
         "{error}"
@@ -201,7 +186,7 @@ shadow = { version = "1", percent = 150, queue = 0 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weight_changes_keep_the_shadow_and_its_comparison() {
     use aviary::pb::admin::{Route, SetRouteRequest, VersionWeight};
-    let gateway = common::start_embedded(
+    let gateway = support::start_embedded(
         r#"
 [routes.demo]
 versions = [ { version = "1", weight = 1 }, { version = "2", weight = 0 } ]
@@ -211,7 +196,7 @@ shadow = { version = "2", percent = 100 }
     .await;
     let mut client = gateway.client().await;
     client
-        .model_infer(common::demo_request(&ROWS, ""))
+        .model_infer(support::demo_request(&ROWS, ""))
         .await
         .expect("primary answers");
     let weight = |version: &str, weight: u32| VersionWeight {
@@ -233,7 +218,7 @@ shadow = { version = "2", percent = 100 }
         .await
         .expect("weights apply");
     client
-        .model_infer(common::demo_request(&ROWS, ""))
+        .model_infer(support::demo_request(&ROWS, ""))
         .await
         .expect("primary answers");
     // The same mirror carries on: both requests are counted.

@@ -1,6 +1,15 @@
-//! Shared harness for the end-to-end tests: real servers on 127.0.0.1:0, real gRPC
-//! clients, and helpers for the demo model's tensors.
-#![allow(dead_code, unreachable_pub)]
+//! Shared support for the end-to-end tests: real servers on 127.0.0.1:0 (a server
+//! whose task failed fails the test that drops it), real gRPC clients, the request
+//! helpers every test file uses, admin API look-ups, and load that stops itself.
+#![allow(dead_code, unreachable_pub, unused_imports)]
+
+mod admin_api;
+mod load;
+mod requests;
+
+pub use admin_api::*;
+pub use load::*;
+pub use requests::*;
 
 use std::{
     future::Future,
@@ -10,15 +19,7 @@ use std::{
     time::Duration,
 };
 
-use aviary::{
-    pb::admin,
-    pb::inference::{
-        ModelInferRequest, ModelInferResponse,
-        grpc_inference_service_client::GrpcInferenceServiceClient,
-        model_infer_request::InferInputTensor,
-    },
-    tensor,
-};
+use aviary::pb::{admin, inference::grpc_inference_service_client::GrpcInferenceServiceClient};
 use aviary_gateway::{Config, Gateway, Listeners, Mode};
 use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -130,10 +131,42 @@ impl Running {
     }
 }
 
+/// A server dropped without [`Running::stop`] is stopped all the same, and a server
+/// whose task failed (or fails while stopping) fails the test, unless the test is
+/// already panicking.
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        if std::thread::panicking() {
+            return;
+        }
+        let outcome = match tokio::runtime::Handle::try_current() {
+            Ok(runtime)
+                if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread =>
+            {
+                tokio::task::block_in_place(|| {
+                    runtime.block_on(async {
+                        tokio::time::timeout(Duration::from_secs(30), handle).await
+                    })
+                })
+                .map_err(|_| "did not stop within 30 s".to_owned())
+                .and_then(|joined| joined.map_err(|e| e.to_string()))
+                .and_then(|result| result)
+            }
+            // No runtime to wait on: judge only a task that has already finished.
+            _ if handle.is_finished() => futures::FutureExt::now_or_never(handle)
+                .map_or(Ok(()), |joined| {
+                    joined.map_err(|e| e.to_string()).and_then(|r| r)
+                }),
+            _ => Ok(()),
+        };
+        if let Err(error) = outcome {
+            panic!("the server on {} failed: {error}", self.addr);
         }
     }
 }
@@ -171,6 +204,17 @@ pub async fn start_gateway(config_text: &str, mode: Mode) -> Result<Running, Str
         .await
         .map_err(|e| e.to_string())?;
     serve_gateway(gateway).await
+}
+
+/// The error a gateway started from `config_text` fails with; panics if it starts.
+pub async fn rejected_at_start(config_text: &str, mode: Mode) -> String {
+    match start_gateway(config_text, mode).await {
+        Ok(gateway) => {
+            gateway.stop().await.expect("clean stop");
+            panic!("the config must be rejected at start:\n{config_text}")
+        }
+        Err(error) => error,
+    }
 }
 
 /// Starts a gateway from a config file that it watches while it runs, as `aviary
@@ -257,34 +301,6 @@ pub async fn start_worker(repository: &Path) -> Running {
         .await
         .map_err(|e| e.to_string())
     })
-}
-
-/// A `demo` request with FP32 rows of 4 features, as raw contents.
-pub fn demo_request(rows: &[[f32; 4]], version: &str) -> ModelInferRequest {
-    let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-    ModelInferRequest {
-        model_name: "demo".into(),
-        model_version: version.into(),
-        id: "req-1".into(),
-        inputs: vec![InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![i64::try_from(rows.len()).expect("small"), 4],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![tensor::to_raw(&flat).into()],
-        ..Default::default()
-    }
-}
-
-/// The raw output `name` of a response decoded as `T`.
-pub fn output<T: tensor::Element>(response: &ModelInferResponse, name: &str) -> Vec<T> {
-    let index = response
-        .outputs
-        .iter()
-        .position(|o| o.name == name)
-        .unwrap_or_else(|| panic!("response has no output {name}"));
-    tensor::from_raw(&response.raw_output_contents[index]).expect("whole elements")
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
