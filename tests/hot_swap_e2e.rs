@@ -35,6 +35,13 @@ const DEMO_BOTH: &str = "[routes.demo]\nversions = [ { version = \"1\", weight =
 /// An input on which demo/1 and demo/2 answer differently (checked by [`reference`]).
 const ROW: [f32; 4] = [6.0, 2.9, 4.5, 1.5];
 
+/// The longest the gateway's config watcher goes without reading its file (it reads on
+/// every event in the file's folder, and polls every 2 s), with room to spare. A state
+/// of the file that shows nowhere in the API (deleted, momentarily empty) is held this
+/// long, so the watcher has read it; the route generation then tells whether anything
+/// was published from it.
+const CONFIG_POLL: Duration = Duration::from_millis(2_500);
+
 /// Generous bound for conditions that normally hold within milliseconds.
 const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -146,6 +153,16 @@ impl Rng {
     }
 }
 
+/// When each demo version was last loaded, by version (ListModels' `loaded_at_ms`).
+async fn loaded_at(admin: &Admin) -> std::collections::BTreeMap<String, u64> {
+    admin
+        .list_models("demo")
+        .await
+        .into_iter()
+        .map(|v| (v.version, v.loaded_at_ms))
+        .collect()
+}
+
 // ---- continuous load -----------------------------------------------------------
 
 /// One request of a [`Load`].
@@ -163,6 +180,8 @@ struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicUsize>,
     tasks: tokio::task::JoinSet<Vec<Sample>>,
+    clients: usize,
+    pin_every: usize,
 }
 
 impl Load {
@@ -184,7 +203,8 @@ impl Load {
             tasks.spawn(async move {
                 let mut samples = Vec::new();
                 let mut i = 0usize;
-                while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < support::LOAD_LIMIT {
                     i += 1;
                     let pinned = (pin_every > 0 && i.is_multiple_of(pin_every)).then(|| {
                         if (i / pin_every + task).is_multiple_of(2) {
@@ -222,7 +242,13 @@ impl Load {
                 samples
             });
         }
-        Load { stop, done, tasks }
+        Load {
+            stop,
+            done,
+            tasks,
+            clients,
+            pin_every,
+        }
     }
 
     fn done(&self) -> usize {
@@ -237,6 +263,25 @@ impl Load {
             "the load stalled at {} requests",
             self.done()
         );
+    }
+
+    /// Holds the route change just applied (`weights`) until requests flew inside it:
+    /// at least one when both versions have weight; when one has none (an exclusive
+    /// phase), enough that an unpinned one flew entirely within the phase. Each client
+    /// has at most one request in flight when the phase starts, and every later answer
+    /// of a client was sent after it, so after `clients` answers the next `clients + 1`
+    /// were sent and answered inside the phase, two of them consecutive requests of one
+    /// client; of two consecutive requests at most one is pinned (`pin_every` is never
+    /// 1), so one of them is unpinned. Returns whether the phase was exclusive.
+    async fn hold_phase(&self, weights: [u32; 2]) -> bool {
+        assert_ne!(self.pin_every, 1, "some requests must be unpinned");
+        let exclusive = weights.contains(&0);
+        if exclusive {
+            self.wait_for(2 * self.clients + 1).await;
+        } else {
+            self.wait_for(1).await;
+        }
+        exclusive
     }
 
     async fn finish(mut self) -> Vec<Sample> {
@@ -393,9 +438,12 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
     let reference = reference(&mut client).await;
     assert_eq!(demo_weights(&get_routes(&mut admin).await), pairs([50, 50]));
 
+    let start_generation = get_routes(&mut admin).await.generation;
+    let loaded_before = loaded_at(&admin).await;
     let load = Load::start(&gateway, &reference, CLIENTS, 7).await;
     load.wait_for(20).await;
 
+    let mut exclusive_phases = 0usize;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut current = [50, 50];
     let mut in_file = current;
@@ -440,6 +488,7 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
         });
         current = weights;
         rewrites += 1;
+        exclusive_phases += usize::from(load.hold_phase(weights).await);
 
         let reload_slots: &[usize] = if round.is_multiple_of(2) {
             &[2, 5, 8]
@@ -493,15 +542,28 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
                 );
                 reloads += 1;
             }
-            // Pacing: exclusive phases (one version at 0) last long enough for requests
-            // to land entirely inside them.
-            let pause = if weights.contains(&0) { 40 } else { 8 };
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            exclusive_phases += usize::from(load.hold_phase(weights).await);
         }
     }
     load.wait_for(20).await;
     let samples = load.finish().await;
-    assert_eq!((reloads, set_routes, rewrites), (50, 200, 20));
+
+    // Every change was published: each SetRoute and each file rewrite adds a generation.
+    let end_generation = get_routes(&mut admin).await.generation;
+    assert!(
+        end_generation >= start_generation + (set_routes + rewrites) as u64,
+        "{set_routes} SetRoutes and {rewrites} rewrites took the routes from generation \
+         {start_generation} only to {end_generation}"
+    );
+    // Both versions were reloaded: the worker loaded each one again after the start.
+    let loaded_at = loaded_at(&admin).await;
+    for (version, before) in &loaded_before {
+        assert!(
+            loaded_at[version] > *before,
+            "demo/{version} was never reloaded: loaded at {before} ms and still {} ms",
+            loaded_at[version]
+        );
+    }
 
     assert_no_failures(&samples);
     let mut exclusive = 0usize;
@@ -525,10 +587,11 @@ async fn reloads_weight_changes_and_config_rewrites_under_load_fail_no_request()
         }
     }
     // The check above can only catch a misroute when one version had no weight for a
-    // request's whole flight; make sure that happened often.
+    // request's whole flight: every exclusive phase was held until one did.
     assert!(
-        exclusive >= 10,
-        "only {exclusive} of {} requests flew entirely within a phase where one version had weight 0",
+        exclusive >= exclusive_phases,
+        "only {exclusive} unpinned requests flew entirely within one of the {exclusive_phases} \
+         phases where one version had weight 0 ({} requests in all)",
         samples.len()
     );
     assert!(
@@ -895,18 +958,20 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
         assert_eq!(infer(&mut client, "").await.model_version, "2");
     }
 
-    // Deleted: the last good config keeps serving. Nothing changes to wait for, so
-    // watch the gateway over a window longer than the watcher's reaction time.
+    // Deleted: the last good config keeps serving. The deletion shows nowhere in the
+    // API, so the window lasts one whole config poll: the watcher read the missing
+    // file at least once inside it (see [`CONFIG_POLL`]).
     let last_good = get_routes(&mut admin).await;
     std::fs::remove_file(&path).expect("delete the config");
-    let window = Instant::now() + Duration::from_millis(600);
+    let window = Instant::now() + CONFIG_POLL;
     while Instant::now() < window {
         assert_eq!(infer(&mut client, "").await.model_version, "2");
     }
     assert_eq!(get_routes(&mut admin).await, last_good);
     assert!(config_errors(&mut admin).await.is_empty());
 
-    // Written again: the watcher is still at work.
+    // Written again: the watcher is still at work, and the recreated file is the only
+    // change published since the deletion.
     write(&config_text(&models, [100, 0], "recreated"));
     let applied = support::eventually(PATIENCE, || {
         let mut admin = admin.clone();
@@ -914,6 +979,11 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
     })
     .await;
     assert!(applied, "the recreated config applies");
+    assert_eq!(
+        get_routes(&mut admin).await.generation,
+        last_good.generation + 1,
+        "nothing was published while the file was gone"
+    );
     assert_eq!(infer(&mut client, "").await.model_version, "1");
     gateway.stop().await.expect("clean stop");
 }
@@ -1014,6 +1084,12 @@ async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
         })
         .await
         .expect("RepositoryModelUnload demo");
+    let mut admin = gateway.admin().await;
+    assert_eq!(
+        demo_weights(&get_routes(&mut admin).await),
+        [],
+        "an unloaded model has no route"
+    );
     for version in ["", "1", "2"] {
         let status = infer_error(&mut client, version).await;
         assert_eq!(
@@ -1037,6 +1113,13 @@ async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
         })
         .await
         .expect("RepositoryModelLoad demo");
+    // The explicit route went with the unload; the loaded model gets the implicit
+    // one: the newest version takes unpinned traffic, the older one is pinnable.
+    assert_eq!(
+        demo_weights(&get_routes(&mut admin).await),
+        pairs([0, 1]),
+        "the routes after RepositoryModelLoad"
+    );
     let demo_ready = client.model_ready(ready("demo")).await.expect("ModelReady");
     assert!(demo_ready.into_inner().ready, "demo is back");
     for (which, version) in ["1", "2"].into_iter().enumerate() {
@@ -1044,8 +1127,9 @@ async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
         assert_eq!(response.model_version, version);
         assert_eq!(probabilities(&response), reference[which]);
     }
-    let response = infer(&mut client, "").await;
-    assert!(["1", "2"].contains(&response.model_version.as_str()));
+    for _ in 0..20 {
+        assert_eq!(infer(&mut client, "").await.model_version, "2");
+    }
     gateway.stop().await.expect("clean stop");
 }
 
@@ -1066,9 +1150,10 @@ async fn an_in_place_save_never_applies_the_momentarily_empty_file() {
     let before = get_routes(&mut admin).await;
     assert_eq!(demo_weights(&before), pairs([100, 0]));
 
-    // The editor has truncated the file and not written yet.
+    // The editor has truncated the file and not written yet, for one whole config
+    // poll: the watcher read the empty file at least once (see [`CONFIG_POLL`]).
     let mut file = std::fs::File::create(&path).expect("truncate the config in place");
-    let window = Instant::now() + Duration::from_millis(500);
+    let window = Instant::now() + CONFIG_POLL;
     while Instant::now() < window {
         assert_eq!(
             infer(&mut client, "").await.model_version,
@@ -1096,6 +1181,11 @@ async fn an_in_place_save_never_applies_the_momentarily_empty_file() {
     })
     .await;
     assert!(applied, "the completed in-place save applies");
+    assert_eq!(
+        get_routes(&mut admin).await.generation,
+        before.generation + 1,
+        "the completed save is the only change published: the empty file published nothing"
+    );
     gateway.stop().await.expect("clean stop");
 }
 

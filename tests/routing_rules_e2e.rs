@@ -5,10 +5,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use aviary::pb::{
-    admin::GetRoutesRequest,
-    inference::{InferParameter, infer_parameter::ParameterChoice},
-};
+use aviary::pb::inference::{InferParameter, infer_parameter::ParameterChoice};
 use tonic::Request;
 
 const ROW: [[f32; 4]; 1] = [[5.1, 3.5, 1.4, 0.2]];
@@ -84,19 +81,15 @@ async fn sticky_users_keep_their_version_and_only_move_into_the_canary() {
     );
 
     set_weights(&gateway, 50, 50).await;
-    // The admin API keeps the route's sticky key and rules when it sets weights.
-    let routes = gateway
-        .admin()
-        .await
-        .routes()
-        .get_routes(GetRoutesRequest {})
-        .await
-        .expect("routes")
-        .into_inner();
-    assert!(routes.routes.iter().any(|r| r.model == "demo"));
+    let routes = gateway.admin().await.weights("demo").await;
+    assert_eq!(routes, support::owned(&[("2", 50), ("1", 50)]));
     let mut moved_in = 0;
     for user in &users {
         let now = version_for(&mut client, &[("x-user-id", user.clone())], &[]).await;
+        // The admin API kept the sticky key: at 50/50 an unsticky user would change
+        // version on every other request.
+        let again = version_for(&mut client, &[("x-user-id", user.clone())], &[]).await;
+        assert_eq!(now, again, "{user} changed version at fixed weights 50/50");
         if at_10[user] == "2" {
             assert_eq!(
                 now, "2",
@@ -105,6 +98,18 @@ async fn sticky_users_keep_their_version_and_only_move_into_the_canary() {
         } else if now == "2" {
             moved_in += 1;
         }
+    }
+    // It kept the match rules: they send every one of these to version 2, also users
+    // the sticky key keeps on version 1; the 50/50 split alone would send the 50
+    // requests without a sticky key there with odds of 2^-50.
+    for user in users.iter().take(50) {
+        let headers = [
+            ("x-user-id", user.clone()),
+            ("x-canary", "always".to_owned()),
+        ];
+        assert_eq!(version_for(&mut client, &headers, &[]).await, "2");
+        let tier = format!("beta-{user}");
+        assert_eq!(version_for(&mut client, &[], &[("tier", &tier)]).await, "2");
     }
     assert!(
         moved_in > 0,

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use aviary::pb::admin::ShadowReport;
 
+/// Upper bound for a mirror to be compared (hang protection only).
+const COMPARED_DEADLINE: Duration = Duration::from_secs(20);
+
 const ROWS: [[f32; 4]; 4] = [
     [5.1, 3.5, 1.4, 0.2],
     [6.0, 2.9, 4.5, 1.5],
@@ -185,7 +188,6 @@ shadow = { version = "1", percent = 150, queue = 0 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weight_changes_keep_the_shadow_and_its_comparison() {
-    use aviary::pb::admin::{Route, SetRouteRequest, VersionWeight};
     let gateway = support::start_embedded(
         r#"
 [routes.demo]
@@ -195,34 +197,48 @@ shadow = { version = "2", percent = 100 }
     )
     .await;
     let mut client = gateway.client().await;
-    client
-        .model_infer(support::demo_request(&ROWS, ""))
-        .await
-        .expect("primary answers");
-    let weight = |version: &str, weight: u32| VersionWeight {
-        version: version.into(),
-        weight,
-        endpoint: String::new(),
+    let admin = gateway.admin().await;
+    // Every output compared `n` times, and nothing dropped or failed.
+    let compared = |n: u64| {
+        let admin = admin.clone();
+        async move {
+            let report = admin.shadow_report("demo").await;
+            (report.sent, report.dropped, report.failed) == (n, 0, 0)
+                && !report.outputs.is_empty()
+                && report.outputs.iter().all(|o| o.compared == n)
+        }
     };
-    gateway
-        .admin()
-        .await
-        .routes()
-        .set_route(SetRouteRequest {
-            route: Some(Route {
-                model: "demo".into(),
-                versions: vec![weight("1", 3), weight("2", 0)],
-            }),
-            expected_generation: None,
-        })
-        .await
-        .expect("weights apply");
-    client
-        .model_infer(support::demo_request(&ROWS, ""))
-        .await
-        .expect("primary answers");
-    // The same mirror carries on: both requests are counted.
-    let report = report(&gateway).await;
-    assert_eq!(report.version, "2");
-    assert_eq!(report.sent + report.dropped, 2, "{report:?}");
+    support::infer(&mut client, support::demo_request(&ROWS, "")).await;
+    assert!(
+        support::eventually(COMPARED_DEADLINE, || compared(1)).await,
+        "the first mirror is compared: {:?}",
+        report(&gateway).await
+    );
+    let before = report(&gateway).await;
+
+    admin.set_weights("demo", &[("1", 3), ("2", 0)]).await;
+    assert_eq!(
+        admin.weights("demo").await,
+        support::owned(&[("1", 3), ("2", 0)])
+    );
+    // The comparison so far survives the change.
+    let after_change = report(&gateway).await;
+    assert_eq!(after_change.version, "2");
+    assert_eq!(
+        after_change.outputs, before.outputs,
+        "the comparison is kept"
+    );
+
+    // The same mirror carries on: the next request is compared on top of the first.
+    support::infer(&mut client, support::demo_request(&ROWS, "")).await;
+    assert!(
+        support::eventually(COMPARED_DEADLINE, || compared(2)).await,
+        "the mirror after the change adds to the same comparison: {:?}",
+        report(&gateway).await
+    );
+    let after = report(&gateway).await;
+    for (old, new) in before.outputs.iter().zip(&after.outputs) {
+        assert_eq!(old.output, new.output);
+        assert_eq!(new.agreement_total, 2 * old.agreement_total, "{new:?}");
+    }
 }

@@ -236,6 +236,8 @@ fn report(errors: &mut Vec<ValidationError>, path: &str, message: impl Into<Stri
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use proptest::prelude::*;
 
@@ -371,13 +373,69 @@ mod tests {
         assert!(typo.is_err());
     }
 
+    /// The paths `validate` must report for `plan()` with these fields changed: an
+    /// oracle written from the rules, independent of `check`'s code.
+    fn expected_paths(p: &RolloutPlan) -> BTreeSet<String> {
+        let mut paths = BTreeSet::new();
+        if p.canary.is_empty() || p.canary == p.baseline {
+            paths.insert("canary".to_owned());
+        }
+        match (p.steps.first(), p.steps.last()) {
+            (Some(first), Some(last)) => {
+                for (i, step) in p.steps.iter().enumerate() {
+                    let out_of_range = !(1..=100).contains(&step.weight);
+                    let not_increasing = i > 0 && step.weight <= p.steps[i - 1].weight;
+                    if out_of_range || not_increasing {
+                        paths.insert(format!("steps[{i}].weight"));
+                    }
+                    if step.min_requests == 0 {
+                        paths.insert(format!("steps[{i}].min_requests"));
+                    }
+                }
+                if last.weight != 100 {
+                    paths.insert(format!("steps[{}].weight", p.steps.len() - 1));
+                }
+                if first.weight >= 100 {
+                    paths.insert("steps[0].weight".to_owned());
+                }
+            }
+            _ => {
+                paths.insert("steps".to_owned());
+            }
+        }
+        let increase = p.gates.max_error_rate_increase;
+        if !(0.0..=1.0).contains(&increase) {
+            paths.insert("gates.max_error_rate_increase".to_owned());
+        }
+        if p.gates
+            .max_latency_ratio
+            .is_some_and(|r| !r.is_finite() || r <= 0.0)
+        {
+            paths.insert("gates.max_latency_ratio".to_owned());
+        }
+        paths
+    }
+
+    /// Step weights: anything, small ones near the edges, and sound ladders.
+    fn weights() -> impl Strategy<Value = Vec<u32>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u32>(), 0..6),
+            proptest::collection::vec(0u32..=101, 0..6),
+            proptest::collection::btree_set(1u32..100, 0..5).prop_map(|set| {
+                let mut ladder: Vec<u32> = set.into_iter().collect();
+                ladder.push(100);
+                ladder
+            }),
+        ]
+    }
+
     proptest! {
         #[test]
-        fn validation_never_panics(
-            weights in proptest::collection::vec(any::<u32>(), 0..6),
-            requests in any::<u64>(),
-            increase in any::<f64>(),
-            ratio in proptest::option::of(any::<f64>()),
+        fn validation_reports_exactly_the_broken_rules(
+            weights in weights(),
+            requests in prop_oneof![Just(0u64), 1u64..1000, any::<u64>()],
+            increase in prop_oneof![0.0f64..=1.0, any::<f64>()],
+            ratio in proptest::option::of(prop_oneof![0.5f64..3.0, any::<f64>()]),
             canary in "[12]?",
         ) {
             let mut p = plan();
@@ -388,7 +446,24 @@ mod tests {
                 .collect();
             p.gates.max_error_rate_increase = increase;
             p.gates.max_latency_ratio = ratio;
-            let _ = p.validate();
+            let expected = expected_paths(&p);
+            match p.validate() {
+                Ok(()) => prop_assert!(
+                    expected.is_empty(),
+                    "accepted, but these rules are broken: {:?}",
+                    expected
+                ),
+                Err(errors) => {
+                    let reported: BTreeSet<String> =
+                        errors.errors().iter().map(|e| e.path.clone()).collect();
+                    prop_assert_eq!(reported, expected);
+                    prop_assert!(
+                        errors.errors().iter().all(|e| !e.message.is_empty()),
+                        "every problem says what is wrong: {}",
+                        errors
+                    );
+                }
+            }
         }
     }
 }
