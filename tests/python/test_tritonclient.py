@@ -263,12 +263,28 @@ def test_server_live(client):
     assert client.is_server_live() is True
 
 
+READY_TIMEOUT_S = 15.0
+
+
+def eventually(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Polls `condition` until it returns True or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+
+
 def test_server_ready(client):
-    assert client.is_server_ready() is True
+    # Readiness follows the versions' load state, which the gateway reports on its own
+    # schedule: poll it, with a deadline, instead of asking once.
+    assert eventually(lambda: client.is_server_ready() is True, READY_TIMEOUT_S), "ServerReady never turned true"
 
 
 def test_model_ready(client):
-    assert client.is_model_ready("demo") is True
+    assert eventually(lambda: client.is_model_ready("demo") is True, READY_TIMEOUT_S), "demo never turned ready"
 
 
 def test_unknown_model_not_ready(client):

@@ -20,10 +20,15 @@ use std::{
 };
 
 use aviary::{
-    pb::inference::{ModelInferRequest, model_infer_request::InferInputTensor},
+    pb::inference::{
+        ModelInferRequest, ModelInferResponse,
+        grpc_inference_service_client::GrpcInferenceServiceClient,
+        model_infer_request::InferInputTensor,
+    },
     tensor,
 };
 use serde_json::Value;
+use tonic::transport::{Channel, Endpoint};
 
 const BIN: &str = env!("CARGO_BIN_EXE_aviary");
 
@@ -35,6 +40,9 @@ pub const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Upper bound for a watched config change to show (the watcher also polls every 2 s).
 pub const CONFIG_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The longest any load loop runs (hang protection only).
+pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
 /// The input row the demo model takes: one row of 4 features.
 pub const ROW: &str = "[[5.1,3.5,1.4,0.2]]";
@@ -391,11 +399,172 @@ pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 }
 
 pub fn sigterm(process: &Process) {
+    signal(process, "-TERM");
+}
+
+/// `kill -9`: the process dies at once, as on an OOM kill or a lost node.
+pub fn sigkill(process: &Process) {
+    signal(process, "-KILL");
+}
+
+fn signal(process: &Process, signal: &str) {
     let kill = Command::new("kill")
-        .args(["-TERM", &process.pid().to_string()])
+        .args([signal, &process.pid().to_string()])
         .status()
         .expect("kill runs");
-    assert!(kill.success(), "kill -TERM delivered");
+    assert!(kill.success(), "kill {signal} delivered");
+}
+
+/// `aviary worker` over `repository` on a free port; returns it and its `http://`
+/// address.
+pub fn start_worker(repository: &Path) -> (Process, String) {
+    let mut worker = Process::spawn(
+        &[
+            "worker",
+            "--repo",
+            repository.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+            "--instances",
+            "2",
+        ],
+        &[],
+    );
+    let addr = format!("http://{}", worker.wait_listening());
+    (worker, addr)
+}
+
+/// A connected channel to an `http://` address.
+pub async fn connect(addr: &str) -> Channel {
+    Endpoint::from_shared(addr.to_owned())
+        .expect("valid url")
+        .connect()
+        .await
+        .expect("the server accepts connections")
+}
+
+/// A v2 client on `channel` that takes the slow model's large answers.
+pub fn client(channel: Channel) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::new(channel).max_decoding_message_size(64 << 20)
+}
+
+/// A multi-threaded runtime for a test's async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A gateway config routing `slow` (tests/slow-models: about 200 ms per batch of
+/// [`SLOW_BATCH`] rows) on two sessions.
+pub fn slow_config() -> String {
+    let models = repo_root().join("tests/slow-models");
+    format!(
+        "[repository]\npath = \"{}\"\ninstances = 2\nintra_op_threads = 1\ninter_op_threads = 1\n\n\
+         [routes.slow]\nversions = [ {{ version = \"1\", weight = 1 }} ]\n",
+        models.display()
+    )
+}
+
+/// Rows and columns of the slow model's requests: batch 64 of `x` FP32 [-1, 512].
+pub const SLOW_BATCH: usize = 64;
+pub const SLOW_WIDTH: usize = 512;
+
+pub fn slow_request() -> ModelInferRequest {
+    let values: Vec<f32> = (0..SLOW_BATCH * SLOW_WIDTH)
+        .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    ModelInferRequest {
+        model_name: "slow".into(),
+        id: "drain".into(),
+        inputs: vec![InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![SLOW_BATCH as i64, SLOW_WIDTH as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![tensor::to_raw(&values).into()],
+        ..Default::default()
+    }
+}
+
+/// `y` of a slow response: its shape, datatype and raw bytes.
+pub fn slow_output(response: &ModelInferResponse) -> (Vec<i64>, String, Vec<u8>) {
+    assert_eq!(response.outputs.len(), 1, "{:?}", response.outputs);
+    let output = &response.outputs[0];
+    assert_eq!(output.name, "y");
+    let raw = response
+        .raw_output_contents
+        .first()
+        .expect("raw output contents")
+        .to_vec();
+    (output.shape.clone(), output.datatype.clone(), raw)
+}
+
+/// A request the server has accepted and is still working on.
+pub type InFlight =
+    tokio::task::JoinHandle<Result<tonic::Response<ModelInferResponse>, tonic::Status>>;
+
+/// `n` slow requests the server at `addr` has accepted when this returns (without
+/// sleeping): each client opens its own connection, hands the slow request to it (one
+/// poll puts it in the channel's FIFO queue, so its HEADERS frame goes out before those
+/// of any later request on the connection), then sends a ServerLive on the same
+/// connection. The server reads a connection's frames in order, so once ServerLive
+/// answers, it has accepted the slow request's stream. HTTP/2 graceful shutdown
+/// (GOAWAY, then a PING round trip, then the last stream id) finishes every stream
+/// accepted before it.
+pub fn slow_requests_in_flight(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    n: usize,
+) -> Vec<InFlight> {
+    let (accepted_tx, accepted) = mpsc::channel::<()>();
+    let clients: Vec<InFlight> = (0..n)
+        .map(|_| {
+            let addr = addr.to_owned();
+            let accepted_tx = accepted_tx.clone();
+            runtime.spawn(async move {
+                let channel = connect(&addr).await;
+                let mut slow_client = client(channel.clone());
+                let mut slow = std::pin::pin!(slow_client.model_infer(slow_request()));
+                assert!(
+                    futures::poll!(slow.as_mut()).is_pending(),
+                    "a 200 ms inference cannot answer at once"
+                );
+                client(channel)
+                    .server_live(aviary::pb::inference::ServerLiveRequest {})
+                    .await
+                    .expect("ServerLive on the slow request's connection");
+                accepted_tx.send(()).expect("the test is waiting");
+                slow.await
+            })
+        })
+        .collect();
+    drop(accepted_tx);
+    for i in 0..n {
+        accepted
+            .recv_timeout(START_DEADLINE)
+            .unwrap_or_else(|e| panic!("slow request {i} was not accepted: {e}"));
+    }
+    clients
+}
+
+/// A stream open on the server at `addr` (a gRPC health Watch, as load balancers
+/// hold) until dropped: a server shutting down waits for it up to its grace period,
+/// so a test can look at the draining process for as long as it needs.
+pub async fn hold_open(addr: &str) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(connect(addr).await);
+    let mut stream = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    stream.message().await.expect("first status");
+    stream
 }
 
 /// One row for the demo model (4 features).
@@ -465,7 +634,8 @@ async fn send_until(addr: String, stop: Arc<AtomicBool>) -> Seen {
         .await
         .expect("the gateway accepts connections");
     let (mut answered, mut failures) = (BTreeMap::new(), Vec::new());
-    while !stop.load(Ordering::Relaxed) {
+    let started = Instant::now();
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_LIMIT {
         match client.model_infer(demo_request()).await {
             Ok(response) => {
                 *answered
