@@ -262,6 +262,7 @@ pub struct Served {
     pub config: PathBuf,
     /// The folder of the config file, for state files beside it.
     pub dir: tempfile::TempDir,
+    command: &'static str,
     extra: Vec<String>,
 }
 
@@ -269,12 +270,22 @@ impl Served {
     /// `aviary serve` over `config_text`, written to a temporary file it watches.
     /// `{dir}` in the text stands for that file's folder.
     pub fn start(config_text: &str, extra: &[&str]) -> Served {
+        Served::start_command("serve", config_text, extra)
+    }
+
+    /// `aviary gateway` (remote-only: every routed version names its worker's
+    /// `endpoint`) over `config_text`, like [`Served::start`].
+    pub fn gateway(config_text: &str, extra: &[&str]) -> Served {
+        Served::start_command("gateway", config_text, extra)
+    }
+
+    fn start_command(command: &'static str, config_text: &str, extra: &[&str]) -> Served {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("aviary.toml");
         let text = config_text.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(&config, text).expect("write config");
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let (server, inference, admin) = Served::spawn(&config, &extra);
+        let (server, inference, admin) = Served::spawn(command, &config, &extra);
         Served {
             server,
             addr: format!("http://{inference}"),
@@ -282,14 +293,15 @@ impl Served {
             admin: format!("http://{admin}"),
             config,
             dir,
+            command,
             extra,
         }
     }
 
-    fn spawn(config: &Path, extra: &[String]) -> (Process, SocketAddr, SocketAddr) {
+    fn spawn(command: &str, config: &Path, extra: &[String]) -> (Process, SocketAddr, SocketAddr) {
         let path = config.to_str().expect("utf-8 path");
         let mut args = vec![
-            "serve",
+            command,
             "--config",
             path,
             "--listen",
@@ -310,7 +322,7 @@ impl Served {
         sigterm(&self.server);
         let status = self.server.wait_exit(Duration::from_secs(30));
         assert_eq!(status.code(), Some(0), "serve exits 0 on SIGTERM");
-        let (server, inference, admin) = Served::spawn(&self.config, &self.extra);
+        let (server, inference, admin) = Served::spawn(self.command, &self.config, &self.extra);
         self.server = server;
         self.inference = inference;
         self.addr = format!("http://{inference}");
