@@ -115,20 +115,7 @@ fn serve_and_infer_split_pin_and_refuse() {
 
 #[test]
 fn worker_and_bench() {
-    let models = repo_root().join("tests/models");
-    let mut worker = Process::spawn(
-        &[
-            "worker",
-            "--repo",
-            models.to_str().expect("utf-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-            "--instances",
-            "2",
-        ],
-        &[],
-    );
-    let addr = format!("http://{}", worker.wait_listening());
+    let (_worker, addr) = start_worker(&repo_root().join("tests/models"));
 
     let output = run(
         &[
@@ -293,23 +280,7 @@ fn sigterm_with_an_open_stream_exits_zero_after_the_grace_period() {
         .enable_all()
         .build()
         .expect("runtime");
-    let _stream = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        let mut stream = health
-            .watch(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        stream.message().await.expect("first status");
-        stream
-    });
+    let _stream = runtime.block_on(hold_open(&addr));
     sigterm(&server);
     let status = server.wait_exit(Duration::from_secs(10));
     assert_eq!(

@@ -43,28 +43,11 @@ fn routes_show_weights_and_set_weights_steers_traffic() {
             .contains(&format!("generation {}", generation + 1)),
         "says the new generation: {set:#?}"
     );
-    let report = run(
-        &[
-            "infer",
-            "--addr",
-            &served.addr,
-            "--model",
-            "demo",
-            "--input",
-            ROW,
-            "--repeat",
-            "50",
-            "--json",
-        ],
-        &[],
-    )
-    .json();
-    let versions: BTreeMap<String, u64> =
-        serde_json::from_value(report["versions"].clone()).expect("versions: name -> count");
+    let versions = infer_versions(&served.addr, None, 50);
     assert_eq!(
         versions,
         BTreeMap::from([("2".to_owned(), 50)]),
-        "with weights 0/100 only version 2 answers: {report:#}"
+        "with weights 0/100 only version 2 answers"
     );
 
     let refused = served.ctl(&["set-weights", "demo", "1=0", "2=0"]).failed();
@@ -208,21 +191,7 @@ fn unload_refuses_weighted_versions_unless_forced_and_load_brings_them_back() {
         rows_starting(&table, &["demo", "2"]).is_empty(),
         "ctl routes no longer lists demo 2:\n{table}"
     );
-    let pinned = run(
-        &[
-            "infer",
-            "--addr",
-            &served.addr,
-            "--model",
-            "demo",
-            "--version",
-            "2",
-            "--input",
-            ROW,
-        ],
-        &[],
-    )
-    .failed();
+    let pinned = infer_demo(&served.addr, &["--version", "2"]).failed();
     assert!(pinned.stderr.contains("NotFound"), "{pinned:#?}");
 
     let loaded = served.ctl(&["load", "demo", "2"]).ok();
@@ -302,14 +271,7 @@ fn sigterm_drains_slow_requests_in_flight_and_exits_zero() {
     let runtime = runtime();
 
     // What a batch answers when nothing is shutting down.
-    let reference = runtime.block_on(async {
-        let response = client(connect(&served.addr).await)
-            .model_infer(slow_request())
-            .await
-            .expect("a slow request before shutdown")
-            .into_inner();
-        slow_output(&response)
-    });
+    let reference = slow_reference(&runtime, &served.addr);
     assert_eq!(
         reference.0,
         [SLOW_BATCH as i64, SLOW_WIDTH as i64],

@@ -52,19 +52,6 @@ async fn successes(worker: &str, version: &str) -> u64 {
         .sum()
 }
 
-/// `aviary infer --repeat N --json` through `addr`: answers by version.
-fn infer_versions(addr: &str, version: Option<&str>, repeat: usize) -> BTreeMap<String, u64> {
-    let repeat = repeat.to_string();
-    let mut args = vec![
-        "infer", "--addr", addr, "--model", "demo", "--input", ROW, "--repeat", &repeat, "--json",
-    ];
-    if let Some(version) = version {
-        args.extend(["--version", version]);
-    }
-    let report = run(&args, &[]).json();
-    serde_json::from_value(report["versions"].clone()).expect("versions: name -> count")
-}
-
 #[test]
 fn a_remote_gateway_splits_between_two_worker_processes() {
     let models = repo_root().join("tests/models");
@@ -218,19 +205,7 @@ fn triton_repository_unload_and_load_of_a_weighted_model_under_load() {
         None,
         "the unloaded model leaves the routes"
     );
-    let gone = run(
-        &[
-            "infer",
-            "--addr",
-            &served.addr,
-            "--model",
-            "demo",
-            "--input",
-            ROW,
-        ],
-        &[],
-    )
-    .failed();
+    let gone = infer_demo(&served.addr, &[]).failed();
     assert!(gone.stderr.contains("NotFound"), "{gone:#?}");
 
     runtime
@@ -340,14 +315,7 @@ fn sigterm_answers_the_messages_in_flight_on_open_streams_then_exits_zero() {
     const MESSAGES: usize = 3;
     let mut served = Served::start(&slow_config(), &["--grace-period", "30"]);
     let runtime = runtime();
-    let reference = runtime.block_on(async {
-        let response = client(connect(&served.addr).await)
-            .model_infer(slow_request())
-            .await
-            .expect("a slow request before shutdown")
-            .into_inner();
-        slow_output(&response)
-    });
+    let reference = slow_reference(&runtime, &served.addr);
 
     // Two streams, each with MESSAGES slow messages sent. One has half-closed its side
     // (it will send no more); the other stays open until it has every answer, as a

@@ -251,6 +251,25 @@ pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
 }
 
+/// `aviary infer --addr ADDR --model demo --input ROW EXTRA`, run to completion.
+pub fn infer_demo(addr: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["infer", "--addr", addr, "--model", "demo", "--input", ROW];
+    args.extend_from_slice(extra);
+    run(&args, &[])
+}
+
+/// `aviary infer --repeat N --json` of demo through `addr`, pinned to `version` if
+/// given: the answers by version.
+pub fn infer_versions(addr: &str, version: Option<&str>, repeat: usize) -> BTreeMap<String, u64> {
+    let repeat = repeat.to_string();
+    let mut extra = vec!["--repeat", &repeat, "--json"];
+    if let Some(version) = version {
+        extra.extend(["--version", version]);
+    }
+    let report = infer_demo(addr, &extra).json();
+    serde_json::from_value(report["versions"].clone()).expect("versions: name -> count")
+}
+
 /// A gateway process serving a config file of its own.
 pub struct Served {
     pub server: Process,
@@ -513,6 +532,21 @@ pub fn slow_output(response: &ModelInferResponse) -> (Vec<i64>, String, Vec<u8>)
         .expect("raw output contents")
         .to_vec();
     (output.shape.clone(), output.datatype.clone(), raw)
+}
+
+/// What the slow model at `addr` answers to [`slow_request`] (before any shutdown).
+pub fn slow_reference(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+) -> (Vec<i64>, String, Vec<u8>) {
+    runtime.block_on(async {
+        let response = client(connect(addr).await)
+            .model_infer(slow_request())
+            .await
+            .expect("a slow request before shutdown")
+            .into_inner();
+        slow_output(&response)
+    })
 }
 
 /// A request the server has accepted and is still working on.
