@@ -430,6 +430,9 @@ mod tests {
     }
 
     proptest! {
+        // Never write regression files next to the sources.
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
         #[test]
         fn validation_reports_exactly_the_broken_rules(
             weights in weights(),
