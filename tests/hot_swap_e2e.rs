@@ -35,13 +35,6 @@ const DEMO_BOTH: &str = "[routes.demo]\nversions = [ { version = \"1\", weight =
 /// An input on which demo/1 and demo/2 answer differently (checked by [`reference`]).
 const ROW: [f32; 4] = [6.0, 2.9, 4.5, 1.5];
 
-/// The longest the gateway's config watcher goes without reading its file (it reads on
-/// every event in the file's folder, and polls every 2 s), with room to spare. A state
-/// of the file that shows nowhere in the API (deleted, momentarily empty) is held this
-/// long, so the watcher has read it; the route generation then tells whether anything
-/// was published from it.
-const CONFIG_POLL: Duration = Duration::from_millis(2_500);
-
 /// Generous bound for conditions that normally hold within milliseconds.
 const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -958,13 +951,23 @@ async fn an_invalid_or_deleted_config_file_keeps_the_last_good_routes() {
         assert_eq!(infer(&mut client, "").await.model_version, "2");
     }
 
-    // Deleted: the last good config keeps serving. The deletion shows nowhere in the
-    // API, so the window lasts one whole config poll: the watcher read the missing
-    // file at least once inside it (see [`CONFIG_POLL`]).
+    // Deleted: the last good config keeps serving, and the status says the file
+    // cannot be read once the watcher has tried.
     let last_good = get_routes(&mut admin).await;
     std::fs::remove_file(&path).expect("delete the config");
-    let window = Instant::now() + CONFIG_POLL;
-    while Instant::now() < window {
+    let noticed = support::eventually(PATIENCE, || {
+        let admin = admin.clone();
+        async move {
+            admin
+                .config_status()
+                .await
+                .unreadable
+                .starts_with("cannot read the file")
+        }
+    })
+    .await;
+    assert!(noticed, "the watcher read the missing file");
+    for _ in 0..20 {
         assert_eq!(infer(&mut client, "").await.model_version, "2");
     }
     assert_eq!(get_routes(&mut admin).await, last_good);
@@ -1113,11 +1116,10 @@ async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
         })
         .await
         .expect("RepositoryModelLoad demo");
-    // The explicit route went with the unload; the loaded model gets the implicit
-    // one: the newest version takes unpinned traffic, the older one is pinnable.
+    // Loaded again, the model gets its configured route back.
     assert_eq!(
         demo_weights(&get_routes(&mut admin).await),
-        pairs([0, 1]),
+        pairs([50, 50]),
         "the routes after RepositoryModelLoad"
     );
     let demo_ready = client.model_ready(ready("demo")).await.expect("ModelReady");
@@ -1127,9 +1129,12 @@ async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
         assert_eq!(response.model_version, version);
         assert_eq!(probabilities(&response), reference[which]);
     }
-    for _ in 0..20 {
-        assert_eq!(infer(&mut client, "").await.model_version, "2");
+    // The configured 50/50 split again: P(one version never answers 200) = 2^-199.
+    let mut answered = BTreeSet::new();
+    for _ in 0..200 {
+        answered.insert(infer(&mut client, "").await.model_version);
     }
+    assert_eq!(answered, BTreeSet::from(["1".to_owned(), "2".to_owned()]));
     gateway.stop().await.expect("clean stop");
 }
 
@@ -1150,11 +1155,16 @@ async fn an_in_place_save_never_applies_the_momentarily_empty_file() {
     let before = get_routes(&mut admin).await;
     assert_eq!(demo_weights(&before), pairs([100, 0]));
 
-    // The editor has truncated the file and not written yet, for one whole config
-    // poll: the watcher read the empty file at least once (see [`CONFIG_POLL`]).
+    // The editor has truncated the file and not written yet: the watcher reads the
+    // empty file (the status says so) and applies nothing.
     let mut file = std::fs::File::create(&path).expect("truncate the config in place");
-    let window = Instant::now() + CONFIG_POLL;
-    while Instant::now() < window {
+    let noticed = support::eventually(PATIENCE, || {
+        let admin = admin.clone();
+        async move { admin.config_status().await.unreadable == "the file is empty" }
+    })
+    .await;
+    assert!(noticed, "the watcher read the empty file");
+    for _ in 0..20 {
         assert_eq!(
             infer(&mut client, "").await.model_version,
             "1",

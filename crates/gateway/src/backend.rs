@@ -217,7 +217,19 @@ impl Remote {
         })
     }
 
+    /// A failed call. A status with a source error was made on this side from a
+    /// transport failure (the connection broke, the worker died mid-call), not sent by
+    /// the worker: tonic gives those UNKNOWN, but the worker is unavailable.
     fn error(&self, status: tonic::Status) -> GatewayError {
+        let from_transport = std::error::Error::source(&status).is_some()
+            && !matches!(
+                status.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unavailable
+            );
+        let status = match from_transport {
+            true => tonic::Status::unavailable(status.message()),
+            false => status,
+        };
         GatewayError::Remote {
             endpoint: self.endpoint.clone(),
             status,

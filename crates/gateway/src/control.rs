@@ -43,6 +43,11 @@ pub struct ConfigStatus {
     pub rejected_at_ms: u64,
     /// What of the applied file is not in force as written, each with its path.
     pub notes: Vec<String>,
+    /// Why the file cannot be used right now (deleted, unreadable, empty); empty when
+    /// the watcher last read it fine.
+    pub unreadable: String,
+    /// Since when it has been so (ms since the epoch; 0 when readable).
+    pub unreadable_since_ms: u64,
 }
 
 /// The watched config file: its status and the routes it last gave.
@@ -423,14 +428,21 @@ impl Control {
     }
 
     /// Triton's RepositoryModelLoad on the embedded worker: load or reload the model's
-    /// versions as its policy says, then rebuild the routes.
+    /// versions as its policy says, then rebuild the routes. A model without a route in
+    /// force (unloaded before) gets the config file's route for it back, if any.
     pub async fn load_model(&self, model: &str) -> Result<u64, GatewayError> {
         let worker = self.embedded()?;
         let mut writer = self.writer.lock().await;
         let routing = self.routing.load_full();
         let may_unload = |m: &str, v: u64| routing.weight(m, &v.to_string()) == 0;
         let result = worker.load_model(model, &may_unload).await;
-        let routes = writer.routes.clone();
+        let mut routes = writer.routes.clone();
+        if result.is_ok()
+            && !routes.contains_key(model)
+            && let Some(configured) = self.file_state(|file| file.routes.get(model).cloned())
+        {
+            routes.insert(model.to_owned(), configured);
+        }
         let mut generation = self.publish_keeping(&mut writer, routes)?;
         if let Ok(report) = &result {
             generation = self
@@ -441,7 +453,8 @@ impl Control {
         result.map(|_| generation).map_err(Into::into)
     }
 
-    /// Triton's RepositoryModelUnload: removes the model's route, then unloads it.
+    /// Triton's RepositoryModelUnload: removes the model's route, then unloads it (a
+    /// later RepositoryModelLoad brings the config file's route back).
     pub async fn unload_model(&self, model: &str) -> Result<u64, GatewayError> {
         let worker = self.embedded()?;
         worker.slot(model, "")?;
@@ -545,6 +558,26 @@ impl Control {
         self.file_state(|file| {
             file.status.path = path.to_owned();
             file.status.applied_at_ms = now_ms();
+        });
+    }
+
+    /// Records whether the watcher could use the file it read: `Some(why)` when it is
+    /// deleted, unreadable or empty (the last good config keeps serving), `None` when
+    /// it read contents.
+    pub fn record_file_readable(&self, unreadable: Option<String>) {
+        self.file_state(|file| {
+            let status = &mut file.status;
+            match unreadable {
+                Some(why) if status.unreadable.is_empty() => {
+                    status.unreadable = why;
+                    status.unreadable_since_ms = now_ms();
+                }
+                Some(why) => status.unreadable = why,
+                None => {
+                    status.unreadable.clear();
+                    status.unreadable_since_ms = 0;
+                }
+            }
         });
     }
 

@@ -89,6 +89,7 @@ pub async fn watch_config(
                     tracing::warn!(path = %shown, %error, "config file unreadable or deleted; keeping the last good config");
                     warned_missing = true;
                 }
+                control.record_file_readable(Some(format!("cannot read the file: {error}")));
                 continue;
             }
         };
@@ -96,8 +97,10 @@ pub async fn watch_config(
         if contents.iter().all(u8::is_ascii_whitespace) {
             // An in-place save truncates before it writes; an empty file is never meant.
             tracing::debug!(path = %shown, "config file is empty; waiting for its contents");
+            control.record_file_readable(Some("the file is empty".to_owned()));
             continue;
         }
+        control.record_file_readable(None);
         if last_seen.as_deref() == Some(contents.as_slice()) {
             continue;
         }

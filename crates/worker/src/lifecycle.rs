@@ -277,6 +277,7 @@ impl Lifecycle {
                 "model_name \"{model}\" is not a model folder name"
             )));
         }
+        repository::check_model_name(model)?;
         // An explicit load retries files that failed before, even unchanged ones.
         update(catalog, |catalog| {
             catalog.failed.retain(|(m, _), _| m != model)

@@ -81,8 +81,32 @@ pub struct VersionEntry {
     pub fingerprint: Fingerprint,
 }
 
+/// Refuses a model name that is not one plain folder name of the repository: a name
+/// from a request is joined into a path, so `..`, separators, an absolute path or a NUL
+/// would reach outside the repository.
+pub fn check_model_name(model: &str) -> Result<(), WorkerError> {
+    let reason = if model.is_empty() {
+        Some("it is empty")
+    } else if model.contains('\0') {
+        Some("it contains a NUL character")
+    } else if model.contains(['/', '\\']) {
+        Some("it contains a path separator")
+    } else if model == "." || model == ".." {
+        Some("it is a relative path")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(WorkerError::invalid(format!(
+            "model: {model:?} is not a model name: {reason} (a model is a folder of the repository)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The entry of one version folder, or a load error saying what is missing.
 pub fn version_entry(root: &Path, model: &str, version: u64) -> Result<VersionEntry, WorkerError> {
+    check_model_name(model)?;
     let dir = root.join(model).join(version.to_string());
     let model_path = dir.join(MODEL_FILE);
     let fingerprint = Fingerprint::of(&model_path).map_err(|e| WorkerError::Load {
@@ -169,6 +193,17 @@ pub fn read_card(path: &Path) -> Result<ModelCard, WorkerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_leave_the_repository_are_refused() {
+        for bad in ["", "..", ".", "../x", "/etc", "a/b", "a\\b", "x\0y"] {
+            let error = check_model_name(bad).expect_err(bad).to_string();
+            assert!(error.starts_with("model: "), "{bad:?}: {error}");
+        }
+        for good in ["demo", "mlp", "a.b", "my-model_2", "..x"] {
+            check_model_name(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+    }
 
     #[test]
     fn scan_finds_numeric_versions_and_cards() -> Result<(), Box<dyn std::error::Error>> {

@@ -115,6 +115,13 @@ fn render_config_status(status: &ConfigStatus) -> String {
             status.errors.join("\n  ")
         )
     };
+    if !status.unreadable.is_empty() {
+        out.push_str(&format!(
+            "\nthe file cannot be used since {} ({}); the last good config keeps serving",
+            loaded_at(status.unreadable_since_ms),
+            status.unreadable
+        ));
+    }
     if !status.notes.is_empty() {
         out.push_str(&format!(
             "\nnot in force as written:\n  {}",

@@ -75,6 +75,8 @@ impl Routes for RoutesService {
             errors: status.errors,
             rejected_at_ms: status.rejected_at_ms,
             notes: status.notes,
+            unreadable: status.unreadable,
+            unreadable_since_ms: status.unreadable_since_ms,
         }))
     }
 }
