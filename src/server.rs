@@ -173,11 +173,68 @@ where
     }))
 }
 
+/// The client's deadline from a request's `grpc-timeout` header, as gRPC encodes it
+/// (at most 8 digits and a unit: `H`, `M`, `S`, `m`, `u`, `n`); `None` when the header
+/// is absent or malformed (a malformed one is ignored, as gRPC servers do).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = text.len().checked_sub(1)?;
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.checked_mul(3600)?),
+        "M" => Duration::from_secs(value.checked_mul(60)?),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
 /// `ServerMetadata` of every Aviary server.
 pub fn server_metadata() -> ServerMetadataResponse {
     ServerMetadataResponse {
         name: crate::SERVER_NAME.to_owned(),
         version: crate::VERSION.to_owned(),
         extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(header: &str) -> Option<Duration> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(
+            "grpc-timeout",
+            header.parse().expect("an ASCII header value"),
+        );
+        grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout("5n"), Some(Duration::from_nanos(5)));
+    }
+
+    #[test]
+    fn malformed_grpc_timeouts_are_ignored() {
+        for bad in ["", "m", "100", "123456789m", "1x", "-1m", "1.5S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

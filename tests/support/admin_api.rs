@@ -89,7 +89,7 @@ pub fn route(model: &str, weights: &[(&str, u32)]) -> Route {
             .map(|&(version, weight)| VersionWeight {
                 version: version.into(),
                 weight,
-                endpoint: String::new(),
+                ..VersionWeight::default()
             })
             .collect(),
     }

@@ -4,6 +4,7 @@
 //! config file and the repository.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     path::PathBuf,
     sync::{
@@ -13,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use aviary::server;
 use aviary_worker::{SessionOptions, Worker, WorkerConfig};
 use tokio::{net::TcpListener, sync::watch};
@@ -27,11 +27,15 @@ use crate::{
     metrics::Metrics,
     rollouts::{LocalGateway, Rollouts},
     routing::Routing,
+    stack::BreakerState,
     watch as watcher,
 };
 
 /// How often readiness of every routed version is re-checked.
 const READINESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long one version's readiness check may take before it counts as down.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Whether the gateway runs models itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +185,7 @@ impl Gateway {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(track_readiness(
-            Arc::clone(self.control.routing()),
+            Arc::clone(&self.control),
             Arc::clone(&self.ready),
             health.clone(),
         ));
@@ -249,38 +253,80 @@ impl Gateway {
     }
 }
 
-/// Keeps the ready flag and gRPC health equal to "every routed version is ready".
-async fn track_readiness(
-    routing: Arc<ArcSwap<Routing>>,
-    ready: Arc<AtomicBool>,
-    health: HealthReporter,
-) {
+/// Keeps the ready flag and gRPC health equal to "every routed model can serve its
+/// unpinned traffic": at least one of its versions with weight is up. A canary whose
+/// workers died degrades that version (its breaker, its errors), never the whole
+/// gateway: a readiness probe must not pull every model out of service for one
+/// version. Versions are checked concurrently, each with a timeout.
+async fn track_readiness(control: Arc<Control>, ready: Arc<AtomicBool>, health: HealthReporter) {
     let mut last = None;
     loop {
-        let snapshot = routing.load_full();
-        let mut all_ready = true;
-        for (model, version) in snapshot.routed_versions() {
-            let Ok(backend) = snapshot.backend(model, version) else {
-                all_ready = false;
-                break;
-            };
-            if !backend.ready(model.to_owned(), version.to_owned()).await {
+        let snapshot = control.routing().load_full();
+        let versions = check_versions(&snapshot).await;
+        let now_ready = servable(&snapshot, &versions);
+        control.record_health(versions);
+        ready.store(now_ready, Ordering::Relaxed);
+        if last != Some(now_ready) {
+            server::set_serving(&health, now_ready).await;
+            tracing::info!(ready = now_ready, "readiness changed");
+            last = Some(now_ready);
+        }
+        tokio::time::sleep(READINESS_INTERVAL).await;
+    }
+}
+
+/// Whether each routed version is up: its backend answers ready within
+/// [`READY_CHECK_TIMEOUT`] and its breaker is not open. All are checked at once.
+async fn check_versions(routing: &Routing) -> BTreeMap<(String, String), bool> {
+    let mut checks = tokio::task::JoinSet::new();
+    for (model, version) in routing.routed_versions() {
+        let breaker_open = routing
+            .guards(model, version)
+            .is_some_and(|g| matches!(g.breaker().state(), BreakerState::Open { .. }));
+        let Ok(backend) = routing.backend(model, version) else {
+            continue;
+        };
+        let (backend, model, version) = (Arc::clone(backend), model.to_owned(), version.to_owned());
+        checks.spawn(async move {
+            let check = backend.ready(model.clone(), version.clone());
+            let up = !breaker_open
+                && tokio::time::timeout(READY_CHECK_TIMEOUT, check)
+                    .await
+                    .unwrap_or(false);
+            if !up {
                 tracing::debug!(
                     model,
                     version,
                     location = backend.location(),
-                    "version not ready"
+                    "version down"
                 );
-                all_ready = false;
-                break;
             }
-        }
-        ready.store(all_ready, Ordering::Relaxed);
-        if last != Some(all_ready) {
-            server::set_serving(&health, all_ready).await;
-            tracing::info!(ready = all_ready, "readiness changed");
-            last = Some(all_ready);
-        }
-        tokio::time::sleep(READINESS_INTERVAL).await;
+            ((model, version), up)
+        });
     }
+    let mut versions = BTreeMap::new();
+    while let Some(Ok((key, up))) = checks.join_next().await {
+        versions.insert(key, up);
+    }
+    versions
+}
+
+/// Whether every routed model with weight somewhere has a version with weight up.
+fn servable(routing: &Routing, versions: &BTreeMap<(String, String), bool>) -> bool {
+    routing.table.models().all(|model| {
+        let Some(route) = routing.table.route(model) else {
+            return true;
+        };
+        let mut weighted = route
+            .versions()
+            .filter(|(_, weight)| *weight > 0)
+            .peekable();
+        weighted.peek().is_none()
+            || weighted.any(|(version, _)| {
+                versions
+                    .get(&(model.to_owned(), version.to_owned()))
+                    .copied()
+                    .unwrap_or(false)
+            })
+    })
 }

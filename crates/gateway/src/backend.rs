@@ -1,8 +1,13 @@
 //! Backends: where a routed model version runs. [`InProcess`] calls the embedded
 //! worker directly; [`Remote`] calls a worker server over gRPC (one HTTP/2 channel per
-//! endpoint, shared by every version served there).
+//! endpoint, shared by every version served there). The request path around a backend
+//! (deadline, load shedding, breaker, faults) is [`crate::stack`].
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aviary::pb::inference::{
     ModelConfig, ModelConfigRequest, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
@@ -14,17 +19,20 @@ use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{GatewayError, config::FaultConfig};
+use crate::GatewayError;
 
 /// A place that runs model versions.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Where it is, for logs and errors (`in-process`, or the endpoint URL).
     fn location(&self) -> &str;
 
-    /// Runs one inference; `request.model_version` is already resolved.
+    /// Runs one inference; `request.model_version` is already resolved. `deadline` is
+    /// when the client stops waiting: a backend passes it on (a worker drops a request
+    /// whose deadline passed before it ran).
     fn infer(
         &self,
         request: ModelInferRequest,
+        deadline: Option<Instant>,
     ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>>;
 
     /// Whether the version is loaded and ready.
@@ -79,8 +87,9 @@ impl Backend for InProcess {
     fn infer(
         &self,
         request: ModelInferRequest,
+        deadline: Option<Instant>,
     ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        Box::pin(async move { Ok(infer_on(&self.slot, request).await?) })
+        Box::pin(async move { Ok(infer_on(&self.slot, request, deadline).await?) })
     }
 
     fn ready(&self, _model: String, _version: String) -> BoxFuture<'_, bool> {
@@ -117,77 +126,6 @@ impl Backend for InProcess {
     }
 }
 
-/// A version with injected faults: a delay before each request and a share of
-/// requests failed with `INTERNAL`, for tests and game days.
-#[derive(Debug)]
-pub struct Faulty {
-    inner: Arc<dyn Backend>,
-    fault: FaultConfig,
-}
-
-impl Faulty {
-    /// Wraps `inner` with `fault`.
-    pub fn new(inner: Arc<dyn Backend>, fault: FaultConfig) -> Faulty {
-        Faulty { inner, fault }
-    }
-}
-
-impl Backend for Faulty {
-    fn location(&self) -> &str {
-        self.inner.location()
-    }
-
-    fn infer(
-        &self,
-        request: ModelInferRequest,
-    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        Box::pin(async move {
-            if self.fault.delay_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(self.fault.delay_ms)).await;
-            }
-            if self.fault.error_rate > 0.0 && rand::random::<f64>() < self.fault.error_rate {
-                return Err(GatewayError::InjectedFault {
-                    model: request.model_name,
-                    version: request.model_version,
-                });
-            }
-            self.inner.infer(request).await
-        })
-    }
-
-    fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool> {
-        self.inner.ready(model, version)
-    }
-
-    fn metadata(
-        &self,
-        model: String,
-        version: String,
-    ) -> BoxFuture<'_, Result<ModelMetadataResponse, GatewayError>> {
-        self.inner.metadata(model, version)
-    }
-
-    fn config(
-        &self,
-        model: String,
-        version: String,
-    ) -> BoxFuture<'_, Result<ModelConfig, GatewayError>> {
-        self.inner.config(model, version)
-    }
-
-    fn statistics(
-        &self,
-        model: String,
-        version: String,
-    ) -> BoxFuture<'_, Result<Vec<ModelStatistics>, GatewayError>> {
-        self.inner.statistics(model, version)
-    }
-
-    fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>> {
-        self.inner.index()
-    }
-}
-
 /// A worker server reached over gRPC.
 #[derive(Debug, Clone)]
 pub struct Remote {
@@ -217,18 +155,29 @@ impl Remote {
         })
     }
 
-    /// A failed call. A status with a source error was made on this side from a
-    /// transport failure (the connection broke, the worker died mid-call), not sent by
-    /// the worker: tonic gives those UNKNOWN, but the worker is unavailable.
+    /// A failed call. A status with a source error was made on this side, not sent by
+    /// the worker: a transport failure (the connection broke, the worker died
+    /// mid-call) tonic gives UNKNOWN, but the worker is unavailable; the call's own
+    /// deadline (its grpc-timeout) passing is tonic's CANCELLED "Timeout expired", but
+    /// to the caller it is DEADLINE_EXCEEDED.
     fn error(&self, status: tonic::Status) -> GatewayError {
-        let from_transport = std::error::Error::source(&status).is_some()
+        let source = std::error::Error::source(&status);
+        let timed_out =
+            std::iter::successors(source, |e| e.source()).any(|e| e.is::<tonic::TimeoutExpired>());
+        let status = if timed_out {
+            tonic::Status::deadline_exceeded(format!(
+                "no answer within the deadline ({})",
+                status.message()
+            ))
+        } else if source.is_some()
             && !matches!(
                 status.code(),
                 tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unavailable
-            );
-        let status = match from_transport {
-            true => tonic::Status::unavailable(status.message()),
-            false => status,
+            )
+        {
+            tonic::Status::unavailable(status.message())
+        } else {
+            status
         };
         GatewayError::Remote {
             endpoint: self.endpoint.clone(),
@@ -245,9 +194,16 @@ impl Backend for Remote {
     fn infer(
         &self,
         request: ModelInferRequest,
+        deadline: Option<Instant>,
     ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
         let mut client = self.client.clone();
         Box::pin(async move {
+            let mut request = tonic::Request::new(request);
+            if let Some(deadline) = deadline {
+                // What is left of the deadline travels as the call's grpc-timeout, so
+                // the worker drops the request if it expires in the worker's queue.
+                request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            }
             client
                 .model_infer(request)
                 .await

@@ -209,6 +209,29 @@ pub struct RouteConfig {
     /// A version that also receives a share of the requests, off the request path.
     #[serde(default)]
     pub shadow: Option<ShadowConfig>,
+    /// Deadlines, load shedding and the circuit breaker of the route's versions.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// The limits of a route's versions; each absent setting takes its default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Deadline of a request whose client sets none, in milliseconds (default 30000).
+    pub timeout_ms: Option<u64>,
+    /// Longest deadline a client may set, in milliseconds (default 300000).
+    pub max_timeout_ms: Option<u64>,
+    /// Requests in flight to a version at once (default 64).
+    pub max_in_flight: Option<usize>,
+    /// Requests waiting for a version beyond those (default 256); more are refused
+    /// with RESOURCE_EXHAUSTED.
+    pub max_queue: Option<usize>,
+    /// Consecutive failures that open a version's circuit breaker (default 5).
+    pub breaker_failures: Option<u32>,
+    /// How long an open breaker fails calls fast before a probe, in milliseconds
+    /// (default 5000).
+    pub breaker_open_ms: Option<u64>,
 }
 
 /// One version of a route.

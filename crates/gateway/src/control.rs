@@ -16,7 +16,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -163,6 +163,8 @@ pub struct Control {
     max_message_bytes: usize,
     writer: tokio::sync::Mutex<Writer>,
     file: Mutex<FileState>,
+    /// The last readiness check of each routed version: up or not.
+    health: Mutex<BTreeMap<(String, String), bool>>,
 }
 
 impl Control {
@@ -193,6 +195,7 @@ impl Control {
                 status: ConfigStatus::default(),
                 routes,
             }),
+            health: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -223,10 +226,11 @@ impl Control {
         let mut routes = writer.routes.clone();
         let mut route = route;
         // The admin API sets versions and weights; a route's sticky key, match rules,
-        // shadow and injected faults (config file) stay as they are.
+        // shadow, limits and injected faults (config file) stay as they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
             route.shadow = route.shadow.or_else(|| existing.shadow.clone());
+            route.limits = existing.limits;
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
             }
@@ -527,6 +531,21 @@ impl Control {
         self.publish_keeping(writer, routes).map(Some)
     }
 
+    /// Records the last readiness check of every routed version.
+    pub fn record_health(&self, health: BTreeMap<(String, String), bool>) {
+        *self.health.lock().unwrap_or_else(PoisonError::into_inner) = health;
+    }
+
+    /// Whether the last readiness check found `model` at `version` up; `None` before
+    /// its first check.
+    pub fn version_up(&self, model: &str, version: &str) -> Option<bool> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(model.to_owned(), version.to_owned()))
+            .copied()
+    }
+
     /// The status of the watched config file, with a note for every model whose
     /// weights in the file a running rollout holds.
     pub async fn config_status(&self) -> ConfigStatus {
@@ -601,10 +620,7 @@ impl Control {
     fn file_state<R>(&self, f: impl FnOnce(&mut FileState) -> R) -> R {
         // The state is plain data, whole after every write: a panic elsewhere while the
         // lock was held leaves nothing half-changed, so a poisoned lock is taken as is.
-        f(&mut self
-            .file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
+        f(&mut self.file.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn embedded(&self) -> Result<&Arc<Worker>, GatewayError> {

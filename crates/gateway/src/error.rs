@@ -78,6 +78,44 @@ pub enum GatewayError {
         /// The model.
         model: String,
     },
+    /// The version has as many calls in flight and waiting as its limits allow.
+    #[error(
+        "model \"{model}\" version \"{version}\" is at its limit ({in_flight} requests in flight and {queued} waiting); retry later"
+    )]
+    Overloaded {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// Its `max_in_flight`.
+        in_flight: usize,
+        /// Its `max_queue`.
+        queued: usize,
+    },
+    /// The version failed so often that calls to it fail fast for a while.
+    #[error(
+        "model \"{model}\" version \"{version}\" is failing: its circuit breaker is open (next try in {retry_in_ms} ms)"
+    )]
+    BreakerOpen {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// When a probe call will be let through.
+        retry_in_ms: u128,
+    },
+    /// The call's deadline passed before the version answered.
+    #[error(
+        "model \"{model}\" version \"{version}\" did not answer within the deadline ({after_ms} ms)"
+    )]
+    DeadlineExceeded {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// How long the call ran.
+        after_ms: u128,
+    },
     /// Other servers (a controller's gateways) could not be reached.
     #[error("{0}")]
     Unreachable(String),
@@ -92,6 +130,28 @@ pub enum GatewayError {
         /// The version.
         version: String,
     },
+}
+
+impl GatewayError {
+    /// Whether the version itself failed the call (it is down, broken or too slow), as
+    /// opposed to refusing a bad request: what a circuit breaker counts.
+    pub fn is_backend_failure(&self) -> bool {
+        use tonic::Code;
+        match self {
+            GatewayError::Remote { status, .. } => matches!(
+                status.code(),
+                Code::Unavailable | Code::Internal | Code::Unknown | Code::DeadlineExceeded
+            ),
+            GatewayError::Worker(error) => matches!(
+                error.code(),
+                Code::Unavailable | Code::Internal | Code::DeadlineExceeded
+            ),
+            GatewayError::InjectedFault { .. }
+            | GatewayError::NoBackend { .. }
+            | GatewayError::DeadlineExceeded { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 impl From<GatewayError> for tonic::Status {
@@ -118,8 +178,12 @@ impl From<GatewayError> for tonic::Status {
             | GatewayError::HeldByRollout { .. }
             | GatewayError::RolloutCommand(_)) => tonic::Status::failed_precondition(e.to_string()),
             e @ GatewayError::NoRollout { .. } => tonic::Status::not_found(e.to_string()),
-            e @ (GatewayError::NoBackend { .. } | GatewayError::Unreachable(_)) => {
-                tonic::Status::unavailable(e.to_string())
+            e @ (GatewayError::NoBackend { .. }
+            | GatewayError::Unreachable(_)
+            | GatewayError::BreakerOpen { .. }) => tonic::Status::unavailable(e.to_string()),
+            e @ GatewayError::Overloaded { .. } => tonic::Status::resource_exhausted(e.to_string()),
+            e @ GatewayError::DeadlineExceeded { .. } => {
+                tonic::Status::deadline_exceeded(e.to_string())
             }
             e @ (GatewayError::InjectedFault { .. } | GatewayError::Serve(_)) => {
                 tonic::Status::internal(e.to_string())

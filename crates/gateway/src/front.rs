@@ -9,6 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -21,7 +22,7 @@ use aviary::pb::inference::{
     ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
     ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
 };
-use aviary::server::{InferStream, server_metadata, stream_responses};
+use aviary::server::{InferStream, grpc_timeout, server_metadata, stream_responses};
 use aviary_router::{RequestAttributes, RouteError};
 use rand::{SeedableRng, rngs::SmallRng};
 use tonic::{
@@ -29,7 +30,9 @@ use tonic::{
     metadata::{MetadataMap, MetadataValue},
 };
 
-use crate::{GatewayError, control::Control, metrics::Metrics, routing::Routing};
+use tower::ServiceExt;
+
+use crate::{GatewayError, control::Control, metrics::Metrics, routing::Routing, stack::Call};
 
 /// Response header naming the variant (version) that served the request.
 pub const VARIANT_HEADER: &str = "x-aviary-variant";
@@ -103,27 +106,38 @@ impl Front {
         })?;
         // From here on the request belongs to `version`: its outcome counts for it.
         let model = request.model_name.clone();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        let deadline = routing
+            .limits(&model)
+            .deadline(grpc_timeout(metadata), started);
         request.model_version.clone_from(&version);
-        let result = self.call(&routing, request).await;
+        let result = self.call(&routing, request, deadline).await;
         self.metrics
             .record(&model, &version, result.is_ok(), started.elapsed());
         result
     }
 
-    /// Calls the backend of the version the request names, and mirrors it if chosen.
+    /// Calls the version the request names through its request path (deadline, load
+    /// shedding, breaker), and mirrors it if chosen.
     async fn call(
         &self,
         routing: &Routing,
         request: ModelInferRequest,
+        deadline: Instant,
     ) -> Result<ModelInferResponse, GatewayError> {
-        let backend = routing.backend(&request.model_name, &request.model_version)?;
+        let service = routing
+            .service(&request.model_name, &request.model_version)?
+            .clone();
         // The shadow coin is flipped first so only mirrored requests are copied.
         let mirror = routing
             .mirror(&request.model_name)
             .filter(|mirror| SPLIT_RNG.with_borrow_mut(|rng| mirror.chosen(rng)));
         let copy = mirror.map(|_| request.clone());
-        let response = backend.infer(request).await?;
+        let call = Call {
+            request,
+            deadline: Some(deadline),
+        };
+        let response = service.oneshot(call).await?;
         if let (Some(mirror), Some(copy)) = (mirror, copy) {
             mirror.enqueue(copy, &response);
         }

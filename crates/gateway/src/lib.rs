@@ -20,6 +20,8 @@
 //! - [`admin`]: the admin API's services (routes, models, rollouts, experiments,
 //!   fleet) over [`control`], [`metrics`] and a rollout driver.
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
+//! - [`stack`]: a version's request path as tower layers: deadline, load shedding,
+//!   circuit breaker, injected faults.
 //! - [`front`]: the v2 service clients talk to.
 //! - [`app`]: assembling a gateway and running it until shutdown.
 //! - [`error`]: [`GatewayError`] and its mapping to gRPC statuses.
@@ -39,6 +41,7 @@ pub mod rollouts;
 pub mod route;
 pub mod routing;
 pub mod shadow;
+pub mod stack;
 pub mod watch;
 
 pub use app::{Gateway, Listeners, Mode};

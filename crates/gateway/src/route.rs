@@ -3,12 +3,18 @@
 //! ([`RouteConfig`]) or from the admin API's message, and shown back as that message;
 //! compiled into the router's [`RouteSpec`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use aviary::pb::admin as pb;
 use aviary_router::{RouteSpec, RuleSpec, StickySpec, VersionWeight};
 
-use crate::config::{FaultConfig, RouteConfig, ShadowConfig};
+use crate::{
+    config::{FaultConfig, LimitsConfig, RouteConfig, ShadowConfig},
+    stack::{BreakerSettings, Limits},
+};
 
 /// Every model's route, by model name.
 pub type Routes = BTreeMap<String, Route>;
@@ -24,6 +30,8 @@ pub struct Route {
     pub rules: Vec<RuleSpec>,
     /// A version that also receives a share of the requests, off the request path.
     pub shadow: Option<ShadowConfig>,
+    /// Deadlines, load shedding and the circuit breaker of its versions.
+    pub limits: Limits,
 }
 
 /// One version of a route.
@@ -67,7 +75,24 @@ impl From<&RouteConfig> for Route {
             sticky: config.sticky.clone(),
             rules: config.rules.clone(),
             shadow: config.shadow.clone(),
+            limits: limits_from(&config.limits),
         }
+    }
+}
+
+/// The limits a config asks for, with the defaults for what it leaves out.
+fn limits_from(config: &LimitsConfig) -> Limits {
+    let defaults = Limits::default();
+    let millis = |ms: Option<u64>, default: Duration| ms.map_or(default, Duration::from_millis);
+    Limits {
+        timeout: millis(config.timeout_ms, defaults.timeout),
+        max_timeout: millis(config.max_timeout_ms, defaults.max_timeout),
+        max_in_flight: config.max_in_flight.unwrap_or(defaults.max_in_flight),
+        max_queue: config.max_queue.unwrap_or(defaults.max_queue),
+        breaker: BreakerSettings {
+            failures: config.breaker_failures.unwrap_or(defaults.breaker.failures),
+            open_for: millis(config.breaker_open_ms, defaults.breaker.open_for),
+        },
     }
 }
 
@@ -108,6 +133,7 @@ impl Route {
                     version: v.version.clone(),
                     weight: v.weight,
                     endpoint: v.endpoint.clone().unwrap_or_default(),
+                    ..pb::VersionWeight::default()
                 })
                 .collect(),
         }
@@ -177,12 +203,13 @@ mod tests {
                 pb::VersionWeight {
                     version: "1".into(),
                     weight: 90,
-                    endpoint: String::new(),
+                    ..pb::VersionWeight::default()
                 },
                 pb::VersionWeight {
                     version: "2".into(),
                     weight: 10,
                     endpoint: "http://127.0.0.1:9".into(),
+                    ..pb::VersionWeight::default()
                 },
             ],
         };

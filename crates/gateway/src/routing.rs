@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::Duration,
 };
 
 use aviary_router::{RouteSpec, RouteTable};
@@ -13,21 +14,25 @@ use aviary_worker::Worker;
 
 use crate::{
     GatewayError,
-    backend::{Backend, Faulty, InProcess, Remote},
-    config::{FaultConfig, ShadowConfig},
+    backend::{Backend, InProcess, Remote},
+    config::ShadowConfig,
     route::{Route, Routes},
     shadow::Mirror,
+    stack::{Guards, InferService, Limits, version_service},
 };
 
 /// What outlives routing snapshots: remote worker clients by endpoint (so a weight
-/// change never reconnects) and shadow mirrors by model (their queues and comparisons
-/// carry on).
+/// change never reconnects), shadow mirrors by model (their queues and comparisons
+/// carry on), and each version's request-path state (its limits' semaphores and its
+/// circuit breaker: a weight change resets neither).
 #[derive(Debug, Default)]
 pub struct Pools {
     /// Remote worker clients by endpoint.
     pub remotes: BTreeMap<String, Arc<dyn Backend>>,
     /// Shadow mirrors by model.
     pub mirrors: BTreeMap<String, Arc<Mirror>>,
+    /// Request-path state by (model, version).
+    pub guards: BTreeMap<(String, String), Arc<Guards>>,
 }
 
 /// What a snapshot is built from.
@@ -55,6 +60,8 @@ pub struct Routing {
     /// The routes as configured, with implicit routes of unrouted embedded models.
     pub routes: Routes,
     backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>>,
+    services: BTreeMap<String, BTreeMap<String, InferService>>,
+    guards: BTreeMap<(String, String), Arc<Guards>>,
     mirrors: BTreeMap<String, Arc<Mirror>>,
     worker: Option<Arc<Worker>>,
     remotes: Vec<Arc<dyn Backend>>,
@@ -87,29 +94,37 @@ impl Routing {
             used_remotes: BTreeSet::new(),
             max_message_bytes,
         };
+        let mut guards = GuardPool {
+            pool: &mut pools.guards,
+            used: BTreeMap::new(),
+        };
         let mut backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>> = BTreeMap::new();
-        let mut shadows: BTreeMap<String, (ShadowConfig, Arc<dyn Backend>)> = BTreeMap::new();
+        let mut services: BTreeMap<String, BTreeMap<String, InferService>> = BTreeMap::new();
+        let mut shadows: BTreeMap<String, (ShadowConfig, InferService, Duration)> = BTreeMap::new();
         for (model, route) in &routes {
             for version in &route.versions {
-                let backend = factory.backend(
+                let backend =
+                    factory.backend(model, &version.version, version.endpoint.as_ref())?;
+                let guards = guards.of(model, &version.version, route.limits);
+                let service = version_service(
                     model,
                     &version.version,
-                    version.endpoint.as_ref(),
+                    Arc::clone(&backend),
                     version.fault,
-                )?;
+                    &guards,
+                );
                 backends
                     .entry(model.clone())
                     .or_default()
                     .insert(version.version.clone(), backend);
+                services
+                    .entry(model.clone())
+                    .or_default()
+                    .insert(version.version.clone(), service);
             }
             if let Some(shadow) = &route.shadow {
                 let backend = factory
-                    .backend(
-                        model,
-                        &shadow.version,
-                        shadow.endpoint.as_ref(),
-                        shadow.fault,
-                    )
+                    .backend(model, &shadow.version, shadow.endpoint.as_ref())
                     .map_err(|e| GatewayError::Config {
                         path: format!("routes.{model}.shadow.version"),
                         message: format!(
@@ -117,19 +132,30 @@ impl Routing {
                             shadow.version
                         ),
                     })?;
-                shadows.insert(model.clone(), (shadow.clone(), backend));
+                let guards = guards.of(model, &shadow.version, route.limits);
+                let service =
+                    version_service(model, &shadow.version, backend, shadow.fault, &guards);
+                shadows.insert(
+                    model.clone(),
+                    (shadow.clone(), service, route.limits.timeout),
+                );
             }
         }
-        // A remote no route uses any more is dropped with its connection.
+        // A remote no route uses any more is dropped with its connection; so is the
+        // state of versions no route has any more.
         let used_remotes = factory.used_remotes;
         pools
             .remotes
             .retain(|endpoint, _| used_remotes.contains(endpoint));
+        let used_guards = guards.used;
+        pools.guards.clone_from(&used_guards);
         Ok(Routing {
             table,
             generation,
             routes,
             backends,
+            services,
+            guards: used_guards,
             mirrors: keep_mirrors(&mut pools.mirrors, shadows),
             worker: worker.cloned(),
             remotes: pools.remotes.values().cloned().collect(),
@@ -139,6 +165,27 @@ impl Routing {
     /// The shadow mirror of `model`, if its route has one.
     pub fn mirror(&self, model: &str) -> Option<&Arc<Mirror>> {
         self.mirrors.get(model)
+    }
+
+    /// The request path of `model` at `version`.
+    pub fn service(&self, model: &str, version: &str) -> Result<&InferService, GatewayError> {
+        self.services
+            .get(model)
+            .and_then(|v| v.get(version))
+            .ok_or_else(|| GatewayError::NoBackend {
+                model: model.to_owned(),
+                version: version.to_owned(),
+            })
+    }
+
+    /// The limits of `model`'s route (the defaults for a model without a route).
+    pub fn limits(&self, model: &str) -> Limits {
+        self.routes.get(model).map(|r| r.limits).unwrap_or_default()
+    }
+
+    /// The request-path state of `model` at `version` (its breaker), if routed.
+    pub fn guards(&self, model: &str, version: &str) -> Option<&Arc<Guards>> {
+        self.guards.get(&(model.to_owned(), version.to_owned()))
     }
 
     /// The backend serving `model` at `version`.
@@ -255,7 +302,7 @@ fn with_implicit_routes(
 
 /// Makes the backend of each routed version: the embedded worker's slot, or a remote
 /// worker client shared by every version on that endpoint (kept across snapshots, so a
-/// weight change never reconnects), wrapped in fault injection when configured.
+/// weight change never reconnects).
 struct BackendFactory<'a> {
     worker: Option<&'a Arc<Worker>>,
     remotes: &'a mut BTreeMap<String, Arc<dyn Backend>>,
@@ -269,9 +316,8 @@ impl BackendFactory<'_> {
         model: &str,
         version: &str,
         endpoint: Option<&String>,
-        fault: Option<FaultConfig>,
     ) -> Result<Arc<dyn Backend>, GatewayError> {
-        let backend: Arc<dyn Backend> = match endpoint {
+        Ok(match endpoint {
             Some(endpoint) => {
                 self.used_remotes.insert(endpoint.clone());
                 match self.remotes.get(endpoint) {
@@ -292,11 +338,26 @@ impl BackendFactory<'_> {
                 let slot = worker.slot(model, version)?;
                 Arc::new(InProcess::new(Arc::clone(worker), slot))
             }
-        };
-        Ok(match fault {
-            Some(fault) => Arc::new(Faulty::new(backend, fault)),
-            None => backend,
         })
+    }
+}
+
+/// Each version's request-path state: the pool's when its limits are unchanged, fresh
+/// state otherwise; `used` collects what the new snapshot keeps.
+struct GuardPool<'a> {
+    pool: &'a mut BTreeMap<(String, String), Arc<Guards>>,
+    used: BTreeMap<(String, String), Arc<Guards>>,
+}
+
+impl GuardPool<'_> {
+    fn of(&mut self, model: &str, version: &str, limits: Limits) -> Arc<Guards> {
+        let key = (model.to_owned(), version.to_owned());
+        let guards = match self.used.get(&key).or_else(|| self.pool.get(&key)) {
+            Some(existing) if existing.limits() == limits => Arc::clone(existing),
+            _ => Arc::new(Guards::new(limits)),
+        };
+        self.used.insert(key, Arc::clone(&guards));
+        guards
     }
 }
 
@@ -305,21 +366,21 @@ impl BackendFactory<'_> {
 /// with the new backend; a changed shadow setting starts a fresh one.
 fn keep_mirrors(
     pool: &mut BTreeMap<String, Arc<Mirror>>,
-    shadows: BTreeMap<String, (ShadowConfig, Arc<dyn Backend>)>,
+    shadows: BTreeMap<String, (ShadowConfig, InferService, Duration)>,
 ) -> BTreeMap<String, Arc<Mirror>> {
     pool.retain(|model, mirror| {
         shadows
             .get(model)
-            .is_some_and(|(c, _)| c == mirror.config())
+            .is_some_and(|(c, _, _)| c == mirror.config())
     });
     let mut mirrors = BTreeMap::new();
-    for (model, (config, backend)) in shadows {
+    for (model, (config, service, timeout)) in shadows {
         let mirror = match pool.get(&model) {
             Some(existing) => {
-                existing.set_backend(backend);
+                existing.set_service(service, timeout);
                 Arc::clone(existing)
             }
-            None => Mirror::start(config, backend),
+            None => Mirror::start(config, service, timeout),
         };
         pool.insert(model.clone(), Arc::clone(&mirror));
         mirrors.insert(model, mirror);

@@ -15,6 +15,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -25,7 +26,12 @@ use aviary::{
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::{backend::Backend, config::ShadowConfig};
+use tower::ServiceExt;
+
+use crate::{
+    config::ShadowConfig,
+    stack::{Call, InferService},
+};
 
 /// Values kept per output and side for the distribution test.
 const SAMPLE_CAPACITY: usize = 2000;
@@ -93,7 +99,8 @@ pub struct ShadowReport {
 #[derive(Debug)]
 pub struct Mirror {
     config: ShadowConfig,
-    backend: ArcSwap<Arc<dyn Backend>>,
+    /// The shadow version's request path, and the deadline of one shadow call.
+    target: ArcSwap<(InferService, Duration)>,
     queue: mpsc::Sender<Job>,
     sent: AtomicU64,
     dropped: AtomicU64,
@@ -102,11 +109,12 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// Starts a mirror to `backend` (the dispatcher runs until the mirror is dropped).
-    pub fn start(config: ShadowConfig, backend: Arc<dyn Backend>) -> Arc<Mirror> {
+    /// Starts a mirror to the shadow version's `service`, each call bounded by
+    /// `timeout` (the dispatcher runs until the mirror is dropped).
+    pub fn start(config: ShadowConfig, service: InferService, timeout: Duration) -> Arc<Mirror> {
         let (queue, jobs) = mpsc::channel(config.queue.max(1));
         let mirror = Arc::new(Mirror {
-            backend: ArcSwap::from_pointee(backend),
+            target: ArcSwap::from_pointee((service, timeout)),
             queue,
             sent: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -123,9 +131,10 @@ impl Mirror {
         &self.config
     }
 
-    /// Points the mirror at the version's current backend (after a routing rebuild).
-    pub fn set_backend(&self, backend: Arc<dyn Backend>) {
-        self.backend.store(Arc::new(backend));
+    /// Points the mirror at the version's current request path (after a routing
+    /// rebuild).
+    pub fn set_service(&self, service: InferService, timeout: Duration) {
+        self.target.store(Arc::new((service, timeout)));
     }
 
     /// Whether this request is mirrored (the percentage coin flip). Called on the
@@ -210,8 +219,14 @@ async fn dispatch(mirror: std::sync::Weak<Mirror>, mut jobs: mpsc::Receiver<Job>
             return;
         };
         tokio::spawn(async move {
-            let backend = Arc::clone(&mirror.backend.load());
-            match backend.infer(job.request).await {
+            let (service, timeout) = mirror.target.load().as_ref().clone();
+            // A shadow call has a deadline like any other: a hung shadow never holds
+            // its permit for good.
+            let call = Call {
+                request: job.request,
+                deadline: Some(Instant::now() + timeout),
+            };
+            match service.oneshot(call).await {
                 Ok(shadow) => mirror.record(&job.primary, &shadow),
                 Err(error) => {
                     tracing::debug!(%error, version = %mirror.config.version, "shadow call failed");

@@ -50,6 +50,18 @@ pub enum WorkerError {
     /// The gRPC server could not be built or stopped with an error.
     #[error("server: {0}")]
     Serve(String),
+    /// The request's deadline passed before a session was free: it was not run.
+    #[error(
+        "model \"{model}\" version \"{version}\": the request's deadline passed after {waited_ms} ms waiting for a free session; it was not run"
+    )]
+    DeadlineExceeded {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// How long it waited, in milliseconds.
+        waited_ms: u128,
+    },
     /// The worker is shutting down or an inference task was lost.
     #[error("worker unavailable: {0}")]
     Unavailable(String),
@@ -61,21 +73,23 @@ impl WorkerError {
     }
 }
 
+impl WorkerError {
+    /// The gRPC code a client gets for this error.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            WorkerError::UnknownModel { .. } | WorkerError::UnknownVersion { .. } => Code::NotFound,
+            WorkerError::InvalidRequest(_) => Code::InvalidArgument,
+            WorkerError::Load { .. } | WorkerError::Runtime(_) => Code::FailedPrecondition,
+            WorkerError::Inference { .. } | WorkerError::Serve(_) => Code::Internal,
+            WorkerError::Unavailable(_) => Code::Unavailable,
+            WorkerError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+        }
+    }
+}
+
 impl From<WorkerError> for tonic::Status {
     fn from(error: WorkerError) -> tonic::Status {
-        let message = error.to_string();
-        match error {
-            WorkerError::UnknownModel { .. } | WorkerError::UnknownVersion { .. } => {
-                tonic::Status::not_found(message)
-            }
-            WorkerError::InvalidRequest(_) => tonic::Status::invalid_argument(message),
-            WorkerError::Load { .. } | WorkerError::Runtime(_) => {
-                tonic::Status::failed_precondition(message)
-            }
-            WorkerError::Inference { .. } | WorkerError::Serve(_) => {
-                tonic::Status::internal(message)
-            }
-            WorkerError::Unavailable(_) => tonic::Status::unavailable(message),
-        }
+        tonic::Status::new(error.code(), error.to_string())
     }
 }

@@ -179,15 +179,32 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// Runs a validated request on a free session.
+    /// Runs a validated request on a free session. A request whose `deadline` passes
+    /// while it waits for one is dropped unrun: its client has given up on it.
     pub async fn infer(
         self: &Arc<Self>,
         request: ValidatedRequest,
+        deadline: Option<Instant>,
     ) -> Result<(Vec<OutputTensor>, Timings), WorkerError> {
         let queued = Instant::now();
-        let permit = self.permits.acquire().await.map_err(|_| {
+        let expired = || WorkerError::DeadlineExceeded {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            waited_ms: queued.elapsed().as_millis(),
+        };
+        let acquire = self.permits.acquire();
+        let acquired = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), acquire)
+                .await
+                .map_err(|_| expired())?,
+            None => acquire.await,
+        };
+        let permit = acquired.map_err(|_| {
             WorkerError::Unavailable(format!("model \"{}\" is unloading", self.model))
         })?;
+        if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+            return Err(expired());
+        }
         let queue = queued.elapsed();
         let this = Arc::clone(self);
         let joined = tokio::task::spawn_blocking(move || {

@@ -1,7 +1,7 @@
 //! The v2 gRPC service over a [`Worker`] (`aviary worker`) and the standalone worker
 //! server; the server runner itself is [`aviary::server`], shared with the gateway.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Instant};
 
 use aviary::{
     pb::inference::{
@@ -13,7 +13,10 @@ use aviary::{
         ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
         ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
     },
-    server::{InferStream, ServeOptions, serve, server_metadata, set_serving, stream_responses},
+    server::{
+        InferStream, ServeOptions, grpc_timeout, serve, server_metadata, set_serving,
+        stream_responses,
+    },
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
@@ -79,8 +82,11 @@ impl GrpcInferenceService for WorkerService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        // The client's deadline (a gateway passes on what is left of its own) bounds
+        // the wait for a session: an expired request is never run.
+        let deadline = grpc_timeout(request.metadata()).map(|timeout| Instant::now() + timeout);
         Ok(Response::new(
-            self.worker.infer(request.into_inner()).await?,
+            self.worker.infer(request.into_inner(), deadline).await?,
         ))
     }
 
@@ -95,7 +101,7 @@ impl GrpcInferenceService for WorkerService {
             request.into_inner(),
             move |r| {
                 let worker = Arc::clone(&worker);
-                async move { worker.infer(r).await.map_err(Status::from) }
+                async move { worker.infer(r, None).await.map_err(Status::from) }
             },
         )))
     }

@@ -41,6 +41,7 @@ pub struct VersionStats {
     inference_count: AtomicU64,
     execution_count: AtomicU64,
     last_inference_ms: AtomicU64,
+    expired: AtomicU64,
 }
 
 /// Time spent in each phase of one successful request.
@@ -67,6 +68,18 @@ impl VersionStats {
         self.inference_count.fetch_add(batch, Ordering::Relaxed);
         self.execution_count.fetch_add(1, Ordering::Relaxed);
         self.touch();
+    }
+
+    /// Records a request dropped before it ran because its deadline passed while it
+    /// waited for a session (a failure in Triton's terms).
+    pub fn record_expired(&self, total: Duration) {
+        self.expired.fetch_add(1, Ordering::Relaxed);
+        self.record_failure(total);
+    }
+
+    /// Requests dropped unrun because their deadline passed in the queue.
+    pub fn expired(&self) -> u64 {
+        self.expired.load(Ordering::Relaxed)
     }
 
     /// Records a failed request (validation or runtime).

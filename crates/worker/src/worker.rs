@@ -108,21 +108,24 @@ impl Worker {
     }
 
     /// Validates and runs one inference on the version the request names (the newest
-    /// when it names none).
+    /// when it names none), unless its `deadline` passes before a session is free.
     pub async fn infer(
         &self,
         request: ModelInferRequest,
+        deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, WorkerError> {
         let slot = self.slot(&request.model_name, &request.model_version)?;
-        infer_on(&slot, request).await
+        infer_on(&slot, request, deadline).await
     }
 }
 
-/// Validates and runs one inference on `slot`, whatever version the request names. A
-/// caller holding the slot can use it even after the version is unloaded.
+/// Validates and runs one inference on `slot`, whatever version the request names,
+/// unless its `deadline` passes before a session is free. A caller holding the slot
+/// can use it even after the version is unloaded.
 pub async fn infer_on(
     slot: &VersionSlot,
     request: ModelInferRequest,
+    deadline: Option<Instant>,
 ) -> Result<ModelInferResponse, WorkerError> {
     let started = Instant::now();
     let model = slot.current();
@@ -133,7 +136,7 @@ pub async fn infer_on(
             .first()
             .and_then(|i| i.shape.first())
             .map_or(1, |&d| u64::try_from(d).unwrap_or(0));
-        let (outputs, timings) = model.infer(validated).await?;
+        let (outputs, timings) = model.infer(validated, deadline).await?;
         Ok::<_, WorkerError>((outputs, timings, batch))
     }
     .await;
@@ -161,6 +164,10 @@ pub async fn infer_on(
                 outputs: tensors,
                 raw_output_contents: raw,
             })
+        }
+        Err(error @ WorkerError::DeadlineExceeded { .. }) => {
+            slot.stats().record_expired(started.elapsed());
+            Err(error)
         }
         Err(error) => {
             slot.stats().record_failure(started.elapsed());

@@ -27,6 +27,8 @@ fn render_routes(routes: &GetRoutesResponse) -> String {
         "WEIGHT".into(),
         "SHARE".into(),
         "ENDPOINT".into(),
+        "HEALTH".into(),
+        "BREAKER".into(),
     ]];
     for route in &routes.routes {
         let total: u64 = route.versions.iter().map(|v| u64::from(v.weight)).sum();
@@ -46,10 +48,19 @@ fn render_routes(routes: &GetRoutesResponse) -> String {
                 } else {
                     v.endpoint.clone()
                 },
+                dash_if_empty(&v.health),
+                dash_if_empty(&v.breaker),
             ]);
         }
     }
     format!("generation {}\n{}", routes.generation, table(&rows))
+}
+
+fn dash_if_empty(text: &str) -> String {
+    match text.is_empty() {
+        true => "-".to_owned(),
+        false => text.to_owned(),
+    }
 }
 
 /// Sets a model's versions and weights, keeping where each version runs.
@@ -73,6 +84,7 @@ pub(super) async fn set_weights(
                 .and_then(|r| r.versions.iter().find(|v| &v.version == version))
                 .map(|v| v.endpoint.clone())
                 .unwrap_or_default(),
+            ..VersionWeight::default()
         })
         .collect();
     let response = client

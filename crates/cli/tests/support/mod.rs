@@ -438,6 +438,16 @@ pub fn sigkill(process: &Process) {
     signal(process, "-KILL");
 }
 
+/// Stops `process` as if it hung: it keeps its connections but answers nothing.
+pub fn sigstop(process: &Process) {
+    signal(process, "-STOP");
+}
+
+/// Lets a stopped process run again.
+pub fn sigcont(process: &Process) {
+    signal(process, "-CONT");
+}
+
 fn signal(process: &Process, signal: &str) {
     let kill = Command::new("kill")
         .args([signal, &process.pid().to_string()])
@@ -449,6 +459,12 @@ fn signal(process: &Process, signal: &str) {
 /// `aviary worker` over `repository` on a free port; returns it and its `http://`
 /// address.
 pub fn start_worker(repository: &Path) -> (Process, String) {
+    start_worker_with(repository, 2)
+}
+
+/// [`start_worker`] with `instances` sessions per version.
+pub fn start_worker_with(repository: &Path, instances: usize) -> (Process, String) {
+    let instances = instances.to_string();
     let mut worker = Process::spawn(
         &[
             "worker",
@@ -457,7 +473,7 @@ pub fn start_worker(repository: &Path) -> (Process, String) {
             "--listen",
             "127.0.0.1:0",
             "--instances",
-            "2",
+            &instances,
         ],
         &[],
     );

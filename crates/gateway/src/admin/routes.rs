@@ -38,7 +38,21 @@ impl Routes for RoutesService {
             routes: routing
                 .routes
                 .iter()
-                .map(|(model, route)| route.to_message(model))
+                .map(|(model, route)| {
+                    let mut message = route.to_message(model);
+                    for version in &mut message.versions {
+                        version.health = match self.control.version_up(model, &version.version) {
+                            Some(true) => "up".to_owned(),
+                            Some(false) => "down".to_owned(),
+                            None => String::new(),
+                        };
+                        version.breaker = routing
+                            .guards(model, &version.version)
+                            .map(|g| g.breaker().state().label().to_owned())
+                            .unwrap_or_default();
+                    }
+                    message
+                })
                 .collect(),
         }))
     }

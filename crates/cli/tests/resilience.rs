@@ -1,0 +1,303 @@
+//! The request path under faults, as users run it: real `aviary` processes on
+//! 127.0.0.1 port 0. A hung worker costs its callers only their deadline and never
+//! the other version's; a worker drops a request whose deadline passed in its queue; a
+//! slow version refuses its excess at once; a failing version trips its breaker and
+//! recovers; a canary whose worker is gone does not take the gateway out of service.
+
+mod support;
+
+use std::time::Duration;
+
+use aviary::pb::inference::{ModelInferRequest, ModelStatisticsRequest};
+use serde_json::Value;
+use support::*;
+use tonic::Code;
+
+/// `demo` 1 on `v1` at 90 and 2 on `v2` at 10, remote, with `limits` for the route.
+fn remote_config(v1: &str, v2: &str, limits: &str) -> String {
+    format!(
+        "[routes.demo]\nversions = [ {{ version = \"1\", weight = 90, endpoint = \"{v1}\" }}, \
+         {{ version = \"2\", weight = 10, endpoint = \"{v2}\" }} ]\n\
+         [routes.demo.limits]\n{limits}\n"
+    )
+}
+
+/// One demo request pinned to `version` with the client deadline `timeout`.
+fn pinned(version: &str, timeout: Option<Duration>) -> tonic::Request<ModelInferRequest> {
+    let mut request = tonic::Request::new(ModelInferRequest {
+        model_version: version.into(),
+        ..demo_request()
+    });
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    request
+}
+
+/// The code of one pinned demo request through `addr` (`Ok` for an answer).
+fn outcome(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    version: &str,
+    timeout: Option<Duration>,
+) -> Code {
+    status(runtime, addr, version, timeout).code()
+}
+
+/// The status of one pinned demo request through `addr` (OK for an answer).
+fn status(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    version: &str,
+    timeout: Option<Duration>,
+) -> tonic::Status {
+    runtime.block_on(async {
+        let mut client = client(connect(addr).await);
+        let call = client.model_infer(pinned(version, timeout));
+        // Hang protection only: every call here must end by itself.
+        match tokio::time::timeout(COMMAND_DEADLINE, call).await {
+            Ok(Ok(_)) => tonic::Status::ok(""),
+            Ok(Err(status)) => status,
+            Err(_) => panic!("a call to version {version} hung"),
+        }
+    })
+}
+
+/// What `ctl routes --json` says of `model` at `version`: (health, breaker).
+fn version_state(gateway: &Served, model: &str, version: &str) -> (String, String) {
+    let routes = gateway.routes();
+    let entry = routes["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["model"] == model))
+        .and_then(|r| {
+            r["versions"]
+                .as_array()?
+                .iter()
+                .find(|v| v["version"] == version)
+        })
+        .cloned()
+        .unwrap_or(Value::Null);
+    let text = |field: &str| entry[field].as_str().unwrap_or_default().to_owned();
+    (text("health"), text("breaker"))
+}
+
+fn serving(runtime: &tokio::runtime::Runtime, addr: &str) -> bool {
+    runtime.block_on(async {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(connect(addr).await);
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().status == 1)
+    })
+}
+
+#[test]
+fn a_hung_worker_costs_its_callers_their_deadline_and_nothing_else() {
+    let models = repo_root().join("tests/models");
+    let (_w1, v1) = start_worker(&models);
+    let (w2, v2) = start_worker(&models);
+    // The breaker stays out of the way: this is about deadlines.
+    let gateway = Served::gateway(&remote_config(&v1, &v2, "breaker_failures = 1000"), &[]);
+    let runtime = runtime();
+    assert!(
+        eventually(CONFIG_DEADLINE, || serving(&runtime, &gateway.addr)),
+        "the gateway becomes ready"
+    );
+
+    sigstop(&w2);
+    let hung = std::thread::scope(|scope| {
+        let hung =
+            scope.spawn(|| status(&runtime, &gateway.addr, "2", Some(Duration::from_secs(1))));
+        // Meanwhile the other version answers as always.
+        for _ in 0..20 {
+            assert_eq!(
+                outcome(&runtime, &gateway.addr, "1", Some(Duration::from_secs(5))),
+                Code::Ok
+            );
+        }
+        hung.join().expect("client thread")
+    });
+    assert_eq!(
+        hung.code(),
+        Code::DeadlineExceeded,
+        "the hung version's caller gets its deadline: {hung:?}"
+    );
+    assert!(
+        eventually(CONFIG_DEADLINE, || version_state(&gateway, "demo", "2").0
+            == "down"),
+        "the readiness check marks the hung worker's version down: {:#}",
+        gateway.routes()
+    );
+    assert_eq!(version_state(&gateway, "demo", "1").0, "up");
+    assert!(
+        serving(&runtime, &gateway.addr),
+        "one version down does not take the gateway out of service"
+    );
+
+    sigcont(&w2);
+    assert!(
+        eventually(CONFIG_DEADLINE, || outcome(
+            &runtime,
+            &gateway.addr,
+            "2",
+            Some(Duration::from_secs(5))
+        ) == Code::Ok),
+        "the version recovers with its worker"
+    );
+}
+
+#[test]
+fn a_worker_drops_a_request_whose_deadline_passed_in_its_queue() {
+    // One session: a second request waits for the first.
+    let (_worker, addr) = start_worker_with(&repo_root().join("tests/slow-models"), 1);
+    let runtime = runtime();
+    let executions = || {
+        runtime.block_on(async {
+            client(connect(&addr).await)
+                .model_statistics(ModelStatisticsRequest {
+                    name: "slow".into(),
+                    version: "1".into(),
+                })
+                .await
+                .expect("statistics")
+                .into_inner()
+                .model_stats
+                .iter()
+                .map(|s| s.execution_count)
+                .sum::<u64>()
+        })
+    };
+    let before = executions();
+    // One session: the first request runs, the second waits for it.
+    let busy = slow_requests_in_flight(&runtime, &addr, 2);
+    let expired = runtime.block_on(async {
+        let mut request = tonic::Request::new(slow_request());
+        request.set_timeout(Duration::from_millis(50));
+        client(connect(&addr).await).model_infer(request).await
+    });
+    let code = expired
+        .expect_err("its deadline passed in the queue")
+        .code();
+    assert!(
+        matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+        "{code:?}"
+    );
+    for call in busy {
+        runtime
+            .block_on(call)
+            .expect("task")
+            .expect("the requests without a deadline are answered");
+    }
+    assert_eq!(
+        executions() - before,
+        2,
+        "the expired request never reached ONNX Runtime"
+    );
+}
+
+#[test]
+fn excess_load_on_a_slow_version_is_refused_at_once() {
+    let config = format!(
+        "{}[routes.slow.limits]\nmax_in_flight = 2\nmax_queue = 2\n",
+        slow_config()
+    );
+    let served = Served::start(&config, &[]);
+    let runtime = runtime();
+    let calls: Vec<_> = (0..24)
+        .map(|_| {
+            let addr = served.addr.clone();
+            runtime.spawn(async move {
+                client(connect(&addr).await)
+                    .model_infer(slow_request())
+                    .await
+            })
+        })
+        .collect();
+    let (mut answered, mut refused) = (0, Vec::new());
+    for call in calls {
+        match runtime.block_on(call).expect("task") {
+            Ok(_) => answered += 1,
+            Err(status) => refused.push(status),
+        }
+    }
+    assert!(
+        answered >= 4,
+        "two in flight and two waiting are answered: {answered}"
+    );
+    assert!(
+        !refused.is_empty(),
+        "24 at once on 4 places: some are refused"
+    );
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("model \"slow\" version \"1\" is at its limit"),
+            "{status:?}"
+        );
+    }
+}
+
+#[test]
+fn a_failing_version_trips_its_breaker_and_recovers() {
+    let failing = demo_config().replace(
+        "{ version = \"2\", weight = 10 }",
+        "{ version = \"2\", weight = 10, fault = { error_rate = 1.0 } }",
+    );
+    let config =
+        format!("{failing}\n[routes.demo.limits]\nbreaker_failures = 3\nbreaker_open_ms = 200\n");
+    let served = Served::start(&config, &[]);
+    let runtime = runtime();
+    for _ in 0..3 {
+        assert_eq!(outcome(&runtime, &served.addr, "2", None), Code::Internal);
+    }
+    assert_eq!(
+        outcome(&runtime, &served.addr, "2", None),
+        Code::Unavailable,
+        "the open breaker fails the call fast"
+    );
+    assert_eq!(version_state(&served, "demo", "2").1, "open");
+    assert_eq!(
+        outcome(&runtime, &served.addr, "1", None),
+        Code::Ok,
+        "the other version is fine"
+    );
+
+    // The fault is fixed: after the open period a probe goes through and closes it.
+    let fixed = config.replace(", fault = { error_rate = 1.0 }", "");
+    std::fs::write(served.dir.path().join("next.toml"), fixed).expect("write");
+    std::fs::rename(served.dir.path().join("next.toml"), &served.config).expect("rename");
+    assert!(
+        eventually(CONFIG_DEADLINE, || outcome(
+            &runtime,
+            &served.addr,
+            "2",
+            None
+        ) == Code::Ok),
+        "the version recovers"
+    );
+    assert_eq!(version_state(&served, "demo", "2").1, "closed");
+}
+
+#[test]
+fn a_gateway_with_a_canary_endpoint_down_becomes_ready_for_the_rest() {
+    let models = repo_root().join("tests/models");
+    let (_w1, v1) = start_worker(&models);
+    // Nothing listens on port 1: the canary's worker is down from the start.
+    let gateway = Served::gateway(&remote_config(&v1, "http://127.0.0.1:1", ""), &[]);
+    let runtime = runtime();
+    assert!(
+        eventually(CONFIG_DEADLINE, || serving(&runtime, &gateway.addr)),
+        "ready while version 1 can serve: {:#}",
+        gateway.routes()
+    );
+    assert_eq!(version_state(&gateway, "demo", "2").0, "down");
+    assert_eq!(
+        outcome(&runtime, &gateway.addr, "2", None),
+        Code::Unavailable
+    );
+    assert_eq!(outcome(&runtime, &gateway.addr, "1", None), Code::Ok);
+}
