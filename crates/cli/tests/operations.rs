@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 use aviary::pb::{
     admin::{VersionRequest, models_client::ModelsClient},
     inference::{
-        ModelInferRequest, ModelInferResponse, ModelStatisticsRequest, ModelStreamInferResponse,
+        ModelInferRequest, ModelInferResponse, ModelStreamInferResponse,
         RepositoryModelLoadRequest, RepositoryModelUnloadRequest,
     },
 };
@@ -27,23 +27,6 @@ fn remote_config(v1: &str, v2: &str) -> String {
         "[routes.demo]\nversions = [ {{ version = \"1\", weight = 50, endpoint = \"{v1}\" }}, \
          {{ version = \"2\", weight = 50, endpoint = \"{v2}\" }} ]\n"
     )
-}
-
-/// `demo` successes a worker counted for `version`.
-async fn successes(worker: &str, version: &str) -> u64 {
-    client(connect(worker).await)
-        .model_statistics(ModelStatisticsRequest {
-            name: "demo".into(),
-            version: version.into(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("statistics of {worker}: {s:?}"))
-        .into_inner()
-        .model_stats
-        .iter()
-        .filter_map(|s| s.inference_stats.as_ref()?.success.as_ref())
-        .map(|d| d.count)
-        .sum()
 }
 
 #[test]

@@ -301,3 +301,57 @@ fn a_gateway_with_a_canary_endpoint_down_becomes_ready_for_the_rest() {
     );
     assert_eq!(outcome(&runtime, &gateway.addr, "1", None), Code::Ok);
 }
+
+#[test]
+fn a_killed_replica_costs_no_request_and_rejoins_when_back() {
+    let models = repo_root().join("tests/models");
+    let (w1, a) = start_worker(&models);
+    let (_w2, b) = start_worker(&models);
+    let config = format!(
+        "[routes.demo]\nversions = [ {{ version = \"1\", weight = 100, endpoints = [\"{a}\", \"{b}\"] }} ]\n"
+    );
+    let gateway = Served::gateway(&config, &[]);
+    let runtime = runtime();
+    assert!(
+        eventually(CONFIG_DEADLINE, || serving(&runtime, &gateway.addr)),
+        "the gateway becomes ready"
+    );
+    let traffic = Traffic::start(&[&gateway.addr, &gateway.addr]);
+    let served = |worker: &str| runtime.block_on(successes(worker, "1"));
+    assert!(
+        eventually(CONFIG_DEADLINE, || served(&a) > 0 && served(&b) > 0),
+        "both replicas serve"
+    );
+
+    // Killed mid-traffic: its calls in flight are retried on the other replica.
+    sigkill(&w1);
+    let port = a.rsplit(':').next().expect("a port").to_owned();
+    let before = served(&b);
+    assert!(
+        eventually(CONFIG_DEADLINE, || served(&b) >= before + 200),
+        "the other replica takes the traffic"
+    );
+
+    // Back on the same address: probed, and let back in.
+    drop(w1);
+    let mut back = Process::spawn(
+        &[
+            "worker",
+            "--repo",
+            models.to_str().expect("utf-8 path"),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--instances",
+            "2",
+        ],
+        &[],
+    );
+    back.wait_listening();
+    assert!(
+        eventually(CONFIG_DEADLINE, || served(&a) > 0),
+        "the restarted replica rejoins"
+    );
+    let (answered, failures) = traffic.stop();
+    assert!(failures.is_empty(), "no request failed: {failures:?}");
+    assert!(answered.contains_key("1"), "{answered:?}");
+}

@@ -242,8 +242,12 @@ pub struct VersionConfig {
     pub version: String,
     /// Share of unpinned traffic, normalised by the sum of the route's weights.
     pub weight: u32,
-    /// Remote worker serving this version (`http://host:port`); absent: the embedded worker.
+    /// Remote worker serving this version (`http://host:port`; a DNS name stands for
+    /// every address it resolves to); absent, with no `endpoints`: the embedded worker.
     pub endpoint: Option<String>,
+    /// Several worker replicas serving this version, balanced (instead of `endpoint`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// Injected failures and latency, for tests and game days; off unless set.
     pub fault: Option<FaultConfig>,
 }
@@ -411,12 +415,23 @@ impl Config {
                         fault.error_rate
                     ));
                 }
-                if let Some(endpoint) = &version.endpoint
-                    && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-                {
+                if version.endpoint.is_some() && !version.endpoints.is_empty() {
                     problems.push(format!(
-                        "routes.{model}.versions[{i}].endpoint: \"{endpoint}\" must start with http:// or https://"
+                        "routes.{model}.versions[{i}]: give `endpoint` or `endpoints`, not both"
                     ));
+                }
+                let named = version.endpoint.iter().map(|e| ("endpoint".to_owned(), e));
+                let listed = version
+                    .endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(j, e)| (format!("endpoints[{j}]"), e));
+                for (field, endpoint) in named.chain(listed) {
+                    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                        problems.push(format!(
+                            "routes.{model}.versions[{i}].{field}: \"{endpoint}\" must start with http:// or https://"
+                        ));
+                    }
                 }
             }
         }

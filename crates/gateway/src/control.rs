@@ -678,7 +678,7 @@ impl Control {
                     .into_iter()
                     .filter_map(|(model, mut route)| {
                         route.versions.retain(|v| {
-                            v.endpoint.is_some()
+                            !v.endpoints.is_empty()
                                 || inventory
                                     .get(&model)
                                     .is_some_and(|set| set.contains(&v.version))
@@ -913,7 +913,7 @@ mod tests {
         let mut moved = Route::all_from(&config.routes);
         for route in moved.values_mut() {
             for version in &mut route.versions {
-                version.endpoint = Some("http://127.0.0.1:10".into());
+                version.endpoints = vec!["http://127.0.0.1:10".into()];
             }
         }
         control.apply_file_routes(moved).await.expect("applies");

@@ -20,6 +20,8 @@
 //! - [`admin`]: the admin API's services (routes, models, rollouts, experiments,
 //!   fleet) over [`control`], [`metrics`] and a rollout driver.
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
+//! - [`replicas`]: a version on several worker replicas: balancing, ejection, DNS,
+//!   retries.
 //! - [`stack`]: a version's request path as tower layers: deadline, load shedding,
 //!   circuit breaker, injected faults.
 //! - [`front`]: the v2 service clients talk to.
@@ -37,6 +39,7 @@ pub mod error;
 pub mod experiment;
 pub mod front;
 pub mod metrics;
+pub mod replicas;
 pub mod rollouts;
 pub mod route;
 pub mod routing;

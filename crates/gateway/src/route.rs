@@ -41,8 +41,9 @@ pub struct RouteVersion {
     pub version: String,
     /// Share of unpinned traffic, normalised by the sum of the route's weights.
     pub weight: u32,
-    /// Remote worker serving it (`http://host:port`); `None`: the embedded worker.
-    pub endpoint: Option<String>,
+    /// Remote worker replicas serving it (`http://host:port`, a DNS host standing for
+    /// all its addresses); empty: the embedded worker.
+    pub endpoints: Vec<String>,
     /// Injected failures and latency; `None`: none.
     pub fault: Option<FaultConfig>,
 }
@@ -53,7 +54,7 @@ impl RouteVersion {
         RouteVersion {
             version: version.to_owned(),
             weight,
-            endpoint: None,
+            endpoints: Vec::new(),
             fault: None,
         }
     }
@@ -68,7 +69,7 @@ impl From<&RouteConfig> for Route {
                 .map(|v| RouteVersion {
                     version: v.version.clone(),
                     weight: v.weight,
-                    endpoint: v.endpoint.clone(),
+                    endpoints: v.endpoint.iter().chain(&v.endpoints).cloned().collect(),
                     fault: v.fault,
                 })
                 .collect(),
@@ -105,7 +106,8 @@ impl Route {
             .collect()
     }
 
-    /// The route `SetRoute` asks for: versions, weights and endpoints. What the message
+    /// The route `SetRoute` asks for: versions, weights and endpoints (several replicas
+    /// comma-separated in one `endpoint`). What the message
     /// cannot say (sticky key, rules, shadow, faults) is empty here; the gateway keeps
     /// it from the route in force.
     pub fn from_message(message: &pb::Route) -> Route {
@@ -114,7 +116,13 @@ impl Route {
                 .versions
                 .iter()
                 .map(|v| RouteVersion {
-                    endpoint: Some(v.endpoint.clone()).filter(|e| !e.is_empty()),
+                    endpoints: v
+                        .endpoint
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|e| !e.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
                     ..RouteVersion::new(&v.version, v.weight)
                 })
                 .collect(),
@@ -132,7 +140,7 @@ impl Route {
                 .map(|v| pb::VersionWeight {
                     version: v.version.clone(),
                     weight: v.weight,
-                    endpoint: v.endpoint.clone().unwrap_or_default(),
+                    endpoint: v.endpoints.join(","),
                     ..pb::VersionWeight::default()
                 })
                 .collect(),
@@ -208,16 +216,16 @@ mod tests {
                 pb::VersionWeight {
                     version: "2".into(),
                     weight: 10,
-                    endpoint: "http://127.0.0.1:9".into(),
+                    endpoint: "http://127.0.0.1:9,http://127.0.0.1:10".into(),
                     ..pb::VersionWeight::default()
                 },
             ],
         };
         let route = Route::from_message(&message);
-        assert_eq!(route.versions[0].endpoint, None);
+        assert!(route.versions[0].endpoints.is_empty());
         assert_eq!(
-            route.versions[1].endpoint.as_deref(),
-            Some("http://127.0.0.1:9")
+            route.versions[1].endpoints,
+            ["http://127.0.0.1:9", "http://127.0.0.1:10"]
         );
         assert_eq!(route.to_message("demo"), message);
     }

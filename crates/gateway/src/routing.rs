@@ -14,20 +14,21 @@ use aviary_worker::Worker;
 
 use crate::{
     GatewayError,
-    backend::{Backend, InProcess, Remote},
+    backend::{Backend, InProcess},
     config::ShadowConfig,
+    replicas::Replicas,
     route::{Route, Routes},
     shadow::Mirror,
     stack::{Guards, InferService, Limits, version_service},
 };
 
-/// What outlives routing snapshots: remote worker clients by endpoint (so a weight
-/// change never reconnects), shadow mirrors by model (their queues and comparisons
+/// What outlives routing snapshots: remote worker replica sets by endpoint list (so
+/// a weight change never reconnects nor forgets ejections), shadow mirrors by model (their queues and comparisons
 /// carry on), and each version's request-path state (its limits' semaphores and its
 /// circuit breaker: a weight change resets neither).
 #[derive(Debug, Default)]
 pub struct Pools {
-    /// Remote worker clients by endpoint.
+    /// Remote worker replica sets by their endpoint list.
     pub remotes: BTreeMap<String, Arc<dyn Backend>>,
     /// Shadow mirrors by model.
     pub mirrors: BTreeMap<String, Arc<Mirror>>,
@@ -103,8 +104,7 @@ impl Routing {
         let mut shadows: BTreeMap<String, (ShadowConfig, InferService, Duration)> = BTreeMap::new();
         for (model, route) in &routes {
             for version in &route.versions {
-                let backend =
-                    factory.backend(model, &version.version, version.endpoint.as_ref())?;
+                let backend = factory.backend(model, &version.version, &version.endpoints)?;
                 let guards = guards.of(model, &version.version, route.limits);
                 let service = version_service(
                     model,
@@ -124,7 +124,11 @@ impl Routing {
             }
             if let Some(shadow) = &route.shadow {
                 let backend = factory
-                    .backend(model, &shadow.version, shadow.endpoint.as_ref())
+                    .backend(
+                        model,
+                        &shadow.version,
+                        &Vec::from_iter(shadow.endpoint.clone()),
+                    )
                     .map_err(|e| GatewayError::Config {
                         path: format!("routes.{model}.shadow.version"),
                         message: format!(
@@ -252,7 +256,7 @@ fn check_endpoints(explicit: &Routes, embedded: bool) -> Result<(), GatewayError
                 .versions
                 .iter()
                 .enumerate()
-                .filter(|(_, v)| v.endpoint.is_none())
+                .filter(|(_, v)| v.endpoints.is_empty())
                 .map(move |(i, _)| {
                     format!(
                         "routes.{model}.versions[{i}].endpoint: required, since `aviary gateway` has no embedded worker \
@@ -290,7 +294,7 @@ fn with_implicit_routes(
         }
     }
     for (model, route) in explicit {
-        for version in route.versions.iter().filter(|v| v.endpoint.is_some()) {
+        for version in route.versions.iter().filter(|v| !v.endpoints.is_empty()) {
             inventory
                 .entry(model.clone())
                 .or_default()
@@ -315,22 +319,23 @@ impl BackendFactory<'_> {
         &mut self,
         model: &str,
         version: &str,
-        endpoint: Option<&String>,
+        endpoints: &[String],
     ) -> Result<Arc<dyn Backend>, GatewayError> {
-        Ok(match endpoint {
-            Some(endpoint) => {
-                self.used_remotes.insert(endpoint.clone());
-                match self.remotes.get(endpoint) {
+        Ok(match endpoints {
+            [_, ..] => {
+                let key = endpoints.join(",");
+                self.used_remotes.insert(key.clone());
+                match self.remotes.get(&key) {
                     Some(existing) => Arc::clone(existing),
                     None => {
-                        let remote: Arc<dyn Backend> =
-                            Arc::new(Remote::connect_lazy(endpoint, self.max_message_bytes)?);
-                        self.remotes.insert(endpoint.clone(), Arc::clone(&remote));
-                        remote
+                        let replicas: Arc<dyn Backend> =
+                            Arc::new(Replicas::new(endpoints, self.max_message_bytes)?);
+                        self.remotes.insert(key, Arc::clone(&replicas));
+                        replicas
                     }
                 }
             }
-            None => {
+            [] => {
                 let worker = self.worker.ok_or_else(|| GatewayError::NoBackend {
                     model: model.to_owned(),
                     version: version.to_owned(),

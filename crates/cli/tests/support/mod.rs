@@ -709,3 +709,20 @@ async fn send_until(addr: String, stop: Arc<AtomicBool>) -> Seen {
     }
     (answered, failures)
 }
+
+/// `demo` successes a worker counted for `version`.
+pub async fn successes(worker: &str, version: &str) -> u64 {
+    client(connect(worker).await)
+        .model_statistics(aviary::pb::inference::ModelStatisticsRequest {
+            name: "demo".into(),
+            version: version.into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("statistics of {worker}: {s:?}"))
+        .into_inner()
+        .model_stats
+        .iter()
+        .filter_map(|s| s.inference_stats.as_ref()?.success.as_ref())
+        .map(|d| d.count)
+        .sum()
+}
