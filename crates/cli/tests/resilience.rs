@@ -355,3 +355,77 @@ fn a_killed_replica_costs_no_request_and_rejoins_when_back() {
     assert!(failures.is_empty(), "no request failed: {failures:?}");
     assert!(answered.contains_key("1"), "{answered:?}");
 }
+
+#[test]
+fn a_failing_canary_is_served_by_its_fallback_and_still_rolled_back() {
+    let models = repo_root().join("deploy/local/models");
+    let config = format!(
+        r#"
+[repository]
+path = "{models}"
+instances = 2
+
+[routes.demo]
+versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0, fault = {{ error_rate = 1.0 }} }} ]
+fallback = {{ version = "1" }}
+
+[rollouts]
+evaluate_interval_ms = 100
+
+[rollouts.plans.demo]
+canary = "2"
+baseline = "1"
+steps = [ {{ weight = 50, min_duration_ms = 60000, min_requests = 20 }}, {{ weight = 100, min_duration_ms = 0, min_requests = 20 }} ]
+gates = {{ max_error_rate_increase = 0.05 }}
+"#,
+        models = models.display()
+    );
+    let served = Served::start(&config, &[]);
+    let runtime = runtime();
+
+    // A request pinned to the failing canary: answered by version 1, and it says so.
+    let response = runtime.block_on(async {
+        client(connect(&served.addr).await)
+            .model_infer(pinned("2", None))
+            .await
+            .expect("the fallback answers")
+    });
+    let fallback_for = response
+        .metadata()
+        .get("x-aviary-fallback-for")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let response = response.into_inner();
+    assert_eq!(response.model_version, "1");
+    assert_eq!(fallback_for.as_deref(), Some("demo/2"));
+    assert!(response.parameters.contains_key("aviary_fallback_for"));
+
+    // Under traffic the rollout still sees the canary's own failures and rolls back,
+    // while no client sees an error.
+    let traffic = Traffic::start(&[&served.addr]);
+    assert!(
+        eventually(CONFIG_DEADLINE, || served
+            .ctl(&["rollout", "status", "demo", "--json"])
+            .json()["state"]
+            == "rolled back"),
+        "the canary is rolled back: {:#}",
+        served.ctl(&["rollout", "status", "demo", "--json"]).json()
+    );
+    let (answered, failures) = traffic.stop();
+    assert!(
+        failures.is_empty(),
+        "no client saw the canary fail: {failures:?}"
+    );
+    assert_eq!(
+        answered.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["1"],
+        "every answer came from version 1: {answered:?}"
+    );
+    let routes = served.routes();
+    let canary = routes["routes"][0]["versions"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["version"] == "2"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert!(canary["fallbacks"].as_u64() > Some(0), "{routes:#}");
+}

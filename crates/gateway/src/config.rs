@@ -212,6 +212,21 @@ pub struct RouteConfig {
     /// Deadlines, load shedding and the circuit breaker of the route's versions.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Where a call goes when its version fails (breaker open, no replica up, failed
+    /// after retries): another version of this model, or of another model with the
+    /// same inputs and outputs.
+    #[serde(default)]
+    pub fallback: Option<FallbackConfig>,
+}
+
+/// A route's fallback.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// The model; absent: the route's own.
+    pub model: Option<String>,
+    /// The version.
+    pub version: String,
 }
 
 /// The limits of a route's versions; each absent setting takes its default.

@@ -226,11 +226,12 @@ impl Control {
         let mut routes = writer.routes.clone();
         let mut route = route;
         // The admin API sets versions and weights; a route's sticky key, match rules,
-        // shadow, limits and injected faults (config file) stay as they are.
+        // shadow, limits, fallback and injected faults (config file) stay as they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
             route.shadow = route.shadow.or_else(|| existing.shadow.clone());
             route.limits = existing.limits;
+            route.fallback = route.fallback.or_else(|| existing.fallback.clone());
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
             }

@@ -37,6 +37,24 @@ use crate::{GatewayError, control::Control, metrics::Metrics, routing::Routing, 
 /// Response header naming the variant (version) that served the request.
 pub const VARIANT_HEADER: &str = "x-aviary-variant";
 
+/// Response parameter (and header) set when a fallback served the request: the
+/// `model/version` that failed it.
+pub const FALLBACK_PARAMETER: &str = "aviary_fallback_for";
+
+/// Response header of a request a fallback served: the `model/version` that failed it.
+pub const FALLBACK_HEADER: &str = "x-aviary-fallback-for";
+
+/// Whether a failed call goes to the route's fallback: the version failed or could not
+/// be reached. Not a bad request (the fallback would refuse it too), not an overload
+/// (shedding is meant to be felt), not a passed deadline (nothing is left of it).
+fn falls_back(error: &GatewayError) -> bool {
+    match error {
+        GatewayError::BreakerOpen { .. } | GatewayError::Unreachable(_) => true,
+        GatewayError::DeadlineExceeded { .. } => false,
+        other => other.is_backend_failure(),
+    }
+}
+
 /// What match rules and sticky keys read from a request: gRPC headers and string
 /// parameters.
 struct RequestView<'a> {
@@ -111,10 +129,39 @@ impl Front {
             .limits(&model)
             .deadline(grpc_timeout(metadata), started);
         request.model_version.clone_from(&version);
+        // Only a route with a fallback pays for a copy of the request.
+        let fallback = routing
+            .fallback(&model)
+            .filter(|(m, v)| (m.as_str(), v.as_str()) != (model.as_str(), version.as_str()))
+            .map(|target| (target.clone(), request.clone()));
         let result = self.call(&routing, request, deadline).await;
         self.metrics
             .record(&model, &version, result.is_ok(), started.elapsed());
-        result
+        match (result, fallback) {
+            (Err(error), Some(((to_model, to_version), mut copy))) if falls_back(&error) => {
+                tracing::debug!(model, version, %error, to_model, to_version, "served by the fallback");
+                copy.model_name = to_model;
+                copy.model_version = to_version;
+                let served = self.call(&routing, copy, deadline).await;
+                if served.is_ok() {
+                    self.metrics.record_fallback(&model, &version);
+                }
+                served.map(|mut response| {
+                    response.parameters.insert(
+                        FALLBACK_PARAMETER.to_owned(),
+                        InferParameter {
+                            parameter_choice: Some(
+                                aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(
+                                    format!("{model}/{version}"),
+                                ),
+                            ),
+                        },
+                    );
+                    response
+                })
+            }
+            (result, _) => result,
+        }
     }
 
     /// Calls the version the request names through its request path (deadline, load
@@ -264,8 +311,18 @@ impl GrpcInferenceService for Front {
         let response = self.infer(&metadata, request).await?;
         let variant = MetadataValue::try_from(response.model_version.as_str())
             .map_err(|_| Status::internal("version is not a valid header value"))?;
+        let fallback_for = match response.parameters.get(FALLBACK_PARAMETER) {
+            Some(InferParameter {
+                parameter_choice:
+                    Some(aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(failed)),
+            }) => MetadataValue::try_from(failed.as_str()).ok(),
+            _ => None,
+        };
         let mut response = Response::new(response);
         response.metadata_mut().insert(VARIANT_HEADER, variant);
+        if let Some(failed) = fallback_for {
+            response.metadata_mut().insert(FALLBACK_HEADER, failed);
+        }
         Ok(response)
     }
 

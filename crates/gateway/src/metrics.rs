@@ -222,6 +222,8 @@ struct Variant {
     step: Window,
     outcomes: Outcomes,
     latencies: Reservoir,
+    /// Calls this version failed that the route's fallback then answered.
+    fallbacks: u64,
 }
 
 /// One model's variants by version.
@@ -241,6 +243,28 @@ impl Metrics {
         variant.total.record(ok, latency);
         variant.step.record(ok, latency);
         variant.latencies.record(latency.as_secs_f64() * 1e6);
+    }
+
+    /// Counts a call `model` at `version` failed (recorded with [`Metrics::record`])
+    /// that the route's fallback then answered: apart from the version's own outcomes,
+    /// so its error rate stays its own.
+    pub fn record_fallback(&self, model: &str, version: &str) {
+        let variant = self.variant(model, version);
+        variant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fallbacks += 1;
+    }
+
+    /// Calls of `model` at `version` that its route's fallback answered.
+    pub fn fallbacks(&self, model: &str, version: &str) -> u64 {
+        let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
+        variants
+            .get(model)
+            .and_then(|versions| versions.get(version))
+            .map_or(0, |v| {
+                v.lock().unwrap_or_else(PoisonError::into_inner).fallbacks
+            })
     }
 
     /// Counts feedback on a prediction of `model` at `version`; returns the variant's
@@ -336,6 +360,7 @@ impl Metrics {
                         step: Window::new(),
                         outcomes: Outcomes::default(),
                         latencies: Reservoir::default(),
+                        fallbacks: 0,
                     }))
                 }),
         )

@@ -32,6 +32,9 @@ pub struct Route {
     pub shadow: Option<ShadowConfig>,
     /// Deadlines, load shedding and the circuit breaker of its versions.
     pub limits: Limits,
+    /// Where a failed call goes: (model, version); the model may be another one with
+    /// the same signature.
+    pub fallback: Option<(String, String)>,
 }
 
 /// One version of a route.
@@ -77,6 +80,22 @@ impl From<&RouteConfig> for Route {
             rules: config.rules.clone(),
             shadow: config.shadow.clone(),
             limits: limits_from(&config.limits),
+            fallback: None,
+        }
+    }
+}
+
+impl Route {
+    /// The route of `model` as its config says, fallback included.
+    pub fn configured(model: &str, config: &RouteConfig) -> Route {
+        Route {
+            fallback: config.fallback.as_ref().map(|f| {
+                (
+                    f.model.clone().unwrap_or_else(|| model.to_owned()),
+                    f.version.clone(),
+                )
+            }),
+            ..Route::from(config)
         }
     }
 }
@@ -102,7 +121,7 @@ impl Route {
     pub fn all_from(config: &BTreeMap<String, RouteConfig>) -> Routes {
         config
             .iter()
-            .map(|(model, route)| (model.clone(), Route::from(route)))
+            .map(|(model, route)| (model.clone(), Route::configured(model, route)))
             .collect()
     }
 

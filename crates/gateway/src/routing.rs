@@ -88,6 +88,7 @@ impl Routing {
             .map(|(model, route)| (model.clone(), route.spec()))
             .collect();
         let table = RouteTable::compile(&specs, &inventory)?;
+        check_fallbacks(&routes, &table)?;
 
         let mut factory = BackendFactory {
             worker,
@@ -182,6 +183,11 @@ impl Routing {
             })
     }
 
+    /// Where `model`'s failed calls go, if its route names a fallback.
+    pub fn fallback(&self, model: &str) -> Option<&(String, String)> {
+        self.routes.get(model)?.fallback.as_ref()
+    }
+
     /// The limits of `model`'s route (the defaults for a model without a route).
     pub fn limits(&self, model: &str) -> Limits {
         self.routes.get(model).map(|r| r.limits).unwrap_or_default()
@@ -240,6 +246,32 @@ impl Routing {
     /// Each remote worker the table routes to, once.
     pub fn remotes(&self) -> &[Arc<dyn Backend>] {
         &self.remotes
+    }
+}
+
+/// Every fallback that names a version no route can serve.
+fn check_fallbacks(routes: &Routes, table: &RouteTable) -> Result<(), GatewayError> {
+    let problems: Vec<String> = routes
+        .iter()
+        .filter_map(|(model, route)| {
+            let (target_model, target_version) = route.fallback.as_ref()?;
+            let routable = table
+                .route(target_model)
+                .is_some_and(|r| r.versions().any(|(v, _)| v == target_version));
+            match routable {
+                false => Some(format!(
+                    "routes.{model}.fallback: model \"{target_model}\" version \"{target_version}\" is not routable"
+                )),
+                true => None,
+            }
+        })
+        .collect();
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(GatewayError::Config {
+            path: "routes".into(),
+            message: problems.join("\n"),
+        }),
     }
 }
 

@@ -40,7 +40,10 @@ where
     F: Future<Output = ()> + Send,
 {
     tonic::transport::Server::builder()
-        .add_service(RoutesService::server(Arc::clone(&control)))
+        .add_service(RoutesService::server(
+            Arc::clone(&control),
+            Arc::clone(&metrics),
+        ))
         .add_service(ModelsService::server(Arc::clone(&control)))
         .add_service(ExperimentsService::server(
             Arc::clone(&control),

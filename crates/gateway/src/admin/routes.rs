@@ -11,18 +11,19 @@ use aviary::pb::admin::{
 use tonic::{Request, Response, Status};
 
 use super::required;
-use crate::{control::Control, route::Route};
+use crate::{control::Control, metrics::Metrics, route::Route};
 
 /// The `Routes` service over a gateway's [`Control`].
 #[derive(Debug, Clone)]
 pub struct RoutesService {
     control: Arc<Control>,
+    metrics: Arc<Metrics>,
 }
 
 impl RoutesService {
     /// The service, ready to add to a server.
-    pub fn server(control: Arc<Control>) -> RoutesServer<RoutesService> {
-        RoutesServer::new(RoutesService { control })
+    pub fn server(control: Arc<Control>, metrics: Arc<Metrics>) -> RoutesServer<RoutesService> {
+        RoutesServer::new(RoutesService { control, metrics })
     }
 }
 
@@ -50,6 +51,7 @@ impl Routes for RoutesService {
                             .guards(model, &version.version)
                             .map(|g| g.breaker().state().label().to_owned())
                             .unwrap_or_default();
+                        version.fallbacks = self.metrics.fallbacks(model, &version.version);
                     }
                     message
                 })
