@@ -67,22 +67,36 @@ fn grace_period(seconds: f64) -> anyhow::Result<Duration> {
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled: call it before printing the listening lines, or a
+/// signal sent as soon as they appear would kill the process with its default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::error!(%error, name, "cannot listen for the signal");
+            None
         }
     };
-    tokio::select! {
-        _ = terminate => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    let mut terminate = listen(SignalKind::terminate(), "SIGTERM");
+    let mut interrupt = listen(SignalKind::interrupt(), "SIGINT");
+    async move {
+        let received = |signal: &mut Option<tokio::signal::unix::Signal>| {
+            let signal = signal.take();
+            async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::select! {
+            _ = received(&mut terminate) => tracing::info!("SIGTERM received"),
+            _ = received(&mut interrupt) => tracing::info!("SIGINT received"),
+        }
     }
 }
 
@@ -96,6 +110,7 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
     let gateway = Gateway::start(config, mode)
         .await?
         .watch_config(args.config.clone());
+    let shutdown = shutdown_signal();
     let inference = bind(listen, "inference").await?;
     let admin = match admin_enabled {
         true => Some(bind(admin_listen, "admin").await?),
@@ -105,7 +120,7 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         .serve(
             Listeners { inference, admin },
             grace_period(args.grace_period)?,
-            shutdown_signal(),
+            shutdown,
         )
         .await?;
     Ok(())
@@ -123,8 +138,9 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         evaluate_interval: Duration::from_millis(args.evaluate_interval_ms),
         state_file: args.state_file,
     };
+    let shutdown = shutdown_signal();
     let admin = bind(args.admin_listen, "admin").await?;
-    run_controller(gateways, options, admin, shutdown_signal()).await?;
+    run_controller(gateways, options, admin, shutdown).await?;
     Ok(())
 }
 
@@ -139,12 +155,13 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         },
     ))
     .await?;
+    let shutdown = shutdown_signal();
     let listener = bind(args.listen, "inference").await?;
     let options = aviary::server::ServeOptions {
         max_message_bytes: args.max_message_bytes,
         grace_period: grace_period(args.grace_period)?,
     };
-    server::run_worker(Arc::new(worker), listener, options, shutdown_signal()).await?;
+    server::run_worker(Arc::new(worker), listener, options, shutdown).await?;
     Ok(())
 }
 
