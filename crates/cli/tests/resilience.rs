@@ -429,3 +429,48 @@ gates = {{ max_error_rate_increase = 0.05 }}
         .unwrap_or(Value::Null);
     assert!(canary["fallbacks"].as_u64() > Some(0), "{routes:#}");
 }
+
+#[test]
+fn finally_failed_requests_are_kept_across_a_restart_and_replayed() {
+    let failing = demo_config().replace(
+        "{ version = \"2\", weight = 10 }",
+        "{ version = \"2\", weight = 10, fault = { error_rate = 1.0 } }",
+    );
+    let config =
+        format!("{failing}dead_letters = true\n\n[dead_letters]\nfolder = \"{{dir}}/dead\"\n");
+    let mut served = Served::start(&config, &[]);
+    let runtime = runtime();
+    for _ in 0..3 {
+        assert_eq!(outcome(&runtime, &served.addr, "2", None), Code::Internal);
+    }
+    assert_eq!(outcome(&runtime, &served.addr, "1", None), Code::Ok);
+    let kept = |served: &Served| {
+        served.ctl(&["dlq", "list", "--json"]).json()["letters"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert!(
+        eventually(CONFIG_DEADLINE, || kept(&served) == 3),
+        "the three failed requests are kept: {:#}",
+        served.ctl(&["dlq", "list", "--json"]).json()
+    );
+    let listed = served.ctl(&["dlq", "list", "--json"]).json();
+    assert_eq!(listed["letters"][0]["version"], "2", "{listed:#}");
+    assert_eq!(
+        listed["letters"][0]["code"],
+        Code::Internal as i32,
+        "{listed:#}"
+    );
+
+    served.restart();
+    assert_eq!(kept(&served), 3, "the letters survive a restart");
+
+    // Replayed to the healthy version: answered, and gone from the queue.
+    let replayed = served
+        .ctl(&["dlq", "replay", "demo", "--version", "1", "--json"])
+        .json();
+    let outcomes = replayed["outcomes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(outcomes.len(), 3, "{replayed:#}");
+    assert!(outcomes.iter().all(|o| o["ok"] == true), "{replayed:#}");
+    assert_eq!(kept(&served), 0);
+}

@@ -23,6 +23,7 @@ use crate::{
     GatewayError, admin,
     config::Config,
     control::Control,
+    dead_letters::DeadLetters,
     front::Front,
     metrics::Metrics,
     rollouts::{LocalGateway, Rollouts},
@@ -56,6 +57,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// `None` when a controller drives this gateway's rollouts.
     rollouts: Option<Arc<Rollouts>>,
+    /// Kept when a route has `dead_letters = true` at start.
+    dead_letters: Option<Arc<DeadLetters>>,
 }
 
 /// The listeners a gateway serves on.
@@ -132,6 +135,13 @@ impl Gateway {
                 Some(Arc::new(rollouts))
             }
         };
+        let dead_letters = match config.routes.values().any(|r| r.dead_letters) {
+            true => Some(DeadLetters::open(
+                &config.dead_letters.folder,
+                config.dead_letters.max_bytes,
+            )?),
+            false => None,
+        };
         Ok(Gateway {
             config,
             control,
@@ -139,6 +149,7 @@ impl Gateway {
             config_path: None,
             metrics,
             rollouts,
+            dead_letters,
         })
     }
 
@@ -213,18 +224,30 @@ impl Gateway {
                 stop_rx.clone(),
             ));
         }
+        let mut front = Front::new(
+            Arc::clone(&self.control),
+            Arc::clone(&self.ready),
+            Arc::clone(&self.metrics),
+        );
+        if let Some(letters) = &self.dead_letters {
+            front = front.with_dead_letters(Arc::clone(letters));
+        }
         if let Some(listener) = listeners.admin {
-            let control = Arc::clone(&self.control);
-            let rollouts = self.rollouts.clone();
-            let metrics = Arc::clone(&self.metrics);
+            let parts = admin::AdminParts {
+                control: Arc::clone(&self.control),
+                rollouts: self.rollouts.clone(),
+                metrics: Arc::clone(&self.metrics),
+                dead_letters: self
+                    .dead_letters
+                    .as_ref()
+                    .map(|letters| (Arc::clone(letters), front.clone())),
+            };
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await.map(|_| ());
                 };
-                if let Err(error) =
-                    admin::serve(control, rollouts, metrics, listener, stopped).await
-                {
+                if let Err(error) = admin::serve(parts, listener, stopped).await {
                     tracing::error!(%error, "admin API stopped");
                 }
             });
@@ -238,11 +261,6 @@ impl Gateway {
                 tracing::info!("shutting down: finishing in-flight requests");
             }
         };
-        let front = Front::new(
-            Arc::clone(&self.control),
-            Arc::clone(&self.ready),
-            Arc::clone(&self.metrics),
-        );
         let options = server::ServeOptions {
             max_message_bytes: self.config.server.max_message_bytes,
             grace_period,

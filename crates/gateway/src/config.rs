@@ -40,6 +40,38 @@ pub struct Config {
     /// The progressive rollout driver.
     #[serde(default)]
     pub rollouts: RolloutsConfig,
+    /// Where routes with `dead_letters = true` keep the requests that finally failed.
+    #[serde(default)]
+    pub dead_letters: DeadLettersConfig,
+}
+
+/// The dead-letter queue's folder and size cap.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    /// The folder, relative to the config file.
+    #[serde(default = "default_dead_letters_folder")]
+    pub folder: PathBuf,
+    /// The most bytes kept; beyond it the oldest letters are dropped (and counted).
+    #[serde(default = "default_dead_letters_max_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for DeadLettersConfig {
+    fn default() -> Self {
+        DeadLettersConfig {
+            folder: default_dead_letters_folder(),
+            max_bytes: default_dead_letters_max_bytes(),
+        }
+    }
+}
+
+fn default_dead_letters_folder() -> PathBuf {
+    PathBuf::from("dead-letters")
+}
+
+fn default_dead_letters_max_bytes() -> u64 {
+    256 * 1024 * 1024
 }
 
 /// How this gateway drives progressive rollouts.
@@ -217,6 +249,9 @@ pub struct RouteConfig {
     /// same inputs and outputs.
     #[serde(default)]
     pub fallback: Option<FallbackConfig>,
+    /// Keep the requests that finally failed in the dead-letter queue.
+    #[serde(default)]
+    pub dead_letters: bool,
 }
 
 /// A route's fallback.
@@ -328,6 +363,9 @@ impl Config {
         if let Some(repository) = config.repository.as_mut().filter(|r| r.path.is_relative()) {
             repository.path = base.join(&repository.path);
         }
+        if config.dead_letters.folder.is_relative() {
+            config.dead_letters.folder = base.join(&config.dead_letters.folder);
+        }
         if let Some(state_file) = config
             .rollouts
             .state_file
@@ -364,6 +402,12 @@ impl Config {
             if repository.watch_interval_ms == 0 {
                 problems.push("repository.watch_interval_ms: must be at least 1".to_owned());
             }
+        }
+        if config.dead_letters.max_bytes < 4096 {
+            problems.push(format!(
+                "dead_letters.max_bytes: {} is too small (at least 4096)",
+                config.dead_letters.max_bytes
+            ));
         }
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());

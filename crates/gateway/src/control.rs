@@ -232,6 +232,7 @@ impl Control {
             route.shadow = route.shadow.or_else(|| existing.shadow.clone());
             route.limits = existing.limits;
             route.fallback = route.fallback.or_else(|| existing.fallback.clone());
+            route.dead_letters = existing.dead_letters;
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
             }

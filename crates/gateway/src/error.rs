@@ -154,11 +154,13 @@ impl GatewayError {
     }
 }
 
-impl From<GatewayError> for tonic::Status {
-    fn from(error: GatewayError) -> tonic::Status {
-        match error {
-            GatewayError::Route(e) => tonic::Status::not_found(e.to_string()),
-            GatewayError::Worker(e) => e.into(),
+impl GatewayError {
+    /// The status a client gets for this error (the one place the gateway maps them).
+    pub fn status(&self) -> tonic::Status {
+        let message = self.to_string();
+        match self {
+            GatewayError::Route(_) => tonic::Status::not_found(message),
+            GatewayError::Worker(e) => tonic::Status::new(e.code(), message),
             GatewayError::Remote { endpoint, status } => {
                 if status.code() == tonic::Code::Unavailable {
                     tonic::Status::unavailable(format!(
@@ -170,24 +172,28 @@ impl From<GatewayError> for tonic::Status {
                 }
             }
             // Only route changes (admin API) reach a client with these: the change is invalid.
-            e @ (GatewayError::Config { .. }
+            GatewayError::Config { .. }
             | GatewayError::Routes(_)
-            | GatewayError::InvalidRollout(_)) => tonic::Status::invalid_argument(e.to_string()),
-            e @ (GatewayError::GenerationMismatch { .. }
+            | GatewayError::InvalidRollout(_) => tonic::Status::invalid_argument(message),
+            GatewayError::GenerationMismatch { .. }
             | GatewayError::Refused(_)
             | GatewayError::HeldByRollout { .. }
-            | GatewayError::RolloutCommand(_)) => tonic::Status::failed_precondition(e.to_string()),
-            e @ GatewayError::NoRollout { .. } => tonic::Status::not_found(e.to_string()),
-            e @ (GatewayError::NoBackend { .. }
+            | GatewayError::RolloutCommand(_) => tonic::Status::failed_precondition(message),
+            GatewayError::NoRollout { .. } => tonic::Status::not_found(message),
+            GatewayError::NoBackend { .. }
             | GatewayError::Unreachable(_)
-            | GatewayError::BreakerOpen { .. }) => tonic::Status::unavailable(e.to_string()),
-            e @ GatewayError::Overloaded { .. } => tonic::Status::resource_exhausted(e.to_string()),
-            e @ GatewayError::DeadlineExceeded { .. } => {
-                tonic::Status::deadline_exceeded(e.to_string())
-            }
-            e @ (GatewayError::InjectedFault { .. } | GatewayError::Serve(_)) => {
-                tonic::Status::internal(e.to_string())
+            | GatewayError::BreakerOpen { .. } => tonic::Status::unavailable(message),
+            GatewayError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
+            GatewayError::DeadlineExceeded { .. } => tonic::Status::deadline_exceeded(message),
+            GatewayError::InjectedFault { .. } | GatewayError::Serve(_) => {
+                tonic::Status::internal(message)
             }
         }
+    }
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(error: GatewayError) -> tonic::Status {
+        error.status()
     }
 }

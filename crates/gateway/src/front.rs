@@ -32,7 +32,10 @@ use tonic::{
 
 use tower::ServiceExt;
 
-use crate::{GatewayError, control::Control, metrics::Metrics, routing::Routing, stack::Call};
+use crate::{
+    GatewayError, control::Control, dead_letters::DeadLetters, metrics::Metrics, routing::Routing,
+    stack::Call,
+};
 
 /// Response header naming the variant (version) that served the request.
 pub const VARIANT_HEADER: &str = "x-aviary-variant";
@@ -43,6 +46,16 @@ pub const FALLBACK_PARAMETER: &str = "aviary_fallback_for";
 
 /// Response header of a request a fallback served: the `model/version` that failed it.
 pub const FALLBACK_HEADER: &str = "x-aviary-fallback-for";
+
+/// Whether a finally failed request belongs in the dead-letter queue: anything the
+/// gateway or its workers failed (sending it again later may work), not a request
+/// that was wrong.
+fn kept_as_dead_letter(error: &GatewayError) -> bool {
+    matches!(
+        error,
+        GatewayError::DeadlineExceeded { .. } | GatewayError::Overloaded { .. }
+    ) || falls_back(error)
+}
 
 /// Whether a failed call goes to the route's fallback: the version failed or could not
 /// be reached. Not a bad request (the fallback would refuse it too), not an overload
@@ -89,6 +102,7 @@ pub struct Front {
     control: Arc<Control>,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    dead_letters: Option<Arc<DeadLetters>>,
 }
 
 impl Front {
@@ -100,7 +114,14 @@ impl Front {
             control,
             ready,
             metrics,
+            dead_letters: None,
         }
+    }
+
+    /// Keeps the requests that finally failed on routes with `dead_letters = true`.
+    pub fn with_dead_letters(mut self, dead_letters: Arc<DeadLetters>) -> Front {
+        self.dead_letters = Some(dead_letters);
+        self
     }
 
     /// Routes and runs one inference. `metadata` (the call's gRPC headers) and the
@@ -122,6 +143,12 @@ impl Front {
                 .resolve_with(&request.model_name, pinned, &attributes, rng)
                 .map(|d| d.version.to_owned())
         })?;
+        // The request as the client sent it, for the dead-letter queue if it fails.
+        let original = self
+            .dead_letters
+            .as_ref()
+            .filter(|_| routing.keeps_dead_letters(&request.model_name))
+            .map(|letters| (Arc::clone(letters), request.clone()));
         // From here on the request belongs to `version`: its outcome counts for it.
         let model = request.model_name.clone();
         let started = Instant::now();
@@ -137,14 +164,36 @@ impl Front {
         let result = self.call(&routing, request, deadline).await;
         self.metrics
             .record(&model, &version, result.is_ok(), started.elapsed());
+        let result = self
+            .fall_back(&routing, result, fallback, deadline, &model, &version)
+            .await;
+        if let (Err(error), Some((letters, original))) = (&result, original)
+            && kept_as_dead_letter(error)
+        {
+            letters.keep(&model, &version, &error.status(), &original);
+        }
+        result
+    }
+
+    /// `result`, or when it failed and the route has a `fallback`, the fallback's
+    /// answer, marked as such.
+    async fn fall_back(
+        &self,
+        routing: &Routing,
+        result: Result<ModelInferResponse, GatewayError>,
+        fallback: Option<((String, String), ModelInferRequest)>,
+        deadline: Instant,
+        model: &str,
+        version: &str,
+    ) -> Result<ModelInferResponse, GatewayError> {
         match (result, fallback) {
             (Err(error), Some(((to_model, to_version), mut copy))) if falls_back(&error) => {
                 tracing::debug!(model, version, %error, to_model, to_version, "served by the fallback");
                 copy.model_name = to_model;
                 copy.model_version = to_version;
-                let served = self.call(&routing, copy, deadline).await;
+                let served = self.call(routing, copy, deadline).await;
                 if served.is_ok() {
-                    self.metrics.record_fallback(&model, &version);
+                    self.metrics.record_fallback(model, version);
                 }
                 served.map(|mut response| {
                     response.parameters.insert(

@@ -17,6 +17,7 @@
 //!   admin API, a running rollout; version load/reload/unload, repository sync.
 //! - [`controller`]: `aviary controller`: the rollout driver over many gateways.
 //! - [`watch`]: watching the config file and the model repository.
+//! - [`dead_letters`]: requests that finally failed, kept on disk to be sent again.
 //! - [`admin`]: the admin API's services (routes, models, rollouts, experiments,
 //!   fleet) over [`control`], [`metrics`] and a rollout driver.
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
@@ -35,6 +36,7 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod controller;
+pub mod dead_letters;
 pub mod error;
 pub mod experiment;
 pub mod front;

@@ -35,6 +35,8 @@ pub struct Route {
     /// Where a failed call goes: (model, version); the model may be another one with
     /// the same signature.
     pub fallback: Option<(String, String)>,
+    /// Whether requests that finally failed are kept in the dead-letter queue.
+    pub dead_letters: bool,
 }
 
 /// One version of a route.
@@ -81,6 +83,7 @@ impl From<&RouteConfig> for Route {
             shadow: config.shadow.clone(),
             limits: limits_from(&config.limits),
             fallback: None,
+            dead_letters: config.dead_letters,
         }
     }
 }

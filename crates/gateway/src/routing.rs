@@ -183,6 +183,11 @@ impl Routing {
             })
     }
 
+    /// Whether `model`'s route keeps its finally failed requests.
+    pub fn keeps_dead_letters(&self, model: &str) -> bool {
+        self.routes.get(model).is_some_and(|r| r.dead_letters)
+    }
+
     /// Where `model`'s failed calls go, if its route names a fallback.
     pub fn fallback(&self, model: &str) -> Option<&(String, String)> {
         self.routes.get(model)?.fallback.as_ref()

@@ -186,7 +186,24 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
     .into_iter()
     .filter(|(_, changed)| *changed)
     .map(|(path, _)| format!("{path}: changed in the file; applies at restart"))
+    .chain(dead_letters_at_restart(started_with, config))
     .collect()
+}
+
+/// A note for each route that asks for dead letters when the gateway started with
+/// none: the queue is opened at start only.
+fn dead_letters_at_restart(started_with: &Config, config: &Config) -> Vec<String> {
+    if started_with.routes.values().any(|r| r.dead_letters) {
+        return Vec::new();
+    }
+    config
+        .routes
+        .iter()
+        .filter(|(_, route)| route.dead_letters)
+        .map(|(model, _)| {
+            format!("routes.{model}.dead_letters: the dead-letter queue opens at restart")
+        })
+        .collect()
 }
 
 /// Starts the plans that are new or changed since `before`; a note for each one that

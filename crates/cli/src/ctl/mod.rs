@@ -6,8 +6,10 @@
 //! - `models`: `models`, `load`, `reload`, `unload`.
 //! - `rollout`: `rollout start|pause|resume|promote|abort|status`.
 //! - `experiment`: `experiment report`, `feedback`, `shadow`.
+//! - `dlq`: `dlq list`, `dlq replay`.
 //! - `table`: plain-text tables and times for people.
 
+mod dlq;
 mod experiment;
 mod models;
 mod rollout;
@@ -97,6 +99,13 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// The dead-letter queue: requests that finally failed on routes with
+    /// `dead_letters = true`.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// A/B experiments: per-variant outcomes and significance against a baseline.
     Experiment {
         /// What to do.
@@ -120,6 +129,24 @@ pub enum CtlCommand {
         /// The prediction earned this reward.
         #[arg(long, group = "outcome", allow_negative_numbers = true)]
         reward: Option<f64>,
+    },
+}
+
+/// `aviary ctl dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// The kept requests: id, when, model, version, error.
+    List {
+        /// Only this model.
+        model: Option<String>,
+    },
+    /// Send the kept requests again; those answered are dropped, failures stay.
+    Replay {
+        /// Only this model.
+        model: Option<String>,
+        /// Send them to this version instead of routing them as usual.
+        #[arg(long)]
+        version: Option<String>,
     },
 }
 
@@ -266,6 +293,7 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Experiment {
             command: ExperimentCommand::Report { model, baseline },
         } => experiment::report(channel, model, baseline.as_deref(), json).await,
+        CtlCommand::Dlq { command } => dlq::run(channel, command, json).await,
         CtlCommand::Feedback {
             model,
             version,

@@ -7,7 +7,9 @@
 //! - `rollouts`: start, commands and status of a rollout driver's rollouts.
 //! - `experiments`: feedback, experiment reports and shadow comparisons.
 //! - `fleet`: what a controller uses on the gateways it drives.
+//! - `dead_letters`: list and replay the requests kept after they finally failed.
 
+mod dead_letters;
 mod experiments;
 mod fleet;
 mod models;
@@ -19,26 +21,48 @@ use std::{future::Future, sync::Arc};
 use tokio::net::TcpListener;
 use tonic::Status;
 
+pub use dead_letters::DeadLettersService;
 pub use experiments::ExperimentsService;
 pub use fleet::FleetService;
 pub use models::ModelsService;
 pub use rollouts::RolloutsService;
 pub use routes::RoutesService;
 
-use crate::{GatewayError, control::Control, metrics::Metrics, rollouts::Rollouts};
+use crate::{
+    GatewayError, control::Control, dead_letters::DeadLetters as DeadLetterQueue, front::Front,
+    metrics::Metrics, rollouts::Rollouts,
+};
+
+/// What a gateway's admin API serves.
+#[derive(Debug)]
+pub struct AdminParts {
+    /// Routes and models.
+    pub control: Arc<Control>,
+    /// The gateway's own rollouts; `None` when a controller drives them.
+    pub rollouts: Option<Arc<Rollouts>>,
+    /// Request metrics.
+    pub metrics: Arc<Metrics>,
+    /// The dead-letter queue and the front it replays through, when kept.
+    pub dead_letters: Option<(Arc<DeadLetterQueue>, Front)>,
+}
 
 /// Serves a gateway's admin API on `listener` until `shutdown` resolves; the
-/// `Rollouts` service only when the gateway drives its own rollouts (`rollouts`).
+/// `Rollouts` service only when the gateway drives its own rollouts, `DeadLetters`
+/// only when it keeps them.
 pub async fn serve<F>(
-    control: Arc<Control>,
-    rollouts: Option<Arc<Rollouts>>,
-    metrics: Arc<Metrics>,
+    parts: AdminParts,
     listener: TcpListener,
     shutdown: F,
 ) -> Result<(), GatewayError>
 where
     F: Future<Output = ()> + Send,
 {
+    let AdminParts {
+        control,
+        rollouts,
+        metrics,
+        dead_letters,
+    } = parts;
     tonic::transport::Server::builder()
         .add_service(RoutesService::server(
             Arc::clone(&control),
@@ -51,6 +75,9 @@ where
         ))
         .add_service(FleetService::server(control, metrics))
         .add_optional_service(rollouts.map(RolloutsService::server))
+        .add_optional_service(
+            dead_letters.map(|(letters, front)| DeadLettersService::server(letters, front)),
+        )
         .serve_with_incoming_shutdown(aviary::server::incoming(listener), shutdown)
         .await
         .map_err(|e| aviary::server::ServeError::new(format!("admin API: {e}")).into())
