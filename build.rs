@@ -20,6 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tensor payloads stay `Bytes` so the gateway forwards them without copying.
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")
+        // Written by hand (src/contents.rs) so `bytes_contents` decodes into one buffer
+        // instead of one allocation per element.
+        .extern_path(
+            ".inference.InferTensorContents",
+            "crate::contents::InferTensorContents",
+        )
         // `aviary ctl --json` prints the admin messages themselves.
         .type_attribute(
             ".aviary.admin.v1",

@@ -7,6 +7,8 @@
 //!
 //! - [`pb`]: generated protobuf messages, the `GRPCInferenceService` and the admin
 //!   API's clients and servers.
+//! - [`contents`]: `InferTensorContents`, written by hand so BYTES contents decode
+//!   into one buffer; re-exported in [`pb::inference`] with the generated messages.
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
@@ -17,6 +19,7 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod contents;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod tensor;
@@ -27,6 +30,7 @@ pub mod pb {
     #[allow(clippy::all, unreachable_pub, rust_2018_idioms, missing_docs)]
     pub mod inference {
         tonic::include_proto!("inference");
+        pub use crate::contents::InferTensorContents;
     }
 
     /// `aviary.admin.v1.*`: the gateway's control plane.

@@ -158,44 +158,85 @@ pub enum BytesFormatError {
     },
 }
 
-/// Splits a raw BYTES payload into its elements, requiring exactly `expected`.
-pub fn decode_bytes_elements(raw: &[u8], expected: usize) -> Result<Vec<&[u8]>, BytesFormatError> {
-    // Every element needs at least its 4-byte prefix, so this bounds the allocation by
-    // the payload size even when `expected` is huge.
-    let mut elements = Vec::with_capacity(expected.min(raw.len() / 4));
-    let mut offset = 0;
-    while offset < raw.len() {
-        let index = elements.len();
-        if index == expected {
-            return Err(BytesFormatError::CountMismatch {
-                expected,
-                found: index + 1,
-            });
+/// The elements of a raw BYTES payload, in order, without copying them: each item is
+/// an element or the framing error that ends the payload (after which it yields
+/// nothing more).
+#[derive(Debug, Clone)]
+pub struct BytesElementsIter<'a> {
+    raw: &'a [u8],
+    offset: usize,
+    index: usize,
+    failed: bool,
+}
+
+impl<'a> BytesElementsIter<'a> {
+    /// Walks `raw`.
+    pub fn new(raw: &'a [u8]) -> BytesElementsIter<'a> {
+        BytesElementsIter {
+            raw,
+            offset: 0,
+            index: 0,
+            failed: false,
         }
-        let Some(prefix) = raw.get(offset..offset + 4) else {
-            return Err(BytesFormatError::TruncatedPrefix { index, offset });
+    }
+}
+
+impl<'a> Iterator for BytesElementsIter<'a> {
+    type Item = Result<&'a [u8], BytesFormatError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.offset >= self.raw.len() {
+            return None;
+        }
+        let (index, offset) = (self.index, self.offset);
+        let Some(prefix) = self.raw.get(offset..offset + 4) else {
+            self.failed = true;
+            return Some(Err(BytesFormatError::TruncatedPrefix { index, offset }));
         };
         let length = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
         let start = offset + 4;
-        let remaining = raw.len() - start;
+        let remaining = self.raw.len() - start;
         if length as usize > remaining {
-            return Err(BytesFormatError::LengthOverrun {
+            self.failed = true;
+            return Some(Err(BytesFormatError::LengthOverrun {
                 index,
                 offset,
                 length,
                 remaining,
+            }));
+        }
+        self.offset = start + length as usize;
+        self.index += 1;
+        Some(Ok(&self.raw[start..self.offset]))
+    }
+}
+
+/// Checks that a raw BYTES payload holds exactly `expected` well-formed elements and
+/// returns the bytes they hold together (prefixes excluded), without allocating: what
+/// a request will cost can be known before it is decoded.
+pub fn bytes_payload_len(raw: &[u8], expected: usize) -> Result<usize, BytesFormatError> {
+    let mut found = 0;
+    let mut payload = 0;
+    for element in BytesElementsIter::new(raw) {
+        if found == expected {
+            return Err(BytesFormatError::CountMismatch {
+                expected,
+                found: found + 1,
             });
         }
-        elements.push(&raw[start..start + length as usize]);
-        offset = start + length as usize;
+        payload += element?.len();
+        found += 1;
     }
-    if elements.len() != expected {
-        return Err(BytesFormatError::CountMismatch {
-            expected,
-            found: elements.len(),
-        });
+    if found != expected {
+        return Err(BytesFormatError::CountMismatch { expected, found });
     }
-    Ok(elements)
+    Ok(payload)
+}
+
+/// Splits a raw BYTES payload into its elements, requiring exactly `expected`.
+pub fn decode_bytes_elements(raw: &[u8], expected: usize) -> Result<Vec<&[u8]>, BytesFormatError> {
+    bytes_payload_len(raw, expected)?;
+    BytesElementsIter::new(raw).collect()
 }
 
 /// Encodes BYTES elements as length-prefixed raw contents.
@@ -340,6 +381,28 @@ mod tests {
                 expected: 3,
                 found: 2
             })
+        );
+    }
+
+    #[test]
+    fn payload_len_counts_element_bytes_without_prefixes() {
+        let raw = encode_bytes_elements(["", "ab", "héllo"]);
+        assert_eq!(bytes_payload_len(&raw, 3), Ok(8));
+        assert_eq!(bytes_payload_len(&[], 0), Ok(0));
+        assert_eq!(
+            bytes_payload_len(&raw, usize::MAX),
+            Err(BytesFormatError::CountMismatch {
+                expected: usize::MAX,
+                found: 3
+            })
+        );
+        let items: Vec<_> = BytesElementsIter::new(&[1, 0]).collect();
+        assert_eq!(
+            items,
+            vec![Err(BytesFormatError::TruncatedPrefix {
+                index: 0,
+                offset: 0
+            })]
         );
     }
 

@@ -1415,7 +1415,7 @@ fn arb_contents() -> impl Strategy<Value = Option<InferTensorContents>> {
                 uint64_contents,
                 fp32_contents,
                 fp64_contents,
-                bytes_contents,
+                bytes_contents: bytes_contents.into_iter().collect(),
             },
         );
     prop::option::of(fields)
