@@ -100,6 +100,24 @@ pub struct WorkerArgs {
     /// Largest request or response message in bytes.
     #[arg(long, env = "AVIARY_MAX_MESSAGE_BYTES", default_value_t = aviary::server::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Largest decoded size of one request's input tensors, in bytes; larger requests
+    /// are refused with RESOURCE_EXHAUSTED before they are decoded.
+    #[arg(
+        long,
+        env = "AVIARY_MAX_REQUEST_TENSOR_BYTES",
+        default_value_t = aviary_worker::admission::DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_request_tensor_bytes: u64,
+    /// Largest decoded size of the input tensors of all requests being decoded or run
+    /// at once, in bytes; a request that would go over it is refused at once.
+    #[arg(
+        long,
+        env = "AVIARY_MAX_INFLIGHT_TENSOR_BYTES",
+        default_value_t = aviary_worker::admission::DEFAULT_MAX_INFLIGHT_TENSOR_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_inflight_tensor_bytes: u64,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]
     pub grace_period: f64,

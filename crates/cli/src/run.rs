@@ -12,7 +12,7 @@ use aviary_gateway::{
     front::VARIANT_HEADER,
     rollouts::Gateways,
 };
-use aviary_worker::{SessionOptions, Worker, WorkerConfig, server};
+use aviary_worker::{SessionOptions, TensorLimits, Worker, WorkerConfig, server};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -146,15 +146,19 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let defaults = SessionOptions::default();
-    let worker = Worker::open(WorkerConfig::new(
+    let mut config = WorkerConfig::new(
         args.repo,
         SessionOptions {
             instances: args.instances.unwrap_or(defaults.instances),
             intra_op_threads: args.intra_op_threads,
             inter_op_threads: args.inter_op_threads,
         },
-    ))
-    .await?;
+    );
+    config.limits = TensorLimits {
+        max_request_tensor_bytes: args.max_request_tensor_bytes,
+        max_inflight_tensor_bytes: args.max_inflight_tensor_bytes,
+    };
+    let worker = Worker::open(config).await?;
     let shutdown = shutdown_signal();
     let listener = bind(args.listen, "inference").await?;
     let options = aviary::server::ServeOptions {

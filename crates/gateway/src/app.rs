@@ -15,7 +15,7 @@ use std::{
 };
 
 use aviary::server;
-use aviary_worker::{SessionOptions, Worker, WorkerConfig};
+use aviary_worker::{SessionOptions, TensorLimits, Worker, WorkerConfig};
 use tokio::{net::TcpListener, sync::watch};
 use tonic_health::server::HealthReporter;
 
@@ -90,6 +90,15 @@ impl Gateway {
                 );
                 worker_config.default_policy = repository.version_policy.clone();
                 worker_config.policies = repository.policies.clone();
+                let limits = TensorLimits::default();
+                worker_config.limits = TensorLimits {
+                    max_request_tensor_bytes: repository
+                        .max_request_tensor_bytes
+                        .unwrap_or(limits.max_request_tensor_bytes),
+                    max_inflight_tensor_bytes: repository
+                        .max_inflight_tensor_bytes
+                        .unwrap_or(limits.max_inflight_tensor_bytes),
+                };
                 Some(Arc::new(Worker::open(worker_config).await?))
             }
             (Mode::Embedded, None) => None,

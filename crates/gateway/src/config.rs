@@ -220,6 +220,11 @@ pub struct RepositoryConfig {
     /// How often watch mode scans the repository, in milliseconds.
     #[serde(default = "default_watch_interval_ms")]
     pub watch_interval_ms: u64,
+    /// Largest decoded size of one request's input tensors, in bytes (default 256 MiB).
+    pub max_request_tensor_bytes: Option<u64>,
+    /// Largest decoded size of the input tensors of all requests being decoded or run
+    /// at once, in bytes (default 1 GiB).
+    pub max_inflight_tensor_bytes: Option<u64>,
 }
 
 fn default_watch_interval_ms() -> u64 {
@@ -399,6 +404,20 @@ impl Config {
                     problems.push(format!("repository.{field}: must be at least 1"));
                 }
             }
+            for (field, value) in [
+                (
+                    "max_request_tensor_bytes",
+                    repository.max_request_tensor_bytes,
+                ),
+                (
+                    "max_inflight_tensor_bytes",
+                    repository.max_inflight_tensor_bytes,
+                ),
+            ] {
+                if value == Some(0) {
+                    problems.push(format!("repository.{field}: must be at least 1"));
+                }
+            }
             if repository.watch_interval_ms == 0 {
                 problems.push("repository.watch_interval_ms: must be at least 1".to_owned());
             }
@@ -561,13 +580,23 @@ mod tests {
             [repository]
             path = "m"
             instances = 0
+            max_request_tensor_bytes = 0
+            max_inflight_tensor_bytes = 0
             [routes.demo]
             versions = [ { version = "1", weight = 1, endpoint = "grpc://x" } ]
             "#,
         )
-        .expect_err("three problems");
+        .expect_err("five problems");
         assert!(err.contains("server.max_message_bytes"), "{err}");
         assert!(err.contains("repository.instances"), "{err}");
+        assert!(
+            err.contains("repository.max_request_tensor_bytes: must be at least 1"),
+            "{err}"
+        );
+        assert!(
+            err.contains("repository.max_inflight_tensor_bytes: must be at least 1"),
+            "{err}"
+        );
         assert!(err.contains("routes.demo.versions[0].endpoint"), "{err}");
     }
 

@@ -12,21 +12,33 @@ use std::{
 use arc_swap::ArcSwap;
 use aviary::pb::inference::{ModelStatistics, repository_index_response::ModelIndex};
 
-use crate::{WorkerError, model::LoadedModel, repository::Fingerprint, stats::VersionStats};
+use crate::{
+    WorkerError, admission::Admission, model::LoadedModel, repository::Fingerprint,
+    stats::VersionStats,
+};
 
 /// One model version slot: the loaded model and its cumulative statistics.
 #[derive(Debug)]
 pub struct VersionSlot {
     current: ArcSwap<LoadedModel>,
     stats: VersionStats,
+    admission: Arc<Admission>,
 }
 
 impl VersionSlot {
-    pub(crate) fn new(model: Arc<LoadedModel>) -> VersionSlot {
+    pub(crate) fn new(model: Arc<LoadedModel>, admission: Arc<Admission>) -> VersionSlot {
         VersionSlot {
             current: ArcSwap::new(model),
             stats: VersionStats::default(),
+            admission,
         }
+    }
+
+    /// The worker's decoded-tensor budgets, which requests to this version draw on
+    /// (shared with every other version, so a caller holding only the slot is held to
+    /// them too).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     /// Swaps in a new copy of the version. Requests already running keep the old one,

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::admission::format_bytes;
+
 /// Everything that can go wrong in the worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -62,6 +64,28 @@ pub enum WorkerError {
         /// How long it waited, in milliseconds.
         waited_ms: u128,
     },
+    /// Decoding the request's input tensors would go over a memory budget: it was
+    /// refused before anything was decoded.
+    #[error(
+        "request needs {} of decoded tensors{}; the limit is {limit} = {}{}",
+        format_bytes(*.needed),
+        .held.map(|h| format!(" and requests in flight hold {}", format_bytes(Some(h)))).unwrap_or_default(),
+        format_bytes(Some(*.limit_bytes)),
+        if .held.is_some() { " (retry later)" } else { "" }
+    )]
+    OverBudget {
+        /// Decoded bytes the request needs; `None`: more than a `u64`.
+        needed: Option<u64>,
+        /// For the process budget: bytes the requests in flight held at that moment.
+        held: Option<u64>,
+        /// The setting that refused it.
+        limit: &'static str,
+        /// Its value, in bytes.
+        limit_bytes: u64,
+    },
+    /// The worker's settings do not hold together: every problem, one per line.
+    #[error("invalid worker settings:\n{0}")]
+    Config(String),
     /// The worker is shutting down or an inference task was lost.
     #[error("worker unavailable: {0}")]
     Unavailable(String),
@@ -79,7 +103,8 @@ impl WorkerError {
         use tonic::Code;
         match self {
             WorkerError::UnknownModel { .. } | WorkerError::UnknownVersion { .. } => Code::NotFound,
-            WorkerError::InvalidRequest(_) => Code::InvalidArgument,
+            WorkerError::InvalidRequest(_) | WorkerError::Config(_) => Code::InvalidArgument,
+            WorkerError::OverBudget { .. } => Code::ResourceExhausted,
             WorkerError::Load { .. } | WorkerError::Runtime(_) => Code::FailedPrecondition,
             WorkerError::Inference { .. } | WorkerError::Serve(_) => Code::Internal,
             WorkerError::Unavailable(_) => Code::Unavailable,

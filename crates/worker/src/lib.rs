@@ -7,7 +7,10 @@
 //! - [`runtime`]: finds the ONNX Runtime shared library and creates the environment.
 //! - [`repository`]: the on-disk layout `<repo>/<model>/<version>/model.onnx` and model cards.
 //! - [`schema`]: a model's input/output tensors in protocol terms.
-//! - [`validate`]: pure request validation and tensor decoding.
+//! - [`validate`]: pure request validation and tensor decoding, in two steps: a check
+//!   that decodes nothing and says what decoding will cost, then the decoding.
+//! - [`admission`]: that cost, and the per-request and per-process budgets a request
+//!   is held to before it is decoded.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
 //! - [`catalog`]: the loaded and failed versions as pure data, and the look-ups on them.
@@ -20,6 +23,7 @@
 //! - [`error`]: [`WorkerError`] and its mapping to gRPC statuses.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod catalog;
 pub mod error;
 pub mod lifecycle;
@@ -32,6 +36,7 @@ pub mod stats;
 pub mod validate;
 pub mod worker;
 
+pub use admission::TensorLimits;
 pub use error::WorkerError;
 pub use lifecycle::{LoadOutcome, SyncReport, VersionPolicy};
 pub use model::SessionOptions;

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::{
     WorkerError,
+    admission::Admission,
     catalog::{Catalog, Failure, VersionSlot},
     model::{LoadedModel, SessionOptions},
     repository::{self, VersionEntry},
@@ -90,25 +91,29 @@ pub(crate) struct Lifecycle {
     session: SessionOptions,
     default_policy: VersionPolicy,
     policies: BTreeMap<String, VersionPolicy>,
+    /// The decoded-tensor budgets every version's requests share.
+    admission: Arc<Admission>,
     /// Serialises load, reload, unload and sync; requests never take it.
     serial: tokio::sync::Mutex<()>,
 }
 
 impl Lifecycle {
     /// A lifecycle for `<repository>/<model>/<version>` with `session` settings, keeping
-    /// the versions `policies` (or `default_policy`, for models without one) select. It
-    /// loads nothing until asked.
+    /// the versions `policies` (or `default_policy`, for models without one) select, and
+    /// giving each version's slot `admission`. It loads nothing until asked.
     pub(crate) fn new(
         repository: PathBuf,
         session: SessionOptions,
         default_policy: VersionPolicy,
         policies: BTreeMap<String, VersionPolicy>,
+        admission: Arc<Admission>,
     ) -> Lifecycle {
         Lifecycle {
             repository,
             session,
             default_policy,
             policies,
+            admission,
             serial: tokio::sync::Mutex::new(()),
         }
     }
@@ -385,7 +390,7 @@ impl Lifecycle {
         match existing {
             Some(slot) => slot.replace(loaded),
             None => {
-                let slot = Arc::new(VersionSlot::new(loaded));
+                let slot = Arc::new(VersionSlot::new(loaded, Arc::clone(&self.admission)));
                 update(catalog, |catalog| {
                     catalog
                         .models

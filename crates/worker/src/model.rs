@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::{
     WorkerError,
+    admission::Reservation,
     repository::{Fingerprint, ModelCard},
     runtime,
     schema::ModelSchema,
@@ -181,9 +182,12 @@ impl LoadedModel {
 
     /// Runs a validated request on a free session. A request whose `deadline` passes
     /// while it waits for one is dropped unrun: its client has given up on it.
+    /// `reservation` (the request's share of the memory budget) is held until its
+    /// tensors are freed, even when the caller stops waiting while ORT runs.
     pub async fn infer(
         self: &Arc<Self>,
         request: ValidatedRequest,
+        reservation: Reservation,
         deadline: Option<Instant>,
     ) -> Result<(Vec<OutputTensor>, Timings), WorkerError> {
         let queued = Instant::now();
@@ -214,6 +218,7 @@ impl LoadedModel {
                 ));
             };
             let result = run_timed(&mut session, request);
+            drop(reservation);
             this.return_session(session);
             result.map_err(|reason| WorkerError::Inference {
                 model: this.model.clone(),

@@ -1,6 +1,11 @@
 //! Request validation: checks a `ModelInferRequest` against a model's schema and
 //! decodes its tensors, before anything reaches ONNX Runtime.
 //!
+//! Two steps, so a worker can hold a request to its memory budgets in between:
+//! [`check`] looks at everything that needs no decoding and says what decoding will
+//! cost, allocating nothing in proportion to the tensors; [`Checked::decode`] then
+//! builds the tensors. [`validate`] does both.
+//!
 //! Pure code: no I/O and no panics on any input. Every error names the input (or
 //! field) and the reason, and maps to `INVALID_ARGUMENT`.
 
@@ -12,7 +17,7 @@ use aviary::{
 };
 
 use crate::{
-    WorkerError,
+    WorkerError, admission,
     schema::{ModelSchema, TensorSpec},
 };
 
@@ -70,11 +75,51 @@ pub struct ValidatedRequest {
     pub outputs: Vec<String>,
 }
 
-/// Validates `request` against `schema` and decodes its inputs.
+/// Validates `request` against `schema` and decodes its inputs, whatever they cost
+/// (the worker holds them to its budgets between [`check`] and [`Checked::decode`]).
 pub fn validate(
     schema: &ModelSchema,
     request: &ModelInferRequest,
 ) -> Result<ValidatedRequest, WorkerError> {
+    check(schema, request)?.decode()
+}
+
+/// A request whose structure fits the model, and what decoding it will cost; nothing
+/// is decoded yet.
+#[derive(Debug)]
+pub struct Checked<'a> {
+    /// One per model input, in graph order.
+    inputs: Vec<Planned<'a>>,
+    outputs: Vec<String>,
+    cost: Option<u64>,
+}
+
+/// One input as checked: where its elements are and how many there are.
+#[derive(Debug)]
+struct Planned<'a> {
+    name: &'a str,
+    shape: &'a [i64],
+    datatype: Datatype,
+    count: usize,
+    source: Source<'a>,
+}
+
+#[derive(Debug)]
+enum Source<'a> {
+    Raw(&'a [u8]),
+    Typed(&'a InferTensorContents),
+    /// A zero-element tensor sent with present but empty typed contents.
+    Empty,
+}
+
+/// Checks everything about `request` that needs no decoding: names, datatypes, shapes,
+/// which contents field holds each input and how many elements it has, the BYTES
+/// framing, and the outputs. Allocates nothing in proportion to the tensors, so even
+/// a request that could never be afforded costs only its walk.
+pub fn check<'a>(
+    schema: &ModelSchema,
+    request: &'a ModelInferRequest,
+) -> Result<Checked<'a>, WorkerError> {
     let raw = &request.raw_input_contents;
     if !raw.is_empty() && raw.len() != request.inputs.len() {
         return Err(WorkerError::invalid(format!(
@@ -84,7 +129,8 @@ pub fn validate(
         )));
     }
 
-    let mut decoded: Vec<Option<InputTensor>> = vec![None; schema.inputs.len()];
+    let mut planned: Vec<Option<Planned<'a>>> = (0..schema.inputs.len()).map(|_| None).collect();
+    let mut cost = Some(0u64);
     for (index, input) in request.inputs.iter().enumerate() {
         let Some(position) = schema.inputs.iter().position(|s| s.name == input.name) else {
             return Err(WorkerError::invalid(format!(
@@ -93,24 +139,25 @@ pub fn validate(
                 names(&schema.inputs)
             )));
         };
-        if decoded[position].is_some() {
+        if planned[position].is_some() {
             return Err(WorkerError::invalid(format!(
                 "input \"{}\" is given twice",
                 input.name
             )));
         }
-        let spec = &schema.inputs[position];
         let raw_contents = raw.get(index).map(|b| &b[..]);
-        let tensor = decode_input(spec, input, raw_contents).map_err(|reason| {
-            WorkerError::invalid(format!("input \"{}\": {reason}", input.name))
-        })?;
-        decoded[position] = Some(tensor);
+        let (plan, input_cost) = plan_input(&schema.inputs[position], input, raw_contents)
+            .map_err(|reason| {
+                WorkerError::invalid(format!("input \"{}\": {reason}", input.name))
+            })?;
+        cost = cost.zip(input_cost).and_then(|(a, b)| a.checked_add(b));
+        planned[position] = Some(plan);
     }
     let missing: Vec<&str> = schema
         .inputs
         .iter()
-        .zip(&decoded)
-        .filter(|(_, d)| d.is_none())
+        .zip(&planned)
+        .filter(|(_, p)| p.is_none())
         .map(|(s, _)| s.name.as_str())
         .collect();
     if !missing.is_empty() {
@@ -125,10 +172,47 @@ pub fn validate(
             names(&schema.inputs)
         )));
     }
-    Ok(ValidatedRequest {
-        inputs: decoded.into_iter().flatten().collect(),
+    Ok(Checked {
+        inputs: planned.into_iter().flatten().collect(),
         outputs: requested_outputs(schema, request)?,
+        cost,
     })
+}
+
+impl Checked<'_> {
+    /// Bytes the decoded inputs will take ([`crate::admission::tensor_cost`] of each);
+    /// `None` when that does not fit in a `u64`.
+    pub fn cost(&self) -> Option<u64> {
+        self.cost
+    }
+
+    /// Decodes the inputs: converts and range-checks typed values, checks BYTES
+    /// elements for UTF-8 and NUL.
+    pub fn decode(self) -> Result<ValidatedRequest, WorkerError> {
+        let inputs = self
+            .inputs
+            .into_iter()
+            .map(|plan| {
+                let data = match plan.source {
+                    Source::Raw(raw) => decode_raw(plan.datatype, raw, plan.count),
+                    Source::Typed(contents) => decode_typed(plan.datatype, contents, plan.count),
+                    Source::Empty => decode_raw(plan.datatype, &[], 0),
+                }
+                .map_err(|reason| {
+                    WorkerError::invalid(format!("input \"{}\": {reason}", plan.name))
+                })?;
+                Ok(InputTensor {
+                    name: plan.name.to_owned(),
+                    shape: plan.shape.to_vec(),
+                    data,
+                })
+            })
+            .collect::<Result<Vec<_>, WorkerError>>()?;
+        Ok(ValidatedRequest {
+            inputs,
+            outputs: self.outputs,
+        })
+    }
 }
 
 fn requested_outputs(
@@ -166,11 +250,13 @@ fn names(specs: &[TensorSpec]) -> String {
         .join(", ")
 }
 
-fn decode_input(
+/// Checks one input against its spec and says where its elements are and what they
+/// will cost decoded.
+fn plan_input<'a>(
     spec: &TensorSpec,
-    input: &InferInputTensor,
-    raw: Option<&[u8]>,
-) -> Result<InputTensor, String> {
+    input: &'a InferInputTensor,
+    raw: Option<&'a [u8]>,
+) -> Result<(Planned<'a>, Option<u64>), String> {
     let datatype = Datatype::parse(&input.datatype).ok_or_else(|| {
         format!(
             "unknown datatype \"{}\" (expected {})",
@@ -191,23 +277,28 @@ fn decode_input(
         )
     })?;
 
-    let data = match (raw, &input.contents) {
+    let (source, payload) = match (raw, &input.contents) {
         (Some(_), Some(contents)) if has_any_contents(contents) => {
             return Err("both contents and raw_input_contents are set; send one of them".into());
         }
-        (Some(raw), _) => decode_raw(datatype, raw, count)?,
+        (Some(raw), _) => (Source::Raw(raw), check_raw(datatype, raw, count)?),
+        (None, Some(contents)) if has_any_contents(contents) => (
+            Source::Typed(contents),
+            check_typed(datatype, contents, count)?,
+        ),
         // A zero-element tensor has nothing to put in a typed field.
-        (None, Some(_)) if count == 0 => decode_raw(datatype, &[], 0)?,
-        (None, Some(contents)) if has_any_contents(contents) => {
-            decode_typed(datatype, contents, count)?
-        }
+        (None, Some(_)) if count == 0 => (Source::Empty, 0),
         (None, _) => return Err("no data: set contents or raw_input_contents".into()),
     };
-    Ok(InputTensor {
-        name: input.name.clone(),
-        shape: input.shape.clone(),
-        data,
-    })
+    let cost = admission::tensor_cost(datatype, count as u64, payload as u64);
+    let plan = Planned {
+        name: &input.name,
+        shape: &input.shape,
+        datatype,
+        count,
+        source,
+    };
+    Ok((plan, cost))
 }
 
 fn check_shape(expected: &[i64], got: &[i64]) -> Result<(), String> {
@@ -238,11 +329,12 @@ fn has_any_contents(c: &InferTensorContents) -> bool {
         && c.bytes_contents.is_empty())
 }
 
-fn decode_raw(datatype: Datatype, raw: &[u8], count: usize) -> Result<TensorData, String> {
+/// Checks that raw contents hold `count` elements of `datatype`; for BYTES, walks the
+/// length prefixes (allocating nothing) and returns the bytes the elements hold.
+fn check_raw(datatype: Datatype, raw: &[u8], count: usize) -> Result<usize, String> {
     let Some(size) = datatype.element_size() else {
-        let elements = tensor::decode_bytes_elements(raw, count)
-            .map_err(|e| format!("raw BYTES contents: {e}"))?;
-        return utf8_strings(elements.into_iter()).map(TensorData::Bytes);
+        return tensor::bytes_payload_len(raw, count)
+            .map_err(|e| format!("raw BYTES contents: {e}"));
     };
     let expected = count
         .checked_mul(size)
@@ -253,7 +345,16 @@ fn decode_raw(datatype: Datatype, raw: &[u8], count: usize) -> Result<TensorData
             raw.len()
         ));
     }
-    // The length check above makes every chunk exactly one element wide.
+    Ok(0)
+}
+
+/// Decodes raw contents that [`check_raw`] accepted.
+fn decode_raw(datatype: Datatype, raw: &[u8], count: usize) -> Result<TensorData, String> {
+    let Some(size) = datatype.element_size() else {
+        let elements = tensor::BytesElementsIter::new(raw).map_while(Result::ok);
+        return utf8_strings(elements, count).map(TensorData::Bytes);
+    };
+    // `check_raw` made the length count × size, so every chunk is one element wide.
     let chunks = raw.chunks_exact(size);
     Ok(match datatype {
         Datatype::Bool => TensorData::Bool(chunks.map(|c| c[0] != 0).collect()),
@@ -294,19 +395,25 @@ fn u64_le(c: &[u8]) -> u64 {
     u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
 }
 
-fn utf8_strings<'a>(elements: impl Iterator<Item = &'a [u8]>) -> Result<Vec<String>, String> {
-    elements
-        .enumerate()
-        .map(|(i, e)| {
-            if e.contains(&0) {
-                return Err(format!(
-                    "BYTES element {i} contains a NUL byte, which ONNX Runtime string tensors cannot hold"
-                ));
-            }
-            String::from_utf8(e.to_vec())
-                .map_err(|_| format!("BYTES element {i} is not valid UTF-8 (ONNX string tensors hold UTF-8 text)"))
-        })
-        .collect()
+/// Turns checked BYTES elements into ONNX strings; `count` is how many there are (the
+/// check walked them), so the vector is allocated once.
+fn utf8_strings<'a>(
+    elements: impl Iterator<Item = &'a [u8]>,
+    count: usize,
+) -> Result<Vec<String>, String> {
+    let mut strings = Vec::with_capacity(count);
+    for (i, e) in elements.enumerate() {
+        if e.contains(&0) {
+            return Err(format!(
+                "BYTES element {i} contains a NUL byte, which ONNX Runtime string tensors cannot hold"
+            ));
+        }
+        let string = String::from_utf8(e.to_vec()).map_err(|_| {
+            format!("BYTES element {i} is not valid UTF-8 (ONNX string tensors hold UTF-8 text)")
+        })?;
+        strings.push(string);
+    }
+    Ok(strings)
 }
 
 /// Which typed `contents` field carries a datatype.
@@ -324,7 +431,8 @@ fn contents_field(datatype: Datatype) -> Option<&'static str> {
     })
 }
 
-fn populated_fields(c: &InferTensorContents) -> Vec<&'static str> {
+/// Every typed field with its element count.
+fn field_lengths(c: &InferTensorContents) -> [(&'static str, usize); 8] {
     [
         ("bool_contents", c.bool_contents.len()),
         ("int_contents", c.int_contents.len()),
@@ -335,86 +443,66 @@ fn populated_fields(c: &InferTensorContents) -> Vec<&'static str> {
         ("fp64_contents", c.fp64_contents.len()),
         ("bytes_contents", c.bytes_contents.len()),
     ]
-    .into_iter()
-    .filter(|(_, n)| *n > 0)
-    .map(|(f, _)| f)
-    .collect()
 }
 
-fn decode_typed(
-    datatype: Datatype,
-    c: &InferTensorContents,
-    count: usize,
-) -> Result<TensorData, String> {
+/// Checks that typed contents sit in the field of `datatype` alone and hold `count`
+/// elements, from the fields' lengths only: contents of the wrong kind are refused
+/// before any of them is converted. Returns the bytes BYTES elements hold.
+fn check_typed(datatype: Datatype, c: &InferTensorContents, count: usize) -> Result<usize, String> {
     let Some(field) = contents_field(datatype) else {
         return Err(format!(
             "{datatype} has no typed contents field; send it in raw_input_contents"
         ));
     };
-    if let Some(other) = populated_fields(c).into_iter().find(|f| *f != field) {
+    let lengths = field_lengths(c);
+    if let Some((other, _)) = lengths.iter().find(|(f, n)| *n > 0 && *f != field) {
         return Err(format!(
             "contents.{other} is set, but {datatype} data belongs in contents.{field}"
         ));
     }
-    let check_len = |len: usize| {
-        if len == count {
-            Ok(())
-        } else {
-            Err(format!(
-                "contents.{field} holds {len} elements, shape needs {count}"
-            ))
-        }
+    let len = lengths
+        .iter()
+        .find(|(f, _)| *f == field)
+        .map_or(0, |(_, n)| *n);
+    if len != count {
+        return Err(format!(
+            "contents.{field} holds {len} elements, shape needs {count}"
+        ));
+    }
+    Ok(c.bytes_contents.payload_len())
+}
+
+/// Decodes typed contents that [`check_typed`] accepted: narrows and range-checks
+/// INT8/16 and UINT8/16, checks BYTES elements like raw ones.
+fn decode_typed(
+    datatype: Datatype,
+    c: &InferTensorContents,
+    count: usize,
+) -> Result<TensorData, String> {
+    let narrow = |what: &str, field: &str| {
+        format!("contents.{field} holds a value outside the range of {what}")
     };
-    let narrow = |what: &str| format!("contents.{field} holds a value outside the range of {what}");
     Ok(match datatype {
-        Datatype::Bool => {
-            check_len(c.bool_contents.len())?;
-            TensorData::Bool(c.bool_contents.clone())
-        }
-        Datatype::Int8 => {
-            check_len(c.int_contents.len())?;
-            TensorData::Int8(convert(&c.int_contents).ok_or_else(|| narrow("INT8"))?)
-        }
-        Datatype::Int16 => {
-            check_len(c.int_contents.len())?;
-            TensorData::Int16(convert(&c.int_contents).ok_or_else(|| narrow("INT16"))?)
-        }
-        Datatype::Int32 => {
-            check_len(c.int_contents.len())?;
-            TensorData::Int32(c.int_contents.clone())
-        }
-        Datatype::Int64 => {
-            check_len(c.int64_contents.len())?;
-            TensorData::Int64(c.int64_contents.clone())
-        }
-        Datatype::Uint8 => {
-            check_len(c.uint_contents.len())?;
-            TensorData::Uint8(convert(&c.uint_contents).ok_or_else(|| narrow("UINT8"))?)
-        }
-        Datatype::Uint16 => {
-            check_len(c.uint_contents.len())?;
-            TensorData::Uint16(convert(&c.uint_contents).ok_or_else(|| narrow("UINT16"))?)
-        }
-        Datatype::Uint32 => {
-            check_len(c.uint_contents.len())?;
-            TensorData::Uint32(c.uint_contents.clone())
-        }
-        Datatype::Uint64 => {
-            check_len(c.uint64_contents.len())?;
-            TensorData::Uint64(c.uint64_contents.clone())
-        }
-        Datatype::Fp32 => {
-            check_len(c.fp32_contents.len())?;
-            TensorData::Fp32(c.fp32_contents.clone())
-        }
-        Datatype::Fp64 => {
-            check_len(c.fp64_contents.len())?;
-            TensorData::Fp64(c.fp64_contents.clone())
-        }
-        Datatype::Bytes => {
-            check_len(c.bytes_contents.len())?;
-            TensorData::Bytes(utf8_strings(c.bytes_contents.iter().map(|b| &b[..]))?)
-        }
+        Datatype::Bool => TensorData::Bool(c.bool_contents.clone()),
+        Datatype::Int8 => TensorData::Int8(
+            convert(&c.int_contents).ok_or_else(|| narrow("INT8", "int_contents"))?,
+        ),
+        Datatype::Int16 => TensorData::Int16(
+            convert(&c.int_contents).ok_or_else(|| narrow("INT16", "int_contents"))?,
+        ),
+        Datatype::Int32 => TensorData::Int32(c.int_contents.clone()),
+        Datatype::Int64 => TensorData::Int64(c.int64_contents.clone()),
+        Datatype::Uint8 => TensorData::Uint8(
+            convert(&c.uint_contents).ok_or_else(|| narrow("UINT8", "uint_contents"))?,
+        ),
+        Datatype::Uint16 => TensorData::Uint16(
+            convert(&c.uint_contents).ok_or_else(|| narrow("UINT16", "uint_contents"))?,
+        ),
+        Datatype::Uint32 => TensorData::Uint32(c.uint_contents.clone()),
+        Datatype::Uint64 => TensorData::Uint64(c.uint64_contents.clone()),
+        Datatype::Fp32 => TensorData::Fp32(c.fp32_contents.clone()),
+        Datatype::Fp64 => TensorData::Fp64(c.fp64_contents.clone()),
+        Datatype::Bytes => decode_raw(datatype, c.bytes_contents.as_raw(), count)?,
         Datatype::Fp16 | Datatype::Bf16 => return Err(format!("{datatype} must be sent raw")),
     })
 }

@@ -27,6 +27,7 @@ use bytes::Bytes;
 pub use crate::catalog::VersionSlot;
 use crate::{
     WorkerError,
+    admission::{Admission, TensorLimits},
     catalog::Catalog,
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
     model::SessionOptions,
@@ -50,6 +51,8 @@ pub struct WorkerConfig {
     pub default_policy: VersionPolicy,
     /// Version policy per model.
     pub policies: BTreeMap<String, VersionPolicy>,
+    /// Budgets for decoded input tensors, per request and for the whole process.
+    pub limits: TensorLimits,
 }
 
 impl WorkerConfig {
@@ -60,6 +63,7 @@ impl WorkerConfig {
             session,
             default_policy: VersionPolicy::All,
             policies: BTreeMap::new(),
+            limits: TensorLimits::default(),
         }
     }
 }
@@ -74,8 +78,13 @@ pub struct Worker {
 impl Worker {
     /// Scans the repository and loads (and warms up) every version its version policy
     /// selects. A version that fails to load is logged and listed as unavailable in the
-    /// repository index; the others still serve.
+    /// repository index; the others still serve. Fails at once on limits that do not
+    /// hold together.
     pub async fn open(config: WorkerConfig) -> Result<Worker, WorkerError> {
+        let problems = config.limits.problems();
+        if !problems.is_empty() {
+            return Err(WorkerError::Config(problems.join("\n")));
+        }
         // Fail early, with the message that says what to do, when ONNX Runtime is missing.
         crate::runtime::environment()?;
         let WorkerConfig {
@@ -83,10 +92,12 @@ impl Worker {
             session,
             default_policy,
             policies,
+            limits,
         } = config;
+        let admission = Arc::new(Admission::new(limits));
         let worker = Worker {
             catalog: ArcSwap::from_pointee(Catalog::default()),
-            lifecycle: Lifecycle::new(repository, session, default_policy, policies),
+            lifecycle: Lifecycle::new(repository, session, default_policy, policies, admission),
         };
         worker.sync(None, &BTreeSet::new(), &|_, _| true).await?;
         Ok(worker)
@@ -122,6 +133,10 @@ impl Worker {
 /// Validates and runs one inference on `slot`, whatever version the request names,
 /// unless its `deadline` passes before a session is free. A caller holding the slot
 /// can use it even after the version is unloaded.
+///
+/// The request is checked and its decoded size reserved from the worker's budgets
+/// before anything is decoded; over budget, it is refused at once
+/// ([`WorkerError::OverBudget`]). The reservation lasts until its inference ends.
 pub async fn infer_on(
     slot: &VersionSlot,
     request: ModelInferRequest,
@@ -130,13 +145,15 @@ pub async fn infer_on(
     let started = Instant::now();
     let model = slot.current();
     let result = async {
-        let validated = validate::validate(&model.schema, &request)?;
+        let checked = validate::check(&model.schema, &request)?;
+        let reservation = slot.admission().admit(checked.cost())?;
+        let validated = checked.decode()?;
         let batch = validated
             .inputs
             .first()
             .and_then(|i| i.shape.first())
             .map_or(1, |&d| u64::try_from(d).unwrap_or(0));
-        let (outputs, timings) = model.infer(validated, deadline).await?;
+        let (outputs, timings) = model.infer(validated, reservation, deadline).await?;
         Ok::<_, WorkerError>((outputs, timings, batch))
     }
     .await;

@@ -528,6 +528,35 @@ fn zero_element_tensor_is_accepted_with_empty_typed_contents() {
     assert_eq!(validated.inputs[1].data, TensorData::Bytes(Vec::new()));
 }
 
+/// Typed contents are checked for their kind and count even when the shape has no
+/// elements: they are not silently dropped.
+#[test]
+fn zero_element_tensor_with_typed_elements_is_rejected() {
+    let request = typed_request(vec![
+        typed("image", "FP32", &[0, 3], byte_strings(&[b"x"])),
+        typed("label", "BYTES", &[0], InferTensorContents::default()),
+    ]);
+    assert_invalid(
+        validate(&model(), &request),
+        &[
+            "input \"image\"",
+            "contents.bytes_contents is set",
+            "FP32 data belongs in contents.fp32_contents",
+        ],
+    );
+    let request = typed_request(vec![
+        typed("image", "FP32", &[0, 3], fp32s(&[1.0])),
+        typed("label", "BYTES", &[0], InferTensorContents::default()),
+    ]);
+    assert_invalid(
+        validate(&model(), &request),
+        &[
+            "input \"image\"",
+            "contents.fp32_contents holds 1 elements, shape needs 0",
+        ],
+    );
+}
+
 #[test]
 fn raw_wins_over_present_but_empty_typed_contents() {
     let (mut image, raw) = image_raw(1);

@@ -1,0 +1,257 @@
+//! A worker under requests built to expand in memory, as an attacker sends them: real
+//! `aviary worker` processes with their default limits, on 127.0.0.1 port 0. Requests
+//! whose decoded tensors would dwarf their wire size are refused before they are
+//! decoded, and the worker's peak RSS (VmHWM) stays within a bound of its idle RSS.
+
+mod support;
+
+use aviary::pb::inference::{
+    ModelInferRequest, ModelMetadataRequest, model_infer_request::InferInputTensor,
+};
+use bytes::{Buf, BufMut, Bytes};
+use support::*;
+use tonic::{
+    Code, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    transport::Channel,
+};
+
+/// BYTES elements in the expansion requests: 4 wire bytes each (an empty element's
+/// length prefix), so ~40 MB on the wire.
+const ELEMENTS: usize = 10_000_000;
+
+/// How far the worker's peak RSS may rise above its idle RSS over the whole test.
+const HEADROOM_KIB: u64 = 300 * 1024;
+
+/// A field of `/proc/PID/status`, in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// A `types` request whose `in_bytes` holds [`ELEMENTS`] empty strings in `raw` and
+/// every other input is empty (the model needs all 14).
+fn empty_strings_request(raw: &Bytes) -> ModelInferRequest {
+    let names = [
+        ("bool", "BOOL"),
+        ("int8", "INT8"),
+        ("int16", "INT16"),
+        ("int32", "INT32"),
+        ("int64", "INT64"),
+        ("uint8", "UINT8"),
+        ("uint16", "UINT16"),
+        ("uint32", "UINT32"),
+        ("uint64", "UINT64"),
+        ("fp16", "FP16"),
+        ("bf16", "BF16"),
+        ("fp32", "FP32"),
+        ("fp64", "FP64"),
+        ("bytes", "BYTES"),
+    ];
+    let (inputs, raw_input_contents) = names
+        .iter()
+        .map(|(name, datatype)| {
+            let bytes = *name == "bytes";
+            let count = if bytes { ELEMENTS as i64 } else { 0 };
+            let input = InferInputTensor {
+                name: format!("in_{name}"),
+                datatype: (*datatype).into(),
+                shape: vec![count],
+                ..Default::default()
+            };
+            (input, if bytes { raw.clone() } else { Bytes::new() })
+        })
+        .unzip();
+    ModelInferRequest {
+        model_name: "types".into(),
+        inputs,
+        raw_input_contents,
+        ..Default::default()
+    }
+}
+
+fn varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// A length-delimited protobuf field.
+fn field(tag: u64, payload: &[u8], out: &mut Vec<u8>) {
+    varint(tag << 3 | 2, out);
+    varint(payload.len() as u64, out);
+    out.extend_from_slice(payload);
+}
+
+/// The wire form of a `demo` request whose FP32 input carries `elements` one-byte
+/// strings in `contents.bytes_contents` (3 wire bytes each), encoded by hand so the
+/// test itself never holds them as `Vec<Vec<u8>>`.
+fn typed_bytes_request(elements: usize) -> Bytes {
+    let mut contents = Vec::with_capacity(elements * 3);
+    for _ in 0..elements {
+        field(8, b"x", &mut contents);
+    }
+    let header = InferInputTensor {
+        name: "input".into(),
+        datatype: "FP32".into(),
+        shape: vec![(elements / 4) as i64, 4],
+        ..Default::default()
+    };
+    let mut input = prost::Message::encode_to_vec(&header);
+    field(5, &contents, &mut input);
+    drop(contents);
+    let request = ModelInferRequest {
+        model_name: "demo".into(),
+        ..Default::default()
+    };
+    let mut wire = prost::Message::encode_to_vec(&request);
+    field(5, &input, &mut wire);
+    wire.into()
+}
+
+/// Sends already-encoded request bytes and takes the response bytes as they come.
+#[derive(Debug, Default, Clone, Copy)]
+struct PreEncoded;
+
+impl Codec for PreEncoded {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = PreEncoded;
+    type Decoder = PreEncoded;
+    fn encoder(&mut self) -> PreEncoded {
+        PreEncoded
+    }
+    fn decoder(&mut self) -> PreEncoded {
+        PreEncoded
+    }
+}
+
+impl Encoder for PreEncoded {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for PreEncoded {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// `ModelInfer` with a body encoded by hand.
+async fn infer_encoded(channel: Channel, body: Bytes) -> Result<(), Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/inference.GRPCInferenceService/ModelInfer",
+    );
+    grpc.unary(tonic::Request::new(body), path, PreEncoded)
+        .await
+        .map(|_| ())
+}
+
+#[test]
+fn expanding_requests_are_refused_before_they_are_decoded() {
+    let (worker, addr) = start_worker(&repo_root().join("tests/models"));
+    let pid = worker.pid();
+    let runtime = runtime();
+    let channel = runtime.block_on(connect(&addr));
+
+    let metadata = runtime
+        .block_on(
+            client(channel.clone()).model_metadata(ModelMetadataRequest {
+                name: "types".into(),
+                version: String::new(),
+            }),
+        )
+        .expect("types metadata")
+        .into_inner();
+    let in_bytes = metadata
+        .inputs
+        .iter()
+        .find(|i| i.name == "in_bytes")
+        .expect("types has in_bytes");
+    assert_eq!(
+        (in_bytes.datatype.as_str(), &in_bytes.shape[..]),
+        ("BYTES", &[-1][..])
+    );
+
+    let idle = status_kib(pid, "VmRSS");
+    eprintln!(
+        "idle VmRSS {idle} KiB, VmHWM {} KiB",
+        status_kib(pid, "VmHWM")
+    );
+
+    // One FP32 input with ~30 MB of one-byte strings in contents.bytes_contents.
+    let body = typed_bytes_request(ELEMENTS);
+    let typed = runtime
+        .block_on(infer_encoded(channel.clone(), body))
+        .err()
+        .unwrap_or_else(|| Status::ok("answered"));
+    let after_typed = status_kib(pid, "VmHWM");
+    eprintln!(
+        "after typed bytes: VmHWM {after_typed} KiB (+{} MiB)",
+        (after_typed - idle) / 1024
+    );
+    eprintln!("  {:?}: {}", typed.code(), typed.message());
+
+    // Four at once: each ~40 MB on the wire, ~1 GiB once decoded into strings.
+    let raw = Bytes::from(vec![0u8; ELEMENTS * 4]);
+    let statuses: Vec<Status> = runtime.block_on(async {
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let (channel, request) = (channel.clone(), empty_strings_request(&raw));
+                tokio::spawn(async move { client(channel).model_infer(request).await })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for call in calls {
+            let outcome = call.await.expect("request task");
+            statuses.push(outcome.err().unwrap_or_else(|| Status::ok("answered")));
+        }
+        statuses
+    });
+    drop(raw);
+    let after_strings = status_kib(pid, "VmHWM");
+    eprintln!(
+        "after 4 x BYTES: VmHWM {after_strings} KiB (+{} MiB)",
+        (after_strings - idle) / 1024
+    );
+    for status in &statuses {
+        eprintln!("  {:?}: {}", status.code(), status.message());
+    }
+
+    for status in &statuses {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("max_request_tensor_bytes = 256 MiB"),
+            "{status:?}"
+        );
+    }
+    assert_eq!(typed.code(), Code::InvalidArgument, "{typed:?}");
+    assert!(
+        typed.message().contains("input \"input\"")
+            && typed.message().contains("bytes_contents")
+            && typed.message().contains("fp32_contents"),
+        "{typed:?}"
+    );
+    assert!(
+        after_typed < idle + HEADROOM_KIB,
+        "peak RSS {after_typed} KiB above idle {idle} KiB + {HEADROOM_KIB} KiB"
+    );
+}
