@@ -157,7 +157,8 @@ impl Remote {
 
     /// A failed call. A status with a source error was made on this side, not sent by
     /// the worker: a transport failure (the connection broke, the worker died
-    /// mid-call) tonic gives UNKNOWN, but the worker is unavailable; the call's own
+    /// mid-call) tonic gives UNKNOWN or CANCELLED (a reset stream), but the worker is
+    /// unavailable (this side never cancels a call it still waits for); the call's own
     /// deadline (its grpc-timeout) passing is tonic's CANCELLED "Timeout expired", but
     /// to the caller it is DEADLINE_EXCEEDED.
     fn error(&self, status: tonic::Status) -> GatewayError {
@@ -172,7 +173,7 @@ impl Remote {
         } else if source.is_some()
             && !matches!(
                 status.code(),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unavailable
+                tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
             )
         {
             tonic::Status::unavailable(status.message())

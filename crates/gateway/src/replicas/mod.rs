@@ -2,10 +2,10 @@
 //! each a worker address or a DNS name standing for many ([`discovery`]).
 //!
 //! Calls are balanced over the live replicas by tower's power-of-two-choices balancer
-//! on their pending requests; a replica that fails `EJECT_AFTER` calls in a row
-//! (unreachable, broken, too slow) is ejected from the balancer for a backoff that
-//! doubles up to `MAX_EJECTION`, then probed with a gRPC health check (with a
-//! timeout) and let back in when it answers SERVING. A call that found its replica
+//! on their pending requests; a replica that cannot be reached, or fails
+//! `EJECT_AFTER` calls in a row (broken, too slow), is ejected from the balancer for a
+//! backoff that doubles up to `MAX_EJECTION`, then probed with a gRPC health check
+//! (with a timeout) and let back in when it answers SERVING. A call that found its replica
 //! unreachable is retried on another ([`retry`]). With no live replica, calls fail at
 //! once with UNAVAILABLE. A task per replica set keeps the balancer's set in line with
 //! DNS, ejections and probes; it ends with the set.
@@ -129,7 +129,11 @@ impl Service<Call> for Tracked {
             let result = this.remote.infer(call.request, call.deadline).await;
             match &result {
                 Err(error) if error.is_backend_failure() => {
-                    if this.failures.fetch_add(1, Ordering::Relaxed) + 1 == EJECT_AFTER {
+                    let failures = this.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Unreachable is no passing fault: out at once, so the retry of
+                    // this very call finds another replica.
+                    let unreachable = retryable(error);
+                    if failures == EJECT_AFTER || (unreachable && failures == 1) {
                         let _ = this.events.send(Event::Failing(this.endpoint.clone()));
                     }
                 }
