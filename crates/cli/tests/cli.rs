@@ -11,20 +11,24 @@ use support::*;
 
 /// `aviary serve` over the demo config on a free port.
 fn serve_demo() -> (Process, String) {
+    serve_demo_with(&[])
+}
+
+/// [`serve_demo`] with `extra` flags.
+fn serve_demo_with(extra: &[&str]) -> (Process, String) {
     let config = repo_root().join("deploy/local/aviary.toml");
     let config = config.to_str().expect("utf-8 path");
-    let mut server = Process::spawn(
-        &[
-            "serve",
-            "--config",
-            config,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "serve",
+        "--config",
+        config,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let mut server = Process::spawn(&args, &[]);
     let addr = server.wait_listening();
     (server, format!("http://{addr}"))
 }
@@ -259,23 +263,7 @@ fn config_typo_is_rejected_naming_the_key() {
 /// process exits 0, instead of waiting for Kubernetes' SIGKILL.
 #[test]
 fn sigterm_with_an_open_stream_exits_zero_after_the_grace_period() {
-    let config = repo_root().join("deploy/local/aviary.toml");
-    let config = config.to_str().expect("utf-8 path");
-    let mut server = Process::spawn(
-        &[
-            "serve",
-            "--config",
-            config,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--grace-period",
-            "1",
-        ],
-        &[],
-    );
-    let addr = format!("http://{}", server.wait_listening());
+    let (mut server, addr) = serve_demo_with(&["--grace-period", "1"]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
