@@ -120,6 +120,13 @@ fn a_restarted_controller_resumes_the_rollout_of_two_gateways() {
             "{unserved:#?}"
         );
     }
+    let routes_on_controller = ctl(&admin, &["routes"]).failed();
+    assert!(
+        routes_on_controller
+            .stderr
+            .contains("a controller serves only `aviary ctl rollout`; ask a gateway"),
+        "{routes_on_controller:#?}"
+    );
 
     // Restarted mid-rollout: the gateways keep the held weights meanwhile, and the new
     // controller carries on from its state file.

@@ -112,6 +112,21 @@ fn routes_show_weights_and_set_weights_steers_traffic() {
 }
 
 #[test]
+fn dlq_on_a_gateway_without_a_queue_says_how_to_get_one() {
+    let served = Served::demo();
+    for args in [&["dlq", "list"][..], &["dlq", "replay"][..]] {
+        let refused = served.ctl(args).failed();
+        assert!(
+            refused.stderr.contains("Unimplemented")
+                && refused
+                    .stderr
+                    .contains("set `dead_letters = true` on a route"),
+            "{args:?}: {refused:#?}"
+        );
+    }
+}
+
+#[test]
 fn models_lists_every_version_with_state_path_and_card() {
     let served = Served::demo();
     let models = repo_root().join("deploy/local/models");

@@ -143,22 +143,26 @@ impl Front {
                 .resolve_with(&request.model_name, pinned, &attributes, rng)
                 .map(|d| d.version.to_owned())
         })?;
+        // One look-up of the route's settings for the rest of the call (the route exists:
+        // the table just resolved a version of it).
+        let route = routing.routes.get(&request.model_name);
         // The request as the client sent it, for the dead-letter queue if it fails.
         let original = self
             .dead_letters
             .as_ref()
-            .filter(|_| routing.keeps_dead_letters(&request.model_name))
+            .filter(|_| route.is_some_and(|r| r.dead_letters))
             .map(|letters| (Arc::clone(letters), request.clone()));
         // From here on the request belongs to `version`: its outcome counts for it.
         let model = request.model_name.clone();
         let started = Instant::now();
-        let deadline = routing
-            .limits(&model)
+        let deadline = route
+            .map(|r| r.limits)
+            .unwrap_or_default()
             .deadline(grpc_timeout(metadata), started);
         request.model_version.clone_from(&version);
         // Only a route with a fallback pays for a copy of the request.
-        let fallback = routing
-            .fallback(&model)
+        let fallback = route
+            .and_then(|r| r.fallback.as_ref())
             .filter(|(m, v)| (m.as_str(), v.as_str()) != (model.as_str(), version.as_str()))
             .map(|target| (target.clone(), request.clone()));
         let result = self.call(&routing, request, deadline).await;

@@ -183,21 +183,6 @@ impl Routing {
             })
     }
 
-    /// Whether `model`'s route keeps its finally failed requests.
-    pub fn keeps_dead_letters(&self, model: &str) -> bool {
-        self.routes.get(model).is_some_and(|r| r.dead_letters)
-    }
-
-    /// Where `model`'s failed calls go, if its route names a fallback.
-    pub fn fallback(&self, model: &str) -> Option<&(String, String)> {
-        self.routes.get(model)?.fallback.as_ref()
-    }
-
-    /// The limits of `model`'s route (the defaults for a model without a route).
-    pub fn limits(&self, model: &str) -> Limits {
-        self.routes.get(model).map(|r| r.limits).unwrap_or_default()
-    }
-
     /// The request-path state of `model` at `version` (its breaker), if routed.
     pub fn guards(&self, model: &str, version: &str) -> Option<&Arc<Guards>> {
         self.guards.get(&(model.to_owned(), version.to_owned()))

@@ -9,7 +9,12 @@ use tonic::transport::Channel;
 use super::{
     CtlError, DlqCommand, print,
     table::{loaded_at, table},
+    unserved,
 };
+
+/// A gateway opens its dead-letter queue at start, when a route asks for it.
+const NO_QUEUE: &str = "this gateway keeps no dead letters: set `dead_letters = true` on a route \
+                        (the queue opens when the gateway starts)";
 
 /// Runs one `dlq` subcommand.
 pub(super) async fn run(
@@ -24,7 +29,8 @@ pub(super) async fn run(
                 .list_dead_letters(ListDeadLettersRequest {
                     model: model.clone().unwrap_or_default(),
                 })
-                .await?
+                .await
+                .map_err(unserved(NO_QUEUE))?
                 .into_inner();
             Ok(print(&list, json, render_list))
         }
@@ -34,7 +40,8 @@ pub(super) async fn run(
                     model: model.clone().unwrap_or_default(),
                     version: version.clone().unwrap_or_default(),
                 })
-                .await?
+                .await
+                .map_err(unserved(NO_QUEUE))?
                 .into_inner();
             Ok(print(&replayed, json, render_replay))
         }

@@ -257,10 +257,22 @@ pub enum CtlError {
 
 impl From<tonic::Status> for CtlError {
     fn from(status: tonic::Status) -> CtlError {
-        CtlError::Status {
-            code: status.code(),
-            message: status.message().to_owned(),
-        }
+        unserved(
+            "this server does not serve that part of the admin API \
+             (a controller serves only `aviary ctl rollout`; ask a gateway)",
+        )(status)
+    }
+}
+
+/// The server's status as a `CtlError`, with tonic's bare "unimplemented" (the server
+/// does not serve that admin service) replaced by `hint`: what to do instead.
+fn unserved(hint: &'static str) -> impl Fn(tonic::Status) -> CtlError {
+    move |status| CtlError::Status {
+        code: status.code(),
+        message: match status.code() {
+            tonic::Code::Unimplemented => hint.to_owned(),
+            _ => status.message().to_owned(),
+        },
     }
 }
 

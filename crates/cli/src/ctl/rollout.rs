@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 use super::{
     CtlError, RolloutCommand, RolloutNote, print,
     table::{loaded_at, table},
+    unserved,
 };
 
 /// Runs one rollout subcommand; prints the rollout's status after it.
@@ -63,32 +64,24 @@ pub(super) async fn run(
             let get = GetRolloutRequest {
                 model: model.clone(),
             };
-            let status = client.get_rollout(get.clone()).await.map_err(unserved)?;
+            let status = client
+                .get_rollout(get.clone())
+                .await
+                .map_err(unserved(NO_ROLLOUTS))?;
             return match watch {
                 true => watch_until_over(&mut client, get, status.into_inner(), json).await,
                 false => Ok(print(&status.into_inner(), json, render_rollout)),
             };
         }
     }
-    .map_err(unserved)?
+    .map_err(unserved(NO_ROLLOUTS))?
     .into_inner();
     Ok(print(&status, json, render_rollout))
 }
 
-/// A gateway whose rollouts a controller drives does not serve the service: say where
-/// to ask instead of tonic's bare "unimplemented".
-fn unserved(status: tonic::Status) -> CtlError {
-    match status.code() {
-        tonic::Code::Unimplemented => CtlError::Status {
-            code: status.code(),
-            message:
-                "this server does not run rollouts (a gateway with [rollouts] controlled = true): \
-                      ask the controller (--admin http://CONTROLLER:8004)"
-                    .into(),
-        },
-        _ => status.into(),
-    }
-}
+/// A gateway whose rollouts a controller drives does not serve the service.
+const NO_ROLLOUTS: &str = "this server does not run rollouts (a gateway with [rollouts] controlled = true): \
+                           ask the controller (--admin http://CONTROLLER:8004)";
 
 /// Redraws the status every second until the rollout is over.
 async fn watch_until_over(
