@@ -99,6 +99,7 @@ pub fn route(model: &str, weights: &[(&str, u32)]) -> Route {
                 ..VersionWeight::default()
             })
             .collect(),
+        limits: None,
     }
 }
 

@@ -197,15 +197,10 @@ fn a_worker_drops_a_request_whose_deadline_passed_in_its_queue() {
     );
 }
 
-#[test]
-fn excess_load_on_a_slow_version_is_refused_at_once() {
-    let config = format!(
-        "{}[routes.slow.limits]\nmax_in_flight = 2\nmax_queue = 2\n",
-        slow_config()
-    );
-    let served = Served::start(&config, &[]);
+/// `n` slow requests at once: how many were answered, and the refusals.
+fn burst(served: &Served, n: usize) -> (usize, Vec<tonic::Status>) {
     let runtime = runtime();
-    let calls: Vec<_> = (0..24)
+    let calls: Vec<_> = (0..n)
         .map(|_| {
             let addr = served.addr.clone();
             runtime.spawn(async move {
@@ -222,6 +217,17 @@ fn excess_load_on_a_slow_version_is_refused_at_once() {
             Err(status) => refused.push(status),
         }
     }
+    (answered, refused)
+}
+
+#[test]
+fn excess_load_on_a_slow_version_is_refused_at_once() {
+    let config = format!(
+        "{}[routes.slow.limits]\nmax_in_flight = 2\nmax_queue = 2\n",
+        slow_config()
+    );
+    let served = Served::start(&config, &[]);
+    let (answered, refused) = burst(&served, 24);
     assert!(
         answered >= 4,
         "two in flight and two waiting are answered: {answered}"
@@ -239,6 +245,77 @@ fn excess_load_on_a_slow_version_is_refused_at_once() {
             "{status:?}"
         );
     }
+}
+
+#[test]
+fn limits_set_through_the_admin_api_take_effect_and_show() {
+    let served = Served::start(&slow_config(), &[]);
+    let (answered, refused) = burst(&served, 12);
+    assert_eq!(
+        (answered, refused.len()),
+        (12, 0),
+        "the default limits admit 12 at once: {refused:?}"
+    );
+
+    let refused_change = served
+        .ctl(&[
+            "set-limits",
+            "slow",
+            "--version",
+            "1",
+            "--max-in-flight",
+            "0",
+        ])
+        .failed();
+    assert!(
+        refused_change.stderr.contains("InvalidArgument")
+            && refused_change
+                .stderr
+                .contains("routes.slow.versions[0].limits.max_in_flight"),
+        "{refused_change:#?}"
+    );
+    let set = served
+        .ctl(&[
+            "set-limits",
+            "slow",
+            "--version",
+            "1",
+            "--max-in-flight",
+            "1",
+            "--max-queue",
+            "1",
+        ])
+        .ok();
+    assert!(
+        set.stdout.contains("limits of slow version 1 set"),
+        "{set:#?}"
+    );
+
+    let (answered, refused) = burst(&served, 12);
+    assert!(answered >= 2, "one in flight and one waiting: {answered}");
+    assert!(!refused.is_empty(), "12 at once on 2 places");
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    let routes = served.routes();
+    let version = &routes["routes"][0]["versions"][0];
+    assert_eq!(version["limits"]["max_in_flight"], 1, "{routes}");
+    assert_eq!(version["limits"]["max_queue"], 1, "{routes}");
+    assert_eq!(
+        version["limits"]["timeout_ms"], 30_000,
+        "what it did not name keeps its default: {routes}"
+    );
+    assert_eq!(
+        version["shed"],
+        refused.len(),
+        "every refusal is counted: {routes}"
+    );
+    let table = served.ctl(&["routes"]).ok();
+    assert!(
+        table.stdout.contains("1+1 30s/300s")
+            && table.stdout.contains(&format!("shed {}", refused.len())),
+        "{table:#?}"
+    );
 }
 
 #[test]
@@ -330,6 +407,12 @@ fn a_killed_replica_costs_no_request_and_rejoins_when_back() {
     assert!(
         eventually(CONFIG_DEADLINE, || served(&b) >= before + 200),
         "the other replica takes the traffic"
+    );
+    let routes = gateway.routes();
+    let version = &routes["routes"][0]["versions"][0];
+    assert!(
+        version["ejections"].as_u64() >= Some(1),
+        "the killed replica's ejection is counted: {routes}"
     );
 
     // Back on the same address: probed, and let back in.

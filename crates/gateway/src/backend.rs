@@ -10,7 +10,7 @@ use std::{
 };
 
 use aviary::pb::inference::{
-    ModelConfig, ModelConfigRequest, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelConfig, ModelConfigRequest, ModelInferResponse, ModelMetadataRequest,
     ModelMetadataResponse, ModelReadyRequest, ModelStatistics, ModelStatisticsRequest,
     RepositoryIndexRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
     repository_index_response::ModelIndex,
@@ -19,21 +19,17 @@ use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::GatewayError;
+use crate::{GatewayError, stack::Call};
 
 /// A place that runs model versions.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Where it is, for logs and errors (`in-process`, or the endpoint URL).
     fn location(&self) -> &str;
 
-    /// Runs one inference; `request.model_version` is already resolved. `deadline` is
-    /// when the client stops waiting: a backend passes it on (a worker drops a request
-    /// whose deadline passed before it ran).
-    fn infer(
-        &self,
-        request: ModelInferRequest,
-        deadline: Option<Instant>,
-    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>>;
+    /// Runs one inference; `call.request.model_version` is already resolved.
+    /// `call.deadline` is when the client stops waiting: a backend passes it on (a
+    /// worker drops a request whose deadline passed before it ran).
+    fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>>;
 
     /// Whether the version is loaded and ready.
     fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool>;
@@ -61,6 +57,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Everything the backend's repository holds.
     fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>>;
+
+    /// What balancing over replicas has done so far (nothing for one worker).
+    fn replica_counts(&self) -> ReplicaCounts {
+        ReplicaCounts::default()
+    }
+}
+
+/// Counters of a version's replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    /// Calls tried again on another replica.
+    pub retries: u64,
+    /// Times a failing replica was taken out of the balancer.
+    pub ejections: u64,
 }
 
 /// One version of the worker embedded in this process. It holds the version's slot,
@@ -84,12 +94,8 @@ impl Backend for InProcess {
         "in-process"
     }
 
-    fn infer(
-        &self,
-        request: ModelInferRequest,
-        deadline: Option<Instant>,
-    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        Box::pin(async move { Ok(infer_on(&self.slot, request, deadline).await?) })
+    fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
+        Box::pin(async move { Ok(infer_on(&self.slot, call.request, call.deadline).await?) })
     }
 
     fn ready(&self, _model: String, _version: String) -> BoxFuture<'_, bool> {
@@ -192,15 +198,11 @@ impl Backend for Remote {
         &self.endpoint
     }
 
-    fn infer(
-        &self,
-        request: ModelInferRequest,
-        deadline: Option<Instant>,
-    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
+    fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
         let mut client = self.client.clone();
         Box::pin(async move {
-            let mut request = tonic::Request::new(request);
-            if let Some(deadline) = deadline {
+            let mut request = tonic::Request::new(call.request);
+            if let Some(deadline) = call.deadline {
                 // What is left of the deadline travels as the call's grpc-timeout, so
                 // the worker drops the request if it expires in the worker's queue.
                 request.set_timeout(deadline.saturating_duration_since(Instant::now()));

@@ -269,7 +269,8 @@ pub struct FallbackConfig {
     pub version: String,
 }
 
-/// The limits of a route's versions; each absent setting takes its default.
+/// The limits of a route's versions, or of one version over its route's; each absent
+/// setting takes the route's (for a version) or the default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -287,6 +288,24 @@ pub struct LimitsConfig {
     /// How long an open breaker fails calls fast before a probe, in milliseconds
     /// (default 5000).
     pub breaker_open_ms: Option<u64>,
+    /// Attempts of a call to a version with several replicas, the first included; an
+    /// unreachable replica's call is tried again on another (default 3; 1: no retry).
+    pub retry_attempts: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// These settings, with `over`'s where it sets them.
+    pub fn overlaid(self, over: LimitsConfig) -> LimitsConfig {
+        LimitsConfig {
+            timeout_ms: over.timeout_ms.or(self.timeout_ms),
+            max_timeout_ms: over.max_timeout_ms.or(self.max_timeout_ms),
+            max_in_flight: over.max_in_flight.or(self.max_in_flight),
+            max_queue: over.max_queue.or(self.max_queue),
+            breaker_failures: over.breaker_failures.or(self.breaker_failures),
+            breaker_open_ms: over.breaker_open_ms.or(self.breaker_open_ms),
+            retry_attempts: over.retry_attempts.or(self.retry_attempts),
+        }
+    }
 }
 
 /// One version of a route.
@@ -305,6 +324,9 @@ pub struct VersionConfig {
     pub endpoints: Vec<String>,
     /// Injected failures and latency, for tests and game days; off unless set.
     pub fault: Option<FaultConfig>,
+    /// This version's limits where they differ from the route's.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// Faults injected into one version's requests.

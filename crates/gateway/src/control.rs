@@ -225,12 +225,13 @@ impl Control {
         }
         let mut routes = writer.routes.clone();
         let mut route = route;
-        // The admin API sets versions and weights; a route's sticky key, match rules,
-        // shadow, limits, fallback and injected faults (config file) stay as they are.
+        // The admin API sets versions, weights and the limits it names; a route's
+        // sticky key, match rules, shadow, fallback, injected faults and the limits the
+        // request leaves out stay as they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
             route.shadow = route.shadow.or_else(|| existing.shadow.clone());
-            route.limits = existing.limits;
+            route.limits = existing.limits.overlaid(route.limits);
             route.fallback = route.fallback.or_else(|| existing.fallback.clone());
             route.dead_letters = existing.dead_letters;
             if route.rules.is_empty() {
@@ -242,6 +243,9 @@ impl Control {
                     .iter()
                     .find(|v| v.version == version.version);
                 version.fault = version.fault.or_else(|| configured.and_then(|v| v.fault));
+                if let Some(configured) = configured {
+                    version.limits = configured.limits.overlaid(version.limits);
+                }
             }
         }
         if let Some(hold) = writer.holds.get(model)
@@ -711,6 +715,8 @@ fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use aviary::pb::admin as pb;
+
     use super::*;
 
     /// Two models on remote endpoints (connected lazily: nothing is dialled).
@@ -799,6 +805,80 @@ mod tests {
             weights(&control, "a"),
             pairs(&[("1", 90), ("2", 10)]),
             "a changed in the file"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_admin_api_changes_only_the_limits_it_names() {
+        let config = Config::parse(
+            r#"
+            [routes.a]
+            versions = [ { version = "1", weight = 100, endpoint = "http://127.0.0.1:9" },
+                         { version = "2", weight = 0, endpoint = "http://127.0.0.1:9", limits = { max_queue = 4 } } ]
+            limits = { max_in_flight = 16, timeout_ms = 2000 }
+            "#,
+        )
+        .expect("valid config");
+        let control = Control::new(&config, None).expect("builds");
+        let limits = |version: &str| control.routing().load().routes["a"].limits_of(version);
+        assert_eq!(
+            (limits("2").max_in_flight, limits("2").max_queue),
+            (16, 4),
+            "a version takes the route's settings under its own"
+        );
+
+        let mut message = control.routing().load().routes["a"].to_message("a");
+        for version in &mut message.versions {
+            version.limits = (version.version == "2").then(|| pb::Limits {
+                max_in_flight: Some(2),
+                ..pb::Limits::default()
+            });
+        }
+        message.limits = Some(pb::Limits {
+            timeout_ms: Some(500),
+            ..pb::Limits::default()
+        });
+        control
+            .set_route("a", Route::from_message(&message), None)
+            .await
+            .expect("applies");
+        let (one, two) = (limits("1"), limits("2"));
+        assert_eq!(
+            (one.max_in_flight, one.max_queue, one.timeout),
+            (16, 256, Duration::from_millis(500)),
+            "version 1: the route's new deadline, its in-flight limit kept"
+        );
+        assert_eq!(
+            (two.max_in_flight, two.max_queue, two.timeout),
+            (2, 4, Duration::from_millis(500)),
+            "version 2: its new in-flight limit, its queue kept"
+        );
+        let guards = control
+            .routing()
+            .load()
+            .guards("a", "2")
+            .map(|g| g.limits());
+        assert_eq!(guards, Some(two), "the request path runs with them");
+
+        message.versions[1].limits = Some(pb::Limits {
+            max_in_flight: Some(0),
+            ..pb::Limits::default()
+        });
+        let error = control
+            .set_route("a", Route::from_message(&message), None)
+            .await
+            .expect_err("no call could run");
+        assert_eq!(error.status().code(), tonic::Code::InvalidArgument);
+        assert!(
+            error
+                .to_string()
+                .contains("routes.a.versions[1].limits.max_in_flight"),
+            "{error}"
+        );
+        assert_eq!(
+            limits("2").max_in_flight,
+            2,
+            "the refused change left no trace"
         );
     }
 

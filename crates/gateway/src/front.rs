@@ -155,10 +155,8 @@ impl Front {
         // From here on the request belongs to `version`: its outcome counts for it.
         let model = request.model_name.clone();
         let started = Instant::now();
-        let deadline = route
-            .map(|r| r.limits)
-            .unwrap_or_default()
-            .deadline(grpc_timeout(metadata), started);
+        let limits = route.map(|r| r.limits_of(&version)).unwrap_or_default();
+        let deadline = limits.deadline(grpc_timeout(metadata), started);
         request.model_version.clone_from(&version);
         // Only a route with a fallback pays for a copy of the request.
         let fallback = route
@@ -233,11 +231,7 @@ impl Front {
             .mirror(&request.model_name)
             .filter(|mirror| SPLIT_RNG.with_borrow_mut(|rng| mirror.chosen(rng)));
         let copy = mirror.map(|_| request.clone());
-        let call = Call {
-            request,
-            deadline: Some(deadline),
-        };
-        let response = service.oneshot(call).await?;
+        let response = service.oneshot(Call::new(request, Some(deadline))).await?;
         if let (Some(mirror), Some(copy)) = (mirror, copy) {
             mirror.enqueue(copy, &response);
         }

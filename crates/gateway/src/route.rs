@@ -30,8 +30,9 @@ pub struct Route {
     pub rules: Vec<RuleSpec>,
     /// A version that also receives a share of the requests, off the request path.
     pub shadow: Option<ShadowConfig>,
-    /// Deadlines, load shedding and the circuit breaker of its versions.
-    pub limits: Limits,
+    /// Deadlines, load shedding, the circuit breaker and retries of its versions, as
+    /// set (a version may set its own over them; see [`Route::limits_of`]).
+    pub limits: LimitsConfig,
     /// Where a failed call goes: (model, version); the model may be another one with
     /// the same signature.
     pub fallback: Option<(String, String)>,
@@ -51,6 +52,8 @@ pub struct RouteVersion {
     pub endpoints: Vec<String>,
     /// Injected failures and latency; `None`: none.
     pub fault: Option<FaultConfig>,
+    /// Its limits where they differ from the route's, as set.
+    pub limits: LimitsConfig,
 }
 
 impl RouteVersion {
@@ -61,6 +64,7 @@ impl RouteVersion {
             weight,
             endpoints: Vec::new(),
             fault: None,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -76,12 +80,13 @@ impl From<&RouteConfig> for Route {
                     weight: v.weight,
                     endpoints: v.endpoint.iter().chain(&v.endpoints).cloned().collect(),
                     fault: v.fault,
+                    limits: v.limits,
                 })
                 .collect(),
             sticky: config.sticky.clone(),
             rules: config.rules.clone(),
             shadow: config.shadow.clone(),
-            limits: limits_from(&config.limits),
+            limits: config.limits,
             fallback: None,
             dead_letters: config.dead_letters,
         }
@@ -104,7 +109,7 @@ impl Route {
 }
 
 /// The limits a config asks for, with the defaults for what it leaves out.
-fn limits_from(config: &LimitsConfig) -> Limits {
+pub fn limits_from(config: &LimitsConfig) -> Limits {
     let defaults = Limits::default();
     let millis = |ms: Option<u64>, default: Duration| ms.map_or(default, Duration::from_millis);
     Limits {
@@ -116,6 +121,52 @@ fn limits_from(config: &LimitsConfig) -> Limits {
             failures: config.breaker_failures.unwrap_or(defaults.breaker.failures),
             open_for: millis(config.breaker_open_ms, defaults.breaker.open_for),
         },
+        retry_attempts: config.retry_attempts.unwrap_or(defaults.retry_attempts),
+    }
+}
+
+/// `limits` as the admin API shows and takes them.
+fn limits_message(limits: &LimitsConfig) -> pb::Limits {
+    pb::Limits {
+        timeout_ms: limits.timeout_ms,
+        max_timeout_ms: limits.max_timeout_ms,
+        max_in_flight: limits.max_in_flight.map(|n| n as u64),
+        max_queue: limits.max_queue.map(|n| n as u64),
+        breaker_failures: limits.breaker_failures,
+        breaker_open_ms: limits.breaker_open_ms,
+        retry_attempts: limits.retry_attempts,
+    }
+}
+
+/// The limits an admin message sets (absent: none).
+fn limits_of_message(message: Option<&pb::Limits>) -> LimitsConfig {
+    let Some(m) = message else {
+        return LimitsConfig::default();
+    };
+    // A count beyond usize cannot be a real limit; it saturates rather than wraps.
+    let count = |n: Option<u64>| n.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    LimitsConfig {
+        timeout_ms: m.timeout_ms,
+        max_timeout_ms: m.max_timeout_ms,
+        max_in_flight: count(m.max_in_flight),
+        max_queue: count(m.max_queue),
+        breaker_failures: m.breaker_failures,
+        breaker_open_ms: m.breaker_open_ms,
+        retry_attempts: m.retry_attempts,
+    }
+}
+
+/// `limits` resolved, all set, as the admin API shows a version's limits in force.
+fn resolved_message(limits: &Limits) -> pb::Limits {
+    let millis = |d: Duration| Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    pb::Limits {
+        timeout_ms: millis(limits.timeout),
+        max_timeout_ms: millis(limits.max_timeout),
+        max_in_flight: Some(limits.max_in_flight as u64),
+        max_queue: Some(limits.max_queue as u64),
+        breaker_failures: Some(limits.breaker.failures),
+        breaker_open_ms: millis(limits.breaker.open_for),
+        retry_attempts: Some(limits.retry_attempts),
     }
 }
 
@@ -145,14 +196,17 @@ impl Route {
                         .filter(|e| !e.is_empty())
                         .map(str::to_owned)
                         .collect(),
+                    limits: limits_of_message(v.limits.as_ref()),
                     ..RouteVersion::new(&v.version, v.weight)
                 })
                 .collect(),
+            limits: limits_of_message(message.limits.as_ref()),
             ..Route::default()
         }
     }
 
-    /// The route as the admin API shows it.
+    /// The route as the admin API shows it: the route's limits as set, each version's
+    /// as in force.
     pub fn to_message(&self, model: &str) -> pb::Route {
         pb::Route {
             model: model.to_owned(),
@@ -163,10 +217,38 @@ impl Route {
                     version: v.version.clone(),
                     weight: v.weight,
                     endpoint: v.endpoints.join(","),
+                    limits: Some(resolved_message(&self.limits_of(&v.version))),
                     ..pb::VersionWeight::default()
                 })
                 .collect(),
+            limits: Some(limits_message(&self.limits)),
         }
+    }
+
+    /// The limits in force for `version`: its own settings, then the route's, then the
+    /// defaults (a version the route does not list takes the route's).
+    pub fn limits_of(&self, version: &str) -> Limits {
+        let own = self
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .map(|v| v.limits)
+            .unwrap_or_default();
+        limits_from(&self.limits.overlaid(own))
+    }
+
+    /// The first setting of the route's limits that cannot work, as (its path below
+    /// the route, the reason).
+    pub fn check_limits(&self) -> Result<(), (String, &'static str)> {
+        if let Err((setting, reason)) = limits_from(&self.limits).check() {
+            return Err((format!("limits.{setting}"), reason));
+        }
+        for (i, version) in self.versions.iter().enumerate() {
+            if let Err((setting, reason)) = self.limits_of(&version.version).check() {
+                return Err((format!("versions[{i}].limits.{setting}"), reason));
+            }
+        }
+        Ok(())
     }
 
     /// The route of an embedded model without an explicit one: the newest version
@@ -242,6 +324,7 @@ mod tests {
                     ..pb::VersionWeight::default()
                 },
             ],
+            limits: None,
         };
         let route = Route::from_message(&message);
         assert!(route.versions[0].endpoints.is_empty());
@@ -249,6 +332,93 @@ mod tests {
             route.versions[1].endpoints,
             ["http://127.0.0.1:9", "http://127.0.0.1:10"]
         );
-        assert_eq!(route.to_message("demo"), message);
+        let mut shown = route.to_message("demo");
+        assert_eq!(
+            shown.versions[1].limits,
+            Some(resolved_message(&Limits::default())),
+            "a version shows the limits in force"
+        );
+        assert_eq!(shown.limits, Some(pb::Limits::default()), "none set");
+        shown.limits = None;
+        for version in &mut shown.versions {
+            version.limits = None;
+        }
+        assert_eq!(shown, message);
+    }
+
+    #[test]
+    fn a_version_sets_its_limits_over_the_routes_over_the_defaults() {
+        let route = Route {
+            versions: vec![
+                RouteVersion::new("1", 90),
+                RouteVersion {
+                    limits: LimitsConfig {
+                        max_in_flight: Some(4),
+                        retry_attempts: Some(1),
+                        ..LimitsConfig::default()
+                    },
+                    ..RouteVersion::new("2", 10)
+                },
+            ],
+            limits: LimitsConfig {
+                max_in_flight: Some(32),
+                timeout_ms: Some(1500),
+                ..LimitsConfig::default()
+            },
+            ..Route::default()
+        };
+        let defaults = Limits::default();
+        let one = route.limits_of("1");
+        assert_eq!(
+            (
+                one.max_in_flight,
+                one.timeout,
+                one.max_queue,
+                one.retry_attempts
+            ),
+            (32, Duration::from_millis(1500), defaults.max_queue, 3)
+        );
+        let two = route.limits_of("2");
+        assert_eq!(
+            (two.max_in_flight, two.timeout, two.retry_attempts),
+            (4, Duration::from_millis(1500), 1)
+        );
+        assert_eq!(
+            route.limits_of("9"),
+            one,
+            "an unlisted version takes the route's"
+        );
+        assert_eq!(route.check_limits(), Ok(()));
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_named_with_their_path() {
+        let mut route = Route {
+            versions: vec![RouteVersion::new("1", 1), RouteVersion::new("2", 1)],
+            ..Route::default()
+        };
+        route.versions[1].limits.max_in_flight = Some(0);
+        assert_eq!(
+            route.check_limits(),
+            Err((
+                "versions[1].limits.max_in_flight".to_owned(),
+                "must be at least 1: no call could ever run"
+            ))
+        );
+        route.versions[1].limits = LimitsConfig::default();
+        route.limits.timeout_ms = Some(400_000);
+        assert_eq!(
+            route.check_limits().map_err(|(path, _)| path),
+            Err("limits.max_timeout_ms".to_owned()),
+            "a default deadline beyond the longest allowed"
+        );
+        route.limits = LimitsConfig {
+            retry_attempts: Some(11),
+            ..LimitsConfig::default()
+        };
+        assert_eq!(
+            route.check_limits().map_err(|(path, _)| path),
+            Err("limits.retry_attempts".to_owned())
+        );
     }
 }

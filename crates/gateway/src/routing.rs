@@ -6,7 +6,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::Duration,
 };
 
 use aviary_router::{RouteSpec, RouteTable};
@@ -82,6 +81,7 @@ impl Routing {
             generation,
         } = inputs;
         check_endpoints(explicit, worker.is_some())?;
+        check_limits(explicit)?;
         let (routes, inventory) = with_implicit_routes(explicit, worker, hidden);
         let specs: BTreeMap<String, RouteSpec> = routes
             .iter()
@@ -102,11 +102,11 @@ impl Routing {
         };
         let mut backends: BTreeMap<String, BTreeMap<String, Arc<dyn Backend>>> = BTreeMap::new();
         let mut services: BTreeMap<String, BTreeMap<String, InferService>> = BTreeMap::new();
-        let mut shadows: BTreeMap<String, (ShadowConfig, InferService, Duration)> = BTreeMap::new();
+        let mut shadows: BTreeMap<String, (ShadowConfig, InferService, Limits)> = BTreeMap::new();
         for (model, route) in &routes {
             for version in &route.versions {
                 let backend = factory.backend(model, &version.version, &version.endpoints)?;
-                let guards = guards.of(model, &version.version, route.limits);
+                let guards = guards.of(model, &version.version, route.limits_of(&version.version));
                 let service = version_service(
                     model,
                     &version.version,
@@ -137,13 +137,11 @@ impl Routing {
                             shadow.version
                         ),
                     })?;
-                let guards = guards.of(model, &shadow.version, route.limits);
+                let limits = route.limits_of(&shadow.version);
+                let guards = guards.of(model, &shadow.version, limits);
                 let service =
                     version_service(model, &shadow.version, backend, shadow.fault, &guards);
-                shadows.insert(
-                    model.clone(),
-                    (shadow.clone(), service, route.limits.timeout),
-                );
+                shadows.insert(model.clone(), (shadow.clone(), service, limits));
             }
         }
         // A remote no route uses any more is dropped with its connection; so is the
@@ -296,6 +294,24 @@ fn check_endpoints(explicit: &Routes, embedded: bool) -> Result<(), GatewayError
     }
 }
 
+/// Every route's limits can work (a queue with no place to run, a zero deadline).
+fn check_limits(explicit: &Routes) -> Result<(), GatewayError> {
+    let problems: Vec<String> = explicit
+        .iter()
+        .filter_map(|(model, route)| {
+            let (path, reason) = route.check_limits().err()?;
+            Some(format!("routes.{model}.{path}: {reason}"))
+        })
+        .collect();
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(GatewayError::Config {
+            path: "routes".into(),
+            message: problems.join("\n"),
+        }),
+    }
+}
+
 /// The explicit routes plus an implicit route for every embedded model without one,
 /// and the versions each model can be routed to (loaded in the worker, or on an
 /// endpoint); `hidden` versions are left out of both.
@@ -393,7 +409,7 @@ impl GuardPool<'_> {
 /// with the new backend; a changed shadow setting starts a fresh one.
 fn keep_mirrors(
     pool: &mut BTreeMap<String, Arc<Mirror>>,
-    shadows: BTreeMap<String, (ShadowConfig, InferService, Duration)>,
+    shadows: BTreeMap<String, (ShadowConfig, InferService, Limits)>,
 ) -> BTreeMap<String, Arc<Mirror>> {
     pool.retain(|model, mirror| {
         shadows
@@ -401,13 +417,13 @@ fn keep_mirrors(
             .is_some_and(|(c, _, _)| c == mirror.config())
     });
     let mut mirrors = BTreeMap::new();
-    for (model, (config, service, timeout)) in shadows {
+    for (model, (config, service, limits)) in shadows {
         let mirror = match pool.get(&model) {
             Some(existing) => {
-                existing.set_service(service, timeout);
+                existing.set_service(service, limits);
                 Arc::clone(existing)
             }
-            None => Mirror::start(config, service, timeout),
+            None => Mirror::start(config, service, limits),
         };
         pool.insert(model.clone(), Arc::clone(&mirror));
         mirrors.insert(model, mirror);

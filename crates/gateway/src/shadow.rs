@@ -15,7 +15,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -30,7 +30,7 @@ use tower::ServiceExt;
 
 use crate::{
     config::ShadowConfig,
-    stack::{Call, InferService},
+    stack::{Call, InferService, Limits},
 };
 
 /// Values kept per output and side for the distribution test.
@@ -100,7 +100,7 @@ pub struct ShadowReport {
 pub struct Mirror {
     config: ShadowConfig,
     /// The shadow version's request path, and the deadline of one shadow call.
-    target: ArcSwap<(InferService, Duration)>,
+    target: ArcSwap<(InferService, Limits)>,
     queue: mpsc::Sender<Job>,
     sent: AtomicU64,
     dropped: AtomicU64,
@@ -109,12 +109,13 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// Starts a mirror to the shadow version's `service`, each call bounded by
-    /// `timeout` (the dispatcher runs until the mirror is dropped).
-    pub fn start(config: ShadowConfig, service: InferService, timeout: Duration) -> Arc<Mirror> {
+    /// Starts a mirror to the shadow version's `service` under that version's `limits`
+    /// (their timeout is each shadow call's deadline); the dispatcher runs until the
+    /// mirror is dropped.
+    pub fn start(config: ShadowConfig, service: InferService, limits: Limits) -> Arc<Mirror> {
         let (queue, jobs) = mpsc::channel(config.queue.max(1));
         let mirror = Arc::new(Mirror {
-            target: ArcSwap::from_pointee((service, timeout)),
+            target: ArcSwap::from_pointee((service, limits)),
             queue,
             sent: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -133,8 +134,8 @@ impl Mirror {
 
     /// Points the mirror at the version's current request path (after a routing
     /// rebuild).
-    pub fn set_service(&self, service: InferService, timeout: Duration) {
-        self.target.store(Arc::new((service, timeout)));
+    pub fn set_service(&self, service: InferService, limits: Limits) {
+        self.target.store(Arc::new((service, limits)));
     }
 
     /// Whether this request is mirrored (the percentage coin flip). Called on the
@@ -219,13 +220,10 @@ async fn dispatch(mirror: std::sync::Weak<Mirror>, mut jobs: mpsc::Receiver<Job>
             return;
         };
         tokio::spawn(async move {
-            let (service, timeout) = mirror.target.load().as_ref().clone();
+            let (service, limits) = mirror.target.load().as_ref().clone();
             // A shadow call has a deadline like any other: a hung shadow never holds
             // its permit for good.
-            let call = Call {
-                request: job.request,
-                deadline: Some(Instant::now() + timeout),
-            };
+            let call = Call::new(job.request, Some(Instant::now() + limits.timeout));
             match service.oneshot(call).await {
                 Ok(shadow) => mirror.record(&job.primary, &shadow),
                 Err(error) => {

@@ -2,7 +2,7 @@
 //! `--json` prints the admin API's response messages as JSON (field names as in
 //! `admin.proto`), for scripts.
 //!
-//! - `routes`: `routes`, `set-weights`, `config-status`.
+//! - `routes`: `routes`, `set-weights`, `set-limits`, `config-status`.
 //! - `models`: `models`, `load`, `reload`, `unload`.
 //! - `rollout`: `rollout start|pause|resume|promote|abort|status`.
 //! - `experiment`: `experiment report`, `feedback`, `shadow`.
@@ -53,6 +53,22 @@ pub enum CtlCommand {
         /// `VERSION=WEIGHT` pairs, in split order.
         #[arg(required = true, value_parser = parse_weight)]
         weights: Vec<(String, u32)>,
+        /// Apply only if the table is still at this generation (compare-and-set).
+        #[arg(long)]
+        expect_generation: Option<u64>,
+    },
+    /// Change a route's limits, or one version's: `aviary ctl set-limits demo --version 2
+    /// --max-in-flight 8`; settings not named stay as they are.
+    SetLimits {
+        /// Model name.
+        model: String,
+        /// Only this version (default: the route's own, which versions without their
+        /// own settings take).
+        #[arg(long)]
+        version: Option<String>,
+        /// The settings to change.
+        #[command(flatten)]
+        limits: LimitsArgs,
         /// Apply only if the table is still at this generation (compare-and-set).
         #[arg(long)]
         expect_generation: Option<u64>,
@@ -211,6 +227,33 @@ pub enum RolloutCommand {
     },
 }
 
+/// Limits to change; at least one.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = true)]
+pub struct LimitsArgs {
+    /// Deadline of a call whose client sets none, in milliseconds.
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Longest deadline a client may set, in milliseconds.
+    #[arg(long)]
+    pub max_timeout_ms: Option<u64>,
+    /// Calls in flight to a version at once.
+    #[arg(long)]
+    pub max_in_flight: Option<u64>,
+    /// Calls waiting beyond those; more get RESOURCE_EXHAUSTED.
+    #[arg(long)]
+    pub max_queue: Option<u64>,
+    /// Consecutive failures that open a version's breaker.
+    #[arg(long)]
+    pub breaker_failures: Option<u32>,
+    /// How long an open breaker fails calls fast before a probe, in milliseconds.
+    #[arg(long)]
+    pub breaker_open_ms: Option<u64>,
+    /// Attempts of a call over several replicas, the first included.
+    #[arg(long)]
+    pub retry_attempts: Option<u32>,
+}
+
 /// A model and why the operator acts on its rollout.
 #[derive(Debug, Args)]
 pub struct RolloutNote {
@@ -287,6 +330,20 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             weights,
             expect_generation,
         } => routes::set_weights(channel, model, weights, *expect_generation, json).await,
+        CtlCommand::SetLimits {
+            model,
+            version,
+            limits,
+            expect_generation,
+        } => {
+            let change = routes::LimitsChange {
+                model,
+                version: version.as_deref(),
+                limits,
+                expect_generation: *expect_generation,
+            };
+            routes::set_limits(channel, change, json).await
+        }
         CtlCommand::ConfigStatus => routes::config_status(channel, json).await,
         CtlCommand::Models { model } => models::list(channel, model.as_deref(), json).await,
         CtlCommand::Load { model, version } => {

@@ -1,13 +1,14 @@
-//! `aviary ctl routes | set-weights | config-status`: the `Routes` admin service.
+//! `aviary ctl routes | set-weights | set-limits | config-status`: the `Routes` admin
+//! service.
 
 use aviary::pb::admin::{
-    ConfigStatus, GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, Route,
+    ConfigStatus, GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, Limits, Route,
     SetRouteRequest, VersionWeight, routes_client::RoutesClient,
 };
 use tonic::transport::Channel;
 
 use super::{
-    CtlError, print,
+    CtlError, LimitsArgs, print,
     table::{loaded_at, shown, table},
 };
 
@@ -29,6 +30,8 @@ fn render_routes(routes: &GetRoutesResponse) -> String {
         "ENDPOINT".into(),
         "HEALTH".into(),
         "BREAKER".into(),
+        "LIMITS".into(),
+        "EVENTS".into(),
     ]];
     for route in &routes.routes {
         let total: u64 = route.versions.iter().map(|v| u64::from(v.weight)).sum();
@@ -50,10 +53,47 @@ fn render_routes(routes: &GetRoutesResponse) -> String {
                 },
                 dash_if_empty(&v.health),
                 dash_if_empty(&v.breaker),
+                v.limits
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), render_limits),
+                dash_if_empty(&render_events(v)),
             ]);
         }
     }
     format!("generation {}\n{}", routes.generation, table(&rows))
+}
+
+/// A version's limits in one cell: in flight + queued, deadline (default / most),
+/// breaker, attempts.
+fn render_limits(limits: &Limits) -> String {
+    let ms = |v: Option<u64>| v.map_or("?".to_owned(), |ms| format!("{}s", ms as f64 / 1000.0));
+    let n = |v: Option<u64>| v.map_or("?".to_owned(), |n| n.to_string());
+    format!(
+        "{}+{} {}/{} br {}x{} try {}",
+        n(limits.max_in_flight),
+        n(limits.max_queue),
+        ms(limits.timeout_ms),
+        ms(limits.max_timeout_ms),
+        n(limits.breaker_failures.map(u64::from)),
+        ms(limits.breaker_open_ms),
+        n(limits.retry_attempts.map(u64::from)),
+    )
+}
+
+/// What the version's request path has done, the counters that are not zero.
+fn render_events(v: &VersionWeight) -> String {
+    [
+        ("shed", v.shed),
+        ("breaker opened", v.breaker_opened),
+        ("retried", v.retries),
+        ("ejected", v.ejections),
+        ("fell back", v.fallbacks),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(what, n)| format!("{what} {n}"))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 fn dash_if_empty(text: &str) -> String {
@@ -92,6 +132,7 @@ pub(super) async fn set_weights(
             route: Some(Route {
                 model: model.to_owned(),
                 versions,
+                limits: None,
             }),
             expected_generation: expect_generation,
         })
@@ -99,6 +140,86 @@ pub(super) async fn set_weights(
         .into_inner();
     Ok(print(&response, json, |r| {
         format!("route of {model} set (generation {})", r.generation)
+    }))
+}
+
+/// A `set-limits` request: whose limits, and which to change.
+pub(super) struct LimitsChange<'a> {
+    pub model: &'a str,
+    /// `None`: the route's own.
+    pub version: Option<&'a str>,
+    pub limits: &'a LimitsArgs,
+    pub expect_generation: Option<u64>,
+}
+
+/// Changes the limits of a route or of one of its versions, keeping everything else:
+/// the route goes back as it is with only the named settings.
+pub(super) async fn set_limits(
+    channel: Channel,
+    change: LimitsChange<'_>,
+    json: bool,
+) -> Result<String, CtlError> {
+    let LimitsChange {
+        model,
+        version,
+        limits,
+        expect_generation,
+    } = change;
+    let mut client = RoutesClient::new(channel);
+    let current = client.get_routes(GetRoutesRequest {}).await?.into_inner();
+    let missing = |what: String| CtlError::Status {
+        code: tonic::Code::NotFound,
+        message: what,
+    };
+    let existing = current
+        .routes
+        .iter()
+        .find(|r| r.model == model)
+        .ok_or_else(|| missing(format!("model \"{model}\" has no route")))?;
+    if let Some(version) = version
+        && !existing.versions.iter().any(|v| v.version == version)
+    {
+        return Err(missing(format!(
+            "model \"{model}\" has no version \"{version}\" in its route"
+        )));
+    }
+    let asked = Limits {
+        timeout_ms: limits.timeout_ms,
+        max_timeout_ms: limits.max_timeout_ms,
+        max_in_flight: limits.max_in_flight,
+        max_queue: limits.max_queue,
+        breaker_failures: limits.breaker_failures,
+        breaker_open_ms: limits.breaker_open_ms,
+        retry_attempts: limits.retry_attempts,
+    };
+    let versions = existing
+        .versions
+        .iter()
+        .map(|v| VersionWeight {
+            version: v.version.clone(),
+            weight: v.weight,
+            endpoint: v.endpoint.clone(),
+            limits: (Some(v.version.as_str()) == version).then_some(asked),
+            ..VersionWeight::default()
+        })
+        .collect();
+    let response = client
+        .set_route(SetRouteRequest {
+            route: Some(Route {
+                model: model.to_owned(),
+                versions,
+                limits: version.is_none().then_some(asked),
+            }),
+            expected_generation: expect_generation.or(Some(current.generation)),
+        })
+        .await?
+        .into_inner();
+    let whose = version.map_or_else(
+        || format!("route of {model}"),
+        |v| format!("{model} version {v}"),
+    );
+    Ok(print(&response, json, |r| {
+        format!("limits of {whose} set (generation {})", r.generation)
     }))
 }
 

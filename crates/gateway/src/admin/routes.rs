@@ -47,10 +47,16 @@ impl Routes for RoutesService {
                             Some(false) => "down".to_owned(),
                             None => String::new(),
                         };
-                        version.breaker = routing
-                            .guards(model, &version.version)
-                            .map(|g| g.breaker().state().label().to_owned())
-                            .unwrap_or_default();
+                        if let Some(guards) = routing.guards(model, &version.version) {
+                            version.breaker = guards.breaker().state().label().to_owned();
+                            version.breaker_opened = guards.breaker().opened();
+                            version.shed = guards.shed();
+                        }
+                        if let Ok(backend) = routing.backend(model, &version.version) {
+                            let counts = backend.replica_counts();
+                            version.retries = counts.retries;
+                            version.ejections = counts.ejections;
+                        }
                         version.fallbacks = self.metrics.fallbacks(model, &version.version);
                     }
                     message

@@ -18,14 +18,14 @@ use std::{
     fmt,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use aviary::pb::inference::{
-    ModelConfig, ModelInferRequest, ModelInferResponse, ModelMetadataResponse, ModelStatistics,
+    ModelConfig, ModelInferResponse, ModelMetadataResponse, ModelStatistics,
     repository_index_response::ModelIndex,
 };
 use futures::future::BoxFuture;
@@ -41,11 +41,11 @@ use tower::{
 };
 
 pub use discovery::Configured;
-pub use retry::{MAX_ATTEMPTS, RetryPolicy, retryable};
+pub use retry::{RetryPolicy, retryable};
 
 use crate::{
     GatewayError,
-    backend::{Backend, Remote},
+    backend::{Backend, Remote, ReplicaCounts},
     stack::Call,
 };
 
@@ -126,7 +126,7 @@ impl Service<Call> for Tracked {
     fn call(&mut self, call: Call) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let result = this.remote.infer(call.request, call.deadline).await;
+            let result = this.remote.infer(call).await;
             match &result {
                 Err(error) if error.is_backend_failure() => {
                     let failures = this.failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -169,6 +169,7 @@ pub struct Replicas {
     live: Arc<Mutex<BTreeMap<String, Arc<Remote>>>>,
     /// True once DNS names were looked up for the first time.
     resolved: watch::Receiver<bool>,
+    ejections: Arc<AtomicU64>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -205,6 +206,7 @@ impl Replicas {
         let (stop, stopped) = oneshot::channel();
         let live = Arc::new(Mutex::new(BTreeMap::new()));
         let (resolved_tx, resolved) = watch::channel(false);
+        let ejections = Arc::new(AtomicU64::new(0));
         let mut manager = Manager {
             configured,
             max_message_bytes,
@@ -214,6 +216,7 @@ impl Replicas {
             live: Arc::clone(&live),
             resolved_at: None,
             resolved: resolved_tx,
+            ejections: Arc::clone(&ejections),
         };
         // Addresses need no lookup: they are in the balancer before the first call.
         manager.insert_literals();
@@ -224,6 +227,7 @@ impl Replicas {
             policy,
             live,
             resolved,
+            ejections,
             _stop: stop,
         })
     }
@@ -231,11 +235,6 @@ impl Replicas {
     /// The replicas in the balancer now.
     pub fn live_endpoints(&self) -> Vec<String> {
         self.live().keys().cloned().collect()
-    }
-
-    /// Retries made so far (every one within the budget).
-    pub fn retries(&self) -> u64 {
-        self.policy.retries()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Remote>>> {
@@ -265,11 +264,15 @@ impl Backend for Replicas {
         &self.location
     }
 
-    fn infer(
-        &self,
-        request: ModelInferRequest,
-        deadline: Option<Instant>,
-    ) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
+    fn replica_counts(&self) -> ReplicaCounts {
+        ReplicaCounts {
+            // Every one within the budget.
+            retries: self.policy.retries(),
+            ejections: self.ejections.load(Ordering::Relaxed),
+        }
+    }
+
+    fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
         let service = self.service.clone();
         let mut resolved = self.resolved.clone();
         Box::pin(async move {
@@ -277,7 +280,7 @@ impl Backend for Replicas {
                 // Right after start, names may not be looked up yet: wait for that
                 // (within the deadline), not for replicas to come back.
                 let first_lookup = resolved.wait_for(|done| *done);
-                let _ = match deadline {
+                let _ = match call.deadline {
                     Some(deadline) => tokio::time::timeout_at(deadline.into(), first_lookup)
                         .await
                         .ok(),
@@ -287,7 +290,7 @@ impl Backend for Replicas {
                     return Err(self.none_live());
                 }
             }
-            service.oneshot(Call { request, deadline }).await
+            service.oneshot(call).await
         })
     }
 
@@ -344,6 +347,7 @@ struct Manager {
     live: Arc<Mutex<BTreeMap<String, Arc<Remote>>>>,
     resolved_at: Option<Instant>,
     resolved: watch::Sender<bool>,
+    ejections: Arc<AtomicU64>,
 }
 
 impl Manager {
@@ -439,6 +443,7 @@ impl Manager {
             return;
         }
         tracing::warn!(endpoint, ejected_for = ?next, "replica failing; ejected");
+        self.ejections.fetch_add(1, Ordering::Relaxed);
         self.standing.insert(
             endpoint.to_owned(),
             Standing::Ejected {

@@ -1,9 +1,10 @@
 //! When a call to one replica fails because that replica is unreachable, it is tried
 //! again, on whichever replica the balancer picks then (an unreachable one is soon
-//! ejected): at most `MAX_ATTEMPTS` in all, after a short jittered backoff, only
-//! while the call's deadline allows, and only within a retry budget (at most a fifth
-//! more load than the calls themselves, plus a small floor), so retries cannot
-//! multiply an outage. Inference is idempotent, so a retried call is safe.
+//! ejected): at most the call's `max_attempts` in all (the version's
+//! `retry_attempts`), after a short jittered backoff, only while the call's deadline
+//! allows, and only within a retry budget (at most a fifth more load than the calls
+//! themselves, plus a small floor), so retries cannot multiply an outage. Inference is
+//! idempotent, so a retried call is safe.
 
 use std::{
     sync::{
@@ -21,9 +22,6 @@ use tower::retry::{
 };
 
 use crate::{GatewayError, stack::Call};
-
-/// Attempts of one call, the first included.
-pub const MAX_ATTEMPTS: u32 = 3;
 
 /// Backoff before the first retry; doubled for each next one, with jitter.
 const BASE_BACKOFF: Duration = Duration::from_millis(5);
@@ -83,7 +81,7 @@ impl Policy<Call, ModelInferResponse, GatewayError> for RetryPolicy {
             }
             Err(error) => error,
         };
-        if !retryable(error) || self.attempts >= MAX_ATTEMPTS {
+        if !retryable(error) || self.attempts >= call.max_attempts {
             return None;
         }
         let backoff = BASE_BACKOFF * 2u32.pow(self.attempts - 1);
@@ -116,6 +114,7 @@ mod tests {
         Call {
             request: Default::default(),
             deadline: None,
+            max_attempts: 3,
         }
     }
 
@@ -138,6 +137,17 @@ mod tests {
             fresh.retry(&mut call, &mut invalid).is_none(),
             "a replica's answer is final"
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_allowed_one_attempt_is_never_retried() {
+        let mut policy = RetryPolicy::new();
+        let mut call = Call {
+            max_attempts: 1,
+            ..call()
+        };
+        assert!(policy.retry(&mut call, &mut unreachable()).is_none());
+        assert_eq!(policy.retries(), 0);
     }
 
     #[tokio::test]

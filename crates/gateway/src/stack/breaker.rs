@@ -4,7 +4,10 @@
 //! the caller's clock, and the tower layer that applies it.
 
 use std::{
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -72,6 +75,7 @@ pub enum Admit {
 pub struct Breaker {
     settings: BreakerSettings,
     state: Mutex<BreakerState>,
+    opened: AtomicU64,
 }
 
 impl Breaker {
@@ -80,7 +84,13 @@ impl Breaker {
         Breaker {
             settings,
             state: Mutex::new(BreakerState::Closed { failures: 0 }),
+            opened: AtomicU64::new(0),
         }
+    }
+
+    /// Times it opened (a failed probe opening it again counts too).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
     }
 
     /// Its settings.
@@ -115,6 +125,7 @@ impl Breaker {
     /// half-open state), at `now`.
     pub fn record(&self, admitted: Admit, failed: bool, now: Instant) {
         let mut state = self.lock();
+        let was_open = matches!(*state, BreakerState::Open { .. });
         *state = match (*state, admitted, failed) {
             (_, Admit::Probe, false) => BreakerState::Closed { failures: 0 },
             (_, Admit::Probe, true) => BreakerState::Open {
@@ -134,6 +145,9 @@ impl Breaker {
             // A call admitted before the breaker opened changes nothing after.
             (other, _, _) => other,
         };
+        if !was_open && matches!(*state, BreakerState::Open { .. }) {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
@@ -235,8 +249,10 @@ mod tests {
             breaker.record(Admit::Call, failed, t0);
         }
         assert_eq!(breaker.state(), BreakerState::Closed { failures: 2 });
+        assert_eq!(breaker.opened(), 0);
         breaker.record(Admit::Call, true, t0);
         assert_eq!(breaker.state().label(), "open");
+        assert_eq!(breaker.opened(), 1);
         assert_eq!(
             breaker.admit(t0 + Duration::from_secs(1)),
             Admit::Reject {
@@ -267,6 +283,7 @@ mod tests {
             },
             "a failed probe opens it again"
         );
+        assert_eq!(breaker.opened(), 2, "and counts as opening");
         let again = later + SETTINGS.open_for;
         assert_eq!(breaker.admit(again), Admit::Probe);
         breaker.record(Admit::Probe, false, again);
@@ -287,5 +304,7 @@ mod tests {
             "open",
             "a late success does not close it"
         );
+        breaker.record(Admit::Call, true, t0);
+        assert_eq!(breaker.opened(), 1, "a late failure does not open it twice");
     }
 }

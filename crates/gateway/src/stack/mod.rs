@@ -20,7 +20,10 @@ mod fault;
 mod queue;
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -48,6 +51,21 @@ pub struct Call {
     pub request: ModelInferRequest,
     /// When the call must have ended; `None`: no deadline.
     pub deadline: Option<Instant>,
+    /// Attempts the call may take over a version's replicas, the first included: the
+    /// version's `retry_attempts`, set by its stack.
+    pub max_attempts: u32,
+}
+
+impl Call {
+    /// A call of `request` until `deadline`, given one attempt until a version's stack
+    /// sets its own.
+    pub fn new(request: ModelInferRequest, deadline: Option<Instant>) -> Call {
+        Call {
+            request,
+            deadline,
+            max_attempts: 1,
+        }
+    }
 }
 
 /// A version's request path, ready to call.
@@ -66,6 +84,8 @@ pub struct Limits {
     pub max_queue: usize,
     /// When the version's breaker opens.
     pub breaker: BreakerSettings,
+    /// Attempts of a call over several replicas, the first included.
+    pub retry_attempts: u32,
 }
 
 impl Default for Limits {
@@ -79,9 +99,14 @@ impl Default for Limits {
                 failures: 5,
                 open_for: Duration::from_secs(5),
             },
+            retry_attempts: 3,
         }
     }
 }
+
+/// Most attempts a call may be given: more would only multiply an outage (the retry
+/// budget bounds them too).
+const MAX_RETRY_ATTEMPTS: u32 = 10;
 
 /// How much before the client's own deadline the gateway gives up on a call: the
 /// server side of the connection cancels the call at the client's deadline, so the
@@ -90,6 +115,29 @@ impl Default for Limits {
 const ANSWER_MARGIN: Duration = Duration::from_millis(10);
 
 impl Limits {
+    /// The first setting that cannot work, as (setting, reason).
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        let problem = if self.timeout.is_zero() {
+            ("timeout_ms", "must be at least 1")
+        } else if self.max_timeout < self.timeout {
+            ("max_timeout_ms", "must be at least timeout_ms")
+        } else if self.max_in_flight == 0 {
+            (
+                "max_in_flight",
+                "must be at least 1: no call could ever run",
+            )
+        } else if self.breaker.failures == 0 {
+            ("breaker_failures", "must be at least 1")
+        } else if self.breaker.open_for.is_zero() {
+            ("breaker_open_ms", "must be at least 1")
+        } else if !(1..=MAX_RETRY_ATTEMPTS).contains(&self.retry_attempts) {
+            ("retry_attempts", "must be 1 to 10")
+        } else {
+            return Ok(());
+        };
+        Err(problem)
+    }
+
     /// The deadline of a call that arrives at `now` with the client's `timeout`.
     pub fn deadline(&self, client_timeout: Option<Duration>, now: Instant) -> Instant {
         let timeout = match client_timeout {
@@ -109,6 +157,7 @@ pub struct Guards {
     admitted: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
     breaker: Arc<Breaker>,
+    shed: Arc<AtomicU64>,
 }
 
 impl Guards {
@@ -121,7 +170,13 @@ impl Guards {
             )),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             breaker: Arc::new(Breaker::new(limits.breaker)),
+            shed: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Calls refused because the version's queue was full.
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
     }
 
     /// The limits this state was made for.
@@ -143,7 +198,17 @@ pub fn version_service(
     fault: Option<FaultConfig>,
     guards: &Guards,
 ) -> InferService {
-    layered(BackendService { backend }, model, version, fault, guards)
+    let max_attempts = guards.limits.retry_attempts;
+    layered(
+        BackendService {
+            backend,
+            max_attempts,
+        },
+        model,
+        version,
+        fault,
+        guards,
+    )
 }
 
 /// The layers of [`version_service`] around any innermost service.
@@ -163,10 +228,16 @@ where
     S::Future: Send + 'static,
 {
     let (shed_model, shed_version) = (model.to_owned(), version.to_owned());
-    let limits = guards.limits;
+    let (limits, shed) = (guards.limits, Arc::clone(&guards.shed));
     let service = ServiceBuilder::new()
         .layer(DeadlineLayer)
-        .map_err(move |error: BoxError| shed_error(error, &shed_model, &shed_version, limits))
+        .map_err(move |error: BoxError| {
+            let error = shed_error(error, &shed_model, &shed_version, limits);
+            if matches!(error, GatewayError::Overloaded { .. }) {
+                shed.fetch_add(1, Ordering::Relaxed);
+            }
+            error
+        })
         .load_shed()
         .layer(GlobalConcurrencyLimitLayer::with_semaphore(Arc::clone(
             &guards.admitted,
@@ -199,10 +270,12 @@ fn shed_error(error: BoxError, model: &str, version: &str, limits: Limits) -> Ga
     }
 }
 
-/// A backend as the innermost service of the stack.
+/// A backend as the innermost service of the stack, giving each call the version's
+/// retry attempts.
 #[derive(Debug, Clone)]
 struct BackendService {
     backend: Arc<dyn Backend>,
+    max_attempts: u32,
 }
 
 impl Service<Call> for BackendService {
@@ -214,15 +287,16 @@ impl Service<Call> for BackendService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, call: Call) -> Self::Future {
+    fn call(&mut self, mut call: Call) -> Self::Future {
         let backend = Arc::clone(&self.backend);
-        Box::pin(async move { backend.infer(call.request, call.deadline).await })
+        call.max_attempts = self.max_attempts;
+        Box::pin(async move { backend.infer(call).await })
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use tower::ServiceExt;
 
@@ -287,14 +361,14 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn call(deadline: Option<Instant>) -> Call {
-        Call {
-            request: ModelInferRequest {
+        Call::new(
+            ModelInferRequest {
                 model_name: "demo".into(),
                 model_version: "1".into(),
                 ..ModelInferRequest::default()
             },
             deadline,
-        }
+        )
     }
 
     /// The stack over a fake backend instead of a real one.
@@ -311,7 +385,7 @@ pub(crate) mod tests {
             max_queue: 3,
             ..Limits::default()
         };
-        let (service, _guards) = stack(slow.clone(), limits);
+        let (service, guards) = stack(slow.clone(), limits);
         let calls: Vec<_> = (0..8)
             .map(|_| tokio::spawn(service.clone().oneshot(call(None))))
             .collect();
@@ -325,6 +399,7 @@ pub(crate) mod tests {
         }
         assert_eq!(answered, 5, "two in flight and three queued: {refused:?}");
         assert_eq!(refused.len(), 3);
+        assert_eq!(guards.shed(), 3, "every refusal is counted");
         for error in &refused {
             assert!(
                 matches!(
