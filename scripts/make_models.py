@@ -332,7 +332,7 @@ def toml_str(s):
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def model_card(description, owner, intended_use, limitations, training_data, metrics):
+def model_card(description, owner, intended_use, limitations, training_data, metrics, default=None):
     lines = [
         f"description = {toml_str(description)}",
         f"owner = {toml_str(owner)}",
@@ -344,7 +344,17 @@ def model_card(description, owner, intended_use, limitations, training_data, met
     ]
     for k, v in metrics.items():
         lines.append(f"{k} = {float(v)!r}")
+    if default:
+        # What a gateway answers with when a call fails and the route opts in: one
+        # example's outputs, repeated per row.
+        lines += ["", "[default_prediction]"]
+        for k, v in default.items():
+            lines.append(f"{k} = [{', '.join(repr(x) for x in v)}]")
     return "\n".join(lines) + "\n"
+
+
+# No class: equal probabilities and label -1.
+DEMO_DEFAULT = {"probabilities": [0.3333, 0.3333, 0.3334], "label": [-1]}
 
 
 DATA_DESC = (
@@ -397,6 +407,7 @@ def build():
         "Inputs far from the training range give overconfident probabilities.",
         DATA_DESC + " Trained with 300 steps of full-batch gradient descent (lr 0.5) on standardized features.",
         m1,
+        DEMO_DEFAULT,
     ).encode()
     files["demo/2/model.onnx"] = demo_graph(
         p2, "demo_v2", "Demo v2: MLP with one 16-unit ReLU hidden layer on synthetic iris-like data."
@@ -410,6 +421,7 @@ def build():
         "Inputs far from the training range give overconfident probabilities.",
         DATA_DESC + " Trained with 400 steps of full-batch gradient descent (lr 0.3, init seed 7) on standardized features.",
         m2,
+        DEMO_DEFAULT,
     ).encode()
 
     mlp_bytes = mlp_model().SerializeToString()

@@ -513,6 +513,180 @@ gates = {{ max_error_rate_increase = 0.05 }}
     assert!(canary["fallbacks"].as_u64() > Some(0), "{routes:#}");
 }
 
+/// `ctl routes --json`'s entry of `model` at `version`.
+fn route_entry(gateway: &Served, model: &str, version: &str) -> Value {
+    let routes = gateway.routes();
+    routes["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["model"] == model))
+        .and_then(|r| {
+            r["versions"]
+                .as_array()?
+                .iter()
+                .find(|v| v["version"] == version)
+        })
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Asserts `response` is demo's default prediction (the model card's: equal
+/// probabilities, label -1) standing in for `failed`, for one row.
+fn assert_demo_default(
+    response: tonic::Response<aviary::pb::inference::ModelInferResponse>,
+    failed: &str,
+) {
+    let header = response
+        .metadata()
+        .get("x-aviary-default-for")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    assert_eq!(header.as_deref(), Some(failed));
+    let response = response.into_inner();
+    assert!(response.parameters.contains_key("aviary_default_for"));
+    let outputs: Vec<(&str, &str, &[i64])> = response
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.datatype.as_str(), o.shape.as_slice()))
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            ("probabilities", "FP32", &[1, 3][..]),
+            ("label", "INT64", &[1][..])
+        ]
+    );
+    assert_eq!(
+        response.raw_output_contents[0],
+        aviary::tensor::to_raw(&[0.3333f32, 0.3333, 0.3334])
+    );
+    assert_eq!(
+        response.raw_output_contents[1],
+        aviary::tensor::to_raw(&[-1i64])
+    );
+}
+
+#[test]
+fn a_failing_canary_answered_with_its_default_prediction_is_still_rolled_back() {
+    let models = repo_root().join("deploy/local/models");
+    let config = format!(
+        r#"
+[repository]
+path = "{models}"
+instances = 2
+
+[routes.demo]
+versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0, fault = {{ error_rate = 1.0 }} }} ]
+default_prediction = true
+
+[rollouts]
+evaluate_interval_ms = 100
+
+[rollouts.plans.demo]
+canary = "2"
+baseline = "1"
+steps = [ {{ weight = 50, min_duration_ms = 60000, min_requests = 20 }}, {{ weight = 100, min_duration_ms = 0, min_requests = 20 }} ]
+gates = {{ max_error_rate_increase = 0.05 }}
+"#,
+        models = models.display()
+    );
+    let served = Served::start(&config, &[]);
+    assert!(
+        eventually(
+            CONFIG_DEADLINE,
+            || route_entry(&served, "demo", "2")["default_ready"] == true
+        ),
+        "the gateway holds the canary's default: {}",
+        route_entry(&served, "demo", "2")
+    );
+    let runtime = runtime();
+    let response = runtime.block_on(async {
+        client(connect(&served.addr).await)
+            .model_infer(pinned("2", None))
+            .await
+            .expect("the default answers")
+    });
+    assert_eq!(response.get_ref().model_version, "2");
+    assert_demo_default(response, "demo/2");
+
+    // Under traffic the rollout still sees the canary's own failures and rolls back,
+    // while no client sees an error.
+    let traffic = Traffic::start(&[&served.addr]);
+    assert!(
+        eventually(CONFIG_DEADLINE, || served
+            .ctl(&["rollout", "status", "demo", "--json"])
+            .json()["state"]
+            == "rolled back"),
+        "the canary is rolled back: {:#}",
+        served.ctl(&["rollout", "status", "demo", "--json"]).json()
+    );
+    let (_, failures) = traffic.stop();
+    assert!(
+        failures.is_empty(),
+        "no client saw the canary fail: {failures:?}"
+    );
+    let canary = route_entry(&served, "demo", "2");
+    assert!(canary["defaults"].as_u64() > Some(0), "{canary}");
+    let table = served.ctl(&["routes"]).ok();
+    assert!(table.stdout.contains("defaulted"), "{table:#?}");
+}
+
+#[test]
+fn a_default_prediction_answers_when_the_worker_is_gone_and_only_where_a_card_states_one() {
+    let models = repo_root().join("tests/models");
+    let (worker, endpoint) = start_worker(&models);
+    let config = format!(
+        "[routes.demo]\nversions = [ {{ version = \"1\", weight = 1, endpoint = \"{endpoint}\" }} ]\n\
+         default_prediction = true\n\
+         [routes.fixed]\nversions = [ {{ version = \"1\", weight = 1, endpoint = \"{endpoint}\" }} ]\n\
+         default_prediction = true\n"
+    );
+    let gateway = Served::gateway(&config, &[]);
+    assert!(
+        eventually(
+            CONFIG_DEADLINE,
+            || route_entry(&gateway, "demo", "1")["default_ready"] == true
+        ),
+        "fetched from the remote worker: {}",
+        route_entry(&gateway, "demo", "1")
+    );
+    assert_eq!(
+        route_entry(&gateway, "fixed", "1")["default_ready"],
+        false,
+        "fixed has no model card: no default"
+    );
+
+    sigkill(&worker);
+    let runtime = runtime();
+    let response = runtime.block_on(async {
+        client(connect(&gateway.addr).await)
+            .model_infer(pinned("1", Some(Duration::from_secs(5))))
+            .await
+            .expect("the default answers for the dead worker")
+    });
+    assert_demo_default(response, "demo/1");
+    let fixed = runtime.block_on(async {
+        let values = [1f32, 2., 3., 4., 5., 6.];
+        let request = ModelInferRequest {
+            model_name: "fixed".into(),
+            inputs: vec![
+                aviary::pb::inference::model_infer_request::InferInputTensor {
+                    name: "x".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![2, 3],
+                    ..Default::default()
+                },
+            ],
+            raw_input_contents: vec![aviary::tensor::to_raw(&values).into()],
+            ..Default::default()
+        };
+        client(connect(&gateway.addr).await)
+            .model_infer(request)
+            .await
+            .expect_err("nothing stands in for fixed")
+    });
+    assert_eq!(fixed.code(), Code::Unavailable, "{fixed:?}");
+}
+
 #[test]
 fn finally_failed_requests_are_kept_across_a_restart_and_replayed() {
     let failing = demo_config().replace(

@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     control::Control,
     dead_letters::DeadLetters,
+    defaults,
     front::Front,
     metrics::Metrics,
     rollouts::{LocalGateway, Rollouts},
@@ -208,6 +209,10 @@ impl Gateway {
             Arc::clone(&self.control),
             Arc::clone(&self.ready),
             health.clone(),
+        ));
+        tasks.spawn(defaults::keep_fresh(
+            Arc::clone(&self.control),
+            stop_rx.clone(),
         ));
         if let Some(path) = self.config_path.clone() {
             tasks.spawn(watcher::watch_config(

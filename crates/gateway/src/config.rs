@@ -257,6 +257,10 @@ pub struct RouteConfig {
     /// Keep the requests that finally failed in the dead-letter queue.
     #[serde(default)]
     pub dead_letters: bool,
+    /// Answer a call that finally failed (after its fallback) with the default
+    /// prediction of its version's model card, when the card states one.
+    #[serde(default)]
+    pub default_prediction: bool,
 }
 
 /// A route's fallback.

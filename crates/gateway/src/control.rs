@@ -26,6 +26,7 @@ use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError};
 use crate::{
     GatewayError,
     config::Config,
+    defaults::Defaults,
     route::{Route, RouteVersion, Routes},
     routing::{Pools, Routing, RoutingInputs},
 };
@@ -165,6 +166,8 @@ pub struct Control {
     file: Mutex<FileState>,
     /// The last readiness check of each routed version: up or not.
     health: Mutex<BTreeMap<(String, String), bool>>,
+    /// Default predictions of the versions whose route opts in.
+    defaults: Defaults,
 }
 
 impl Control {
@@ -196,7 +199,13 @@ impl Control {
                 routes,
             }),
             health: Mutex::new(BTreeMap::new()),
+            defaults: Defaults::default(),
         })
+    }
+
+    /// The default predictions held for failed calls.
+    pub fn defaults(&self) -> &Defaults {
+        &self.defaults
     }
 
     /// The routing snapshot requests read.
@@ -226,14 +235,15 @@ impl Control {
         let mut routes = writer.routes.clone();
         let mut route = route;
         // The admin API sets versions, weights and the limits it names; a route's
-        // sticky key, match rules, shadow, fallback, injected faults and the limits the
-        // request leaves out stay as they are.
+        // sticky key, match rules, shadow, fallback, dead letters, default prediction,
+        // injected faults and the limits the request leaves out stay as they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
             route.shadow = route.shadow.or_else(|| existing.shadow.clone());
             route.limits = existing.limits.overlaid(route.limits);
             route.fallback = route.fallback.or_else(|| existing.fallback.clone());
             route.dead_letters = existing.dead_letters;
+            route.default_prediction = existing.default_prediction;
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
             }

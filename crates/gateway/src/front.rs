@@ -33,7 +33,11 @@ use tonic::{
 use tower::ServiceExt;
 
 use crate::{
-    GatewayError, control::Control, dead_letters::DeadLetters, metrics::Metrics, routing::Routing,
+    GatewayError,
+    control::Control,
+    dead_letters::DeadLetters,
+    metrics::{Metrics, StandIn},
+    routing::Routing,
     stack::Call,
 };
 
@@ -46,6 +50,13 @@ pub const FALLBACK_PARAMETER: &str = "aviary_fallback_for";
 
 /// Response header of a request a fallback served: the `model/version` that failed it.
 pub const FALLBACK_HEADER: &str = "x-aviary-fallback-for";
+
+/// Response parameter (and header) set when a call was answered with its version's
+/// default prediction: the `model/version` that failed it.
+pub const DEFAULT_PARAMETER: &str = "aviary_default_for";
+
+/// Response header of a request answered with a default prediction.
+pub const DEFAULT_HEADER: &str = "x-aviary-default-for";
 
 /// Whether a finally failed request belongs in the dead-letter queue: anything the
 /// gateway or its workers failed (sending it again later may work), not a request
@@ -65,6 +76,38 @@ fn falls_back(error: &GatewayError) -> bool {
         GatewayError::BreakerOpen { .. } | GatewayError::Unreachable(_) => true,
         GatewayError::DeadlineExceeded { .. } => false,
         other => other.is_backend_failure(),
+    }
+}
+
+/// What a default prediction needs of the request it answers: its id, its rows (the
+/// first input's first dimension) and the outputs it asks for.
+struct DefaultShape {
+    id: String,
+    rows: i64,
+    requested: Vec<String>,
+}
+
+impl DefaultShape {
+    fn of(request: &ModelInferRequest) -> DefaultShape {
+        DefaultShape {
+            id: request.id.clone(),
+            rows: request
+                .inputs
+                .first()
+                .and_then(|input| input.shape.first())
+                .copied()
+                .unwrap_or(1),
+            requested: request.outputs.iter().map(|o| o.name.clone()).collect(),
+        }
+    }
+}
+
+/// A response parameter holding `text`.
+fn string_parameter(text: String) -> InferParameter {
+    InferParameter {
+        parameter_choice: Some(
+            aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(text),
+        ),
     }
 }
 
@@ -163,18 +206,28 @@ impl Front {
             .and_then(|r| r.fallback.as_ref())
             .filter(|(m, v)| (m.as_str(), v.as_str()) != (model.as_str(), version.as_str()))
             .map(|target| (target.clone(), request.clone()));
+        let default_shape = route
+            .filter(|r| r.default_prediction)
+            .map(|_| DefaultShape::of(&request));
         let result = self.call(&routing, request, deadline).await;
         self.metrics
             .record(&model, &version, result.is_ok(), started.elapsed());
         let result = self
             .fall_back(&routing, result, fallback, deadline, &model, &version)
             .await;
+        // A call answered with a default prediction is kept too: its real prediction
+        // is still missing.
         if let (Err(error), Some((letters, original))) = (&result, original)
             && kept_as_dead_letter(error)
         {
             letters.keep(&model, &version, &error.status(), &original);
         }
-        result
+        match (result, default_shape) {
+            (Err(error), Some(shape)) if falls_back(&error) => {
+                self.answer_default(error, shape, &model, &version)
+            }
+            (result, _) => result,
+        }
     }
 
     /// `result`, or when it failed and the route has a `fallback`, the fallback's
@@ -195,24 +248,53 @@ impl Front {
                 copy.model_version = to_version;
                 let served = self.call(routing, copy, deadline).await;
                 if served.is_ok() {
-                    self.metrics.record_fallback(model, version);
+                    self.metrics
+                        .record_stand_in(model, version, StandIn::Fallback);
                 }
                 served.map(|mut response| {
                     response.parameters.insert(
                         FALLBACK_PARAMETER.to_owned(),
-                        InferParameter {
-                            parameter_choice: Some(
-                                aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(
-                                    format!("{model}/{version}"),
-                                ),
-                            ),
-                        },
+                        string_parameter(format!("{model}/{version}")),
                     );
                     response
                 })
             }
             (result, _) => result,
         }
+    }
+
+    /// The default prediction of `model` at `version` shaped for the failed request, or
+    /// `error` when the gateway holds none (the card states none, or it was never
+    /// fetched).
+    fn answer_default(
+        &self,
+        error: GatewayError,
+        shape: DefaultShape,
+        model: &str,
+        version: &str,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        let Some(prediction) = self.control.defaults().get(model, version) else {
+            return Err(error);
+        };
+        tracing::debug!(model, version, %error, "answered with the default prediction");
+        self.metrics
+            .record_stand_in(model, version, StandIn::Default);
+        let (outputs, raw) = prediction
+            .outputs(shape.rows, &shape.requested)
+            .into_iter()
+            .map(|(tensor, raw)| (tensor, raw.into()))
+            .unzip();
+        Ok(ModelInferResponse {
+            model_name: model.to_owned(),
+            model_version: version.to_owned(),
+            id: shape.id,
+            parameters: HashMap::from([(
+                DEFAULT_PARAMETER.to_owned(),
+                string_parameter(format!("{model}/{version}")),
+            )]),
+            outputs,
+            raw_output_contents: raw,
+        })
     }
 
     /// Calls the version the request names through its request path (deadline, load
@@ -358,17 +440,27 @@ impl GrpcInferenceService for Front {
         let response = self.infer(&metadata, request).await?;
         let variant = MetadataValue::try_from(response.model_version.as_str())
             .map_err(|_| Status::internal("version is not a valid header value"))?;
-        let fallback_for = match response.parameters.get(FALLBACK_PARAMETER) {
-            Some(InferParameter {
-                parameter_choice:
-                    Some(aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(failed)),
-            }) => MetadataValue::try_from(failed.as_str()).ok(),
-            _ => None,
-        };
+        // A stand-in's answer says so in a header too, for clients that read headers.
+        let stand_in = [
+            (FALLBACK_PARAMETER, FALLBACK_HEADER),
+            (DEFAULT_PARAMETER, DEFAULT_HEADER),
+        ]
+        .into_iter()
+        .find_map(
+            |(parameter, header)| match response.parameters.get(parameter) {
+                Some(InferParameter {
+                    parameter_choice:
+                        Some(aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(
+                            failed,
+                        )),
+                }) => Some((header, MetadataValue::try_from(failed.as_str()).ok()?)),
+                _ => None,
+            },
+        );
         let mut response = Response::new(response);
         response.metadata_mut().insert(VARIANT_HEADER, variant);
-        if let Some(failed) = fallback_for {
-            response.metadata_mut().insert(FALLBACK_HEADER, failed);
+        if let Some((header, failed)) = stand_in {
+            response.metadata_mut().insert(header, failed);
         }
         Ok(response)
     }

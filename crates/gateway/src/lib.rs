@@ -18,6 +18,7 @@
 //! - [`controller`]: `aviary controller`: the rollout driver over many gateways.
 //! - [`watch`]: watching the config file and the model repository.
 //! - [`dead_letters`]: requests that finally failed, kept on disk to be sent again.
+//! - [`defaults`]: the model cards' default predictions, held for calls that failed.
 //! - [`admin`]: the admin API's services (routes, models, rollouts, experiments,
 //!   fleet) over [`control`], [`metrics`] and a rollout driver.
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
@@ -37,6 +38,7 @@ pub mod config;
 pub mod control;
 pub mod controller;
 pub mod dead_letters;
+pub mod defaults;
 pub mod error;
 pub mod experiment;
 pub mod front;

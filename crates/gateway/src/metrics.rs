@@ -222,8 +222,27 @@ struct Variant {
     step: Window,
     outcomes: Outcomes,
     latencies: Reservoir,
-    /// Calls this version failed that the route's fallback then answered.
-    fallbacks: u64,
+    /// Calls this version failed that something else then answered.
+    stand_ins: StandIns,
+}
+
+/// What answered the calls a version failed, apart from its own outcomes (so its
+/// error rate stays its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StandIns {
+    /// Answered by the route's fallback.
+    pub fallbacks: u64,
+    /// Answered with the version's default prediction.
+    pub defaults: u64,
+}
+
+/// What stood in for a version that failed a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StandIn {
+    /// The route's fallback answered.
+    Fallback,
+    /// The version's default prediction answered.
+    Default,
 }
 
 /// One model's variants by version.
@@ -246,24 +265,24 @@ impl Metrics {
     }
 
     /// Counts a call `model` at `version` failed (recorded with [`Metrics::record`])
-    /// that the route's fallback then answered: apart from the version's own outcomes,
-    /// so its error rate stays its own.
-    pub fn record_fallback(&self, model: &str, version: &str) {
+    /// that `stand_in` then answered.
+    pub fn record_stand_in(&self, model: &str, version: &str, stand_in: StandIn) {
         let variant = self.variant(model, version);
-        variant
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .fallbacks += 1;
+        let mut variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
+        match stand_in {
+            StandIn::Fallback => variant.stand_ins.fallbacks += 1,
+            StandIn::Default => variant.stand_ins.defaults += 1,
+        }
     }
 
-    /// Calls of `model` at `version` that its route's fallback answered.
-    pub fn fallbacks(&self, model: &str, version: &str) -> u64 {
+    /// What answered the calls of `model` at `version` that it failed.
+    pub fn stand_ins(&self, model: &str, version: &str) -> StandIns {
         let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
         variants
             .get(model)
             .and_then(|versions| versions.get(version))
-            .map_or(0, |v| {
-                v.lock().unwrap_or_else(PoisonError::into_inner).fallbacks
+            .map_or_else(StandIns::default, |v| {
+                v.lock().unwrap_or_else(PoisonError::into_inner).stand_ins
             })
     }
 
@@ -360,7 +379,7 @@ impl Metrics {
                         step: Window::new(),
                         outcomes: Outcomes::default(),
                         latencies: Reservoir::default(),
-                        fallbacks: 0,
+                        stand_ins: StandIns::default(),
                     }))
                 }),
         )

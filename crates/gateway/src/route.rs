@@ -38,6 +38,9 @@ pub struct Route {
     pub fallback: Option<(String, String)>,
     /// Whether requests that finally failed are kept in the dead-letter queue.
     pub dead_letters: bool,
+    /// Whether a call that finally failed is answered with its version's default
+    /// prediction (from the model card), when it has one.
+    pub default_prediction: bool,
 }
 
 /// One version of a route.
@@ -89,6 +92,7 @@ impl From<&RouteConfig> for Route {
             limits: config.limits,
             fallback: None,
             dead_letters: config.dead_letters,
+            default_prediction: config.default_prediction,
         }
     }
 }

@@ -11,6 +11,8 @@
 //!   that decodes nothing and says what decoding will cost, then the decoding.
 //! - [`admission`]: that cost, and the per-request and per-process budgets a request
 //!   is held to before it is decoded.
+//! - [`default_prediction`]: the fixed outputs a model card states for when a call
+//!   fails, checked against the schema.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
 //! - [`catalog`]: the loaded and failed versions as pure data, and the look-ups on them.
@@ -25,6 +27,7 @@
 
 pub mod admission;
 pub mod catalog;
+pub mod default_prediction;
 pub mod error;
 pub mod lifecycle;
 pub mod model;
@@ -37,6 +40,7 @@ pub mod validate;
 pub mod worker;
 
 pub use admission::TensorLimits;
+pub use default_prediction::DefaultPrediction;
 pub use error::WorkerError;
 pub use lifecycle::{LoadOutcome, SyncReport, VersionPolicy};
 pub use model::SessionOptions;

@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use crate::{
     WorkerError,
     admission::Reservation,
+    default_prediction::DefaultPrediction,
     repository::{Fingerprint, ModelCard},
     runtime,
     schema::ModelSchema,
@@ -74,6 +75,8 @@ pub struct LoadedModel {
     pub schema: ModelSchema,
     /// Model card, if the version has one.
     pub card: Option<ModelCard>,
+    /// The card's default prediction, checked against the schema.
+    pub default_prediction: Option<DefaultPrediction>,
     /// The model file it was loaded from.
     pub path: PathBuf,
     /// When loading finished.
@@ -127,11 +130,17 @@ impl LoadedModel {
             .transpose()
             .map_err(load_error)?
             .unwrap_or_default();
+        let default_prediction = match &card {
+            Some(card) => DefaultPrediction::from_card(&card.default_prediction, &schema)
+                .map_err(load_error)?,
+            None => None,
+        };
         let loaded = LoadedModel {
             model: model.to_owned(),
             version: version.to_owned(),
             schema,
             card,
+            default_prediction,
             path: path.to_owned(),
             loaded_at: SystemTime::now(),
             fingerprint,

@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::WorkerError;
+use crate::{WorkerError, default_prediction::DefaultValues};
 
 /// File name of a version's ONNX model.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -39,6 +39,10 @@ pub struct ModelCard {
     /// Evaluation metrics, by name.
     #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
+    /// One example's outputs, by output name, that a gateway answers with when a call
+    /// fails and the route opts in (see [`crate::default_prediction`]).
+    #[serde(default)]
+    pub default_prediction: BTreeMap<String, DefaultValues>,
 }
 
 /// Identity of a model file's contents as the filesystem sees it: replacing the file

@@ -26,9 +26,10 @@ use bytes::Bytes;
 
 pub use crate::catalog::VersionSlot;
 use crate::{
-    WorkerError,
+    DefaultPrediction, WorkerError,
     admission::{Admission, TensorLimits},
     catalog::Catalog,
+    default_prediction,
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
     model::SessionOptions,
     repository, validate,
@@ -277,7 +278,7 @@ impl Worker {
             parameters: loaded
                 .card
                 .as_ref()
-                .map(card_parameters)
+                .map(|card| card_parameters(card, loaded.default_prediction.as_ref()))
                 .unwrap_or_default(),
             ..Default::default()
         })
@@ -366,8 +367,12 @@ impl Worker {
 }
 
 /// A model card as config parameters (`card.owner`, `card.metrics.accuracy`, …), the
-/// place Triton clients already read free-form model facts from.
-fn card_parameters(card: &repository::ModelCard) -> HashMap<String, ModelParameter> {
+/// place Triton clients already read free-form model facts from; its checked default
+/// prediction as JSON under [`default_prediction::PARAMETER`], where gateways read it.
+fn card_parameters(
+    card: &repository::ModelCard,
+    default: Option<&DefaultPrediction>,
+) -> HashMap<String, ModelParameter> {
     let text = [
         ("description", &card.description),
         ("owner", &card.owner),
@@ -383,6 +388,7 @@ fn card_parameters(card: &repository::ModelCard) -> HashMap<String, ModelParamet
                 .iter()
                 .map(|(name, value)| (format!("card.metrics.{name}"), value.to_string())),
         )
+        .chain(default.map(|d| (default_prediction::PARAMETER.to_owned(), d.to_json())))
         .map(|(key, string_value)| (key, ModelParameter { string_value }))
         .collect()
 }

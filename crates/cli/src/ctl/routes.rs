@@ -88,6 +88,7 @@ fn render_events(v: &VersionWeight) -> String {
         ("retried", v.retries),
         ("ejected", v.ejections),
         ("fell back", v.fallbacks),
+        ("defaulted", v.defaults),
     ]
     .iter()
     .filter(|(_, n)| *n > 0)

@@ -57,7 +57,14 @@ impl Routes for RoutesService {
                             version.retries = counts.retries;
                             version.ejections = counts.ejections;
                         }
-                        version.fallbacks = self.metrics.fallbacks(model, &version.version);
+                        let stand_ins = self.metrics.stand_ins(model, &version.version);
+                        version.fallbacks = stand_ins.fallbacks;
+                        version.defaults = stand_ins.defaults;
+                        version.default_ready = self
+                            .control
+                            .defaults()
+                            .get(model, &version.version)
+                            .is_some();
                     }
                     message
                 })
