@@ -146,10 +146,7 @@ impl Gateway {
             }
         };
         let dead_letters = match config.routes.values().any(|r| r.dead_letters) {
-            true => Some(DeadLetters::open(
-                &config.dead_letters.folder,
-                config.dead_letters.max_bytes,
-            )?),
+            true => Some(DeadLetters::open(&config.dead_letters)?),
             false => None,
         };
         Ok(Gateway {

@@ -45,7 +45,7 @@ pub struct Config {
     pub dead_letters: DeadLettersConfig,
 }
 
-/// The dead-letter queue's folder and size cap.
+/// The dead-letter queue's folder and size cap, and its optional Redis sink.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLettersConfig {
@@ -55,6 +55,10 @@ pub struct DeadLettersConfig {
     /// The most bytes kept; beyond it the oldest letters are dropped (and counted).
     #[serde(default = "default_dead_letters_max_bytes")]
     pub max_bytes: u64,
+    /// A Redis stream each letter is also added to; the folder stays the record that
+    /// `aviary ctl dlq list|replay` reads.
+    #[serde(default)]
+    pub redis: Option<RedisSinkConfig>,
 }
 
 impl Default for DeadLettersConfig {
@@ -62,8 +66,32 @@ impl Default for DeadLettersConfig {
         DeadLettersConfig {
             folder: default_dead_letters_folder(),
             max_bytes: default_dead_letters_max_bytes(),
+            redis: None,
         }
     }
+}
+
+/// The Redis stream dead letters are also sent to (`[dead_letters] redis = { .. }`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSinkConfig {
+    /// `redis://[user:password@]host[:port][/db]` (or `redis+unix:///path`).
+    pub url: String,
+    /// The stream's key.
+    #[serde(default = "default_redis_stream")]
+    pub stream: String,
+    /// About how many entries the stream keeps (`XADD MAXLEN ~`): Redis trims the
+    /// oldest past it, in whole nodes, so the stream may briefly hold a few more.
+    #[serde(default = "default_redis_max_len")]
+    pub max_len: u64,
+}
+
+fn default_redis_stream() -> String {
+    "aviary:dead-letters".to_owned()
+}
+
+fn default_redis_max_len() -> u64 {
+    100_000
 }
 
 fn default_dead_letters_folder() -> PathBuf {
@@ -454,6 +482,23 @@ impl Config {
                 config.dead_letters.max_bytes
             ));
         }
+        if let Some(redis) = &config.dead_letters.redis {
+            // Checked here so a mistyped URL stops the start instead of failing every
+            // letter later; nothing connects yet.
+            if let Err(error) = redis::Client::open(redis.url.as_str()) {
+                // The URL itself is not repeated: it may hold a password.
+                problems.push(format!(
+                    "dead_letters.redis.url: not a Redis URL ({error}); expected \
+                     redis://[user:password@]host[:port][/db]"
+                ));
+            }
+            if redis.stream.is_empty() {
+                problems.push("dead_letters.redis.stream: must not be empty".to_owned());
+            }
+            if redis.max_len == 0 {
+                problems.push("dead_letters.redis.max_len: must be at least 1".to_owned());
+            }
+        }
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());
         }
@@ -586,6 +631,43 @@ mod tests {
             Some("http://w:9001")
         );
         Ok(())
+    }
+
+    #[test]
+    fn the_redis_sink_takes_defaults_and_rejects_a_bad_url_by_its_field() {
+        let config =
+            Config::parse("[dead_letters]\nredis = { url = \"redis://127.0.0.1:6379/0\" }\n")
+                .expect("a valid sink");
+        let redis = config.dead_letters.redis.expect("the sink");
+        assert_eq!(redis.stream, "aviary:dead-letters");
+        assert_eq!(redis.max_len, 100_000);
+
+        for url in [
+            "http://127.0.0.1:6379",
+            "127.0.0.1:6379",
+            "redis://:secret@[::1",
+        ] {
+            let err = Config::parse(&format!(
+                "[dead_letters]\nredis = {{ url = \"{url}\", stream = \"\", max_len = 0 }}\n"
+            ))
+            .expect_err("a bad URL");
+            assert!(
+                err.contains("dead_letters.redis.url: not a Redis URL"),
+                "{err}"
+            );
+            assert!(!err.contains("secret"), "the password is not echoed: {err}");
+            assert!(
+                err.contains("dead_letters.redis.stream: must not be empty"),
+                "{err}"
+            );
+            assert!(
+                err.contains("dead_letters.redis.max_len: must be at least 1"),
+                "{err}"
+            );
+        }
+        let err = Config::parse("[dead_letters]\nredis = { url = \"redis://x\", maxlen = 5 }\n")
+            .expect_err("an unknown key");
+        assert!(err.contains("maxlen"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! (`dead-letters-<n>.bin`), starts a new segment past a quarter of the size cap, and
 //! deletes the oldest segments (counting their letters) to stay under the cap. The
 //! folder survives restarts; ids carry on from the highest kept.
+//!
+//! With `[dead_letters] redis` set, each letter is also added to a Redis stream by a
+//! task of its own ([`redis_sink`]); the folder stays the record that list and replay
+//! read.
+
+mod redis_sink;
 
 use std::{
     fs,
@@ -22,7 +28,8 @@ use aviary::pb::{admin::DeadLetter, inference::ModelInferRequest};
 use prost::Message;
 use tokio::sync::mpsc;
 
-use crate::GatewayError;
+use self::redis_sink::RedisSink;
+use crate::{GatewayError, config::DeadLettersConfig};
 
 /// Failed requests waiting for the writer; more are dropped.
 const QUEUE: usize = 256;
@@ -31,11 +38,23 @@ const QUEUE: usize = 256;
 #[derive(Debug)]
 pub struct DeadLetters {
     folder: PathBuf,
-    queue: mpsc::Sender<DeadLetter>,
+    queue: mpsc::Sender<Arc<DeadLetter>>,
     next_id: AtomicU64,
     dropped_busy: AtomicU64,
+    redis: Option<RedisSink>,
     /// Serialises file access between the writer and readers (list, replay).
     files: Arc<Mutex<Segments>>,
+}
+
+/// Letters lost so far, by cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Kept, then deleted with the oldest segment to stay under the size cap.
+    pub oldest: u64,
+    /// Never kept: the writer's queue was full.
+    pub busy: u64,
+    /// Not added to the Redis stream (still kept on disk).
+    pub redis: u64,
 }
 
 /// The segment files and what the cap has cost.
@@ -47,9 +66,11 @@ struct Segments {
 }
 
 impl DeadLetters {
-    /// The queue in `folder` (made if missing), holding at most `max_bytes` on disk.
-    /// Letters already there are kept.
-    pub fn open(folder: &Path, max_bytes: u64) -> Result<Arc<DeadLetters>, GatewayError> {
+    /// The queue in the configured folder (made if missing), holding at most
+    /// `max_bytes` on disk, with its Redis sink when one is set. Letters already there
+    /// are kept.
+    pub fn open(config: &DeadLettersConfig) -> Result<Arc<DeadLetters>, GatewayError> {
+        let (folder, max_bytes) = (config.folder.as_path(), config.max_bytes);
         let error = |e: std::io::Error| GatewayError::Config {
             path: folder.display().to_string(),
             message: format!("dead-letter folder: {e}"),
@@ -68,12 +89,14 @@ impl DeadLetters {
             .max()
             .unwrap_or(0)
             + 1;
+        let redis = config.redis.as_ref().map(RedisSink::start).transpose()?;
         let (queue, letters) = mpsc::channel(QUEUE);
         let dead_letters = Arc::new(DeadLetters {
             folder: folder.to_owned(),
             queue,
             next_id: AtomicU64::new(next_id),
             dropped_busy: AtomicU64::new(0),
+            redis,
             files: Arc::new(Mutex::new(segments)),
         });
         tokio::spawn(write(Arc::clone(&dead_letters.files), letters));
@@ -89,7 +112,8 @@ impl DeadLetters {
         status: &tonic::Status,
         request: &ModelInferRequest,
     ) {
-        let letter = DeadLetter {
+        // Shared by the disk writer and the Redis sink: the request is encoded once.
+        let letter = Arc::new(DeadLetter {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             at_ms: aviary::unix_ms(std::time::SystemTime::now()),
             model: model.to_owned(),
@@ -97,7 +121,10 @@ impl DeadLetters {
             code: status.code() as i32,
             error: status.message().to_owned(),
             request: request.encode_to_vec(),
-        };
+        });
+        if let Some(redis) = &self.redis {
+            redis.send(Arc::clone(&letter));
+        }
         if self.queue.try_send(letter).is_err() {
             self.dropped_busy.fetch_add(1, Ordering::Relaxed);
         }
@@ -119,12 +146,18 @@ impl DeadLetters {
         files.rewrite_without(ids).map_err(|e| self.io_error(e))
     }
 
-    /// (dropped oldest by the cap, dropped because the writer was busy).
-    pub fn dropped(&self) -> (u64, u64) {
-        (
-            self.lock().dropped_oldest,
-            self.dropped_busy.load(Ordering::Relaxed),
-        )
+    /// Letters lost so far, by cause.
+    pub fn dropped(&self) -> Dropped {
+        Dropped {
+            oldest: self.lock().dropped_oldest,
+            busy: self.dropped_busy.load(Ordering::Relaxed),
+            redis: self.redis.as_ref().map_or(0, RedisSink::dropped),
+        }
+    }
+
+    /// The Redis stream letters are also added to, if any.
+    pub fn redis_stream(&self) -> Option<&str> {
+        self.redis.as_ref().map(RedisSink::stream)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Segments> {
@@ -142,7 +175,7 @@ impl DeadLetters {
 
 /// Appends queued letters until the queue closes; a write error is logged and the
 /// letter lost (counted nowhere else: the log says so).
-async fn write(files: Arc<Mutex<Segments>>, mut letters: mpsc::Receiver<DeadLetter>) {
+async fn write(files: Arc<Mutex<Segments>>, mut letters: mpsc::Receiver<Arc<DeadLetter>>) {
     while let Some(letter) = letters.recv().await {
         let files = Arc::clone(&files);
         let written = tokio::task::spawn_blocking(move || {
@@ -276,6 +309,14 @@ mod tests {
         }
     }
 
+    fn config(folder: &Path, max_bytes: u64) -> DeadLettersConfig {
+        DeadLettersConfig {
+            folder: folder.to_owned(),
+            max_bytes,
+            redis: None,
+        }
+    }
+
     async fn until(mut condition: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !condition() {
@@ -288,14 +329,14 @@ mod tests {
     async fn kept_letters_survive_a_reopen_and_can_be_removed() {
         let dir = tempfile::tempdir().expect("temp dir");
         let status = tonic::Status::unavailable("worker down");
-        let letters = DeadLetters::open(dir.path(), 1 << 20).expect("opens");
+        let letters = DeadLetters::open(&config(dir.path(), 1 << 20)).expect("opens");
         for n in 0..3 {
             letters.keep("demo", "2", &status, &request(n));
         }
         until(|| letters.list("").map(|l| l.len()).ok() == Some(3)).await;
         drop(letters);
 
-        let reopened = DeadLetters::open(dir.path(), 1 << 20).expect("opens again");
+        let reopened = DeadLetters::open(&config(dir.path(), 1 << 20)).expect("opens again");
         let kept = reopened.list("demo").expect("list");
         assert_eq!(kept.len(), 3);
         assert_eq!(kept[0].code, tonic::Code::Unavailable as i32);
@@ -325,21 +366,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let status = tonic::Status::internal("broken");
         // Each letter is about 150 bytes; the cap holds a few dozen.
-        let letters = DeadLetters::open(dir.path(), 4_000).expect("opens");
+        let letters = DeadLetters::open(&config(dir.path(), 4_000)).expect("opens");
         for n in 0..200 {
             letters.keep("demo", "1", &status, &request(n));
             if n % 50 == 49 {
                 // Let the writer catch up, so none are dropped as busy.
                 let expected = n as u64 + 1;
                 until(|| {
-                    let (oldest, busy) = letters.dropped();
+                    let Dropped { oldest, busy, .. } = letters.dropped();
                     letters.list("").map(|l| l.len() as u64).unwrap_or(0) + oldest + busy
                         == expected
                 })
                 .await;
             }
         }
-        let (oldest, busy) = letters.dropped();
+        let Dropped { oldest, busy, .. } = letters.dropped();
         let kept = letters.list("").expect("list");
         assert!(oldest > 0, "the cap dropped old letters");
         assert_eq!(

@@ -182,6 +182,11 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         ),
         ("rollouts.state_file", before.state_file != after.state_file),
         ("rollouts.controlled", before.controlled != after.controlled),
+        // The queue and its Redis sink are opened once, at start.
+        (
+            "dead_letters",
+            config.dead_letters != started_with.dead_letters,
+        ),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

@@ -63,8 +63,12 @@ fn render_list(list: &ListDeadLettersResponse) -> String {
             letter.error.clone(),
         ]);
     }
+    let redis = match list.redis_stream.as_str() {
+        "" => String::new(),
+        stream => format!("; {} not sent to Redis stream {stream}", list.dropped_redis),
+    };
     format!(
-        "{} kept ({} dropped by the size cap, {} while the writer was busy)\n{}",
+        "{} kept ({} dropped by the size cap, {} while the writer was busy){redis}\n{}",
         list.letters.len(),
         list.dropped_oldest,
         list.dropped_busy,

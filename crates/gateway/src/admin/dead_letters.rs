@@ -44,11 +44,13 @@ impl DeadLettersApi for DeadLettersService {
         for letter in &mut letters {
             letter.request.clear();
         }
-        let (dropped_oldest, dropped_busy) = self.letters.dropped();
+        let dropped = self.letters.dropped();
         Ok(Response::new(ListDeadLettersResponse {
             letters,
-            dropped_oldest,
-            dropped_busy,
+            dropped_oldest: dropped.oldest,
+            dropped_busy: dropped.busy,
+            redis_stream: self.letters.redis_stream().unwrap_or_default().to_owned(),
+            dropped_redis: dropped.redis,
         }))
     }
 
