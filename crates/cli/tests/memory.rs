@@ -1,6 +1,7 @@
 //! Memory under hostile load, as attackers and stampedes make it: real `aviary`
 //! processes with their default limits, on 127.0.0.1 port 0. A worker refuses requests
-//! whose decoded tensors would dwarf their wire size before it decodes them; a gateway refuses the excess of 512 clients on a slow
+//! whose decoded tensors would dwarf their wire size (BYTES elements, packed varints)
+//! before it decodes them; a gateway refuses the excess of 512 clients on a slow
 //! version at once while the requests it admits finish in the time its limits imply.
 //! Each time the process's peak RSS (VmHWM) stays within a bound of its idle RSS.
 
@@ -114,6 +115,59 @@ fn typed_bytes_request(elements: usize) -> Bytes {
         ..Default::default()
     };
     let mut wire = prost::Message::encode_to_vec(&request);
+    field(5, &input, &mut wire);
+    wire.into()
+}
+
+/// INT64 zeros in the packed-varint request: one wire byte each, 8 once decoded, so
+/// ~40 MB on the wire would be ~320 MB in memory, over the 256 MiB request budget.
+const PACKED_ZEROS: usize = 40_000_000;
+
+/// How far the worker's peak RSS may rise above its idle RSS while it refuses them:
+/// the received message (~40 MB) and what tonic grows to receive it, not the ~320 MB
+/// of decoded elements.
+const PACKED_HEADROOM_KIB: u64 = 100 * 1024;
+
+/// The wire form of a `types` request whose `in_int64` carries `elements` zeros in
+/// `contents.int64_contents` (packed: one byte each) and every other input is empty,
+/// encoded by hand so the test itself never holds them as `Vec<i64>`.
+fn packed_int64_request(elements: usize) -> Bytes {
+    let empty = |name: &str, datatype: &str| InferInputTensor {
+        name: format!("in_{name}"),
+        datatype: datatype.into(),
+        shape: vec![0],
+        ..Default::default()
+    };
+    let names = [
+        ("bool", "BOOL"),
+        ("int8", "INT8"),
+        ("int16", "INT16"),
+        ("int32", "INT32"),
+        ("uint8", "UINT8"),
+        ("uint16", "UINT16"),
+        ("uint32", "UINT32"),
+        ("uint64", "UINT64"),
+        ("fp16", "FP16"),
+        ("bf16", "BF16"),
+        ("fp32", "FP32"),
+        ("fp64", "FP64"),
+        ("bytes", "BYTES"),
+    ];
+    let request = ModelInferRequest {
+        model_name: "types".into(),
+        inputs: names.iter().map(|(n, d)| empty(n, d)).collect(),
+        ..Default::default()
+    };
+    let mut wire = prost::Message::encode_to_vec(&request);
+    let header = InferInputTensor {
+        shape: vec![elements as i64],
+        ..empty("int64", "INT64")
+    };
+    let mut input = prost::Message::encode_to_vec(&header);
+    let mut contents = Vec::with_capacity(elements + 8);
+    field(3, &vec![0u8; elements], &mut contents);
+    field(5, &contents, &mut input);
+    drop(contents);
     field(5, &input, &mut wire);
     wire.into()
 }
@@ -429,5 +483,42 @@ fn a_slow_version_under_512_clients_refuses_the_excess_in_bounded_memory_and_tim
     assert!(
         peak < idle + OVERLOAD_HEADROOM_KIB,
         "peak RSS {peak} KiB above idle {idle} KiB + {OVERLOAD_HEADROOM_KIB} KiB"
+    );
+}
+
+#[test]
+fn packed_varints_are_refused_before_they_expand() {
+    let (worker, addr) = start_worker(&repo_root().join("tests/models"));
+    let pid = worker.pid();
+    let runtime = runtime();
+    let channel = runtime.block_on(connect(&addr));
+    let body = packed_int64_request(PACKED_ZEROS);
+    let idle = status_kib(pid, "VmRSS");
+    eprintln!(
+        "idle VmRSS {idle} KiB, VmHWM {} KiB",
+        status_kib(pid, "VmHWM")
+    );
+    let status = runtime
+        .block_on(infer_encoded(channel, body))
+        .err()
+        .unwrap_or_else(|| Status::ok("answered"));
+    let peak = status_kib(pid, "VmHWM");
+    eprintln!(
+        "after {PACKED_ZEROS} packed INT64 zeros: VmHWM {peak} KiB (+{} MiB)",
+        peak.saturating_sub(idle) / 1024
+    );
+    eprintln!("  {:?}: {}", status.code(), status.message());
+
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("int64_contents")
+            && status
+                .message()
+                .contains("max_request_tensor_bytes = 256 MiB"),
+        "{status:?}"
+    );
+    assert!(
+        peak < idle + PACKED_HEADROOM_KIB,
+        "peak RSS {peak} KiB above idle {idle} KiB + {PACKED_HEADROOM_KIB} KiB"
     );
 }
