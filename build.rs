@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".inference.InferTensorContents",
             "crate::contents::InferTensorContents",
         )
+        // prost's codec, but a request's tensor contents are decoded within a limit and
+        // one over it is RESOURCE_EXHAUSTED (src/codec.rs).
+        .codec_path("crate::codec::BoundedCodec")
         // `aviary ctl --json` prints the admin messages themselves.
         .type_attribute(
             ".aviary.admin.v1",

@@ -9,21 +9,209 @@
 //! little-endian length before each), at most twice the wire size, and is what
 //! validation decodes like `raw_input_contents`. Every other field decodes and encodes
 //! exactly as the generated code did; the wire format is unchanged.
+//!
+//! Packed varints expand too: a zero is one wire byte and 8 bytes as an `i64`, so 40 MB
+//! of INT64 zeros became 320 MB (and a `Vec` grown by doubling reserves up to twice
+//! that) before any admission check could see the request. So every field's decoded
+//! size is counted against a budget while it decodes: [`decode_within`] gives one
+//! message (a whole request) a limit for all its tensor contents together, and a
+//! packed field's elements are counted (the bytes without the continuation bit) and
+//! charged before any is decoded, so one over the limit is never decoded at all. The
+//! servers' codec ([`crate::codec`]) decodes every message that way, within the
+//! process-wide [`decode_limit`].
 
-use std::fmt;
+use std::{
+    cell::Cell,
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::{
     DecodeError, Message,
     encoding::{
-        self, DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len,
+        self, DecodeContext, WireType, decode_varint, encode_key, encode_varint,
+        encoded_len_varint, key_len,
     },
 };
 
-use crate::tensor;
+use crate::tensor::{self, format_bytes};
 
 /// Field number of `bytes_contents` in `InferTensorContents`.
 const BYTES_CONTENTS_TAG: u32 = 8;
+
+/// Default [`decode_limit`]: 256 MiB, a worker's default `max_request_tensor_bytes`.
+pub const DEFAULT_DECODE_LIMIT: u64 = 256 << 20;
+
+/// Process-wide because tonic makes a service's codec with `Default`, so a server has
+/// no way to hand its codec a setting; see [`set_decode_limit`].
+static DECODE_LIMIT: AtomicU64 = AtomicU64::new(DEFAULT_DECODE_LIMIT);
+
+/// Sets the limit the codec of every gRPC service and client in this process holds
+/// one message's tensor contents to, once decoded. A worker sets it to its
+/// `max_request_tensor_bytes` when it opens: a request the per-request budget would
+/// refuse anyway is refused before it is decoded. The last call wins.
+pub fn set_decode_limit(bytes: u64) {
+    DECODE_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// The limit [`set_decode_limit`] set ([`DEFAULT_DECODE_LIMIT`] before any call).
+pub fn decode_limit() -> u64 {
+    DECODE_LIMIT.load(Ordering::Relaxed)
+}
+
+/// Tensor contents that would have decoded past a message's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverLimit {
+    /// The field whose elements did not fit.
+    pub field: &'static str,
+    /// Bytes the message's contents would have taken with them, at least.
+    pub needed: u64,
+    /// The limit, in bytes.
+    pub limit: u64,
+}
+
+impl fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the request's tensor contents decode to at least {} (with {}), over \
+             max_request_tensor_bytes = {}; send fewer elements, or raw_input_contents",
+            format_bytes(Some(self.needed)),
+            self.field,
+            format_bytes(Some(self.limit))
+        )
+    }
+}
+
+/// What the message being decoded on this thread may still decode.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    limit: u64,
+    used: u64,
+    over: Option<OverLimit>,
+}
+
+thread_local! {
+    /// The budget of the [`decode_within`] running on this thread; `None` outside
+    /// one, where decoding is unbounded as prost's is. A thread-local because prost's
+    /// `Message` has nowhere else to carry it down to nested messages, and a decode
+    /// runs start to end on one thread.
+    static BUDGET: Cell<Option<Budget>> = const { Cell::new(None) };
+}
+
+/// Runs `decode` with every tensor contents it decodes on this thread held to `limit`
+/// bytes together. Returns what `decode` returned and, when it failed because the
+/// contents would have gone over, which field and by how much.
+pub fn decode_within<T>(limit: u64, decode: impl FnOnce() -> T) -> (T, Option<OverLimit>) {
+    /// Puts the enclosing budget back even if `decode` panics, so a later decode on
+    /// this thread is not held to this one's.
+    struct Restore(Option<Budget>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUDGET.set(self.0);
+        }
+    }
+    let fresh = Budget {
+        limit,
+        used: 0,
+        over: None,
+    };
+    let _restore = Restore(BUDGET.replace(Some(fresh)));
+    let decoded = decode();
+    let over = BUDGET.get().and_then(|budget| budget.over);
+    (decoded, over)
+}
+
+/// Counts `bytes` more of decoded `field` against the budget of the message being
+/// decoded on this thread, if there is one.
+fn charge(field: &'static str, bytes: u64) -> Result<(), DecodeError> {
+    let Some(mut budget) = BUDGET.get() else {
+        return Ok(());
+    };
+    let needed = budget.used.saturating_add(bytes);
+    if needed > budget.limit {
+        let over = OverLimit {
+            field,
+            needed,
+            limit: budget.limit,
+        };
+        budget.over = Some(over);
+        BUDGET.set(Some(budget));
+        return Err(decode_error(over.to_string()));
+    }
+    budget.used = needed;
+    BUDGET.set(Some(budget));
+    Ok(())
+}
+
+/// A decode error of Aviary's own. prost has no other public way to make one; the
+/// constructor is deprecated only as a warning that a later prost may remove it.
+#[cold]
+fn decode_error(description: impl Into<std::borrow::Cow<'static, str>>) -> DecodeError {
+    #[allow(deprecated)]
+    DecodeError::new(description)
+}
+
+/// Varints in `payload`: every varint ends with the one byte whose continuation bit
+/// (0x80) is clear, so counting them needs no decoding.
+fn count_varints(payload: &[u8]) -> usize {
+    payload.iter().filter(|&&byte| byte < 0x80).count()
+}
+
+/// Merges one occurrence of a repeated numeric `field` into `values`: a packed run
+/// (length-delimited), or one element whose wire type is `element`. Each element is
+/// `size_of::<T>()` bytes once decoded. A packed run's elements are counted and
+/// charged before any is decoded, then the vector grows once to hold them all.
+fn merge_numbers<T, B>(
+    field: &'static str,
+    element: WireType,
+    wire_type: WireType,
+    values: &mut Vec<T>,
+    buf: &mut B,
+    ctx: DecodeContext,
+    merge: impl Fn(WireType, &mut T, &mut B, DecodeContext) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError>
+where
+    T: Default,
+    B: Buf,
+{
+    let size = size_of::<T>();
+    if wire_type != WireType::LengthDelimited {
+        charge(field, size as u64)?;
+        let mut value = T::default();
+        merge(wire_type, &mut value, buf, ctx)?;
+        values.push(value);
+        return Ok(());
+    }
+    let len = decode_varint(buf)?;
+    let remaining = buf.remaining();
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&len| len <= remaining)
+        .ok_or_else(|| decode_error("buffer underflow"))?;
+    let count = match element {
+        WireType::Varint => match buf.chunk().get(..len) {
+            Some(payload) => count_varints(payload),
+            // Not in one piece (never so for tonic's buffers or a slice): no run of
+            // `len` bytes holds more than `len` varints.
+            None => len,
+        },
+        _ => len / size,
+    };
+    charge(field, (count as u64).saturating_mul(size as u64))?;
+    values.reserve(count);
+    let limit = remaining - len;
+    while buf.remaining() > limit {
+        let mut value = T::default();
+        merge(element, &mut value, buf, ctx.clone())?;
+        values.push(value);
+    }
+    if buf.remaining() != limit {
+        return Err(decode_error("delimited length exceeded"));
+    }
+    Ok(())
+}
 
 /// Typed tensor contents; the repeated field that matches the tensor's datatype holds
 /// the flattened, row-major elements.
@@ -133,44 +321,37 @@ impl Message for InferTensorContents {
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
         const NAME: &str = "InferTensorContents";
+        use WireType::{SixtyFourBit, ThirtyTwoBit, Varint};
+        // `field` decoded as prost's `encoding` decodes one `element` of it.
+        macro_rules! numbers {
+            ($field:ident, $element:ident, $encoding:ident) => {{
+                let field = stringify!($field);
+                let values = &mut self.$field;
+                let merge = encoding::$encoding::merge;
+                let result = merge_numbers(field, $element, wire_type, values, buf, ctx, merge);
+                (result, field)
+            }};
+        }
         let (result, field) = match tag {
-            1 => (
-                encoding::bool::merge_repeated(wire_type, &mut self.bool_contents, buf, ctx),
-                "bool_contents",
-            ),
-            2 => (
-                encoding::int32::merge_repeated(wire_type, &mut self.int_contents, buf, ctx),
-                "int_contents",
-            ),
-            3 => (
-                encoding::int64::merge_repeated(wire_type, &mut self.int64_contents, buf, ctx),
-                "int64_contents",
-            ),
-            4 => (
-                encoding::uint32::merge_repeated(wire_type, &mut self.uint_contents, buf, ctx),
-                "uint_contents",
-            ),
-            5 => (
-                encoding::uint64::merge_repeated(wire_type, &mut self.uint64_contents, buf, ctx),
-                "uint64_contents",
-            ),
-            6 => (
-                encoding::float::merge_repeated(wire_type, &mut self.fp32_contents, buf, ctx),
-                "fp32_contents",
-            ),
-            7 => (
-                encoding::double::merge_repeated(wire_type, &mut self.fp64_contents, buf, ctx),
-                "fp64_contents",
-            ),
+            1 => numbers!(bool_contents, Varint, bool),
+            2 => numbers!(int_contents, Varint, int32),
+            3 => numbers!(int64_contents, Varint, int64),
+            4 => numbers!(uint_contents, Varint, uint32),
+            5 => numbers!(uint64_contents, Varint, uint64),
+            6 => numbers!(fp32_contents, ThirtyTwoBit, float),
+            7 => numbers!(fp64_contents, SixtyFourBit, double),
             BYTES_CONTENTS_TAG => {
                 // Zero-copy when the buffer is tonic's (a slice of the received message);
-                // the element lives only until it is appended to the one buffer.
+                // the element lives only until it is appended to the one buffer, where
+                // it takes its length prefix and its bytes.
+                let field = "bytes_contents";
                 let mut element = Bytes::new();
-                let result = encoding::bytes::merge(wire_type, &mut element, buf, ctx);
+                let result = encoding::bytes::merge(wire_type, &mut element, buf, ctx)
+                    .and_then(|()| charge(field, 4 + element.len() as u64));
                 if result.is_ok() {
                     self.bytes_contents.push(&element);
                 }
-                (result, "bytes_contents")
+                (result, field)
             }
             _ => return encoding::skip_field(wire_type, tag, buf, ctx),
         };
@@ -297,5 +478,134 @@ mod tests {
         let decoded = InferTensorContents::decode(&wire[..]).expect("valid message");
         assert_eq!(decoded.bytes_contents.len(), 1000);
         assert_eq!(decoded.bytes_contents.as_raw().len(), 5 * 1000);
+    }
+
+    #[test]
+    fn varints_are_counted_by_their_last_bytes() {
+        assert_eq!(count_varints(&[]), 0);
+        assert_eq!(count_varints(&[0x00, 0x7f]), 2);
+        // 300 (two bytes), then -1 as an int64 (ten bytes), then 1.
+        let mut wire = Vec::new();
+        for value in [300u64, u64::MAX, 1] {
+            encode_varint(value, &mut wire);
+        }
+        assert_eq!(wire.len(), 13);
+        assert_eq!(count_varints(&wire), 3);
+    }
+
+    /// `int64_contents` of `count` zeros, packed: 1 wire byte, 8 decoded bytes each.
+    fn packed_zeros(count: usize) -> Vec<u8> {
+        InferTensorContents {
+            int64_contents: vec![0; count],
+            ..InferTensorContents::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn decode_limited(
+        wire: &[u8],
+        limit: u64,
+    ) -> (Result<InferTensorContents, DecodeError>, Option<OverLimit>) {
+        decode_within(limit, || InferTensorContents::decode(wire))
+    }
+
+    #[test]
+    fn packed_varints_decode_up_to_the_limit_exactly() {
+        let (fits, over) = decode_limited(&packed_zeros(100), 801);
+        assert_eq!(fits.expect("under the limit").int64_contents.len(), 100);
+        assert_eq!(over, None);
+        let (exact, over) = decode_limited(&packed_zeros(100), 800);
+        assert_eq!(exact.expect("at the limit").int64_contents, vec![0; 100]);
+        assert_eq!(over, None);
+    }
+
+    #[test]
+    fn packed_varints_over_the_limit_are_refused_before_decoding() {
+        let (decoded, over) = decode_limited(&packed_zeros(100), 799);
+        let error = decoded.expect_err("over the limit");
+        assert_eq!(
+            over,
+            Some(OverLimit {
+                field: "int64_contents",
+                needed: 800,
+                limit: 799
+            })
+        );
+        assert!(error.to_string().contains("int64_contents"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("max_request_tensor_bytes = 799 B"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn every_field_of_a_message_counts_against_one_limit() {
+        let contents = InferTensorContents {
+            bool_contents: vec![true; 10],
+            int_contents: vec![1; 10],
+            uint64_contents: vec![u64::MAX; 10],
+            fp32_contents: vec![1.0; 10],
+            bytes_contents: [b"ab"; 10].iter().collect(),
+            ..InferTensorContents::default()
+        };
+        // 10 + 40 + 80 + 40 + 10 × (4 + 2).
+        let wire = contents.encode_to_vec();
+        let (decoded, over) = decode_limited(&wire, 230);
+        assert_eq!(decoded.expect("exactly at the limit"), contents);
+        assert_eq!(over, None);
+        let (decoded, over) = decode_limited(&wire, 229);
+        assert!(decoded.is_err());
+        assert_eq!(over.map(|o| o.field), Some("bytes_contents"));
+    }
+
+    #[test]
+    fn unpacked_varints_are_counted_as_they_come() {
+        // int64_contents 0, unpacked (tag 3, varint), 100 times.
+        let wire: Vec<u8> = (0..100).flat_map(|_| [0x18, 0x00]).collect();
+        let (decoded, over) = decode_limited(&wire, 800);
+        assert_eq!(decoded.expect("at the limit").int64_contents, vec![0; 100]);
+        assert_eq!(over, None);
+        let (decoded, over) = decode_limited(&wire, 799);
+        assert!(decoded.is_err());
+        assert_eq!(
+            over,
+            Some(OverLimit {
+                field: "int64_contents",
+                needed: 800,
+                limit: 799
+            })
+        );
+    }
+
+    #[test]
+    fn a_packed_run_in_pieces_is_charged_its_length_in_elements() {
+        // The buffer is two chunks, so the payload cannot be counted in place: 100
+        // one-byte zeros are charged as 100 elements, which they are.
+        let wire = packed_zeros(100);
+        let (head, tail) = wire.split_at(10);
+        let (decoded, over) = decode_within(800, || InferTensorContents::decode(head.chain(tail)));
+        assert_eq!(decoded.expect("at the limit").int64_contents, vec![0; 100]);
+        assert_eq!(over, None);
+    }
+
+    #[test]
+    fn outside_a_limited_decode_nothing_is_counted() {
+        let (_, over) = decode_limited(&packed_zeros(1), 0);
+        assert!(over.is_some(), "a limit of 0 refuses one element");
+        let decoded = InferTensorContents::decode(&packed_zeros(1000)[..]).expect("no limit");
+        assert_eq!(decoded.int64_contents.len(), 1000);
+    }
+
+    #[test]
+    fn malformed_packed_runs_are_decode_errors() {
+        // int64_contents says 5 bytes follow, 2 do.
+        let error = InferTensorContents::decode(&[0x1a, 0x05, 0x00, 0x00][..]).expect_err("short");
+        assert!(error.to_string().contains("int64_contents"), "{error}");
+        // A run whose last varint goes on past its length.
+        let error =
+            InferTensorContents::decode(&[0x1a, 0x01, 0x80, 0x01][..]).expect_err("overlong");
+        assert!(error.to_string().contains("int64_contents"), "{error}");
     }
 }

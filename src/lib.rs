@@ -7,6 +7,8 @@
 //!
 //! - [`pb`]: generated protobuf messages, the `GRPCInferenceService` and the admin
 //!   API's clients and servers.
+//! - [`codec`]: the codec of the generated services and clients: prost's, with each
+//!   message's tensor contents decoded within a limit.
 //! - [`contents`]: `InferTensorContents`, written by hand so BYTES contents decode
 //!   into one buffer; re-exported in [`pb::inference`] with the generated messages.
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
@@ -19,6 +21,7 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+pub mod codec;
 pub mod contents;
 #[cfg(feature = "server")]
 pub mod server;

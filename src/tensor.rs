@@ -327,6 +327,27 @@ pub fn element_count(shape: &[i64]) -> Option<usize> {
     })
 }
 
+/// `bytes` for people: `512 B`, `256 MiB`, `1.1 GiB`; `None` (a cost past `u64`) is
+/// `more than 16 EiB`.
+pub fn format_bytes(bytes: Option<u64>) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let Some(bytes) = bytes else {
+        return "more than 16 EiB".to_owned();
+    };
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,5 +445,17 @@ mod tests {
         assert_eq!(element_count(&[2, -1]), None);
         assert_eq!(element_count(&[i64::MAX, i64::MAX]), None);
         assert_eq!(element_count(&[0, i64::MAX]), Some(0));
+    }
+
+    #[test]
+    fn bytes_read_in_binary_units() {
+        assert_eq!(format_bytes(Some(0)), "0 B");
+        assert_eq!(format_bytes(Some(1023)), "1023 B");
+        assert_eq!(format_bytes(Some(1024)), "1 KiB");
+        assert_eq!(format_bytes(Some(256 << 20)), "256 MiB");
+        assert_eq!(format_bytes(Some(1 << 30)), "1 GiB");
+        assert_eq!(format_bytes(Some(1_280_000_000)), "1.2 GiB");
+        assert_eq!(format_bytes(Some(u64::MAX)), "16 EiB");
+        assert_eq!(format_bytes(None), "more than 16 EiB");
     }
 }

@@ -31,8 +31,9 @@ pub const BYTES_ELEMENT_OVERHEAD: u64 = 144;
 /// NUL-terminated copy and ONNX Runtime's `std::string`.
 pub const BYTES_COPIES: u64 = 3;
 
-/// Default [`TensorLimits::max_request_tensor_bytes`]: 256 MiB.
-pub const DEFAULT_MAX_REQUEST_TENSOR_BYTES: u64 = 256 << 20;
+/// Default [`TensorLimits::max_request_tensor_bytes`]: 256 MiB, also the decode limit
+/// of a process that opens no worker (a remote-only gateway).
+pub const DEFAULT_MAX_REQUEST_TENSOR_BYTES: u64 = aviary::contents::DEFAULT_DECODE_LIMIT;
 
 /// Default [`TensorLimits::max_inflight_tensor_bytes`]: 1 GiB.
 pub const DEFAULT_MAX_INFLIGHT_TENSOR_BYTES: u64 = 1 << 30;
@@ -174,27 +175,6 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         self.held.fetch_sub(self.bytes, Ordering::AcqRel);
     }
-}
-
-/// `bytes` for people: `512 B`, `256 MiB`, `1.1 GiB`; `None` (a cost past `u64`) is
-/// `more than 16 EiB`.
-pub fn format_bytes(bytes: Option<u64>) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let Some(bytes) = bytes else {
-        return "more than 16 EiB".to_owned();
-    };
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = format!("{value:.1}");
-    let text = text.strip_suffix(".0").unwrap_or(&text);
-    format!("{text} {}", UNITS[unit])
 }
 
 #[cfg(test)]

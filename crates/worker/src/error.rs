@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::admission::format_bytes;
+use aviary::tensor::format_bytes;
 
 /// Everything that can go wrong in the worker.
 #[derive(Debug, thiserror::Error)]

@@ -95,6 +95,9 @@ impl Worker {
             policies,
             limits,
         } = config;
+        // The codec refuses a request whose typed contents alone are over the request
+        // budget before it decodes them (they can expand 8×, before any admission).
+        aviary::contents::set_decode_limit(limits.max_request_tensor_bytes);
         let admission = Arc::new(Admission::new(limits));
         let worker = Worker {
             catalog: ArcSwap::from_pointee(Catalog::default()),

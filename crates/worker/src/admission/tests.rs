@@ -234,18 +234,6 @@ fn limits_must_be_positive_and_fit_together() {
     );
 }
 
-#[test]
-fn bytes_read_in_binary_units() {
-    assert_eq!(format_bytes(Some(0)), "0 B");
-    assert_eq!(format_bytes(Some(1023)), "1023 B");
-    assert_eq!(format_bytes(Some(1024)), "1 KiB");
-    assert_eq!(format_bytes(Some(256 << 20)), "256 MiB");
-    assert_eq!(format_bytes(Some(1 << 30)), "1 GiB");
-    assert_eq!(format_bytes(Some(1_280_000_000)), "1.2 GiB");
-    assert_eq!(format_bytes(Some(u64::MAX)), "16 EiB");
-    assert_eq!(format_bytes(None), "more than 16 EiB");
-}
-
 fn arb_datatype() -> impl Strategy<Value = Datatype> {
     select(Datatype::ALL.to_vec())
 }
