@@ -159,18 +159,27 @@ impl Breaker {
 /// Applies a [`Breaker`] to a version's calls.
 #[derive(Debug, Clone)]
 pub struct BreakerLayer {
+    // One `Arc`: the stack is cloned for every call.
+    inner: Arc<BreakerOf>,
+}
+
+/// A version's breaker and whose it is.
+#[derive(Debug)]
+struct BreakerOf {
     breaker: Arc<Breaker>,
-    model: Arc<str>,
-    version: Arc<str>,
+    model: String,
+    version: String,
 }
 
 impl BreakerLayer {
     /// The layer of `model` at `version`.
     pub fn new(breaker: Arc<Breaker>, model: &str, version: &str) -> BreakerLayer {
         BreakerLayer {
-            breaker,
-            model: model.into(),
-            version: version.into(),
+            inner: Arc::new(BreakerOf {
+                breaker,
+                model: model.to_owned(),
+                version: version.to_owned(),
+            }),
         }
     }
 }
@@ -207,13 +216,13 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let layer = self.layer.clone();
+        let layer = Arc::clone(&self.layer.inner);
         let admitted = layer.breaker.admit(Instant::now());
         if let Admit::Reject { retry_in } = admitted {
             return Box::pin(async move {
                 Err(GatewayError::BreakerOpen {
-                    model: layer.model.to_string(),
-                    version: layer.version.to_string(),
+                    model: layer.model.clone(),
+                    version: layer.version.clone(),
                     retry_in_ms: retry_in.as_millis(),
                 })
             });

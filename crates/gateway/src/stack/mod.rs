@@ -227,12 +227,14 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let (shed_model, shed_version) = (model.to_owned(), version.to_owned());
-    let (limits, shed) = (guards.limits, Arc::clone(&guards.shed));
+    // The stack is cloned for every call: what its closure holds is one `Arc`.
+    let shedding = Arc::new((model.to_owned(), version.to_owned(), guards.limits));
+    let shed = Arc::clone(&guards.shed);
     let service = ServiceBuilder::new()
         .layer(DeadlineLayer)
         .map_err(move |error: BoxError| {
-            let error = shed_error(error, &shed_model, &shed_version, limits);
+            let (model, version, limits) = shedding.as_ref();
+            let error = shed_error(error, model, version, *limits);
             if matches!(error, GatewayError::Overloaded { .. }) {
                 shed.fetch_add(1, Ordering::Relaxed);
             }
