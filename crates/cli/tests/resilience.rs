@@ -440,6 +440,30 @@ fn a_killed_replica_costs_no_request_and_rejoins_when_back() {
 }
 
 #[test]
+fn with_every_replica_down_retries_stay_within_the_budget() {
+    // Two replicas that refuse connections (ports 1 and 9 on loopback have no
+    // listener); a breaker that never opens, so every call reaches the replicas.
+    let config = "[routes.demo]\nversions = [ { version = \"1\", weight = 1, \
+                  endpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:9\"] } ]\n\
+                  limits = { breaker_failures = 1000000 }\n";
+    let gateway = Served::gateway(config, &[]);
+    let runtime = runtime();
+    const CALLS: usize = 300;
+    for _ in 0..CALLS {
+        let code = outcome(&runtime, &gateway.addr, "1", Some(Duration::from_secs(2)));
+        assert_eq!(code, Code::Unavailable);
+    }
+    let version = route_entry(&gateway, "demo", "1");
+    let retries = version["retries"].as_u64().unwrap_or(0);
+    // Without a budget each call would take 3 attempts: 600 retries. The budget has
+    // no successes to earn from, only its floor: 10 a second kept over 10 s.
+    assert!(
+        (1..=110).contains(&retries),
+        "{retries} retries for {CALLS} failing calls: {version}"
+    );
+}
+
+#[test]
 fn a_failing_canary_is_served_by_its_fallback_and_still_rolled_back() {
     let models = repo_root().join("deploy/local/models");
     let config = format!(
