@@ -192,6 +192,7 @@ pub fn test_sessions() -> SessionOptions {
         instances: 2,
         intra_op_threads: 1,
         inter_op_threads: 1,
+        ..SessionOptions::default()
     }
 }
 

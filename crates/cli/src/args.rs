@@ -97,6 +97,10 @@ pub struct WorkerArgs {
     /// ORT threads across operators.
     #[arg(long, env = "AVIARY_INTER_OP_THREADS", default_value_t = 1)]
     pub inter_op_threads: usize,
+    /// Requests expected to run at most this many microseconds (measured at load) run
+    /// inline on the async thread instead of the blocking pool (0: never).
+    #[arg(long, env = "AVIARY_INLINE_MAX_US", default_value_t = aviary_worker::model::DEFAULT_INLINE_MAX.as_micros() as u64)]
+    pub inline_max_us: u64,
     /// Largest request or response message in bytes.
     #[arg(long, env = "AVIARY_MAX_MESSAGE_BYTES", default_value_t = aviary::server::DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,

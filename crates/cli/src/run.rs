@@ -152,6 +152,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             instances: args.instances.unwrap_or(defaults.instances),
             intra_op_threads: args.intra_op_threads,
             inter_op_threads: args.inter_op_threads,
+            inline_max: std::time::Duration::from_micros(args.inline_max_us),
         },
     );
     config.limits = TensorLimits {

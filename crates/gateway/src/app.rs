@@ -87,6 +87,9 @@ impl Gateway {
                         inter_op_threads: repository
                             .inter_op_threads
                             .unwrap_or(defaults.inter_op_threads),
+                        inline_max: repository
+                            .inline_max_us
+                            .map_or(defaults.inline_max, Duration::from_micros),
                     },
                 );
                 worker_config.default_policy = repository.version_policy.clone();

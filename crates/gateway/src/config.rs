@@ -235,6 +235,10 @@ pub struct RepositoryConfig {
     pub intra_op_threads: Option<usize>,
     /// ORT threads across operators.
     pub inter_op_threads: Option<usize>,
+    /// Requests expected to run at most this long (measured at load) run inline on
+    /// the async thread instead of the blocking pool, in microseconds (default 100;
+    /// 0: never).
+    pub inline_max_us: Option<u64>,
     /// Which versions to keep loaded, unless a model has its own policy.
     #[serde(default)]
     pub version_policy: VersionPolicy,

@@ -9,7 +9,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aviary::tensor::{self, Datatype};
@@ -39,6 +39,10 @@ pub struct SessionOptions {
     pub intra_op_threads: usize,
     /// Threads ORT uses across independent operators.
     pub inter_op_threads: usize,
+    /// Longest a request may be expected to run to run inline on the async thread that
+    /// received it, skipping the hand-off to the blocking pool (zero: never inline).
+    /// See [`InlinePolicy`].
+    pub inline_max: Duration,
 }
 
 impl Default for SessionOptions {
@@ -47,7 +51,47 @@ impl Default for SessionOptions {
             instances: std::thread::available_parallelism().map_or(1, usize::from),
             intra_op_threads: 1,
             inter_op_threads: 1,
+            inline_max: DEFAULT_INLINE_MAX,
         }
+    }
+}
+
+/// Default [`SessionOptions::inline_max`]: well under a millisecond, so an async
+/// thread running a request inline holds up the others no longer than handling a
+/// request's bytes does.
+pub const DEFAULT_INLINE_MAX: Duration = Duration::from_micros(100);
+
+/// Timed warm-up runs whose median is a version's measured cost.
+const TIMING_RUNS: usize = 7;
+
+/// Where a version's requests run. Handing a request to the blocking pool costs two
+/// thread wake-ups, more than a small model's whole run; running a slow model on an
+/// async thread would stall every connection that thread serves. So a request runs
+/// inline when its expected run time is at most `limit`: the version's measured
+/// warm-up run time (inputs with every variable dimension 1), scaled by the request's
+/// input elements over the warm-up's. Run time grows more slowly than the element
+/// count for small models (fixed per-run costs), so the estimate errs towards the
+/// pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InlinePolicy {
+    /// The longest expected run allowed inline.
+    pub limit: Duration,
+    /// Median warm-up run time and the warm-up's input elements; `None`: not measured
+    /// (never inline).
+    pub measured: Option<(Duration, u64)>,
+}
+
+impl InlinePolicy {
+    /// Whether a request of `elements` input elements runs inline.
+    pub fn runs_inline(&self, elements: u64) -> bool {
+        let Some((run, warm_up_elements)) = self.measured else {
+            return false;
+        };
+        let scale = elements.div_ceil(warm_up_elements.max(1)).max(1);
+        u32::try_from(scale)
+            .ok()
+            .and_then(|scale| run.checked_mul(scale))
+            .is_some_and(|expected| expected <= self.limit)
     }
 }
 
@@ -83,6 +127,8 @@ pub struct LoadedModel {
     pub loaded_at: SystemTime,
     /// The model file's fingerprint when it was read.
     pub fingerprint: Fingerprint,
+    /// Whether its requests run inline or on the blocking pool.
+    pub inline: InlinePolicy,
     idle: Mutex<Vec<Session>>,
     permits: Semaphore,
 }
@@ -135,7 +181,7 @@ impl LoadedModel {
                 .map_err(load_error)?,
             None => None,
         };
-        let loaded = LoadedModel {
+        let mut loaded = LoadedModel {
             model: model.to_owned(),
             version: version.to_owned(),
             schema,
@@ -144,18 +190,25 @@ impl LoadedModel {
             path: path.to_owned(),
             loaded_at: SystemTime::now(),
             fingerprint,
+            inline: InlinePolicy {
+                limit: options.inline_max,
+                measured: None,
+            },
             idle: Mutex::new(sessions),
             permits: Semaphore::new(instances),
         };
-        loaded
-            .warm_up()
+        loaded.inline.measured = loaded
+            .warm_up(options.inline_max)
             .map_err(|e| load_error(format!("warm-up inference failed: {e}")))?;
+        tracing::info!(model, version, inline = ?loaded.inline, "warmed up");
         Ok(loaded)
     }
 
     /// Runs every session once on zero-filled inputs (variable dimensions = 1), so the
-    /// first real request does not pay for ORT's lazy initialisation.
-    fn warm_up(&self) -> Result<(), String> {
+    /// first real request does not pay for ORT's lazy initialisation; then, if that
+    /// was fast enough to matter, times [`TIMING_RUNS`] more runs for the
+    /// [`InlinePolicy`]: their median and the warm-up's input elements.
+    fn warm_up(&self, inline_max: Duration) -> Result<Option<(Duration, u64)>, String> {
         let inputs: Vec<InputTensor> = self
             .schema
             .inputs
@@ -179,14 +232,33 @@ impl LoadedModel {
             .idle
             .lock()
             .map_err(|_| "session pool poisoned".to_owned())?;
+        let request = || ValidatedRequest {
+            inputs: inputs.clone(),
+            outputs: outputs.clone(),
+        };
+        let mut first_run = Duration::MAX;
         for session in idle.iter_mut() {
-            let request = ValidatedRequest {
-                inputs: inputs.clone(),
-                outputs: outputs.clone(),
-            };
-            run_timed(session, request)?;
+            let started = Instant::now();
+            run_timed(session, request())?;
+            first_run = first_run.min(started.elapsed());
         }
-        Ok(())
+        // A first run far over the limit (it includes ORT's lazy set-up) cannot come
+        // under it: no need to time more.
+        let Some(session) = idle.first_mut().filter(|_| first_run <= inline_max * 10) else {
+            return Ok(None);
+        };
+        let mut runs = Vec::with_capacity(TIMING_RUNS);
+        for _ in 0..TIMING_RUNS {
+            let started = Instant::now();
+            run_timed(session, request())?;
+            runs.push(started.elapsed());
+        }
+        runs.sort();
+        let elements = inputs
+            .iter()
+            .map(|i| tensor::element_count(&i.shape).unwrap_or(0) as u64)
+            .sum();
+        Ok(Some((runs[TIMING_RUNS / 2], elements)))
     }
 
     /// Runs a validated request on a free session. A request whose `deadline` passes
@@ -219,23 +291,23 @@ impl LoadedModel {
             return Err(expired());
         }
         let queue = queued.elapsed();
-        let this = Arc::clone(self);
-        let joined = tokio::task::spawn_blocking(move || {
-            let Some(mut session) = this.take_session() else {
-                return Err(WorkerError::Unavailable(
-                    "no idle session despite a permit".into(),
-                ));
-            };
-            let result = run_timed(&mut session, request);
-            drop(reservation);
-            this.return_session(session);
-            result.map_err(|reason| WorkerError::Inference {
-                model: this.model.clone(),
-                version: this.version.clone(),
-                reason,
-            })
-        })
-        .await;
+        let elements = request
+            .inputs
+            .iter()
+            .map(|i| tensor::element_count(&i.shape).unwrap_or(usize::MAX) as u64)
+            .sum();
+        let joined = if self.inline.runs_inline(elements) {
+            // No await from here to the end of the run: it cannot be cancelled half-way.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_on_a_session(request, reservation)
+            }))
+            .map_err(|_| "ONNX Runtime panicked".to_owned())
+        } else {
+            let this = Arc::clone(self);
+            tokio::task::spawn_blocking(move || this.run_on_a_session(request, reservation))
+                .await
+                .map_err(|join_error| join_error.to_string())
+        };
         match joined {
             Ok(result) => {
                 drop(permit);
@@ -244,14 +316,36 @@ impl LoadedModel {
                     (outputs, timings)
                 })
             }
-            Err(join_error) => {
-                // The session went down with the task: shrink the pool by keeping its permit.
+            Err(failure) => {
+                // The session went down with the run: shrink the pool by keeping its permit.
                 permit.forget();
                 Err(WorkerError::Unavailable(format!(
-                    "inference task failed: {join_error}"
+                    "inference task failed: {failure}"
                 )))
             }
         }
+    }
+
+    /// Runs `request` on an idle session (the caller holds a permit, so there is one),
+    /// then frees the request's tensors and its memory reservation.
+    fn run_on_a_session(
+        &self,
+        request: ValidatedRequest,
+        reservation: Reservation,
+    ) -> Result<(Vec<OutputTensor>, Timings), WorkerError> {
+        let Some(mut session) = self.take_session() else {
+            return Err(WorkerError::Unavailable(
+                "no idle session despite a permit".into(),
+            ));
+        };
+        let result = run_timed(&mut session, request);
+        drop(reservation);
+        self.return_session(session);
+        result.map_err(|reason| WorkerError::Inference {
+            model: self.model.clone(),
+            version: self.version.clone(),
+            reason,
+        })
     }
 
     fn take_session(&self) -> Option<Session> {
@@ -402,5 +496,47 @@ fn zeros(datatype: Datatype, count: usize) -> TensorData {
         Datatype::Fp32 => TensorData::Fp32(vec![0.0; count]),
         Datatype::Fp64 => TensorData::Fp64(vec![0.0; count]),
         Datatype::Bytes => TensorData::Bytes(vec![String::new(); count]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_micros(100);
+
+    fn measured(run_us: u64, elements: u64) -> InlinePolicy {
+        InlinePolicy {
+            limit: LIMIT,
+            measured: Some((Duration::from_micros(run_us), elements)),
+        }
+    }
+
+    #[test]
+    fn a_cheap_request_runs_inline_and_a_larger_one_of_the_same_model_does_not() {
+        let policy = measured(20, 4);
+        assert!(policy.runs_inline(4), "the warm-up's size: 20 µs");
+        assert!(
+            policy.runs_inline(1),
+            "smaller counts as the warm-up's size"
+        );
+        assert!(policy.runs_inline(20), "5 rows: 100 µs, at the limit");
+        assert!(!policy.runs_inline(24), "6 rows: 120 µs");
+        assert!(!policy.runs_inline(u64::MAX), "no overflow");
+    }
+
+    #[test]
+    fn an_unmeasured_or_slow_model_never_runs_inline() {
+        let unmeasured = InlinePolicy {
+            limit: LIMIT,
+            measured: None,
+        };
+        assert!(!unmeasured.runs_inline(1));
+        assert!(!measured(150, 4).runs_inline(1));
+        let off = InlinePolicy {
+            limit: Duration::ZERO,
+            ..measured(1, 4)
+        };
+        assert!(!off.runs_inline(1), "a zero limit turns inline runs off");
     }
 }
