@@ -4,6 +4,8 @@
 //! the caller's clock, and the tower layer that applies it.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -13,10 +15,10 @@ use std::{
 };
 
 use aviary::pb::inference::ModelInferResponse;
-use futures::future::BoxFuture;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::Call;
+use super::{Call, VersionName};
 use crate::GatewayError;
 
 /// When a breaker opens and for how long.
@@ -159,28 +161,14 @@ impl Breaker {
 /// Applies a [`Breaker`] to a version's calls.
 #[derive(Debug, Clone)]
 pub struct BreakerLayer {
-    // One `Arc`: the stack is cloned for every call.
-    inner: Arc<BreakerOf>,
-}
-
-/// A version's breaker and whose it is.
-#[derive(Debug)]
-struct BreakerOf {
     breaker: Arc<Breaker>,
-    model: String,
-    version: String,
+    name: Arc<VersionName>,
 }
 
 impl BreakerLayer {
-    /// The layer of `model` at `version`.
-    pub fn new(breaker: Arc<Breaker>, model: &str, version: &str) -> BreakerLayer {
-        BreakerLayer {
-            inner: Arc::new(BreakerOf {
-                breaker,
-                model: model.to_owned(),
-                version: version.to_owned(),
-            }),
-        }
+    /// The layer of the version `name`.
+    pub fn new(breaker: Arc<Breaker>, name: Arc<VersionName>) -> BreakerLayer {
+        BreakerLayer { breaker, name }
     }
 }
 
@@ -205,38 +193,76 @@ pub struct BreakerService<S> {
 impl<S> Service<Call> for BreakerService<S>
 where
     S: Service<Call, Response = ModelInferResponse, Error = GatewayError>,
-    S::Future: Send + 'static,
 {
     type Response = ModelInferResponse;
     type Error = GatewayError;
-    type Future = BoxFuture<'static, Result<ModelInferResponse, GatewayError>>;
+    type Future = BreakerFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let layer = Arc::clone(&self.layer.inner);
-        let admitted = layer.breaker.admit(Instant::now());
+        let admitted = self.layer.breaker.admit(Instant::now());
         if let Admit::Reject { retry_in } = admitted {
-            return Box::pin(async move {
-                Err(GatewayError::BreakerOpen {
-                    model: layer.model.clone(),
-                    version: layer.version.clone(),
+            return BreakerFuture::Rejected {
+                error: Some(GatewayError::BreakerOpen {
+                    model: self.layer.name.model.clone(),
+                    version: self.layer.name.version.clone(),
                     retry_in_ms: retry_in.as_millis(),
-                })
-            });
+                }),
+            };
         }
-        let response = self.inner.call(call);
-        Box::pin(async move {
-            let result = response.await;
-            let failed = result
-                .as_ref()
-                .err()
-                .is_some_and(GatewayError::is_backend_failure);
-            layer.breaker.record(admitted, failed, Instant::now());
-            result
-        })
+        BreakerFuture::Admitted {
+            response: self.inner.call(call),
+            breaker: Arc::clone(&self.layer.breaker),
+            admitted,
+        }
+    }
+}
+
+pin_project! {
+    /// A call refused by an open breaker, or an admitted call whose outcome the
+    /// breaker records when it ends.
+    #[project = BreakerProjection]
+    pub enum BreakerFuture<F> {
+        /// Refused: the error, taken when polled.
+        Rejected { error: Option<GatewayError> },
+        /// Admitted (as a call or as the half-open probe).
+        Admitted {
+            #[pin]
+            response: F,
+            breaker: Arc<Breaker>,
+            admitted: Admit,
+        },
+    }
+}
+
+impl<F> Future for BreakerFuture<F>
+where
+    F: Future<Output = Result<ModelInferResponse, GatewayError>>,
+{
+    type Output = Result<ModelInferResponse, GatewayError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BreakerProjection::Rejected { error } => Poll::Ready(Err(error
+                .take()
+                .unwrap_or_else(|| GatewayError::Refused("breaker future polled again".into())))),
+            BreakerProjection::Admitted {
+                response,
+                breaker,
+                admitted,
+            } => {
+                let result = std::task::ready!(response.poll(cx));
+                let failed = result
+                    .as_ref()
+                    .err()
+                    .is_some_and(GatewayError::is_backend_failure);
+                breaker.record(*admitted, failed, Instant::now());
+                Poll::Ready(result)
+            }
+        }
     }
 }
 

@@ -68,6 +68,26 @@ impl Call {
     }
 }
 
+/// Which version a stack serves, shared by its layers for their errors (the stack is
+/// cloned for every call: an `Arc` is all a clone copies).
+#[derive(Debug)]
+pub struct VersionName {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+}
+
+impl VersionName {
+    /// The name of `model` at `version`.
+    pub fn of(model: &str, version: &str) -> Arc<VersionName> {
+        Arc::new(VersionName {
+            model: model.to_owned(),
+            version: version.to_owned(),
+        })
+    }
+}
+
 /// A version's request path, ready to call.
 pub type InferService = BoxCloneSyncService<Call, ModelInferResponse, GatewayError>;
 
@@ -227,14 +247,13 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    // The stack is cloned for every call: what its closure holds is one `Arc`.
-    let shedding = Arc::new((model.to_owned(), version.to_owned(), guards.limits));
-    let shed = Arc::clone(&guards.shed);
+    let name = VersionName::of(model, version);
+    let shedding = Arc::clone(&name);
+    let (limits, shed) = (guards.limits, Arc::clone(&guards.shed));
     let service = ServiceBuilder::new()
-        .layer(DeadlineLayer)
+        .layer(DeadlineLayer::new(Arc::clone(&name)))
         .map_err(move |error: BoxError| {
-            let (model, version, limits) = shedding.as_ref();
-            let error = shed_error(error, model, version, *limits);
+            let error = shed_error(error, &shedding, limits);
             if matches!(error, GatewayError::Overloaded { .. }) {
                 shed.fetch_add(1, Ordering::Relaxed);
             }
@@ -245,11 +264,7 @@ where
             &guards.admitted,
         )))
         .layer(QueueLayer::new(Arc::clone(&guards.in_flight)))
-        .layer(BreakerLayer::new(
-            Arc::clone(&guards.breaker),
-            model,
-            version,
-        ))
+        .layer(BreakerLayer::new(Arc::clone(&guards.breaker), name))
         .option_layer(fault.map(FaultLayer::new))
         .service(inner);
     BoxCloneSyncService::new(service)
@@ -257,11 +272,11 @@ where
 
 /// The error below `load_shed`, back as the gateway's: a shed call is the version's
 /// full queue.
-fn shed_error(error: BoxError, model: &str, version: &str, limits: Limits) -> GatewayError {
+fn shed_error(error: BoxError, name: &VersionName, limits: Limits) -> GatewayError {
     if error.is::<Overloaded>() {
         return GatewayError::Overloaded {
-            model: model.to_owned(),
-            version: version.to_owned(),
+            model: name.model.clone(),
+            version: name.version.clone(),
             in_flight: limits.max_in_flight,
             queued: limits.max_queue,
         };

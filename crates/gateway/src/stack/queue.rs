@@ -5,13 +5,16 @@
 //! that waits is admitted, not shed.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use aviary::pb::inference::ModelInferResponse;
 use futures::future::BoxFuture;
-use tokio::sync::Semaphore;
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use super::Call;
@@ -55,22 +58,65 @@ where
 {
     type Response = ModelInferResponse;
     type Error = GatewayError;
-    type Future = BoxFuture<'static, Result<ModelInferResponse, GatewayError>>;
+    type Future = QueueFuture<S::Future>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        // Ready as soon as the layers below are: waiting for a place happens in the
+        // call, so a waiting call counts as admitted.
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
+        // A free place (the usual case) goes straight through, with nothing to box.
+        if let Ok(place) = Arc::clone(&self.in_flight).try_acquire_owned() {
+            return QueueFuture::Placed {
+                response: self.inner.call(call),
+                _place: place,
+            };
+        }
         let in_flight = Arc::clone(&self.in_flight);
+        // The clone waits and is made ready later; `self.inner` stays ready for the
+        // next call, as tower's contract wants.
         let inner = self.inner.clone();
-        Box::pin(async move {
-            // The semaphore is never closed: acquiring only fails on a closed one.
-            let _place = in_flight
-                .acquire_owned()
-                .await
-                .map_err(|_| GatewayError::Refused("the version's queue is closed".to_owned()))?;
-            tower::ServiceExt::oneshot(inner, call).await
-        })
+        QueueFuture::Waiting {
+            waiting: Box::pin(async move {
+                // The semaphore is never closed: acquiring only fails on a closed one.
+                let _place = in_flight.acquire_owned().await.map_err(|_| {
+                    GatewayError::Refused("the version's queue is closed".to_owned())
+                })?;
+                tower::ServiceExt::oneshot(inner, call).await
+            }),
+        }
+    }
+}
+
+pin_project! {
+    /// A call that found a place at once, or one waiting for a place.
+    #[project = QueueProjection]
+    pub enum QueueFuture<F> {
+        /// Running, holding its place until it ends.
+        Placed {
+            #[pin]
+            response: F,
+            _place: OwnedSemaphorePermit,
+        },
+        /// Waiting for a place, then running.
+        Waiting {
+            waiting: BoxFuture<'static, Result<ModelInferResponse, GatewayError>>,
+        },
+    }
+}
+
+impl<F> Future for QueueFuture<F>
+where
+    F: Future<Output = Result<ModelInferResponse, GatewayError>>,
+{
+    type Output = Result<ModelInferResponse, GatewayError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            QueueProjection::Placed { response, .. } => response.poll(cx),
+            QueueProjection::Waiting { waiting } => waiting.as_mut().poll(cx),
+        }
     }
 }
