@@ -13,6 +13,9 @@
 //!   is held to before it is decoded.
 //! - [`default_prediction`]: the fixed outputs a model card states for when a call
 //!   fails, checked against the schema.
+//! - [`batching`] and [`batcher`]: dynamic batching, its pure rules (settings from the
+//!   model card, which requests share a run, joining inputs and splitting outputs) and
+//!   the task that forms and runs batches.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
 //! - [`catalog`]: the loaded and failed versions as pure data, and the look-ups on them.
@@ -26,6 +29,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod batcher;
+pub mod batching;
 pub mod catalog;
 pub mod default_prediction;
 pub mod error;

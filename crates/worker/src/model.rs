@@ -8,7 +8,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -17,11 +17,13 @@ use ort::{
     session::{OutputSelector, RunOptions, Session, builder::GraphOptimizationLevel},
     value::{DynValue, Tensor, TensorElementType, ValueType},
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::{
     WorkerError,
     admission::Reservation,
+    batcher,
+    batching::{self, BatchSettings},
     default_prediction::DefaultPrediction,
     repository::{Fingerprint, ModelCard},
     runtime,
@@ -129,8 +131,12 @@ pub struct LoadedModel {
     pub fingerprint: Fingerprint,
     /// Whether its requests run inline or on the blocking pool.
     pub inline: InlinePolicy,
+    /// Dynamic batching, when the model card asks for it.
+    pub batching: Option<BatchSettings>,
+    /// The batcher's queue, started with the first batched request.
+    batch_queue: OnceLock<mpsc::Sender<batcher::Job>>,
     idle: Mutex<Vec<Session>>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
 }
 
 impl LoadedModel {
@@ -176,6 +182,12 @@ impl LoadedModel {
             .transpose()
             .map_err(load_error)?
             .unwrap_or_default();
+        let batching = card
+            .as_ref()
+            .and_then(|c| c.dynamic_batching.as_ref())
+            .map(|b| BatchSettings::from_card(b, &schema))
+            .transpose()
+            .map_err(load_error)?;
         let default_prediction = match &card {
             Some(card) => DefaultPrediction::from_card(&card.default_prediction, &schema)
                 .map_err(load_error)?,
@@ -194,8 +206,10 @@ impl LoadedModel {
                 limit: options.inline_max,
                 measured: None,
             },
+            batching,
+            batch_queue: OnceLock::new(),
             idle: Mutex::new(sessions),
-            permits: Semaphore::new(instances),
+            permits: Arc::new(Semaphore::new(instances)),
         };
         loaded.inline.measured = loaded
             .warm_up(options.inline_max)
@@ -271,26 +285,62 @@ impl LoadedModel {
         reservation: Reservation,
         deadline: Option<Instant>,
     ) -> Result<(Vec<OutputTensor>, Timings), WorkerError> {
+        // A request larger than a batch runs alone, as it would without batching.
+        if let Some(settings) = &self.batching
+            && (1..=settings.max_batch_size).contains(&batching::rows(&request))
+        {
+            let queue = self
+                .batch_queue
+                .get_or_init(|| batcher::start(Arc::downgrade(self), settings.clone()));
+            let (job, answer) = batcher::Job::new(request, reservation, deadline);
+            queue.send(job).await.map_err(|_| self.unloading())?;
+            return answer.await.map_err(|_| self.unloading())?;
+        }
         let queued = Instant::now();
         let expired = || WorkerError::DeadlineExceeded {
             model: self.model.clone(),
             version: self.version.clone(),
             waited_ms: queued.elapsed().as_millis(),
         };
-        let acquire = self.permits.acquire();
+        let acquire = self.session_place();
         let acquired = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), acquire)
                 .await
                 .map_err(|_| expired())?,
             None => acquire.await,
         };
-        let permit = acquired.map_err(|_| {
-            WorkerError::Unavailable(format!("model \"{}\" is unloading", self.model))
-        })?;
+        let place = acquired.map_err(|_| self.unloading())?;
         if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
             return Err(expired());
         }
         let queue = queued.elapsed();
+        self.run_placed(request, reservation, place)
+            .await
+            .map(|(outputs, mut timings)| {
+                timings.queue = queue;
+                (outputs, timings)
+            })
+    }
+
+    fn unloading(&self) -> WorkerError {
+        WorkerError::Unavailable(format!("model \"{}\" is unloading", self.model))
+    }
+
+    /// A place on one of the version's sessions, once one is free.
+    pub async fn session_place(&self) -> Result<OwnedSemaphorePermit, AcquireError> {
+        Arc::clone(&self.permits).acquire_owned().await
+    }
+
+    /// Runs `request` on the session `place` holds: inline when the version's
+    /// [`InlinePolicy`] says it is cheap, else on the blocking pool. `held` (the
+    /// request's memory reservations) is dropped once the tensors are freed, even when
+    /// the caller stops waiting while ORT runs.
+    pub async fn run_placed<H: Send + 'static>(
+        self: &Arc<Self>,
+        request: ValidatedRequest,
+        held: H,
+        place: OwnedSemaphorePermit,
+    ) -> Result<(Vec<OutputTensor>, Timings), WorkerError> {
         let elements = request
             .inputs
             .iter()
@@ -299,26 +349,23 @@ impl LoadedModel {
         let joined = if self.inline.runs_inline(elements) {
             // No await from here to the end of the run: it cannot be cancelled half-way.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.run_on_a_session(request, reservation)
+                self.run_on_a_session(request, held)
             }))
             .map_err(|_| "ONNX Runtime panicked".to_owned())
         } else {
             let this = Arc::clone(self);
-            tokio::task::spawn_blocking(move || this.run_on_a_session(request, reservation))
+            tokio::task::spawn_blocking(move || this.run_on_a_session(request, held))
                 .await
                 .map_err(|join_error| join_error.to_string())
         };
         match joined {
             Ok(result) => {
-                drop(permit);
-                result.map(|(outputs, mut timings)| {
-                    timings.queue = queue;
-                    (outputs, timings)
-                })
+                drop(place);
+                result
             }
             Err(failure) => {
-                // The session went down with the run: shrink the pool by keeping its permit.
-                permit.forget();
+                // The session went down with the run: shrink the pool by keeping its place.
+                place.forget();
                 Err(WorkerError::Unavailable(format!(
                     "inference task failed: {failure}"
                 )))
@@ -326,12 +373,12 @@ impl LoadedModel {
         }
     }
 
-    /// Runs `request` on an idle session (the caller holds a permit, so there is one),
-    /// then frees the request's tensors and its memory reservation.
-    fn run_on_a_session(
+    /// Runs `request` on an idle session (the caller holds a place, so there is one),
+    /// then frees the request's tensors and what `held` holds.
+    fn run_on_a_session<H>(
         &self,
         request: ValidatedRequest,
-        reservation: Reservation,
+        held: H,
     ) -> Result<(Vec<OutputTensor>, Timings), WorkerError> {
         let Some(mut session) = self.take_session() else {
             return Err(WorkerError::Unavailable(
@@ -339,7 +386,7 @@ impl LoadedModel {
             ));
         };
         let result = run_timed(&mut session, request);
-        drop(reservation);
+        drop(held);
         self.return_session(session);
         result.map_err(|reason| WorkerError::Inference {
             model: self.model.clone(),
@@ -363,7 +410,10 @@ fn run_timed(
     session: &mut Session,
     request: ValidatedRequest,
 ) -> Result<(Vec<OutputTensor>, Timings), String> {
-    let mut timings = Timings::default();
+    let mut timings = Timings {
+        executions: 1,
+        ..Timings::default()
+    };
     let started = Instant::now();
     let values = to_values(request.inputs)?;
     timings.compute_input = started.elapsed();

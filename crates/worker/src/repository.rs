@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{WorkerError, default_prediction::DefaultValues};
+use crate::{WorkerError, batching::BatchingCard, default_prediction::DefaultValues};
 
 /// File name of a version's ONNX model.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -43,6 +43,9 @@ pub struct ModelCard {
     /// fails and the route opts in (see [`crate::default_prediction`]).
     #[serde(default)]
     pub default_prediction: BTreeMap<String, DefaultValues>,
+    /// Dynamic batching of the version's requests (see [`crate::batching`]).
+    #[serde(default)]
+    pub dynamic_batching: Option<BatchingCard>,
 }
 
 /// Identity of a model file's contents as the filesystem sees it: replacing the file

@@ -55,6 +55,9 @@ pub struct Timings {
     pub compute_infer: Duration,
     /// Encoding outputs.
     pub compute_output: Duration,
+    /// Runs of the model this request counts for: 1, or 0 for the requests of a
+    /// dynamic batch after its first (the batch ran once).
+    pub executions: u64,
 }
 
 impl VersionStats {
@@ -66,7 +69,8 @@ impl VersionStats {
         self.compute_infer.add(timings.compute_infer);
         self.compute_output.add(timings.compute_output);
         self.inference_count.fetch_add(batch, Ordering::Relaxed);
-        self.execution_count.fetch_add(1, Ordering::Relaxed);
+        self.execution_count
+            .fetch_add(timings.executions, Ordering::Relaxed);
         self.touch();
     }
 

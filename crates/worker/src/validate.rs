@@ -54,6 +54,28 @@ pub enum TensorData {
     Bytes(Vec<String>),
 }
 
+impl TensorData {
+    /// The protocol datatype of these elements.
+    pub fn datatype(&self) -> Datatype {
+        match self {
+            TensorData::Bool(_) => Datatype::Bool,
+            TensorData::Uint8(_) => Datatype::Uint8,
+            TensorData::Uint16(_) => Datatype::Uint16,
+            TensorData::Uint32(_) => Datatype::Uint32,
+            TensorData::Uint64(_) => Datatype::Uint64,
+            TensorData::Int8(_) => Datatype::Int8,
+            TensorData::Int16(_) => Datatype::Int16,
+            TensorData::Int32(_) => Datatype::Int32,
+            TensorData::Int64(_) => Datatype::Int64,
+            TensorData::Fp16(_) => Datatype::Fp16,
+            TensorData::Bf16(_) => Datatype::Bf16,
+            TensorData::Fp32(_) => Datatype::Fp32,
+            TensorData::Fp64(_) => Datatype::Fp64,
+            TensorData::Bytes(_) => Datatype::Bytes,
+        }
+    }
+}
+
 /// One validated input tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputTensor {

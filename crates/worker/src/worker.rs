@@ -14,10 +14,10 @@ use std::{
 use arc_swap::ArcSwap;
 use aviary::{
     pb::inference::{
-        ModelConfig, ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup,
-        ModelMetadataResponse, ModelOutput, ModelParameter, ModelStatistics, ModelVersionPolicy,
-        model_infer_response::InferOutputTensor, model_instance_group,
-        model_metadata_response::TensorMetadata, model_version_policy,
+        ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput,
+        ModelInstanceGroup, ModelMetadataResponse, ModelOutput, ModelParameter, ModelStatistics,
+        ModelVersionPolicy, model_config, model_infer_response::InferOutputTensor,
+        model_instance_group, model_metadata_response::TensorMetadata, model_version_policy,
         repository_index_response::ModelIndex,
     },
     tensor::Datatype,
@@ -247,9 +247,26 @@ impl Worker {
                     model_version_policy::All {},
                 )),
             }),
-            // Aviary passes shapes through as the model declares them, batch dimension
-            // included, which Triton expresses as max_batch_size 0.
-            max_batch_size: 0,
+            // Without batching, Aviary passes shapes through as the model declares them,
+            // batch dimension included, which Triton expresses as max_batch_size 0.
+            // With it, Triton's convention: max_batch_size > 0 and dims without the
+            // batch dimension.
+            max_batch_size: loaded
+                .batching
+                .as_ref()
+                .map_or(0, |b| i32::try_from(b.max_batch_size).unwrap_or(i32::MAX)),
+            scheduling_choice: loaded.batching.as_ref().map(|b| {
+                model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
+                    preferred_batch_size: b
+                        .preferred
+                        .iter()
+                        .map(|&s| i32::try_from(s).unwrap_or(i32::MAX))
+                        .collect(),
+                    max_queue_delay_microseconds: u64::try_from(b.max_queue_delay.as_micros())
+                        .unwrap_or(u64::MAX),
+                    preserve_ordering: false,
+                })
+            }),
             input: loaded
                 .schema
                 .inputs
@@ -257,7 +274,7 @@ impl Worker {
                 .map(|s| ModelInput {
                     name: s.name.clone(),
                     data_type: dtype(s.datatype),
-                    dims: s.shape.clone(),
+                    dims: config_dims(&s.shape, loaded.batching.is_some()),
                     ..Default::default()
                 })
                 .collect(),
@@ -268,7 +285,7 @@ impl Worker {
                 .map(|s| ModelOutput {
                     name: s.name.clone(),
                     data_type: dtype(s.datatype),
-                    dims: s.shape.clone(),
+                    dims: config_dims(&s.shape, loaded.batching.is_some()),
                     ..Default::default()
                 })
                 .collect(),
@@ -366,6 +383,15 @@ impl Worker {
     /// Triton's RepositoryModelUnload: unloads every version of `model`.
     pub async fn unload_model(&self, model: &str) -> Result<Vec<u64>, WorkerError> {
         self.lifecycle.unload_model(&self.catalog, model).await
+    }
+}
+
+/// A tensor's dims as `ModelConfig` states them: without the batch dimension when the
+/// version batches (Triton's convention for `max_batch_size` > 0).
+fn config_dims(shape: &[i64], batched: bool) -> Vec<i64> {
+    match batched {
+        true => shape.get(1..).unwrap_or_default().to_vec(),
+        false => shape.to_vec(),
     }
 }
 
