@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use aviary::pb::inference::{
     ModelConfigRequest, ModelInferRequest, ModelInferResponse, ModelStatisticsRequest,
     model_config::SchedulingChoice, model_infer_request::InferInputTensor,
@@ -15,49 +13,42 @@ use aviary::pb::inference::{
 use support::*;
 use tonic::Code;
 
-/// How long the first request of a batch waits for others: long, so the concurrent
-/// requests below surely meet in batches on a loaded machine.
+/// How long the first request of a batch waits for others.
 const DELAY_US: u64 = 300_000;
 
-/// A repository with the demo model twice: version 1 as is, version 2 batching.
-fn repository() -> tempfile::TempDir {
+/// A repository with `model`'s model twice: version 1 batching (`card`), version 2 as
+/// is.
+fn repository(model: &str, source: &str, card: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    let model = repo_root().join("tests/models/demo/1/model.onnx");
     for version in ["1", "2"] {
-        let folder = dir.path().join("demo").join(version);
+        let folder = dir.path().join(model).join(version);
         std::fs::create_dir_all(&folder).expect("version folder");
-        std::fs::copy(&model, folder.join("model.onnx")).expect("model copy");
+        std::fs::copy(repo_root().join(source), folder.join("model.onnx")).expect("model copy");
     }
-    std::fs::write(
-        dir.path().join("demo/2/model.toml"),
-        format!(
-            "[dynamic_batching]\nmax_batch_size = 16\nmax_queue_delay_us = {DELAY_US}\npreferred_batch_sizes = [16]\n"
-        ),
-    )
-    .expect("card");
+    std::fs::write(dir.path().join(model).join("1/model.toml"), card).expect("card");
     dir
 }
 
-fn config(repository: &tempfile::TempDir) -> String {
+fn config(repository: &tempfile::TempDir, model: &str, instances: usize) -> String {
     format!(
-        "[repository]\npath = \"{}\"\ninstances = 2\n\n[routes.demo]\nversions = [ {{ version = \"1\", weight = 1 }}, {{ version = \"2\", weight = 0 }} ]\n",
+        "[repository]\npath = \"{}\"\ninstances = {instances}\n\n[routes.{model}]\nversions = [ {{ version = \"1\", weight = 1 }}, {{ version = \"2\", weight = 0 }} ]\n",
         repository.path().display()
     )
 }
 
-/// `rows` rows of demo inputs, different for each `seed`.
+/// `rows` rows of slow-model inputs, different for each `seed`.
 fn request(version: &str, rows: usize, seed: usize) -> ModelInferRequest {
-    let values: Vec<f32> = (0..rows * 4)
-        .map(|i| ((seed * 31 + i * 7) % 50) as f32 / 10.0)
+    let values: Vec<f32> = (0..rows * SLOW_WIDTH)
+        .map(|i| ((seed * 31 + i * 7) % 50) as f32 / 25.0 - 1.0)
         .collect();
     ModelInferRequest {
-        model_name: "demo".into(),
+        model_name: "slow".into(),
         model_version: version.into(),
         id: format!("req-{seed}"),
         inputs: vec![InferInputTensor {
-            name: "input".into(),
+            name: "x".into(),
             datatype: "FP32".into(),
-            shape: vec![rows as i64, 4],
+            shape: vec![rows as i64, SLOW_WIDTH as i64],
             ..Default::default()
         }],
         raw_input_contents: vec![aviary::tensor::to_raw(&values).into()],
@@ -84,24 +75,51 @@ fn answer(response: &ModelInferResponse) -> Answer {
     )
 }
 
+fn statistics(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    model: &str,
+    version: &str,
+) -> aviary::pb::inference::ModelStatistics {
+    runtime.block_on(async {
+        client(connect(addr).await)
+            .model_statistics(ModelStatisticsRequest {
+                name: model.into(),
+                version: version.into(),
+            })
+            .await
+            .expect("statistics")
+            .into_inner()
+            .model_stats
+            .remove(0)
+    })
+}
+
 #[test]
 fn each_caller_gets_exactly_its_own_rows_and_a_bad_request_fails_alone() {
-    let repository = repository();
-    let served = Served::start(&config(&repository), &[]);
+    // One session, busy with a slow run while the requests below queue: when it frees,
+    // they run as one batch.
+    let repository = repository(
+        "slow",
+        "tests/slow-models/slow/1/model.onnx",
+        &format!("[dynamic_batching]\nmax_batch_size = 64\nmax_queue_delay_us = {DELAY_US}\n"),
+    );
+    let served = Served::start(&config(&repository, "slow", 1), &[]);
     let runtime = runtime();
-    let sizes: Vec<usize> = (0..24).map(|i| 1 + (i * 5) % 4).collect();
-    let (batched, bad, unbatched) = runtime.block_on(async {
+    let sizes: Vec<usize> = (0..8).map(|i| 1 + (i * 5) % 4).collect();
+    let running = slow_requests_in_flight(&runtime, &served.addr, 1);
+    let (batched, bad) = runtime.block_on(async {
         let channel = connect(&served.addr).await;
         let calls: Vec<_> = sizes
             .iter()
             .enumerate()
             .map(|(seed, &rows)| {
                 let mut client = client(channel.clone());
-                tokio::spawn(async move { client.model_infer(request("2", rows, seed)).await })
+                tokio::spawn(async move { client.model_infer(request("1", rows, seed)).await })
             })
             .collect();
         // A request of the wrong width, sent while the others wait to be batched.
-        let mut wrong = request("2", 1, 99);
+        let mut wrong = request("1", 1, 99);
         wrong.inputs[0].shape = vec![1, 3];
         wrong.raw_input_contents = vec![aviary::tensor::to_raw(&[1f32, 2.0, 3.0]).into()];
         let bad = client(channel.clone()).model_infer(wrong).await;
@@ -109,73 +127,107 @@ fn each_caller_gets_exactly_its_own_rows_and_a_bad_request_fails_alone() {
         for call in calls {
             batched.push(call.await.expect("task").expect("answered").into_inner());
         }
-        let mut unbatched = Vec::new();
-        for (seed, &rows) in sizes.iter().enumerate() {
-            let response = client(channel.clone())
-                .model_infer(request("1", rows, seed))
-                .await
-                .expect("answered unbatched");
-            unbatched.push(response.into_inner());
-        }
-        (batched, bad, unbatched)
+        (batched, bad)
     });
+    for call in running {
+        runtime
+            .block_on(call)
+            .expect("task")
+            .expect("the first request is answered");
+    }
     let bad = bad.expect_err("the wrong width is refused");
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
-    for (batched, unbatched) in batched.iter().zip(&unbatched) {
-        assert_eq!(batched.model_version, "2");
-        assert_eq!(
-            answer(batched),
-            answer(unbatched),
-            "the same rows as unbatched"
-        );
-    }
-
-    let statistics = runtime.block_on(async {
-        client(connect(&served.addr).await)
-            .model_statistics(ModelStatisticsRequest {
-                name: "demo".into(),
-                version: "2".into(),
-            })
-            .await
-            .expect("statistics")
-            .into_inner()
-    });
-    let stats = &statistics.model_stats[0];
-    let rows: usize = sizes.iter().sum();
+    let stats = statistics(&runtime, &served.addr, "slow", "1");
+    let rows: usize = sizes.iter().sum::<usize>() + SLOW_BATCH;
     assert_eq!(stats.inference_count, rows as u64, "every row counted");
     assert!(
         stats.execution_count < sizes.len() as u64,
-        "24 requests at once ran in fewer batches: {stats:?}"
+        "requests queued behind a busy session ran in fewer batches: {stats:?}"
+    );
+
+    // The same requests one by one on the unbatched version: the same bytes.
+    for (seed, (&rows, batched)) in sizes.iter().zip(&batched).enumerate() {
+        let alone = runtime.block_on(async {
+            client(connect(&served.addr).await)
+                .model_infer(request("2", rows, seed))
+                .await
+                .expect("answered unbatched")
+                .into_inner()
+        });
+        assert_eq!(batched.model_version, "1");
+        assert_eq!(
+            answer(batched),
+            answer(&alone),
+            "request {seed}: its own rows"
+        );
+    }
+}
+
+#[test]
+fn a_request_whose_deadline_passes_while_it_waits_for_its_batch_is_dropped() {
+    // The slow model (about 200 ms a run) batching on one session: a request waits in
+    // the batcher while the session runs another.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let folder = dir.path().join("slow/1");
+    std::fs::create_dir_all(&folder).expect("version folder");
+    std::fs::copy(
+        repo_root().join("tests/slow-models/slow/1/model.onnx"),
+        folder.join("model.onnx"),
+    )
+    .expect("model copy");
+    std::fs::write(
+        folder.join("model.toml"),
+        "[dynamic_batching]\nmax_batch_size = 64\nmax_queue_delay_us = 1000\n",
+    )
+    .expect("card");
+    let config = format!(
+        "[repository]\npath = \"{}\"\ninstances = 1\n\n[routes.slow]\nversions = [ {{ version = \"1\", weight = 1 }} ]\n",
+        dir.path().display()
+    );
+    let served = Served::start(&config, &[]);
+    let runtime = runtime();
+    let running = slow_requests_in_flight(&runtime, &served.addr, 1);
+    let status = runtime.block_on(async {
+        let mut call = tonic::Request::new(slow_request());
+        // The header alone (not `set_timeout`, which the client enforces too): the
+        // answer is the server's.
+        call.metadata_mut()
+            .insert("grpc-timeout", "100m".parse().expect("header value"));
+        client(connect(&served.addr).await)
+            .model_infer(call)
+            .await
+            .expect_err("its deadline passes while the session is busy")
+    });
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    for call in running {
+        runtime
+            .block_on(call)
+            .expect("task")
+            .expect("the running request is answered");
+    }
+    let stats = statistics(&runtime, &served.addr, "slow", "1");
+    assert_eq!(
+        stats.inference_count, SLOW_BATCH as u64,
+        "only the first request's rows ran: {stats:?}"
     );
 }
 
 #[test]
-fn a_request_whose_deadline_passes_while_its_batch_forms_is_dropped() {
-    let repository = repository();
-    let served = Served::start(&config(&repository), &[]);
-    let runtime = runtime();
-    let status = runtime.block_on(async {
-        let mut call = tonic::Request::new(request("2", 1, 0));
-        // Far less than the batch delay, and alone: its batch goes after the delay.
-        call.set_timeout(Duration::from_millis(100));
-        client(connect(&served.addr).await)
-            .model_infer(call)
-            .await
-            .expect_err("its deadline passes first")
-    });
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-}
-
-#[test]
 fn model_config_shows_the_batching() {
-    let repository = repository();
-    let served = Served::start(&config(&repository), &[]);
+    let repository = repository(
+        "demo",
+        "tests/models/demo/1/model.onnx",
+        &format!(
+            "[dynamic_batching]\nmax_batch_size = 16\nmax_queue_delay_us = {DELAY_US}\npreferred_batch_sizes = [16]\n"
+        ),
+    );
+    let served = Served::start(&config(&repository, "demo", 2), &[]);
     let runtime = runtime();
     let config = runtime.block_on(async {
         client(connect(&served.addr).await)
             .model_config(ModelConfigRequest {
                 name: "demo".into(),
-                version: "2".into(),
+                version: "1".into(),
             })
             .await
             .expect("config")

@@ -1,8 +1,12 @@
 //! Dynamic batching, the task: requests of a batching version queue here; a batch
 //! forms when a session is free, from the first waiting request and those of the same
-//! [`BatchKey`] that arrive within `max_queue_delay` of it (or until the batch reaches
-//! `max_batch_size` or a preferred size), runs as one, and each request gets its own
-//! rows back. A request whose deadline passed, or whose caller left, while it waited is
+//! [`BatchKey`] queued behind it, then, when callers are evidently concurrent (others
+//! were queued, another batch is running, or the last batch had several), those that
+//! arrive within
+//! `max_queue_delay` of the first (until the batch reaches `max_batch_size` or a
+//! preferred size); it runs as one, and each request gets its own rows back. A lone
+//! request with every other session idle goes at once: a single caller never pays the
+//! delay for a batch that cannot grow. A request whose deadline passed, or whose caller left, while it waited is
 //! dropped before the run; a bad request never gets here (validation is per request).
 
 use std::{
@@ -71,6 +75,8 @@ pub fn start(model: Weak<LoadedModel>, settings: BatchSettings) -> mpsc::Sender<
 
 async fn run(model: Weak<LoadedModel>, settings: BatchSettings, mut jobs: mpsc::Receiver<Job>) {
     let mut held_over: Option<Job> = None;
+    // Requests in the last batch sent: recent evidence of concurrent callers.
+    let mut last_batch = 1;
     loop {
         let first = match held_over.take() {
             Some(job) => job,
@@ -92,25 +98,53 @@ async fn run(model: Weak<LoadedModel>, settings: BatchSettings, mut jobs: mpsc::
             continue;
         };
         let dispatch_at = first.enqueued + settings.max_queue_delay;
-        let mut rows = first.rows;
-        let mut batch = vec![first];
-        while !settings.full(rows) {
+        let mut batch = Batch::new(first);
+        // What queued while the batch waited for its session joins at once.
+        while !settings.full(batch.rows) && held_over.is_none() {
+            match jobs.try_recv() {
+                Ok(job) => held_over = batch.join(job, &settings),
+                Err(_) => break,
+            }
+        }
+        // Then it waits out the delay for more, but only where there is evidence of
+        // concurrent callers (others were queued, another batch runs, or the last batch
+        // had several): a lone caller would pay the whole delay on every request for a
+        // batch that never grows.
+        let concurrent = batch.jobs.len() > 1 || last_batch > 1 || loaded.others_busy();
+        while concurrent && !settings.full(batch.rows) && held_over.is_none() {
             match tokio::time::timeout_at(dispatch_at.into(), jobs.recv()).await {
-                Ok(Some(job))
-                    if job.key == batch[0].key && rows + job.rows <= settings.max_batch_size =>
-                {
-                    rows += job.rows;
-                    batch.push(job);
-                }
-                // Another shape, or too many rows: it starts the next batch.
-                Ok(Some(job)) => {
-                    held_over = Some(job);
-                    break;
-                }
+                Ok(Some(job)) => held_over = batch.join(job, &settings),
                 Ok(None) | Err(_) => break,
             }
         }
-        tokio::spawn(run_batch(loaded, batch, place));
+        last_batch = batch.jobs.len();
+        tokio::spawn(run_batch(loaded, batch.jobs, place));
+    }
+}
+
+/// A batch being formed.
+struct Batch {
+    jobs: Vec<Job>,
+    rows: usize,
+}
+
+impl Batch {
+    fn new(first: Job) -> Batch {
+        Batch {
+            rows: first.rows,
+            jobs: vec![first],
+        }
+    }
+
+    /// Adds `job` if it fits (same key, rows within the maximum); else hands it back
+    /// to start the next batch.
+    fn join(&mut self, job: Job, settings: &BatchSettings) -> Option<Job> {
+        if job.key != self.jobs[0].key || self.rows + job.rows > settings.max_batch_size {
+            return Some(job);
+        }
+        self.rows += job.rows;
+        self.jobs.push(job);
+        None
     }
 }
 

@@ -137,6 +137,7 @@ pub struct LoadedModel {
     batch_queue: OnceLock<mpsc::Sender<batcher::Job>>,
     idle: Mutex<Vec<Session>>,
     permits: Arc<Semaphore>,
+    instances: usize,
 }
 
 impl LoadedModel {
@@ -210,6 +211,7 @@ impl LoadedModel {
             batch_queue: OnceLock::new(),
             idle: Mutex::new(sessions),
             permits: Arc::new(Semaphore::new(instances)),
+            instances,
         };
         loaded.inline.measured = loaded
             .warm_up(options.inline_max)
@@ -324,6 +326,11 @@ impl LoadedModel {
 
     fn unloading(&self) -> WorkerError {
         WorkerError::Unavailable(format!("model \"{}\" is unloading", self.model))
+    }
+
+    /// Whether a session other than one the caller holds is running now.
+    pub fn others_busy(&self) -> bool {
+        self.permits.available_permits() + 1 < self.instances
     }
 
     /// A place on one of the version's sessions, once one is free.
