@@ -187,6 +187,8 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
             "dead_letters",
             config.dead_letters != started_with.dead_letters,
         ),
+        // The cache's bound and Redis tier too (a route's `cache` applies at once).
+        ("cache", config.cache != started_with.cache),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
