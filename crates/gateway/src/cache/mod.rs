@@ -77,6 +77,9 @@ impl Expiry<CacheKey, Entry> for RouteTtl {
 #[derive(Debug)]
 pub struct PredictionCache {
     local: Cache<CacheKey, Entry>,
+    /// The heaviest answer held in-process: one heavier than the whole bound would
+    /// only push every other answer out before being evicted itself.
+    heaviest: u64,
     redis: Option<Arc<RedisTier>>,
     /// The fingerprint last seen of each remote version, by (model, version).
     seen: RwLock<HashMap<(String, String), Arc<str>>>,
@@ -96,12 +99,16 @@ impl PredictionCache {
         let builder = Cache::builder().expire_after(RouteTtl);
         // A sync cache: look-ups and inserts never wait, so the request path needs no
         // await for them, and moka's housekeeping runs on the callers' threads.
-        let local = match config.max_entries {
-            Some(entries) => builder.max_capacity(entries).build(),
-            None => builder
-                .max_capacity(config.max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES))
-                .weigher(|_, entry: &Entry| entry.weight)
-                .build(),
+        let (local, heaviest) = match config.max_entries {
+            Some(entries) => (builder.max_capacity(entries).build(), u64::MAX),
+            None => {
+                let bytes = config.max_bytes.unwrap_or(DEFAULT_CACHE_MAX_BYTES);
+                let local = builder
+                    .max_capacity(bytes)
+                    .weigher(|_, entry: &Entry| entry.weight)
+                    .build();
+                (local, bytes)
+            }
         };
         let redis = config
             .redis
@@ -111,6 +118,7 @@ impl PredictionCache {
             .map(Arc::new);
         Ok(PredictionCache {
             local,
+            heaviest,
             redis,
             seen: RwLock::default(),
         })
@@ -192,8 +200,7 @@ impl PredictionCache {
                 ..response.clone()
             };
             let encoded = held.encode_to_vec();
-            self.local
-                .insert(key, entry(held, request.ttl, encoded.len()));
+            self.hold(key, entry(held, request.ttl, encoded.len()));
             if let Some(redis) = &self.redis {
                 let (metrics, model, version) =
                     (Arc::clone(metrics), model.to_owned(), version.to_owned());
@@ -205,6 +212,13 @@ impl PredictionCache {
         response
             .parameters
             .insert(CACHE_PARAMETER.to_owned(), text("miss"));
+    }
+
+    /// Keeps `entry` in-process unless it alone is heavier than the whole bound.
+    fn hold(&self, key: CacheKey, entry: Entry) {
+        if u64::from(entry.weight) <= self.heaviest {
+            self.local.insert(key, entry);
+        }
     }
 
     /// The fingerprint to look `model`/`version` up by: the embedded slot's, else the
@@ -271,7 +285,7 @@ impl PredictionCache {
             })
             .ok()?;
         let entry = entry(response, ttl, weight);
-        self.local.insert(*key, entry.clone());
+        self.hold(*key, entry.clone());
         metrics.record_cache(model, version, CacheEvent::RedisHit);
         Some(entry.response)
     }
@@ -361,5 +375,43 @@ pub async fn keep_fingerprints(
             _ = tokio::time::sleep(FINGERPRINT_REFRESH) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(config: &CacheConfig) -> bool {
+        let cache = PredictionCache::open(config).expect("no Redis to open");
+        let key = CacheKey::of(
+            Answerer {
+                model: "demo",
+                version: "1",
+                fingerprint: "f",
+            },
+            &RequestHash::of(&ModelInferRequest::default(), &[]),
+        );
+        let answer = ModelInferResponse {
+            model_name: "demo".to_owned(),
+            ..Default::default()
+        };
+        cache.hold(key, entry(answer, Duration::from_secs(60), 100));
+        cache.local.get(&key).is_some()
+    }
+
+    #[test]
+    fn an_answer_heavier_than_the_whole_bound_is_not_held() {
+        let bytes = |max_bytes| CacheConfig {
+            max_bytes: Some(max_bytes),
+            ..CacheConfig::default()
+        };
+        assert!(!held(&bytes(99)));
+        assert!(held(&bytes(100)));
+        // Bounded by entries, an answer's size does not matter.
+        assert!(held(&CacheConfig {
+            max_entries: Some(1),
+            ..CacheConfig::default()
+        }));
     }
 }
