@@ -7,8 +7,7 @@
 mod support;
 
 use std::{
-    net::TcpListener,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -19,112 +18,19 @@ use redis::{
     streams::{StreamId, StreamRangeReply},
 };
 use serde_json::Value;
-use support::*;
+use support::{redis_server::*, *};
 use tonic::Code;
 
 /// The stream the tests' gateways write to.
 const STREAM: &str = "test:dead-letters";
 
-/// A `redis-server` of the test's own on 127.0.0.1, with nothing saved to disk;
-/// killed on drop.
-struct RedisServer {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    /// Starts one on `port`, or on a free port when `None`.
-    fn start(port: Option<u16>) -> RedisServer {
-        // Redis takes no port 0: a free port is picked here and handed over; another
-        // process may take it in between, so a server that exits at once is retried.
-        for _ in 0..5 {
-            let port = port.unwrap_or_else(free_port);
-            let dir = tempfile::tempdir().expect("temp dir");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                // Small stream nodes, so `MAXLEN ~` trims close to its bound.
-                .args(["--stream-node-max-entries", "10"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "cannot start redis-server ({e}): it is not installed; run scripts/setup.sh \
-                         (it installs Debian's redis-server package)"
-                    )
-                });
-            let mut server = RedisServer {
-                child,
-                url: format!("redis://127.0.0.1:{port}/0"),
-                _dir: dir,
-            };
-            if server.wait_ready() {
-                return server;
-            }
-        }
-        panic!("redis-server did not start on 127.0.0.1 within five tries");
-    }
-
-    /// Whether it answers PING before it exits or 10 s pass.
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.child.try_wait().expect("try_wait").is_some() {
-                return false;
-            }
-            let pong = redis::Client::open(self.url.as_str())
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if pong.is_ok() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-
-    fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url.as_str())
-            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(5)))
-            .expect("a connection to the test's redis-server")
-    }
-
-    /// `kill SIGNAL` to the server.
-    fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "kill {signal} delivered");
-    }
-
-    /// Every entry of [`STREAM`], oldest first.
-    fn entries(&self) -> Vec<StreamId> {
-        let reply: StreamRangeReply = self
-            .connection()
-            .xrange_all(STREAM)
-            .expect("XRANGE of the stream");
-        reply.ids
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// Every entry of [`STREAM`], oldest first.
+fn stream_entries(redis: &RedisServer) -> Vec<StreamId> {
+    let reply: StreamRangeReply = redis
+        .connection()
+        .xrange_all(STREAM)
+        .expect("XRANGE of the stream");
+    reply.ids
 }
 
 /// The demo deployment with version 2 failing every request, dead letters on, kept in
@@ -208,9 +114,9 @@ fn failed_requests_reach_the_redis_stream_as_readable_fields() {
     assert_eq!(send(&runtime, &served.addr, request("1", 99)).0, Code::Ok);
 
     assert!(
-        eventually(CONFIG_DEADLINE, || redis.entries().len() == 3),
+        eventually(CONFIG_DEADLINE, || stream_entries(&redis).len() == 3),
         "the three failed requests reach the stream: {:?}",
-        redis.entries()
+        stream_entries(&redis)
     );
     // Redis may have them before the disk writer has synced them all.
     assert!(
@@ -218,7 +124,7 @@ fn failed_requests_reach_the_redis_stream_as_readable_fields() {
         "the folder keeps them too: {:#}",
         listed(&served)
     );
-    let entries = redis.entries();
+    let entries = stream_entries(&redis);
     let on_disk = listed(&served);
     for (i, (entry, request)) in entries.iter().zip(&sent).enumerate() {
         assert_eq!(text(entry, "model"), "demo", "{entry:?}");
@@ -250,8 +156,7 @@ fn failed_requests_reach_the_redis_stream_as_readable_fields() {
         );
     }
     let newest = |redis: &RedisServer| {
-        redis
-            .entries()
+        stream_entries(redis)
             .last()
             .map(|e| ModelInferRequest::decode(field(e, "request").as_slice()))
             .and_then(Result::ok)
@@ -262,7 +167,7 @@ fn failed_requests_reach_the_redis_stream_as_readable_fields() {
         "the last letter arrives: {:?}",
         newest(&redis)
     );
-    let length = redis.entries().len();
+    let length = stream_entries(&redis).len();
     assert!(
         (10..=20).contains(&length),
         "MAXLEN ~ 10 keeps the stream near ten entries: {length}"
@@ -319,14 +224,14 @@ fn a_redis_that_is_down_or_hung_costs_requests_nothing_and_gets_letters_again_on
             send(&runtime, &served.addr, request("2", n)).0,
             Code::Internal
         );
-        !redis.entries().is_empty()
+        !stream_entries(&redis).is_empty()
     });
     assert!(
         arrived,
         "letters reach Redis once it is up: {:#}",
         listed(&served)
     );
-    let first = ModelInferRequest::decode(field(&redis.entries()[0], "request").as_slice())
+    let first = ModelInferRequest::decode(field(&stream_entries(&redis)[0], "request").as_slice())
         .expect("a request");
     assert!(first.id.starts_with('r'), "{first:?}");
 
@@ -353,7 +258,7 @@ fn a_redis_that_is_down_or_hung_costs_requests_nothing_and_gets_letters_again_on
             send(&runtime, &served.addr, request("2", n)).0,
             Code::Internal
         );
-        !redis.entries().is_empty()
+        !stream_entries(&redis).is_empty()
     });
     assert!(
         arrived,

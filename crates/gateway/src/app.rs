@@ -21,6 +21,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::{
     GatewayError, admin,
+    cache::{self, PredictionCache},
     config::Config,
     control::Control,
     dead_letters::DeadLetters,
@@ -60,6 +61,8 @@ pub struct Gateway {
     rollouts: Option<Arc<Rollouts>>,
     /// Kept when a route has `dead_letters = true` at start.
     dead_letters: Option<Arc<DeadLetters>>,
+    /// Always there, so a route can opt in while running; empty until one does.
+    cache: Arc<PredictionCache>,
 }
 
 /// The listeners a gateway serves on.
@@ -152,6 +155,7 @@ impl Gateway {
             true => Some(DeadLetters::open(&config.dead_letters)?),
             false => None,
         };
+        let cache = Arc::new(PredictionCache::open(&config.cache)?);
         Ok(Gateway {
             config,
             control,
@@ -160,12 +164,16 @@ impl Gateway {
             metrics,
             rollouts,
             dead_letters,
+            cache,
         })
     }
 
     /// Watches `path` (the file this gateway's config came from) and applies route
     /// changes while running.
     pub fn watch_config(mut self, path: PathBuf) -> Gateway {
+        // Said now, not when the watcher task first runs: the config status names the
+        // file from the moment the gateway listens.
+        self.control.watching_config(&path.display().to_string());
         self.config_path = Some(path);
         self
     }
@@ -214,6 +222,11 @@ impl Gateway {
             Arc::clone(&self.control),
             stop_rx.clone(),
         ));
+        tasks.spawn(cache::keep_fingerprints(
+            Arc::clone(&self.control),
+            Arc::clone(&self.cache),
+            stop_rx.clone(),
+        ));
         if let Some(path) = self.config_path.clone() {
             tasks.spawn(watcher::watch_config(
                 path,
@@ -242,6 +255,7 @@ impl Gateway {
             Arc::clone(&self.control),
             Arc::clone(&self.ready),
             Arc::clone(&self.metrics),
+            Arc::clone(&self.cache),
         );
         if let Some(letters) = &self.dead_letters {
             front = front.with_dead_letters(Arc::clone(letters));

@@ -58,6 +58,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Everything the backend's repository holds.
     fn index(&self) -> BoxFuture<'_, Result<Vec<ModelIndex>, GatewayError>>;
 
+    /// The fingerprint of the weights that will answer the next call, when the backend
+    /// knows it exactly (the embedded worker's slot); `None` for remote workers, whose
+    /// answers name it instead (see [`crate::cache`]).
+    fn fingerprint(&self) -> Option<String> {
+        None
+    }
+
     /// What balancing over replicas has done so far (nothing for one worker).
     fn replica_counts(&self) -> ReplicaCounts {
         ReplicaCounts::default()
@@ -96,6 +103,10 @@ impl Backend for InProcess {
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
         Box::pin(async move { Ok(infer_on(&self.slot, call.request, call.deadline).await?) })
+    }
+
+    fn fingerprint(&self) -> Option<String> {
+        Some(self.slot.current().content_hash.clone())
     }
 
     fn ready(&self, _model: String, _version: String) -> BoxFuture<'_, bool> {

@@ -43,6 +43,65 @@ pub struct Config {
     /// Where routes with `dead_letters = true` keep the requests that finally failed.
     #[serde(default)]
     pub dead_letters: DeadLettersConfig,
+    /// The prediction cache of routes with `cache = { .. }`: its size bound and its
+    /// optional shared Redis tier.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The prediction cache's in-process bound and its optional Redis tier (`[cache]`).
+/// Set `max_entries` or `max_bytes`, not both; neither: `max_bytes` 256 MiB.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// The most answers held in this process.
+    pub max_entries: Option<u64>,
+    /// The most bytes of answers held in this process (each weighs its encoded size).
+    pub max_bytes: Option<u64>,
+    /// A Redis server shared by several gateways, asked after an in-process miss.
+    #[serde(default)]
+    pub redis: Option<CacheRedisConfig>,
+}
+
+/// The prediction cache's shared Redis tier (`[cache] redis = { .. }`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRedisConfig {
+    /// `redis://[user:password@]host[:port][/db]` (or `redis+unix:///path`).
+    pub url: String,
+    /// How long Redis keeps an answer, in milliseconds; absent: the route's `ttl_ms`.
+    pub ttl_ms: Option<u64>,
+    /// The longest a look-up may take before the request goes on without it, in
+    /// milliseconds.
+    #[serde(default = "default_cache_redis_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Prefix of every key, so several deployments can share one Redis.
+    #[serde(default = "default_cache_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_cache_redis_timeout_ms() -> u64 {
+    20
+}
+
+fn default_cache_key_prefix() -> String {
+    "aviary:cache:".to_owned()
+}
+
+/// The in-process bound when `[cache]` sets none.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A route's prediction cache (`cache = { ttl_ms = 60000 }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    /// How long an answer is served from the cache, in milliseconds.
+    #[serde(default = "default_route_cache_ttl_ms")]
+    pub ttl_ms: u64,
+}
+
+fn default_route_cache_ttl_ms() -> u64 {
+    60_000
 }
 
 /// The dead-letter queue's folder and size cap, and its optional Redis sink.
@@ -293,6 +352,9 @@ pub struct RouteConfig {
     /// prediction of its version's model card, when the card states one.
     #[serde(default)]
     pub default_prediction: bool,
+    /// Answer repeated requests from the prediction cache (absent: never cached).
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
 }
 
 /// A route's fallback.
@@ -405,6 +467,45 @@ fn default_concurrency() -> usize {
     1
 }
 
+/// What is wrong with `[cache]` and the routes' `cache` settings, each with its path.
+fn cache_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let cache = &config.cache;
+    if cache.max_entries.is_some() && cache.max_bytes.is_some() {
+        problems.push("cache.max_entries: set max_entries or max_bytes, not both".to_owned());
+    }
+    for (field, value) in [
+        ("max_entries", cache.max_entries),
+        ("max_bytes", cache.max_bytes),
+    ] {
+        if value == Some(0) {
+            problems.push(format!("cache.{field}: must be at least 1"));
+        }
+    }
+    if let Some(redis) = &cache.redis {
+        // Checked here so a mistyped URL stops the start; nothing connects yet.
+        if let Err(error) = redis::Client::open(redis.url.as_str()) {
+            // The URL itself is not repeated: it may hold a password.
+            problems.push(format!(
+                "cache.redis.url: not a Redis URL ({error}); expected \
+                 redis://[user:password@]host[:port][/db]"
+            ));
+        }
+        if redis.ttl_ms == Some(0) {
+            problems.push("cache.redis.ttl_ms: must be at least 1".to_owned());
+        }
+        if redis.timeout_ms == 0 {
+            problems.push("cache.redis.timeout_ms: must be at least 1".to_owned());
+        }
+    }
+    for (model, route) in &config.routes {
+        if route.cache.is_some_and(|c| c.ttl_ms == 0) {
+            problems.push(format!("routes.{model}.cache.ttl_ms: must be at least 1"));
+        }
+    }
+    problems
+}
+
 impl Config {
     /// Reads and parses `path`, resolving relative paths against its folder.
     pub fn load(path: &Path) -> Result<Config, GatewayError> {
@@ -503,6 +604,7 @@ impl Config {
                 problems.push("dead_letters.redis.max_len: must be at least 1".to_owned());
             }
         }
+        problems.extend(cache_problems(&config));
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());
         }
@@ -774,5 +876,46 @@ mod tests {
             Some(dir.path().join("models"))
         );
         Ok(())
+    }
+
+    #[test]
+    fn cache_settings_parse_with_their_defaults() {
+        let config = Config::parse(
+            "[cache]\nmax_entries = 1000\nredis = { url = \"redis://127.0.0.1:6379/0\" }\n\n\
+             [routes.demo]\nversions = [ { version = \"1\", weight = 1 } ]\ncache = {}\n",
+        )
+        .expect("valid");
+        assert_eq!(config.cache.max_entries, Some(1000));
+        let redis = config.cache.redis.expect("the Redis tier");
+        assert_eq!((redis.timeout_ms, redis.ttl_ms), (20, None));
+        assert_eq!(redis.key_prefix, "aviary:cache:");
+        assert_eq!(config.routes["demo"].cache.map(|c| c.ttl_ms), Some(60_000));
+        let route = crate::route::Route::configured("demo", &config.routes["demo"]);
+        assert_eq!(route.cache_ttl, Some(std::time::Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn cache_problems_name_their_field() {
+        let err = Config::parse(
+            "[cache]\nmax_entries = 10\nmax_bytes = 0\n\
+             redis = { url = \"http://x\", ttl_ms = 0, timeout_ms = 0 }\n\n\
+             [routes.demo]\nversions = [ { version = \"1\", weight = 1 } ]\ncache = { ttl_ms = 0 }\n",
+        )
+        .expect_err("invalid");
+        for expected in [
+            "cache.max_entries: set max_entries or max_bytes, not both",
+            "cache.max_bytes: must be at least 1",
+            "cache.redis.url: not a Redis URL",
+            "cache.redis.ttl_ms: must be at least 1",
+            "cache.redis.timeout_ms: must be at least 1",
+            "routes.demo.cache.ttl_ms: must be at least 1",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let err = Config::parse(
+            "[routes.demo]\nversions = [ { version = \"1\", weight = 1 } ]\ncache = { ttl = 5 }\n",
+        )
+        .expect_err("unknown field");
+        assert!(err.contains("ttl"), "{err}");
     }
 }

@@ -235,7 +235,7 @@ impl Control {
         let mut routes = writer.routes.clone();
         let mut route = route;
         // The admin API sets versions, weights and the limits it names; a route's
-        // sticky key, match rules, shadow, fallback, dead letters, default prediction,
+        // sticky key, match rules, shadow, fallback, dead letters, default prediction, cache,
         // injected faults and the limits the request leaves out stay as they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
@@ -244,6 +244,7 @@ impl Control {
             route.fallback = route.fallback.or_else(|| existing.fallback.clone());
             route.dead_letters = existing.dead_letters;
             route.default_prediction = existing.default_prediction;
+            route.cache_ttl = existing.cache_ttl;
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
             }

@@ -34,6 +34,7 @@ use tower::ServiceExt;
 
 use crate::{
     GatewayError,
+    cache::{CACHE_HEADER, CACHE_PARAMETER, PredictionCache, take_fingerprint},
     control::Control,
     dead_letters::DeadLetters,
     metrics::{Metrics, StandIn},
@@ -146,18 +147,26 @@ pub struct Front {
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     dead_letters: Option<Arc<DeadLetters>>,
+    cache: Arc<PredictionCache>,
 }
 
 impl Front {
     /// A front over `control`'s routing; `ready` is kept up to date by the readiness
-    /// task, and every routed request is counted in `metrics`.
-    pub fn new(control: Arc<Control>, ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Front {
+    /// task, every routed request is counted in `metrics`, and routes that opt in are
+    /// answered from `cache` when it holds their answer.
+    pub fn new(
+        control: Arc<Control>,
+        ready: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
+        cache: Arc<PredictionCache>,
+    ) -> Front {
         Front {
             routing: Arc::clone(control.routing()),
             control,
             ready,
             metrics,
             dead_letters: None,
+            cache,
         }
     }
 
@@ -189,6 +198,18 @@ impl Front {
         // One look-up of the route's settings for the rest of the call (the route exists:
         // the table just resolved a version of it).
         let route = routing.routes.get(&request.model_name);
+        let cacheable = route.and_then(|r| PredictionCache::cacheable(r, &request));
+        if let Some(cacheable) = &cacheable {
+            let held = (request.model_name.as_str(), version.as_str());
+            if let Some(hit) = self
+                .cache
+                .lookup(&routing, cacheable, held, &self.metrics)
+                .await
+            {
+                // Not a request the version served: its metrics judge real inferences.
+                return Ok(hit);
+            }
+        }
         // The request as the client sent it, for the dead-letter queue if it fails.
         let original = self
             .dead_letters
@@ -209,9 +230,15 @@ impl Front {
         let default_shape = route
             .filter(|r| r.default_prediction)
             .map(|_| DefaultShape::of(&request));
-        let result = self.call(&routing, request, deadline).await;
+        let mut result = self.call(&routing, request, deadline).await;
         self.metrics
             .record(&model, &version, result.is_ok(), started.elapsed());
+        // Only the version's own successful answer is kept, never a stand-in's.
+        if let (Ok(response), Some(cacheable)) = (&mut result, &cacheable) {
+            let answered = (model.as_str(), version.as_str());
+            self.cache
+                .store(cacheable, answered, response, &self.metrics);
+        }
         let result = self
             .fall_back(&routing, result, fallback, deadline, &model, &version)
             .await;
@@ -222,12 +249,17 @@ impl Front {
         {
             letters.keep(&model, &version, &error.status(), &original);
         }
-        match (result, default_shape) {
+        let mut result = match (result, default_shape) {
             (Err(error), Some(shape)) if falls_back(&error) => {
                 self.answer_default(error, shape, &model, &version)
             }
             (result, _) => result,
+        };
+        // Which weights answered is the gateway's business, not the client's.
+        if let Ok(response) = &mut result {
+            take_fingerprint(response);
         }
+        result
     }
 
     /// `result`, or when it failed and the route has a `fallback`, the fallback's
@@ -440,13 +472,15 @@ impl GrpcInferenceService for Front {
         let response = self.infer(&metadata, request).await?;
         let variant = MetadataValue::try_from(response.model_version.as_str())
             .map_err(|_| Status::internal("version is not a valid header value"))?;
-        // A stand-in's answer says so in a header too, for clients that read headers.
-        let stand_in = [
+        // A stand-in's or the cache's answer says so in a header too, for clients that
+        // read headers.
+        let marks: Vec<_> = [
             (FALLBACK_PARAMETER, FALLBACK_HEADER),
             (DEFAULT_PARAMETER, DEFAULT_HEADER),
+            (CACHE_PARAMETER, CACHE_HEADER),
         ]
         .into_iter()
-        .find_map(
+        .filter_map(
             |(parameter, header)| match response.parameters.get(parameter) {
                 Some(InferParameter {
                     parameter_choice:
@@ -456,11 +490,12 @@ impl GrpcInferenceService for Front {
                 }) => Some((header, MetadataValue::try_from(failed.as_str()).ok()?)),
                 _ => None,
             },
-        );
+        )
+        .collect();
         let mut response = Response::new(response);
         response.metadata_mut().insert(VARIANT_HEADER, variant);
-        if let Some((header, failed)) = stand_in {
-            response.metadata_mut().insert(header, failed);
+        for (header, value) in marks {
+            response.metadata_mut().insert(header, value);
         }
         Ok(response)
     }

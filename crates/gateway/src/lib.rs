@@ -19,6 +19,8 @@
 //! - [`watch`]: watching the config file and the model repository.
 //! - [`dead_letters`]: requests that finally failed, kept on disk to be sent again.
 //! - [`defaults`]: the model cards' default predictions, held for calls that failed.
+//! - [`cache`]: the prediction cache: answers served again to identical requests, in
+//!   this process and in a shared Redis.
 //! - [`admin`]: the admin API's services (routes, models, rollouts, experiments,
 //!   fleet) over [`control`], [`metrics`] and a rollout driver.
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
@@ -34,6 +36,7 @@
 pub mod admin;
 pub mod app;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod controller;

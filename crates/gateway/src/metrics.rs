@@ -224,6 +224,36 @@ struct Variant {
     latencies: Reservoir,
     /// Calls this version failed that something else then answered.
     stand_ins: StandIns,
+    /// What the prediction cache did for its requests.
+    cache: CacheCounts,
+}
+
+/// What the prediction cache did for a version's requests. A hit is counted here only,
+/// not as a request of the version: its error rate and latency (what rollouts judge)
+/// stay those of real inferences.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounts {
+    /// Answered from the cache (either tier).
+    pub hits: u64,
+    /// Of those, answered from the shared Redis tier.
+    pub redis_hits: u64,
+    /// Looked up and not found: the version ran.
+    pub misses: u64,
+    /// Redis look-ups and writes skipped or given up (Redis down, slow or failing).
+    pub bypasses: u64,
+}
+
+/// One thing the prediction cache did for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// Answered from this process's cache.
+    Hit,
+    /// Answered from the shared Redis tier.
+    RedisHit,
+    /// Not found: the version ran.
+    Miss,
+    /// A Redis look-up or write was skipped or given up.
+    Bypass,
 }
 
 /// What answered the calls a version failed, apart from its own outcomes (so its
@@ -283,6 +313,33 @@ impl Metrics {
             .and_then(|versions| versions.get(version))
             .map_or_else(StandIns::default, |v| {
                 v.lock().unwrap_or_else(PoisonError::into_inner).stand_ins
+            })
+    }
+
+    /// Counts what the prediction cache did for a request of `model` at `version`.
+    pub fn record_cache(&self, model: &str, version: &str, event: CacheEvent) {
+        let variant = self.variant(model, version);
+        let mut variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
+        let counts = &mut variant.cache;
+        match event {
+            CacheEvent::Hit => counts.hits += 1,
+            CacheEvent::RedisHit => {
+                counts.hits += 1;
+                counts.redis_hits += 1;
+            }
+            CacheEvent::Miss => counts.misses += 1,
+            CacheEvent::Bypass => counts.bypasses += 1,
+        }
+    }
+
+    /// What the prediction cache did for the requests of `model` at `version`.
+    pub fn cache_counts(&self, model: &str, version: &str) -> CacheCounts {
+        let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
+        variants
+            .get(model)
+            .and_then(|versions| versions.get(version))
+            .map_or_else(CacheCounts::default, |v| {
+                v.lock().unwrap_or_else(PoisonError::into_inner).cache
             })
     }
 
@@ -380,6 +437,7 @@ impl Metrics {
                         outcomes: Outcomes::default(),
                         latencies: Reservoir::default(),
                         stand_ins: StandIns::default(),
+                        cache: CacheCounts::default(),
                     }))
                 }),
         )

@@ -41,6 +41,9 @@ pub struct Route {
     /// Whether a call that finally failed is answered with its version's default
     /// prediction (from the model card), when it has one.
     pub default_prediction: bool,
+    /// How long an answer of this route is served from the prediction cache; `None`:
+    /// the route is not cached.
+    pub cache_ttl: Option<Duration>,
 }
 
 /// One version of a route.
@@ -93,6 +96,7 @@ impl From<&RouteConfig> for Route {
             fallback: None,
             dead_letters: config.dead_letters,
             default_prediction: config.default_prediction,
+            cache_ttl: config.cache.map(|c| Duration::from_millis(c.ttl_ms)),
         }
     }
 }
@@ -185,7 +189,7 @@ impl Route {
 
     /// The route `SetRoute` asks for: versions, weights and endpoints (several replicas
     /// comma-separated in one `endpoint`). What the message
-    /// cannot say (sticky key, rules, shadow, faults) is empty here; the gateway keeps
+    /// cannot say (sticky key, rules, shadow, faults, cache) is empty here; the gateway keeps
     /// it from the route in force.
     pub fn from_message(message: &pb::Route) -> Route {
         Route {

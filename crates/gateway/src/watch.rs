@@ -64,7 +64,6 @@ pub async fn watch_config(
     .ok();
 
     let shown = path.display().to_string();
-    control.watching_config(&shown);
     // No baseline: the first pass compares the file with the routes in force, so an
     // edit saved while the gateway was starting (loading models) still applies.
     let mut last_seen: Option<Vec<u8>> = None;
@@ -187,6 +186,8 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
             "dead_letters",
             config.dead_letters != started_with.dead_letters,
         ),
+        // The cache's bound and Redis tier too (a route's `cache` applies at once).
+        ("cache", config.cache != started_with.cache),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

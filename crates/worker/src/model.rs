@@ -129,6 +129,10 @@ pub struct LoadedModel {
     pub loaded_at: SystemTime,
     /// The model file's fingerprint when it was read.
     pub fingerprint: Fingerprint,
+    /// A hash of the model file's bytes (BLAKE3, first 128 bits in hex): equal on every
+    /// replica that loaded the same weights, different after any weight change. A
+    /// gateway's prediction cache keys answers by it (see [`FINGERPRINT_PARAMETER`]).
+    pub content_hash: String,
     /// Whether its requests run inline or on the blocking pool.
     pub inline: InlinePolicy,
     /// Dynamic batching, when the model card asks for it.
@@ -138,6 +142,18 @@ pub struct LoadedModel {
     idle: Mutex<Vec<Session>>,
     permits: Arc<Semaphore>,
     instances: usize,
+}
+
+/// Response parameter (and `ModelConfig` parameter) naming the content hash of the
+/// model that answered ([`LoadedModel::content_hash`]), so a gateway never mixes the
+/// answers of two models loaded as the same version.
+pub const FINGERPRINT_PARAMETER: &str = "aviary_model_fingerprint";
+
+/// The first 128 bits of the BLAKE3 hash of `bytes`, in hex: collisions are not a
+/// practical risk, and the value stays short in every response.
+fn content_hash(bytes: &[u8]) -> String {
+    let hash = blake3::hash(bytes);
+    hash.to_hex()[..32].to_owned()
 }
 
 impl LoadedModel {
@@ -203,6 +219,7 @@ impl LoadedModel {
             path: path.to_owned(),
             loaded_at: SystemTime::now(),
             fingerprint,
+            content_hash: content_hash(&bytes),
             inline: InlinePolicy {
                 limit: options.inline_max,
                 measured: None,

@@ -14,10 +14,11 @@ use std::{
 use arc_swap::ArcSwap;
 use aviary::{
     pb::inference::{
-        ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput,
-        ModelInstanceGroup, ModelMetadataResponse, ModelOutput, ModelParameter, ModelStatistics,
-        ModelVersionPolicy, model_config, model_infer_response::InferOutputTensor,
-        model_instance_group, model_metadata_response::TensorMetadata, model_version_policy,
+        InferParameter, ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse,
+        ModelInput, ModelInstanceGroup, ModelMetadataResponse, ModelOutput, ModelParameter,
+        ModelStatistics, ModelVersionPolicy, infer_parameter::ParameterChoice, model_config,
+        model_infer_response::InferOutputTensor, model_instance_group,
+        model_metadata_response::TensorMetadata, model_version_policy,
         repository_index_response::ModelIndex,
     },
     tensor::Datatype,
@@ -31,7 +32,7 @@ use crate::{
     catalog::Catalog,
     default_prediction,
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
-    model::SessionOptions,
+    model::{FINGERPRINT_PARAMETER, SessionOptions},
     repository, validate,
 };
 
@@ -177,11 +178,16 @@ pub async fn infer_on(
                     (tensor, Bytes::from(o.raw))
                 })
                 .unzip();
+            // Which weights answered, for a gateway's prediction cache: the slot may
+            // hold another model by the time the caller reads it.
+            let fingerprint = InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(model.content_hash.clone())),
+            };
             Ok(ModelInferResponse {
                 model_name: model.model.clone(),
                 model_version: model.version.clone(),
                 id: request.id,
-                parameters: Default::default(),
+                parameters: HashMap::from([(FINGERPRINT_PARAMETER.to_owned(), fingerprint)]),
                 outputs: tensors,
                 raw_output_contents: raw,
             })
@@ -299,7 +305,15 @@ impl Worker {
                 .card
                 .as_ref()
                 .map(|card| card_parameters(card, loaded.default_prediction.as_ref()))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into_iter()
+                .chain([(
+                    FINGERPRINT_PARAMETER.to_owned(),
+                    ModelParameter {
+                        string_value: loaded.content_hash.clone(),
+                    },
+                )])
+                .collect(),
             ..Default::default()
         })
     }

@@ -89,6 +89,10 @@ fn render_events(v: &VersionWeight) -> String {
         ("ejected", v.ejections),
         ("fell back", v.fallbacks),
         ("defaulted", v.defaults),
+        ("cache hit", v.cache_hits),
+        ("redis hit", v.cache_redis_hits),
+        ("cache miss", v.cache_misses),
+        ("redis bypassed", v.cache_bypasses),
     ]
     .iter()
     .filter(|(_, n)| *n > 0)

@@ -4,6 +4,8 @@
 //! the tests read the bound addresses from the lines the process prints.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod redis_server;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read},

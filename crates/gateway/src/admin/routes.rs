@@ -60,6 +60,11 @@ impl Routes for RoutesService {
                         let stand_ins = self.metrics.stand_ins(model, &version.version);
                         version.fallbacks = stand_ins.fallbacks;
                         version.defaults = stand_ins.defaults;
+                        let cache = self.metrics.cache_counts(model, &version.version);
+                        version.cache_hits = cache.hits;
+                        version.cache_redis_hits = cache.redis_hits;
+                        version.cache_misses = cache.misses;
+                        version.cache_bypasses = cache.bypasses;
                         version.default_ready = self
                             .control
                             .defaults()
