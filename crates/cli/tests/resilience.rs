@@ -63,10 +63,10 @@ fn status(
     })
 }
 
-/// What `ctl routes --json` says of `model` at `version`: (health, breaker).
-fn version_state(gateway: &Served, model: &str, version: &str) -> (String, String) {
+/// `ctl routes --json`'s entry of `model` at `version`.
+fn route_entry(gateway: &Served, model: &str, version: &str) -> Value {
     let routes = gateway.routes();
-    let entry = routes["routes"]
+    routes["routes"]
         .as_array()
         .and_then(|r| r.iter().find(|r| r["model"] == model))
         .and_then(|r| {
@@ -76,7 +76,12 @@ fn version_state(gateway: &Served, model: &str, version: &str) -> (String, Strin
                 .find(|v| v["version"] == version)
         })
         .cloned()
-        .unwrap_or(Value::Null);
+        .unwrap_or(Value::Null)
+}
+
+/// What `ctl routes --json` says of `model` at `version`: (health, breaker).
+fn version_state(gateway: &Served, model: &str, version: &str) -> (String, String) {
+    let entry = route_entry(gateway, model, version);
     let text = |field: &str| entry[field].as_str().unwrap_or_default().to_owned();
     (text("health"), text("breaker"))
 }
@@ -463,10 +468,12 @@ fn with_every_replica_down_retries_stay_within_the_budget() {
     );
 }
 
-#[test]
-fn a_failing_canary_is_served_by_its_fallback_and_still_rolled_back() {
+/// An embedded demo whose canary, version 2, fails every call, in a rollout plan
+/// whose error gate rolls it back; `stand_in` is the route's setting that answers for
+/// it (a fallback or the default prediction).
+fn failing_canary_config(stand_in: &str) -> String {
     let models = repo_root().join("deploy/local/models");
-    let config = format!(
+    format!(
         r#"
 [repository]
 path = "{models}"
@@ -474,7 +481,7 @@ instances = 2
 
 [routes.demo]
 versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0, fault = {{ error_rate = 1.0 }} }} ]
-fallback = {{ version = "1" }}
+{stand_in}
 
 [rollouts]
 evaluate_interval_ms = 100
@@ -486,8 +493,35 @@ steps = [ {{ weight = 50, min_duration_ms = 60000, min_requests = 20 }}, {{ weig
 gates = {{ max_error_rate_increase = 0.05 }}
 "#,
         models = models.display()
+    )
+}
+
+/// Under traffic, the rollout sees the canary's own failures and rolls it back while
+/// no client sees an error; the answers by version.
+fn rolled_back_without_client_errors(served: &Served) -> std::collections::BTreeMap<String, u64> {
+    let traffic = Traffic::start(&[&served.addr]);
+    assert!(
+        eventually(CONFIG_DEADLINE, || served
+            .ctl(&["rollout", "status", "demo", "--json"])
+            .json()["state"]
+            == "rolled back"),
+        "the canary is rolled back: {:#}",
+        served.ctl(&["rollout", "status", "demo", "--json"]).json()
     );
-    let served = Served::start(&config, &[]);
+    let (answered, failures) = traffic.stop();
+    assert!(
+        failures.is_empty(),
+        "no client saw the canary fail: {failures:?}"
+    );
+    answered
+}
+
+#[test]
+fn a_failing_canary_is_served_by_its_fallback_and_still_rolled_back() {
+    let served = Served::start(
+        &failing_canary_config("fallback = { version = \"1\" }"),
+        &[],
+    );
     let runtime = runtime();
 
     // A request pinned to the failing canary: answered by version 1, and it says so.
@@ -507,22 +541,7 @@ gates = {{ max_error_rate_increase = 0.05 }}
     assert_eq!(fallback_for.as_deref(), Some("demo/2"));
     assert!(response.parameters.contains_key("aviary_fallback_for"));
 
-    // Under traffic the rollout still sees the canary's own failures and rolls back,
-    // while no client sees an error.
-    let traffic = Traffic::start(&[&served.addr]);
-    assert!(
-        eventually(CONFIG_DEADLINE, || served
-            .ctl(&["rollout", "status", "demo", "--json"])
-            .json()["state"]
-            == "rolled back"),
-        "the canary is rolled back: {:#}",
-        served.ctl(&["rollout", "status", "demo", "--json"]).json()
-    );
-    let (answered, failures) = traffic.stop();
-    assert!(
-        failures.is_empty(),
-        "no client saw the canary fail: {failures:?}"
-    );
+    let answered = rolled_back_without_client_errors(&served);
     assert_eq!(
         answered.keys().map(String::as_str).collect::<Vec<_>>(),
         ["1"],
@@ -535,22 +554,6 @@ gates = {{ max_error_rate_increase = 0.05 }}
         .cloned()
         .unwrap_or(Value::Null);
     assert!(canary["fallbacks"].as_u64() > Some(0), "{routes:#}");
-}
-
-/// `ctl routes --json`'s entry of `model` at `version`.
-fn route_entry(gateway: &Served, model: &str, version: &str) -> Value {
-    let routes = gateway.routes();
-    routes["routes"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["model"] == model))
-        .and_then(|r| {
-            r["versions"]
-                .as_array()?
-                .iter()
-                .find(|v| v["version"] == version)
-        })
-        .cloned()
-        .unwrap_or(Value::Null)
 }
 
 /// Asserts `response` is demo's default prediction (the model card's: equal
@@ -591,29 +594,7 @@ fn assert_demo_default(
 
 #[test]
 fn a_failing_canary_answered_with_its_default_prediction_is_still_rolled_back() {
-    let models = repo_root().join("deploy/local/models");
-    let config = format!(
-        r#"
-[repository]
-path = "{models}"
-instances = 2
-
-[routes.demo]
-versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0, fault = {{ error_rate = 1.0 }} }} ]
-default_prediction = true
-
-[rollouts]
-evaluate_interval_ms = 100
-
-[rollouts.plans.demo]
-canary = "2"
-baseline = "1"
-steps = [ {{ weight = 50, min_duration_ms = 60000, min_requests = 20 }}, {{ weight = 100, min_duration_ms = 0, min_requests = 20 }} ]
-gates = {{ max_error_rate_increase = 0.05 }}
-"#,
-        models = models.display()
-    );
-    let served = Served::start(&config, &[]);
+    let served = Served::start(&failing_canary_config("default_prediction = true"), &[]);
     assert!(
         eventually(
             CONFIG_DEADLINE,
@@ -632,22 +613,7 @@ gates = {{ max_error_rate_increase = 0.05 }}
     assert_eq!(response.get_ref().model_version, "2");
     assert_demo_default(response, "demo/2");
 
-    // Under traffic the rollout still sees the canary's own failures and rolls back,
-    // while no client sees an error.
-    let traffic = Traffic::start(&[&served.addr]);
-    assert!(
-        eventually(CONFIG_DEADLINE, || served
-            .ctl(&["rollout", "status", "demo", "--json"])
-            .json()["state"]
-            == "rolled back"),
-        "the canary is rolled back: {:#}",
-        served.ctl(&["rollout", "status", "demo", "--json"]).json()
-    );
-    let (_, failures) = traffic.stop();
-    assert!(
-        failures.is_empty(),
-        "no client saw the canary fail: {failures:?}"
-    );
+    rolled_back_without_client_errors(&served);
     let canary = route_entry(&served, "demo", "2");
     assert!(canary["defaults"].as_u64() > Some(0), "{canary}");
     let table = served.ctl(&["routes"]).ok();
