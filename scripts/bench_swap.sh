@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks of issue "Hot swap": latency of the larger model (mlp) in steady state and
-# while it is reloaded every 200 ms, time to load and swap, RSS after 1 and after 200
+# Hot-swap benchmarks: latency of the larger model (mlp) in steady state and while it
+# is reloaded every 200 ms (driven from the load generator's own process, and by one
+# `aviary ctl` process per reload), time to load and swap, RSS after 1 and after 200
 # swaps, and how soon a weight change is in effect. Release build, 127.0.0.1 only; the
 # load generator shares the machine's cores with the server.
 # Output: markdown on stdout (and in target/bench/swap.md).
@@ -31,11 +32,14 @@ ctl() { "$bin" ctl --admin "http://$admin" "$@"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
-bench() { "$bin" bench --addr "http://$addr" --model mlp --concurrency "$concurrency" --duration "$duration" --warmup 2 --json; }
+bench() { "$bin" bench --addr "http://$addr" --model mlp --concurrency "$concurrency" --duration "$duration" --warmup 2 --json "$@"; }
 
 steady=$(bench)
 
-# The same load while mlp 1 is reloaded every 200 ms.
+# The same load while the load generator itself reloads mlp 1 every 200 ms.
+in_process=$(bench --reload-version 1 --reload-every-ms 200 --admin "http://$admin")
+
+# The same load while mlp 1 is reloaded every 200 ms by a new `aviary ctl` each time.
 bench >"$out/swap-during.json" &
 bench_pid=$!
 sleep 2 # the bench's warm-up
@@ -62,18 +66,22 @@ started=$(date +%s%N)
 ctl set-weights demo 1=90 2=10 >/dev/null
 set_ms=$(( ($(date +%s%N) - started) / 1000000 ))
 
-python3 - "$steady" "$during" "$rss_1" "$rss_200" "$old_split" "$set_ms" "${load_ms[@]}" >"$out/swap.md" <<'PY'
+python3 - "$steady" "$in_process" "$during" "$rss_1" "$rss_200" "$old_split" "$set_ms" "${load_ms[@]}" >"$out/swap.md" <<'PY'
 import json, statistics, sys
-steady, during = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-rss_1, rss_200, old_split, set_ms = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-loads = [int(x) for x in sys.argv[7:]]
-print("| mlp, concurrency %d | req/s | p50 µs | p99 µs | errors |" % steady["concurrency"])
-print("|---|---:|---:|---:|---:|")
-for name, r in (("steady state", steady), ("reload every 200 ms", during)):
-    print(f"| {name} | {r['throughput']:.0f} | {r['p50_us']} | {r['p99_us']} | {sum(r['errors'].values())} |")
+steady, in_process, during = (json.loads(a) for a in sys.argv[1:4])
+rss_1, rss_200, old_split, set_ms = (int(a) for a in sys.argv[4:8])
+loads = [int(x) for x in sys.argv[8:]]
+print("| mlp, concurrency %d | req/s | p50 µs | p99 µs | p99 / steady | errors |" % steady["concurrency"])
+print("|---|---:|---:|---:|---:|---:|")
+for name, r in (("steady state", steady),
+                ("reload every 200 ms, in-process driver", in_process),
+                ("reload every 200 ms, one `aviary ctl` each", during)):
+    print(f"| {name} | {r['throughput']:.0f} | {r['p50_us']} | {r['p99_us']} | "
+          f"{r['p99_us'] / steady['p99_us']:.2f}x | {sum(r['errors'].values())} |")
 print()
-print(f"p99 during swaps / steady p99: {during['p99_us'] / steady['p99_us']:.2f}x "
-      f"({len(loads)} reloads during the run).")
+r = in_process["reloads"]
+print(f"In-process driver: {r['done']} reloads ({r['failed']} failed), load + swap median "
+      f"{r['load_ms_p50']} ms, max {r['load_ms_max']} ms. Through ctl: {len(loads)} reloads.")
 print(f"Load + warm-up + swap of mlp (1.8 MB, 2 sessions), from the admin API: "
       f"median {statistics.median(loads):.0f} ms, max {max(loads)} ms.")
 print(f"RSS after 1 swap {rss_1 / 1024:.1f} MiB, after 200 swaps {rss_200 / 1024:.1f} MiB "

@@ -9,6 +9,12 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "aviary", version, about)]
 pub struct Cli {
+    /// Threads that run the async runtime: serving, routing and the model runs short
+    /// enough to run inline (default: one per core). One thread runs a
+    /// single-threaded runtime, with no hand-offs between threads: the cheapest for a
+    /// gateway that shares its node's cores (docs/benchmarks.md).
+    #[arg(long, global = true, env = "AVIARY_ASYNC_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub async_threads: Option<u16>,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -182,6 +188,17 @@ pub struct BenchArgs {
     /// A header sent with a new random value on every request (e.g. a sticky user key).
     #[arg(long)]
     pub random_header: Option<String>,
+    /// Reload this version of the model through the admin API (`--admin`) all through
+    /// the measured time, every `--reload-every-ms`: hot swaps under load, driven from
+    /// this process.
+    #[arg(long, requires = "admin")]
+    pub reload_version: Option<String>,
+    /// Milliseconds between the start of one reload and the next.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reload_every_ms: u64,
+    /// The server's admin API, for `--reload-version`.
+    #[arg(long)]
+    pub admin: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,

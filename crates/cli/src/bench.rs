@@ -8,6 +8,7 @@ use std::{
 };
 
 use aviary::{
+    pb::admin::{VersionRequest, models_client::ModelsClient},
     pb::inference::{
         ModelInferRequest, ModelMetadataRequest,
         grpc_inference_service_client::GrpcInferenceServiceClient,
@@ -43,6 +44,32 @@ pub struct BenchOptions {
     /// A header sent with a fresh random value on every request (a sticky routing key
     /// for many distinct users).
     pub random_header: Option<String>,
+    /// Hot swaps to drive while measuring.
+    pub reload: Option<Reload>,
+}
+
+/// Reloads of one version through the admin API during the measured time.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// The admin API, `http://host:port`.
+    pub admin: String,
+    /// The version of the benchmarked model to reload.
+    pub version: String,
+    /// From the start of one reload to the start of the next.
+    pub every: Duration,
+}
+
+/// What the reloads during a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    /// Reloads that succeeded.
+    pub done: u64,
+    /// Reloads the server refused or failed.
+    pub failed: u64,
+    /// Median load + warm-up + swap time the server reported, in milliseconds.
+    pub load_ms_p50: u64,
+    /// The longest.
+    pub load_ms_max: u64,
 }
 
 /// What a run measured.
@@ -70,6 +97,9 @@ pub struct BenchReport {
     pub max_us: u64,
     /// Successful responses by the version that served them.
     pub versions: BTreeMap<String, u64>,
+    /// The hot swaps driven during the run, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reloads: Option<ReloadReport>,
 }
 
 impl BenchReport {
@@ -194,6 +224,14 @@ pub async fn run(
         .transpose()?;
     let warmup_end = Instant::now() + options.warmup;
     let end = warmup_end + options.duration;
+    let reloads = options.reload.as_ref().map(|reload| {
+        tokio::spawn(drive_reloads(
+            reload.clone(),
+            options.model.clone(),
+            warmup_end,
+            end,
+        ))
+    });
 
     let mut tasks = Vec::with_capacity(options.concurrency);
     for _ in 0..options.concurrency.max(1) {
@@ -251,6 +289,10 @@ pub async fn run(
         v.into_iter()
             .for_each(|(k, n)| *versions.entry(k).or_default() += n);
     }
+    let reloads = match reloads {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
     let seconds = options.duration.as_secs_f64();
     Ok(BenchReport {
         model: options.model.clone(),
@@ -264,5 +306,47 @@ pub async fn run(
         p99_us: histogram.value_at_quantile(0.99),
         max_us: histogram.max(),
         versions,
+        reloads,
+    })
+}
+
+/// Reloads `reload.version` of `model` every `reload.every` from `start` to `end`.
+async fn drive_reloads(
+    reload: Reload,
+    model: String,
+    start: Instant,
+    end: Instant,
+) -> Result<ReloadReport, Box<dyn std::error::Error + Send + Sync>> {
+    let channel = tonic::transport::Endpoint::from_shared(reload.admin.clone())?
+        .connect()
+        .await?;
+    let mut client = ModelsClient::new(channel);
+    let mut ticks = tokio::time::interval_at(start.into(), reload.every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut load_ms = Vec::new();
+    let mut failed = 0;
+    loop {
+        ticks.tick().await;
+        if Instant::now() >= end {
+            break;
+        }
+        let request = VersionRequest {
+            model: model.clone(),
+            version: reload.version.clone(),
+        };
+        match client.reload_version(request).await {
+            Ok(response) => load_ms.push(response.into_inner().load_ms),
+            Err(status) => {
+                failed += 1;
+                tracing::warn!(%status, "reload failed");
+            }
+        }
+    }
+    load_ms.sort_unstable();
+    Ok(ReloadReport {
+        done: load_ms.len() as u64,
+        failed,
+        load_ms_p50: load_ms.get(load_ms.len() / 2).copied().unwrap_or(0),
+        load_ms_max: load_ms.last().copied().unwrap_or(0),
     })
 }

@@ -29,9 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
         )
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime(cli.async_threads)?;
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args, Mode::Embedded).await,
@@ -46,6 +44,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The async runtime: `threads` of them, or one per core.
+///
+/// Not fewer by default: model runs cheaper than a hand-off to the blocking pool run
+/// inline on these threads, so they are the worker's compute too (`mlp` at c=32 loses
+/// 12–18 % on 2 cores with one thread). A gateway without models that shares its
+/// cores does better with one: each hand-off between tasks on a multi-thread runtime
+/// may wake a parked thread (a futex wake and a context switch, more than the work
+/// itself); measured on 2 cores, one thread serves the gateway hop in 60 µs of CPU per
+/// request where two take 75 (docs/benchmarks.md).
+fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads.map(usize::from) {
+        // No work stealing to pay for when there is nobody to steal from.
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -272,6 +295,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         batch: args.batch,
         headers: args.headers,
         random_header: args.random_header,
+        reload: args
+            .reload_version
+            .zip(args.admin)
+            .map(|(version, admin)| bench::Reload {
+                admin,
+                version,
+                every: Duration::from_millis(args.reload_every_ms),
+            }),
     };
     let report = bench::run(&options)
         .await
@@ -293,6 +324,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
         if !report.errors.is_empty() {
             println!("  errors by code: {:?}", report.errors);
+        }
+        if let Some(reloads) = &report.reloads {
+            println!(
+                "  {} reloads, load + swap median {} ms, max {} ms, failed {}",
+                reloads.done, reloads.load_ms_p50, reloads.load_ms_max, reloads.failed
+            );
         }
     }
     Ok(())

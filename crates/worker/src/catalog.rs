@@ -43,8 +43,9 @@ impl VersionSlot {
 
     /// Swaps in a new copy of the version. Requests already running keep the old one,
     /// and the statistics carry on, because they belong to the version, not the file.
-    pub(crate) fn replace(&self, model: Arc<LoadedModel>) {
-        self.current.store(model);
+    /// Returns the copy it replaced.
+    pub(crate) fn replace(&self, model: Arc<LoadedModel>) -> Arc<LoadedModel> {
+        self.current.swap(model)
     }
 
     /// The model currently in this slot.

@@ -21,6 +21,7 @@
 //! - [`catalog`]: the loaded and failed versions as pure data, and the look-ups on them.
 //! - [`lifecycle`]: load, reload, unload, version policies and repository sync, applied
 //!   to a catalog it is given.
+//! - [`loader`]: the low-priority threads that load model files and free old ones.
 //! - [`worker`]: a catalog and its lifecycle composed into a [`Worker`], and the v2
 //!   operations on it.
 //! - [`server`]: the v2 gRPC service over a [`Worker`] and the standalone worker
@@ -35,6 +36,7 @@ pub mod catalog;
 pub mod default_prediction;
 pub mod error;
 pub mod lifecycle;
+pub mod loader;
 pub mod model;
 pub mod repository;
 pub mod runtime;

@@ -24,6 +24,7 @@ use crate::{
     WorkerError,
     admission::Admission,
     catalog::{Catalog, Failure, VersionSlot},
+    loader,
     model::{LoadedModel, SessionOptions},
     repository::{self, VersionEntry},
 };
@@ -349,7 +350,7 @@ impl Lifecycle {
         let options = self.session;
         let started = Instant::now();
         let (model, number, fingerprint) = (entry.model.clone(), entry.version, entry.fingerprint);
-        let loaded = tokio::task::spawn_blocking(move || {
+        let loaded = loader::off_the_serving_path("load", move || {
             let card = entry
                 .card_path
                 .as_deref()
@@ -365,8 +366,7 @@ impl Lifecycle {
                 options,
             )
         })
-        .await
-        .map_err(|e| WorkerError::Unavailable(format!("loading task failed: {e}")))?;
+        .await?;
         let loaded = match loaded {
             Ok(loaded) => Arc::new(loaded),
             Err(error) => {
@@ -388,7 +388,11 @@ impl Lifecycle {
         let existing = catalog.load().running(&model, number).cloned();
         let replaced = existing.is_some();
         match existing {
-            Some(slot) => slot.replace(loaded),
+            Some(slot) => {
+                // Requests still running on the old copy free it when they end;
+                // otherwise it is freed here, off the serving path.
+                loader::drop_off_the_serving_path("free", slot.replace(loaded));
+            }
             None => {
                 let slot = Arc::new(VersionSlot::new(loaded, Arc::clone(&self.admission)));
                 update(catalog, |catalog| {
