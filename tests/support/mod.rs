@@ -285,10 +285,15 @@ pub async fn start_embedded(routes: &str) -> Running {
 
 /// Starts a standalone worker over `repository`.
 pub async fn start_worker(repository: &Path) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    start_worker_on(repository, listener).await
+}
+
+/// Starts a standalone worker over `repository` serving on `listener`.
+pub async fn start_worker_on(repository: &Path, listener: TcpListener) -> Running {
     let worker = Worker::open(WorkerConfig::new(repository.to_owned(), test_sessions()))
         .await
         .expect("worker loads the repository");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     spawn(addr, move |rx| async move {
         server::run_worker(

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(name = "aviary", version, about)]
 pub struct Cli {
     /// Threads that run the async runtime: serving, routing and the model runs short
-    /// enough to run inline (default: one per core). One thread runs a
+    /// enough to run inline (default: one per core the process may use). One thread runs a
     /// single-threaded runtime, with no hand-offs between threads: the cheapest for a
     /// gateway that shares its node's cores (docs/benchmarks.md).
     #[arg(long, global = true, env = "AVIARY_ASYNC_THREADS", value_parser = clap::value_parser!(u16).range(1..))]

@@ -46,7 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-/// The async runtime: `threads` of them, or one per core.
+/// The async runtime: `threads` of them, or one per core the process may use.
 ///
 /// Not fewer by default: model runs cheaper than a hand-off to the blocking pool run
 /// inline on these threads, so they are the worker's compute too (`mlp` at c=32 loses
@@ -56,16 +56,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// itself); measured on 2 cores, one thread serves the gateway hop in 60 µs of CPU per
 /// request where two take 75 (docs/benchmarks.md).
 fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    match threads.map(usize::from) {
+    // The cores this process may use (a container's CPU quota counts).
+    let threads = threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    match threads {
         // No work stealing to pay for when there is nobody to steal from.
-        Some(1) => tokio::runtime::Builder::new_current_thread()
+        1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
-        Some(threads) => tokio::runtime::Builder::new_multi_thread()
+        threads => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
-            .enable_all()
-            .build(),
-        None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build(),
     }

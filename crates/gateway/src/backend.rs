@@ -3,11 +3,7 @@
 //! endpoint, shared by every version served there). The request path around a backend
 //! (deadline, load shedding, breaker, faults) is [`crate::stack`].
 
-use std::{
-    fmt,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{fmt, sync::Arc, time::Duration};
 
 use aviary::pb::inference::{
     ModelConfig, ModelConfigRequest, ModelInferResponse, ModelMetadataRequest,
@@ -19,7 +15,7 @@ use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{GatewayError, stack::Call};
+use crate::{GatewayError, infer_client::InferClient, stack::Call};
 
 /// A place that runs model versions.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
@@ -143,11 +139,13 @@ impl Backend for InProcess {
     }
 }
 
-/// A worker server reached over gRPC.
-#[derive(Debug, Clone)]
+/// A worker server reached over gRPC: inferences through [`InferClient`], every
+/// other call through tonic's client.
+#[derive(Debug)]
 pub struct Remote {
     endpoint: String,
     client: GrpcInferenceServiceClient<Channel>,
+    infer: InferClient,
 }
 
 impl Remote {
@@ -166,9 +164,16 @@ impl Remote {
         let client = GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
+        let infer = InferClient::new(endpoint, max_message_bytes).map_err(|message| {
+            GatewayError::Config {
+                path: endpoint.to_owned(),
+                message,
+            }
+        })?;
         Ok(Remote {
             endpoint: endpoint.to_owned(),
             client,
+            infer,
         })
     }
 
@@ -210,19 +215,14 @@ impl Backend for Remote {
     }
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        let mut client = self.client.clone();
         Box::pin(async move {
-            let mut request = tonic::Request::new(call.request);
-            if let Some(deadline) = call.deadline {
-                // What is left of the deadline travels as the call's grpc-timeout, so
-                // the worker drops the request if it expires in the worker's queue.
-                request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            }
-            client
-                .model_infer(request)
+            self.infer
+                .infer(&call.request, call.deadline)
                 .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| self.error(s))
+                .map_err(|status| GatewayError::Remote {
+                    endpoint: self.endpoint.clone(),
+                    status,
+                })
         })
     }
 

@@ -24,6 +24,7 @@
 //! - [`admin`]: the admin API's services (routes, models, rollouts, experiments,
 //!   fleet) over [`control`], [`metrics`] and a rollout driver.
 //! - [`backend`]: the [`backend::Backend`] trait, in-process and remote.
+//! - [`infer_client`]: the remote backend's `ModelInfer` client, on HTTP/2 directly.
 //! - [`replicas`]: a version on several worker replicas: balancing, ejection, DNS,
 //!   retries.
 //! - [`stack`]: a version's request path as tower layers: deadline, load shedding,
@@ -45,6 +46,7 @@ pub mod defaults;
 pub mod error;
 pub mod experiment;
 pub mod front;
+pub mod infer_client;
 pub mod metrics;
 pub mod replicas;
 pub mod rollouts;
