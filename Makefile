@@ -30,9 +30,10 @@ test-rust:
 test-python:
 	.venv/bin/python -m pytest tests/python -q
 
-# Records the figures in docs/benchmarks.md (release build, several minutes).
+# Prints the figures of docs/benchmarks.md (release build, several minutes). With
+# KIT=DIR (the benchmark kit, see docs/benchmarks.md) the baselines run too.
 bench: setup
-	scripts/bench.sh
+	scripts/bench.sh $(if $(KIT),--kit $(KIT))
 	scripts/bench_swap.sh
 
 # Regenerates the demo and test models (needs: pip install -r scripts/requirements-models.txt).

@@ -207,11 +207,13 @@ for model in demo mlp; do
   for c in 1 32; do
     for setup in "aviary worker|$worker_addr" "aviary serve|$serve_addr" "aviary gateway -> worker|$gateway_addr"; do
       IFS='|' read -r label a <<<"$setup"
-      "$bin" bench --addr "http://$a" --model "$model" --concurrency "$c" --duration "$seconds" --warmup 1 --json |
-        python3 -c '
+      json=$("$bin" bench --addr "http://$a" --model "$model" --concurrency "$c" --duration "$seconds" --warmup 1 --json)
+      python3 - "$label" "$json" >>"$models_table" <<'PY'
 import json, sys
-r = json.load(sys.stdin)
-print(f"| {sys.argv[1]} | {r[\"model\"]} | {r[\"concurrency\"]} | {r[\"throughput\"]:.0f} | {r[\"p50_us\"]} | {r[\"p99_us\"]} | {sum(r[\"errors\"].values())} |")' "$label" >>"$models_table"
+label, r = sys.argv[1], json.loads(sys.argv[2])
+errors = sum(r["errors"].values())
+print(f"| {label} | {r['model']} | {r['concurrency']} | {r['throughput']:.0f} | {r['p50_us']} | {r['p99_us']} | {errors} |")
+PY
     done
   done
 done

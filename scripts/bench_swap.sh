@@ -30,7 +30,6 @@ done
 [ -n "$admin" ] || { cat "$out/swap-serve.err" >&2; exit 1; }
 ctl() { "$bin" ctl --admin "http://$admin" "$@"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
-field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 bench() { "$bin" bench --addr "http://$addr" --model mlp --concurrency "$concurrency" --duration "$duration" --warmup 2 --json "$@"; }
 
@@ -43,13 +42,16 @@ in_process=$(bench --reload-version 1 --reload-every-ms 200 --admin "http://$adm
 bench >"$out/swap-during.json" &
 bench_pid=$!
 sleep 2 # the bench's warm-up
-load_ms=()
+# The answers are parsed afterwards: a Python start per reload would cost more CPU
+# than the reload itself and be measured with it.
+: >"$out/swap-reloads.jsonl"
 end=$((SECONDS + duration))
 while [ $SECONDS -lt $end ]; do
-  load_ms+=("$(field "$(ctl reload mlp 1 --json)" load_ms)")
+  ctl reload mlp 1 --json >>"$out/swap-reloads.jsonl"
   sleep 0.2
 done
 wait $bench_pid
+mapfile -t load_ms < <(python3 -c 'import json, sys; [print(json.loads(l)["load_ms"]) for l in open(sys.argv[1]) if l.strip()]' "$out/swap-reloads.jsonl")
 during=$(cat "$out/swap-during.json")
 
 # RSS after 1 and after 200 swaps (no load).
