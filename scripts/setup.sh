@@ -3,8 +3,8 @@
 #   .aviary/onnxruntime/libonnxruntime.so.1.31.1  from the official onnxruntime==1.31.1
 #                                                 wheel on PyPI (pip download, no other source)
 #   .venv/                                        Python test clients (tests/python/requirements.txt)
-#   redis-server                                  Debian's package, for the tests of the dead-letter
-#                                                 queue's Redis sink (apt-get, as root only)
+#   redis-server, prometheus                      Debian's packages, for the tests against a real
+#                                                 Redis and Prometheus (apt-get, as root only)
 # Idempotent: each step is skipped when its result is already there.
 set -euo pipefail
 
@@ -49,22 +49,30 @@ if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
   fi
 fi
 
-# The Redis sink of the dead-letter queue is tested against a real redis-server.
-if ! command -v redis-server >/dev/null 2>&1; then
+# apt_install COMMAND PACKAGE SERVICE WHY: Debian's PACKAGE, when COMMAND is missing.
+# Only the binaries are wanted: the tests start their own servers on ports of their
+# own, so a service the package starts is stopped.
+apt_install() {
+  local command=$1 package=$2 service=$3 why=$4
+  command -v "$command" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing redis-server (Debian package)"
+    echo "setup: installing $package (Debian package)"
     # apt's progress and debconf notes are shown only when the install fails.
     if ! log=$(apt-get update -qq 2>&1 &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server 2>&1); then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" 2>&1); then
       echo "$log" >&2
       exit 1
     fi
-    # Only the binary is wanted: the tests start their own servers on ports of their own.
     if command -v service >/dev/null 2>&1; then
-      service redis-server stop >/dev/null 2>&1 || true
+      service "$service" stop >/dev/null 2>&1 || true
     fi
   else
-    echo "setup: redis-server is missing and cannot be installed here (needs root and apt-get);" \
-      "install it to run the dead-letter Redis tests" >&2
+    echo "setup: $command is missing and cannot be installed here (needs root and apt-get);" \
+      "install $package to run $why" >&2
   fi
-fi
+}
+
+# The Redis sink of the dead-letter queue and the shared cache are tested against a
+# real redis-server; /metrics is scraped by a real Prometheus.
+apt_install redis-server redis-server redis-server "the Redis tests"
+apt_install prometheus prometheus prometheus "the Prometheus scrape test"

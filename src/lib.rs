@@ -14,6 +14,7 @@
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
+//! - [`metrics`] (feature `server`): the `/metrics` endpoint and the process metrics.
 //! - [`client`] (feature `client`): connecting, requests built from JSON values, and
 //!   decoded responses (what `aviary infer` uses).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every proto file.
@@ -23,6 +24,8 @@
 pub mod client;
 pub mod codec;
 pub mod contents;
+#[cfg(feature = "server")]
+pub mod metrics;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod tensor;

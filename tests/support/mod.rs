@@ -243,6 +243,7 @@ pub async fn serve_gateway(gateway: Gateway) -> Result<Running, String> {
         let listeners = Listeners {
             inference: listener,
             admin: Some(admin),
+            metrics: None,
         };
         gateway
             .serve(listeners, aviary::server::DEFAULT_GRACE_PERIOD, async {

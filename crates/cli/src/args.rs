@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// Admin API listen address; overrides the config's admin.listen.
     #[arg(long, env = "AVIARY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Prometheus `/metrics` listen address; overrides the config's metrics.listen.
+    #[arg(long, env = "AVIARY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]
     pub grace_period: f64,
@@ -94,6 +97,10 @@ pub struct WorkerArgs {
     /// Listen address (port 0 picks a free port).
     #[arg(long, env = "AVIARY_LISTEN", default_value = "127.0.0.1:8002")]
     pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address (default 127.0.0.1:8005 when free: 8002 is
+    /// the worker's own gRPC port).
+    #[arg(long, env = "AVIARY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// ONNX Runtime sessions per version (default: number of cores).
     #[arg(long, env = "AVIARY_INSTANCES")]
     pub instances: Option<usize>,

@@ -73,13 +73,42 @@ fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Where a worker serves `/metrics` unless told otherwise (8002, Triton's metrics
+/// port, is the worker's own gRPC port).
+const WORKER_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8005);
+
+/// The metrics listener: at `configured`, which must bind; or at `default` if it is
+/// free. Two Aviary processes on one host would otherwise fail on the second's
+/// default, so a taken default costs the metrics endpoint, with a warning, not the
+/// process.
+async fn bind_metrics(
+    configured: Option<SocketAddr>,
+    default: SocketAddr,
+) -> anyhow::Result<Option<TcpListener>> {
+    match configured {
+        Some(addr) => Ok(Some(bind(addr, "metrics").await?)),
+        None => match bind(default, "metrics").await {
+            Ok(listener) => Ok(Some(listener)),
+            Err(error) => {
+                tracing::warn!(%default, error = %format!("{error:#}"), "the default metrics address is taken; serving no /metrics (set --metrics-listen)");
+                Ok(None)
+            }
+        },
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the {what} listener to {addr}"))?;
     let local = listener.local_addr()?;
     // Tests and scripts read these lines to learn the ports when asked for port 0.
-    let prefix = if what == "admin" { "admin " } else { "" };
+    let prefix = match what {
+        "admin" => "admin ",
+        "metrics" => "metrics ",
+        _ => "",
+    };
     println!("aviary: {prefix}listening on {local}");
     std::io::stdout().flush()?;
     tracing::info!(%local, what, "listening");
@@ -132,6 +161,8 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
     let listen = args.listen.unwrap_or(config.server.listen);
     let admin_listen = args.admin_listen.unwrap_or(config.admin.listen);
     let admin_enabled = config.admin.enabled;
+    let metrics_listen = args.metrics_listen.or(config.metrics.listen);
+    let metrics_enabled = config.metrics.enabled;
     let gateway = Gateway::start(config, mode)
         .await?
         .watch_config(args.config.clone());
@@ -141,9 +172,23 @@ async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
         true => Some(bind(admin_listen, "admin").await?),
         false => None,
     };
+    let metrics = match metrics_enabled {
+        true => {
+            bind_metrics(
+                metrics_listen,
+                aviary_gateway::config::DEFAULT_METRICS_LISTEN,
+            )
+            .await?
+        }
+        false => None,
+    };
     gateway
         .serve(
-            Listeners { inference, admin },
+            Listeners {
+                inference,
+                admin,
+                metrics,
+            },
             grace_period(args.grace_period)?,
             shutdown,
         )
@@ -184,14 +229,26 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         max_request_tensor_bytes: args.max_request_tensor_bytes,
         max_inflight_tensor_bytes: args.max_inflight_tensor_bytes,
     };
-    let worker = Worker::open(config).await?;
+    let worker = Arc::new(Worker::open(config).await?);
     let shutdown = shutdown_signal();
     let listener = bind(args.listen, "inference").await?;
+    if let Some(metrics) = bind_metrics(args.metrics_listen, WORKER_METRICS_LISTEN).await? {
+        let mut registry = aviary::metrics::registry();
+        registry.register_collector(Box::new(aviary_worker::exposition::WorkerCollector::new(
+            Arc::clone(&worker),
+        )));
+        // Ends with the process: the worker's runner returns only when it stops.
+        tokio::spawn(aviary::metrics::serve(
+            metrics,
+            Arc::new(registry),
+            std::future::pending(),
+        ));
+    }
     let options = aviary::server::ServeOptions {
         max_message_bytes: args.max_message_bytes,
         grace_period: grace_period(args.grace_period)?,
     };
-    server::run_worker(Arc::new(worker), listener, options, shutdown).await?;
+    server::run_worker(worker, listener, options, shutdown).await?;
     Ok(())
 }
 

@@ -72,6 +72,8 @@ pub struct Listeners {
     pub inference: TcpListener,
     /// The admin API, if enabled.
     pub admin: Option<TcpListener>,
+    /// `GET /metrics` (Prometheus), if enabled.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -280,6 +282,18 @@ impl Gateway {
                 }
             });
         }
+        if let Some(listener) = listeners.metrics {
+            let registry = Arc::new(self.registry());
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+                };
+                if let Err(error) = aviary::metrics::serve(listener, registry, stopped).await {
+                    tracing::error!(%error, "metrics endpoint stopped");
+                }
+            });
+        }
         let draining = {
             let health = health.clone();
             async move {
@@ -296,6 +310,24 @@ impl Gateway {
         let result = server::serve(front, listeners.inference, options, health, draining).await;
         tasks.abort_all();
         Ok(result?)
+    }
+}
+
+impl Gateway {
+    /// What `/metrics` shows: the process, the gateway's requests and routes, and the
+    /// embedded worker's statistics.
+    pub fn registry(&self) -> prometheus_client::registry::Registry {
+        let mut registry = aviary::metrics::registry();
+        registry.register_collector(Box::new(crate::exposition::GatewayCollector::new(
+            Arc::clone(&self.metrics),
+            Arc::clone(self.control.routing()),
+        )));
+        if let Some(worker) = self.control.worker() {
+            registry.register_collector(Box::new(aviary_worker::exposition::WorkerCollector::new(
+                Arc::clone(worker),
+            )));
+        }
+        registry
     }
 }
 

@@ -32,6 +32,9 @@ pub struct Config {
     /// The admin API listener.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The Prometheus endpoint's listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The embedded worker's model repository (`aviary serve`).
     pub repository: Option<RepositoryConfig>,
     /// Routes by model name.
@@ -273,6 +276,33 @@ impl Default for AdminConfig {
         }
     }
 }
+
+/// `GET /metrics` for Prometheus (see docs/metrics.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address; `--metrics-listen` overrides it. Unset: Triton's metrics port,
+    /// [`DEFAULT_METRICS_LISTEN`], when it is free (another Aviary process on the same
+    /// host may hold it; then this one serves no metrics and says so).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Whether to serve `/metrics` at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            enabled: true,
+        }
+    }
+}
+
+/// Where a gateway serves `/metrics` unless told otherwise.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8002);
 
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8003))

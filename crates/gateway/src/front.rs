@@ -231,8 +231,11 @@ impl Front {
             .filter(|r| r.default_prediction)
             .map(|_| DefaultShape::of(&request));
         let mut result = self.call(&routing, request, deadline).await;
+        let code = result
+            .as_ref()
+            .map_or_else(|e| e.status().code(), |_| tonic::Code::Ok);
         self.metrics
-            .record(&model, &version, result.is_ok(), started.elapsed());
+            .record_call(&model, &version, code, started.elapsed());
         // Only the version's own successful answer is kept, never a stand-in's.
         if let (Ok(response), Some(cacheable)) = (&mut result, &cacheable) {
             let answered = (model.as_str(), version.as_str());

@@ -10,6 +10,7 @@
 //! - [`routing`]: the route table and backends as one swappable snapshot.
 //! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
 //! - [`metrics`]: requests, errors and latency per routed version, with rollout step windows.
+//! - [`exposition`]: those metrics and the routes' weights on `/metrics`.
 //! - [`experiment`]: A/B experiment reports: per-variant outcomes and significance tests.
 //! - [`rollouts`]: the rollout driver, generic over its target: this gateway, or many
 //!   gateways through their admin API.
@@ -45,6 +46,7 @@ pub mod dead_letters;
 pub mod defaults;
 pub mod error;
 pub mod experiment;
+pub mod exposition;
 pub mod front;
 pub mod infer_client;
 pub mod metrics;

@@ -226,6 +226,28 @@ struct Variant {
     stand_ins: StandIns,
     /// What the prediction cache did for its requests.
     cache: CacheCounts,
+    /// Its calls by the gRPC code they ended with (indexed by the code's number).
+    codes: [u64; CODES],
+}
+
+/// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
+const CODES: usize = 17;
+
+/// One variant's counters as `/metrics` shows them (see [`crate::exposition`]).
+#[derive(Debug, Clone)]
+pub struct VariantCounts {
+    /// The model.
+    pub model: String,
+    /// The version.
+    pub version: String,
+    /// Calls by the gRPC code they ended with.
+    pub codes: Vec<(tonic::Code, u64)>,
+    /// Latency of every call since start-up.
+    pub latency_us: Histogram<u64>,
+    /// Calls it failed that something else answered.
+    pub stand_ins: StandIns,
+    /// What the prediction cache did for its requests.
+    pub cache: CacheCounts,
 }
 
 /// What the prediction cache did for a version's requests. A hit is counted here only,
@@ -292,6 +314,46 @@ impl Metrics {
         variant.total.record(ok, latency);
         variant.step.record(ok, latency);
         variant.latencies.record(latency.as_secs_f64() * 1e6);
+    }
+
+    /// Counts one call of `model` on `version` that ended with `code` and took
+    /// `latency`: [`Metrics::record`], and the count by code `/metrics` shows.
+    pub fn record_call(&self, model: &str, version: &str, code: tonic::Code, latency: Duration) {
+        let variant = self.variant(model, version);
+        let mut variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
+        let ok = code == tonic::Code::Ok;
+        variant.total.record(ok, latency);
+        variant.step.record(ok, latency);
+        variant.latencies.record(latency.as_secs_f64() * 1e6);
+        if let Some(count) = variant.codes.get_mut(code as usize) {
+            *count += 1;
+        }
+    }
+
+    /// Every variant's counters, sorted by model and version.
+    pub fn counts(&self) -> Vec<VariantCounts> {
+        let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
+        let mut counts: Vec<VariantCounts> = variants
+            .iter()
+            .flat_map(|(model, versions)| {
+                versions.iter().map(move |(version, variant)| {
+                    let variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
+                    VariantCounts {
+                        model: model.clone(),
+                        version: version.clone(),
+                        codes: (0..CODES)
+                            .filter(|&i| variant.codes[i] > 0)
+                            .map(|i| (tonic::Code::from(i as i32), variant.codes[i]))
+                            .collect(),
+                        latency_us: variant.total.latency_us.clone(),
+                        stand_ins: variant.stand_ins,
+                        cache: variant.cache,
+                    }
+                })
+            })
+            .collect();
+        counts.sort_by(|a, b| (&a.model, &a.version).cmp(&(&b.model, &b.version)));
+        counts
     }
 
     /// Counts a call `model` at `version` failed (recorded with [`Metrics::record`])
@@ -438,6 +500,7 @@ impl Metrics {
                         latencies: Reservoir::default(),
                         stand_ins: StandIns::default(),
                         cache: CacheCounts::default(),
+                        codes: [0; CODES],
                     }))
                 }),
         )

@@ -18,6 +18,7 @@
 //!   the task that forms and runs batches.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
+//! - [`exposition`]: those statistics and the versions' states on `/metrics`.
 //! - [`catalog`]: the loaded and failed versions as pure data, and the look-ups on them.
 //! - [`lifecycle`]: load, reload, unload, version policies and repository sync, applied
 //!   to a catalog it is given.
@@ -35,6 +36,7 @@ pub mod batching;
 pub mod catalog;
 pub mod default_prediction;
 pub mod error;
+pub mod exposition;
 pub mod lifecycle;
 pub mod loader;
 pub mod model;

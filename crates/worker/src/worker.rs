@@ -327,6 +327,17 @@ impl Worker {
         self.catalog.load().statistics(model, version)
     }
 
+    /// Versions whose last load or reload failed, with the reason; a running copy of
+    /// such a version may still be serving.
+    pub fn failed_loads(&self) -> Vec<(String, u64, String)> {
+        self.catalog
+            .load()
+            .failed
+            .iter()
+            .map(|((model, version), failure)| (model.clone(), *version, failure.reason.clone()))
+            .collect()
+    }
+
     /// `RepositoryIndex`: every version in the repository with its state.
     pub fn index(&self, ready_only: bool) -> Vec<ModelIndex> {
         self.catalog.load().index(ready_only)

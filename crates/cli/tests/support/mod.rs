@@ -285,6 +285,7 @@ pub struct Served {
     pub dir: tempfile::TempDir,
     command: &'static str,
     extra: Vec<String>,
+    metrics: Option<SocketAddr>,
 }
 
 impl Served {
@@ -316,6 +317,7 @@ impl Served {
             dir,
             command,
             extra,
+            metrics: None,
         }
     }
 
@@ -329,12 +331,21 @@ impl Served {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ];
         args.extend(extra.iter().map(String::as_str));
         let mut server = Process::spawn(&args, &[]);
         let inference = server.wait_listening();
         let admin = server.wait_admin();
         (server, inference, admin)
+    }
+
+    /// Where the gateway serves `/metrics` (read from its output once).
+    pub fn metrics_addr(&mut self) -> SocketAddr {
+        *self
+            .metrics
+            .get_or_insert_with(|| self.server.wait_address("aviary: metrics listening on "))
     }
 
     /// Stops the gateway with SIGTERM (asserting it exits 0) and starts it again over
@@ -345,6 +356,7 @@ impl Served {
         assert_eq!(status.code(), Some(0), "serve exits 0 on SIGTERM");
         let (server, inference, admin) = Served::spawn(self.command, &self.config, &self.extra);
         self.server = server;
+        self.metrics = None;
         self.inference = inference;
         self.addr = format!("http://{inference}");
         self.admin = format!("http://{admin}");
@@ -476,6 +488,8 @@ pub fn start_worker_with(repository: &Path, instances: usize) -> (Process, Strin
             "127.0.0.1:0",
             "--instances",
             &instances,
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
         &[],
     );

@@ -1,0 +1,227 @@
+//! `/metrics` of a running `aviary serve`: exact counters per version and code after
+//! known traffic, the histogram's count, the worker's statistics, the routes'
+//! weights, the process metrics, and docs/metrics.md listing exactly the names served.
+mod support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+};
+
+use support::{Served, connect, demo_request, repo_root, runtime};
+
+fn config() -> String {
+    let models = repo_root().join("deploy/local/models");
+    format!(
+        "[repository]\npath = \"{}\"\ninstances = 2\n\n[routes.demo]\nversions = [ \
+         {{ version = \"1\", weight = 90 }}, {{ version = \"2\", weight = 10 }} ]\n",
+        models.display()
+    )
+}
+
+/// `GET /metrics` over plain HTTP/1.1: the status line and the body.
+fn scrape(addr: SocketAddr) -> (String, String, String) {
+    let mut stream = TcpStream::connect(addr).expect("the metrics endpoint accepts");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: aviary\r\nConnection: close\r\n\r\n")
+        .expect("request written");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer read");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or_default()
+        .to_owned();
+    (status, content_type, body.to_owned())
+}
+
+/// Every sample line as `name{labels}` → value.
+fn samples(body: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The metric names a body declares, as their samples are named (counters end in
+/// `_total`).
+fn declared(body: &str) -> BTreeSet<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let (name, kind) = l.split_once(' ')?;
+            Some(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The names docs/metrics.md documents: the first backticked word of each table row
+/// that is a metric name.
+fn documented() -> BTreeSet<String> {
+    let text =
+        std::fs::read_to_string(repo_root().join("docs/metrics.md")).expect("docs/metrics.md");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|name| {
+            (name.starts_with("aviary_") || name.starts_with("process_"))
+                && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn counters_per_version_and_code_match_the_traffic_sent() {
+    const VALID: usize = 200;
+    const INVALID: usize = 7;
+    let mut served = Served::start(&config(), &[]);
+    let metrics = served.metrics_addr();
+    let addr = served.addr.clone();
+    let answered: BTreeMap<String, u64> = runtime().block_on(async {
+        let mut client = support::client(connect(&addr).await);
+        let mut answered = BTreeMap::new();
+        for _ in 0..VALID {
+            let response = client
+                .model_infer(demo_request())
+                .await
+                .expect("a valid request is answered")
+                .into_inner();
+            *answered.entry(response.model_version).or_insert(0) += 1;
+        }
+        for _ in 0..INVALID {
+            // Pinned to version 2, with a row of 3 features where the model takes 4.
+            let mut wrong = demo_request();
+            wrong.model_version = "2".into();
+            wrong.inputs[0].shape = vec![1, 3];
+            wrong.raw_input_contents[0] = aviary::tensor::to_raw(&[1.0f32, 2.0, 3.0]).into();
+            let status = client
+                .model_infer(wrong)
+                .await
+                .expect_err("a wrong shape is refused");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        }
+        answered
+    });
+    assert_eq!(answered.values().sum::<u64>(), VALID as u64);
+    assert!(
+        answered.contains_key("1"),
+        "the 90 % version answered: {answered:?}"
+    );
+
+    let (status, content_type, body) = scrape(metrics);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let samples = samples(&body);
+    let value = |key: &str| samples.get(key).copied();
+    for (version, count) in &answered {
+        let labels = format!("model=\"demo\",version=\"{version}\"");
+        assert_eq!(
+            value(&format!("aviary_requests_total{{{labels},code=\"OK\"}}")),
+            Some(*count as f64),
+            "OK requests of version {version}"
+        );
+        let invalid = if version == "2" { INVALID } else { 0 };
+        assert_eq!(
+            value(&format!(
+                "aviary_request_duration_seconds_count{{{labels}}}"
+            )),
+            Some((*count as usize + invalid) as f64),
+            "every routed request of version {version} is in its histogram"
+        );
+        assert_eq!(
+            value(&format!(
+                "aviary_worker_requests_total{{{labels},outcome=\"success\"}}"
+            )),
+            Some(*count as f64),
+            "the worker counts the same successes for version {version}"
+        );
+    }
+    assert_eq!(
+        value("aviary_requests_total{model=\"demo\",version=\"2\",code=\"INVALID_ARGUMENT\"}"),
+        Some(INVALID as f64)
+    );
+    assert_eq!(
+        value("aviary_requests_total{model=\"demo\",version=\"1\",code=\"INVALID_ARGUMENT\"}"),
+        None,
+        "no invalid request went to version 1"
+    );
+    assert!(
+        samples.contains_key(
+            "aviary_request_duration_seconds_bucket{le=\"+Inf\",model=\"demo\",version=\"1\"}"
+        ),
+        "the last bucket is +Inf, as Prometheus requires"
+    );
+    assert_eq!(
+        value("aviary_route_weight{model=\"demo\",version=\"1\"}"),
+        Some(90.0)
+    );
+    assert_eq!(
+        value("aviary_route_weight{model=\"demo\",version=\"2\"}"),
+        Some(10.0)
+    );
+    assert_eq!(
+        value("aviary_model_version_ready{model=\"demo\",version=\"1\"}"),
+        Some(1.0)
+    );
+    assert!(value("process_resident_memory_bytes").is_some_and(|rss| rss > 1e6));
+    assert!(value("process_cpu_seconds_total").is_some_and(|cpu| cpu > 0.0));
+
+    // docs/metrics.md lists exactly what is served.
+    let declared = declared(&body);
+    let documented = documented();
+    let undocumented: Vec<_> = declared.difference(&documented).collect();
+    let missing: Vec<_> = documented.difference(&declared).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served but not in docs/metrics.md: {undocumented:?}"
+    );
+    assert!(
+        missing.is_empty(),
+        "in docs/metrics.md but not served: {missing:?}"
+    );
+}
+
+#[test]
+fn a_worker_serves_its_own_metrics() {
+    let (mut worker, addr) = support::start_worker(&repo_root().join("deploy/local/models"));
+    let metrics = worker.wait_address("aviary: metrics listening on ");
+    runtime().block_on(async {
+        let mut client = support::client(connect(&addr).await);
+        let mut request = demo_request();
+        request.model_version = "1".into();
+        for _ in 0..3 {
+            client.model_infer(request.clone()).await.expect("answered");
+        }
+    });
+    let (status, _, body) = scrape(metrics);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let samples = samples(&body);
+    assert_eq!(
+        samples
+            .get("aviary_worker_requests_total{model=\"demo\",version=\"1\",outcome=\"success\"}"),
+        Some(&3.0)
+    );
+    assert_eq!(
+        samples.get("aviary_worker_inferences_total{model=\"demo\",version=\"1\"}"),
+        Some(&3.0),
+        "one row each"
+    );
+    assert!(samples.contains_key("process_open_fds"));
+    assert!(
+        !body.contains("aviary_requests_total"),
+        "a worker routes nothing: no gateway metrics"
+    );
+}

@@ -1,0 +1,259 @@
+//! The gateway's metrics on `/metrics`: read from [`Metrics`] and the routing
+//! snapshot when scraped, so the request path keeps only its own counters. Names and
+//! labels are listed in `docs/metrics.md`.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+
+use crate::{
+    metrics::{Metrics, VariantCounts},
+    routing::Routing,
+};
+
+/// Upper bounds of the request duration histogram's buckets, in seconds: 100 µs to
+/// 10 s, the span from a cached answer to a large model's run.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The gateway's collector: per-version requests by code, durations, stand-ins and
+/// cache use, and every route's weights.
+#[derive(Debug)]
+pub struct GatewayCollector {
+    metrics: Arc<Metrics>,
+    routing: Arc<ArcSwap<Routing>>,
+}
+
+impl GatewayCollector {
+    /// A collector over the gateway's metrics and its current routing.
+    pub fn new(metrics: Arc<Metrics>, routing: Arc<ArcSwap<Routing>>) -> GatewayCollector {
+        GatewayCollector { metrics, routing }
+    }
+}
+
+/// `(upper bound, count in that bucket alone)` of `DURATION_BUCKETS` plus +Inf (as
+/// `f64::MAX`), the
+/// sum in seconds, and the count, from a latency histogram in microseconds. The sum
+/// is the histogram's (two significant digits per value), not an exact total.
+pub fn duration_buckets(latency_us: &hdrhistogram::Histogram<u64>) -> (Vec<(f64, u64)>, f64, u64) {
+    let mut buckets = Vec::with_capacity(DURATION_BUCKETS.len() + 1);
+    let mut below = 0;
+    for bound in DURATION_BUCKETS {
+        let bound_us = (bound * 1e6) as u64;
+        let upto = latency_us.count_between(0, bound_us);
+        buckets.push((bound, upto - below));
+        below = upto;
+    }
+    let count = latency_us.len();
+    // prometheus-client writes the bound f64::MAX as `+Inf`.
+    buckets.push((f64::MAX, count - below));
+    let sum = latency_us.mean() * count as f64 / 1e6;
+    (buckets, sum, count)
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counts = self.metrics.counts();
+        encode_requests(&mut encoder, &counts)?;
+        encode_durations(&mut encoder, &counts)?;
+        encode_stand_ins_and_cache(&mut encoder, &counts)?;
+        encode_routing(&mut encoder, &self.routing.load())
+    }
+}
+
+fn encode_requests(
+    encoder: &mut DescriptorEncoder<'_>,
+    counts: &[VariantCounts],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "aviary_requests",
+        "Requests routed to a model version, by the gRPC code they ended with (before \
+         any fallback or default prediction answered).",
+        None,
+        MetricType::Counter,
+    )?;
+    for variant in counts {
+        for (code, count) in &variant.codes {
+            let labels = [
+                ("model", variant.model.as_str()),
+                ("version", variant.version.as_str()),
+                ("code", code_name(*code)),
+            ];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_durations(
+    encoder: &mut DescriptorEncoder<'_>,
+    counts: &[VariantCounts],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "aviary_request_duration_seconds",
+        "Time from routing a request to its version's answer, at the gateway.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for variant in counts {
+        let labels = [
+            ("model", variant.model.as_str()),
+            ("version", variant.version.as_str()),
+        ];
+        let (buckets, sum, count) = duration_buckets(&variant.latency_us);
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &buckets, None,
+            )?;
+    }
+    Ok(())
+}
+
+fn encode_stand_ins_and_cache(
+    encoder: &mut DescriptorEncoder<'_>,
+    counts: &[VariantCounts],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "aviary_stand_ins",
+        "Requests a version failed that the route's fallback or the version's default \
+         prediction then answered.",
+        None,
+        MetricType::Counter,
+    )?;
+    for variant in counts {
+        for (kind, count) in [
+            ("fallback", variant.stand_ins.fallbacks),
+            ("default", variant.stand_ins.defaults),
+        ] {
+            let labels = [
+                ("model", variant.model.as_str()),
+                ("version", variant.version.as_str()),
+                ("kind", kind),
+            ];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "aviary_cache_lookups",
+        "Prediction cache look-ups by result: hit (in this process or Redis), \
+         redis_hit (of those, from Redis), miss, bypass (Redis skipped or too slow).",
+        None,
+        MetricType::Counter,
+    )?;
+    for variant in counts {
+        let cache = variant.cache;
+        for (result, count) in [
+            ("hit", cache.hits),
+            ("redis_hit", cache.redis_hits),
+            ("miss", cache.misses),
+            ("bypass", cache.bypasses),
+        ] {
+            let labels = [
+                ("model", variant.model.as_str()),
+                ("version", variant.version.as_str()),
+                ("result", result),
+            ];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_routing(
+    encoder: &mut DescriptorEncoder<'_>,
+    routing: &Routing,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "aviary_route_weight",
+        "A version's weight in its model's route (unpinned traffic is split by weight).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for model in routing.table.models() {
+        let Some(route) = routing.table.route(model) else {
+            continue;
+        };
+        for (version, weight) in route.versions() {
+            let labels = [("model", model), ("version", version)];
+            ConstGauge::new(i64::from(weight)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let generation = ConstGauge::new(i64::try_from(routing.generation).unwrap_or(i64::MAX));
+    generation.encode(encoder.encode_descriptor(
+        "aviary_routing_generation",
+        "The routing snapshot's generation: it goes up with every applied change.",
+        None,
+        generation.metric_type(),
+    )?)
+}
+
+/// The code's name as gRPC writes it (`OK`, `INVALID_ARGUMENT`, …).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn duration_buckets_place_each_request_once_and_count_all() {
+        let metrics = Metrics::default();
+        for ms in [0.05, 0.3, 0.3, 2.0, 40.0, 20_000.0] {
+            metrics.record_call("m", "1", tonic::Code::Ok, Duration::from_secs_f64(ms / 1e3));
+        }
+        let counts = metrics.counts();
+        let (buckets, sum, count) = duration_buckets(&counts[0].latency_us);
+        assert_eq!(count, 6);
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), 6);
+        let at = |bound: f64| buckets.iter().find(|(b, _)| *b == bound).map(|(_, n)| *n);
+        assert_eq!(at(0.0001), Some(1), "50 µs");
+        assert_eq!(at(0.0005), Some(2), "300 µs twice");
+        assert_eq!(at(0.0025), Some(1), "2 ms");
+        assert_eq!(at(0.05), Some(1), "40 ms");
+        assert_eq!(at(f64::MAX), Some(1), "20 s is past the last bound");
+        assert!((sum - 20.0427).abs() < 0.3, "sum {sum}");
+    }
+
+    #[test]
+    fn every_code_has_its_grpc_name() {
+        for number in 0..17 {
+            let code = tonic::Code::from(number);
+            let name = code_name(code);
+            assert!(
+                name.chars().all(|c| c.is_ascii_uppercase() || c == '_'),
+                "{name}"
+            );
+        }
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+    }
+}

@@ -1,0 +1,201 @@
+//! The Prometheus endpoint every Aviary server has: `GET /metrics` on a listener of its
+//! own, in the text exposition format (`prometheus-client`'s OpenMetrics encoding), and
+//! the process metrics every one of them reports.
+//!
+//! Each process registers [`Collector`]s that read its own state when scraped
+//! (the gateway's per-version counters, the worker's statistics), so serving requests
+//! pays nothing for the endpoint; see `docs/metrics.md` for every name.
+
+use std::{future::Future, sync::Arc};
+
+use axum::{Router, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+/// What `/metrics` answers with: OpenMetrics text, which Prometheus reads.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A registry holding the process metrics, for a server to add its own collectors to.
+pub fn registry() -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessCollector));
+    registry
+}
+
+/// The whole exposition of `registry`, as `/metrics` answers it.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail; a collector's own error leaves what it wrote.
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        tracing::warn!(%error, "a metrics collector failed");
+    }
+    text
+}
+
+/// Serves `GET /metrics` for `registry` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app =
+        Router::new().route(
+            "/metrics",
+            get(move || {
+                let registry = Arc::clone(&registry);
+                async move {
+                    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&registry)).into_response()
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The standard `process_*` metrics, read from `/proc/self` when scraped (Linux; on
+/// other systems they are left out).
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What `/proc/self` says about this process.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    threads: u64,
+    start_time_seconds: f64,
+    open_fds: u64,
+}
+
+/// Clock ticks per second in `/proc/self/stat`: USER_HZ, 100 on every Linux ABI.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl ProcessStats {
+    fn read() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
+        let uptime: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+        let mut stats = ProcessStats::parse(&stat, &status)?;
+        // Field 22 counts ticks since boot: the start time is now - uptime + that.
+        stats.start_time_seconds += now - uptime;
+        stats.open_fds = open_fds;
+        Some(stats)
+    }
+
+    /// Parses `/proc/self/stat` and `/proc/self/status` (see proc(5));
+    /// `start_time_seconds` is since boot.
+    fn parse(stat: &str, status: &str) -> Option<ProcessStats> {
+        // The command name (field 2) is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+        // `fields[0]` is field 3 of proc(5).
+        let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+        let kib = |key: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line[key.len()..].split_whitespace().next()?.parse().ok()
+        };
+        Some(ProcessStats {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / TICKS_PER_SECOND,
+            threads: field(20)?,
+            start_time_seconds: field(22)? as f64 / TICKS_PER_SECOND,
+            virtual_bytes: kib("VmSize:")? * 1024,
+            resident_bytes: kib("VmRSS:")? * 1024,
+            open_fds: 0,
+        })
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(stats) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let counter = ConstCounter::new(stats.cpu_seconds);
+        counter.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds.",
+            None,
+            counter.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, f64); 5] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size, in bytes.",
+                stats.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size, in bytes.",
+                stats.virtual_bytes as f64,
+            ),
+            (
+                "process_open_fds",
+                "Open file descriptors.",
+                stats.open_fds as f64,
+            ),
+            ("process_threads", "OS threads.", stats.threads as f64),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds.",
+                stats.start_time_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_files_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        // Fields 3.. of a real line, behind a name that would break a naive split.
+        let line = "1234 (tokio (rt) w) S 1 1234 1234 0 -1 4194560 2000 0 0 0 \
+                    250 50 0 0 20 0 7 0 4200 123456789 3000 18446744073709551615";
+        let status = "Name:\tx\nVmSize:\t  120560 kB\nVmRSS:\t   12000 kB\n";
+        let stats = ProcessStats::parse(line, status).expect("parses");
+        assert_eq!(
+            stats,
+            ProcessStats {
+                cpu_seconds: 3.0,
+                threads: 7,
+                start_time_seconds: 42.0,
+                virtual_bytes: 120_560 * 1024,
+                resident_bytes: 12_000 * 1024,
+                open_fds: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn the_exposition_has_the_process_metrics_and_ends_as_openmetrics_requires() {
+        let text = render(&registry());
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_threads",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(&format!("\n{name} ")), "{name} in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
