@@ -87,7 +87,7 @@ wait_grpc() {
 }
 
 # --- the servers -------------------------------------------------------------------
-start worker "$bin" worker --repo "$models" --listen 127.0.0.1:0 --instances 2
+start worker "$bin" worker --repo "$models" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --instances 2
 worker_addr=$addr; worker_pid=$pid
 cat >"$work/serve.toml" <<TOML
 [repository]
@@ -98,7 +98,7 @@ versions = [ { version = "1", weight = 90 }, { version = "2", weight = 10 } ]
 [routes.mlp]
 versions = [ { version = "1", weight = 1 } ]
 TOML
-start serve "$bin" serve --config "$work/serve.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
+start serve "$bin" serve --config "$work/serve.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0
 serve_addr=$addr; serve_pid=$pid
 cat >"$work/gateway.toml" <<TOML
 [routes.demo]
@@ -107,9 +107,9 @@ versions = [ { version = "1", weight = 90, endpoint = "http://$worker_addr" },
 [routes.mlp]
 versions = [ { version = "1", weight = 1, endpoint = "http://$worker_addr" } ]
 TOML
-start gateway "$bin" gateway --config "$work/gateway.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
+start gateway "$bin" gateway --config "$work/gateway.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0
 gateway_addr=$addr; gateway_pid=$pid
-start gateway1 "$bin" --async-threads 1 gateway --config "$work/gateway.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
+start gateway1 "$bin" --async-threads 1 gateway --config "$work/gateway.toml" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0
 gateway1_addr=$addr; gateway1_pid=$pid
 
 # name|address|pinned (v1) or unpinned|pids whose CPU counts

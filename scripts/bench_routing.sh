@@ -55,7 +55,7 @@ TOML
 run() { # NAME CONFIG EXTRA-BENCH-ARGS...
   local name=$1 config=$2; shift 2
   local file="$out/routing-${name//[^a-z0-9]/_}"
-  "$bin" serve --config "$config" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 >"$file.out" 2>"$file.err" &
+  "$bin" serve --config "$config" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$file.out" 2>"$file.err" &
   pid=$!
   local addr=
   for _ in $(seq 1 200); do

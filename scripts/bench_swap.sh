@@ -18,7 +18,7 @@ bin=target/release/aviary
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true' EXIT
 
-"$bin" serve --config deploy/local/aviary.toml --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+"$bin" serve --config deploy/local/aviary.toml --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
   >"$out/swap-serve.out" 2>"$out/swap-serve.err" &
 pid=$!
 for _ in $(seq 1 200); do
