@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aviary::pb::inference::{ModelInferRequest, ModelStatisticsRequest};
 use serde_json::Value;
@@ -103,8 +103,19 @@ fn a_hung_worker_costs_its_callers_their_deadline_and_nothing_else() {
     let models = repo_root().join("tests/models");
     let (_w1, v1) = start_worker(&models);
     let (w2, v2) = start_worker(&models);
-    // The breaker stays out of the way: this is about deadlines.
-    let gateway = Served::gateway(&remote_config(&v1, &v2, "breaker_failures = 1000"), &[]);
+    // The breaker stays out of the way: this is about deadlines. The deadline is the
+    // route's (the hung caller sends none): a client's own grpc-timeout is enforced by
+    // its tonic channel too, which may answer CANCELLED a moment before the gateway's
+    // DEADLINE_EXCEEDED arrives, and the point here is what the gateway answers.
+    let gateway = Served::gateway(
+        &remote_config(
+            &v1,
+            &v2,
+            "breaker_failures = 1000
+timeout_ms = 1000",
+        ),
+        &[],
+    );
     let runtime = runtime();
     assert!(
         eventually(CONFIG_DEADLINE, || serving(&runtime, &gateway.addr)),
@@ -113,8 +124,13 @@ fn a_hung_worker_costs_its_callers_their_deadline_and_nothing_else() {
 
     sigstop(&w2);
     let hung = std::thread::scope(|scope| {
-        let hung =
-            scope.spawn(|| status(&runtime, &gateway.addr, "2", Some(Duration::from_secs(1))));
+        let hung = scope.spawn(|| {
+            let started = Instant::now();
+            (
+                status(&runtime, &gateway.addr, "2", None),
+                started.elapsed(),
+            )
+        });
         // Meanwhile the other version answers as always.
         for _ in 0..20 {
             assert_eq!(
@@ -124,10 +140,15 @@ fn a_hung_worker_costs_its_callers_their_deadline_and_nothing_else() {
         }
         hung.join().expect("client thread")
     });
+    let (hung, waited) = hung;
     assert_eq!(
         hung.code(),
         Code::DeadlineExceeded,
         "the hung version's caller gets its deadline: {hung:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "answered at the route's 1 s deadline, not before and not much after: {waited:?}"
     );
     assert!(
         eventually(CONFIG_DEADLINE, || version_state(&gateway, "demo", "2").0
