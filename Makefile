@@ -5,7 +5,7 @@
 CARGO ?= cargo
 CONFIG ?= deploy/local/aviary.toml
 
-.PHONY: setup run build test test-rust test-python bench models
+.PHONY: setup run build test test-rust test-python test-rules bench models
 
 setup:
 	scripts/setup.sh
@@ -16,7 +16,7 @@ run: setup
 build:
 	$(CARGO) build --workspace --bins
 
-test: setup build test-rust test-python
+test: setup build test-rust test-python test-rules
 
 # nextest runs each test in its own process (ONNX Runtime's environment is per process)
 # and in parallel; plain cargo test is the fallback where nextest is not installed.
@@ -29,6 +29,11 @@ test-rust:
 
 test-python:
 	.venv/bin/python -m pytest tests/python -q
+
+# The Prometheus alert rules of deploy/observability, checked and unit-tested with
+# promtool (Debian's prometheus package, installed by setup).
+test-rules:
+	cd deploy/observability && promtool check rules alerts.yml && promtool test rules alerts.test.yml
 
 # Prints the figures of docs/benchmarks.md (release build, several minutes). With
 # KIT=DIR (the benchmark kit, see docs/benchmarks.md) the baselines run too.

@@ -815,7 +815,54 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
             v2.state, "READY",
             "{what}: the running copy is ready: {v2:?}"
         );
+        assert!(
+            v2.reason.contains("the last reload failed")
+                && v2.reason.contains(&file.display().to_string()),
+            "{what}: the failure shows beside READY: {v2:?}"
+        );
+        let index = client
+            .repository_index(aviary::pb::inference::RepositoryIndexRequest::default())
+            .await
+            .expect("RepositoryIndex")
+            .into_inner();
+        let entry = index
+            .models
+            .iter()
+            .find(|m| m.name == "demo" && m.version == "2")
+            .expect("demo/2 in the index");
+        assert_eq!(
+            (entry.state.as_str(), entry.reason.as_str()),
+            ("READY", v2.reason.as_str()),
+            "{what}: RepositoryIndex tells the same"
+        );
     }
+    replace_file(&file, &real);
+    admin
+        .models()
+        .reload_version(VersionRequest {
+            model: "demo".into(),
+            version: "2".into(),
+        })
+        .await
+        .expect("the real file reloads");
+    let listed = admin
+        .models()
+        .list_models(ListModelsRequest {
+            model: "demo".into(),
+        })
+        .await
+        .expect("ListModels")
+        .into_inner();
+    let v2 = listed
+        .versions
+        .iter()
+        .find(|v| v.version == "2")
+        .expect("demo/2 listed");
+    assert_eq!(
+        (v2.state.as_str(), v2.reason.as_str()),
+        ("READY", ""),
+        "a good reload clears the failure"
+    );
 
     let status = admin
         .models()

@@ -39,7 +39,7 @@ fn scrape(addr: SocketAddr) -> (String, String, String) {
 }
 
 /// Every sample line as `name{labels}` → value.
-fn samples(body: &str) -> BTreeMap<String, f64> {
+fn parse_samples(body: &str) -> BTreeMap<String, f64> {
     body.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
@@ -124,7 +124,7 @@ fn counters_per_version_and_code_match_the_traffic_sent() {
         content_type.starts_with("application/openmetrics-text"),
         "{content_type}"
     );
-    let samples = samples(&body);
+    let samples = parse_samples(&body);
     let value = |key: &str| samples.get(key).copied();
     for (version, count) in &answered {
         let labels = format!("model=\"demo\",version=\"{version}\"");
@@ -176,6 +176,16 @@ fn counters_per_version_and_code_match_the_traffic_sent() {
         value("aviary_model_version_ready{model=\"demo\",version=\"1\"}"),
         Some(1.0)
     );
+    // Start-up loaded demo 1, demo 2 and mlp 1; nothing was reloaded yet.
+    assert_eq!(
+        value("aviary_model_loads_total{kind=\"load\",outcome=\"success\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        value("aviary_model_loads_total{kind=\"reload\",outcome=\"success\"}"),
+        Some(0.0)
+    );
+    assert!(value("aviary_model_load_seconds_total").is_some_and(|s| s > 0.0));
     assert!(value("process_resident_memory_bytes").is_some_and(|rss| rss > 1e6));
     assert!(value("process_cpu_seconds_total").is_some_and(|cpu| cpu > 0.0));
 
@@ -192,6 +202,17 @@ fn counters_per_version_and_code_match_the_traffic_sent() {
         missing.is_empty(),
         "in docs/metrics.md but not served: {missing:?}"
     );
+    // A reload and an unload show in the lifecycle counters.
+    let reloaded = served.ctl(&["reload", "demo", "1"]);
+    assert!(reloaded.status.success(), "{reloaded:?}");
+    let unloaded = served.ctl(&["unload", "mlp", "1", "--force"]);
+    assert!(unloaded.status.success(), "{unloaded:?}");
+    let samples = parse_samples(&scrape(metrics).2);
+    assert_eq!(
+        samples.get("aviary_model_loads_total{kind=\"reload\",outcome=\"success\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(samples.get("aviary_model_unloads_total"), Some(&1.0));
 }
 
 #[test]
@@ -208,7 +229,7 @@ fn a_worker_serves_its_own_metrics() {
     });
     let (status, _, body) = scrape(metrics);
     assert_eq!(status, "HTTP/1.1 200 OK");
-    let samples = samples(&body);
+    let samples = parse_samples(&body);
     assert_eq!(
         samples
             .get("aviary_worker_requests_total{model=\"demo\",version=\"1\",outcome=\"success\"}"),
@@ -224,4 +245,32 @@ fn a_worker_serves_its_own_metrics() {
         !body.contains("aviary_requests_total"),
         "a worker routes nothing: no gateway metrics"
     );
+}
+
+#[test]
+fn the_dashboard_and_the_alerts_use_only_documented_metrics() {
+    let documented = documented();
+    for file in ["grafana-dashboard.json", "alerts.yml"] {
+        let text = std::fs::read_to_string(repo_root().join("deploy/observability").join(file))
+            .expect("the file");
+        let used: BTreeSet<String> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("aviary_") || word.starts_with("process_"))
+            .map(|word| {
+                // A histogram's series are its name plus a suffix.
+                ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|suffix| word.strip_suffix(suffix))
+                    .filter(|base| documented.contains(*base))
+                    .unwrap_or(word)
+                    .to_owned()
+            })
+            .collect();
+        assert!(!used.is_empty(), "{file} uses Aviary's metrics");
+        let unknown: Vec<_> = used.difference(&documented).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics that do not exist: {unknown:?}"
+        );
+    }
 }

@@ -72,8 +72,8 @@ impl Prometheus {
         })
     }
 
-    /// The answer of an instant PromQL query: each series' labels and value.
-    fn query(&self, promql: &str) -> Option<Vec<(BTreeMap<String, String>, f64)>> {
+    /// The JSON answer of an instant PromQL query.
+    fn answer(&self, promql: &str) -> Option<serde_json::Value> {
         let path = format!("/api/v1/query?query={}", encode(promql));
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         write!(
@@ -84,7 +84,12 @@ impl Prometheus {
         let mut answer = String::new();
         stream.read_to_string(&mut answer).ok()?;
         let (_, body) = answer.split_once("\r\n\r\n")?;
-        let json: serde_json::Value = serde_json::from_str(body).ok()?;
+        serde_json::from_str(body).ok()
+    }
+
+    /// The answer of an instant PromQL query: each series' labels and value.
+    fn query(&self, promql: &str) -> Option<Vec<(BTreeMap<String, String>, f64)>> {
+        let json = self.answer(promql)?;
         let results = json["data"]["result"].as_array()?;
         results
             .iter()
@@ -195,4 +200,28 @@ fn prometheus_scrapes_the_gateway_and_answers_per_version_rates_and_counts() {
         |a| by_version(a) == answered,
     );
     assert_eq!(by_version(&counts), answered);
+
+    // Every query of the Grafana dashboard is PromQL that Prometheus evaluates (the
+    // dashboard's variables set to match everything).
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("deploy/observability/grafana-dashboard.json"))
+            .expect("the dashboard file"),
+    )
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let promql = expr
+                .replace("$__rate_interval", "10s")
+                .replace("$model", ".*")
+                .replace("$job", ".*");
+            let json = prometheus.answer(&promql).expect("Prometheus answers");
+            assert_eq!(
+                json["status"], "success",
+                "panel {:?}: `{promql}`: {json}",
+                panel["title"]
+            );
+        }
+    }
 }

@@ -165,7 +165,17 @@ impl Catalog {
                     name: name.clone(),
                     version: v.to_string(),
                     state: "READY".to_owned(),
-                    reason: String::new(),
+                    // READY is true (the running copy serves), but not the whole truth.
+                    reason: self
+                        .failed
+                        .get(&(name.clone(), *v))
+                        .map(|failure| {
+                            format!(
+                                "the running copy serves; the last reload failed: {}",
+                                failure.reason
+                            )
+                        })
+                        .unwrap_or_default(),
                 })
             })
             .collect();

@@ -35,7 +35,8 @@ impl Collector for WorkerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let statistics = self.worker.statistics("", "").unwrap_or_default();
         encode_statistics(&mut encoder, &statistics)?;
-        encode_versions(&mut encoder, &self.worker)
+        encode_versions(&mut encoder, &self.worker)?;
+        encode_lifecycle(&mut encoder, &self.worker)
     }
 }
 
@@ -139,4 +140,41 @@ fn encode_versions(
         ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+fn encode_lifecycle(
+    encoder: &mut DescriptorEncoder<'_>,
+    worker: &Worker,
+) -> Result<(), std::fmt::Error> {
+    let totals = worker.lifecycle_totals();
+    let mut family = encoder.encode_descriptor(
+        "aviary_model_loads",
+        "Model version loads (`kind` load: a new version; reload: a new copy of a \
+         running one), by outcome.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (kind, outcome, count) in [
+        ("load", "success", totals.loads),
+        ("load", "failure", totals.failed_loads),
+        ("reload", "success", totals.reloads),
+        ("reload", "failure", totals.failed_reloads),
+    ] {
+        let labels = [("kind", kind), ("outcome", outcome)];
+        ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+    }
+    let unloads = ConstCounter::new(totals.unloads);
+    unloads.encode(encoder.encode_descriptor(
+        "aviary_model_unloads",
+        "Model versions unloaded, asked for or gone from the repository.",
+        None,
+        unloads.metric_type(),
+    )?)?;
+    let seconds = ConstCounter::new(totals.load_seconds);
+    seconds.encode(encoder.encode_descriptor(
+        "aviary_model_load_seconds",
+        "Time successful loads and reloads took (file, sessions, warm-up), summed.",
+        None,
+        seconds.metric_type(),
+    )?)
 }

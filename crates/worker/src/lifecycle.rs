@@ -13,7 +13,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -96,6 +99,69 @@ pub(crate) struct Lifecycle {
     admission: Arc<Admission>,
     /// Serialises load, reload, unload and sync; requests never take it.
     serial: tokio::sync::Mutex<()>,
+    /// What it has done, for `/metrics`.
+    counts: LifecycleCounts,
+}
+
+/// Loads, reloads and unloads since start-up, and the time loads took.
+#[derive(Debug, Default)]
+pub struct LifecycleCounts {
+    loads: AtomicU64,
+    failed_loads: AtomicU64,
+    reloads: AtomicU64,
+    failed_reloads: AtomicU64,
+    unloads: AtomicU64,
+    load_micros: AtomicU64,
+}
+
+/// A reading of [`LifecycleCounts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LifecycleTotals {
+    /// New versions loaded.
+    pub loads: u64,
+    /// New versions that failed to load.
+    pub failed_loads: u64,
+    /// Running versions swapped for a new copy of their file.
+    pub reloads: u64,
+    /// Reloads that failed (the running copy kept serving).
+    pub failed_reloads: u64,
+    /// Versions unloaded, asked for or gone from the repository.
+    pub unloads: u64,
+    /// Time successful loads and reloads took (file, sessions, warm-up), summed.
+    pub load_seconds: f64,
+}
+
+impl LifecycleCounts {
+    fn record_load(&self, reload: bool, result: Result<Duration, ()>) {
+        let counter = match (reload, result.is_ok()) {
+            (false, true) => &self.loads,
+            (false, false) => &self.failed_loads,
+            (true, true) => &self.reloads,
+            (true, false) => &self.failed_reloads,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(took) = result {
+            let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            self.load_micros.fetch_add(micros, Ordering::Relaxed);
+        }
+    }
+
+    fn record_unloads(&self, count: usize) {
+        self.unloads.fetch_add(count as u64, Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn totals(&self) -> LifecycleTotals {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        LifecycleTotals {
+            loads: read(&self.loads),
+            failed_loads: read(&self.failed_loads),
+            reloads: read(&self.reloads),
+            failed_reloads: read(&self.failed_reloads),
+            unloads: read(&self.unloads),
+            load_seconds: read(&self.load_micros) as f64 / 1e6,
+        }
+    }
 }
 
 impl Lifecycle {
@@ -116,6 +182,7 @@ impl Lifecycle {
             policies,
             admission,
             serial: tokio::sync::Mutex::new(()),
+            counts: LifecycleCounts::default(),
         }
     }
 
@@ -172,6 +239,7 @@ impl Lifecycle {
             catalog.remove_version(model, version);
             catalog.failed.remove(&(model.to_owned(), version));
         });
+        self.counts.record_unloads(1);
         tracing::info!(model, version, "unloaded model version");
         Ok(())
     }
@@ -262,6 +330,7 @@ impl Lifecycle {
                     catalog.remove_version(model, *number);
                 }
             });
+            self.counts.record_unloads(report.unloaded.len());
             for (model, version) in &report.unloaded {
                 tracing::info!(%model, version, "unloaded model version (gone from the repository or the policy)");
             }
@@ -337,6 +406,11 @@ impl Lifecycle {
         Ok(versions)
     }
 
+    /// What it has done since start-up.
+    pub(crate) fn totals(&self) -> LifecycleTotals {
+        self.counts.totals()
+    }
+
     fn policy(&self, model: &str) -> &VersionPolicy {
         self.policies.get(model).unwrap_or(&self.default_policy)
     }
@@ -350,6 +424,7 @@ impl Lifecycle {
         let options = self.session;
         let started = Instant::now();
         let (model, number, fingerprint) = (entry.model.clone(), entry.version, entry.fingerprint);
+        let reload = catalog.load().running(&model, number).is_some();
         let loaded = loader::off_the_serving_path("load", move || {
             let card = entry
                 .card_path
@@ -370,6 +445,7 @@ impl Lifecycle {
         let loaded = match loaded {
             Ok(loaded) => Arc::new(loaded),
             Err(error) => {
+                self.counts.record_load(reload, Err(()));
                 tracing::error!(%error, model, version = number, "model version failed to load; running copy (if any) keeps serving");
                 let reason = error.to_string();
                 update(catalog, |catalog| {
@@ -386,6 +462,7 @@ impl Lifecycle {
         };
         let load_time = started.elapsed();
         let existing = catalog.load().running(&model, number).cloned();
+        self.counts.record_load(existing.is_some(), Ok(load_time));
         let replaced = existing.is_some();
         match existing {
             Some(slot) => {

@@ -327,6 +327,11 @@ impl Worker {
         self.catalog.load().statistics(model, version)
     }
 
+    /// Loads, reloads and unloads since start-up.
+    pub fn lifecycle_totals(&self) -> crate::lifecycle::LifecycleTotals {
+        self.lifecycle.totals()
+    }
+
     /// Versions whose last load or reload failed, with the reason; a running copy of
     /// such a version may still be serving.
     pub fn failed_loads(&self) -> Vec<(String, u64, String)> {
