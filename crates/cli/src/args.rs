@@ -15,9 +15,23 @@ pub struct Cli {
     /// gateway that shares its node's cores (docs/benchmarks.md).
     #[arg(long, global = true, env = "AVIARY_ASYNC_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub async_threads: Option<u16>,
+    /// Log lines on stderr as text, or as one JSON object per line (for a log
+    /// collector). Filters are `AVIARY_LOG` (or `RUST_LOG`), e.g. `info,aviary_gateway=debug`.
+    #[arg(long, global = true, env = "AVIARY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, target, message and fields, and the
+    /// spans the event happened in.
+    Json,
 }
 
 /// Subcommands.

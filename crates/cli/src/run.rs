@@ -16,19 +16,13 @@ use aviary_worker::{SessionOptions, TensorLimits, Worker, WorkerConfig, server};
 use tokio::net::TcpListener;
 
 use crate::{
-    args::{BenchArgs, Cli, Command, ControllerArgs, InferArgs, ServeArgs, WorkerArgs},
+    args::{BenchArgs, Cli, Command, ControllerArgs, InferArgs, LogFormat, ServeArgs, WorkerArgs},
     bench::{self, BenchOptions},
 };
 
 /// Runs the command line `cli` to its end.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AVIARY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
-        )
-        .init();
+    init_logs(cli.log_format);
     let runtime = runtime(cli.async_threads)?;
     runtime.block_on(async move {
         match cli.command {
@@ -44,6 +38,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Logs on stderr in `format`, filtered by `AVIARY_LOG`, else `RUST_LOG`, else
+/// `info,ort=warn`.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AVIARY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// The async runtime: `threads` of them, or one per core the process may use.

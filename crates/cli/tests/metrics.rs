@@ -176,6 +176,19 @@ fn counters_per_version_and_code_match_the_traffic_sent() {
         value("aviary_model_version_ready{model=\"demo\",version=\"1\"}"),
         Some(1.0)
     );
+    // The valid requests were drawn from the split; the invalid ones were pinned.
+    for (version, count) in &answered {
+        assert_eq!(
+            value(&format!(
+                "aviary_routing_decisions_total{{model=\"demo\",version=\"{version}\",reason=\"weighted\"}}"
+            )),
+            Some(*count as f64)
+        );
+    }
+    assert_eq!(
+        value("aviary_routing_decisions_total{model=\"demo\",version=\"2\",reason=\"pinned\"}"),
+        Some(INVALID as f64)
+    );
     // Start-up loaded demo 1, demo 2 and mlp 1; nothing was reloaded yet.
     assert_eq!(
         value("aviary_model_loads_total{kind=\"load\",outcome=\"success\"}"),
@@ -273,4 +286,98 @@ fn the_dashboard_and_the_alerts_use_only_documented_metrics() {
             "{file} uses metrics that do not exist: {unknown:?}"
         );
     }
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_and_record_route_changes() {
+    let served = Served::start(&config(), &["--log-format", "json"]);
+    let changed = served.ctl(&["set-weights", "demo", "1=50", "2=50"]);
+    assert!(changed.status.success(), "{changed:?}");
+    let mut server = served.server;
+    support::sigterm(&server);
+    let status = server.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0));
+    let stderr = server
+        .stderr
+        .take()
+        .expect("stderr is read")
+        .join()
+        .expect("stderr reader");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "the server logged");
+    for line in &lines {
+        assert!(
+            line["timestamp"].is_string()
+                && line["level"].is_string()
+                && line["fields"]["message"].is_string(),
+            "every line has a timestamp, a level and a message: {line}"
+        );
+    }
+    let change = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"] == "route changed"
+                && l["fields"]["model"] == "demo"
+                && l["fields"]["after"] == "1=50 2=50"
+        })
+        .unwrap_or_else(|| panic!("the weight change is logged: {stderr}"));
+    assert_eq!(change["fields"]["before"], "1=90 2=10", "{change}");
+}
+
+#[test]
+fn shadow_mirrors_and_comparisons_are_counted() {
+    const SENT: usize = 40;
+    let models = repo_root().join("deploy/local/models");
+    let config = format!(
+        "[repository]\npath = \"{}\"\ninstances = 2\n\n[routes.demo]\nversions = [ \
+         {{ version = \"1\", weight = 100 }} ]\nshadow = {{ version = \"2\", percent = 100 }}\n",
+        models.display()
+    );
+    let mut served = Served::start(&config, &[]);
+    let metrics = served.metrics_addr();
+    let addr = served.addr.clone();
+    runtime().block_on(async {
+        let mut client = support::client(connect(&addr).await);
+        for _ in 0..SENT {
+            client.model_infer(demo_request()).await.expect("answered");
+        }
+    });
+    let shadow = |samples: &BTreeMap<String, f64>, outcome: &str| {
+        samples
+            .get(&format!(
+                "aviary_shadow_requests_total{{model=\"demo\",version=\"2\",outcome=\"{outcome}\"}}"
+            ))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    // Per output, one comparison per mirrored answer (each has one row).
+    let compared = |samples: &BTreeMap<String, f64>, output: &str| -> f64 {
+        ["agree", "disagree"]
+            .iter()
+            .filter_map(|result| {
+                samples.get(&format!(
+                    "aviary_shadow_comparisons_total{{model=\"demo\",version=\"2\",output=\"{output}\",result=\"{result}\"}}"
+                ))
+            })
+            .sum()
+    };
+    // Comparisons happen after the answers, on the mirror's own task.
+    let settled = support::eventually(support::CONFIG_DEADLINE, || {
+        let samples = parse_samples(&scrape(metrics).2);
+        let done = shadow(&samples, "sent") - shadow(&samples, "failed");
+        done > 0.0
+            && compared(&samples, "label") == done
+            && compared(&samples, "probabilities") == done
+    });
+    let samples = parse_samples(&scrape(metrics).2);
+    assert!(settled, "every mirrored answer is compared: {samples:?}");
+    assert_eq!(
+        shadow(&samples, "sent") + shadow(&samples, "dropped"),
+        SENT as f64,
+        "every request was mirrored or dropped"
+    );
 }

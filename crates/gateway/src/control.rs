@@ -672,6 +672,7 @@ impl Control {
             },
             &mut writer.pools,
         )?;
+        log_route_changes(&self.routing.load(), &routing);
         self.routing.store(Arc::new(routing));
         writer.routes = routes;
         Ok(generation)
@@ -722,6 +723,37 @@ fn version_number(model: &str, version: &str) -> Result<u64, GatewayError> {
 
 fn now_ms() -> u64 {
     aviary::unix_ms(SystemTime::now())
+}
+
+/// One log line per model whose versions or weights differ between `before` and
+/// `after`: the audit trail of what served which traffic when.
+fn log_route_changes(before: &Routing, after: &Routing) {
+    let weights = |routing: &Routing, model: &str| -> Vec<(String, u32)> {
+        routing
+            .table
+            .route(model)
+            .map(|route| route.versions().map(|(v, w)| (v.to_owned(), w)).collect())
+            .unwrap_or_default()
+    };
+    let models: BTreeSet<&str> = before.table.models().chain(after.table.models()).collect();
+    for model in models {
+        let (was, now) = (weights(before, model), weights(after, model));
+        if was != now {
+            let shown = |w: &[(String, u32)]| {
+                w.iter()
+                    .map(|(v, weight)| format!("{v}={weight}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            tracing::info!(
+                generation = after.generation,
+                model,
+                before = %shown(&was),
+                after = %shown(&now),
+                "route changed"
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use prometheus_client::{
 use crate::{
     metrics::{Metrics, VariantCounts},
     routing::Routing,
+    shadow::ShadowReport,
 };
 
 /// Upper bounds of the request duration histogram's buckets, in seconds: 100 µs to
@@ -61,10 +62,13 @@ pub fn duration_buckets(latency_us: &hdrhistogram::Histogram<u64>) -> (Vec<(f64,
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let counts = self.metrics.counts();
+        let routing = self.routing.load();
         encode_requests(&mut encoder, &counts)?;
+        encode_decisions(&mut encoder, &counts)?;
         encode_durations(&mut encoder, &counts)?;
         encode_stand_ins_and_cache(&mut encoder, &counts)?;
-        encode_routing(&mut encoder, &self.routing.load())
+        encode_routing(&mut encoder, &routing)?;
+        encode_shadows(&mut encoder, &routing)
     }
 }
 
@@ -87,6 +91,90 @@ fn encode_requests(
                 ("code", code_name(*code)),
             ];
             ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_decisions(
+    encoder: &mut DescriptorEncoder<'_>,
+    counts: &[VariantCounts],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "aviary_routing_decisions",
+        "Requests routed to a version, by why the router chose it: pinned (the request \
+         named it), rule (a match rule), sticky (the routing key's segment), weighted \
+         (drawn from the split).",
+        None,
+        MetricType::Counter,
+    )?;
+    for variant in counts {
+        for (reason, count) in &variant.reasons {
+            let labels = [
+                ("model", variant.model.as_str()),
+                ("version", variant.version.as_str()),
+                ("reason", reason),
+            ];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_shadows(
+    encoder: &mut DescriptorEncoder<'_>,
+    routing: &Routing,
+) -> Result<(), std::fmt::Error> {
+    let reports: Vec<(&str, ShadowReport)> = routing
+        .table
+        .models()
+        .filter_map(|model| Some((model, routing.mirror(model)?.report())))
+        .collect();
+    let mut family = encoder.encode_descriptor(
+        "aviary_shadow_requests",
+        "Requests mirrored to a model's shadow version, by what became of them: sent \
+         (queued), dropped (the queue was full), failed (the shadow's call failed).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (model, report) in &reports {
+        for (outcome, count) in [
+            ("sent", report.sent),
+            ("dropped", report.dropped),
+            ("failed", report.failed),
+        ] {
+            let labels = [
+                ("model", *model),
+                ("version", report.version.as_str()),
+                ("outcome", outcome),
+            ];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "aviary_shadow_comparisons",
+        "Rows (classifier outputs) or responses compared between the primary and the \
+         shadow, per output, by whether they agreed.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (model, report) in &reports {
+        for (output, comparison) in &report.outputs {
+            for (result, count) in [
+                ("agree", comparison.agreement_equal),
+                (
+                    "disagree",
+                    comparison.agreement_total - comparison.agreement_equal,
+                ),
+            ] {
+                let labels = [
+                    ("model", *model),
+                    ("version", report.version.as_str()),
+                    ("output", output.as_str()),
+                    ("result", result),
+                ];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
         }
     }
     Ok(())
@@ -229,7 +317,13 @@ mod tests {
     fn duration_buckets_place_each_request_once_and_count_all() {
         let metrics = Metrics::default();
         for ms in [0.05, 0.3, 0.3, 2.0, 40.0, 20_000.0] {
-            metrics.record_call("m", "1", tonic::Code::Ok, Duration::from_secs_f64(ms / 1e3));
+            metrics.record_call(
+                "m",
+                "1",
+                aviary_router::DecisionReason::Weighted,
+                tonic::Code::Ok,
+                Duration::from_secs_f64(ms / 1e3),
+            );
         }
         let counts = metrics.counts();
         let (buckets, sum, count) = duration_buckets(&counts[0].latency_us);

@@ -188,12 +188,12 @@ impl Front {
             metadata,
             parameters: &request.parameters,
         };
-        let version = SPLIT_RNG.with_borrow_mut(|rng| {
+        let (version, reason) = SPLIT_RNG.with_borrow_mut(|rng| {
             let pinned = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
             routing
                 .table
                 .resolve_with(&request.model_name, pinned, &attributes, rng)
-                .map(|d| d.version.to_owned())
+                .map(|d| (d.version.to_owned(), d.reason))
         })?;
         // One look-up of the route's settings for the rest of the call (the route exists:
         // the table just resolved a version of it).
@@ -235,7 +235,7 @@ impl Front {
             .as_ref()
             .map_or_else(|e| e.status().code(), |_| tonic::Code::Ok);
         self.metrics
-            .record_call(&model, &version, code, started.elapsed());
+            .record_call(&model, &version, reason, code, started.elapsed());
         // Only the version's own successful answer is kept, never a stand-in's.
         if let (Ok(response), Some(cacheable)) = (&mut result, &cacheable) {
             let answered = (model.as_str(), version.as_str());

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use aviary_router::{rollout::StepMetrics, stats::SampleSummary};
+use aviary_router::{DecisionReason, rollout::StepMetrics, stats::SampleSummary};
 use hdrhistogram::Histogram;
 
 /// Largest latency the histograms track exactly, in microseconds (slower requests are
@@ -228,6 +228,25 @@ struct Variant {
     cache: CacheCounts,
     /// Its calls by the gRPC code they ended with (indexed by the code's number).
     codes: [u64; CODES],
+    /// Its calls by why the router chose it (indexed as [`REASONS`]).
+    reasons: [u64; 4],
+}
+
+/// Why the router chose a version, in the order `Variant::reasons` counts them.
+const REASONS: [DecisionReason; 4] = [
+    DecisionReason::Pinned,
+    DecisionReason::Rule(0),
+    DecisionReason::Sticky,
+    DecisionReason::Weighted,
+];
+
+fn reason_index(reason: DecisionReason) -> usize {
+    match reason {
+        DecisionReason::Pinned => 0,
+        DecisionReason::Rule(_) => 1,
+        DecisionReason::Sticky => 2,
+        DecisionReason::Weighted => 3,
+    }
 }
 
 /// gRPC status codes: 0 (OK) to 16 (UNAUTHENTICATED).
@@ -242,6 +261,9 @@ pub struct VariantCounts {
     pub version: String,
     /// Calls by the gRPC code they ended with.
     pub codes: Vec<(tonic::Code, u64)>,
+    /// Calls by why the router chose the version (`pinned`, `rule`, `sticky`,
+    /// `weighted`).
+    pub reasons: Vec<(&'static str, u64)>,
     /// Latency of every call since start-up.
     pub latency_us: Histogram<u64>,
     /// Calls it failed that something else answered.
@@ -318,7 +340,14 @@ impl Metrics {
 
     /// Counts one call of `model` on `version` that ended with `code` and took
     /// `latency`: [`Metrics::record`], and the count by code `/metrics` shows.
-    pub fn record_call(&self, model: &str, version: &str, code: tonic::Code, latency: Duration) {
+    pub fn record_call(
+        &self,
+        model: &str,
+        version: &str,
+        reason: DecisionReason,
+        code: tonic::Code,
+        latency: Duration,
+    ) {
         let variant = self.variant(model, version);
         let mut variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
         let ok = code == tonic::Code::Ok;
@@ -328,6 +357,7 @@ impl Metrics {
         if let Some(count) = variant.codes.get_mut(code as usize) {
             *count += 1;
         }
+        variant.reasons[reason_index(reason)] += 1;
     }
 
     /// Every variant's counters, sorted by model and version.
@@ -344,6 +374,12 @@ impl Metrics {
                         codes: (0..CODES)
                             .filter(|&i| variant.codes[i] > 0)
                             .map(|i| (tonic::Code::from(i as i32), variant.codes[i]))
+                            .collect(),
+                        reasons: REASONS
+                            .iter()
+                            .zip(variant.reasons)
+                            .filter(|(_, count)| *count > 0)
+                            .map(|(reason, count)| (reason.as_str(), count))
                             .collect(),
                         latency_us: variant.total.latency_us.clone(),
                         stand_ins: variant.stand_ins,
@@ -501,6 +537,7 @@ impl Metrics {
                         stand_ins: StandIns::default(),
                         cache: CacheCounts::default(),
                         codes: [0; CODES],
+                        reasons: [0; 4],
                     }))
                 }),
         )
