@@ -147,6 +147,22 @@ impl Rng {
 }
 
 /// When each demo version was last loaded, by version (ListModels' `loaded_at_ms`).
+/// demo's `version` as the admin API's ListModels lists it.
+async fn listed_version(admin: &Admin, version: &str) -> aviary::pb::admin::ModelVersionInfo {
+    admin
+        .models()
+        .list_models(ListModelsRequest {
+            model: "demo".into(),
+        })
+        .await
+        .expect("ListModels")
+        .into_inner()
+        .versions
+        .into_iter()
+        .find(|v| v.version == version)
+        .unwrap_or_else(|| panic!("demo/{version} listed"))
+}
+
 async fn loaded_at(admin: &Admin) -> std::collections::BTreeMap<String, u64> {
     admin
         .list_models("demo")
@@ -798,19 +814,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
                 "{what}: demo/2 still answers with its old model"
             );
         }
-        let listed = admin
-            .models()
-            .list_models(ListModelsRequest {
-                model: "demo".into(),
-            })
-            .await
-            .expect("ListModels")
-            .into_inner();
-        let v2 = listed
-            .versions
-            .iter()
-            .find(|v| v.version == "2")
-            .expect("demo/2 listed");
+        let v2 = listed_version(&admin, "2").await;
         assert_eq!(
             v2.state, "READY",
             "{what}: the running copy is ready: {v2:?}"
@@ -845,19 +849,7 @@ async fn a_corrupt_model_file_fails_the_reload_and_the_running_copy_keeps_servin
         })
         .await
         .expect("the real file reloads");
-    let listed = admin
-        .models()
-        .list_models(ListModelsRequest {
-            model: "demo".into(),
-        })
-        .await
-        .expect("ListModels")
-        .into_inner();
-    let v2 = listed
-        .versions
-        .iter()
-        .find(|v| v.version == "2")
-        .expect("demo/2 listed");
+    let v2 = listed_version(&admin, "2").await;
     assert_eq!(
         (v2.state.as_str(), v2.reason.as_str()),
         ("READY", ""),
