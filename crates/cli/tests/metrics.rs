@@ -3,11 +3,7 @@
 //! weights, the process metrics, and docs/metrics.md listing exactly the names served.
 mod support;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use support::{Served, connect, demo_request, repo_root, runtime};
 
@@ -18,35 +14,6 @@ fn config() -> String {
          {{ version = \"1\", weight = 90 }}, {{ version = \"2\", weight = 10 }} ]\n",
         models.display()
     )
-}
-
-/// `GET /metrics` over plain HTTP/1.1: the status line and the body.
-fn scrape(addr: SocketAddr) -> (String, String, String) {
-    let mut stream = TcpStream::connect(addr).expect("the metrics endpoint accepts");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: aviary\r\nConnection: close\r\n\r\n")
-        .expect("request written");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("answer read");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    let content_type = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-type: "))
-        .unwrap_or_default()
-        .to_owned();
-    (status, content_type, body.to_owned())
-}
-
-/// Every sample line as `name{labels}` → value.
-fn parse_samples(body: &str) -> BTreeMap<String, f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            Some((key.to_owned(), value.parse().ok()?))
-        })
-        .collect()
 }
 
 /// The metric names a body declares, as their samples are named (counters end in
@@ -118,13 +85,13 @@ fn counters_per_version_and_code_match_the_traffic_sent() {
         "the 90 % version answered: {answered:?}"
     );
 
-    let (status, content_type, body) = scrape(metrics);
+    let (status, content_type, body) = support::scrape(metrics);
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(
         content_type.starts_with("application/openmetrics-text"),
         "{content_type}"
     );
-    let samples = parse_samples(&body);
+    let samples = support::parse_samples(&body);
     let value = |key: &str| samples.get(key).copied();
     for (version, count) in &answered {
         let labels = format!("model=\"demo\",version=\"{version}\"");
@@ -220,7 +187,7 @@ fn counters_per_version_and_code_match_the_traffic_sent() {
     assert!(reloaded.status.success(), "{reloaded:?}");
     let unloaded = served.ctl(&["unload", "mlp", "1", "--force"]);
     assert!(unloaded.status.success(), "{unloaded:?}");
-    let samples = parse_samples(&scrape(metrics).2);
+    let samples = support::parse_samples(&support::scrape(metrics).2);
     assert_eq!(
         samples.get("aviary_model_loads_total{kind=\"reload\",outcome=\"success\"}"),
         Some(&1.0)
@@ -240,9 +207,9 @@ fn a_worker_serves_its_own_metrics() {
             client.model_infer(request.clone()).await.expect("answered");
         }
     });
-    let (status, _, body) = scrape(metrics);
+    let (status, _, body) = support::scrape(metrics);
     assert_eq!(status, "HTTP/1.1 200 OK");
-    let samples = parse_samples(&body);
+    let samples = support::parse_samples(&body);
     assert_eq!(
         samples
             .get("aviary_worker_requests_total{model=\"demo\",version=\"1\",outcome=\"success\"}"),
@@ -367,13 +334,13 @@ fn shadow_mirrors_and_comparisons_are_counted() {
     };
     // Comparisons happen after the answers, on the mirror's own task.
     let settled = support::eventually(support::CONFIG_DEADLINE, || {
-        let samples = parse_samples(&scrape(metrics).2);
+        let samples = support::parse_samples(&support::scrape(metrics).2);
         let done = shadow(&samples, "sent") - shadow(&samples, "failed");
         done > 0.0
             && compared(&samples, "label") == done
             && compared(&samples, "probabilities") == done
     });
-    let samples = parse_samples(&scrape(metrics).2);
+    let samples = support::parse_samples(&support::scrape(metrics).2);
     assert!(settled, "every mirrored answer is compared: {samples:?}");
     assert_eq!(
         shadow(&samples, "sent") + shadow(&samples, "dropped"),

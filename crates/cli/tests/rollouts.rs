@@ -89,7 +89,7 @@ fn edit_config(served: &Served, text: &str) {
 
 #[test]
 fn a_plan_in_the_watched_config_file_runs_to_promotion() {
-    let served = Served::start(&plan_config(1000), &[]);
+    let mut served = Served::start(&plan_config(1000), &[]);
     assert_eq!(
         config_status(&served)["path"].as_str(),
         served.config.to_str(),
@@ -139,6 +139,25 @@ fn a_plan_in_the_watched_config_file_runs_to_promotion() {
         demo_notes(&served).is_empty(),
         "a finished rollout holds nothing: {:#}",
         config_status(&served)
+    );
+    // /metrics shows the rollout's end.
+    let samples = parse_samples(&scrape(served.metrics_addr()).2);
+    let state = |state: &str| {
+        samples
+            .get(&format!(
+                "aviary_rollout_state{{model=\"demo\",canary=\"2\",state=\"{state}\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(state("promoted"), Some(1.0), "{samples:?}");
+    assert_eq!(state("progressing"), Some(0.0));
+    assert_eq!(
+        samples.get("aviary_rollouts_ended_total{outcome=\"promoted\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(
+        samples.get("aviary_rollouts_ended_total{outcome=\"rolled back\"}"),
+        Some(&0.0)
     );
 }
 

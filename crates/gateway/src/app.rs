@@ -318,10 +318,14 @@ impl Gateway {
     /// embedded worker's statistics.
     pub fn registry(&self) -> prometheus_client::registry::Registry {
         let mut registry = aviary::metrics::registry();
-        registry.register_collector(Box::new(crate::exposition::GatewayCollector::new(
+        let mut gateway = crate::exposition::GatewayCollector::new(
             Arc::clone(&self.metrics),
             Arc::clone(self.control.routing()),
-        )));
+        );
+        if let Some(rollouts) = &self.rollouts {
+            gateway = gateway.with_rollouts(Arc::clone(rollouts));
+        }
+        registry.register_collector(Box::new(gateway));
         if let Some(worker) = self.control.worker() {
             registry.register_collector(Box::new(aviary_worker::exposition::WorkerCollector::new(
                 Arc::clone(worker),

@@ -13,6 +13,7 @@ use prometheus_client::{
 
 use crate::{
     metrics::{Metrics, VariantCounts},
+    rollouts::{RolloutGauges, Rollouts},
     routing::Routing,
     shadow::ShadowReport,
 };
@@ -30,12 +31,23 @@ pub const DURATION_BUCKETS: [f64; 16] = [
 pub struct GatewayCollector {
     metrics: Arc<Metrics>,
     routing: Arc<ArcSwap<Routing>>,
+    rollouts: Option<Arc<Rollouts>>,
 }
 
 impl GatewayCollector {
     /// A collector over the gateway's metrics and its current routing.
     pub fn new(metrics: Arc<Metrics>, routing: Arc<ArcSwap<Routing>>) -> GatewayCollector {
-        GatewayCollector { metrics, routing }
+        GatewayCollector {
+            metrics,
+            routing,
+            rollouts: None,
+        }
+    }
+
+    /// Also shows the rollouts this gateway drives.
+    pub fn with_rollouts(mut self, rollouts: Arc<Rollouts>) -> GatewayCollector {
+        self.rollouts = Some(rollouts);
+        self
     }
 }
 
@@ -68,7 +80,11 @@ impl Collector for GatewayCollector {
         encode_durations(&mut encoder, &counts)?;
         encode_stand_ins_and_cache(&mut encoder, &counts)?;
         encode_routing(&mut encoder, &routing)?;
-        encode_shadows(&mut encoder, &routing)
+        encode_shadows(&mut encoder, &routing)?;
+        match &self.rollouts {
+            Some(rollouts) => encode_rollouts(&mut encoder, &rollouts.gauges()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -176,6 +192,61 @@ fn encode_shadows(
                 ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
         }
+    }
+    Ok(())
+}
+
+fn encode_rollouts(
+    encoder: &mut DescriptorEncoder<'_>,
+    gauges: &RolloutGauges,
+) -> Result<(), std::fmt::Error> {
+    const STATES: [&str; 6] = [
+        "pending",
+        "progressing",
+        "paused",
+        "promoted",
+        "rolled back",
+        "aborted",
+    ];
+    let mut family = encoder.encode_descriptor(
+        "aviary_rollout_state",
+        "1 for the state a model's last rollout is in (pending, progressing, paused, \
+         promoted, rolled back, aborted), 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (model, (canary, now, _)) in &gauges.rollouts {
+        for state in STATES {
+            let labels = [
+                ("model", model.as_str()),
+                ("canary", canary.as_str()),
+                ("state", state),
+            ];
+            ConstGauge::new(i64::from(state == *now)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "aviary_rollout_step",
+        "The step (from 0) a running or paused rollout is at.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (model, (canary, _, step)) in &gauges.rollouts {
+        if let Some(step) = step {
+            let labels = [("model", model.as_str()), ("canary", canary.as_str())];
+            ConstGauge::new(i64::try_from(*step).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "aviary_rollouts_ended",
+        "Rollouts that ended since start-up, by how: promoted, rolled back, aborted.",
+        None,
+        MetricType::Counter,
+    )?;
+    for state in ["promoted", "rolled back", "aborted"] {
+        let count = gauges.ended.get(state).copied().unwrap_or(0);
+        ConstCounter::new(count).encode(family.encode_family(&[("outcome", state)])?)?;
     }
     Ok(())
 }

@@ -8,8 +8,8 @@ pub mod redis_server;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Read},
-    net::SocketAddr,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -741,4 +741,33 @@ pub async fn successes(worker: &str, version: &str) -> u64 {
         .filter_map(|s| s.inference_stats.as_ref()?.success.as_ref())
         .map(|d| d.count)
         .sum()
+}
+
+/// `GET /metrics` over plain HTTP/1.1: the status line and the body.
+pub fn scrape(addr: SocketAddr) -> (String, String, String) {
+    let mut stream = TcpStream::connect(addr).expect("the metrics endpoint accepts");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: aviary\r\nConnection: close\r\n\r\n")
+        .expect("request written");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer read");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .unwrap_or_default()
+        .to_owned();
+    (status, content_type, body.to_owned())
+}
+
+/// Every sample line as `name{labels}` → value.
+pub fn parse_samples(body: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }

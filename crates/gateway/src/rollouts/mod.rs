@@ -25,7 +25,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aviary_router::rollout::{Action, MetricsSnapshot, Rollout, RolloutPlan, StepMetrics};
+use aviary_router::rollout::{
+    Action, MetricsSnapshot, Rollout, RolloutPlan, RolloutState, StepMetrics,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
@@ -135,6 +137,46 @@ pub struct Driver<T> {
     target: T,
     state_file: Option<PathBuf>,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// What `/metrics` shows, updated with every change (see [`Driver::gauges`]).
+    gauges: std::sync::Mutex<RolloutGauges>,
+}
+
+/// The rollouts as `/metrics` shows them: each model's rollout now, and how many have
+/// ended each way since start-up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RolloutGauges {
+    /// Per model: the canary, the state's label and the step (running or paused).
+    pub rollouts: BTreeMap<String, (String, &'static str, Option<usize>)>,
+    /// Rollouts that ended since start-up, by the state they ended in.
+    pub ended: BTreeMap<&'static str, u64>,
+}
+
+impl RolloutGauges {
+    /// Takes in the rollouts now, counting those that ended since the last time.
+    fn update(&mut self, entries: &BTreeMap<String, Entry>) {
+        for (model, entry) in entries {
+            let state = entry.rollout.state();
+            let step = match state {
+                RolloutState::Progressing { step, .. } | RolloutState::Paused { step, .. } => {
+                    Some(*step)
+                }
+                _ => None,
+            };
+            let now = (entry.rollout.plan().canary.clone(), state.label(), step);
+            let was_running = self
+                .rollouts
+                .get(model)
+                .is_none_or(|(canary, label, _)| *canary != now.0 || !is_terminal_label(label));
+            if state.is_terminal() && was_running && self.rollouts.get(model) != Some(&now) {
+                *self.ended.entry(state.label()).or_insert(0) += 1;
+            }
+            self.rollouts.insert(model.clone(), now);
+        }
+    }
+}
+
+fn is_terminal_label(label: &str) -> bool {
+    matches!(label, "promoted" | "rolled back" | "aborted")
 }
 
 /// The driver of one gateway's own rollouts.
@@ -165,10 +207,15 @@ impl<T: Target> Driver<T> {
                 (entry.rollout.plan().model.clone(), entry)
             })
             .collect();
+        let mut gauges = RolloutGauges::default();
+        gauges.update(&entries);
+        // Rollouts that ended before this start are not this process's to count.
+        gauges.ended.clear();
         let driver = Driver {
             target,
             state_file,
             entries: Mutex::new(entries),
+            gauges: std::sync::Mutex::new(gauges),
         };
         let mut entries = driver.entries.lock().await;
         let mut resumed = false;
@@ -417,7 +464,21 @@ impl<T: Target> Driver<T> {
     /// Writes every rollout to the state file (a temporary file renamed over it, so a
     /// crash leaves the old or the new file, never half of one). A failure is logged:
     /// the rollout carries on in memory.
+    /// The rollouts as `/metrics` shows them.
+    pub fn gauges(&self) -> RolloutGauges {
+        self.gauges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Saves the rollouts (with a state file) and publishes them for `/metrics`; called
+    /// after every change.
     fn persist(&self, entries: &BTreeMap<String, Entry>) {
+        self.gauges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .update(entries);
         let Some(path) = &self.state_file else {
             return;
         };
