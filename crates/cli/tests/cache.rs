@@ -90,20 +90,9 @@ async fn ask(
 
 /// The version's cache counters in a `ctl routes --json` report.
 fn counters(served: &Served, version: &str) -> Value {
-    let routes = served.routes();
-    routes["routes"]
-        .as_array()
-        .expect("routes")
-        .iter()
-        .find(|r| r["model"] == "demo")
-        .and_then(|r| {
-            r["versions"]
-                .as_array()?
-                .iter()
-                .find(|v| v["version"] == version)
-                .cloned()
-        })
-        .unwrap_or_else(|| panic!("demo {version} in {routes:#}"))
+    let entry = served.route_entry("demo", version);
+    assert!(!entry.is_null(), "demo {version} in {:#}", served.routes());
+    entry
 }
 
 fn count(counters: &Value, name: &str) -> u64 {

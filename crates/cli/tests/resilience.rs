@@ -63,25 +63,9 @@ fn status(
     })
 }
 
-/// `ctl routes --json`'s entry of `model` at `version`.
-fn route_entry(gateway: &Served, model: &str, version: &str) -> Value {
-    let routes = gateway.routes();
-    routes["routes"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["model"] == model))
-        .and_then(|r| {
-            r["versions"]
-                .as_array()?
-                .iter()
-                .find(|v| v["version"] == version)
-        })
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
 /// What `ctl routes --json` says of `model` at `version`: (health, breaker).
 fn version_state(gateway: &Served, model: &str, version: &str) -> (String, String) {
-    let entry = route_entry(gateway, model, version);
+    let entry = gateway.route_entry(model, version);
     let text = |field: &str| entry[field].as_str().unwrap_or_default().to_owned();
     (text("health"), text("breaker"))
 }
@@ -479,7 +463,7 @@ fn with_every_replica_down_retries_stay_within_the_budget() {
         let code = outcome(&runtime, &gateway.addr, "1", Some(Duration::from_secs(2)));
         assert_eq!(code, Code::Unavailable);
     }
-    let version = route_entry(&gateway, "demo", "1");
+    let version = gateway.route_entry("demo", "1");
     let retries = version["retries"].as_u64().unwrap_or(0);
     // Without a budget each call would take 3 attempts: 600 retries. The budget has
     // no successes to earn from, only its floor: 10 a second kept over 10 s.
@@ -619,10 +603,10 @@ fn a_failing_canary_answered_with_its_default_prediction_is_still_rolled_back() 
     assert!(
         eventually(
             CONFIG_DEADLINE,
-            || route_entry(&served, "demo", "2")["default_ready"] == true
+            || served.route_entry("demo", "2")["default_ready"] == true
         ),
         "the gateway holds the canary's default: {}",
-        route_entry(&served, "demo", "2")
+        served.route_entry("demo", "2")
     );
     let runtime = runtime();
     let response = runtime.block_on(async {
@@ -635,7 +619,7 @@ fn a_failing_canary_answered_with_its_default_prediction_is_still_rolled_back() 
     assert_demo_default(response, "demo/2");
 
     rolled_back_without_client_errors(&served);
-    let canary = route_entry(&served, "demo", "2");
+    let canary = served.route_entry("demo", "2");
     assert!(canary["defaults"].as_u64() > Some(0), "{canary}");
     let table = served.ctl(&["routes"]).ok();
     assert!(table.stdout.contains("defaulted"), "{table:#?}");
@@ -655,13 +639,13 @@ fn a_default_prediction_answers_when_the_worker_is_gone_and_only_where_a_card_st
     assert!(
         eventually(
             CONFIG_DEADLINE,
-            || route_entry(&gateway, "demo", "1")["default_ready"] == true
+            || gateway.route_entry("demo", "1")["default_ready"] == true
         ),
         "fetched from the remote worker: {}",
-        route_entry(&gateway, "demo", "1")
+        gateway.route_entry("demo", "1")
     );
     assert_eq!(
-        route_entry(&gateway, "fixed", "1")["default_ready"],
+        gateway.route_entry("fixed", "1")["default_ready"],
         false,
         "fixed has no model card: no default"
     );

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use aviary::metrics::{Labels, encode_counters};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -88,53 +89,50 @@ impl Collector for GatewayCollector {
     }
 }
 
+/// The labels of a variant's samples, plus `extra`.
+fn labels(variant: &VariantCounts, extra: (&'static str, &str)) -> Labels {
+    vec![
+        ("model", variant.model.clone()),
+        ("version", variant.version.clone()),
+        (extra.0, extra.1.to_owned()),
+    ]
+}
+
 fn encode_requests(
     encoder: &mut DescriptorEncoder<'_>,
     counts: &[VariantCounts],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_requests",
         "Requests routed to a model version, by the gRPC code they ended with (before \
          any fallback or default prediction answered).",
-        None,
-        MetricType::Counter,
-    )?;
-    for variant in counts {
-        for (code, count) in &variant.codes {
-            let labels = [
-                ("model", variant.model.as_str()),
-                ("version", variant.version.as_str()),
-                ("code", code_name(*code)),
-            ];
-            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    Ok(())
+        counts.iter().flat_map(|variant| {
+            variant
+                .codes
+                .iter()
+                .map(|(code, count)| (labels(variant, ("code", code_name(*code))), *count))
+        }),
+    )
 }
 
 fn encode_decisions(
     encoder: &mut DescriptorEncoder<'_>,
     counts: &[VariantCounts],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_routing_decisions",
         "Requests routed to a version, by why the router chose it: pinned (the request \
          named it), rule (a match rule), sticky (the routing key's segment), weighted \
          (drawn from the split).",
-        None,
-        MetricType::Counter,
-    )?;
-    for variant in counts {
-        for (reason, count) in &variant.reasons {
-            let labels = [
-                ("model", variant.model.as_str()),
-                ("version", variant.version.as_str()),
-                ("reason", reason),
-            ];
-            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    Ok(())
+        counts.iter().flat_map(|variant| {
+            variant
+                .reasons
+                .iter()
+                .map(|(reason, count)| (labels(variant, ("reason", reason)), *count))
+        }),
+    )
 }
 
 fn encode_shadows(
@@ -280,50 +278,35 @@ fn encode_stand_ins_and_cache(
     encoder: &mut DescriptorEncoder<'_>,
     counts: &[VariantCounts],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_stand_ins",
         "Requests a version failed that the route's fallback or the version's default \
          prediction then answered.",
-        None,
-        MetricType::Counter,
+        counts.iter().flat_map(|variant| {
+            [
+                ("fallback", variant.stand_ins.fallbacks),
+                ("default", variant.stand_ins.defaults),
+            ]
+            .map(|(kind, count)| (labels(variant, ("kind", kind)), count))
+        }),
     )?;
-    for variant in counts {
-        for (kind, count) in [
-            ("fallback", variant.stand_ins.fallbacks),
-            ("default", variant.stand_ins.defaults),
-        ] {
-            let labels = [
-                ("model", variant.model.as_str()),
-                ("version", variant.version.as_str()),
-                ("kind", kind),
-            ];
-            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_cache_lookups",
         "Prediction cache look-ups by result: hit (in this process or Redis), \
          redis_hit (of those, from Redis), miss, bypass (Redis skipped or too slow).",
-        None,
-        MetricType::Counter,
-    )?;
-    for variant in counts {
-        let cache = variant.cache;
-        for (result, count) in [
-            ("hit", cache.hits),
-            ("redis_hit", cache.redis_hits),
-            ("miss", cache.misses),
-            ("bypass", cache.bypasses),
-        ] {
-            let labels = [
-                ("model", variant.model.as_str()),
-                ("version", variant.version.as_str()),
-                ("result", result),
-            ];
-            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    Ok(())
+        counts.iter().flat_map(|variant| {
+            let cache = variant.cache;
+            [
+                ("hit", cache.hits),
+                ("redis_hit", cache.redis_hits),
+                ("miss", cache.misses),
+                ("bypass", cache.bypasses),
+            ]
+            .map(|(result, count)| (labels(variant, ("result", result)), count))
+        }),
+    )
 }
 
 fn encode_routing(

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use aviary::metrics::{Labels, encode_counters, encode_gauges};
 use aviary::pb::inference::{ModelStatistics, StatisticDuration};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    metrics::counter::ConstCounter,
 };
 
 use crate::Worker;
@@ -40,106 +41,97 @@ impl Collector for WorkerCollector {
     }
 }
 
+/// The labels of a version's samples, plus `extra`.
+fn labels(s: &ModelStatistics, extra: Option<(&'static str, &str)>) -> Labels {
+    let mut labels = vec![("model", s.name.clone()), ("version", s.version.clone())];
+    labels.extend(extra.map(|(name, value)| (name, value.to_owned())));
+    labels
+}
+
 fn encode_statistics(
     encoder: &mut DescriptorEncoder<'_>,
     statistics: &[ModelStatistics],
 ) -> Result<(), std::fmt::Error> {
-    let labels = |s: &ModelStatistics| [("model", s.name.clone()), ("version", s.version.clone())];
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_worker_requests",
         "Inference requests a model version ran, by outcome.",
-        None,
-        MetricType::Counter,
+        statistics.iter().flat_map(|s| {
+            let stats = s.inference_stats.unwrap_or_default();
+            [("success", stats.success), ("failure", stats.fail)]
+                .map(|(outcome, d)| (labels(s, Some(("outcome", outcome))), of(d.as_ref()).0))
+        }),
     )?;
-    for s in statistics {
-        let stats = s.inference_stats.unwrap_or_default();
-        for (outcome, duration) in [("success", &stats.success), ("failure", &stats.fail)] {
-            let [model, version] = labels(s);
-            let labels = [model, version, ("outcome", outcome.to_owned())];
-            ConstCounter::new(of(duration.as_ref()).0).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_worker_inferences",
         "Inferences run: each row of a request's batch dimension counts once.",
-        None,
-        MetricType::Counter,
+        statistics
+            .iter()
+            .map(|s| (labels(s, None), s.inference_count)),
     )?;
-    for s in statistics {
-        ConstCounter::new(s.inference_count).encode(family.encode_family(&labels(s))?)?;
-    }
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_worker_executions",
         "ONNX Runtime runs: a dynamic batch of several requests is one.",
-        None,
-        MetricType::Counter,
+        statistics
+            .iter()
+            .map(|s| (labels(s, None), s.execution_count)),
     )?;
-    for s in statistics {
-        ConstCounter::new(s.execution_count).encode(family.encode_family(&labels(s))?)?;
-    }
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_worker_queue_seconds",
         "Time successful requests waited for a session or a batch, summed.",
-        None,
-        MetricType::Counter,
+        statistics.iter().map(|s| {
+            let stats = s.inference_stats.unwrap_or_default();
+            (labels(s, None), of(stats.queue.as_ref()).1)
+        }),
     )?;
-    for s in statistics {
-        let stats = s.inference_stats.unwrap_or_default();
-        ConstCounter::new(of(stats.queue.as_ref()).1).encode(family.encode_family(&labels(s))?)?;
-    }
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_worker_compute_seconds",
         "Time successful requests spent in decoding inputs (input), in ONNX Runtime \
          (infer) and in encoding outputs (output), summed.",
-        None,
-        MetricType::Counter,
-    )?;
-    for s in statistics {
-        let stats = s.inference_stats.unwrap_or_default();
-        for (phase, duration) in [
-            ("input", &stats.compute_input),
-            ("infer", &stats.compute_infer),
-            ("output", &stats.compute_output),
-        ] {
-            let [model, version] = labels(s);
-            let labels = [model, version, ("phase", phase.to_owned())];
-            ConstCounter::new(of(duration.as_ref()).1).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    Ok(())
+        statistics.iter().flat_map(|s| {
+            let stats = s.inference_stats.unwrap_or_default();
+            [
+                ("input", stats.compute_input),
+                ("infer", stats.compute_infer),
+                ("output", stats.compute_output),
+            ]
+            .map(|(phase, d)| (labels(s, Some(("phase", phase))), of(d.as_ref()).1))
+        }),
+    )
 }
 
 fn encode_versions(
     encoder: &mut DescriptorEncoder<'_>,
     worker: &Worker,
 ) -> Result<(), std::fmt::Error> {
-    let index = worker.index(false);
-    let mut family = encoder.encode_descriptor(
+    encode_gauges(
+        encoder,
         "aviary_model_version_ready",
         "1 while a version in the repository is loaded and serving, else 0.",
-        None,
-        MetricType::Gauge,
+        worker.index(false).into_iter().map(|entry| {
+            let ready = i64::from(entry.state == "READY");
+            (
+                vec![("model", entry.name), ("version", entry.version)],
+                ready,
+            )
+        }),
     )?;
-    for entry in &index {
-        let labels = [
-            ("model", entry.name.as_str()),
-            ("version", entry.version.as_str()),
-        ];
-        let ready = i64::from(entry.state == "READY");
-        ConstGauge::new(ready).encode(family.encode_family(&labels)?)?;
-    }
-    let mut family = encoder.encode_descriptor(
+    encode_gauges(
+        encoder,
         "aviary_model_version_load_failed",
         "1 for a version whose last load or reload failed (a running copy may still \
          serve it); versions without a failure are not listed.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for (model, version, _reason) in worker.failed_loads() {
-        let labels = [("model", model), ("version", version.to_string())];
-        ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
+        worker
+            .failed_loads()
+            .into_iter()
+            .map(|(model, version, _reason)| {
+                (vec![("model", model), ("version", version.to_string())], 1)
+            }),
+    )
 }
 
 fn encode_lifecycle(
@@ -147,22 +139,24 @@ fn encode_lifecycle(
     worker: &Worker,
 ) -> Result<(), std::fmt::Error> {
     let totals = worker.lifecycle_totals();
-    let mut family = encoder.encode_descriptor(
+    encode_counters(
+        encoder,
         "aviary_model_loads",
         "Model version loads (`kind` load: a new version; reload: a new copy of a \
          running one), by outcome.",
-        None,
-        MetricType::Counter,
+        [
+            ("load", "success", totals.loads),
+            ("load", "failure", totals.failed_loads),
+            ("reload", "success", totals.reloads),
+            ("reload", "failure", totals.failed_reloads),
+        ]
+        .map(|(kind, outcome, count)| {
+            (
+                vec![("kind", kind.to_owned()), ("outcome", outcome.to_owned())],
+                count,
+            )
+        }),
     )?;
-    for (kind, outcome, count) in [
-        ("load", "success", totals.loads),
-        ("load", "failure", totals.failed_loads),
-        ("reload", "success", totals.reloads),
-        ("reload", "failure", totals.failed_reloads),
-    ] {
-        let labels = [("kind", kind), ("outcome", outcome)];
-        ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
-    }
     let unloads = ConstCounter::new(totals.unloads);
     unloads.encode(encoder.encode_descriptor(
         "aviary_model_unloads",

@@ -341,6 +341,22 @@ impl Served {
         (server, inference, admin)
     }
 
+    /// `ctl routes --json`'s entry of `model` at `version`, or null.
+    pub fn route_entry(&self, model: &str, version: &str) -> Value {
+        let routes = self.routes();
+        routes["routes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["model"] == model))
+            .and_then(|r| {
+                r["versions"]
+                    .as_array()?
+                    .iter()
+                    .find(|v| v["version"] == version)
+            })
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
     /// Where the gateway serves `/metrics` (read from its output once).
     pub fn metrics_addr(&mut self) -> SocketAddr {
         *self

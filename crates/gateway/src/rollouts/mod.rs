@@ -167,7 +167,7 @@ impl RolloutGauges {
                 .rollouts
                 .get(model)
                 .is_none_or(|(canary, label, _)| *canary != now.0 || !is_terminal_label(label));
-            if state.is_terminal() && was_running && self.rollouts.get(model) != Some(&now) {
+            if state.is_terminal() && was_running {
                 *self.ended.entry(state.label()).or_insert(0) += 1;
             }
             self.rollouts.insert(model.clone(), now);

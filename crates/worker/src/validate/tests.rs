@@ -199,25 +199,6 @@ fn data_len(data: &TensorData) -> usize {
     }
 }
 
-fn data_type(data: &TensorData) -> Datatype {
-    match data {
-        TensorData::Bool(_) => Datatype::Bool,
-        TensorData::Uint8(_) => Datatype::Uint8,
-        TensorData::Uint16(_) => Datatype::Uint16,
-        TensorData::Uint32(_) => Datatype::Uint32,
-        TensorData::Uint64(_) => Datatype::Uint64,
-        TensorData::Int8(_) => Datatype::Int8,
-        TensorData::Int16(_) => Datatype::Int16,
-        TensorData::Int32(_) => Datatype::Int32,
-        TensorData::Int64(_) => Datatype::Int64,
-        TensorData::Fp16(_) => Datatype::Fp16,
-        TensorData::Bf16(_) => Datatype::Bf16,
-        TensorData::Fp32(_) => Datatype::Fp32,
-        TensorData::Fp64(_) => Datatype::Fp64,
-        TensorData::Bytes(_) => Datatype::Bytes,
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Happy paths
 // ---------------------------------------------------------------------------------------
@@ -1321,7 +1302,7 @@ fn check_accepted(
     prop_assert_eq!(request.inputs.len(), schema.inputs.len());
     for (spec, input) in schema.inputs.iter().zip(&validated.inputs) {
         prop_assert_eq!(&input.name, &spec.name);
-        prop_assert_eq!(data_type(&input.data), spec.datatype);
+        prop_assert_eq!(input.data.datatype(), spec.datatype);
         prop_assert_eq!(input.shape.len(), spec.shape.len());
         for (&want, &got) in spec.shape.iter().zip(&input.shape) {
             prop_assert!(got >= 0, "negative dimension in {:?}", input.shape);
