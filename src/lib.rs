@@ -15,6 +15,8 @@
 //!   length-prefix format.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
 //! - [`metrics`] (feature `server`): the `/metrics` endpoint and the process metrics.
+//! - [`telemetry`] (feature `server`): trace export, W3C trace context in and out,
+//!   and the spans of a request's stages.
 //! - [`client`] (feature `client`): connecting, requests built from JSON values, and
 //!   decoded responses (what `aviary infer` uses).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every proto file.
@@ -28,6 +30,8 @@ pub mod contents;
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod telemetry;
 pub mod tensor;
 
 /// Generated protocol code.

@@ -24,7 +24,25 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub fn registry() -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ProcessCollector));
+    registry.register_collector(Box::new(TraceSpansCollector));
     registry
+}
+
+/// What happened to the spans this process made (all zero while tracing is off).
+#[derive(Debug)]
+struct TraceSpansCollector;
+
+impl Collector for TraceSpansCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_counters(
+            &mut encoder,
+            "aviary_trace_spans",
+            "Spans by outcome: exported to the OTLP collector, dropped from a full export queue, or lost to a failed export.",
+            crate::telemetry::span_counts()
+                .into_iter()
+                .map(|(outcome, n)| (vec![("outcome", outcome.to_owned())], n)),
+        )
+    }
 }
 
 /// The whole exposition of `registry`, as `/metrics` answers it.

@@ -7,6 +7,7 @@
 //!
 //! - [`args`]: the command line (clap derive) and its `AVIARY_*` variables.
 //! - [`run`]: what each subcommand does.
+//! - [`logs`]: the log lines and, when configured, the trace export.
 //! - [`ctl`]: `aviary ctl`, the admin API's command-line client.
 //! - [`bench`]: `aviary bench`, a closed-loop load generator.
 #![forbid(unsafe_code)]
@@ -14,4 +15,5 @@
 pub mod args;
 pub mod bench;
 pub mod ctl;
+pub mod logs;
 pub mod run;

@@ -15,24 +15,40 @@ use aviary_gateway::{
 use aviary_worker::{SessionOptions, TensorLimits, Worker, WorkerConfig, server};
 use tokio::net::TcpListener;
 
+use aviary::telemetry::Tracing;
+
 use crate::{
     args::{BenchArgs, Cli, Command, ControllerArgs, InferArgs, LogFormat, ServeArgs, WorkerArgs},
     bench::{self, BenchOptions},
+    logs,
 };
 
 /// Runs the command line `cli` to its end.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logs(cli.log_format);
     let runtime = runtime(cli.async_threads)?;
+    let format = cli.log_format;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args, Mode::Embedded).await,
-            Command::Gateway(args) => serve(args, Mode::RemoteOnly).await,
-            Command::Worker(args) => worker(args).await,
-            Command::Infer(args) => infer(args).await,
-            Command::Bench(args) => bench(args).await,
-            Command::Controller(args) => controller(args).await,
+            Command::Serve(args) => serve(args, Mode::Embedded, format).await,
+            Command::Gateway(args) => serve(args, Mode::RemoteOnly, format).await,
+            Command::Worker(args) => {
+                let tracing = logs::init(format, Some(&Default::default()), "aviary-worker")?;
+                finish(worker(args).await, tracing).await
+            }
+            Command::Controller(args) => {
+                let tracing = logs::init(format, Some(&Default::default()), "aviary-controller")?;
+                finish(controller(args).await, tracing).await
+            }
+            Command::Infer(args) => {
+                logs::init_logs(format);
+                infer(args).await
+            }
+            Command::Bench(args) => {
+                logs::init_logs(format);
+                bench(args).await
+            }
             Command::Ctl(args) => {
+                logs::init_logs(format);
                 println!("{}", crate::ctl::run(&args).await?);
                 Ok(())
             }
@@ -40,23 +56,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-/// Logs on stderr in `format`, filtered by `AVIARY_LOG`, else `RUST_LOG`, else
-/// `info,ort=warn`.
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AVIARY_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
+/// `result`, once the spans still queued for export are sent.
+async fn finish(result: anyhow::Result<()>, tracing: Option<Tracing>) -> anyhow::Result<()> {
+    if let Some(tracing) = tracing {
+        tracing.shutdown().await;
     }
+    result
 }
 
 /// The async runtime: `threads` of them, or one per core the process may use.
@@ -167,10 +172,15 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-async fn serve(args: ServeArgs, mode: Mode) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, mode: Mode, format: LogFormat) -> anyhow::Result<()> {
     // The flags override where to listen without changing the config: the watcher
     // compares the file with the config as the file said it.
     let config = Config::load(&args.config)?;
+    let tracing = logs::init(format, Some(&config.tracing.settings()), "aviary-gateway")?;
+    finish(serve_with(args, mode, config).await, tracing).await
+}
+
+async fn serve_with(args: ServeArgs, mode: Mode, config: Config) -> anyhow::Result<()> {
     let listen = args.listen.unwrap_or(config.server.listen);
     let admin_listen = args.admin_listen.unwrap_or(config.admin.listen);
     let admin_enabled = config.admin.enabled;

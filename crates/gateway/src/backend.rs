@@ -5,6 +5,8 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use aviary::telemetry::{self, SPAN_TARGET};
+
 use aviary::pb::inference::{
     ModelConfig, ModelConfigRequest, ModelInferResponse, ModelMetadataRequest,
     ModelMetadataResponse, ModelReadyRequest, ModelStatistics, ModelStatisticsRequest,
@@ -14,6 +16,7 @@ use aviary::pb::inference::{
 use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::{GatewayError, infer_client::InferClient, stack::Call};
 
@@ -98,7 +101,20 @@ impl Backend for InProcess {
     }
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        Box::pin(async move { Ok(infer_on(&self.slot, call.request, call.deadline).await?) })
+        let run = async move { Ok(infer_on(&self.slot, call.request, call.deadline).await?) };
+        if !telemetry::tracing_on() {
+            return Box::pin(run);
+        }
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "in-process worker",
+            otel.name = "aviary.worker",
+            otel.kind = "internal",
+            otel.status_code = tracing::field::Empty,
+            aviary.model = %self.slot.current().model,
+            aviary.version = %self.slot.current().version,
+        );
+        Box::pin(traced(span, run))
     }
 
     fn fingerprint(&self) -> Option<String> {
@@ -215,7 +231,23 @@ impl Backend for Remote {
     }
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        Box::pin(async move {
+        let span = telemetry::tracing_on().then(|| {
+            tracing::info_span!(
+                target: SPAN_TARGET,
+                "ModelInfer call",
+                otel.name = "inference.GRPCInferenceService/ModelInfer",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = "inference.GRPCInferenceService",
+                rpc.method = "ModelInfer",
+                rpc.grpc.status_code = tracing::field::Empty,
+                server.address = %self.endpoint,
+                aviary.model = %call.request.model_name,
+                aviary.version = %call.request.model_version,
+            )
+        });
+        let run = async move {
             self.infer
                 .infer(&call.request, call.deadline)
                 .await
@@ -223,7 +255,11 @@ impl Backend for Remote {
                     endpoint: self.endpoint.clone(),
                     status,
                 })
-        })
+        };
+        match span {
+            Some(span) => Box::pin(traced(span, run)),
+            None => Box::pin(run),
+        }
     }
 
     fn ready(&self, model: String, version: String) -> BoxFuture<'_, bool> {
@@ -307,4 +343,21 @@ impl Backend for Remote {
             Ok(response.into_inner().models)
         })
     }
+}
+
+/// `call` run inside `span`, which records its gRPC code and, on failure, an error
+/// status.
+async fn traced<T>(
+    span: tracing::Span,
+    call: impl Future<Output = Result<T, GatewayError>>,
+) -> Result<T, GatewayError> {
+    let result = call.instrument(span.clone()).await;
+    let code = result
+        .as_ref()
+        .map_or_else(|e| e.status().code(), |_| tonic::Code::Ok);
+    span.record("rpc.grpc.status_code", code as i64);
+    if code != tonic::Code::Ok {
+        span.record("otel.status_code", "error");
+    }
+    result
 }

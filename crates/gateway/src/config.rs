@@ -35,6 +35,10 @@ pub struct Config {
     /// The Prometheus endpoint's listener.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// OpenTelemetry trace export (off unless an endpoint is set here or in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// The embedded worker's model repository (`aviary serve`).
     pub repository: Option<RepositoryConfig>,
     /// Routes by model name.
@@ -296,6 +300,37 @@ impl Default for MetricsConfig {
         MetricsConfig {
             listen: None,
             enabled: true,
+        }
+    }
+}
+
+/// `[tracing]`: where and how the process exports its traces. Each key left out falls
+/// to its standard `OTEL_*` environment variable.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`); plain HTTP/2 only.
+    pub endpoint: Option<String>,
+    /// The spans' `service.name` (`OTEL_SERVICE_NAME`; default `aviary-gateway`).
+    pub service_name: Option<String>,
+    /// The share of the traces started here that are kept, 0 to 1; a client's
+    /// sampling decision in its `traceparent` is followed (`OTEL_TRACES_SAMPLER`/`_ARG`;
+    /// default 1).
+    pub sample_ratio: Option<f64>,
+    /// Spans waiting for export at most; more are dropped and counted
+    /// (`OTEL_BSP_MAX_QUEUE_SIZE`; default 2048).
+    pub queue_size: Option<usize>,
+}
+
+impl TracingConfig {
+    /// The settings the trace exporter takes.
+    pub fn settings(&self) -> aviary::telemetry::TracingSettings {
+        aviary::telemetry::TracingSettings {
+            endpoint: self.endpoint.clone(),
+            service_name: self.service_name.clone(),
+            sample_ratio: self.sample_ratio,
+            queue_size: self.queue_size,
         }
     }
 }
@@ -581,6 +616,25 @@ impl Config {
             problems.push(format!(
                 "server.max_message_bytes: {} is too small (at least 1024)",
                 config.server.max_message_bytes
+            ));
+        }
+        if let Some(ratio) = config.tracing.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            problems.push(format!(
+                "tracing.sample_ratio: {ratio} is not between 0 and 1"
+            ));
+        }
+        if config.tracing.queue_size == Some(0) {
+            problems.push("tracing.queue_size: must be at least 1".to_owned());
+        }
+        if let Some(endpoint) = &config.tracing.endpoint
+            && !endpoint.starts_with("http://")
+        {
+            // The exporter is built without TLS: an https:// collector would fail every
+            // export, so it is refused here.
+            problems.push(format!(
+                "tracing.endpoint: \"{endpoint}\" is not an http:// URL (OTLP over TLS is not supported yet)"
             ));
         }
         if let Some(repository) = &config.repository {
@@ -947,5 +1001,27 @@ mod tests {
         )
         .expect_err("unknown field");
         assert!(err.contains("ttl"), "{err}");
+    }
+
+    #[test]
+    fn tracing_problems_name_their_field() {
+        let err = Config::parse(
+            "[tracing]\nendpoint = \"https://collector:4317\"\nsample_ratio = 1.5\nqueue_size = 0\n",
+        )
+        .expect_err("invalid");
+        for expected in [
+            "tracing.endpoint: \"https://collector:4317\" is not an http:// URL",
+            "tracing.sample_ratio: 1.5 is not between 0 and 1",
+            "tracing.queue_size: must be at least 1",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let config =
+            Config::parse("[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 0.01\n")
+                .expect("valid");
+        let settings = config.tracing.settings();
+        assert_eq!(settings.endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+        assert_eq!(settings.sample_ratio, Some(0.01));
+        assert_eq!(settings.queue_size, None, "left to OTEL_BSP_MAX_QUEUE_SIZE");
     }
 }

@@ -23,6 +23,7 @@ use aviary::pb::inference::{
     ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
 };
 use aviary::server::{InferStream, grpc_timeout, server_metadata, stream_responses};
+use aviary::telemetry::{self, SPAN_TARGET, TRACE_ID_HEADER};
 use aviary_router::{RequestAttributes, RouteError};
 use rand::{SeedableRng, rngs::SmallRng};
 use tonic::{
@@ -31,6 +32,7 @@ use tonic::{
 };
 
 use tower::ServiceExt;
+use tracing::Instrument;
 
 use crate::{
     GatewayError,
@@ -195,6 +197,11 @@ impl Front {
                 .resolve_with(&request.model_name, pinned, &attributes, rng)
                 .map(|d| (d.version.to_owned(), d.reason))
         })?;
+        if telemetry::tracing_on() {
+            let span = tracing::Span::current();
+            span.record("aviary.version", version.as_str());
+            span.record("aviary.route.reason", reason.as_str());
+        }
         // One look-up of the route's settings for the rest of the call (the route exists:
         // the table just resolved a version of it).
         let route = routing.routes.get(&request.model_name);
@@ -348,6 +355,9 @@ impl Front {
             .mirror(&request.model_name)
             .filter(|mirror| SPLIT_RNG.with_borrow_mut(|rng| mirror.chosen(rng)));
         let copy = mirror.map(|_| request.clone());
+        if telemetry::tracing_on() {
+            tracing::Span::current().record("aviary.shadow", mirror.is_some());
+        }
         let response = service.oneshot(Call::new(request, Some(deadline))).await?;
         if let (Some(mirror), Some(copy)) = (mirror, copy) {
             mirror.enqueue(copy, &response);
@@ -385,6 +395,49 @@ impl Front {
                 version: version.to_owned(),
                 routable: route.versions().map(|(v, _)| v.to_owned()).collect(),
             }))
+        }
+    }
+}
+
+/// The span of one inference through the gateway, continuing the client's trace;
+/// none while traces are not exported. Its version, route reason and shadowing are
+/// recorded as they are decided, its status by [`end_span`].
+fn request_span(metadata: &MetadataMap, model: &str) -> tracing::Span {
+    if !telemetry::tracing_on() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "ModelInfer",
+        otel.name = "inference.GRPCInferenceService/ModelInfer",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = "inference.GRPCInferenceService",
+        rpc.method = "ModelInfer",
+        rpc.grpc.status_code = tracing::field::Empty,
+        aviary.model = model,
+        aviary.version = tracing::field::Empty,
+        aviary.route.reason = tracing::field::Empty,
+        aviary.shadow = tracing::field::Empty,
+    );
+    telemetry::continue_trace(&span, metadata.as_ref());
+    span
+}
+
+/// Records how the request of `span` ended: its gRPC code, and an error status with
+/// the message when it failed.
+fn end_span(span: &tracing::Span, error: Option<&GatewayError>) {
+    match error {
+        None => {
+            span.record("rpc.grpc.status_code", tonic::Code::Ok as i64);
+        }
+        Some(error) => {
+            let status = error.status();
+            span.record("rpc.grpc.status_code", status.code() as i64);
+            span.record("otel.status_code", "error");
+            span.record("otel.status_description", status.message());
         }
     }
 }
@@ -472,7 +525,28 @@ impl GrpcInferenceService for Front {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
-        let response = self.infer(&metadata, request).await?;
+        let span = request_span(&metadata, &request.model_name);
+        let result = self
+            .infer(&metadata, request)
+            .instrument(span.clone())
+            .await;
+        let trace_id = telemetry::tracing_on()
+            .then(|| {
+                end_span(&span, result.as_ref().err());
+                telemetry::trace_id(&span)
+            })
+            .flatten()
+            .and_then(|id| MetadataValue::try_from(id).ok());
+        let response = match (result, trace_id.clone()) {
+            (Ok(response), _) => response,
+            (Err(error), trace_id) => {
+                let mut status = Status::from(error);
+                if let Some(id) = trace_id {
+                    status.metadata_mut().insert(TRACE_ID_HEADER, id);
+                }
+                return Err(status);
+            }
+        };
         let variant = MetadataValue::try_from(response.model_version.as_str())
             .map_err(|_| Status::internal("version is not a valid header value"))?;
         // A stand-in's or the cache's answer says so in a header too, for clients that
@@ -497,6 +571,9 @@ impl GrpcInferenceService for Front {
         .collect();
         let mut response = Response::new(response);
         response.metadata_mut().insert(VARIANT_HEADER, variant);
+        if let Some(id) = trace_id {
+            response.metadata_mut().insert(TRACE_ID_HEADER, id);
+        }
         for (header, value) in marks {
             response.metadata_mut().insert(header, value);
         }
@@ -515,7 +592,14 @@ impl GrpcInferenceService for Front {
         let metadata = Arc::new(metadata);
         Ok(Response::new(stream_responses(inbound, move |r| {
             let (front, metadata) = (front.clone(), Arc::clone(&metadata));
-            async move { front.infer(&metadata, r).await.map_err(Status::from) }
+            async move {
+                let span = request_span(&metadata, &r.model_name);
+                let result = front.infer(&metadata, r).instrument(span.clone()).await;
+                if telemetry::tracing_on() {
+                    end_span(&span, result.as_ref().err());
+                }
+                result.map_err(Status::from)
+            }
         })))
     }
 

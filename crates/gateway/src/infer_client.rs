@@ -138,6 +138,12 @@ impl InferClient {
             let left = deadline.saturating_duration_since(Instant::now());
             http_request = http_request.header("grpc-timeout", grpc_timeout(left));
         }
+        if aviary::telemetry::tracing_on()
+            && let Some(headers) = http_request.headers_mut()
+        {
+            // The worker's spans join the trace as children of the current span.
+            aviary::telemetry::outgoing_headers(headers);
+        }
         let http_request = http_request
             .body(())
             .map_err(|e| Status::internal(format!("building the worker request: {e}")))?;

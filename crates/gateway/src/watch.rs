@@ -175,6 +175,7 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         ("server", config.server != started_with.server),
         ("admin", config.admin != started_with.admin),
         ("metrics", config.metrics != started_with.metrics),
+        ("tracing", config.tracing != started_with.tracing),
         ("repository", config.repository != started_with.repository),
         (
             "rollouts.evaluate_interval_ms",

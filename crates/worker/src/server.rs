@@ -17,9 +17,11 @@ use aviary::{
         InferStream, ServeOptions, grpc_timeout, serve, server_metadata, set_serving,
         stream_responses,
     },
+    telemetry::{self, SPAN_TARGET},
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::{Worker, WorkerError};
 
@@ -85,9 +87,42 @@ impl GrpcInferenceService for WorkerService {
         // The client's deadline (a gateway passes on what is left of its own) bounds
         // the wait for a session: an expired request is never run.
         let deadline = grpc_timeout(request.metadata()).map(|timeout| Instant::now() + timeout);
-        Ok(Response::new(
-            self.worker.infer(request.into_inner(), deadline).await?,
-        ))
+        if !telemetry::tracing_on() {
+            return Ok(Response::new(
+                self.worker.infer(request.into_inner(), deadline).await?,
+            ));
+        }
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "ModelInfer",
+            otel.name = "inference.GRPCInferenceService/ModelInfer",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = "inference.GRPCInferenceService",
+            rpc.method = "ModelInfer",
+            rpc.grpc.status_code = tracing::field::Empty,
+            aviary.model = %request.get_ref().model_name,
+            aviary.version = %request.get_ref().model_version,
+        );
+        // A gateway's call continues its trace here.
+        telemetry::continue_trace(&span, request.metadata().as_ref());
+        let result = self
+            .worker
+            .infer(request.into_inner(), deadline)
+            .instrument(span.clone())
+            .await
+            .map_err(Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        span.record("rpc.grpc.status_code", code as i64);
+        if let Err(status) = &result {
+            span.record("otel.status_code", "error");
+            span.record("otel.status_description", status.message());
+        }
+        Ok(Response::new(result?))
     }
 
     type ModelStreamInferStream = InferStream;

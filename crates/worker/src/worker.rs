@@ -21,6 +21,7 @@ use aviary::{
         model_metadata_response::TensorMetadata, model_version_policy,
         repository_index_response::ModelIndex,
     },
+    telemetry::{self, Stage, attribute},
     tensor::Datatype,
 };
 use bytes::Bytes;
@@ -33,7 +34,9 @@ use crate::{
     default_prediction,
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
     model::{FINGERPRINT_PARAMETER, SessionOptions},
-    repository, validate,
+    repository,
+    stats::Timings,
+    validate,
 };
 
 /// Platform name Triton uses for ONNX models.
@@ -148,11 +151,13 @@ pub async fn infer_on(
     deadline: Option<Instant>,
 ) -> Result<ModelInferResponse, WorkerError> {
     let started = Instant::now();
+    let mut decoded = started;
     let model = slot.current();
     let result = async {
         let checked = validate::check(&model.schema, &request)?;
         let reservation = slot.admission().admit(checked.cost())?;
         let validated = checked.decode()?;
+        decoded = Instant::now();
         let batch = validated
             .inputs
             .first()
@@ -166,6 +171,9 @@ pub async fn infer_on(
         Ok((outputs, timings, batch)) => {
             slot.stats()
                 .record_success(started.elapsed(), timings, batch);
+            if telemetry::tracing_on() {
+                telemetry::record_stages(|| stage_spans(started, decoded, &timings, batch));
+            }
             let (tensors, raw): (Vec<_>, Vec<_>) = outputs
                 .into_iter()
                 .map(|o| {
@@ -450,4 +458,43 @@ fn card_parameters(
         .chain(default.map(|d| (default_prediction::PARAMETER.to_owned(), d.to_json())))
         .map(|(key, string_value)| (key, ModelParameter { string_value }))
         .collect()
+}
+
+/// The spans of a request's stages in the worker, laid end to end from their measured
+/// times: validation (and decoding), the wait for a session or a batch, the ONNX
+/// Runtime run (with building its inputs and encoding its outputs).
+fn stage_spans(started: Instant, decoded: Instant, timings: &Timings, rows: u64) -> Vec<Stage> {
+    let queued = decoded + timings.queue;
+    let ran = queued + timings.compute_input + timings.compute_infer + timings.compute_output;
+    vec![
+        Stage {
+            name: "aviary.validate",
+            start: started,
+            end: decoded,
+            attributes: Vec::new(),
+        },
+        Stage {
+            name: "aviary.queue",
+            start: decoded,
+            end: queued,
+            attributes: Vec::new(),
+        },
+        Stage {
+            name: "onnxruntime.run",
+            start: queued,
+            end: ran,
+            attributes: vec![
+                attribute("aviary.rows", i64::try_from(rows).unwrap_or(i64::MAX)),
+                // 0: the request rode in a dynamic batch another request's run served.
+                attribute(
+                    "aviary.executions",
+                    i64::try_from(timings.executions).unwrap_or(i64::MAX),
+                ),
+                attribute(
+                    "aviary.session_run_seconds",
+                    timings.compute_infer.as_secs_f64(),
+                ),
+            ],
+        },
+    ]
 }

@@ -49,14 +49,29 @@ pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
 /// The input row the demo model takes: one row of 4 features.
 pub const ROW: &str = "[[5.1,3.5,1.4,0.2]]";
 
-/// Environment that would change what a command talks to; removed from every process.
-pub const AMBIENT: [&str; 6] = [
+/// Environment that would change what a command talks to or how it logs; removed
+/// from every process.
+pub const AMBIENT: &[&str] = &[
     "AVIARY_CONFIG",
     "AVIARY_LISTEN",
     "AVIARY_ADMIN_LISTEN",
     "AVIARY_ADDR",
     "AVIARY_ADMIN",
     "AVIARY_GRACE_PERIOD",
+    "AVIARY_LOG",
+    "AVIARY_LOG_FORMAT",
+    "RUST_LOG",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_SCHEDULE_DELAY",
 ];
 
 pub fn repo_root() -> PathBuf {
@@ -285,6 +300,7 @@ pub struct Served {
     pub dir: tempfile::TempDir,
     command: &'static str,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     metrics: Option<SocketAddr>,
 }
 
@@ -292,22 +308,41 @@ impl Served {
     /// `aviary serve` over `config_text`, written to a temporary file it watches.
     /// `{dir}` in the text stands for that file's folder.
     pub fn start(config_text: &str, extra: &[&str]) -> Served {
-        Served::start_command("serve", config_text, extra)
+        Served::start_command("serve", config_text, extra, &[])
+    }
+
+    /// [`Served::start`] with `env` set for the process.
+    pub fn start_with_env(config_text: &str, extra: &[&str], env: &[(&str, &str)]) -> Served {
+        Served::start_command("serve", config_text, extra, env)
     }
 
     /// `aviary gateway` (remote-only: every routed version names its worker's
     /// `endpoint`) over `config_text`, like [`Served::start`].
     pub fn gateway(config_text: &str, extra: &[&str]) -> Served {
-        Served::start_command("gateway", config_text, extra)
+        Served::start_command("gateway", config_text, extra, &[])
     }
 
-    fn start_command(command: &'static str, config_text: &str, extra: &[&str]) -> Served {
+    /// [`Served::gateway`] with `env` set for the process.
+    pub fn gateway_with_env(config_text: &str, extra: &[&str], env: &[(&str, &str)]) -> Served {
+        Served::start_command("gateway", config_text, extra, env)
+    }
+
+    fn start_command(
+        command: &'static str,
+        config_text: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Served {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("aviary.toml");
         let text = config_text.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(&config, text).expect("write config");
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let (server, inference, admin) = Served::spawn(command, &config, &extra);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let (server, inference, admin) = Served::spawn(command, &config, &extra, &env);
         Served {
             server,
             addr: format!("http://{inference}"),
@@ -317,11 +352,17 @@ impl Served {
             dir,
             command,
             extra,
+            env,
             metrics: None,
         }
     }
 
-    fn spawn(command: &str, config: &Path, extra: &[String]) -> (Process, SocketAddr, SocketAddr) {
+    fn spawn(
+        command: &str,
+        config: &Path,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> (Process, SocketAddr, SocketAddr) {
         let path = config.to_str().expect("utf-8 path");
         let mut args = vec![
             command,
@@ -335,7 +376,8 @@ impl Served {
             "127.0.0.1:0",
         ];
         args.extend(extra.iter().map(String::as_str));
-        let mut server = Process::spawn(&args, &[]);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut server = Process::spawn(&args, &env);
         let inference = server.wait_listening();
         let admin = server.wait_admin();
         (server, inference, admin)
@@ -370,7 +412,8 @@ impl Served {
         sigterm(&self.server);
         let status = self.server.wait_exit(Duration::from_secs(30));
         assert_eq!(status.code(), Some(0), "serve exits 0 on SIGTERM");
-        let (server, inference, admin) = Served::spawn(self.command, &self.config, &self.extra);
+        let (server, inference, admin) =
+            Served::spawn(self.command, &self.config, &self.extra, &self.env);
         self.server = server;
         self.metrics = None;
         self.inference = inference;
