@@ -13,6 +13,7 @@
 //! target out.
 
 use std::{
+    future::Future,
     sync::{
         OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -51,6 +52,7 @@ const DEFAULT_QUEUE: usize = 2048;
 
 static ON: AtomicBool = AtomicBool::new(false);
 static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+static SAMPLING: OnceLock<Sampling> = OnceLock::new();
 static EXPORTED: AtomicU64 = AtomicU64::new(0);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static FAILED: AtomicU64 = AtomicU64::new(0);
@@ -97,7 +99,7 @@ impl Tracing {
     /// `OTEL_TRACES_EXPORTER=none`). Runs inside the tokio runtime the exporter's
     /// connection lives on. `role` names the service when nothing else does.
     pub fn start(settings: &TracingSettings, role: &str) -> Result<Option<Tracing>, TracingError> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let env = &|name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
             return Ok(None);
         }
@@ -152,20 +154,14 @@ impl Tracing {
             .with_endpoint(endpoint)
             .build()
             .map_err(|e| TracingError(format!("the OTLP exporter: {e}")))?;
-        let mut provider = SdkTracerProvider::builder()
+        let sampling = Sampling::configured(settings.sample_ratio, env)?;
+        // Every span made is one [`decide`] chose to record, and its children.
+        let provider = SdkTracerProvider::builder()
             .with_span_processor(CountingProcessor::new(exporter, queue))
-            .with_resource(resource(settings, role));
-        if let Some(ratio) = settings.sample_ratio {
-            if !(0.0..=1.0).contains(&ratio) {
-                return Err(TracingError(format!(
-                    "sample_ratio: {ratio} is not between 0 and 1"
-                )));
-            }
-            provider = provider.with_sampler(Sampler::ParentBased(Box::new(
-                Sampler::TraceIdRatioBased(ratio),
-            )));
-        }
-        let provider = provider.build();
+            .with_resource(resource(settings, role))
+            .with_sampler(Sampler::AlwaysOn)
+            .build();
+        let _ = SAMPLING.set(sampling);
         let _ = TRACER.set(provider.tracer("aviary"));
         ON.store(true, Ordering::Relaxed);
         Ok(Some(Tracing { provider }))
@@ -310,21 +306,187 @@ impl SpanExporter for CountingExporter {
     }
 }
 
-/// Makes `span` continue the trace a caller sent in `headers` (`traceparent`,
-/// `tracestate`); a span without one starts a trace.
-pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    if headers.contains_key("traceparent") {
-        let parent = TraceContextPropagator::new().extract(&HeaderCarrier(headers));
+/// How the traces that reach or start in this process are sampled. The decision is
+/// this side's, made once per request before any span exists: a request whose trace
+/// is not kept then costs no span at all (the SDK's own sampler would run only after
+/// `tracing` had built the span).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Sampling {
+    /// A caller's sampled flag decides for its trace.
+    parent_based: bool,
+    /// The share of the other traces that are kept.
+    ratio: f64,
+}
+
+impl Sampling {
+    /// `[tracing] sample_ratio` (parent-based), else `OTEL_TRACES_SAMPLER`/`_ARG`, else
+    /// `parentbased_always_on`.
+    fn configured(
+        ratio: Option<f64>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Sampling, TracingError> {
+        let checked = |ratio: f64, what: &str| {
+            if (0.0..=1.0).contains(&ratio) {
+                Ok(ratio)
+            } else {
+                Err(TracingError(format!(
+                    "{what}: {ratio} is not between 0 and 1"
+                )))
+            }
+        };
+        if let Some(ratio) = ratio {
+            return Ok(Sampling {
+                parent_based: true,
+                ratio: checked(ratio, "sample_ratio")?,
+            });
+        }
+        let argument = || match env("OTEL_TRACES_SAMPLER_ARG") {
+            None => Ok(1.0),
+            Some(text) => match text.trim().parse::<f64>() {
+                Ok(ratio) => checked(ratio, "OTEL_TRACES_SAMPLER_ARG"),
+                Err(_) => Err(TracingError(format!(
+                    "OTEL_TRACES_SAMPLER_ARG={text}: not a number"
+                ))),
+            },
+        };
+        let (parent_based, ratio) = match env("OTEL_TRACES_SAMPLER").as_deref() {
+            None | Some("parentbased_always_on") => (true, 1.0),
+            Some("parentbased_always_off") => (true, 0.0),
+            Some("parentbased_traceidratio") => (true, argument()?),
+            Some("always_on") => (false, 1.0),
+            Some("always_off") => (false, 0.0),
+            Some("traceidratio") => (false, argument()?),
+            Some(other) => {
+                return Err(TracingError(format!(
+                    "OTEL_TRACES_SAMPLER={other}: not supported (always_on, always_off, \
+                     traceidratio and their parentbased_ forms are)"
+                )));
+            }
+        };
+        Ok(Sampling {
+            parent_based,
+            ratio,
+        })
+    }
+
+    /// Whether to record a trace whose caller sampled it (`Some(true)`), did not
+    /// (`Some(false)`), or sent none.
+    fn keeps(self, caller_sampled: Option<bool>) -> bool {
+        match caller_sampled {
+            Some(sampled) if self.parent_based => sampled,
+            _ => self.ratio >= 1.0 || (self.ratio > 0.0 && rand::random::<f64>() < self.ratio),
+        }
+    }
+}
+
+/// What one request does about tracing, decided when it arrives ([`decide`]).
+#[derive(Debug)]
+pub enum RequestTrace {
+    /// Its spans are recorded, children of this context (the caller's span, or none:
+    /// the request starts a trace).
+    Recorded(Context),
+    /// Not recorded here: the trace context to pass on to the processes it calls
+    /// ([`passing`]), saying "not sampled" so they do not record a part of it either.
+    Passed(Passed),
+}
+
+/// What an unrecorded request passes on to the processes it calls.
+#[derive(Debug, Clone)]
+pub enum Passed {
+    /// The caller's trace context, as it came.
+    Caller {
+        /// Its `traceparent`.
+        traceparent: http::HeaderValue,
+        /// Its `tracestate`, if any.
+        tracestate: Option<http::HeaderValue>,
+    },
+    /// A new trace, not sampled; its ids are drawn only when a call carries them (an
+    /// embedded worker needs none).
+    Unsampled,
+}
+
+tokio::task_local! {
+    /// The trace context of the unrecorded request this task is serving.
+    static PASSED: Passed;
+}
+
+/// Whether and how the request with `headers` is traced: `None` while tracing is off.
+pub fn decide(headers: &http::HeaderMap) -> Option<RequestTrace> {
+    if !tracing_on() {
+        return None;
+    }
+    let sampling = *SAMPLING.get()?;
+    let caller = headers
+        .contains_key("traceparent")
+        .then(|| TraceContextPropagator::new().extract(&HeaderCarrier(headers)))
+        .filter(|cx| cx.span().span_context().is_valid());
+    let caller_sampled = caller
+        .as_ref()
+        .map(|cx| cx.span().span_context().is_sampled());
+    if sampling.keeps(caller_sampled) {
+        return Some(RequestTrace::Recorded(caller.unwrap_or_default()));
+    }
+    let passed = match caller {
+        Some(_) => Passed::Caller {
+            traceparent: headers.get("traceparent")?.clone(),
+            tracestate: headers.get("tracestate").cloned(),
+        },
+        None => Passed::Unsampled,
+    };
+    Some(RequestTrace::Passed(passed))
+}
+
+/// Runs `request` with `passed` as the trace context its calls to other processes
+/// carry.
+pub async fn passing<F: Future>(passed: Passed, request: F) -> F::Output {
+    PASSED.scope(passed, request).await
+}
+
+/// Makes `span` a child of `parent` (a caller's span; an empty context: a new trace).
+pub fn set_parent(span: &tracing::Span, parent: Context) {
+    if parent.span().span_context().is_valid() {
         // Fails only when the span is not traced (its target filtered out).
         let _ = span.set_parent(parent);
     }
 }
 
-/// The W3C trace context of the current span, for a call it makes to another process:
-/// its `traceparent` (and `tracestate`) headers.
+/// Whether the current task serves a request whose spans are recorded: a span made
+/// now has a recorded parent (a shadow copy or a background call has none).
+pub fn in_recorded_request() -> bool {
+    tracing_on() && !tracing::Span::current().is_disabled()
+}
+
+/// The W3C trace context for a call the current request makes to another process:
+/// the current span's (`traceparent`, `tracestate`) when it is recorded, else what an
+/// unrecorded request passes on.
 pub fn outgoing_headers(headers: &mut http::HeaderMap) {
-    let cx = tracing::Span::current().context();
-    TraceContextPropagator::new().inject_context(&cx, &mut HeaderCarrierMut(headers));
+    match PASSED.try_with(Passed::clone) {
+        Ok(Passed::Caller {
+            traceparent,
+            tracestate,
+        }) => {
+            headers.insert("traceparent", traceparent);
+            if let Some(state) = tracestate {
+                headers.insert("tracestate", state);
+            }
+            return;
+        }
+        // A process this request calls must not decide alone to record a part of it.
+        Ok(Passed::Unsampled) => {
+            let trace_id = rand::random::<u128>().max(1);
+            let span_id = rand::random::<u64>().max(1);
+            let text = format!("00-{trace_id:032x}-{span_id:016x}-00");
+            if let Ok(value) = http::HeaderValue::from_str(&text) {
+                headers.insert("traceparent", value);
+            }
+            return;
+        }
+        Err(_) => {}
+    }
+    if in_recorded_request() {
+        let cx = tracing::Span::current().context();
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderCarrierMut(headers));
+    }
 }
 
 /// The trace id of `span`, in the 32 hex digits of `traceparent`, when it has one.
@@ -366,7 +528,7 @@ pub struct Stage {
 /// sampled. Built from times already measured, they cost nothing to a request whose
 /// trace is not kept, and a batched request's queue and run are where they happened.
 pub fn record_stages(stages: impl FnOnce() -> Vec<Stage>) {
-    let Some(tracer) = TRACER.get() else {
+    let Some(tracer) = TRACER.get().filter(|_| in_recorded_request()) else {
         return;
     };
     let parent = tracing::Span::current().context();
@@ -436,6 +598,81 @@ mod tests {
         TraceContextPropagator::new().inject_context(&cx, &mut HeaderCarrierMut(&mut out));
         assert_eq!(out.get("traceparent"), headers.get("traceparent"));
         assert_eq!(out.get("tracestate"), headers.get("tracestate"));
+    }
+
+    fn sampling(vars: &[(&str, &str)]) -> Result<Sampling, TracingError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Sampling::configured(None, &move |name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn samplers_follow_the_standard_variables() {
+        let on = |parent_based, ratio| Sampling {
+            parent_based,
+            ratio,
+        };
+        assert_eq!(sampling(&[]).ok(), Some(on(true, 1.0)));
+        assert_eq!(
+            sampling(&[
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.25")
+            ])
+            .ok(),
+            Some(on(true, 0.25))
+        );
+        assert_eq!(
+            sampling(&[("OTEL_TRACES_SAMPLER", "always_off")]).ok(),
+            Some(on(false, 0.0))
+        );
+        assert_eq!(
+            Sampling::configured(Some(0.01), &|_| Some("always_on".into())).ok(),
+            Some(on(true, 0.01)),
+            "the config file wins"
+        );
+        for bad in [
+            &[("OTEL_TRACES_SAMPLER", "jaeger_remote")][..],
+            &[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            ],
+            &[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "x"),
+            ],
+        ] {
+            assert!(sampling(bad).is_err(), "{bad:?} is refused");
+        }
+    }
+
+    #[test]
+    fn a_parent_based_sampler_follows_the_caller_and_a_ratio_decides_the_rest() {
+        let never = Sampling {
+            parent_based: true,
+            ratio: 0.0,
+        };
+        assert!(never.keeps(Some(true)));
+        assert!(!never.keeps(Some(false)));
+        assert!(!never.keeps(None));
+        let always = Sampling {
+            parent_based: false,
+            ratio: 1.0,
+        };
+        assert!(
+            always.keeps(Some(false)),
+            "not parent-based: the ratio decides"
+        );
+        let half = Sampling {
+            parent_based: true,
+            ratio: 0.5,
+        };
+        let kept = (0..10_000).filter(|_| half.keeps(None)).count();
+        // Binomial(10 000, 0.5): 4 500..5 500 is 10 standard deviations wide.
+        assert!((4_500..=5_500).contains(&kept), "{kept}");
     }
 
     #[test]

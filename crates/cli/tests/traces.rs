@@ -197,24 +197,8 @@ fn one_trace_covers_the_gateway_and_the_remote_worker_and_continues_the_clients(
     let runtime = runtime();
     let collector = Collector::default();
     let endpoint = format!("http://{}", collector.start(&runtime));
-    let models = repo_root().join("tests/models");
     // The worker is configured by the standard variables, the gateway by its file.
-    let mut worker = Process::spawn(
-        &[
-            "worker",
-            "--repo",
-            models.to_str().expect("utf-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            FAST_EXPORT,
-        ],
-    );
-    let worker_addr = format!("http://{}", worker.wait_listening());
+    let (worker, worker_addr) = traced_worker(&endpoint);
     let config = format!(
         "[tracing]\nendpoint = \"{endpoint}\"\nservice_name = \"edge-gateway\"\n\n\
          [routes.demo]\nversions = [ {{ version = \"1\", weight = 100, endpoint = \"{worker_addr}\" }} ]\n"
@@ -361,30 +345,53 @@ fn the_embedded_worker_traces_its_stages_and_a_failed_request_says_why() {
     );
 }
 
+/// `aviary worker` over tests/models exporting to `endpoint`; its `http://` address.
+fn traced_worker(endpoint: &str) -> (Process, String) {
+    let models = repo_root().join("tests/models");
+    let mut worker = Process::spawn(
+        &[
+            "worker",
+            "--repo",
+            models.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint), FAST_EXPORT],
+    );
+    let addr = format!("http://{}", worker.wait_listening());
+    (worker, addr)
+}
+
 #[test]
-fn a_sample_ratio_of_zero_keeps_only_the_traces_a_client_sampled() {
+fn a_trace_the_gateway_does_not_sample_is_not_recorded_by_its_worker_either() {
     let runtime = runtime();
     let collector = Collector::default();
     let endpoint = format!("http://{}", collector.start(&runtime));
+    // The worker keeps every trace it starts itself (the default sampler).
+    let (_worker, worker_addr) = traced_worker(&endpoint);
     let config = format!(
-        "[tracing]\nendpoint = \"{endpoint}\"\nsample_ratio = 0.0\n\n{}",
-        demo_config()
+        "[tracing]\nendpoint = \"{endpoint}\"\nsample_ratio = 0.0\n\n\
+         [routes.demo]\nversions = [ {{ version = \"1\", weight = 100, endpoint = \"{worker_addr}\" }} ]\n"
     );
-    let served = Served::start_with_env(&config, &[], &[FAST_EXPORT]);
+    let gateway = Served::gateway_with_env(&config, &[], &[FAST_EXPORT]);
     for _ in 0..20 {
-        infer(&runtime, &served.addr, None).expect("an unsampled request succeeds");
+        let (trace_id, _) =
+            infer(&runtime, &gateway.addr, None).expect("an unsampled request succeeds");
+        assert_eq!(trace_id, "", "no trace id for a trace that is not recorded");
     }
     // The client's sampled flag wins over the ratio.
     let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
-    infer(&runtime, &served.addr, Some(&traceparent)).expect("the request succeeds");
+    infer(&runtime, &gateway.addr, Some(&traceparent)).expect("the request succeeds");
     let spans = collector.trace(CLIENT_TRACE, |spans| {
-        has(spans, "aviary-gateway", "onnxruntime.run")
+        has(spans, "aviary-worker", "onnxruntime.run") && has(spans, "aviary-gateway", SERVER_SPAN)
     });
-    assert!(spans.len() >= 5, "the sampled request's spans: {spans:#?}");
+    assert!(spans.len() >= 6, "the sampled request's spans: {spans:#?}");
     assert_eq!(
         collector.count(),
         spans.len(),
-        "no span of the 20 unsampled requests was exported"
+        "no span of the 20 unsampled requests was exported, by either process"
     );
 }
 

@@ -102,7 +102,7 @@ impl Backend for InProcess {
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
         let run = async move { Ok(infer_on(&self.slot, call.request, call.deadline).await?) };
-        if !telemetry::tracing_on() {
+        if !telemetry::in_recorded_request() {
             return Box::pin(run);
         }
         let span = tracing::info_span!(
@@ -231,7 +231,7 @@ impl Backend for Remote {
     }
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        let span = telemetry::tracing_on().then(|| {
+        let span = telemetry::in_recorded_request().then(|| {
             tracing::info_span!(
                 target: SPAN_TARGET,
                 "ModelInfer call",

@@ -23,7 +23,7 @@ use aviary::pb::inference::{
     ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
 };
 use aviary::server::{InferStream, grpc_timeout, server_metadata, stream_responses};
-use aviary::telemetry::{self, SPAN_TARGET, TRACE_ID_HEADER};
+use aviary::telemetry::{self, RequestTrace, SPAN_TARGET, TRACE_ID_HEADER};
 use aviary_router::{RequestAttributes, RouteError};
 use rand::{SeedableRng, rngs::SmallRng};
 use tonic::{
@@ -272,6 +272,30 @@ impl Front {
         result
     }
 
+    /// [`Front::infer`], traced as the request's trace decision says: in a span of its
+    /// own when its trace is recorded (whose id is returned too), else passing the
+    /// caller's trace context on to the workers it calls.
+    async fn infer_traced(
+        &self,
+        metadata: &MetadataMap,
+        request: ModelInferRequest,
+    ) -> (Result<ModelInferResponse, GatewayError>, Option<String>) {
+        match telemetry::decide(metadata.as_ref()) {
+            None => (self.infer(metadata, request).await, None),
+            Some(RequestTrace::Passed(passed)) => (
+                telemetry::passing(passed, self.infer(metadata, request)).await,
+                None,
+            ),
+            Some(RequestTrace::Recorded(parent)) => {
+                let span = request_span(&request.model_name);
+                telemetry::set_parent(&span, parent);
+                let result = self.infer(metadata, request).instrument(span.clone()).await;
+                end_span(&span, result.as_ref().err());
+                (result, telemetry::trace_id(&span))
+            }
+        }
+    }
+
     /// `result`, or when it failed and the route has a `fallback`, the fallback's
     /// answer, marked as such.
     async fn fall_back(
@@ -399,13 +423,9 @@ impl Front {
     }
 }
 
-/// The span of one inference through the gateway, continuing the client's trace;
-/// none while traces are not exported. Its version, route reason and shadowing are
-/// recorded as they are decided, its status by [`end_span`].
-fn request_span(metadata: &MetadataMap, model: &str) -> tracing::Span {
-    if !telemetry::tracing_on() {
-        return tracing::Span::none();
-    }
+/// The span of one recorded inference through the gateway. Its version, route reason
+/// and shadowing are recorded as they are decided, its status by [`end_span`].
+fn request_span(model: &str) -> tracing::Span {
     let span = tracing::info_span!(
         target: SPAN_TARGET,
         "ModelInfer",
@@ -422,7 +442,6 @@ fn request_span(metadata: &MetadataMap, model: &str) -> tracing::Span {
         aviary.route.reason = tracing::field::Empty,
         aviary.shadow = tracing::field::Empty,
     );
-    telemetry::continue_trace(&span, metadata.as_ref());
     span
 }
 
@@ -525,18 +544,8 @@ impl GrpcInferenceService for Front {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
-        let span = request_span(&metadata, &request.model_name);
-        let result = self
-            .infer(&metadata, request)
-            .instrument(span.clone())
-            .await;
-        let trace_id = telemetry::tracing_on()
-            .then(|| {
-                end_span(&span, result.as_ref().err());
-                telemetry::trace_id(&span)
-            })
-            .flatten()
-            .and_then(|id| MetadataValue::try_from(id).ok());
+        let (result, trace_id) = self.infer_traced(&metadata, request).await;
+        let trace_id = trace_id.and_then(|id| MetadataValue::try_from(id).ok());
         let response = match (result, trace_id.clone()) {
             (Ok(response), _) => response,
             (Err(error), trace_id) => {
@@ -593,12 +602,11 @@ impl GrpcInferenceService for Front {
         Ok(Response::new(stream_responses(inbound, move |r| {
             let (front, metadata) = (front.clone(), Arc::clone(&metadata));
             async move {
-                let span = request_span(&metadata, &r.model_name);
-                let result = front.infer(&metadata, r).instrument(span.clone()).await;
-                if telemetry::tracing_on() {
-                    end_span(&span, result.as_ref().err());
-                }
-                result.map_err(Status::from)
+                front
+                    .infer_traced(&metadata, r)
+                    .await
+                    .0
+                    .map_err(Status::from)
             }
         })))
     }

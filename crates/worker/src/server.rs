@@ -17,7 +17,7 @@ use aviary::{
         InferStream, ServeOptions, grpc_timeout, serve, server_metadata, set_serving,
         stream_responses,
     },
-    telemetry::{self, SPAN_TARGET},
+    telemetry::{self, RequestTrace, SPAN_TARGET},
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
@@ -87,11 +87,14 @@ impl GrpcInferenceService for WorkerService {
         // The client's deadline (a gateway passes on what is left of its own) bounds
         // the wait for a session: an expired request is never run.
         let deadline = grpc_timeout(request.metadata()).map(|timeout| Instant::now() + timeout);
-        if !telemetry::tracing_on() {
+        // A gateway's call continues its trace here; one it does not record is not
+        // recorded here either.
+        let Some(RequestTrace::Recorded(parent)) = telemetry::decide(request.metadata().as_ref())
+        else {
             return Ok(Response::new(
                 self.worker.infer(request.into_inner(), deadline).await?,
             ));
-        }
+        };
         let span = tracing::info_span!(
             target: SPAN_TARGET,
             "ModelInfer",
@@ -106,8 +109,7 @@ impl GrpcInferenceService for WorkerService {
             aviary.model = %request.get_ref().model_name,
             aviary.version = %request.get_ref().model_version,
         );
-        // A gateway's call continues its trace here.
-        telemetry::continue_trace(&span, request.metadata().as_ref());
+        telemetry::set_parent(&span, parent);
         let result = self
             .worker
             .infer(request.into_inner(), deadline)
