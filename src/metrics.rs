@@ -6,7 +6,14 @@
 //! (the gateway's per-version counters, the worker's statistics), so serving requests
 //! pays nothing for the endpoint; see `docs/metrics.md` for every name.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{Router, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -76,6 +83,79 @@ pub async fn serve(
         .await
 }
 
+/// Upper bounds of every duration histogram's buckets, in seconds: 100 µs to 10 s,
+/// the span from a cached answer to a large model's run.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A histogram of durations over [`DURATION_BUCKETS`], kept with atomics: recording
+/// one is two increments and an add, never a lock, so the request path can afford it.
+#[derive(Debug, Default)]
+pub struct DurationHistogram {
+    /// Per bucket (the last is +Inf), the durations in it and no lower one.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// What a histogram held when read: `(upper bound, count in that bucket alone)` with
+/// +Inf as `f64::MAX`, the sum in seconds, and the count.
+pub type HistogramSnapshot = (Vec<(f64, u64)>, f64, u64);
+
+impl DurationHistogram {
+    /// Counts one `duration`.
+    pub fn record(&self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        // Prometheus buckets are "less than or equal to" their bound.
+        let bucket = DURATION_BUCKETS.partition_point(|&bound| bound < seconds);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The buckets, sum and count now.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let bounds = DURATION_BUCKETS.iter().copied().chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.buckets)
+            .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (buckets, sum, count)
+    }
+}
+
+/// One histogram family, `name` with a histogram per `(labels, snapshot)`.
+pub fn encode_histograms(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, HistogramSnapshot)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, (buckets, sum, count)) in samples {
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &buckets, None,
+            )?;
+    }
+    Ok(())
+}
+
+/// One gauge without labels.
+pub fn encode_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
 /// Labels of one sample: names and values.
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -125,6 +205,15 @@ struct ProcessStats {
     threads: u64,
     start_time_seconds: f64,
     open_fds: u64,
+}
+
+/// The process's resident memory now (`VmRSS`), or `None` where `/proc` says nothing;
+/// what a model's load added is measured as the difference across it.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kib: u64 = kib.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Clock ticks per second in `/proc/self/stat`: USER_HZ, 100 on every Linux ABI.
@@ -216,6 +305,46 @@ impl Collector for ProcessCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_fall_in_the_first_bucket_whose_bound_holds_them() {
+        let histogram = DurationHistogram::default();
+        for micros in [50, 100, 101, 2_000, 20_000_000] {
+            histogram.record(Duration::from_micros(micros));
+        }
+        let (buckets, sum, count) = histogram.snapshot();
+        assert_eq!(count, 5);
+        assert!((sum - 20.002251).abs() < 1e-9, "{sum}");
+        let at = |bound: f64| buckets.iter().find(|(b, _)| *b == bound).map(|(_, n)| *n);
+        assert_eq!(at(0.0001), Some(2), "50 µs and exactly 100 µs");
+        assert_eq!(at(0.00025), Some(1), "101 µs");
+        assert_eq!(at(0.0025), Some(1), "2 ms");
+        assert_eq!(at(f64::MAX), Some(1), "20 s is above every bound");
+        let mut registry = Registry::default();
+        #[derive(Debug)]
+        struct One(Arc<DurationHistogram>);
+        impl Collector for One {
+            fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+                encode_histograms(
+                    &mut encoder,
+                    "t_seconds",
+                    "test",
+                    [(vec![("model", "m".to_owned())], self.0.snapshot())],
+                )
+            }
+        }
+        registry.register_collector(Box::new(One(Arc::new(histogram))));
+        let text = render(&registry);
+        assert!(
+            text.contains("t_seconds_bucket{le=\"0.0001\",model=\"m\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_seconds_bucket{le=\"+Inf\",model=\"m\"} 5"),
+            "{text}"
+        );
+        assert!(text.contains("t_seconds_count{model=\"m\"} 5"), "{text}");
+    }
 
     #[test]
     fn proc_files_are_read_past_a_command_name_with_spaces_and_parentheses() {

@@ -64,6 +64,7 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
             state_file: None,
         },
         listener,
+        None,
         async {
             let _ = stopped.await;
         },

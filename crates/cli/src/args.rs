@@ -73,6 +73,9 @@ pub struct ControllerArgs {
     /// Where the controller serves the rollout admin RPCs.
     #[arg(long, env = "AVIARY_ADMIN_LISTEN", default_value = "127.0.0.1:8004")]
     pub admin_listen: SocketAddr,
+    /// Prometheus `/metrics` listen address (default: 127.0.0.1:8006 when free).
+    #[arg(long, env = "AVIARY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// How often active rollouts are judged, in milliseconds.
     #[arg(long, env = "AVIARY_EVALUATE_INTERVAL_MS", default_value_t = 5_000)]
     pub evaluate_interval_ms: u64,

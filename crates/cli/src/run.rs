@@ -96,6 +96,11 @@ fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
 const WORKER_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8005);
 
+/// Where a controller serves `/metrics` unless told otherwise (beside its admin API's
+/// 8004; 8005 is a worker's).
+const CONTROLLER_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8006);
+
 /// The metrics listener: at `configured`, which must bind; or at `default` if it is
 /// free. Two Aviary processes on one host would otherwise fail on the second's
 /// default, so a taken default costs the metrics endpoint, with a warning, not the
@@ -233,7 +238,8 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let shutdown = shutdown_signal();
     let admin = bind(args.admin_listen, "admin").await?;
-    run_controller(gateways, options, admin, shutdown).await?;
+    let metrics = bind_metrics(args.metrics_listen, CONTROLLER_METRICS_LISTEN).await?;
+    run_controller(gateways, options, admin, metrics, shutdown).await?;
     Ok(())
 }
 

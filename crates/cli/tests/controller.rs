@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use support::*;
@@ -32,13 +32,17 @@ versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0 }} 
 }
 
 /// An `aviary controller` process over `gateways`, keeping rollouts in `state_file`.
-fn start_controller(gateways: &str, state_file: &str) -> (Process, String) {
+/// A controller over `gateways`; returns it, its admin address and its `/metrics`
+/// address.
+fn start_controller(gateways: &str, state_file: &str) -> (Process, String, SocketAddr) {
     let mut controller = Process::spawn(
         &[
             "controller",
             "--gateways",
             gateways,
             "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
             "127.0.0.1:0",
             "--evaluate-interval-ms",
             "100",
@@ -48,7 +52,8 @@ fn start_controller(gateways: &str, state_file: &str) -> (Process, String) {
         &[],
     );
     let admin = controller.wait_admin();
-    (controller, format!("http://{admin}"))
+    let metrics = controller.wait_address("aviary: metrics listening on ");
+    (controller, format!("http://{admin}"), metrics)
 }
 
 fn ctl(admin: &str, args: &[&str]) -> Output {
@@ -71,7 +76,7 @@ fn a_restarted_controller_resumes_the_rollout_of_two_gateways() {
     let state_dir = tempfile::tempdir().expect("temp dir");
     let state_file = state_dir.path().join("rollouts.json");
     let state_file = state_file.to_str().expect("utf-8 path");
-    let (controller, admin) = start_controller(&gateways, state_file);
+    let (controller, admin, _) = start_controller(&gateways, state_file);
     let traffic = Traffic::start(&[&a.addr, &b.addr]);
 
     let started = ctl(
@@ -137,7 +142,7 @@ fn a_restarted_controller_resumes_the_rollout_of_two_gateways() {
         Some(0)
     );
     drop(controller);
-    let (_controller, admin) = start_controller(&gateways, state_file);
+    let (_controller, admin, metrics) = start_controller(&gateways, state_file);
     let resumed = rollout(&admin);
     assert_eq!(resumed["terminal"], false, "{resumed:#}");
     assert!(resumed["step"].as_u64() >= Some(1), "{resumed:#}");
@@ -150,6 +155,22 @@ fn a_restarted_controller_resumes_the_rollout_of_two_gateways() {
 
     let last = rollout(&admin);
     assert_eq!(last["state"], "promoted", "{last:#}");
+    // The controller's /metrics shows the rollout it drove.
+    let samples = parse_samples(&scrape(metrics).2);
+    let state = |state: &str| {
+        samples
+            .get(&format!(
+                "aviary_rollout_state{{model=\"demo\",canary=\"2\",state=\"{state}\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(state("promoted"), Some(1.0), "{samples:#?}");
+    assert_eq!(state("progressing"), Some(0.0));
+    assert_eq!(
+        samples.get("aviary_rollouts_ended_total{outcome=\"promoted\"}"),
+        Some(&1.0)
+    );
+    assert!(samples.contains_key("process_cpu_seconds_total"));
     for gateway in [&a, &b] {
         assert_eq!(
             route_of(&gateway.routes(), "demo"),

@@ -1,11 +1,12 @@
 //! `/metrics` of a running `aviary serve`: exact counters per version and code after
 //! known traffic, the histogram's count, the worker's statistics, the routes'
-//! weights, the process metrics, and docs/metrics.md listing exactly the names served.
+//! weights, the process metrics, the config file's changes, and docs/metrics.md listing
+//! exactly the names served.
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use support::{Served, connect, demo_request, repo_root, runtime};
+use support::{CONFIG_DEADLINE, Served, connect, demo_request, eventually, repo_root, runtime};
 
 fn config() -> String {
     let models = repo_root().join("deploy/local/models");
@@ -166,6 +167,34 @@ fn counters_per_version_and_code_match_the_traffic_sent() {
         Some(0.0)
     );
     assert!(value("aviary_model_load_seconds_total").is_some_and(|s| s > 0.0));
+    // The worker's queue and compute histograms hold every successful request.
+    for (version, count) in &answered {
+        let labels = format!("model=\"demo\",version=\"{version}\"");
+        for name in [
+            "aviary_worker_queue_duration_seconds",
+            "aviary_worker_compute_duration_seconds",
+        ] {
+            assert_eq!(
+                value(&format!("{name}_count{{{labels}}}")),
+                Some(*count as f64),
+                "{name} of version {version}"
+            );
+            assert_eq!(
+                value(&format!("{name}_bucket{{le=\"+Inf\",{labels}}}")),
+                Some(*count as f64)
+            );
+        }
+    }
+    // Each loaded version's memory is measured (mlp's 1.8 MB file and sessions
+    // cannot take less than a few hundred KiB).
+    assert!(
+        value("aviary_model_version_memory_bytes{model=\"mlp\",version=\"1\"}")
+            .is_some_and(|bytes| bytes > 256.0 * 1024.0),
+        "mlp's memory: {:?}",
+        value("aviary_model_version_memory_bytes{model=\"mlp\",version=\"1\"}")
+    );
+    assert_eq!(value("aviary_config_last_reload_successful"), Some(1.0));
+    assert_eq!(value("aviary_config_file_readable"), Some(1.0));
     assert!(value("process_resident_memory_bytes").is_some_and(|rss| rss > 1e6));
     assert!(value("process_cpu_seconds_total").is_some_and(|cpu| cpu > 0.0));
 
@@ -346,5 +375,85 @@ fn shadow_mirrors_and_comparisons_are_counted() {
         shadow(&samples, "sent") + shadow(&samples, "dropped"),
         SENT as f64,
         "every request was mirrored or dropped"
+    );
+}
+
+#[test]
+fn a_rejected_config_change_and_a_deleted_file_show_on_metrics() {
+    let mut served = Served::start(&config(), &[]);
+    let metrics = served.metrics_addr();
+    let sample = |key: &str| {
+        support::parse_samples(&support::scrape(metrics).2)
+            .get(key)
+            .copied()
+    };
+    let rejected_before = sample("aviary_config_reloads_total{outcome=\"rejected\"}");
+    assert_eq!(rejected_before, Some(0.0));
+    std::fs::write(
+        &served.config,
+        "[routes.demo]\nversions = [ { version = \"1\", weight = -1 } ]\n",
+    )
+    .expect("write a broken config");
+    assert!(
+        eventually(CONFIG_DEADLINE, || {
+            sample("aviary_config_reloads_total{outcome=\"rejected\"}") == Some(1.0)
+        }),
+        "the rejection is counted"
+    );
+    assert_eq!(sample("aviary_config_last_reload_successful"), Some(0.0));
+    std::fs::remove_file(&served.config).expect("delete the config");
+    assert!(
+        eventually(CONFIG_DEADLINE, || sample("aviary_config_file_readable")
+            == Some(0.0)),
+        "a deleted file shows"
+    );
+    // The good config back: applied, and the gauges recover.
+    std::fs::write(&served.config, config()).expect("restore the config");
+    assert!(
+        eventually(CONFIG_DEADLINE, || {
+            sample("aviary_config_last_reload_successful") == Some(1.0)
+                && sample("aviary_config_file_readable") == Some(1.0)
+        }),
+        "the restored file applies"
+    );
+    assert!(sample("aviary_config_reloads_total{outcome=\"applied\"}").is_some_and(|n| n >= 1.0));
+}
+
+#[test]
+fn experiment_feedback_is_counted_per_version_and_kind() {
+    let mut served = Served::start(&config(), &[]);
+    let metrics = served.metrics_addr();
+    for outcome in [
+        &["--correct"][..],
+        &["--correct"],
+        &["--incorrect"],
+        &["--reward", "2.5"],
+        &["--reward", "-0.5"],
+    ] {
+        let mut args = vec!["feedback", "demo", "2", "req-1"];
+        args.extend_from_slice(outcome);
+        served.ctl(&args).ok();
+    }
+    let samples = support::parse_samples(&support::scrape(metrics).2);
+    let feedback = |kind: &str| {
+        samples
+            .get(&format!(
+                "aviary_experiment_feedback_total{{model=\"demo\",version=\"2\",kind=\"{kind}\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(feedback("correct"), Some(2.0), "{samples:#?}");
+    assert_eq!(feedback("incorrect"), Some(1.0));
+    assert_eq!(feedback("reward"), Some(2.0));
+    assert_eq!(
+        samples.get("aviary_experiment_reward_mean{model=\"demo\",version=\"2\"}"),
+        Some(&1.0)
+    );
+    assert!(
+        !samples
+            .keys()
+            .any(|k| k.starts_with("aviary_experiment_feedback_total")
+                && k.contains("version=\"1\"")),
+        "version 1 got no feedback"
     );
 }

@@ -159,6 +159,18 @@ fn a_plan_in_the_watched_config_file_runs_to_promotion() {
         samples.get("aviary_rollouts_ended_total{outcome=\"rolled back\"}"),
         Some(&0.0)
     );
+    // Promoted: the former canary is the stable version, the old one has no part.
+    assert_eq!(
+        samples.get("aviary_version_role{model=\"demo\",version=\"2\",role=\"stable\"}"),
+        Some(&1.0),
+        "{samples:?}"
+    );
+    assert!(
+        !samples
+            .keys()
+            .any(|k| k.starts_with("aviary_version_role{model=\"demo\",version=\"1\"")),
+        "{samples:?}"
+    );
 }
 
 #[test]
@@ -171,6 +183,17 @@ fn a_resumed_rollout_keeps_its_weights_with_the_watch_on() {
         "{:#}",
         served.routes()
     );
+    // While the rollout runs, /metrics says which version is its canary.
+    let samples = parse_samples(&scrape(served.metrics_addr()).2);
+    for (version, role) in [("2", "canary"), ("1", "stable")] {
+        assert_eq!(
+            samples.get(&format!(
+                "aviary_version_role{{model=\"demo\",version=\"{version}\",role=\"{role}\"}}"
+            )),
+            Some(&1.0),
+            "{samples:?}"
+        );
+    }
     served.restart();
 
     let status = rollout(&served);

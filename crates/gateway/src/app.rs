@@ -318,14 +318,15 @@ impl Gateway {
     /// embedded worker's statistics.
     pub fn registry(&self) -> prometheus_client::registry::Registry {
         let mut registry = aviary::metrics::registry();
-        let mut gateway = crate::exposition::GatewayCollector::new(
+        registry.register_collector(Box::new(crate::exposition::GatewayCollector::new(
             Arc::clone(&self.metrics),
-            Arc::clone(self.control.routing()),
-        );
+            Arc::clone(&self.control),
+        )));
         if let Some(rollouts) = &self.rollouts {
-            gateway = gateway.with_rollouts(Arc::clone(rollouts));
+            registry.register_collector(Box::new(crate::exposition::RolloutsCollector::new(
+                Arc::clone(rollouts),
+            )));
         }
-        registry.register_collector(Box::new(gateway));
         if let Some(worker) = self.control.worker() {
             registry.register_collector(Box::new(aviary_worker::exposition::WorkerCollector::new(
                 Arc::clone(worker),

@@ -51,10 +51,26 @@ pub struct ConfigStatus {
     pub unreadable_since_ms: u64,
 }
 
+/// How the watched config file's changes went since start-up, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConfigCounts {
+    /// Changes that applied.
+    pub applied: u64,
+    /// Changes that were rejected (the last good config kept serving).
+    pub rejected: u64,
+    /// Whether the last change read applied (true before any change).
+    pub last_applied: bool,
+    /// Whether the file could be read at the last look (not deleted, not empty).
+    pub readable: bool,
+}
+
 /// The watched config file: its status and the routes it last gave.
 #[derive(Debug, Default)]
 struct FileState {
     status: ConfigStatus,
+    /// Changes applied and rejected since start-up.
+    applied: u64,
+    rejected: u64,
     /// The file's routes as last applied (the ones the gateway started with at first).
     routes: Routes,
 }
@@ -168,6 +184,9 @@ pub struct Control {
     health: Mutex<BTreeMap<(String, String), bool>>,
     /// Default predictions of the versions whose route opts in.
     defaults: Defaults,
+    /// The canary of each model whose weights a running rollout holds, copied from
+    /// the writer's holds whenever they change: `/metrics` reads it without that lock.
+    canaries: Mutex<BTreeMap<String, String>>,
 }
 
 impl Control {
@@ -195,11 +214,12 @@ impl Control {
                 pools,
             }),
             file: Mutex::new(FileState {
-                status: ConfigStatus::default(),
                 routes,
+                ..FileState::default()
             }),
             health: Mutex::new(BTreeMap::new()),
             defaults: Defaults::default(),
+            canaries: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -311,7 +331,19 @@ impl Control {
         holding: Holding,
     ) -> Result<u64, GatewayError> {
         let mut writer = self.writer.lock().await;
-        self.expire_holds(&mut writer);
+        let result = self.hold_rollout_weights(&mut writer, model, weights, holding);
+        self.note_canaries(&writer);
+        result
+    }
+
+    fn hold_rollout_weights(
+        &self,
+        writer: &mut Writer,
+        model: &str,
+        weights: RolloutWeights,
+        holding: Holding,
+    ) -> Result<u64, GatewayError> {
+        self.expire_holds(writer);
         let mut routes = writer.routes.clone();
         let previous = writer.holds.get(model).cloned();
         match holding {
@@ -336,7 +368,7 @@ impl Control {
                 writer.holds.remove(model);
             }
         }
-        let published = self.publish(&mut writer, routes, &BTreeSet::new());
+        let published = self.publish(writer, routes, &BTreeSet::new());
         if published.is_err() {
             match previous {
                 Some(previous) => writer.holds.insert(model.to_owned(), previous),
@@ -366,8 +398,27 @@ impl Control {
                 );
                 let route = writer.routes.get(&model).cloned().unwrap_or_default();
                 writer.routes.insert(model, hold.weights.apply_to(&route));
+                self.note_canaries(writer);
             }
         }
+    }
+
+    /// Copies who is canary in the writer's holds for `/metrics`.
+    fn note_canaries(&self, writer: &Writer) {
+        let canaries = writer
+            .holds
+            .iter()
+            .map(|(model, hold)| (model.clone(), hold.weights.canary.clone()))
+            .collect();
+        *self.canaries.lock().unwrap_or_else(PoisonError::into_inner) = canaries;
+    }
+
+    /// The canary of each model whose weights a running rollout holds.
+    pub fn canaries(&self) -> BTreeMap<String, String> {
+        self.canaries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Loads (or reloads) a version of the embedded worker; routes are rebuilt so a
@@ -627,11 +678,25 @@ impl Control {
                 status.applied_at_ms = now_ms();
                 status.errors.clear();
                 status.notes = notes;
+                file.applied += 1;
             } else {
                 status.rejected_at_ms = now_ms();
                 status.errors = errors;
+                file.rejected += 1;
             }
         });
+    }
+
+    /// How the watched config file's changes went, or `None` when no file is watched.
+    pub fn config_counts(&self) -> Option<ConfigCounts> {
+        self.file_state(|file| {
+            (!file.status.path.is_empty()).then_some(ConfigCounts {
+                applied: file.applied,
+                rejected: file.rejected,
+                last_applied: file.status.errors.is_empty(),
+                readable: file.status.unreadable.is_empty(),
+            })
+        })
     }
 
     fn file_state<R>(&self, f: impl FnOnce(&mut FileState) -> R) -> R {

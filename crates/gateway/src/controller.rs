@@ -5,7 +5,8 @@
 //! kept in the controller's state file, so a restarted controller carries on.
 //!
 //! The controller serves only the `Rollouts` admin service, so `aviary ctl --admin
-//! <controller> rollout ...` works as with one gateway.
+//! <controller> rollout ...` works as with one gateway, and `/metrics` (its process and
+//! the rollouts it drives).
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
@@ -14,6 +15,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     GatewayError,
     admin::RolloutsService,
+    exposition::RolloutsCollector,
     rollouts::{Driver, Gateways, RemoteGateways},
 };
 
@@ -40,11 +42,13 @@ pub type Controller = Driver<RemoteGateways>;
 
 /// Opens the controller's rollouts (resuming those in the state file), then judges
 /// them every evaluate interval and serves the `Rollouts` admin service on `listener`
-/// until `shutdown` resolves.
+/// (and `/metrics` on `metrics`: the process and the rollouts) until `shutdown`
+/// resolves.
 pub async fn run_controller<F>(
     gateways: Gateways,
     options: ControllerOptions,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: F,
 ) -> Result<(), GatewayError>
 where
@@ -53,6 +57,18 @@ where
     let target = RemoteGateways::new(gateways, options.evaluate_interval);
     let controller = Arc::new(Driver::open(target, options.state_file).await?);
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(metrics) = metrics {
+        let mut registry = aviary::metrics::registry();
+        registry.register_collector(Box::new(RolloutsCollector::new(Arc::clone(&controller))));
+        let mut stopped = stop_rx.clone();
+        tokio::spawn(aviary::metrics::serve(
+            metrics,
+            Arc::new(registry),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        ));
+    }
     let driver = tokio::spawn(Arc::clone(&controller).run(options.evaluate_interval, stop_rx));
     let served = tonic::transport::Server::builder()
         .add_service(RolloutsService::server(controller))

@@ -2,10 +2,12 @@
 //! snapshot when scraped, so the request path keeps only its own counters. Names and
 //! labels are listed in `docs/metrics.md`.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
-use arc_swap::ArcSwap;
-use aviary::metrics::{Labels, encode_counters};
+use aviary::metrics::{
+    DURATION_BUCKETS, HistogramSnapshot, Labels, encode_counters, encode_gauge, encode_gauges,
+    encode_histograms,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -13,42 +15,45 @@ use prometheus_client::{
 };
 
 use crate::{
+    control::{ConfigCounts, Control},
     metrics::{Metrics, VariantCounts},
-    rollouts::{RolloutGauges, Rollouts},
+    rollouts::{Driver, RolloutGauges, Target},
+    route::Routes,
     routing::Routing,
     shadow::ShadowReport,
 };
 
-/// Upper bounds of the request duration histogram's buckets, in seconds: 100 µs to
-/// 10 s, the span from a cached answer to a large model's run.
-pub const DURATION_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
-
 /// The gateway's collector: per-version requests by code, durations, stand-ins and
-/// cache use, and every route's weights.
+/// cache use, every route's weights, and the config file's changes.
 #[derive(Debug)]
 pub struct GatewayCollector {
     metrics: Arc<Metrics>,
-    routing: Arc<ArcSwap<Routing>>,
-    rollouts: Option<Arc<Rollouts>>,
+    control: Arc<Control>,
 }
 
 impl GatewayCollector {
-    /// A collector over the gateway's metrics and its current routing.
-    pub fn new(metrics: Arc<Metrics>, routing: Arc<ArcSwap<Routing>>) -> GatewayCollector {
-        GatewayCollector {
-            metrics,
-            routing,
-            rollouts: None,
-        }
+    /// A collector over the gateway's metrics and its control plane (routing, config).
+    pub fn new(metrics: Arc<Metrics>, control: Arc<Control>) -> GatewayCollector {
+        GatewayCollector { metrics, control }
     }
+}
 
-    /// Also shows the rollouts this gateway drives.
-    pub fn with_rollouts(mut self, rollouts: Arc<Rollouts>) -> GatewayCollector {
-        self.rollouts = Some(rollouts);
-        self
+/// The rollouts a driver runs: a gateway's own, or the controller's for many gateways.
+#[derive(Debug)]
+pub struct RolloutsCollector<T> {
+    driver: Arc<Driver<T>>,
+}
+
+impl<T> RolloutsCollector<T> {
+    /// A collector over `driver`'s rollouts.
+    pub fn new(driver: Arc<Driver<T>>) -> RolloutsCollector<T> {
+        RolloutsCollector { driver }
+    }
+}
+
+impl<T: Target + std::fmt::Debug + Send + Sync + 'static> Collector for RolloutsCollector<T> {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_rollouts(&mut encoder, &self.driver.gauges())
     }
 }
 
@@ -56,7 +61,7 @@ impl GatewayCollector {
 /// `f64::MAX`), the
 /// sum in seconds, and the count, from a latency histogram in microseconds. The sum
 /// is the histogram's (two significant digits per value), not an exact total.
-pub fn duration_buckets(latency_us: &hdrhistogram::Histogram<u64>) -> (Vec<(f64, u64)>, f64, u64) {
+pub fn duration_buckets(latency_us: &hdrhistogram::Histogram<u64>) -> HistogramSnapshot {
     let mut buckets = Vec::with_capacity(DURATION_BUCKETS.len() + 1);
     let mut below = 0;
     for bound in DURATION_BUCKETS {
@@ -75,18 +80,103 @@ pub fn duration_buckets(latency_us: &hdrhistogram::Histogram<u64>) -> (Vec<(f64,
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let counts = self.metrics.counts();
-        let routing = self.routing.load();
+        let routing = self.control.routing().load();
         encode_requests(&mut encoder, &counts)?;
         encode_decisions(&mut encoder, &counts)?;
         encode_durations(&mut encoder, &counts)?;
         encode_stand_ins_and_cache(&mut encoder, &counts)?;
+        encode_feedback(&mut encoder, &counts)?;
         encode_routing(&mut encoder, &routing)?;
+        encode_gauges(
+            &mut encoder,
+            "aviary_version_role",
+            "1 for each routed version's role: canary (of a running rollout), stable \
+             (other versions with weight), shadow, fallback.",
+            version_roles(&routing.routes, &self.control.canaries())
+                .into_iter()
+                .map(|(model, version, role)| {
+                    (
+                        vec![
+                            ("model", model),
+                            ("version", version),
+                            ("role", role.to_owned()),
+                        ],
+                        1,
+                    )
+                }),
+        )?;
         encode_shadows(&mut encoder, &routing)?;
-        match &self.rollouts {
-            Some(rollouts) => encode_rollouts(&mut encoder, &rollouts.gauges()),
+        match self.control.config_counts() {
+            Some(config) => encode_config(&mut encoder, config),
             None => Ok(()),
         }
     }
+}
+
+fn encode_config(
+    encoder: &mut DescriptorEncoder<'_>,
+    config: ConfigCounts,
+) -> Result<(), std::fmt::Error> {
+    encode_counters(
+        encoder,
+        "aviary_config_reloads",
+        "Changes of the watched config file, by outcome: applied, or rejected (the last \
+         good config kept serving).",
+        [("applied", config.applied), ("rejected", config.rejected)]
+            .map(|(outcome, n)| (vec![("outcome", outcome.to_owned())], n)),
+    )?;
+    encode_gauge(
+        encoder,
+        "aviary_config_last_reload_successful",
+        "1 when the last change of the config file applied (or none was made yet), 0 \
+         when it was rejected.",
+        i64::from(config.last_applied),
+    )?;
+    encode_gauge(
+        encoder,
+        "aviary_config_file_readable",
+        "1 when the watched config file could be read at the last look, 0 when it is \
+         deleted, unreadable or empty (the last good config keeps serving).",
+        i64::from(config.readable),
+    )
+}
+
+/// The role of every version a route names, one per (model, version), the first that
+/// applies: `canary` (of a running rollout), `stable` (any other version with weight),
+/// `shadow` (a route's mirror target), `fallback` (where a route's failed calls go).
+/// A version with no weight and no other part has none.
+pub fn version_roles(
+    routes: &Routes,
+    canaries: &BTreeMap<String, String>,
+) -> Vec<(String, String, &'static str)> {
+    let mut roles: BTreeMap<(String, String), &'static str> = BTreeMap::new();
+    let mut assign = |model: &str, version: &str, role: &'static str| {
+        roles
+            .entry((model.to_owned(), version.to_owned()))
+            .or_insert(role);
+    };
+    for (model, route) in routes {
+        if let Some(canary) = canaries.get(model) {
+            assign(model, canary, "canary");
+        }
+        for version in route.versions.iter().filter(|v| v.weight > 0) {
+            assign(model, &version.version, "stable");
+        }
+    }
+    for (model, route) in routes {
+        if let Some(shadow) = &route.shadow {
+            assign(model, &shadow.version, "shadow");
+        }
+    }
+    for route in routes.values() {
+        if let Some((model, version)) = &route.fallback {
+            assign(model, version, "fallback");
+        }
+    }
+    roles
+        .into_iter()
+        .map(|((model, version), role)| (model, version, role))
+        .collect()
 }
 
 /// The labels of a variant's samples, plus `extra`.
@@ -253,23 +343,54 @@ fn encode_durations(
     encoder: &mut DescriptorEncoder<'_>,
     counts: &[VariantCounts],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(
+    encode_histograms(
+        encoder,
         "aviary_request_duration_seconds",
         "Time from routing a request to its version's answer, at the gateway.",
-        None,
-        MetricType::Histogram,
+        counts.iter().map(|variant| {
+            let labels = vec![
+                ("model", variant.model.clone()),
+                ("version", variant.version.clone()),
+            ];
+            (labels, duration_buckets(&variant.latency_us))
+        }),
+    )
+}
+
+fn encode_feedback(
+    encoder: &mut DescriptorEncoder<'_>,
+    counts: &[VariantCounts],
+) -> Result<(), std::fmt::Error> {
+    encode_counters(
+        encoder,
+        "aviary_experiment_feedback",
+        "Feedback reported on a version's predictions (aviary ctl feedback, the Feedback \
+         RPC): correct, incorrect, or a numeric reward.",
+        counts
+            .iter()
+            .filter(|variant| variant.outcomes.feedback > 0)
+            .flat_map(|variant| {
+                let o = &variant.outcomes;
+                [
+                    ("correct", o.correct),
+                    ("incorrect", o.labelled - o.correct),
+                    ("reward", o.rewards),
+                ]
+                .map(|(kind, n)| (labels(variant, ("kind", kind)), n))
+            }),
     )?;
-    for variant in counts {
+    let mut family = encoder.encode_descriptor(
+        "aviary_experiment_reward_mean",
+        "The mean of the numeric rewards reported on a version's predictions.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for variant in counts.iter().filter(|v| v.outcomes.rewards > 0) {
         let labels = [
             ("model", variant.model.as_str()),
             ("version", variant.version.as_str()),
         ];
-        let (buckets, sum, count) = duration_buckets(&variant.latency_us);
-        family
-            .encode_family(&labels)?
-            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                sum, count, &buckets, None,
-            )?;
+        ConstGauge::new(variant.outcomes.reward_mean).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -328,13 +449,12 @@ fn encode_routing(
             ConstGauge::new(i64::from(weight)).encode(family.encode_family(&labels)?)?;
         }
     }
-    let generation = ConstGauge::new(i64::try_from(routing.generation).unwrap_or(i64::MAX));
-    generation.encode(encoder.encode_descriptor(
+    encode_gauge(
+        encoder,
         "aviary_routing_generation",
         "The routing snapshot's generation: it goes up with every applied change.",
-        None,
-        generation.metric_type(),
-    )?)
+        i64::try_from(routing.generation).unwrap_or(i64::MAX),
+    )
 }
 
 /// The code's name as gRPC writes it (`OK`, `INVALID_ARGUMENT`, …).
@@ -366,6 +486,52 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn each_version_gets_the_first_role_that_applies() {
+        use crate::{
+            config::ShadowConfig,
+            route::{Route, RouteVersion},
+        };
+        let demo = Route {
+            versions: vec![
+                RouteVersion::new("1", 90),
+                RouteVersion::new("2", 10),
+                RouteVersion::new("3", 0),
+            ],
+            shadow: Some(ShadowConfig {
+                version: "4".into(),
+                percent: 10.0,
+                endpoint: None,
+                fault: None,
+                queue: 64,
+                concurrency: 1,
+            }),
+            fallback: Some(("small".into(), "1".into())),
+            ..Route::default()
+        };
+        let small = Route {
+            versions: vec![RouteVersion::new("1", 0)],
+            ..Route::default()
+        };
+        let routes = Routes::from([("demo".to_owned(), demo), ("small".to_owned(), small)]);
+        let canaries = BTreeMap::from([("demo".to_owned(), "2".to_owned())]);
+        let roles = version_roles(&routes, &canaries);
+        let role = |model: &str, version: &str| {
+            roles
+                .iter()
+                .find(|(m, v, _)| m == model && v == version)
+                .map(|(_, _, role)| *role)
+        };
+        assert_eq!(role("demo", "1"), Some("stable"));
+        assert_eq!(role("demo", "2"), Some("canary"), "the canary, not stable");
+        assert_eq!(role("demo", "3"), None, "no weight, no part");
+        assert_eq!(role("demo", "4"), Some("shadow"));
+        assert_eq!(role("small", "1"), Some("fallback"));
+        assert_eq!(roles.len(), 4, "one role per version: {roles:?}");
+        let without_rollout = version_roles(&routes, &BTreeMap::new());
+        assert!(without_rollout.contains(&("demo".into(), "2".into(), "stable")));
+    }
 
     #[test]
     fn duration_buckets_place_each_request_once_and_count_all() {

@@ -270,6 +270,8 @@ pub struct VariantCounts {
     pub stand_ins: StandIns,
     /// What the prediction cache did for its requests.
     pub cache: CacheCounts,
+    /// The feedback reported on its predictions (experiments).
+    pub outcomes: Outcomes,
 }
 
 /// What the prediction cache did for a version's requests. A hit is counted here only,
@@ -384,6 +386,7 @@ impl Metrics {
                         latency_us: variant.total.latency_us.clone(),
                         stand_ins: variant.stand_ins,
                         cache: variant.cache,
+                        outcomes: variant.outcomes,
                     }
                 })
             })

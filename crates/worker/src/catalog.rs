@@ -155,6 +155,25 @@ impl Catalog {
             .collect())
     }
 
+    /// Every loaded version's queue and compute duration histograms and memory.
+    pub(crate) fn durations(&self) -> Vec<VersionDurations> {
+        self.models
+            .iter()
+            .flat_map(|(name, versions)| {
+                versions.iter().map(move |(v, slot)| {
+                    let (queue, compute) = slot.stats.durations();
+                    VersionDurations {
+                        model: name.clone(),
+                        version: v.to_string(),
+                        queue,
+                        compute,
+                        memory_bytes: slot.current().memory_bytes,
+                    }
+                })
+            })
+            .collect()
+    }
+
     /// `RepositoryIndex`: every version in the repository with its state.
     pub(crate) fn index(&self, ready_only: bool) -> Vec<ModelIndex> {
         let mut index: Vec<ModelIndex> = self
@@ -266,4 +285,19 @@ mod tests {
         catalog.remove_version("m", 1);
         assert!(catalog.models.is_empty());
     }
+}
+
+/// One loaded version's request durations and memory in the worker, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct VersionDurations {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// Waiting for a session or a batch.
+    pub queue: aviary::metrics::HistogramSnapshot,
+    /// Building inputs, the ONNX Runtime run, encoding outputs.
+    pub compute: aviary::metrics::HistogramSnapshot,
+    /// What the running copy's load added to the process's resident memory.
+    pub memory_bytes: Option<u64>,
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use aviary::metrics::{Labels, encode_counters, encode_gauges};
+use aviary::metrics::{Labels, encode_counters, encode_gauges, encode_histograms};
 use aviary::pb::inference::{ModelStatistics, StatisticDuration};
 use prometheus_client::{
     collector::Collector,
@@ -12,7 +12,7 @@ use prometheus_client::{
     metrics::counter::ConstCounter,
 };
 
-use crate::Worker;
+use crate::{Worker, catalog::VersionDurations};
 
 /// The worker's collector.
 #[derive(Debug)]
@@ -36,6 +36,7 @@ impl Collector for WorkerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let statistics = self.worker.statistics("", "").unwrap_or_default();
         encode_statistics(&mut encoder, &statistics)?;
+        encode_durations(&mut encoder, &self.worker)?;
         encode_versions(&mut encoder, &self.worker)?;
         encode_lifecycle(&mut encoder, &self.worker)
     }
@@ -46,6 +47,38 @@ fn labels(s: &ModelStatistics, extra: Option<(&'static str, &str)>) -> Labels {
     let mut labels = vec![("model", s.name.clone()), ("version", s.version.clone())];
     labels.extend(extra.map(|(name, value)| (name, value.to_owned())));
     labels
+}
+
+fn encode_durations(
+    encoder: &mut DescriptorEncoder<'_>,
+    worker: &Worker,
+) -> Result<(), std::fmt::Error> {
+    let durations = worker.durations();
+    let labels =
+        |d: &VersionDurations| vec![("model", d.model.clone()), ("version", d.version.clone())];
+    encode_histograms(
+        encoder,
+        "aviary_worker_queue_duration_seconds",
+        "Time a successful request waited for a session or a dynamic batch.",
+        durations.iter().map(|d| (labels(d), d.queue.clone())),
+    )?;
+    encode_histograms(
+        encoder,
+        "aviary_worker_compute_duration_seconds",
+        "Time a successful request spent building its ONNX Runtime inputs, in the run \
+         (a dynamic batch's whole run) and encoding its outputs.",
+        durations.iter().map(|d| (labels(d), d.compute.clone())),
+    )?;
+    encode_gauges(
+        encoder,
+        "aviary_model_version_memory_bytes",
+        "How much the process's resident memory grew while the running copy of a \
+         version loaded: its size in memory, roughly.",
+        durations.iter().filter_map(|d| {
+            let bytes = i64::try_from(d.memory_bytes?).unwrap_or(i64::MAX);
+            Some((labels(d), bytes))
+        }),
+    )
 }
 
 fn encode_statistics(

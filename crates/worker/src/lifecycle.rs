@@ -432,14 +432,19 @@ impl Lifecycle {
                 .map(repository::read_card)
                 .transpose()?;
             let version = entry.version.to_string();
-            LoadedModel::load(
+            let before = aviary::metrics::resident_bytes();
+            let mut loaded = LoadedModel::load(
                 &entry.model,
                 &version,
                 &entry.model_path,
                 card,
                 entry.fingerprint,
                 options,
-            )
+            )?;
+            loaded.memory_bytes = before
+                .zip(aviary::metrics::resident_bytes())
+                .map(|(before, after)| after.saturating_sub(before));
+            Ok::<_, WorkerError>(loaded)
         })
         .await?;
         let loaded = match loaded {

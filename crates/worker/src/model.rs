@@ -137,6 +137,10 @@ pub struct LoadedModel {
     pub inline: InlinePolicy,
     /// Dynamic batching, when the model card asks for it.
     pub batching: Option<BatchSettings>,
+    /// How much the process's resident memory grew while this copy loaded (file,
+    /// sessions, warm-up): its size in memory, roughly (another load or heavy traffic
+    /// at the same time adds to it; memory the allocator kept from before takes from it).
+    pub memory_bytes: Option<u64>,
     /// The batcher's queue, started with the first batched request.
     batch_queue: OnceLock<mpsc::Sender<batcher::Job>>,
     idle: Mutex<Vec<Session>>,
@@ -225,6 +229,7 @@ impl LoadedModel {
                 measured: None,
             },
             batching,
+            memory_bytes: None,
             batch_queue: OnceLock::new(),
             idle: Mutex::new(sessions),
             permits: Arc::new(Semaphore::new(instances)),

@@ -6,7 +6,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aviary::pb::inference::{InferStatistics, ModelStatistics, StatisticDuration};
+use aviary::{
+    metrics::{DurationHistogram, HistogramSnapshot},
+    pb::inference::{InferStatistics, ModelStatistics, StatisticDuration},
+};
 
 #[derive(Debug, Default)]
 struct Counter {
@@ -42,6 +45,9 @@ pub struct VersionStats {
     execution_count: AtomicU64,
     last_inference_ms: AtomicU64,
     expired: AtomicU64,
+    /// Per successful request, for `/metrics` (Triton reports only the sums above).
+    queue_durations: DurationHistogram,
+    compute_durations: DurationHistogram,
 }
 
 /// Time spent in each phase of one successful request.
@@ -68,6 +74,9 @@ impl VersionStats {
         self.compute_input.add(timings.compute_input);
         self.compute_infer.add(timings.compute_infer);
         self.compute_output.add(timings.compute_output);
+        self.queue_durations.record(timings.queue);
+        self.compute_durations
+            .record(timings.compute_input + timings.compute_infer + timings.compute_output);
         self.inference_count.fetch_add(batch, Ordering::Relaxed);
         self.execution_count
             .fetch_add(timings.executions, Ordering::Relaxed);
@@ -95,6 +104,14 @@ impl VersionStats {
     fn touch(&self) {
         self.last_inference_ms
             .store(aviary::unix_ms(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    /// Successful requests' queue and compute (input, run, output) times.
+    pub fn durations(&self) -> (HistogramSnapshot, HistogramSnapshot) {
+        (
+            self.queue_durations.snapshot(),
+            self.compute_durations.snapshot(),
+        )
     }
 
     /// The protocol message for this version.

@@ -335,6 +335,11 @@ impl Worker {
         self.catalog.load().statistics(model, version)
     }
 
+    /// Every loaded version's queue and compute duration histograms.
+    pub fn durations(&self) -> Vec<crate::catalog::VersionDurations> {
+        self.catalog.load().durations()
+    }
+
     /// Loads, reloads and unloads since start-up.
     pub fn lifecycle_totals(&self) -> crate::lifecycle::LifecycleTotals {
         self.lifecycle.totals()

@@ -461,9 +461,6 @@ impl<T: Target> Driver<T> {
         Ok(())
     }
 
-    /// Writes every rollout to the state file (a temporary file renamed over it, so a
-    /// crash leaves the old or the new file, never half of one). A failure is logged:
-    /// the rollout carries on in memory.
     /// The rollouts as `/metrics` shows them.
     pub fn gauges(&self) -> RolloutGauges {
         self.gauges
@@ -473,7 +470,9 @@ impl<T: Target> Driver<T> {
     }
 
     /// Saves the rollouts (with a state file) and publishes them for `/metrics`; called
-    /// after every change.
+    /// after every change. The file is written whole to a temporary file renamed over
+    /// it, so a crash leaves the old or the new file, never half of one; a failure is
+    /// logged and the rollout carries on in memory.
     fn persist(&self, entries: &BTreeMap<String, Entry>) {
         self.gauges
             .lock()
