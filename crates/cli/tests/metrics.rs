@@ -289,6 +289,9 @@ fn json_logs_are_one_object_per_line_and_record_route_changes() {
     let served = Served::start(&config(), &["--log-format", "json"]);
     let changed = served.ctl(&["set-weights", "demo", "1=50", "2=50"]);
     assert!(changed.status.success(), "{changed:?}");
+    // Admin changes to versions are logged, done or refused.
+    served.ctl(&["reload", "demo", "1"]).ok();
+    served.ctl(&["unload", "demo", "1"]).failed();
     let mut server = served.server;
     support::sigterm(&server);
     let status = server.wait_exit(std::time::Duration::from_secs(30));
@@ -322,6 +325,18 @@ fn json_logs_are_one_object_per_line_and_record_route_changes() {
         })
         .unwrap_or_else(|| panic!("the weight change is logged: {stderr}"));
     assert_eq!(change["fields"]["before"], "1=90 2=10", "{change}");
+    let logged = |message: &str| {
+        lines.iter().any(|l| {
+            l["fields"]["message"] == message
+                && l["fields"]["model"] == "demo"
+                && l["fields"]["version"] == "1"
+        })
+    };
+    assert!(logged("version reloaded through the admin API"), "{stderr}");
+    assert!(
+        logged("unload through the admin API refused or failed"),
+        "an unload of a weighted version is refused, and logged: {stderr}"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use aviary::pb::admin::{
 use tonic::{Request, Response, Status};
 
 use super::required;
-use crate::{control::Control, routing::Routing};
+use crate::{GatewayError, control::Control, routing::Routing};
 
 /// The `Models` service over a gateway's [`Control`].
 #[derive(Debug, Clone)]
@@ -103,7 +103,18 @@ impl Models for ModelsService {
         let request = request.into_inner();
         let model = required("model", &request.model)?;
         let version = required("version", &request.version)?;
-        let (outcome, generation) = self.control.load_version(model, version).await?;
+        let (outcome, generation) = self
+            .control
+            .load_version(model, version)
+            .await
+            .inspect_err(|error| refused("load", model, version, error))?;
+        tracing::info!(
+            model,
+            version,
+            generation,
+            load_ms = millis(outcome.load_time),
+            "version loaded through the admin API"
+        );
         Ok(Response::new(VersionResponse {
             version: self.version_info(model, version),
             generation,
@@ -118,7 +129,17 @@ impl Models for ModelsService {
         let request = request.into_inner();
         let model = required("model", &request.model)?;
         let version = required("version", &request.version)?;
-        let outcome = self.control.reload_version(model, version).await?;
+        let outcome = self
+            .control
+            .reload_version(model, version)
+            .await
+            .inspect_err(|error| refused("reload", model, version, error))?;
+        tracing::info!(
+            model,
+            version,
+            load_ms = millis(outcome.load_time),
+            "version reloaded through the admin API"
+        );
         Ok(Response::new(VersionResponse {
             version: self.version_info(model, version),
             generation: self.control.routing().load().generation,
@@ -136,11 +157,25 @@ impl Models for ModelsService {
         let generation = self
             .control
             .unload_version(model, version, request.force)
-            .await?;
+            .await
+            .inspect_err(|error| refused("unload", model, version, error))?;
+        tracing::info!(
+            model,
+            version,
+            generation,
+            force = request.force,
+            "version unloaded through the admin API"
+        );
         Ok(Response::new(VersionResponse {
             version: None,
             generation,
             load_ms: 0,
         }))
     }
+}
+
+/// Logs an admin change that did not happen, with why: the log is the audit trail of
+/// what was asked as well as of what was done.
+fn refused(what: &str, model: &str, version: &str, error: &GatewayError) {
+    tracing::warn!(model, version, %error, "{what} through the admin API refused or failed");
 }
