@@ -11,6 +11,7 @@
 //!   message's tensor contents decoded within a limit.
 //! - [`contents`]: `InferTensorContents`, written by hand so BYTES contents decode
 //!   into one buffer; re-exported in [`pb::inference`] with the generated messages.
+//! - [`names`]: what a model or version name may be, for every path that takes one.
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
@@ -28,6 +29,7 @@ pub mod codec;
 pub mod contents;
 #[cfg(feature = "server")]
 pub mod metrics;
+pub mod names;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -5,7 +5,7 @@
 mod support;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -20,8 +20,8 @@ use aviary::pb::{
         SetRouteRequest, UnloadVersionRequest, VersionRequest,
     },
     inference::{
-        ModelInferResponse, ModelReadyRequest, RepositoryModelLoadRequest,
-        RepositoryModelUnloadRequest,
+        ModelInferResponse, ModelReadyRequest, ModelRepositoryParameter,
+        RepositoryModelLoadRequest, RepositoryModelUnloadRequest, model_repository_parameter,
     },
 };
 use aviary_gateway::Mode;
@@ -1102,7 +1102,8 @@ async fn unloading_a_weighted_version_needs_force_and_drops_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
-    let gateway = support::start_embedded(DEMO_BOTH).await;
+    let routes = format!("[server]\nmodel_control = \"explicit\"\n\n{DEMO_BOTH}");
+    let gateway = support::start_embedded(&routes).await;
     let mut client = gateway.client().await;
     let reference = reference(&mut client).await;
     let ready = |name: &str| ModelReadyRequest {
@@ -1113,6 +1114,15 @@ async fn triton_repository_unload_and_load_remove_and_restore_a_model() {
     client
         .repository_model_unload(RepositoryModelUnloadRequest {
             model_name: "demo".into(),
+            // demo has weight: only a forced unload takes it.
+            parameters: HashMap::from([(
+                "force".to_owned(),
+                ModelRepositoryParameter {
+                    parameter_choice: Some(model_repository_parameter::ParameterChoice::BoolParam(
+                        true,
+                    )),
+                },
+            )]),
             ..Default::default()
         })
         .await

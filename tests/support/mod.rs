@@ -301,6 +301,7 @@ pub async fn start_worker_on(repository: &Path, listener: TcpListener) -> Runnin
             Arc::new(worker),
             listener,
             aviary::server::ServeOptions::default(),
+            aviary_worker::ModelControl::default(),
             async {
                 let _ = rx.await;
             },

@@ -155,6 +155,10 @@ pub struct WorkerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]
     pub grace_period: f64,
+    /// Triton's RepositoryModelLoad/Unload on this port: `none` refuses them (the
+    /// default, as Triton's), `explicit` serves them.
+    #[arg(long, env = "AVIARY_MODEL_CONTROL", default_value = "none")]
+    pub model_control: aviary_worker::ModelControl,
 }
 
 /// The server and model a client command talks to.

@@ -277,7 +277,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_bytes,
         grace_period: grace_period(args.grace_period)?,
     };
-    server::run_worker(worker, listener, options, shutdown).await?;
+    server::run_worker(worker, listener, options, args.model_control, shutdown).await?;
     Ok(())
 }
 

@@ -274,7 +274,9 @@ fn a_version_swapped_under_load_never_serves_the_old_models_answers() {
 #[test]
 fn a_remote_version_swapped_under_a_hot_cache_serves_the_new_model_within_the_refresh() {
     let repository = copy_of_demo();
-    let (_worker, endpoint) = start_worker(repository.path());
+    // The swap is Triton's RepositoryModelLoad on the worker's port.
+    let (_worker, endpoint) =
+        start_worker_args(repository.path(), 2, &["--model-control", "explicit"]);
     let config = format!(
         "[routes.demo]\nversions = [ {{ version = \"1\", weight = 1, endpoint = \"{endpoint}\" }} ]\n\
          cache = {{ ttl_ms = 600000 }}\n"

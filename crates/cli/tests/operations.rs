@@ -154,9 +154,119 @@ fn pinned_demo(version: &str) -> ModelInferRequest {
     request
 }
 
+/// The demo deployment with Triton's model control on.
+fn explicit_demo_config() -> String {
+    demo_config().replace("[server]\n", "[server]\nmodel_control = \"explicit\"\n")
+}
+
+/// Triton's RepositoryModelUnload of `model`, with the `force` parameter when asked.
+fn unload_request(model: &str, force: bool) -> RepositoryModelUnloadRequest {
+    use aviary::pb::inference::{ModelRepositoryParameter, model_repository_parameter};
+    let parameters = force
+        .then(|| {
+            (
+                "force".to_owned(),
+                ModelRepositoryParameter {
+                    parameter_choice: Some(model_repository_parameter::ParameterChoice::BoolParam(
+                        true,
+                    )),
+                },
+            )
+        })
+        .into_iter()
+        .collect();
+    RepositoryModelUnloadRequest {
+        model_name: model.into(),
+        parameters,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn model_control_is_off_on_inference_ports_by_default_and_a_weighted_model_keeps_serving() {
+    let served = Served::demo();
+    let (_worker, worker_addr) = start_worker(&repo_root().join("deploy/local/models"));
+    let runtime = runtime();
+    for addr in [&served.addr, &worker_addr] {
+        let (unload, load) = runtime.block_on(async {
+            let mut client = client(connect(addr).await);
+            let unload = client
+                .repository_model_unload(unload_request("demo", true))
+                .await
+                .expect_err("unload refused");
+            let load = client
+                .repository_model_load(RepositoryModelLoadRequest {
+                    model_name: "demo".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("load refused");
+            (unload, load)
+        });
+        for (status, rpc) in [
+            (unload, "RepositoryModelUnload"),
+            (load, "RepositoryModelLoad"),
+        ] {
+            assert_eq!(status.code(), Code::Unavailable, "{addr}: {status:?}");
+            assert!(
+                status.message().contains(rpc) && status.message().contains("model_control"),
+                "{addr}: the message says what is off and how to turn it on: {status:?}"
+            );
+        }
+    }
+    // Nothing changed: the split still answers, on both.
+    assert_eq!(
+        route_of(&served.routes(), "demo"),
+        pairs(&[("1", 90), ("2", 10)])
+    );
+    assert_eq!(
+        infer_versions(&served.addr, None, 50).values().sum::<u64>(),
+        50
+    );
+    assert_eq!(
+        infer_versions(&worker_addr, Some("2"), 5)
+            .values()
+            .sum::<u64>(),
+        5
+    );
+
+    // Explicit: an unload of a model with weight is refused unless forced.
+    let explicit = Served::start(&explicit_demo_config(), &[]);
+    let refused = runtime.block_on(async {
+        client(connect(&explicit.addr).await)
+            .repository_model_unload(unload_request("demo", false))
+            .await
+            .expect_err("a weighted model is not unloaded")
+    });
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // Names that would leave the repository are refused in this mode too.
+    for name in ["../x", "/etc", "a/b", "x\0y"] {
+        let status = runtime.block_on(async {
+            client(connect(&explicit.addr).await)
+                .repository_model_load(RepositoryModelLoadRequest {
+                    model_name: name.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("refused")
+        });
+        assert_eq!(status.code(), Code::InvalidArgument, "{name:?}: {status:?}");
+    }
+    assert!(
+        refused.message().contains("1 (90), 2 (10)") && refused.message().contains("force"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        infer_versions(&explicit.addr, None, 50)
+            .values()
+            .sum::<u64>(),
+        50
+    );
+}
+
 #[test]
 fn triton_repository_unload_and_load_of_a_weighted_model_under_load() {
-    let served = Served::demo();
+    let served = Served::start(&explicit_demo_config(), &[]);
     let runtime = runtime();
     let mut repository = runtime.block_on(async { client(connect(&served.addr).await) });
     let traffic = Traffic::start(&[&served.addr, &served.addr]);
@@ -167,13 +277,8 @@ fn triton_repository_unload_and_load_of_a_weighted_model_under_load() {
     );
 
     runtime
-        .block_on(
-            repository.repository_model_unload(RepositoryModelUnloadRequest {
-                model_name: "demo".into(),
-                ..Default::default()
-            }),
-        )
-        .expect("RepositoryModelUnload demo");
+        .block_on(repository.repository_model_unload(unload_request("demo", true)))
+        .expect("RepositoryModelUnload demo, forced");
     assert_eq!(
         route_of(&served.routes(), "demo"),
         None,

@@ -259,6 +259,7 @@ impl Gateway {
             Arc::clone(&self.metrics),
             Arc::clone(&self.cache),
         );
+        front = front.with_model_control(self.config.server.model_control);
         if let Some(letters) = &self.dead_letters {
             front = front.with_dead_letters(Arc::clone(letters));
         }

@@ -16,7 +16,7 @@ use aviary_router::{
     RuleSpec, StickySpec,
     rollout::{Gates, RolloutPlan, Step},
 };
-use aviary_worker::VersionPolicy;
+use aviary_worker::{ModelControl, VersionPolicy};
 
 use serde::Deserialize;
 
@@ -240,6 +240,10 @@ pub struct ServerConfig {
     /// Largest request or response message, in bytes.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Whether Triton's RepositoryModelLoad and RepositoryModelUnload are served on
+    /// the inference port: `none` (the default) refuses them; `explicit` serves them.
+    #[serde(default)]
+    pub model_control: ModelControl,
 }
 
 impl Default for ServerConfig {
@@ -247,6 +251,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: default_listen(),
             max_message_bytes: default_max_message_bytes(),
+            model_control: ModelControl::default(),
         }
     }
 }
@@ -532,6 +537,36 @@ fn default_concurrency() -> usize {
     1
 }
 
+/// Every model and version name in the routes that is not one (`aviary::names`), each
+/// with its path.
+fn name_problems(config: &Config) -> Vec<String> {
+    use aviary::names::{model_name_problem, version_name_problem};
+    let mut problems = Vec::new();
+    for (model, route) in &config.routes {
+        if let Some(problem) = model_name_problem(model) {
+            problems.push(format!("routes.{model:?}: not a model name: {problem}"));
+        }
+        for (i, version) in route.versions.iter().enumerate() {
+            if let Some(problem) = version_name_problem(&version.version) {
+                problems.push(format!(
+                    "routes.{model}.versions[{i}].version: {:?} is not a version name: {problem}",
+                    version.version
+                ));
+            }
+        }
+        if let Some(problem) = route
+            .shadow
+            .as_ref()
+            .and_then(|s| version_name_problem(&s.version))
+        {
+            problems.push(format!(
+                "routes.{model}.shadow.version: not a version name: {problem}"
+            ));
+        }
+    }
+    problems
+}
+
 /// What is wrong with `[cache]` and the routes' `cache` settings, each with its path.
 fn cache_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
@@ -689,6 +724,7 @@ impl Config {
             }
         }
         problems.extend(cache_problems(&config));
+        problems.extend(name_problems(&config));
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());
         }
@@ -766,10 +802,8 @@ impl Config {
                     .enumerate()
                     .map(|(j, e)| (format!("endpoints[{j}]"), e));
                 for (field, endpoint) in named.chain(listed) {
-                    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                        problems.push(format!(
-                            "routes.{model}.versions[{i}].{field}: \"{endpoint}\" must start with http:// or https://"
-                        ));
+                    if let Err(problem) = crate::replicas::Configured::parse(endpoint) {
+                        problems.push(format!("routes.{model}.versions[{i}].{field}: {problem}"));
                     }
                 }
             }
@@ -1023,5 +1057,36 @@ mod tests {
         assert_eq!(settings.endpoint.as_deref(), Some("http://127.0.0.1:4317"));
         assert_eq!(settings.sample_ratio, Some(0.01));
         assert_eq!(settings.queue_size, None, "left to OTEL_BSP_MAX_QUEUE_SIZE");
+    }
+
+    #[test]
+    fn model_and_version_names_that_could_leave_the_repository_are_refused() {
+        let err = Config::parse(
+            "[routes.\"../x\"]\nversions = [ { version = \"1\", weight = 1 } ]\n\n\
+             [routes.demo]\nversions = [ { version = \"/etc\", weight = 1 } ]\n",
+        )
+        .expect_err("invalid");
+        assert!(
+            err.contains("routes.\"../x\": not a model name: it contains a path separator"),
+            "{err}"
+        );
+        assert!(
+            err.contains("routes.demo.versions[0].version: \"/etc\" is not a version name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_https_endpoint_is_refused_rather_than_used_in_plaintext() {
+        let err = Config::parse(
+            "[routes.demo]\nversions = [ { version = \"1\", weight = 1, endpoint = \"https://w:9001\" } ]\n",
+        )
+        .expect_err("refused");
+        assert!(
+            err.contains(
+                "routes.demo.versions[0].endpoint: \"https://w:9001\": https:// needs TLS"
+            ),
+            "{err}"
+        );
     }
 }

@@ -525,12 +525,34 @@ impl Control {
         result.map(|_| generation).map_err(Into::into)
     }
 
-    /// Triton's RepositoryModelUnload: removes the model's route, then unloads it (a
-    /// later RepositoryModelLoad brings the config file's route back).
-    pub async fn unload_model(&self, model: &str) -> Result<u64, GatewayError> {
+    /// Triton's RepositoryModelUnload: refused while a version of the model has weight
+    /// unless `force`; then removes the model's route and unloads it (a later
+    /// RepositoryModelLoad brings the config file's route back).
+    pub async fn unload_model(&self, model: &str, force: bool) -> Result<u64, GatewayError> {
         let worker = self.embedded()?;
         worker.slot(model, "")?;
         let mut writer = self.writer.lock().await;
+        let weighted: Vec<String> = self
+            .routing
+            .load()
+            .table
+            .route(model)
+            .map(|route| {
+                route
+                    .versions()
+                    .filter(|(_, weight)| *weight > 0)
+                    .map(|(version, weight)| format!("{version} ({weight})"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !weighted.is_empty() && !force {
+            return Err(GatewayError::Refused(format!(
+                "model \"{model}\" serves traffic (weights: {}); set its weights to 0 first, \
+                 or unload with the parameter \"force\" = true (its route comes back from the \
+                 config file when it is loaded again)",
+                weighted.join(", ")
+            )));
+        }
         let mut routes = writer.routes.clone();
         routes.remove(model);
         let hidden: BTreeSet<(String, String)> = worker

@@ -16,15 +16,17 @@ use arc_swap::ArcSwap;
 use aviary::pb::inference::{
     InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
     ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
-    ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-    RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
-    RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
+    ModelRepositoryParameter, ModelStatisticsRequest, ModelStatisticsResponse,
+    RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest,
+    RepositoryModelLoadResponse, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse,
+    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    ServerReadyRequest, ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
+    model_repository_parameter,
 };
 use aviary::server::{InferStream, grpc_timeout, server_metadata, stream_responses};
 use aviary::telemetry::{self, RequestTrace, SPAN_TARGET, TRACE_ID_HEADER};
 use aviary_router::{RequestAttributes, RouteError};
+use aviary_worker::ModelControl;
 use rand::{SeedableRng, rngs::SmallRng};
 use tonic::{
     Request, Response, Status, Streaming,
@@ -141,6 +143,10 @@ thread_local! {
     static SPLIT_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_os_rng());
 }
 
+/// The RepositoryModelUnload parameter (bool) that unloads a model whose versions
+/// still have weight; its route comes back from the config file when it is loaded.
+pub const FORCE_PARAMETER: &str = "force";
+
 /// State the front service shares with the rest of the gateway.
 #[derive(Debug, Clone)]
 pub struct Front {
@@ -150,6 +156,7 @@ pub struct Front {
     metrics: Arc<Metrics>,
     dead_letters: Option<Arc<DeadLetters>>,
     cache: Arc<PredictionCache>,
+    model_control: ModelControl,
 }
 
 impl Front {
@@ -169,7 +176,15 @@ impl Front {
             metrics,
             dead_letters: None,
             cache,
+            model_control: ModelControl::default(),
         }
+    }
+
+    /// Serves Triton's RepositoryModelLoad and RepositoryModelUnload as
+    /// `model_control` says (refused by default).
+    pub fn with_model_control(mut self, model_control: ModelControl) -> Front {
+        self.model_control = model_control;
+        self
     }
 
     /// Keeps the requests that finally failed on routes with `dead_letters = true`.
@@ -689,6 +704,9 @@ impl GrpcInferenceService for Front {
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         let model = request.into_inner().model_name;
+        self.model_control
+            .allow("RepositoryModelLoad", &model)
+            .map_err(GatewayError::from)?;
         let generation = self.control.load_model(&model).await?;
         tracing::info!(%model, generation, "model loaded through RepositoryModelLoad");
         Ok(Response::new(RepositoryModelLoadResponse {}))
@@ -698,8 +716,21 @@ impl GrpcInferenceService for Front {
         &self,
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
-        let model = request.into_inner().model_name;
-        let generation = self.control.unload_model(&model).await?;
+        let request = request.into_inner();
+        let model = request.model_name;
+        self.model_control
+            .allow("RepositoryModelUnload", &model)
+            .map_err(GatewayError::from)?;
+        // Triton's request has no force flag; a parameter carries it.
+        let force = matches!(
+            request.parameters.get(FORCE_PARAMETER),
+            Some(ModelRepositoryParameter {
+                parameter_choice: Some(model_repository_parameter::ParameterChoice::BoolParam(
+                    true
+                )),
+            })
+        );
+        let generation = self.control.unload_model(&model, force).await?;
         tracing::info!(%model, generation, "model unloaded through RepositoryModelUnload");
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }

@@ -89,6 +89,19 @@ pub enum WorkerError {
     /// The worker is shutting down or an inference task was lost.
     #[error("worker unavailable: {0}")]
     Unavailable(String),
+    /// RepositoryModelLoad or RepositoryModelUnload on a port whose model control mode
+    /// is `none`.
+    #[error(
+        "{rpc} of model \"{model}\" refused: model control is off on this port \
+         (model_control = \"none\", the default, as Triton's); load and unload through \
+         the admin API (aviary ctl), or start the server with model control \"explicit\""
+    )]
+    ModelControlOff {
+        /// The refused RPC.
+        rpc: &'static str,
+        /// The model it named.
+        model: String,
+    },
 }
 
 impl WorkerError {
@@ -107,7 +120,7 @@ impl WorkerError {
             WorkerError::OverBudget { .. } => Code::ResourceExhausted,
             WorkerError::Load { .. } | WorkerError::Runtime(_) => Code::FailedPrecondition,
             WorkerError::Inference { .. } | WorkerError::Serve(_) => Code::Internal,
-            WorkerError::Unavailable(_) => Code::Unavailable,
+            WorkerError::Unavailable(_) | WorkerError::ModelControlOff { .. } => Code::Unavailable,
             WorkerError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
         }
     }

@@ -25,6 +25,8 @@
 //! - [`loader`]: the low-priority threads that load model files and free old ones.
 //! - [`worker`]: a catalog and its lifecycle composed into a [`Worker`], and the v2
 //!   operations on it.
+//! - [`model_control`]: whether Triton's load and unload RPCs are served on the
+//!   inference port.
 //! - [`server`]: the v2 gRPC service over a [`Worker`] and the standalone worker
 //!   server (the runner itself is `aviary::server`, shared with the gateway).
 //! - [`error`]: [`WorkerError`] and its mapping to gRPC statuses.
@@ -40,6 +42,7 @@ pub mod exposition;
 pub mod lifecycle;
 pub mod loader;
 pub mod model;
+pub mod model_control;
 pub mod repository;
 pub mod runtime;
 pub mod schema;
@@ -53,4 +56,5 @@ pub use default_prediction::DefaultPrediction;
 pub use error::WorkerError;
 pub use lifecycle::{LoadOutcome, SyncReport, VersionPolicy};
 pub use model::SessionOptions;
+pub use model_control::ModelControl;
 pub use worker::{VersionSlot, Worker, WorkerConfig, infer_on};

@@ -347,11 +347,6 @@ impl Lifecycle {
         model: &str,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
-        if model.is_empty() || model.contains(['/', '\\']) || model.starts_with('.') {
-            return Err(WorkerError::invalid(format!(
-                "model_name \"{model}\" is not a model folder name"
-            )));
-        }
         repository::check_model_name(model)?;
         // An explicit load retries files that failed before, even unchanged ones.
         update(catalog, |catalog| {

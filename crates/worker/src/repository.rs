@@ -88,22 +88,11 @@ pub struct VersionEntry {
     pub fingerprint: Fingerprint,
 }
 
-/// Refuses a model name that is not one plain folder name of the repository: a name
-/// from a request is joined into a path, so `..`, separators, an absolute path or a NUL
-/// would reach outside the repository.
+/// Refuses a model name that is not one plain folder name of the repository (the rules
+/// are `aviary::names`'): a name from a request is joined into a path, so `..`,
+/// separators, an absolute path or a NUL would reach outside the repository.
 pub fn check_model_name(model: &str) -> Result<(), WorkerError> {
-    let reason = if model.is_empty() {
-        Some("it is empty")
-    } else if model.contains('\0') {
-        Some("it contains a NUL character")
-    } else if model.contains(['/', '\\']) {
-        Some("it contains a path separator")
-    } else if model == "." || model == ".." {
-        Some("it is a relative path")
-    } else {
-        None
-    };
-    match reason {
+    match aviary::names::model_name_problem(model) {
         Some(reason) => Err(WorkerError::invalid(format!(
             "model: {model:?} is not a model name: {reason} (a model is a folder of the repository)"
         ))),
@@ -149,6 +138,10 @@ pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, WorkerError> {
         let Some(model) = visible_dir_name(&model_dir.path()) else {
             continue;
         };
+        if let Some(reason) = aviary::names::model_name_problem(&model) {
+            tracing::warn!(path = %model_dir.path().display(), reason, "skipping a folder whose name is not a model name");
+            continue;
+        }
         for version_dir in read(&model_dir.path())? {
             let Ok(version_dir) = version_dir else {
                 continue;
@@ -207,7 +200,7 @@ mod tests {
             let error = check_model_name(bad).expect_err(bad).to_string();
             assert!(error.starts_with("model: "), "{bad:?}: {error}");
         }
-        for good in ["demo", "mlp", "a.b", "my-model_2", "..x"] {
+        for good in ["demo", "mlp", "a.b", "my-model_2"] {
             check_model_name(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
         }
     }

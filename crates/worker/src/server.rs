@@ -23,18 +23,22 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{Worker, WorkerError};
+use crate::{ModelControl, Worker, WorkerError};
 
 /// The v2 service of a standalone worker.
 #[derive(Debug, Clone)]
 pub struct WorkerService {
     worker: Arc<Worker>,
+    model_control: ModelControl,
 }
 
 impl WorkerService {
-    /// Serves `worker`.
-    pub fn new(worker: Arc<Worker>) -> WorkerService {
-        WorkerService { worker }
+    /// Serves `worker`; Triton's load and unload RPCs as `model_control` says.
+    pub fn new(worker: Arc<Worker>, model_control: ModelControl) -> WorkerService {
+        WorkerService {
+            worker,
+            model_control,
+        }
     }
 }
 
@@ -176,7 +180,9 @@ impl GrpcInferenceService for WorkerService {
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         let model = request.into_inner().model_name;
+        self.model_control.allow("RepositoryModelLoad", &model)?;
         self.worker.load_model(&model, &|_, _| true).await?;
+        tracing::info!(%model, "model loaded through RepositoryModelLoad");
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -185,7 +191,9 @@ impl GrpcInferenceService for WorkerService {
         request: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         let model = request.into_inner().model_name;
+        self.model_control.allow("RepositoryModelUnload", &model)?;
         self.worker.unload_model(&model).await?;
+        tracing::info!(%model, "model unloaded through RepositoryModelUnload");
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }
@@ -197,6 +205,7 @@ pub async fn run_worker<F>(
     worker: Arc<Worker>,
     listener: TcpListener,
     options: ServeOptions,
+    model_control: ModelControl,
     shutdown: F,
 ) -> Result<(), WorkerError>
 where
@@ -212,7 +221,7 @@ where
         }
     };
     serve(
-        WorkerService::new(worker),
+        WorkerService::new(worker, model_control),
         listener,
         options,
         health,

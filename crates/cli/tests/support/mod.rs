@@ -537,21 +537,25 @@ pub fn start_worker(repository: &Path) -> (Process, String) {
 
 /// [`start_worker`] with `instances` sessions per version.
 pub fn start_worker_with(repository: &Path, instances: usize) -> (Process, String) {
+    start_worker_args(repository, instances, &[])
+}
+
+/// [`start_worker_with`], with `extra` arguments.
+pub fn start_worker_args(repository: &Path, instances: usize, extra: &[&str]) -> (Process, String) {
     let instances = instances.to_string();
-    let mut worker = Process::spawn(
-        &[
-            "worker",
-            "--repo",
-            repository.to_str().expect("utf-8 path"),
-            "--listen",
-            "127.0.0.1:0",
-            "--instances",
-            &instances,
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "worker",
+        "--repo",
+        repository.to_str().expect("utf-8 path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--instances",
+        &instances,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let mut worker = Process::spawn(&args, &[]);
     let addr = format!("http://{}", worker.wait_listening());
     (worker, addr)
 }
