@@ -21,14 +21,80 @@ use crate::{
 /// message size limit of its own (the server's limit is the one that counts).
 pub async fn connect(
     addr: &str,
-) -> Result<GrpcInferenceServiceClient<Channel>, tonic::transport::Error> {
+    token: Option<&str>,
+) -> Result<GrpcInferenceServiceClient<TokenChannel>, ConnectError> {
     let channel = Endpoint::from_shared(addr.to_owned())?
         .tcp_nodelay(true)
         .connect()
         .await?;
-    Ok(GrpcInferenceServiceClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX))
+    Ok(
+        GrpcInferenceServiceClient::new(TokenChannel::new(channel, token)?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX),
+    )
+}
+
+/// Connecting failed, or the token cannot be sent as a header.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The address or the connection.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// The API key has characters a header cannot carry.
+    #[error("the token is not a valid header value (printable ASCII only)")]
+    Token,
+}
+
+/// A channel that sends an API key (`authorization: Bearer <token>`) with every call,
+/// when it has one: what every Aviary client uses against a server that requires keys.
+#[derive(Debug, Clone)]
+pub struct TokenChannel {
+    channel: Channel,
+    authorization: Option<http::HeaderValue>,
+}
+
+impl TokenChannel {
+    /// `channel`, sending `token` (if any) with each call.
+    pub fn new(channel: Channel, token: Option<&str>) -> Result<TokenChannel, ConnectError> {
+        let authorization = token
+            .map(|token| {
+                let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| ConnectError::Token)?;
+                // Kept out of debug output and HPACK's index.
+                value.set_sensitive(true);
+                Ok::<_, ConnectError>(value)
+            })
+            .transpose()?;
+        Ok(TokenChannel {
+            channel,
+            authorization,
+        })
+    }
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TokenChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::<http::Request<tonic::body::Body>>::poll_ready(
+            &mut self.channel,
+            cx,
+        )
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(value) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, value.clone());
+        }
+        self.channel.call(request)
+    }
 }
 
 /// A JSON tensor value that cannot be sent as the model's input.

@@ -281,6 +281,7 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
     let args = aviary_cli::ctl::CtlArgs {
         admin: format!("http://{}", gateway.admin_addr.expect("admin")),
         json: false,
+        token: None,
         command: aviary_cli::ctl::CtlCommand::Rollout {
             command: aviary_cli::ctl::RolloutCommand::Status {
                 model: "demo".into(),

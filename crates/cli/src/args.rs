@@ -173,6 +173,9 @@ pub struct TargetArgs {
     /// Pin a version (default: the server's routing picks).
     #[arg(long)]
     pub version: Option<String>,
+    /// API key for a gateway that requires one (sent as `authorization: Bearer`).
+    #[arg(long, env = "AVIARY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// `infer`.

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aviary::client::TokenChannel;
 use aviary::{
     pb::admin::{VersionRequest, models_client::ModelsClient},
     pb::inference::{
@@ -20,7 +21,6 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use rand::Rng;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 /// What to load and how hard.
 #[derive(Debug, Clone)]
@@ -46,6 +46,8 @@ pub struct BenchOptions {
     pub random_header: Option<String>,
     /// Hot swaps to drive while measuring.
     pub reload: Option<Reload>,
+    /// API key for a server that requires one.
+    pub token: Option<String>,
 }
 
 /// Reloads of one version through the admin API during the measured time.
@@ -111,7 +113,7 @@ impl BenchReport {
 
 /// A request with random inputs shaped from the model's metadata.
 pub async fn random_request(
-    client: &mut GrpcInferenceServiceClient<Channel>,
+    client: &mut GrpcInferenceServiceClient<TokenChannel>,
     model: &str,
     version: Option<&str>,
     batch: i64,
@@ -205,7 +207,7 @@ fn parse_headers(headers: &[(String, String)]) -> Result<Headers, String> {
 pub async fn run(
     options: &BenchOptions,
 ) -> Result<BenchReport, Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = aviary::client::connect(&options.addr).await?;
+    let mut client = aviary::client::connect(&options.addr, options.token.as_deref()).await?;
     let request = random_request(
         &mut client,
         &options.model,

@@ -283,7 +283,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 
 async fn infer(args: InferArgs) -> anyhow::Result<()> {
     let target = &args.target;
-    let mut grpc = client::connect(&target.addr)
+    let mut grpc = client::connect(&target.addr, target.token.as_deref())
         .await
         .with_context(|| format!("connecting to {}", target.addr))?;
     let metadata = grpc
@@ -377,6 +377,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         addr: args.target.addr,
         model: args.target.model,
         version: args.target.version,
+        token: args.target.token,
         concurrency: args.concurrency,
         duration: Duration::from_secs_f64(args.duration),
         warmup: Duration::from_secs_f64(args.warmup),

@@ -14,13 +14,14 @@ use std::{
     time::Duration,
 };
 
-use aviary::server;
+use aviary::server::{self, CallGuard};
 use aviary_worker::{SessionOptions, TensorLimits, Worker, WorkerConfig};
 use tokio::{net::TcpListener, sync::watch};
 use tonic_health::server::HealthReporter;
 
 use crate::{
     GatewayError, admin,
+    auth::Keys,
     cache::{self, PredictionCache},
     config::Config,
     control::Control,
@@ -63,6 +64,8 @@ pub struct Gateway {
     dead_letters: Option<Arc<DeadLetters>>,
     /// Always there, so a route can opt in while running; empty until one does.
     cache: Arc<PredictionCache>,
+    /// The API keys every call needs, when `[auth] keys_file` is set.
+    keys: Option<Arc<Keys>>,
 }
 
 /// The listeners a gateway serves on.
@@ -158,6 +161,12 @@ impl Gateway {
             false => None,
         };
         let cache = Arc::new(PredictionCache::open(&config.cache)?);
+        let keys = config
+            .auth
+            .keys_file
+            .as_deref()
+            .map(Keys::open)
+            .transpose()?;
         Ok(Gateway {
             config,
             control,
@@ -167,6 +176,7 @@ impl Gateway {
             rollouts,
             dead_letters,
             cache,
+            keys,
         })
     }
 
@@ -263,8 +273,13 @@ impl Gateway {
         if let Some(letters) = &self.dead_letters {
             front = front.with_dead_letters(Arc::clone(letters));
         }
+        let guard: Option<Arc<dyn CallGuard>> = self.keys.as_ref().map(|keys| {
+            tasks.spawn(Arc::clone(keys).watch());
+            Arc::clone(keys) as Arc<dyn CallGuard>
+        });
         if let Some(listener) = listeners.admin {
             let parts = admin::AdminParts {
+                guard: guard.clone(),
                 control: Arc::clone(&self.control),
                 rollouts: self.rollouts.clone(),
                 metrics: Arc::clone(&self.metrics),
@@ -308,7 +323,9 @@ impl Gateway {
             max_message_bytes: self.config.server.max_message_bytes,
             grace_period,
         };
-        let result = server::serve(front, listeners.inference, options, health, draining).await;
+        let result =
+            server::serve_guarded(front, listeners.inference, options, guard, health, draining)
+                .await;
         tasks.abort_all();
         Ok(result?)
     }

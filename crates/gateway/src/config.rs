@@ -39,6 +39,9 @@ pub struct Config {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// API keys and roles (off unless a keys file is set).
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The embedded worker's model repository (`aviary serve`).
     pub repository: Option<RepositoryConfig>,
     /// Routes by model name.
@@ -307,6 +310,15 @@ impl Default for MetricsConfig {
             enabled: true,
         }
     }
+}
+
+/// `[auth]`: who may call what (see `crate::auth`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The keys file (relative to this file): every call but health checks then needs
+    /// a key with the right role. Read again when it changes.
+    pub keys_file: Option<PathBuf>,
 }
 
 /// `[tracing]`: where and how the process exports its traces. Each key left out falls
@@ -626,6 +638,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(repository) = config.repository.as_mut().filter(|r| r.path.is_relative()) {
             repository.path = base.join(&repository.path);
+        }
+        if let Some(keys) = config.auth.keys_file.as_mut().filter(|p| p.is_relative()) {
+            *keys = base.join(&*keys);
         }
         if config.dead_letters.folder.is_relative() {
             config.dead_letters.folder = base.join(&config.dead_letters.folder);

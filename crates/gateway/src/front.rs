@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::{
     GatewayError,
+    auth::Identity,
     cache::{CACHE_HEADER, CACHE_PARAMETER, PredictionCache, take_fingerprint},
     control::Control,
     dead_letters::DeadLetters,
@@ -558,7 +559,10 @@ impl GrpcInferenceService for Front {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (metadata, _, request) = request.into_parts();
+        let (metadata, extensions, request) = request.into_parts();
+        if let Some(caller) = extensions.get::<Arc<Identity>>() {
+            caller.may_infer(&request.model_name)?;
+        }
         let (result, trace_id) = self.infer_traced(&metadata, request).await;
         let trace_id = trace_id.and_then(|id| MetadataValue::try_from(id).ok());
         let response = match (result, trace_id.clone()) {
@@ -612,11 +616,15 @@ impl GrpcInferenceService for Front {
     ) -> Result<Response<InferStream>, Status> {
         let front = self.clone();
         // The stream's headers apply to every request on it.
-        let (metadata, _, inbound) = request.into_parts();
+        let (metadata, extensions, inbound) = request.into_parts();
         let metadata = Arc::new(metadata);
+        let caller = extensions.get::<Arc<Identity>>().cloned();
         Ok(Response::new(stream_responses(inbound, move |r| {
-            let (front, metadata) = (front.clone(), Arc::clone(&metadata));
+            let (front, metadata, caller) = (front.clone(), Arc::clone(&metadata), caller.clone());
             async move {
+                if let Some(caller) = caller {
+                    caller.may_infer(&r.model_name)?;
+                }
                 front
                     .infer_traced(&metadata, r)
                     .await

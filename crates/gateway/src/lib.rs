@@ -31,12 +31,14 @@
 //! - [`stack`]: a version's request path as tower layers: deadline, load shedding,
 //!   circuit breaker, injected faults.
 //! - [`front`]: the v2 service clients talk to.
+//! - [`auth`]: API keys, the roles they grant, and the check every call passes.
 //! - [`app`]: assembling a gateway and running it until shutdown.
 //! - [`error`]: [`GatewayError`] and its mapping to gRPC statuses.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod backend;
 pub mod cache;
 pub mod config;

@@ -176,6 +176,8 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         ("admin", config.admin != started_with.admin),
         ("metrics", config.metrics != started_with.metrics),
         ("tracing", config.tracing != started_with.tracing),
+        // The keys file's contents apply at once; which file, at restart.
+        ("auth", config.auth != started_with.auth),
         ("repository", config.repository != started_with.repository),
         (
             "rollouts.evaluate_interval_ms",

@@ -1,10 +1,10 @@
 //! `aviary ctl dlq list | replay`: the `DeadLetters` admin service.
 
+use super::Channel;
 use aviary::pb::admin::{
     ListDeadLettersRequest, ListDeadLettersResponse, ReplayDeadLettersRequest,
     ReplayDeadLettersResponse, dead_letters_client::DeadLettersClient,
 };
-use tonic::transport::Channel;
 
 use super::{
     CtlError, DlqCommand, print,

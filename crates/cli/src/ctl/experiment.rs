@@ -1,10 +1,10 @@
 //! `aviary ctl experiment report | feedback | shadow`: the `Experiments` admin service.
 
+use super::Channel;
 use aviary::pb::admin::{
     ExperimentReport, ExperimentReportRequest, FeedbackRequest, ShadowReport, ShadowReportRequest,
     experiments_client::ExperimentsClient, feedback_request::Outcome,
 };
-use tonic::transport::Channel;
 
 use super::{
     CtlError, print,

@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+/// What every admin client calls through: a connection that sends the API key.
+type Channel = aviary::client::TokenChannel;
 
 /// `aviary ctl`.
 #[derive(Debug, Args)]
@@ -36,6 +39,9 @@ pub struct CtlArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// API key for a gateway that requires one (sent as `authorization: Bearer`).
+    #[arg(long, env = "AVIARY_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -296,6 +302,9 @@ pub enum CtlError {
         /// The gateway's explanation.
         message: String,
     },
+    /// `--token` cannot be sent as a header.
+    #[error("--token: not a valid header value (printable ASCII only)")]
+    Token,
 }
 
 impl From<tonic::Status> for CtlError {
@@ -321,7 +330,7 @@ fn unserved(hint: &'static str) -> impl Fn(tonic::Status) -> CtlError {
 
 /// Runs one `aviary ctl` command and returns what to print.
 pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
-    let channel = connect(&args.admin).await?;
+    let channel = connect(&args.admin, args.token.as_deref()).await?;
     let json = args.json;
     match &args.command {
         CtlCommand::Routes => routes::show(channel, json).await,
@@ -377,17 +386,18 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, CtlError> {
+async fn connect(addr: &str, token: Option<&str>) -> Result<Channel, CtlError> {
     let failed = |source| CtlError::Connect {
         addr: addr.to_owned(),
         source,
     };
-    Endpoint::from_shared(addr.to_owned())
+    let channel = Endpoint::from_shared(addr.to_owned())
         .map_err(failed)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .map_err(failed)
+        .map_err(failed)?;
+    aviary::client::TokenChannel::new(channel, token).map_err(|_| CtlError::Token)
 }
 
 /// `message` as JSON, or what `human` makes of it.

@@ -1,10 +1,10 @@
 //! `aviary ctl models | load | reload | unload`: the `Models` admin service.
 
+use super::Channel;
 use aviary::pb::admin::{
     ListModelsRequest, ListModelsResponse, UnloadVersionRequest, VersionRequest,
     models_client::ModelsClient,
 };
-use tonic::transport::Channel;
 
 use super::{
     CtlError, print,

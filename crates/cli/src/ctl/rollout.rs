@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
+use super::Channel;
 use aviary::pb::admin::{
     GetRolloutRequest, RolloutCommandRequest, RolloutGates, RolloutMetrics, RolloutPlan,
     RolloutStatus, RolloutStep, rollouts_client::RolloutsClient,
 };
-use tonic::transport::Channel;
 
 use super::{
     CtlError, RolloutCommand, RolloutNote, print,

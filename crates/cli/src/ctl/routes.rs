@@ -1,11 +1,11 @@
 //! `aviary ctl routes | set-weights | set-limits | config-status`: the `Routes` admin
 //! service.
 
+use super::Channel;
 use aviary::pb::admin::{
     ConfigStatus, GetConfigStatusRequest, GetRoutesRequest, GetRoutesResponse, Limits, Route,
     SetRouteRequest, VersionWeight, routes_client::RoutesClient,
 };
-use tonic::transport::Channel;
 
 use super::{
     CtlError, LimitsArgs, print,

@@ -18,6 +18,7 @@ mod routes;
 
 use std::{future::Future, sync::Arc};
 
+use aviary::server::{CallGuard, Guarded};
 use tokio::net::TcpListener;
 use tonic::Status;
 
@@ -44,6 +45,8 @@ pub struct AdminParts {
     pub metrics: Arc<Metrics>,
     /// The dead-letter queue and the front it replays through, when kept.
     pub dead_letters: Option<(Arc<DeadLetterQueue>, Front)>,
+    /// What checks every call first (API keys and roles), when the gateway has one.
+    pub guard: Option<Arc<dyn CallGuard>>,
 }
 
 /// Serves a gateway's admin API on `listener` until `shutdown` resolves; the
@@ -62,22 +65,31 @@ where
         rollouts,
         metrics,
         dead_letters,
+        guard,
     } = parts;
     tonic::transport::Server::builder()
-        .add_service(RoutesService::server(
-            Arc::clone(&control),
-            Arc::clone(&metrics),
+        .add_service(Guarded::new(
+            RoutesService::server(Arc::clone(&control), Arc::clone(&metrics)),
+            guard.clone(),
         ))
-        .add_service(ModelsService::server(Arc::clone(&control)))
-        .add_service(ExperimentsService::server(
-            Arc::clone(&control),
-            Arc::clone(&metrics),
+        .add_service(Guarded::new(
+            ModelsService::server(Arc::clone(&control)),
+            guard.clone(),
         ))
-        .add_service(FleetService::server(control, metrics))
-        .add_optional_service(rollouts.map(RolloutsService::server))
+        .add_service(Guarded::new(
+            ExperimentsService::server(Arc::clone(&control), Arc::clone(&metrics)),
+            guard.clone(),
+        ))
+        .add_service(Guarded::new(
+            FleetService::server(control, metrics),
+            guard.clone(),
+        ))
         .add_optional_service(
-            dead_letters.map(|(letters, front)| DeadLettersService::server(letters, front)),
+            rollouts.map(|r| Guarded::new(RolloutsService::server(r), guard.clone())),
         )
+        .add_optional_service(dead_letters.map(|(letters, front)| {
+            Guarded::new(DeadLettersService::server(letters, front), guard.clone())
+        }))
         .serve_with_incoming_shutdown(aviary::server::incoming(listener), shutdown)
         .await
         .map_err(|e| aviary::server::ServeError::new(format!("admin API: {e}")).into())

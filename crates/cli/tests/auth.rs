@@ -1,0 +1,198 @@
+//! API keys and roles on a gateway's inference and admin listeners, through the binary:
+//! no key or a wrong one is UNAUTHENTICATED, a key beyond its role or its models is
+//! PERMISSION_DENIED naming what it lacks, probes need no key, and a key removed from
+//! the watched keys file stops working without a restart.
+
+mod support;
+
+use std::{path::Path, time::Duration};
+
+use sha2::{Digest, Sha256};
+use support::*;
+use tonic::{Code, Request};
+
+const APP_KEY: &str = "app-key-7f3a";
+const OPS_KEY: &str = "ops-key-91c2";
+
+/// How soon a changed keys file is in force (hang protection; it polls every second).
+const KEYS_DEADLINE: Duration = Duration::from_secs(15);
+
+fn sha256(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A keys file: `app` may infer on demo only; `ops` is admin. Without `app` when
+/// `revoked`.
+fn write_keys(path: &Path, revoked: bool) {
+    let mut text = format!(
+        "[[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
+        sha256(OPS_KEY)
+    );
+    if !revoked {
+        text.push_str(&format!(
+            "\n[[keys]]\nname = \"app\"\nsha256 = \"{}\"\nroles = [\"infer\"]\nmodels = [\"demo\"]\n",
+            sha256(APP_KEY)
+        ));
+    }
+    // A new file renamed over the old one, as a Secret volume update does.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write keys");
+    std::fs::rename(&tmp, path).expect("replace keys");
+}
+
+/// The code of a demo (or `model`) inference with `key`.
+fn infer_code(addr: &str, model: &str, key: Option<&str>) -> Code {
+    runtime().block_on(async {
+        let mut request = demo_request();
+        request.model_name = model.into();
+        let mut request = Request::new(request);
+        if let Some(key) = key {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {key}").parse().expect("ascii"),
+            );
+        }
+        match client(connect(addr).await).model_infer(request).await {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        }
+    })
+}
+
+#[test]
+fn keys_and_roles_decide_who_may_call_what_and_a_revoked_key_stops_working() {
+    let keys_dir = tempfile::tempdir().expect("temp dir");
+    let keys = keys_dir.path().join("keys.toml");
+    write_keys(&keys, false);
+    let config = format!(
+        "[auth]\nkeys_file = \"{}\"\n\n{}",
+        keys.display(),
+        demo_config()
+    );
+    let served = Served::start(&config, &[]);
+
+    // Inference: no key, a wrong key, the right key on its model and on another.
+    assert_eq!(
+        infer_code(&served.addr, "demo", None),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        infer_code(&served.addr, "demo", Some("wrong")),
+        Code::Unauthenticated
+    );
+    assert_eq!(infer_code(&served.addr, "demo", Some(APP_KEY)), Code::Ok);
+    assert_eq!(
+        infer_code(&served.addr, "mlp", Some(APP_KEY)),
+        Code::PermissionDenied
+    );
+    // An admin key reaches mlp (which then refuses demo's row as its input).
+    assert_eq!(
+        infer_code(&served.addr, "mlp", Some(OPS_KEY)),
+        Code::InvalidArgument
+    );
+    // `aviary infer` sends --token.
+    let answered = infer_demo(&served.addr, &["--token", APP_KEY]).ok();
+    assert!(answered.stdout.contains("demo"), "{answered:?}");
+    let refused = infer_demo(&served.addr, &[]).failed();
+    assert!(refused.stderr.contains("Unauthenticated"), "{refused:?}");
+
+    // The admin API: an infer key may not change routes, nor read them; ops may.
+    let ctl = |key: Option<&str>, args: &[&str]| {
+        let mut all = vec!["ctl", "--admin", served.admin.as_str()];
+        if let Some(key) = key {
+            all.extend(["--token", key]);
+        }
+        all.extend_from_slice(args);
+        run(&all, &[])
+    };
+    let denied = ctl(Some(APP_KEY), &["set-weights", "demo", "1=50", "2=50"]).failed();
+    assert!(
+        denied.stderr.contains("PermissionDenied")
+            && denied
+                .stderr
+                .contains("key \"app\" may not call /aviary.admin.v1.Routes/")
+            && denied.stderr.contains("it needs the role"),
+        "{denied:?}"
+    );
+    let anonymous = ctl(None, &["routes"]).failed();
+    assert!(
+        anonymous.stderr.contains("Unauthenticated"),
+        "{anonymous:?}"
+    );
+    ctl(Some(OPS_KEY), &["set-weights", "demo", "1=50", "2=50"]).ok();
+    let routes = ctl(Some(OPS_KEY), &["routes", "--json"]).json();
+    assert_eq!(route_of(&routes, "demo"), pairs(&[("1", 50), ("2", 50)]));
+
+    // Probes need no key.
+    runtime().block_on(async {
+        let channel = connect(&served.addr).await;
+        let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect("health without a key");
+        assert_eq!(health.into_inner().status, 1, "SERVING");
+        let ready = client(channel)
+            .server_ready(aviary::pb::inference::ServerReadyRequest {})
+            .await
+            .expect("ServerReady without a key");
+        assert!(ready.into_inner().ready);
+    });
+
+    // Revoked in the file: refused within seconds, no restart; the other key works on.
+    write_keys(&keys, true);
+    assert!(
+        eventually(KEYS_DEADLINE, || infer_code(
+            &served.addr,
+            "demo",
+            Some(APP_KEY)
+        ) == Code::Unauthenticated),
+        "the revoked key is refused"
+    );
+    assert_eq!(infer_code(&served.addr, "demo", Some(OPS_KEY)), Code::Ok);
+}
+
+#[test]
+fn a_bad_keys_file_stops_the_start_and_says_why() {
+    let keys_dir = tempfile::tempdir().expect("temp dir");
+    let keys = keys_dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        "[[keys]]\nname = \"x\"\nsha256 = \"abc\"\nroles = [\"infer\"]\n",
+    )
+    .expect("write keys");
+    let config_dir = tempfile::tempdir().expect("temp dir");
+    let config = config_dir.path().join("aviary.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nkeys_file = \"{}\"\n\n{}",
+            keys.display(),
+            demo_config()
+        ),
+    )
+    .expect("write config");
+    let failed = run(
+        &[
+            "serve",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+    .failed();
+    assert!(
+        failed
+            .stderr
+            .contains("keys[0] (\"x\").sha256: not 64 hex digits"),
+        "{failed:?}"
+    );
+}

@@ -1,0 +1,467 @@
+//! Who may call what on a gateway: API keys from a keys file (stored as SHA-256 hashes,
+//! never in the clear), the roles they grant, and the check every call to the
+//! inference and admin listeners passes before it reaches its service.
+//!
+//! Roles: `infer` (inference, optionally on a list of models, and the metadata a client
+//! reads first), `read` (metadata, statistics, reports, routes), `model-control`
+//! (loading and unloading models), `admin` (everything). Health checks and
+//! `ServerLive`/`ServerReady` stay open for probes. The keys file is read again when
+//! it changes, so a key is revoked without a restart.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use aviary::server::CallGuard;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tonic::Status;
+
+use crate::GatewayError;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Inference (on the key's models) and the metadata a client reads first.
+    Infer,
+    /// Metadata, statistics, reports, routes: nothing that changes anything.
+    Read,
+    /// Loading and unloading models.
+    ModelControl,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Infer => "infer",
+            Role::Read => "read",
+            Role::ModelControl => "model-control",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The caller a key names, left in the call's extensions for the services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The key's name: who asked, in logs and errors (never the key itself).
+    pub name: String,
+    roles: BTreeSet<Role>,
+    /// The models `infer` covers; `None`: all.
+    models: Option<BTreeSet<String>>,
+}
+
+impl Identity {
+    /// Whether the key grants `role` (`admin` grants every role).
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role) || self.roles.contains(&Role::Admin)
+    }
+
+    /// `Ok` when the key may run inferences on `model`.
+    pub fn may_infer(&self, model: &str) -> Result<(), Status> {
+        match &self.models {
+            Some(models) if !models.contains(model) && !self.roles.contains(&Role::Admin) => {
+                Err(Status::permission_denied(format!(
+                    "key \"{}\" may not infer on model \"{model}\" (its models: {})",
+                    self.name,
+                    models.iter().cloned().collect::<Vec<_>>().join(", ")
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Which roles may call the method at `path`; `None`: anyone, without a key.
+pub fn roles_for(path: &str) -> Option<&'static [Role]> {
+    const INFER: &[Role] = &[Role::Infer];
+    const READ: &[Role] = &[Role::Read];
+    const INFER_OR_READ: &[Role] = &[Role::Infer, Role::Read];
+    const MODEL_CONTROL: &[Role] = &[Role::ModelControl];
+    const ADMIN: &[Role] = &[Role::Admin];
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    let roles = match (service, method) {
+        ("grpc.health.v1.Health", _)
+        | ("inference.GRPCInferenceService", "ServerLive" | "ServerReady") => return None,
+        ("inference.GRPCInferenceService", "ModelInfer" | "ModelStreamInfer") => INFER,
+        (
+            "inference.GRPCInferenceService",
+            "ModelReady" | "ServerMetadata" | "ModelMetadata" | "ModelConfig",
+        ) => INFER_OR_READ,
+        ("inference.GRPCInferenceService", "RepositoryModelLoad" | "RepositoryModelUnload") => {
+            MODEL_CONTROL
+        }
+        ("inference.GRPCInferenceService", _) => READ,
+        (reflection, _) if reflection.starts_with("grpc.reflection.") => INFER_OR_READ,
+        ("aviary.admin.v1.Routes", "GetRoutes" | "GetConfigStatus")
+        | ("aviary.admin.v1.Models", "ListModels")
+        | ("aviary.admin.v1.Rollouts", "GetRollout")
+        | ("aviary.admin.v1.DeadLetters", "ListDeadLetters")
+        | ("aviary.admin.v1.Experiments", "GetExperimentReport" | "GetShadowReport") => READ,
+        // Ground truth comes from the applications that asked for the predictions.
+        ("aviary.admin.v1.Experiments", "Feedback") => INFER,
+        ("aviary.admin.v1.Models", _) => MODEL_CONTROL,
+        // Everything else changes something, or is unknown: only admin.
+        _ => ADMIN,
+    };
+    Some(roles)
+}
+
+/// One key in the keys file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    name: String,
+    /// Hex SHA-256 of the key: `printf %s "$KEY" | sha256sum`.
+    sha256: String,
+    roles: Vec<Role>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    keys: Vec<KeyEntry>,
+}
+
+/// The keys in force: identities by the SHA-256 of their key.
+#[derive(Debug, Default)]
+pub struct KeyTable {
+    by_hash: HashMap<[u8; 32], Arc<Identity>>,
+}
+
+impl KeyTable {
+    /// Parses a keys file; every problem is listed, each with its entry.
+    pub fn parse(text: &str) -> Result<KeyTable, String> {
+        let file: KeysFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut by_hash = HashMap::new();
+        let mut names = BTreeSet::new();
+        let mut problems = Vec::new();
+        for (i, key) in file.keys.into_iter().enumerate() {
+            let at = format!("keys[{i}] ({:?})", key.name);
+            if key.name.is_empty() {
+                problems.push(format!("{at}.name: must not be empty"));
+            }
+            if !names.insert(key.name.clone()) {
+                problems.push(format!("{at}.name: another key has this name"));
+            }
+            if key.roles.is_empty() {
+                problems.push(format!("{at}.roles: grants nothing"));
+            }
+            let Some(hash) = parse_hex_32(&key.sha256) else {
+                problems.push(format!(
+                    "{at}.sha256: not 64 hex digits (the SHA-256 of the key, e.g. `printf %s \"$KEY\" | sha256sum`)"
+                ));
+                continue;
+            };
+            let identity = Identity {
+                name: key.name,
+                roles: key.roles.into_iter().collect(),
+                models: key.models.map(|m| m.into_iter().collect()),
+            };
+            if by_hash.insert(hash, Arc::new(identity)).is_some() {
+                problems.push(format!("{at}.sha256: the same key as another entry"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(KeyTable { by_hash })
+        } else {
+            Err(problems.join("\n"))
+        }
+    }
+
+    /// The identity of the key in `headers` (`authorization: Bearer <key>`).
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Arc<Identity>, Status> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Err(Status::unauthenticated(
+                "an API key is required: send the header `authorization: Bearer <key>` \
+                 (aviary ctl/infer: --token or AVIARY_TOKEN)",
+            ));
+        };
+        let key = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization: expected `Bearer <key>`"))?;
+        let hash: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+        self.by_hash
+            .get(&hash)
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("the API key is not valid (unknown or revoked)"))
+    }
+}
+
+fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The keys of a running gateway: the table in force, read again from its file when
+/// the file changes (a bad file keeps the last good table, and says why).
+#[derive(Debug)]
+pub struct Keys {
+    path: PathBuf,
+    table: ArcSwap<KeyTable>,
+}
+
+/// How often the keys file is looked at: a revoked key stops working within this.
+pub const KEYS_POLL: Duration = Duration::from_secs(1);
+
+impl Keys {
+    /// Reads the keys file at `path`; a missing or invalid file stops the start.
+    pub fn open(path: &Path) -> Result<Arc<Keys>, GatewayError> {
+        let table = read_table(path)?;
+        tracing::info!(path = %path.display(), keys = table.by_hash.len(), "API keys required");
+        Ok(Arc::new(Keys {
+            path: path.to_owned(),
+            table: ArcSwap::from_pointee(table),
+        }))
+    }
+
+    /// Reads the file again whenever it changes; runs until dropped.
+    pub async fn watch(self: Arc<Self>) {
+        let keys = self;
+        {
+            let mut seen = modified(&keys.path);
+            loop {
+                tokio::time::sleep(KEYS_POLL).await;
+                let now = modified(&keys.path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match read_table(&keys.path) {
+                    Ok(table) => {
+                        tracing::info!(path = %keys.path.display(), keys = table.by_hash.len(), "API keys reloaded");
+                        keys.table.store(Arc::new(table));
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "the keys file is not valid; the last good keys stay in force");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The file's modification time and size: what changes when it is rewritten.
+fn modified(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn read_table(path: &Path) -> Result<KeyTable, GatewayError> {
+    let config = |message: String| GatewayError::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| config(e.to_string()))?;
+    KeyTable::parse(&text).map_err(config)
+}
+
+impl CallGuard for Keys {
+    fn check(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        extensions: &mut http::Extensions,
+    ) -> Result<(), Status> {
+        let Some(roles) = roles_for(path) else {
+            return Ok(());
+        };
+        let identity = self.table.load().authenticate(headers)?;
+        if !roles.iter().any(|&role| identity.has(role)) {
+            let needed: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+            tracing::warn!(
+                key = identity.name,
+                path,
+                "call refused: the key lacks the role"
+            );
+            return Err(Status::permission_denied(format!(
+                "key \"{}\" may not call {path}: it needs the role {}",
+                identity.name,
+                needed.join(" or ")
+            )));
+        }
+        extensions.insert(identity);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "s3cret-infer";
+
+    fn hash(key: &str) -> String {
+        Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn keys() -> Keys {
+        let text = format!(
+            "[[keys]]\nname = \"app\"\nsha256 = \"{}\"\nroles = [\"infer\"]\nmodels = [\"demo\"]\n\n\
+             [[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
+            hash(KEY),
+            hash("s3cret-admin")
+        );
+        Keys {
+            path: PathBuf::new(),
+            table: ArcSwap::from_pointee(KeyTable::parse(&text).expect("valid")),
+        }
+    }
+
+    fn bearer(key: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_str(&format!("Bearer {key}")).expect("ascii"),
+        );
+        headers
+    }
+
+    fn check(keys: &Keys, path: &str, headers: &http::HeaderMap) -> Result<Arc<Identity>, Status> {
+        let mut extensions = http::Extensions::new();
+        keys.check(path, headers, &mut extensions)?;
+        Ok(extensions
+            .get::<Arc<Identity>>()
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(Identity {
+                    name: "(open)".into(),
+                    roles: BTreeSet::new(),
+                    models: None,
+                })
+            }))
+    }
+
+    #[test]
+    fn calls_are_refused_without_a_key_and_beyond_its_roles() {
+        let keys = keys();
+        let infer = "/inference.GRPCInferenceService/ModelInfer";
+        let none = http::HeaderMap::new();
+        assert_eq!(
+            check(&keys, infer, &none).expect_err("no key").code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            check(&keys, infer, &bearer("wrong"))
+                .expect_err("bad key")
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        let app = check(&keys, infer, &bearer(KEY)).expect("the infer key infers");
+        assert_eq!(app.name, "app");
+        assert!(app.may_infer("demo").is_ok());
+        let other = app.may_infer("mlp").expect_err("not its model");
+        assert_eq!(other.code(), tonic::Code::PermissionDenied);
+        assert!(
+            other.message().contains("mlp") && other.message().contains("demo"),
+            "{other:?}"
+        );
+        let admin = check(&keys, "/aviary.admin.v1.Routes/SetRoute", &bearer(KEY))
+            .expect_err("an infer key cannot change routes");
+        assert_eq!(admin.code(), tonic::Code::PermissionDenied);
+        assert!(
+            admin.message().contains("needs the role admin"),
+            "{admin:?}"
+        );
+        assert!(
+            check(
+                &keys,
+                "/aviary.admin.v1.Routes/SetRoute",
+                &bearer("s3cret-admin")
+            )
+            .is_ok()
+        );
+        // Probes need no key.
+        for open in [
+            "/grpc.health.v1.Health/Check",
+            "/inference.GRPCInferenceService/ServerReady",
+        ] {
+            assert!(check(&keys, open, &none).is_ok(), "{open}");
+        }
+    }
+
+    #[test]
+    fn every_admin_and_inference_method_needs_the_role_it_should() {
+        let cases = [
+            (
+                "/inference.GRPCInferenceService/ModelMetadata",
+                Role::Infer,
+                true,
+            ),
+            (
+                "/inference.GRPCInferenceService/ModelStatistics",
+                Role::Infer,
+                false,
+            ),
+            (
+                "/inference.GRPCInferenceService/RepositoryModelUnload",
+                Role::Read,
+                false,
+            ),
+            (
+                "/inference.GRPCInferenceService/RepositoryModelUnload",
+                Role::ModelControl,
+                true,
+            ),
+            (
+                "/aviary.admin.v1.Models/UnloadVersion",
+                Role::ModelControl,
+                true,
+            ),
+            ("/aviary.admin.v1.Models/ListModels", Role::Read, true),
+            ("/aviary.admin.v1.Rollouts/StartRollout", Role::Read, false),
+            ("/aviary.admin.v1.Rollouts/GetRollout", Role::Read, true),
+            (
+                "/aviary.admin.v1.Fleet/SetRolloutWeights",
+                Role::ModelControl,
+                false,
+            ),
+            ("/aviary.admin.v1.Experiments/Feedback", Role::Infer, true),
+            ("/something.Else/Method", Role::Read, false),
+        ];
+        for (path, role, allowed) in cases {
+            let roles = roles_for(path).expect("not open");
+            assert_eq!(roles.contains(&role), allowed, "{path} with {role:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_keys_file_names_every_problem() {
+        let text = "[[keys]]\nname = \"a\"\nsha256 = \"xyz\"\nroles = []\n\n\
+                    [[keys]]\nname = \"a\"\nsha256 = \"00\"\nroles = [\"infer\"]\n";
+        let error = KeyTable::parse(text).expect_err("invalid");
+        for expected in [
+            "keys[0] (\"a\").sha256",
+            "keys[0] (\"a\").roles",
+            "keys[1] (\"a\").name",
+        ] {
+            assert!(error.contains(expected), "{expected} in {error}");
+        }
+        let unknown =
+            KeyTable::parse("[[keys]]\nname = \"a\"\nsha256 = \"00\"\nroles = [\"root\"]\n")
+                .expect_err("unknown role");
+        assert!(unknown.contains("root"), "{unknown}");
+    }
+}
