@@ -196,3 +196,75 @@ fn a_bad_keys_file_stops_the_start_and_says_why() {
         "{failed:?}"
     );
 }
+
+#[test]
+fn a_key_over_its_rate_limit_is_refused_with_a_retry_hint_and_other_keys_are_not() {
+    const RATE: f64 = 20.0;
+    const BURST: f64 = 5.0;
+    const SENT: usize = 100;
+    let keys_dir = tempfile::tempdir().expect("temp dir");
+    let keys = keys_dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\nname = \"limited\"\nsha256 = \"{}\"\nroles = [\"infer\"]\n\
+             rate_limit = {{ per_second = {RATE}, burst = {BURST} }}\n\n\
+             [[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
+            sha256(APP_KEY),
+            sha256(OPS_KEY)
+        ),
+    )
+    .expect("write keys");
+    let config = format!(
+        "[auth]\nkeys_file = \"{}\"\n\n{}",
+        keys.display(),
+        demo_config()
+    );
+    let mut served = Served::start(&config, &[]);
+    let metrics = served.metrics_addr();
+    let (answered, refused, hints, elapsed) = runtime().block_on(async {
+        let mut client = client(connect(&served.addr).await);
+        let started = std::time::Instant::now();
+        let (mut answered, mut refused, mut hints) = (0usize, 0usize, 0usize);
+        for _ in 0..SENT {
+            let mut request = Request::new(demo_request());
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {APP_KEY}").parse().expect("ascii"),
+            );
+            match client.model_infer(request).await {
+                Ok(_) => answered += 1,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    refused += 1;
+                    if status.metadata().get("grpc-retry-pushback-ms").is_some() {
+                        hints += 1;
+                    }
+                }
+            }
+        }
+        (answered, refused, hints, started.elapsed())
+    });
+    // The burst, plus what the rate refilled while the requests were sent (one more
+    // for the refill at the edges).
+    let most = BURST + RATE * elapsed.as_secs_f64() + 1.0;
+    assert!(
+        answered >= BURST as usize && answered as f64 <= most,
+        "{answered} answered in {elapsed:?} (at most {most:.1})"
+    );
+    assert_eq!(answered + refused, SENT);
+    assert!(
+        refused > 0,
+        "{SENT} requests in {elapsed:?} overran {RATE}/s"
+    );
+    assert_eq!(hints, refused, "every refusal says when to retry");
+    // Another key is not limited by this one.
+    for _ in 0..20 {
+        assert_eq!(infer_code(&served.addr, "demo", Some(OPS_KEY)), Code::Ok);
+    }
+    let samples = parse_samples(&scrape(metrics).2);
+    assert_eq!(
+        samples.get("aviary_rate_limited_total{key=\"limited\"}"),
+        Some(&(refused as f64))
+    );
+}

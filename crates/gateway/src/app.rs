@@ -340,6 +340,9 @@ impl Gateway {
             Arc::clone(&self.metrics),
             Arc::clone(&self.control),
         )));
+        registry.register_collector(Box::new(crate::exposition::RateLimitCollector::new(
+            self.keys.clone(),
+        )));
         if let Some(rollouts) = &self.rollouts {
             registry.register_collector(Box::new(crate::exposition::RolloutsCollector::new(
                 Arc::clone(rollouts),

@@ -9,10 +9,10 @@
 //! it changes, so a key is revoked without a restart.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -49,13 +49,50 @@ impl Role {
 }
 
 /// The caller a key names, left in the call's extensions for the services.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Identity {
     /// The key's name: who asked, in logs and errors (never the key itself).
     pub name: String,
     roles: BTreeSet<Role>,
     /// The models `infer` covers; `None`: all.
     models: Option<BTreeSet<String>>,
+    /// The key's calls per second, when limited.
+    limit: Option<std::sync::Mutex<TokenBucket>>,
+}
+
+/// A rate with a burst: `rate` tokens a second, at most `burst` saved up; each call
+/// takes one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket of `burst` tokens, refilled at `rate` a second.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes a token at `now`, or says how long until one is there.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
 }
 
 impl Identity {
@@ -124,7 +161,21 @@ struct KeyEntry {
     roles: Vec<Role>,
     #[serde(default)]
     models: Option<Vec<String>>,
+    #[serde(default)]
+    rate_limit: Option<RateLimit>,
 }
+
+/// `rate_limit = { per_second = 100, burst = 20 }`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimit {
+    per_second: f64,
+    /// Calls that may come at once after a quiet spell (default: one second's worth).
+    burst: Option<f64>,
+}
+
+/// The gRPC trailer that tells a client how long to wait before it retries.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,10 +214,33 @@ impl KeyTable {
                 ));
                 continue;
             };
+            let limit = match key.rate_limit {
+                Some(limit) if !(limit.per_second > 0.0 && limit.per_second.is_finite()) => {
+                    problems.push(format!(
+                        "{at}.rate_limit.per_second: must be a positive number"
+                    ));
+                    None
+                }
+                Some(RateLimit {
+                    burst: Some(burst), ..
+                }) if !(burst >= 1.0 && burst.is_finite()) => {
+                    problems.push(format!("{at}.rate_limit.burst: must be at least 1"));
+                    None
+                }
+                Some(RateLimit { per_second, burst }) => {
+                    Some(std::sync::Mutex::new(TokenBucket::new(
+                        per_second,
+                        burst.unwrap_or(per_second.max(1.0)),
+                        Instant::now(),
+                    )))
+                }
+                None => None,
+            };
             let identity = Identity {
                 name: key.name,
                 roles: key.roles.into_iter().collect(),
                 models: key.models.map(|m| m.into_iter().collect()),
+                limit,
             };
             if by_hash.insert(hash, Arc::new(identity)).is_some() {
                 problems.push(format!("{at}.sha256: the same key as another entry"));
@@ -218,6 +292,8 @@ fn parse_hex_32(text: &str) -> Option<[u8; 32]> {
 pub struct Keys {
     path: PathBuf,
     table: ArcSwap<KeyTable>,
+    /// Calls refused by rate limits, by key name (kept across reloads of the file).
+    limited: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 /// How often the keys file is looked at: a revoked key stops working within this.
@@ -231,6 +307,7 @@ impl Keys {
         Ok(Arc::new(Keys {
             path: path.to_owned(),
             table: ArcSwap::from_pointee(table),
+            limited: std::sync::Mutex::default(),
         }))
     }
 
@@ -299,8 +376,45 @@ impl CallGuard for Keys {
                 needed.join(" or ")
             )));
         }
+        if let Some(bucket) = &identity.limit {
+            let taken = bucket
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(Instant::now());
+            if let Err(wait) = taken {
+                self.count_limited(&identity.name);
+                let wait_ms = wait.as_millis().max(1);
+                let mut status = Status::resource_exhausted(format!(
+                    "key \"{}\" is over its rate limit; retry in {wait_ms} ms",
+                    identity.name
+                ));
+                if let Ok(value) = wait_ms.to_string().parse() {
+                    status.metadata_mut().insert(RETRY_PUSHBACK, value);
+                }
+                return Err(status);
+            }
+        }
         extensions.insert(identity);
         Ok(())
+    }
+}
+
+impl Keys {
+    fn count_limited(&self, name: &str) {
+        *self
+            .limited
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_owned())
+            .or_insert(0) += 1;
+    }
+
+    /// Calls refused by each key's rate limit since start-up.
+    pub fn limited(&self) -> BTreeMap<String, u64> {
+        self.limited
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -327,6 +441,7 @@ mod tests {
         Keys {
             path: PathBuf::new(),
             table: ArcSwap::from_pointee(KeyTable::parse(&text).expect("valid")),
+            limited: std::sync::Mutex::default(),
         }
     }
 
@@ -350,6 +465,7 @@ mod tests {
                     name: "(open)".into(),
                     roles: BTreeSet::new(),
                     models: None,
+                    limit: None,
                 })
             }))
     }
@@ -445,6 +561,23 @@ mod tests {
             let roles = roles_for(path).expect("not open");
             assert_eq!(roles.contains(&role), allowed, "{path} with {role:?}");
         }
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 3.0, start);
+        for _ in 0..3 {
+            assert!(bucket.take(start).is_ok(), "the burst");
+        }
+        let wait = bucket.take(start).expect_err("empty");
+        assert_eq!(wait, Duration::from_millis(100), "one token per 100 ms");
+        assert!(bucket.take(start + Duration::from_millis(99)).is_err());
+        assert!(bucket.take(start + Duration::from_millis(100)).is_ok());
+        // A quiet spell saves up no more than the burst.
+        let later = start + Duration::from_secs(60);
+        let taken = (0..10).filter(|_| bucket.take(later).is_ok()).count();
+        assert_eq!(taken, 3);
     }
 
     #[test]

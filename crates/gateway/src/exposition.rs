@@ -15,6 +15,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    auth::Keys,
     control::{ConfigCounts, Control},
     metrics::{Metrics, VariantCounts},
     rollouts::{Driver, RolloutGauges, Target},
@@ -35,6 +36,31 @@ impl GatewayCollector {
     /// A collector over the gateway's metrics and its control plane (routing, config).
     pub fn new(metrics: Arc<Metrics>, control: Arc<Control>) -> GatewayCollector {
         GatewayCollector { metrics, control }
+    }
+}
+
+/// Calls refused by API keys' rate limits, by key name (none without `[auth]`).
+#[derive(Debug)]
+pub struct RateLimitCollector {
+    keys: Option<Arc<Keys>>,
+}
+
+impl RateLimitCollector {
+    /// A collector over `keys`' refusals.
+    pub fn new(keys: Option<Arc<Keys>>) -> RateLimitCollector {
+        RateLimitCollector { keys }
+    }
+}
+
+impl Collector for RateLimitCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let limited = self.keys.as_ref().map(|k| k.limited()).unwrap_or_default();
+        encode_counters(
+            &mut encoder,
+            "aviary_rate_limited",
+            "Calls refused with RESOURCE_EXHAUSTED because their API key was over its rate limit.",
+            limited.into_iter().map(|(key, n)| (vec![("key", key)], n)),
+        )
     }
 }
 
