@@ -489,6 +489,60 @@ pub fn outgoing_headers(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The span of one `ModelInfer` this process serves (kind server), with the RPC
+/// semantic conventions' attributes. `version` is the one asked for, when known; a
+/// gateway records the version it routes to, the route reason and whether it
+/// mirrored (`aviary.version`, `aviary.route.reason`, `aviary.shadow`) as it decides
+/// them, and [`record_outcome`] the status.
+pub fn infer_server_span(model: &str, version: Option<&str>) -> tracing::Span {
+    tracing::info_span!(
+        target: SPAN_TARGET,
+        "ModelInfer",
+        otel.name = "inference.GRPCInferenceService/ModelInfer",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = "inference.GRPCInferenceService",
+        rpc.method = "ModelInfer",
+        rpc.grpc.status_code = tracing::field::Empty,
+        aviary.model = model,
+        aviary.version = version.filter(|v| !v.is_empty()),
+        aviary.route.reason = tracing::field::Empty,
+        aviary.shadow = tracing::field::Empty,
+    )
+}
+
+/// The span of one `ModelInfer` call this process makes to the worker at `server`
+/// (kind client: one per attempt).
+pub fn infer_client_span(model: &str, version: &str, server: &str) -> tracing::Span {
+    tracing::info_span!(
+        target: SPAN_TARGET,
+        "ModelInfer call",
+        otel.name = "inference.GRPCInferenceService/ModelInfer",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = "inference.GRPCInferenceService",
+        rpc.method = "ModelInfer",
+        rpc.grpc.status_code = tracing::field::Empty,
+        server.address = server,
+        aviary.model = model,
+        aviary.version = version,
+    )
+}
+
+/// Records how the call of `span` ended: its gRPC `code`, and when it failed an error
+/// status with `message`.
+pub fn record_outcome(span: &tracing::Span, code: tonic::Code, message: &str) {
+    span.record("rpc.grpc.status_code", code as i64);
+    if code != tonic::Code::Ok {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", message);
+    }
+}
+
 /// The trace id of `span`, in the 32 hex digits of `traceparent`, when it has one.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();

@@ -232,19 +232,10 @@ impl Backend for Remote {
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
         let span = telemetry::in_recorded_request().then(|| {
-            tracing::info_span!(
-                target: SPAN_TARGET,
-                "ModelInfer call",
-                otel.name = "inference.GRPCInferenceService/ModelInfer",
-                otel.kind = "client",
-                otel.status_code = tracing::field::Empty,
-                rpc.system = "grpc",
-                rpc.service = "inference.GRPCInferenceService",
-                rpc.method = "ModelInfer",
-                rpc.grpc.status_code = tracing::field::Empty,
-                server.address = %self.endpoint,
-                aviary.model = %call.request.model_name,
-                aviary.version = %call.request.model_version,
+            telemetry::infer_client_span(
+                &call.request.model_name,
+                &call.request.model_version,
+                &self.endpoint,
             )
         });
         let run = async move {
@@ -345,19 +336,18 @@ impl Backend for Remote {
     }
 }
 
-/// `call` run inside `span`, which records its gRPC code and, on failure, an error
-/// status.
+/// `call` run inside `span`, which records how it ended.
 async fn traced<T>(
     span: tracing::Span,
     call: impl Future<Output = Result<T, GatewayError>>,
 ) -> Result<T, GatewayError> {
     let result = call.instrument(span.clone()).await;
-    let code = result
-        .as_ref()
-        .map_or_else(|e| e.status().code(), |_| tonic::Code::Ok);
-    span.record("rpc.grpc.status_code", code as i64);
-    if code != tonic::Code::Ok {
-        span.record("otel.status_code", "error");
+    match &result {
+        Ok(_) => telemetry::record_outcome(&span, tonic::Code::Ok, ""),
+        Err(error) => {
+            let status = error.status();
+            telemetry::record_outcome(&span, status.code(), status.message());
+        }
     }
     result
 }

@@ -24,7 +24,7 @@ use aviary::pb::inference::{
     model_repository_parameter,
 };
 use aviary::server::{InferStream, grpc_timeout, server_metadata, stream_responses};
-use aviary::telemetry::{self, RequestTrace, SPAN_TARGET, TRACE_ID_HEADER};
+use aviary::telemetry::{self, RequestTrace, TRACE_ID_HEADER};
 use aviary_router::{RequestAttributes, RouteError};
 use aviary_worker::ModelControl;
 use rand::{SeedableRng, rngs::SmallRng};
@@ -303,7 +303,7 @@ impl Front {
                 None,
             ),
             Some(RequestTrace::Recorded(parent)) => {
-                let span = request_span(&request.model_name);
+                let span = telemetry::infer_server_span(&request.model_name, None);
                 telemetry::set_parent(&span, parent);
                 let result = self.infer(metadata, request).instrument(span.clone()).await;
                 end_span(&span, result.as_ref().err());
@@ -439,40 +439,13 @@ impl Front {
     }
 }
 
-/// The span of one recorded inference through the gateway. Its version, route reason
-/// and shadowing are recorded as they are decided, its status by [`end_span`].
-fn request_span(model: &str) -> tracing::Span {
-    let span = tracing::info_span!(
-        target: SPAN_TARGET,
-        "ModelInfer",
-        otel.name = "inference.GRPCInferenceService/ModelInfer",
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        otel.status_description = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = "inference.GRPCInferenceService",
-        rpc.method = "ModelInfer",
-        rpc.grpc.status_code = tracing::field::Empty,
-        aviary.model = model,
-        aviary.version = tracing::field::Empty,
-        aviary.route.reason = tracing::field::Empty,
-        aviary.shadow = tracing::field::Empty,
-    );
-    span
-}
-
-/// Records how the request of `span` ended: its gRPC code, and an error status with
-/// the message when it failed.
+/// Records how the request of `span` ended.
 fn end_span(span: &tracing::Span, error: Option<&GatewayError>) {
     match error {
-        None => {
-            span.record("rpc.grpc.status_code", tonic::Code::Ok as i64);
-        }
+        None => telemetry::record_outcome(span, tonic::Code::Ok, ""),
         Some(error) => {
             let status = error.status();
-            span.record("rpc.grpc.status_code", status.code() as i64);
-            span.record("otel.status_code", "error");
-            span.record("otel.status_description", status.message());
+            telemetry::record_outcome(span, status.code(), status.message());
         }
     }
 }

@@ -17,7 +17,7 @@ use aviary::{
         InferStream, ServeOptions, grpc_timeout, serve, server_metadata, set_serving,
         stream_responses,
     },
-    telemetry::{self, RequestTrace, SPAN_TARGET},
+    telemetry::{self, RequestTrace},
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
@@ -99,19 +99,9 @@ impl GrpcInferenceService for WorkerService {
                 self.worker.infer(request.into_inner(), deadline).await?,
             ));
         };
-        let span = tracing::info_span!(
-            target: SPAN_TARGET,
-            "ModelInfer",
-            otel.name = "inference.GRPCInferenceService/ModelInfer",
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty,
-            rpc.system = "grpc",
-            rpc.service = "inference.GRPCInferenceService",
-            rpc.method = "ModelInfer",
-            rpc.grpc.status_code = tracing::field::Empty,
-            aviary.model = %request.get_ref().model_name,
-            aviary.version = %request.get_ref().model_version,
+        let span = telemetry::infer_server_span(
+            &request.get_ref().model_name,
+            Some(&request.get_ref().model_version),
         );
         telemetry::set_parent(&span, parent);
         let result = self
@@ -120,13 +110,9 @@ impl GrpcInferenceService for WorkerService {
             .instrument(span.clone())
             .await
             .map_err(Status::from);
-        let code = result
-            .as_ref()
-            .map_or_else(Status::code, |_| tonic::Code::Ok);
-        span.record("rpc.grpc.status_code", code as i64);
-        if let Err(status) = &result {
-            span.record("otel.status_code", "error");
-            span.record("otel.status_description", status.message());
+        match &result {
+            Ok(_) => telemetry::record_outcome(&span, tonic::Code::Ok, ""),
+            Err(status) => telemetry::record_outcome(&span, status.code(), status.message()),
         }
         Ok(Response::new(result?))
     }
