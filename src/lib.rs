@@ -15,6 +15,8 @@
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
+//! - [`calls`] (feature `server`): who is calling, and the guard and audit every
+//!   call passes through.
 //! - [`metrics`] (feature `server`): the `/metrics` endpoint and the process metrics.
 //! - [`telemetry`] (feature `server`): trace export, W3C trace context in and out,
 //!   and the spans of a request's stages.
@@ -23,6 +25,8 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every proto file.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
+pub mod calls;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;

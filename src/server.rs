@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tonic::{Status, Streaming};
 use tonic_health::server::HealthReporter;
 
+use crate::calls::{CallChecks, Guarded};
 use crate::pb::inference::{
     ModelInferRequest, ModelInferResponse, ModelStreamInferResponse, ServerMetadataResponse,
     grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
@@ -63,72 +64,6 @@ impl Default for ServeOptions {
 /// Default time in-flight requests get to finish after shutdown begins.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 
-/// Decides, before a call reaches its service, whether it may: the path of the call
-/// (`/package.Service/Method`) and its headers in, `Err` (the status the caller gets)
-/// out. It may leave what it learnt (the caller's identity) in the request's
-/// extensions for the service. A server without one lets every call through.
-pub trait CallGuard: Send + Sync + std::fmt::Debug + 'static {
-    /// `Ok` when the call at `path` with `headers` may go on.
-    fn check(
-        &self,
-        path: &str,
-        headers: &http::HeaderMap,
-        extensions: &mut http::Extensions,
-    ) -> Result<(), Status>;
-}
-
-/// A service whose calls a [`CallGuard`] checks first.
-#[derive(Debug, Clone)]
-pub struct Guarded<S> {
-    inner: S,
-    guard: Option<std::sync::Arc<dyn CallGuard>>,
-}
-
-impl<S> Guarded<S> {
-    /// `inner`, its calls checked by `guard` (none: all go through).
-    pub fn new(inner: S, guard: Option<std::sync::Arc<dyn CallGuard>>) -> Guarded<S> {
-        Guarded { inner, guard }
-    }
-}
-
-impl<S: tonic::server::NamedService> tonic::server::NamedService for Guarded<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S, B> tonic::codegen::Service<http::Request<B>> for Guarded<S>
-where
-    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = futures::future::Either<
-        S::Future,
-        futures::future::Ready<Result<Self::Response, Self::Error>>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Some(guard) = &self.guard else {
-            return futures::future::Either::Left(self.inner.call(request));
-        };
-        let (mut parts, body) = request.into_parts();
-        match guard.check(parts.uri.path(), &parts.headers, &mut parts.extensions) {
-            Ok(()) => futures::future::Either::Left(
-                self.inner.call(http::Request::from_parts(parts, body)),
-            ),
-            Err(status) => {
-                futures::future::Either::Right(futures::future::ready(Ok(status.into_http())))
-            }
-        }
-    }
-}
-
 /// Runs `service` on `listener` with health and reflection until `shutdown` resolves.
 /// Then the listener closes at once (new connections are refused), in-flight requests
 /// get up to `grace_period` to finish, and whatever is still open after that (an idle
@@ -144,15 +79,24 @@ where
     S: GrpcInferenceService,
     F: Future<Output = ()> + Send,
 {
-    serve_guarded(service, listener, options, None, health, shutdown).await
+    serve_guarded(
+        service,
+        listener,
+        options,
+        CallChecks::default(),
+        health,
+        shutdown,
+    )
+    .await
 }
 
-/// [`serve`], every call (health and reflection too) checked first by `guard`.
+/// [`serve`], every call (health and reflection too) behind `checks` (see
+/// [`Guarded`]), each run as its [`Caller`](crate::calls::Caller).
 pub async fn serve_guarded<S, F>(
     service: S,
     listener: TcpListener,
     options: ServeOptions,
-    guard: Option<std::sync::Arc<dyn CallGuard>>,
+    checks: CallChecks,
     health: HealthReporter,
     shutdown: F,
 ) -> Result<(), ServeError>
@@ -183,10 +127,10 @@ where
         let _ = draining_tx.send(());
     };
     let serving = tonic::transport::Server::builder()
-        .add_service(Guarded::new(health_service, guard.clone()))
-        .add_service(Guarded::new(reflection_v1, guard.clone()))
-        .add_service(Guarded::new(reflection_v1alpha, guard.clone()))
-        .add_service(Guarded::new(inference, guard.clone()))
+        .add_service(Guarded::new(health_service, checks.clone()))
+        .add_service(Guarded::new(reflection_v1, checks.clone()))
+        .add_service(Guarded::new(reflection_v1alpha, checks.clone()))
+        .add_service(Guarded::new(inference, checks.clone()))
         .serve_with_incoming_shutdown(incoming(listener), shutdown);
     let grace_over = async move {
         if draining_rx.await.is_ok() {

@@ -343,10 +343,11 @@ fn swap_in_demo_2(repository: &Path) {
     std::fs::rename(&staged, &target).expect("swap the model file");
 }
 
-/// An embedded gateway over the test models with the Redis tier at `url`.
-fn with_redis(url: &str, extra: &str) -> Served {
+/// An embedded gateway over the test models with the Redis tier at `url`, each Redis
+/// call given `timeout_ms`.
+fn with_redis(url: &str, timeout_ms: u64, extra: &str) -> Served {
     let tier = format!(
-        "[cache]\nredis = {{ url = \"{url}\", timeout_ms = 20, key_prefix = \"test:cache:\" }}\n{extra}"
+        "[cache]\nredis = {{ url = \"{url}\", timeout_ms = {timeout_ms}, key_prefix = \"test:cache:\" }}\n{extra}"
     );
     Served::start(&embedded_config(&models(), &tier), &[])
 }
@@ -354,8 +355,9 @@ fn with_redis(url: &str, extra: &str) -> Served {
 #[test]
 fn gateways_share_answers_through_redis() {
     let redis = RedisServer::start(None);
-    let first = with_redis(&redis.url, "");
-    let second = with_redis(&redis.url, "");
+    // Time enough for Redis on a loaded machine: this test is about sharing.
+    let first = with_redis(&redis.url, 2_000, "");
+    let second = with_redis(&redis.url, 2_000, "");
     let row = [5.0, 3.4, 1.5, 0.2];
     let filled = runtime().block_on(async {
         let mut client = client(connect(&first.addr).await);
@@ -391,7 +393,7 @@ fn gateways_share_answers_through_redis() {
 #[test]
 fn a_redis_down_or_hung_costs_requests_nothing() {
     let redis = RedisServer::start(None);
-    let served = with_redis(&redis.url, "");
+    let served = with_redis(&redis.url, 20, "");
     let rt = runtime();
     let mut client = rt.block_on(async { client(connect(&served.addr).await) });
     // Every request is another row: each one misses and asks Redis.

@@ -278,8 +278,9 @@ fn one_trace_covers_the_gateway_and_the_remote_worker_and_continues_the_clients(
     let (fresh, _) = infer(&runtime, &gateway.addr, None).expect("the request succeeds");
     assert_eq!(fresh.len(), 32, "a trace id in the header: {fresh:?}");
     assert_ne!(fresh, CLIENT_TRACE);
+    // The gateway's span ends last, so it may come in a later export than the worker's.
     let spans = collector.trace(&fresh, |spans| {
-        has(spans, "aviary-worker", "onnxruntime.run")
+        has(spans, "aviary-worker", "onnxruntime.run") && has(spans, "edge-gateway", SERVER_SPAN)
     });
     assert!(
         one(&spans, "edge-gateway", SERVER_SPAN)
@@ -306,7 +307,11 @@ fn the_embedded_worker_traces_its_stages_and_a_failed_request_says_why() {
         ],
     );
     let (trace_id, _) = infer(&runtime, &served.addr, None).expect("the request succeeds");
-    let spans = collector.trace(&trace_id, |spans| has(spans, "embedded", "onnxruntime.run"));
+    let spans = collector.trace(&trace_id, |spans| {
+        has(spans, "embedded", "onnxruntime.run")
+            && has(spans, "embedded", "aviary.worker")
+            && has(spans, "embedded", SERVER_SPAN)
+    });
     let front = one(&spans, "embedded", SERVER_SPAN);
     let worker = one(&spans, "embedded", "aviary.worker");
     assert_eq!(worker.parent_id(), front.span_id());
@@ -385,9 +390,10 @@ fn a_trace_the_gateway_does_not_sample_is_not_recorded_by_its_worker_either() {
     let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
     infer(&runtime, &gateway.addr, Some(&traceparent)).expect("the request succeeds");
     let spans = collector.trace(CLIENT_TRACE, |spans| {
-        has(spans, "aviary-worker", "onnxruntime.run") && has(spans, "aviary-gateway", SERVER_SPAN)
+        has(spans, "aviary-worker", "onnxruntime.run")
+            && has(spans, "aviary-gateway", SERVER_SPAN)
+            && spans.len() >= 6
     });
-    assert!(spans.len() >= 6, "the sampled request's spans: {spans:#?}");
     assert_eq!(
         collector.count(),
         spans.len(),

@@ -14,13 +14,17 @@ use std::{
     time::Duration,
 };
 
-use aviary::server::{self, CallGuard};
+use aviary::{
+    calls::{CallAudit, CallChecks, CallGuard, Caller, acting_as},
+    server,
+};
 use aviary_worker::{SessionOptions, TensorLimits, Worker, WorkerConfig};
 use tokio::{net::TcpListener, sync::watch};
 use tonic_health::server::HealthReporter;
 
 use crate::{
     GatewayError, admin,
+    audit::Audit,
     auth::Keys,
     cache::{self, PredictionCache},
     config::Config,
@@ -122,7 +126,8 @@ impl Gateway {
             }
             (Mode::RemoteOnly, None) => None,
         };
-        let control = Control::new(&config, worker)?;
+        let audit = Audit::open(&config.audit)?;
+        let control = Control::new(&config, worker)?.with_audit(audit.clone());
         let routing = control.routing().load_full();
         for (model, version) in routing.routed_versions() {
             let share = routing
@@ -149,8 +154,11 @@ impl Gateway {
                          their first step at every start"
                     );
                 }
-                let rollouts = Rollouts::open(target, config.rollouts.state_file.clone()).await?;
-                for note in rollouts.start_plans(&config.rollouts.plans).await? {
+                let rollouts = Rollouts::open(target, config.rollouts.state_file.clone())
+                    .await?
+                    .with_audit(audit.clone());
+                let started = rollouts.start_plans(&config.rollouts.plans);
+                for note in acting_as(Caller::Process("config-file"), started).await? {
                     tracing::warn!(note, "configured rollout plan");
                 }
                 Some(Arc::new(rollouts))
@@ -240,27 +248,36 @@ impl Gateway {
             stop_rx.clone(),
         ));
         if let Some(path) = self.config_path.clone() {
-            tasks.spawn(watcher::watch_config(
-                path,
-                self.config.clone(),
-                Arc::clone(&self.control),
-                self.rollouts.clone(),
-                stop_rx.clone(),
+            tasks.spawn(acting_as(
+                Caller::Process("config-file"),
+                watcher::watch_config(
+                    path,
+                    self.config.clone(),
+                    Arc::clone(&self.control),
+                    self.rollouts.clone(),
+                    stop_rx.clone(),
+                ),
             ));
         }
         if let Some(repository) = self.config.repository.as_ref().filter(|r| r.watch) {
             let interval = Duration::from_millis(repository.watch_interval_ms);
-            tasks.spawn(watcher::watch_repository(
-                repository.path.clone(),
-                interval,
-                Arc::clone(&self.control),
-                stop_rx.clone(),
+            tasks.spawn(acting_as(
+                Caller::Process("repository-watch"),
+                watcher::watch_repository(
+                    repository.path.clone(),
+                    interval,
+                    Arc::clone(&self.control),
+                    stop_rx.clone(),
+                ),
             ));
         }
         if let Some(rollouts) = &self.rollouts {
-            tasks.spawn(Arc::clone(rollouts).run(
-                Duration::from_millis(self.config.rollouts.evaluate_interval_ms),
-                stop_rx.clone(),
+            tasks.spawn(acting_as(
+                Caller::Process("rollout-driver"),
+                Arc::clone(rollouts).run(
+                    Duration::from_millis(self.config.rollouts.evaluate_interval_ms),
+                    stop_rx.clone(),
+                ),
             ));
         }
         let mut front = Front::new(
@@ -273,13 +290,20 @@ impl Gateway {
         if let Some(letters) = &self.dead_letters {
             front = front.with_dead_letters(Arc::clone(letters));
         }
-        let guard: Option<Arc<dyn CallGuard>> = self.keys.as_ref().map(|keys| {
-            tasks.spawn(Arc::clone(keys).watch());
-            Arc::clone(keys) as Arc<dyn CallGuard>
-        });
+        let audit = self.control.audit().clone();
+        let checks = CallChecks {
+            guard: self.keys.as_ref().map(|keys| {
+                tasks.spawn(Arc::clone(keys).watch());
+                Arc::clone(keys) as Arc<dyn CallGuard>
+            }),
+            audit: audit
+                .is_on()
+                .then(|| Arc::new(audit.clone()) as Arc<dyn CallAudit>),
+        };
         if let Some(listener) = listeners.admin {
             let parts = admin::AdminParts {
-                guard: guard.clone(),
+                checks: checks.clone(),
+                audit,
                 control: Arc::clone(&self.control),
                 rollouts: self.rollouts.clone(),
                 metrics: Arc::clone(&self.metrics),
@@ -323,9 +347,15 @@ impl Gateway {
             max_message_bytes: self.config.server.max_message_bytes,
             grace_period,
         };
-        let result =
-            server::serve_guarded(front, listeners.inference, options, guard, health, draining)
-                .await;
+        let result = server::serve_guarded(
+            front,
+            listeners.inference,
+            options,
+            checks,
+            health,
+            draining,
+        )
+        .await;
         tasks.abort_all();
         Ok(result?)
     }
@@ -342,6 +372,9 @@ impl Gateway {
         )));
         registry.register_collector(Box::new(crate::exposition::RateLimitCollector::new(
             self.keys.clone(),
+        )));
+        registry.register_collector(Box::new(crate::exposition::AuditCollector::new(
+            self.control.audit().clone(),
         )));
         if let Some(rollouts) = &self.rollouts {
             registry.register_collector(Box::new(crate::exposition::RolloutsCollector::new(

@@ -16,7 +16,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary::server::CallGuard;
+use aviary::calls::CallGuard;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::Status;
@@ -51,8 +51,9 @@ impl Role {
 /// The caller a key names, left in the call's extensions for the services.
 #[derive(Debug)]
 pub struct Identity {
-    /// The key's name: who asked, in logs and errors (never the key itself).
-    pub name: String,
+    /// The key's name: who asked, in logs, errors and the audit trail (never the key
+    /// itself).
+    pub name: Arc<str>,
     roles: BTreeSet<Role>,
     /// The models `infer` covers; `None`: all.
     models: Option<BTreeSet<String>>,
@@ -237,7 +238,7 @@ impl KeyTable {
                 None => None,
             };
             let identity = Identity {
-                name: key.name,
+                name: key.name.into(),
                 roles: key.roles.into_iter().collect(),
                 models: key.models.map(|m| m.into_iter().collect()),
                 limit,
@@ -358,15 +359,15 @@ impl CallGuard for Keys {
         path: &str,
         headers: &http::HeaderMap,
         extensions: &mut http::Extensions,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<Arc<str>>, Status> {
         let Some(roles) = roles_for(path) else {
-            return Ok(());
+            return Ok(None);
         };
         let identity = self.table.load().authenticate(headers)?;
         if !roles.iter().any(|&role| identity.has(role)) {
             let needed: Vec<&str> = roles.iter().map(|r| r.name()).collect();
             tracing::warn!(
-                key = identity.name,
+                key = &*identity.name,
                 path,
                 "call refused: the key lacks the role"
             );
@@ -394,8 +395,9 @@ impl CallGuard for Keys {
                 return Err(status);
             }
         }
+        let name = Arc::clone(&identity.name);
         extensions.insert(identity);
-        Ok(())
+        Ok(Some(name))
     }
 }
 
@@ -486,7 +488,7 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         let app = check(&keys, infer, &bearer(KEY)).expect("the infer key infers");
-        assert_eq!(app.name, "app");
+        assert_eq!(&*app.name, "app");
         assert!(app.may_infer("demo").is_ok());
         let other = app.may_infer("mlp").expect_err("not its model");
         assert_eq!(other.code(), tonic::Code::PermissionDenied);

@@ -42,6 +42,9 @@ pub struct Config {
     /// API keys and roles (off unless a keys file is set).
     #[serde(default)]
     pub auth: AuthConfig,
+    /// The audit trail (off unless a folder is set).
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The embedded worker's model repository (`aviary serve`).
     pub repository: Option<RepositoryConfig>,
     /// Routes by model name.
@@ -319,6 +322,64 @@ pub struct AuthConfig {
     /// The keys file (relative to this file): every call but health checks then needs
     /// a key with the right role. Read again when it changes.
     pub keys_file: Option<PathBuf>,
+}
+
+/// `[audit]`: the audit trail's folder, what it records and how long it keeps it (see
+/// `crate::audit`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The folder of the trail's files (relative to this file); absent: no trail.
+    pub dir: Option<PathBuf>,
+    /// The share of predictions recorded, 0 (none, the default) to 1 (every one).
+    #[serde(default)]
+    pub predictions: f64,
+    /// Records waiting to be written at most; more are dropped and counted (the
+    /// request path never waits for the disk).
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+    /// The current file is closed and a new one started past this size.
+    #[serde(default = "default_audit_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// The most the trail's files take in all; the oldest go first.
+    #[serde(default = "default_audit_max_total_bytes")]
+    pub max_total_bytes: u64,
+    /// Closed files older than this many days are deleted.
+    #[serde(default = "default_audit_retention_days")]
+    pub retention_days: u64,
+    /// The secret sticky keys are pseudonymised with (HMAC-SHA256), relative to this
+    /// file; absent: one is generated in `dir` (`hmac.key`, readable only by its owner).
+    pub hmac_key_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            dir: None,
+            predictions: 0.0,
+            queue: default_audit_queue(),
+            max_file_bytes: default_audit_max_file_bytes(),
+            max_total_bytes: default_audit_max_total_bytes(),
+            retention_days: default_audit_retention_days(),
+            hmac_key_file: None,
+        }
+    }
+}
+
+fn default_audit_queue() -> usize {
+    10_000
+}
+
+fn default_audit_max_file_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+
+fn default_audit_max_total_bytes() -> u64 {
+    1024 * 1024 * 1024
+}
+
+fn default_audit_retention_days() -> u64 {
+    30
 }
 
 /// `[tracing]`: where and how the process exports its traces. Each key left out falls
@@ -642,6 +703,13 @@ impl Config {
         if let Some(keys) = config.auth.keys_file.as_mut().filter(|p| p.is_relative()) {
             *keys = base.join(&*keys);
         }
+        for path in [&mut config.audit.dir, &mut config.audit.hmac_key_file]
+            .into_iter()
+            .flatten()
+            .filter(|p| p.is_relative())
+        {
+            *path = base.join(&*path);
+        }
         if config.dead_letters.folder.is_relative() {
             config.dead_letters.folder = base.join(&config.dead_letters.folder);
         }
@@ -674,6 +742,37 @@ impl Config {
             problems.push(format!(
                 "tracing.sample_ratio: {ratio} is not between 0 and 1"
             ));
+        }
+        let audit = &config.audit;
+        if !(0.0..=1.0).contains(&audit.predictions) {
+            problems.push(format!(
+                "audit.predictions: {} is not between 0 and 1",
+                audit.predictions
+            ));
+        }
+        if audit.queue == 0 {
+            problems.push("audit.queue: must be at least 1".to_owned());
+        }
+        if audit.max_file_bytes < 4096 {
+            problems.push(format!(
+                "audit.max_file_bytes: {} is too small (at least 4096)",
+                audit.max_file_bytes
+            ));
+        }
+        if audit.max_total_bytes < audit.max_file_bytes {
+            problems.push(format!(
+                "audit.max_total_bytes: {} is less than max_file_bytes ({})",
+                audit.max_total_bytes, audit.max_file_bytes
+            ));
+        }
+        if audit.retention_days == 0 {
+            problems.push("audit.retention_days: must be at least 1".to_owned());
+        }
+        if audit.dir.is_none() && (audit.predictions > 0.0 || audit.hmac_key_file.is_some()) {
+            problems.push(
+                "audit.dir: required to record predictions or pseudonymise keys (the trail has nowhere to go)"
+                    .to_owned(),
+            );
         }
         if config.tracing.queue_size == Some(0) {
             problems.push("tracing.queue_size: must be at least 1".to_owned());

@@ -25,6 +25,7 @@ use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError};
 
 use crate::{
     GatewayError,
+    audit::{Audit, Kind},
     config::Config,
     defaults::Defaults,
     route::{Route, RouteVersion, Routes},
@@ -187,6 +188,8 @@ pub struct Control {
     /// The canary of each model whose weights a running rollout holds, copied from
     /// the writer's holds whenever they change: `/metrics` reads it without that lock.
     canaries: Mutex<BTreeMap<String, String>>,
+    /// Where every change is recorded, with who made it.
+    audit: Audit,
 }
 
 impl Control {
@@ -220,7 +223,19 @@ impl Control {
             health: Mutex::new(BTreeMap::new()),
             defaults: Defaults::default(),
             canaries: Mutex::new(BTreeMap::new()),
+            audit: Audit::off(),
         })
+    }
+
+    /// Records every change (routes, versions) in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Control {
+        self.audit = audit;
+        self
+    }
+
+    /// The audit trail changes are recorded in.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     /// The default predictions held for failed calls.
@@ -431,7 +446,9 @@ impl Control {
         let worker = self.embedded()?;
         let number = version_number(model, version)?;
         // Loading can take long; route changes need not wait for it.
-        let outcome = worker.load_version(model, number).await?;
+        let loaded = worker.load_version(model, number).await;
+        self.audit_version("load", model, version, loaded.as_ref().map(|_| ()));
+        let outcome = loaded?;
         let mut writer = self.writer.lock().await;
         let routes = writer.routes.clone();
         let generation = self.publish(&mut writer, routes, &BTreeSet::new())?;
@@ -447,7 +464,9 @@ impl Control {
         let worker = self.embedded()?;
         let number = version_number(model, version)?;
         // The slot stays the same, so routes are untouched and need no lock.
-        Ok(worker.reload_version(model, number).await?)
+        let reloaded = worker.reload_version(model, number).await;
+        self.audit_version("reload", model, version, reloaded.as_ref().map(|_| ()));
+        Ok(reloaded?)
     }
 
     /// Unloads a version of the embedded worker. A version with weight is refused
@@ -495,7 +514,10 @@ impl Control {
         }
         let hidden = BTreeSet::from([(model.to_owned(), version.to_owned())]);
         self.publish(&mut writer, routes.clone(), &hidden)?;
-        worker.unload_version(model, number).await?;
+        let fingerprint = self.fingerprint(model, version);
+        let unloaded = worker.unload_version(model, number).await;
+        self.audit_unload(model, version, fingerprint, unloaded.as_ref().map(|_| ()));
+        unloaded?;
         self.publish(&mut writer, routes, &BTreeSet::new())
     }
 
@@ -508,6 +530,10 @@ impl Control {
         let routing = self.routing.load_full();
         let may_unload = |m: &str, v: u64| routing.weight(m, &v.to_string()) == 0;
         let result = worker.load_model(model, &may_unload).await;
+        match &result {
+            Ok(report) => self.audit_report(report),
+            Err(error) => self.audit_version("load", model, "", Err(error)),
+        }
         let mut routes = writer.routes.clone();
         if result.is_ok()
             && !routes.contains_key(model)
@@ -561,7 +587,15 @@ impl Control {
             .map(|v| (model.to_owned(), v))
             .collect();
         self.publish(&mut writer, routes.clone(), &hidden)?;
-        worker.unload_model(model).await?;
+        let fingerprints: Vec<(String, Option<String>)> = hidden
+            .iter()
+            .map(|(model, version)| (version.clone(), self.fingerprint(model, version)))
+            .collect();
+        let unloaded = worker.unload_model(model).await;
+        for (version, fingerprint) in fingerprints {
+            self.audit_unload(model, &version, fingerprint, unloaded.as_ref().map(|_| ()));
+        }
+        unloaded?;
         self.publish(&mut writer, routes, &BTreeSet::new())
     }
 
@@ -576,6 +610,7 @@ impl Control {
         let routing = self.routing.load_full();
         let may_unload = |m: &str, v: u64| routing.weight(m, &v.to_string()) == 0;
         let report = worker.sync(None, unsettled, &may_unload).await?;
+        self.audit_report(&report);
         if report.changed_inventory() {
             let routes = writer.routes.clone();
             self.publish_keeping(&mut writer, routes)?;
@@ -616,7 +651,11 @@ impl Control {
         let routes = writer.routes.clone();
         self.publish(writer, routes.clone(), &hidden)?;
         for (model, version) in free {
-            worker.unload_version(model, *version).await?;
+            let name = version.to_string();
+            let fingerprint = self.fingerprint(model, &name);
+            let unloaded = worker.unload_version(model, *version).await;
+            self.audit_unload(model, &name, fingerprint, unloaded.as_ref().map(|_| ()));
+            unloaded?;
         }
         self.publish_keeping(writer, routes).map(Some)
     }
@@ -693,6 +732,14 @@ impl Control {
     /// Records the outcome of applying the config file: the errors that rejected it,
     /// or (when it applied) notes on what of it is not in force as written.
     pub fn record_config(&self, path: &str, errors: Vec<String>, notes: Vec<String>) {
+        if self.audit.is_on() {
+            let mut record = Audit::record_of(Kind::Config, "apply");
+            if !errors.is_empty() {
+                record = record.outcome(&tonic::Status::invalid_argument(errors.join("; ")));
+            }
+            record.after = Some(serde_json::json!({ "path": path, "notes": notes }));
+            self.audit.record(record);
+        }
         self.file_state(|file| {
             let status = &mut file.status;
             status.path = path.to_owned();
@@ -737,6 +784,75 @@ impl Control {
 
     /// Builds, validates and stores a snapshot of `routes` with the rollouts' held
     /// weights on top; on success `routes` become the explicit routes.
+    /// The content hash of the embedded worker's copy of `model` at `version`, if loaded.
+    fn fingerprint(&self, model: &str, version: &str) -> Option<String> {
+        let slot = self.worker.as_ref()?.slot(model, version).ok()?;
+        Some(slot.current().content_hash.clone())
+    }
+
+    /// Records a load or reload of `model` at `version` (the newest when empty) and
+    /// its outcome, with the fingerprint of what is now loaded.
+    fn audit_version(
+        &self,
+        action: &str,
+        model: &str,
+        version: &str,
+        result: Result<(), &WorkerError>,
+    ) {
+        if !self.audit.is_on() {
+            return;
+        }
+        let version = Some(version).filter(|v| !v.is_empty());
+        let mut record = Audit::record_of(Kind::Model, action).about(model, version);
+        match result {
+            Ok(()) => record.fingerprint = version.and_then(|v| self.fingerprint(model, v)),
+            Err(error) => {
+                record = record.outcome(&tonic::Status::new(error.code(), error.to_string()))
+            }
+        }
+        self.audit.record(record);
+    }
+
+    /// Records an unload of `model` at `version`, whose file had `fingerprint`.
+    fn audit_unload(
+        &self,
+        model: &str,
+        version: &str,
+        fingerprint: Option<String>,
+        result: Result<(), &WorkerError>,
+    ) {
+        if !self.audit.is_on() {
+            return;
+        }
+        let mut record = Audit::record_of(Kind::Model, "unload").about(model, Some(version));
+        record.fingerprint = fingerprint;
+        if let Err(error) = result {
+            record = record.outcome(&tonic::Status::new(error.code(), error.to_string()));
+        }
+        self.audit.record(record);
+    }
+
+    /// Records what a repository sync (or a Triton model load) did to each version.
+    fn audit_report(&self, report: &SyncReport) {
+        if !self.audit.is_on() {
+            return;
+        }
+        for (action, versions) in [("load", &report.loaded), ("reload", &report.reloaded)] {
+            for (model, version) in versions {
+                self.audit_version(action, model, &version.to_string(), Ok(()));
+            }
+        }
+        for (model, version) in &report.unloaded {
+            self.audit_unload(model, &version.to_string(), None, Ok(()));
+        }
+        for (model, version, reason) in &report.failed {
+            let record = Audit::record_of(Kind::Model, "load")
+                .about(model, Some(&version.to_string()))
+                .outcome(&tonic::Status::unavailable(reason.clone()));
+            self.audit.record(record);
+        }
+    }
+
     fn publish(
         &self,
         writer: &mut Writer,
@@ -759,7 +875,7 @@ impl Control {
             },
             &mut writer.pools,
         )?;
-        log_route_changes(&self.routing.load(), &routing);
+        log_route_changes(&self.routing.load(), &routing, &self.audit);
         self.routing.store(Arc::new(routing));
         writer.routes = routes;
         Ok(generation)
@@ -812,9 +928,9 @@ fn now_ms() -> u64 {
     aviary::unix_ms(SystemTime::now())
 }
 
-/// One log line per model whose versions or weights differ between `before` and
-/// `after`: the audit trail of what served which traffic when.
-fn log_route_changes(before: &Routing, after: &Routing) {
+/// One log line (and, with a trail, one audit record) per model whose versions or
+/// weights differ between `before` and `after`: what served which traffic when.
+fn log_route_changes(before: &Routing, after: &Routing, audit: &Audit) {
     let weights = |routing: &Routing, model: &str| -> Vec<(String, u32)> {
         routing
             .table
@@ -839,6 +955,20 @@ fn log_route_changes(before: &Routing, after: &Routing) {
                 after = %shown(&now),
                 "route changed"
             );
+            if audit.is_on() {
+                let as_json = |w: &[(String, u32)]| {
+                    serde_json::Value::Object(
+                        w.iter()
+                            .map(|(v, weight)| (v.clone(), serde_json::Value::from(*weight)))
+                            .collect(),
+                    )
+                };
+                let mut record = Audit::record_of(Kind::Route, "route-change").about(model, None);
+                record.before = Some(as_json(&was));
+                record.after = Some(as_json(&now));
+                record.generation = Some(after.generation);
+                audit.record(record);
+            }
         }
     }
 }

@@ -122,6 +122,9 @@ pub enum GatewayError {
     /// A server (inference or admin) could not start or stopped with an error.
     #[error(transparent)]
     Serve(#[from] aviary::server::ServeError),
+    /// The audit trail could not be read.
+    #[error("audit trail: {0}")]
+    AuditTrail(String),
     /// A routed version has no backend (a bug in building the routing snapshot).
     #[error("model \"{model}\" version \"{version}\" has no backend")]
     NoBackend {
@@ -185,9 +188,9 @@ impl GatewayError {
             | GatewayError::BreakerOpen { .. } => tonic::Status::unavailable(message),
             GatewayError::Overloaded { .. } => tonic::Status::resource_exhausted(message),
             GatewayError::DeadlineExceeded { .. } => tonic::Status::deadline_exceeded(message),
-            GatewayError::InjectedFault { .. } | GatewayError::Serve(_) => {
-                tonic::Status::internal(message)
-            }
+            GatewayError::InjectedFault { .. }
+            | GatewayError::Serve(_)
+            | GatewayError::AuditTrail(_) => tonic::Status::internal(message),
         }
     }
 }

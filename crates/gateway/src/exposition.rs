@@ -15,6 +15,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    audit::Audit,
     auth::Keys,
     control::{ConfigCounts, Control},
     metrics::{Metrics, VariantCounts},
@@ -60,6 +61,39 @@ impl Collector for RateLimitCollector {
             "aviary_rate_limited",
             "Calls refused with RESOURCE_EXHAUSTED because their API key was over its rate limit.",
             limited.into_iter().map(|(key, n)| (vec![("key", key)], n)),
+        )
+    }
+}
+
+/// The audit trail's records by kind and outcome (nothing without `[audit]`).
+#[derive(Debug)]
+pub struct AuditCollector {
+    audit: Audit,
+}
+
+impl AuditCollector {
+    /// A collector over `audit`'s counts.
+    pub fn new(audit: Audit) -> AuditCollector {
+        AuditCollector { audit }
+    }
+}
+
+impl Collector for AuditCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counts = self.audit.counts().unwrap_or_default();
+        encode_counters(
+            &mut encoder,
+            "aviary_audit_records",
+            "Audit records by kind, and whether they were written, dropped (the writer's queue was full) or failed (the disk refused).",
+            counts.into_iter().map(|(kind, outcome, n)| {
+                (
+                    vec![
+                        ("kind", kind.as_str().to_owned()),
+                        ("outcome", outcome.as_str().to_owned()),
+                    ],
+                    n,
+                )
+            }),
         )
     }
 }

@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::{
     GatewayError,
+    audit::prediction::PendingPrediction,
     auth::Identity,
     cache::{CACHE_HEADER, CACHE_PARAMETER, PredictionCache, take_fingerprint},
     control::Control,
@@ -221,6 +222,11 @@ impl Front {
         // One look-up of the route's settings for the rest of the call (the route exists:
         // the table just resolved a version of it).
         let route = routing.routes.get(&request.model_name);
+        let audit = self.control.audit();
+        let audited = audit.samples_prediction().then(|| {
+            PendingPrediction::begin(audit, route, &request, &attributes, reason.as_str())
+        });
+        let arrived = Instant::now();
         let cacheable = route.and_then(|r| PredictionCache::cacheable(r, &request));
         if let Some(cacheable) = &cacheable {
             let held = (request.model_name.as_str(), version.as_str());
@@ -230,7 +236,17 @@ impl Front {
                 .await
             {
                 // Not a request the version served: its metrics judge real inferences.
-                return Ok(hit);
+                let hit = Ok(hit);
+                if let Some(audited) = audited {
+                    audited.finish(
+                        audit,
+                        &request.model_name,
+                        &version,
+                        &hit,
+                        arrived.elapsed(),
+                    );
+                }
+                return hit;
             }
         }
         // The request as the client sent it, for the dead-letter queue if it fails.
@@ -281,6 +297,9 @@ impl Front {
             }
             (result, _) => result,
         };
+        if let Some(audited) = audited {
+            audited.finish(audit, &model, &version, &result, arrived.elapsed());
+        }
         // Which weights answered is the gateway's business, not the client's.
         if let Ok(response) = &mut result {
             take_fingerprint(response);
@@ -592,9 +611,11 @@ impl GrpcInferenceService for Front {
         let (metadata, extensions, inbound) = request.into_parts();
         let metadata = Arc::new(metadata);
         let caller = extensions.get::<Arc<Identity>>().cloned();
+        // The stream's requests are served after this call returns: they run as its caller.
+        let who = aviary::calls::caller();
         Ok(Response::new(stream_responses(inbound, move |r| {
             let (front, metadata, caller) = (front.clone(), Arc::clone(&metadata), caller.clone());
-            async move {
+            let served = async move {
                 if let Some(caller) = caller {
                     caller.may_infer(&r.model_name)?;
                 }
@@ -603,7 +624,8 @@ impl GrpcInferenceService for Front {
                     .await
                     .0
                     .map_err(Status::from)
-            }
+            };
+            aviary::calls::acting_as(who.clone(), served)
         })))
     }
 

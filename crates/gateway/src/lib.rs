@@ -32,12 +32,14 @@
 //!   circuit breaker, injected faults.
 //! - [`front`]: the v2 service clients talk to.
 //! - [`auth`]: API keys, the roles they grant, and the check every call passes.
+//! - [`audit`]: the audit trail: changes with who made them, and sampled predictions.
 //! - [`app`]: assembling a gateway and running it until shutdown.
 //! - [`error`]: [`GatewayError`] and its mapping to gRPC statuses.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod cache;

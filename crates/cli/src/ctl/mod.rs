@@ -7,8 +7,10 @@
 //! - `rollout`: `rollout start|pause|resume|promote|abort|status`.
 //! - `experiment`: `experiment report`, `feedback`, `shadow`.
 //! - `dlq`: `dlq list`, `dlq replay`.
+//! - `audit`: `audit tail`, `audit query`.
 //! - `table`: plain-text tables and times for people.
 
+mod audit;
 mod dlq;
 mod experiment;
 mod models;
@@ -128,6 +130,12 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// The audit trail: changes with who made them, and sampled predictions.
+    Audit {
+        /// What to do.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// A/B experiments: per-variant outcomes and significance against a baseline.
     Experiment {
         /// What to do.
@@ -151,6 +159,38 @@ pub enum CtlCommand {
         /// The prediction earned this reward.
         #[arg(long, group = "outcome", allow_negative_numbers = true)]
         reward: Option<f64>,
+    },
+}
+
+/// `aviary ctl audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest records, oldest first.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+    },
+    /// The newest records that match every filter given.
+    Query {
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only this version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Only these kinds: call, route, model, rollout, config, prediction (repeatable).
+        #[arg(long)]
+        kind: Vec<String>,
+        /// Only this actor: `key:<name>`, `peer:<address>`, `config-file`, `rollout-driver`, ...
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only records since: a time ago (90s, 15m, 2h, 7d) or ms since the epoch.
+        #[arg(long)]
+        since: Option<String>,
+        /// The newest this many at most.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
 }
 
@@ -372,6 +412,7 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             command: ExperimentCommand::Report { model, baseline },
         } => experiment::report(channel, model, baseline.as_deref(), json).await,
         CtlCommand::Dlq { command } => dlq::run(channel, command, json).await,
+        CtlCommand::Audit { command } => audit::run(channel, command, json).await,
         CtlCommand::Feedback {
             model,
             version,

@@ -1,6 +1,8 @@
-//! The admin API on its own listener: five gRPC services, one per concern (see
-//! `proto/aviary/admin/v1/admin.proto`). A gateway serves all five (`Rollouts` only
-//! while it drives its own rollouts); `aviary controller` serves `Rollouts`.
+//! The admin API on its own listener: seven gRPC services, one per concern (see
+//! `proto/aviary/admin/v1/admin.proto`). A gateway serves them (`Rollouts` only while
+//! it drives its own rollouts, `DeadLetters` only when it keeps them, `Audit` only
+//! with a trail); `aviary controller` serves `Rollouts`. Every call passes the
+//! gateway's [`CallChecks`]: API keys and roles, and the audit of changes.
 //!
 //! - `routes`: the route table and the config file's status.
 //! - `models`: the embedded worker's versions: list, load, reload, unload.
@@ -8,7 +10,9 @@
 //! - `experiments`: feedback, experiment reports and shadow comparisons.
 //! - `fleet`: what a controller uses on the gateways it drives.
 //! - `dead_letters`: list and replay the requests kept after they finally failed.
+//! - `audit`: queries over the audit trail.
 
+mod audit;
 mod dead_letters;
 mod experiments;
 mod fleet;
@@ -18,10 +22,11 @@ mod routes;
 
 use std::{future::Future, sync::Arc};
 
-use aviary::server::{CallGuard, Guarded};
+use aviary::calls::{CallChecks, Guarded};
 use tokio::net::TcpListener;
 use tonic::Status;
 
+pub use audit::AuditService;
 pub use dead_letters::DeadLettersService;
 pub use experiments::ExperimentsService;
 pub use fleet::FleetService;
@@ -30,8 +35,9 @@ pub use rollouts::RolloutsService;
 pub use routes::RoutesService;
 
 use crate::{
-    GatewayError, control::Control, dead_letters::DeadLetters as DeadLetterQueue, front::Front,
-    metrics::Metrics, rollouts::Rollouts,
+    GatewayError, audit::Audit as AuditTrail, control::Control,
+    dead_letters::DeadLetters as DeadLetterQueue, front::Front, metrics::Metrics,
+    rollouts::Rollouts,
 };
 
 /// What a gateway's admin API serves.
@@ -45,8 +51,10 @@ pub struct AdminParts {
     pub metrics: Arc<Metrics>,
     /// The dead-letter queue and the front it replays through, when kept.
     pub dead_letters: Option<(Arc<DeadLetterQueue>, Front)>,
-    /// What checks every call first (API keys and roles), when the gateway has one.
-    pub guard: Option<Arc<dyn CallGuard>>,
+    /// What every call passes: API keys and roles, and the audit of changes.
+    pub checks: CallChecks,
+    /// The audit trail `Audit` queries (served only when it is on).
+    pub audit: AuditTrail,
 }
 
 /// Serves a gateway's admin API on `listener` until `shutdown` resolves; the
@@ -65,31 +73,37 @@ where
         rollouts,
         metrics,
         dead_letters,
-        guard,
+        checks,
+        audit,
     } = parts;
     tonic::transport::Server::builder()
         .add_service(Guarded::new(
             RoutesService::server(Arc::clone(&control), Arc::clone(&metrics)),
-            guard.clone(),
+            checks.clone(),
         ))
         .add_service(Guarded::new(
             ModelsService::server(Arc::clone(&control)),
-            guard.clone(),
+            checks.clone(),
         ))
         .add_service(Guarded::new(
             ExperimentsService::server(Arc::clone(&control), Arc::clone(&metrics)),
-            guard.clone(),
+            checks.clone(),
         ))
         .add_service(Guarded::new(
             FleetService::server(control, metrics),
-            guard.clone(),
+            checks.clone(),
         ))
         .add_optional_service(
-            rollouts.map(|r| Guarded::new(RolloutsService::server(r), guard.clone())),
+            rollouts.map(|r| Guarded::new(RolloutsService::server(r), checks.clone())),
         )
         .add_optional_service(dead_letters.map(|(letters, front)| {
-            Guarded::new(DeadLettersService::server(letters, front), guard.clone())
+            Guarded::new(DeadLettersService::server(letters, front), checks.clone())
         }))
+        .add_optional_service(
+            audit
+                .is_on()
+                .then(|| Guarded::new(AuditService::server(audit), checks.clone())),
+        )
         .serve_with_incoming_shutdown(aviary::server::incoming(listener), shutdown)
         .await
         .map_err(|e| aviary::server::ServeError::new(format!("admin API: {e}")).into())

@@ -36,6 +36,7 @@ pub use local::LocalGateway;
 
 use crate::{
     GatewayError,
+    audit::{Audit, Kind},
     config::PlanConfig,
     control::{Holding, RolloutWeights},
 };
@@ -139,6 +140,30 @@ pub struct Driver<T> {
     entries: Mutex<BTreeMap<String, Entry>>,
     /// What `/metrics` shows, updated with every change (see [`Driver::gauges`]).
     gauges: std::sync::Mutex<RolloutGauges>,
+    /// Where starts, commands and decisions are recorded.
+    audit: Audit,
+}
+
+/// A rollout's state and canary weight, as the audit trail shows them before and after.
+fn rollout_state(rollout: &Rollout) -> serde_json::Value {
+    serde_json::json!({
+        "state": rollout.state().label(),
+        "canary_weight": rollout.canary_weight(),
+    })
+}
+
+/// The audit record of `action` on `rollout`, which was `before`.
+fn rollout_record(
+    action: &str,
+    rollout: &Rollout,
+    before: Option<serde_json::Value>,
+) -> crate::audit::Record {
+    let plan = rollout.plan();
+    let mut record = Audit::record_of(Kind::Rollout, action).about(&plan.model, Some(&plan.canary));
+    record.before = before;
+    record.after = Some(rollout_state(rollout));
+    record.reason = rollout.history().last().map(|d| d.reason.clone());
+    record
 }
 
 /// The rollouts as `/metrics` shows them: each model's rollout now, and how many have
@@ -216,6 +241,7 @@ impl<T: Target> Driver<T> {
             state_file,
             entries: Mutex::new(entries),
             gauges: std::sync::Mutex::new(gauges),
+            audit: Audit::off(),
         };
         let mut entries = driver.entries.lock().await;
         let mut resumed = false;
@@ -235,6 +261,12 @@ impl<T: Target> Driver<T> {
         }
         drop(entries);
         Ok(driver)
+    }
+
+    /// Records every start, command and decision in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Driver<T> {
+        self.audit = audit;
+        self
     }
 
     /// What the driver drives.
@@ -306,7 +338,13 @@ impl<T: Target> Driver<T> {
             synced: false,
         };
         // A rollout that cannot take its first step is not kept.
-        self.apply(&mut entry, &actions).await?;
+        let applied = self.apply(&mut entry, &actions).await;
+        let mut record = rollout_record("start", &entry.rollout, None);
+        if let Err(error) = &applied {
+            record = record.outcome(&error.status());
+        }
+        self.audit.record(record);
+        applied?;
         tracing::info!(
             model = plan.model,
             canary = plan.canary,
@@ -331,7 +369,17 @@ impl<T: Target> Driver<T> {
             .ok_or_else(|| GatewayError::NoRollout {
                 model: model.to_owned(),
             })?;
-        let actions = command.run(&mut entry.rollout, now_ms(), note)?;
+        let before = rollout_state(&entry.rollout);
+        let actions = command.run(&mut entry.rollout, now_ms(), note);
+        let action = format!("{command:?}").to_lowercase();
+        let actions = match actions {
+            Ok(actions) => actions,
+            Err(error) => {
+                let record = rollout_record(&action, &entry.rollout, Some(before));
+                self.audit.record(record.outcome(&error.status()));
+                return Err(error);
+            }
+        };
         tracing::info!(
             model,
             ?command,
@@ -340,6 +388,11 @@ impl<T: Target> Driver<T> {
             "rollout command"
         );
         let applied = self.apply(entry, &actions).await;
+        let mut record = rollout_record(&action, &entry.rollout, Some(before));
+        if let Err(error) = &applied {
+            record = record.outcome(&error.status());
+        }
+        self.audit.record(record);
         self.persist(&entries);
         applied?;
         self.status_of(&entries, model).await
@@ -368,6 +421,7 @@ impl<T: Target> Driver<T> {
                 continue;
             }
             let snapshot = self.target.snapshot(entry.rollout.plan()).await;
+            let before = rollout_state(&entry.rollout);
             let actions = entry.rollout.evaluate(now, &snapshot);
             if actions.is_empty() {
                 continue;
@@ -379,9 +433,13 @@ impl<T: Target> Driver<T> {
                 reason = entry.rollout.history().last().map(|d| d.reason.as_str()),
                 "rollout decision"
             );
-            if let Err(error) = self.apply(entry, &actions).await {
+            let applied = self.apply(entry, &actions).await;
+            let mut record = rollout_record("decision", &entry.rollout, Some(before));
+            if let Err(error) = applied {
                 tracing::error!(model = entry.rollout.plan().model, %error, "could not apply a rollout decision; retrying next round");
+                record = record.outcome(&error.status());
             }
+            self.audit.record(record);
         }
         if changed {
             self.persist(&entries);
