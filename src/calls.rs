@@ -176,8 +176,8 @@ where
 /// The caller a call without a key is known by: the address it came from.
 fn peer_of(extensions: &http::Extensions) -> Caller {
     extensions
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
+        .get::<crate::tls::ConnInfo>()
+        .and_then(|info| info.remote)
         .map_or(Caller::Unknown, Caller::Peer)
 }
 

@@ -17,21 +17,80 @@ use crate::{
     tensor::{self, Datatype},
 };
 
-/// Connects to a v2 server at `addr` (`http://host:port`) with TCP_NODELAY and no
-/// message size limit of its own (the server's limit is the one that counts).
+/// Connects to a v2 server at `addr` (`http://host:port`, or `https://` with `tls`)
+/// with TCP_NODELAY and no message size limit of its own (the server's limit is the one
+/// that counts).
 pub async fn connect(
     addr: &str,
     token: Option<&str>,
+    tls: &ClientTlsFiles,
 ) -> Result<GrpcInferenceServiceClient<TokenChannel>, ConnectError> {
-    let channel = Endpoint::from_shared(addr.to_owned())?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let channel = endpoint(addr, tls)?.tcp_nodelay(true).connect().await?;
     Ok(
         GrpcInferenceServiceClient::new(TokenChannel::new(channel, token)?)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX),
     )
+}
+
+/// The endpoint of `addr`: plaintext for `http://`, TLS with `tls`'s files for
+/// `https://`. TLS files with an `http://` address are refused rather than ignored.
+pub fn endpoint(addr: &str, tls: &ClientTlsFiles) -> Result<Endpoint, ConnectError> {
+    let endpoint = Endpoint::from_shared(addr.to_owned())?;
+    match addr.starts_with("https://") {
+        true => Ok(endpoint.tls_config(tls.tonic_config()?)?),
+        false if tls.is_set() => Err(ConnectError::Tls(format!(
+            "{addr} is plaintext (http://) but TLS files were given; use https://"
+        ))),
+        false => Ok(endpoint),
+    }
+}
+
+/// What a client trusts and, for mTLS, presents (PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTlsFiles {
+    /// The CA the server's certificate must chain to.
+    pub ca: Option<std::path::PathBuf>,
+    /// The client certificate (mTLS), with `key`.
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key.
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl ClientTlsFiles {
+    /// Whether any file is set.
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// tonic's client TLS settings for these files.
+    pub fn tonic_config(&self) -> Result<tonic::transport::ClientTlsConfig, ConnectError> {
+        let read = |path: &std::path::PathBuf| {
+            std::fs::read(path).map_err(|e| ConnectError::Tls(format!("{}: {e}", path.display())))
+        };
+        let Some(ca) = &self.ca else {
+            return Err(ConnectError::Tls(
+                "--tls-ca: an https:// server needs the CA its certificate chains to".into(),
+            ));
+        };
+        let mut config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ConnectError::Tls(
+                    "--tls-cert, --tls-key: a client certificate needs both".into(),
+                ));
+            }
+        }
+        Ok(config)
+    }
 }
 
 /// Connecting failed, or the token cannot be sent as a header.
@@ -43,6 +102,9 @@ pub enum ConnectError {
     /// The API key has characters a header cannot carry.
     #[error("the token is not a valid header value (printable ASCII only)")]
     Token,
+    /// The TLS settings cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A channel that sends an API key (`authorization: Bearer <token>`) with every call,

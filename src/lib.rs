@@ -17,6 +17,8 @@
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
 //! - [`calls`] (feature `server`): who is calling, and the guard and audit every
 //!   call passes through.
+//! - [`tls`] (feature `server`): TLS for listeners (certificates reloaded when their
+//!   files change, optional client certificates) and clients.
 //! - [`metrics`] (feature `server`): the `/metrics` endpoint and the process metrics.
 //! - [`telemetry`] (feature `server`): trace export, W3C trace context in and out,
 //!   and the spans of a request's stages.
@@ -39,6 +41,8 @@ pub mod server;
 #[cfg(feature = "server")]
 pub mod telemetry;
 pub mod tensor;
+#[cfg(feature = "server")]
+pub mod tls;
 
 /// Generated protocol code.
 pub mod pb {

@@ -44,12 +44,14 @@ pub type InferStream =
     Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
 
 /// How a server listens and stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Largest request or response message, in bytes.
     pub max_message_bytes: usize,
     /// How long in-flight requests (and open streams) may run after shutdown begins.
     pub grace_period: Duration,
+    /// TLS on the listener; `None`: plaintext.
+    pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
 }
 
 impl Default for ServeOptions {
@@ -57,6 +59,7 @@ impl Default for ServeOptions {
         ServeOptions {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             grace_period: DEFAULT_GRACE_PERIOD,
+            tls: None,
         }
     }
 }
@@ -131,7 +134,10 @@ where
         .add_service(Guarded::new(reflection_v1, checks.clone()))
         .add_service(Guarded::new(reflection_v1alpha, checks.clone()))
         .add_service(Guarded::new(inference, checks.clone()))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown);
+        .serve_with_incoming_shutdown(
+            crate::tls::incoming(listener, options.tls.clone()),
+            shutdown,
+        );
     let grace_over = async move {
         if draining_rx.await.is_ok() {
             tokio::time::sleep(options.grace_period).await;
@@ -151,10 +157,11 @@ where
     }
 }
 
-/// Accepted connections with TCP_NODELAY: without it, small responses wait for
-/// delayed ACKs and the latency tail grows by ~40 ms.
-pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// The connections `listener` accepts, plaintext (see [`crate::tls::incoming`]).
+pub fn incoming(
+    listener: TcpListener,
+) -> std::pin::Pin<Box<dyn Stream<Item = std::io::Result<crate::tls::Conn>> + Send>> {
+    crate::tls::incoming(listener, None)
 }
 
 fn health_service_from(reporter: HealthReporter) -> impl tonic_health::pb::health_server::Health {

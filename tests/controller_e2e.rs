@@ -61,7 +61,7 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
         Gateways::List(addresses.to_vec()),
         ControllerOptions {
             evaluate_interval: Duration::from_millis(100),
-            state_file: None,
+            ..ControllerOptions::default()
         },
         listener,
         None,

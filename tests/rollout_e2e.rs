@@ -282,6 +282,7 @@ async fn invalid_plans_list_every_problem_and_commands_respect_the_state() {
         admin: format!("http://{}", gateway.admin_addr.expect("admin")),
         json: false,
         token: None,
+        tls: Default::default(),
         command: aviary_cli::ctl::CtlCommand::Rollout {
             command: aviary_cli::ctl::RolloutCommand::Status {
                 model: "demo".into(),

@@ -83,6 +83,9 @@ pub struct ControllerArgs {
     /// restarted controller resumes them. Without it rollouts live only in memory.
     #[arg(long, env = "AVIARY_STATE_FILE")]
     pub state_file: Option<PathBuf>,
+    /// TLS on the admin listener.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
 }
 
 /// `serve` and `gateway`.
@@ -159,6 +162,9 @@ pub struct WorkerArgs {
     /// default, as Triton's), `explicit` serves them.
     #[arg(long, env = "AVIARY_MODEL_CONTROL", default_value = "none")]
     pub model_control: aviary_worker::ModelControl,
+    /// TLS on the listener.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
 }
 
 /// The server and model a client command talks to.
@@ -176,6 +182,60 @@ pub struct TargetArgs {
     /// API key for a gateway that requires one (sent as `authorization: Bearer`).
     #[arg(long, env = "AVIARY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS, for an `https://` address.
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// What a client trusts and presents over TLS (`https://` addresses).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientTlsArgs {
+    /// The CA (PEM) the server's certificate must chain to.
+    #[arg(long, env = "AVIARY_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a server that requires one (mTLS).
+    #[arg(long, env = "AVIARY_CLIENT_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "AVIARY_CLIENT_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The files, as the client takes them.
+    pub fn files(&self) -> aviary::client::ClientTlsFiles {
+        aviary::client::ClientTlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
+}
+
+/// TLS on a server's listener.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServerTlsArgs {
+    /// The listener's certificate chain (PEM); with `--tls-key`, the listener speaks TLS.
+    /// Read again when the file changes.
+    #[arg(long, env = "AVIARY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "AVIARY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Only clients with a certificate signed by this CA (PEM) get in (mTLS).
+    #[arg(long, env = "AVIARY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// The files, when TLS is asked for.
+    pub fn files(&self) -> Option<aviary::tls::TlsFiles> {
+        Some(aviary::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
 }
 
 /// `infer`.

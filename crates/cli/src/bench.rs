@@ -48,6 +48,8 @@ pub struct BenchOptions {
     pub reload: Option<Reload>,
     /// API key for a server that requires one.
     pub token: Option<String>,
+    /// TLS, for an `https://` address.
+    pub tls: aviary::client::ClientTlsFiles,
 }
 
 /// Reloads of one version through the admin API during the measured time.
@@ -207,7 +209,8 @@ fn parse_headers(headers: &[(String, String)]) -> Result<Headers, String> {
 pub async fn run(
     options: &BenchOptions,
 ) -> Result<BenchReport, Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = aviary::client::connect(&options.addr, options.token.as_deref()).await?;
+    let mut client =
+        aviary::client::connect(&options.addr, options.token.as_deref(), &options.tls).await?;
     let request = random_request(
         &mut client,
         &options.model,

@@ -18,7 +18,10 @@ use tokio::net::TcpListener;
 use aviary::telemetry::Tracing;
 
 use crate::{
-    args::{BenchArgs, Cli, Command, ControllerArgs, InferArgs, LogFormat, ServeArgs, WorkerArgs},
+    args::{
+        BenchArgs, Cli, Command, ControllerArgs, InferArgs, LogFormat, ServeArgs, ServerTlsArgs,
+        WorkerArgs,
+    },
     bench::{self, BenchOptions},
     logs,
 };
@@ -235,12 +238,23 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let options = ControllerOptions {
         evaluate_interval: Duration::from_millis(args.evaluate_interval_ms),
         state_file: args.state_file,
+        tls: open_tls(&args.tls)?,
     };
     let shutdown = shutdown_signal();
     let admin = bind(args.admin_listen, "admin").await?;
     let metrics = bind_metrics(args.metrics_listen, CONTROLLER_METRICS_LISTEN).await?;
     run_controller(gateways, options, admin, metrics, shutdown).await?;
     Ok(())
+}
+
+/// The TLS of a listener `args` ask for, its files read now and watched from here on.
+fn open_tls(args: &ServerTlsArgs) -> anyhow::Result<Option<Arc<aviary::tls::ServerTls>>> {
+    let Some(files) = args.files() else {
+        return Ok(None);
+    };
+    let tls = aviary::tls::ServerTls::open(files, &[b"h2"]).context("--tls-cert/--tls-key")?;
+    tokio::spawn(Arc::clone(&tls).watch());
+    Ok(Some(tls))
 }
 
 async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
@@ -273,9 +287,11 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
             std::future::pending(),
         ));
     }
+    let tls = open_tls(&args.tls)?;
     let options = aviary::server::ServeOptions {
         max_message_bytes: args.max_message_bytes,
         grace_period: grace_period(args.grace_period)?,
+        tls,
     };
     server::run_worker(worker, listener, options, args.model_control, shutdown).await?;
     Ok(())
@@ -283,7 +299,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
 
 async fn infer(args: InferArgs) -> anyhow::Result<()> {
     let target = &args.target;
-    let mut grpc = client::connect(&target.addr, target.token.as_deref())
+    let mut grpc = client::connect(&target.addr, target.token.as_deref(), &target.tls.files())
         .await
         .with_context(|| format!("connecting to {}", target.addr))?;
     let metadata = grpc
@@ -378,6 +394,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         model: args.target.model,
         version: args.target.version,
         token: args.target.token,
+        tls: args.target.tls.files(),
         concurrency: args.concurrency,
         duration: Duration::from_secs_f64(args.duration),
         warmup: Duration::from_secs_f64(args.warmup),

@@ -17,6 +17,7 @@ use std::{
 use aviary::{
     calls::{CallAudit, CallChecks, CallGuard, Caller, acting_as},
     server,
+    tls::ServerTls,
 };
 use aviary_worker::{SessionOptions, TensorLimits, Worker, WorkerConfig};
 use tokio::{net::TcpListener, sync::watch};
@@ -27,7 +28,7 @@ use crate::{
     audit::Audit,
     auth::Keys,
     cache::{self, PredictionCache},
-    config::Config,
+    config::{Config, TlsConfig},
     control::Control,
     dead_letters::DeadLetters,
     defaults,
@@ -70,6 +71,21 @@ pub struct Gateway {
     cache: Arc<PredictionCache>,
     /// The API keys every call needs, when `[auth] keys_file` is set.
     keys: Option<Arc<Keys>>,
+    /// TLS on the inference listener, when `[server] tls` is set.
+    inference_tls: Option<Arc<ServerTls>>,
+    /// TLS on the admin listener, when `[admin] tls` is set.
+    admin_tls: Option<Arc<ServerTls>>,
+}
+
+/// The TLS of a listener configured by `tls` (at `field`), its files read now.
+fn open_tls(field: &str, tls: Option<&TlsConfig>) -> Result<Option<Arc<ServerTls>>, GatewayError> {
+    tls.map(|tls| {
+        ServerTls::open(tls.files(), &[b"h2"]).map_err(|error| GatewayError::Config {
+            path: field.to_owned(),
+            message: error.to_string(),
+        })
+    })
+    .transpose()
 }
 
 /// The listeners a gateway serves on.
@@ -175,7 +191,11 @@ impl Gateway {
             .as_deref()
             .map(Keys::open)
             .transpose()?;
+        let inference_tls = open_tls("server.tls", config.server.tls.as_ref())?;
+        let admin_tls = open_tls("admin.tls", config.admin.tls.as_ref())?;
         Ok(Gateway {
+            inference_tls,
+            admin_tls,
             config,
             control,
             ready: Arc::new(AtomicBool::new(false)),
@@ -233,6 +253,9 @@ impl Gateway {
         server::set_serving(&health, false).await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
+        for tls in [&self.inference_tls, &self.admin_tls].into_iter().flatten() {
+            tasks.spawn(Arc::clone(tls).watch());
+        }
         tasks.spawn(track_readiness(
             Arc::clone(&self.control),
             Arc::clone(&self.ready),
@@ -302,6 +325,7 @@ impl Gateway {
         };
         if let Some(listener) = listeners.admin {
             let parts = admin::AdminParts {
+                tls: self.admin_tls.clone(),
                 checks: checks.clone(),
                 audit,
                 control: Arc::clone(&self.control),
@@ -346,6 +370,7 @@ impl Gateway {
         let options = server::ServeOptions {
             max_message_bytes: self.config.server.max_message_bytes,
             grace_period,
+            tls: self.inference_tls.clone(),
         };
         let result = server::serve_guarded(
             front,

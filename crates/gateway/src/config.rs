@@ -250,6 +250,9 @@ pub struct ServerConfig {
     /// the inference port: `none` (the default) refuses them; `explicit` serves them.
     #[serde(default)]
     pub model_control: ModelControl,
+    /// TLS on the inference listener; absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -258,6 +261,45 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_message_bytes: default_max_message_bytes(),
             model_control: ModelControl::default(),
+            tls: None,
+        }
+    }
+}
+
+/// A listener's TLS: `tls = { cert = "tls/tls.crt", key = "tls/tls.key" }`, paths
+/// relative to this file; the files are read again when they change.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs (PEM).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The files, as the TLS layer takes them.
+    pub fn files(&self) -> aviary::tls::TlsFiles {
+        aviary::tls::TlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: self.client_ca.clone(),
+        }
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        for path in [
+            Some(&mut self.cert),
+            Some(&mut self.key),
+            self.client_ca.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|p| p.is_relative())
+        {
+            *path = base.join(&*path);
         }
     }
 }
@@ -281,6 +323,10 @@ pub struct AdminConfig {
     /// Whether to serve the admin API at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// TLS on the admin listener (with `client_ca`, only clients with a certificate
+    /// it signed get in); absent: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for AdminConfig {
@@ -288,6 +334,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: default_admin_listen(),
             enabled: true,
+            tls: None,
         }
     }
 }
@@ -702,6 +749,12 @@ impl Config {
         }
         if let Some(keys) = config.auth.keys_file.as_mut().filter(|p| p.is_relative()) {
             *keys = base.join(&*keys);
+        }
+        for tls in [config.server.tls.as_mut(), config.admin.tls.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            tls.resolve(base);
         }
         for path in [&mut config.audit.dir, &mut config.audit.hmac_key_file]
             .into_iter()

@@ -26,12 +26,15 @@ pub struct ControllerOptions {
     pub evaluate_interval: Duration,
     /// Where rollouts are kept across restarts; `None`: in memory only.
     pub state_file: Option<PathBuf>,
+    /// TLS on the admin listener; `None`: plaintext.
+    pub tls: Option<Arc<aviary::tls::ServerTls>>,
 }
 
 impl Default for ControllerOptions {
     fn default() -> Self {
         ControllerOptions {
             evaluate_interval: Duration::from_secs(5),
+            tls: None,
             state_file: None,
         }
     }
@@ -72,7 +75,7 @@ where
     let driver = tokio::spawn(Arc::clone(&controller).run(options.evaluate_interval, stop_rx));
     let served = tonic::transport::Server::builder()
         .add_service(RolloutsService::server(controller))
-        .serve_with_incoming_shutdown(aviary::server::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(aviary::tls::incoming(listener, options.tls), shutdown)
         .await
         .map_err(|e| aviary::server::ServeError::new(format!("controller admin API: {e}")).into());
     let _ = stop_tx.send(true);

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tonic::transport::Endpoint;
 
 /// What every admin client calls through: a connection that sends the API key.
 type Channel = aviary::client::TokenChannel;
@@ -44,6 +43,9 @@ pub struct CtlArgs {
     /// API key for a gateway that requires one (sent as `authorization: Bearer`).
     #[arg(long, env = "AVIARY_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS, for an `https://` admin address.
+    #[command(flatten)]
+    pub tls: crate::args::ClientTlsArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -345,6 +347,9 @@ pub enum CtlError {
     /// `--token` cannot be sent as a header.
     #[error("--token: not a valid header value (printable ASCII only)")]
     Token,
+    /// The TLS settings cannot be used.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl From<tonic::Status> for CtlError {
@@ -370,7 +375,7 @@ fn unserved(hint: &'static str) -> impl Fn(tonic::Status) -> CtlError {
 
 /// Runs one `aviary ctl` command and returns what to print.
 pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
-    let channel = connect(&args.admin, args.token.as_deref()).await?;
+    let channel = connect(&args.admin, args.token.as_deref(), &args.tls.files()).await?;
     let json = args.json;
     match &args.command {
         CtlCommand::Routes => routes::show(channel, json).await,
@@ -427,13 +432,20 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
     }
 }
 
-async fn connect(addr: &str, token: Option<&str>) -> Result<Channel, CtlError> {
+async fn connect(
+    addr: &str,
+    token: Option<&str>,
+    tls: &aviary::client::ClientTlsFiles,
+) -> Result<Channel, CtlError> {
     let failed = |source| CtlError::Connect {
         addr: addr.to_owned(),
         source,
     };
-    let channel = Endpoint::from_shared(addr.to_owned())
-        .map_err(failed)?
+    let endpoint = aviary::client::endpoint(addr, tls).map_err(|error| match error {
+        aviary::client::ConnectError::Transport(source) => failed(source),
+        other => CtlError::Tls(other.to_string()),
+    })?;
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

@@ -771,7 +771,7 @@ impl Traffic {
 }
 
 async fn send_until(addr: String, stop: Arc<AtomicBool>) -> Seen {
-    let mut client = aviary::client::connect(&addr, None)
+    let mut client = aviary::client::connect(&addr, None, &Default::default())
         .await
         .expect("the gateway accepts connections");
     let (mut answered, mut failures) = (BTreeMap::new(), Vec::new());

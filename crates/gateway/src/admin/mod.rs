@@ -55,6 +55,8 @@ pub struct AdminParts {
     pub checks: CallChecks,
     /// The audit trail `Audit` queries (served only when it is on).
     pub audit: AuditTrail,
+    /// TLS on the listener; `None`: plaintext.
+    pub tls: Option<Arc<aviary::tls::ServerTls>>,
 }
 
 /// Serves a gateway's admin API on `listener` until `shutdown` resolves; the
@@ -75,6 +77,7 @@ where
         dead_letters,
         checks,
         audit,
+        tls,
     } = parts;
     tonic::transport::Server::builder()
         .add_service(Guarded::new(
@@ -104,7 +107,7 @@ where
                 .is_on()
                 .then(|| Guarded::new(AuditService::server(audit), checks.clone())),
         )
-        .serve_with_incoming_shutdown(aviary::server::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(aviary::tls::incoming(listener, tls), shutdown)
         .await
         .map_err(|e| aviary::server::ServeError::new(format!("admin API: {e}")).into())
 }

@@ -1,0 +1,125 @@
+//! TLS on a gateway's listeners, through the binary: a client trusting the CA gets in,
+//! a plaintext client and one trusting another CA do not; the admin listener with a
+//! client CA refuses a client without a certificate; and rotated certificate files are
+//! used by new handshakes without a restart.
+
+mod support;
+
+use std::{path::Path, time::Duration};
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use support::*;
+
+/// How soon rotated files are in force (hang protection; they are polled every second).
+const ROTATION_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A CA: its certificate (PEM) and what signs with it.
+struct Ca {
+    pem: String,
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().expect("key");
+        let pem = params.clone().self_signed(&key).expect("self-signed").pem();
+        Ca { pem, params, key }
+    }
+
+    /// A leaf certificate for `names` signed by this CA: (cert PEM, key PEM).
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let issuer = self.params.clone().self_signed(&self.key).expect("issuer");
+        let params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .expect("params");
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &issuer, &self.key).expect("signed");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// Writes `text` to `path` the way a Secret update does: a new file renamed over it.
+fn replace(path: &Path, text: &str) {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, text).expect("write");
+    std::fs::rename(&staged, path).expect("rename");
+}
+
+/// `aviary infer` on demo at `addr` with `extra` flags.
+fn infer(addr: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["infer", "--addr", addr, "--model", "demo", "-i", ROW];
+    args.extend_from_slice(extra);
+    run(&args, &[])
+}
+
+#[test]
+fn listeners_speak_tls_require_client_certificates_where_asked_and_rotate_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let first_ca = Ca::new("first CA");
+    let client_ca = Ca::new("client CA");
+    let (cert, key) = first_ca.issue(&["localhost", "127.0.0.1"]);
+    std::fs::write(path("server.crt"), &cert).expect("write");
+    std::fs::write(path("server.key"), &key).expect("write");
+    std::fs::write(path("first-ca.crt"), &first_ca.pem).expect("write");
+    std::fs::write(path("clients.crt"), &client_ca.pem).expect("write");
+    let (client_cert, client_key) = client_ca.issue(&["ops"]);
+    std::fs::write(path("client.crt"), &client_cert).expect("write");
+    std::fs::write(path("client.key"), &client_key).expect("write");
+    let (cert, key, clients) = (path("server.crt"), path("server.key"), path("clients.crt"));
+    // The demo config has a [server] table: TLS goes into it.
+    let config = demo_config().replace(
+        "[server]\n",
+        &format!(
+            "[admin]\ntls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{clients}\" }}\n\n\
+             [server]\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n"
+        ),
+    );
+    let mut served = Served::start(&config, &[]);
+    let https = format!("https://127.0.0.1:{}", served.inference.port());
+    let admin = served.admin.replace("http://", "https://");
+
+    // The inference listener: the CA's clients get in, plaintext and strangers do not.
+    let first = path("first-ca.crt");
+    let answered = infer(&https, &["--tls-ca", &first]).ok();
+    assert!(answered.stdout.contains("demo"), "{answered:?}");
+    infer(&served.addr, &[]).failed();
+    let stranger = path("clients.crt");
+    infer(&https, &["--tls-ca", &stranger]).failed();
+    let no_ca = infer(&https, &[]).failed();
+    assert!(no_ca.stderr.contains("--tls-ca"), "{no_ca:?}");
+    let mixed = infer(&served.addr, &["--tls-ca", &first]).failed();
+    assert!(mixed.stderr.contains("use https://"), "{mixed:?}");
+
+    // The admin listener wants a client certificate its client CA signed.
+    let ctl = |extra: &[&str]| {
+        let mut args = vec!["ctl", "--admin", admin.as_str(), "--tls-ca", first.as_str()];
+        args.extend_from_slice(extra);
+        args.push("routes");
+        run(&args, &[])
+    };
+    ctl(&[]).failed();
+    let (client_cert, client_key) = (path("client.crt"), path("client.key"));
+    let routes = ctl(&["--tls-cert", &client_cert, "--tls-key", &client_key]).ok();
+    assert!(routes.stdout.contains("demo"), "{routes:?}");
+
+    // Rotation: a certificate from another CA replaces the files; new handshakes use it.
+    let second_ca = Ca::new("second CA");
+    std::fs::write(path("second-ca.crt"), &second_ca.pem).expect("write");
+    let (cert, key) = second_ca.issue(&["localhost", "127.0.0.1"]);
+    replace(&dir.path().join("server.key"), &key);
+    replace(&dir.path().join("server.crt"), &cert);
+    let second = path("second-ca.crt");
+    let rotated = eventually(ROTATION_DEADLINE, || {
+        infer(&https, &["--tls-ca", &second]).status.success()
+    });
+    assert!(rotated, "the rotated certificate is served");
+    infer(&https, &["--tls-ca", &first]).failed();
+    assert!(served.server.exited().is_none(), "no restart");
+}
