@@ -156,6 +156,21 @@ pub fn encode_gauge(
     gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
 }
 
+/// One counter without labels (OpenMetrics adds `_total` to the sample's name).
+pub fn encode_counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        MetricType::Counter,
+    )?)
+}
+
 /// Labels of one sample: names and values.
 pub type Labels = Vec<(&'static str, String)>;
 

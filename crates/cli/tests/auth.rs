@@ -1,7 +1,8 @@
 //! API keys and roles on a gateway's inference and admin listeners, through the binary:
 //! no key or a wrong one is UNAUTHENTICATED, a key beyond its role or its models is
 //! PERMISSION_DENIED naming what it lacks, probes need no key, and a key removed from
-//! the watched keys file stops working without a restart.
+//! the watched keys file stops working without a restart. Without keys, each client
+//! address has a rate limit of its own.
 
 mod support;
 
@@ -266,5 +267,76 @@ fn a_key_over_its_rate_limit_is_refused_with_a_retry_hint_and_other_keys_are_not
     assert_eq!(
         samples.get("aviary_rate_limited_total{key=\"limited\"}"),
         Some(&(refused as f64))
+    );
+}
+
+/// A client of `addr` whose connection comes from `local` (any 127.x address is loopback).
+async fn client_from(
+    addr: &str,
+    local: &str,
+) -> aviary::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+    tonic::transport::Channel,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .expect("valid url")
+        .local_address(Some(local.parse().expect("an address")))
+        .connect()
+        .await
+        .expect("the server accepts connections");
+    client(channel)
+}
+
+#[test]
+fn callers_without_keys_are_limited_per_address() {
+    const CALLS: usize = 40;
+    let config = demo_config().replace(
+        "[server]\n",
+        "[server]\npeer_rate_limit = { per_second = 5, burst = 5 }\n",
+    );
+    let mut served = Served::start(&config, &[]);
+    runtime().block_on(async {
+        let mut busy = client_from(&served.addr, "127.0.0.1").await;
+        let started = std::time::Instant::now();
+        let (mut answered, mut refused) = (0, 0);
+        for _ in 0..CALLS {
+            match busy.model_infer(demo_request()).await {
+                Ok(_) => answered += 1,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    assert!(
+                        status.metadata().get("grpc-retry-pushback-ms").is_some(),
+                        "a retry hint: {status:?}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        // The burst, plus what refilled while the calls ran (and one for rounding).
+        let allowed = 5 + (5.0 * started.elapsed().as_secs_f64()) as usize + 1;
+        assert!(
+            (5..=allowed).contains(&answered),
+            "{answered} answered, {refused} refused"
+        );
+        assert_eq!(answered + refused, CALLS);
+        // Another address has its own bucket; probes are never limited.
+        let mut quiet = client_from(&served.addr, "127.0.0.2").await;
+        quiet
+            .model_infer(demo_request())
+            .await
+            .expect("another address is not limited");
+        busy.server_ready(aviary::pb::inference::ServerReadyRequest {})
+            .await
+            .expect("readiness is never limited");
+    });
+    let (_, _, body) = scrape(served.metrics_addr());
+    let limited = parse_samples(&body)
+        .get("aviary_peer_rate_limited_total")
+        .copied();
+    assert!(
+        limited >= Some(1.0),
+        "{:?}",
+        body.lines()
+            .filter(|l| l.contains("peer"))
+            .collect::<Vec<_>>()
     );
 }

@@ -34,6 +34,7 @@ use crate::{
     defaults,
     front::Front,
     metrics::Metrics,
+    peer_limits::PeerLimits,
     rollouts::{LocalGateway, Rollouts},
     routing::Routing,
     stack::BreakerState,
@@ -71,6 +72,8 @@ pub struct Gateway {
     cache: Arc<PredictionCache>,
     /// The API keys every call needs, when `[auth] keys_file` is set.
     keys: Option<Arc<Keys>>,
+    /// Rate limits per client address, when `[server] peer_rate_limit` is set.
+    peer_limits: Option<Arc<PeerLimits>>,
     /// TLS on the inference listener, when `[server] tls` is set.
     inference_tls: Option<Arc<ServerTls>>,
     /// TLS on the admin listener, when `[admin] tls` is set.
@@ -193,7 +196,9 @@ impl Gateway {
             .transpose()?;
         let inference_tls = open_tls("server.tls", config.server.tls.as_ref())?;
         let admin_tls = open_tls("admin.tls", config.admin.tls.as_ref())?;
+        let peer_limits = config.server.peer_rate_limit.map(PeerLimits::new);
         Ok(Gateway {
+            peer_limits,
             inference_tls,
             admin_tls,
             config,
@@ -314,11 +319,16 @@ impl Gateway {
             front = front.with_dead_letters(Arc::clone(letters));
         }
         let audit = self.control.audit().clone();
+        if let Some(keys) = &self.keys {
+            tasks.spawn(Arc::clone(keys).watch());
+        }
+        let keys = self.keys.clone().map(|keys| keys as Arc<dyn CallGuard>);
+        let peers = self
+            .peer_limits
+            .clone()
+            .map(|peers| peers as Arc<dyn CallGuard>);
         let checks = CallChecks {
-            guard: self.keys.as_ref().map(|keys| {
-                tasks.spawn(Arc::clone(keys).watch());
-                Arc::clone(keys) as Arc<dyn CallGuard>
-            }),
+            guard: keys.or(peers),
             audit: audit
                 .is_on()
                 .then(|| Arc::new(audit.clone()) as Arc<dyn CallAudit>),
@@ -397,6 +407,7 @@ impl Gateway {
         )));
         registry.register_collector(Box::new(crate::exposition::RateLimitCollector::new(
             self.keys.clone(),
+            self.peer_limits.clone(),
         )));
         registry.register_collector(Box::new(crate::exposition::AuditCollector::new(
             self.control.audit().clone(),

@@ -82,6 +82,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has filled up again by `now` (its caller has been quiet).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes a token at `now`, or says how long until one is there.
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -253,6 +253,27 @@ pub struct ServerConfig {
     /// TLS on the inference listener; absent: plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A rate limit per client address, for a gateway without `[auth]` (with keys,
+    /// each key's `rate_limit` applies instead).
+    #[serde(default)]
+    pub peer_rate_limit: Option<PeerRateLimit>,
+}
+
+/// `peer_rate_limit = { per_second = 200, burst = 400 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerRateLimit {
+    /// Calls a second each address may make.
+    pub per_second: f64,
+    /// Calls an address may make at once after a quiet spell (default: one second's worth).
+    pub burst: Option<f64>,
+}
+
+impl PeerRateLimit {
+    /// The burst in force.
+    pub fn burst(&self) -> f64 {
+        self.burst.unwrap_or(self.per_second.max(1.0))
+    }
 }
 
 impl Default for ServerConfig {
@@ -262,6 +283,7 @@ impl Default for ServerConfig {
             max_message_bytes: default_max_message_bytes(),
             model_control: ModelControl::default(),
             tls: None,
+            peer_rate_limit: None,
         }
     }
 }
@@ -795,6 +817,28 @@ impl Config {
             problems.push(format!(
                 "tracing.sample_ratio: {ratio} is not between 0 and 1"
             ));
+        }
+        if let Some(limit) = &config.server.peer_rate_limit {
+            if !(limit.per_second > 0.0 && limit.per_second.is_finite()) {
+                problems.push(format!(
+                    "server.peer_rate_limit.per_second: {} is not a positive number",
+                    limit.per_second
+                ));
+            }
+            if let Some(burst) = limit.burst
+                && !(burst >= 1.0 && burst.is_finite())
+            {
+                problems.push(format!(
+                    "server.peer_rate_limit.burst: {burst} is less than 1"
+                ));
+            }
+            if config.auth.keys_file.is_some() {
+                problems.push(
+                    "server.peer_rate_limit: for gateways without [auth]; with keys, every call \
+                     carries one: limit it with the key's rate_limit"
+                        .to_owned(),
+                );
+            }
         }
         let audit = &config.audit;
         if !(0.0..=1.0).contains(&audit.predictions) {

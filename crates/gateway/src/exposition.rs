@@ -19,6 +19,7 @@ use crate::{
     auth::Keys,
     control::{ConfigCounts, Control},
     metrics::{Metrics, VariantCounts},
+    peer_limits::PeerLimits,
     rollouts::{Driver, RolloutGauges, Target},
     route::Routes,
     routing::Routing,
@@ -40,16 +41,18 @@ impl GatewayCollector {
     }
 }
 
-/// Calls refused by API keys' rate limits, by key name (none without `[auth]`).
+/// Calls refused by rate limits: API keys' by key name (none without `[auth]`), and
+/// peer addresses' in all (none without `[server] peer_rate_limit`).
 #[derive(Debug)]
 pub struct RateLimitCollector {
     keys: Option<Arc<Keys>>,
+    peers: Option<Arc<PeerLimits>>,
 }
 
 impl RateLimitCollector {
-    /// A collector over `keys`' refusals.
-    pub fn new(keys: Option<Arc<Keys>>) -> RateLimitCollector {
-        RateLimitCollector { keys }
+    /// A collector over `keys`' and `peers`' refusals.
+    pub fn new(keys: Option<Arc<Keys>>, peers: Option<Arc<PeerLimits>>) -> RateLimitCollector {
+        RateLimitCollector { keys, peers }
     }
 }
 
@@ -61,6 +64,12 @@ impl Collector for RateLimitCollector {
             "aviary_rate_limited",
             "Calls refused with RESOURCE_EXHAUSTED because their API key was over its rate limit.",
             limited.into_iter().map(|(key, n)| (vec![("key", key)], n)),
+        )?;
+        aviary::metrics::encode_counter(
+            &mut encoder,
+            "aviary_peer_rate_limited",
+            "Calls without a key refused with RESOURCE_EXHAUSTED because their address was over the per-address rate limit.",
+            self.peers.as_ref().map_or(0, |p| p.limited()),
         )
     }
 }

@@ -32,6 +32,7 @@
 //!   circuit breaker, injected faults.
 //! - [`front`]: the v2 service clients talk to.
 //! - [`auth`]: API keys, the roles they grant, and the check every call passes.
+//! - [`peer_limits`]: rate limits per client address, for gateways without keys.
 //! - [`audit`]: the audit trail: changes with who made them, and sampled predictions.
 //! - [`app`]: assembling a gateway and running it until shutdown.
 //! - [`error`]: [`GatewayError`] and its mapping to gRPC statuses.
@@ -54,6 +55,7 @@ pub mod exposition;
 pub mod front;
 pub mod infer_client;
 pub mod metrics;
+pub mod peer_limits;
 pub mod replicas;
 pub mod rollouts;
 pub mod route;

@@ -1,5 +1,5 @@
 //! The trail on disk: JSON lines appended to `audit.jsonl` in the trail's folder by
-//! one writer thread; the file is closed and renamed `audit-<ms>-<n>.jsonl` when it grows
+//! one writer thread, which empties its queue and flushes every [`POLL`]; the file is closed and renamed `audit-<ms>-<n>.jsonl` when it grows
 //! past its size cap or gets a day old, and closed files go when the trail is over its
 //! total size cap (oldest first) or older than the retention. Reading walks the closed
 //! files in order, then the current one.
@@ -22,8 +22,12 @@ const CURRENT: &str = "audit.jsonl";
 /// retention can delete old records even from a quiet trail.
 const MAX_FILE_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Records taken from the queue at most before the file is flushed.
-const BATCH: usize = 1024;
+/// How often the writer empties the queue and flushes what it wrote: a record reaches
+/// the file within about this long.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The file's write buffer: one write(2) for about a thousand records.
+const BUFFER_BYTES: usize = 256 * 1024;
 
 /// Where the trail is kept and how much of it.
 #[derive(Debug, Clone)]
@@ -57,13 +61,12 @@ pub fn write(layout: &Layout, receiver: &mpsc::Receiver<Message>, counts: &Arc<C
         }
     };
     prune(layout);
-    while let Ok(first) = receiver.recv() {
+    loop {
         let mut waiting = Vec::new();
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(message) = next.take() {
-            match message {
-                Message::Record(record) => {
+        let mut appended = false;
+        let disconnected = loop {
+            match receiver.try_recv() {
+                Ok(Message::Record(record)) => {
                     let outcome = match writer.as_mut().map(|w| w.append(&record)) {
                         Some(Ok(())) => Outcome::Written,
                         Some(Err(error)) => {
@@ -73,26 +76,27 @@ pub fn write(layout: &Layout, receiver: &mpsc::Receiver<Message>, counts: &Arc<C
                         None => Outcome::Failed,
                     };
                     counts.add(record.kind, outcome);
+                    appended = true;
                     if writer.as_ref().is_some_and(|w| w.is_full(layout)) {
                         writer = rotate(writer, layout);
                     }
                 }
-                Message::Sync(done) => waiting.push(done),
+                Ok(Message::Sync(done)) => waiting.push(done),
+                Err(mpsc::TryRecvError::Empty) => break false,
+                Err(mpsc::TryRecvError::Disconnected) => break true,
             }
-            taken += 1;
-            if taken < BATCH {
-                next = receiver.try_recv().ok();
-            }
-        }
-        if let Some(Err(error)) = writer.as_mut().map(Current::flush) {
+        };
+        if appended && let Some(Err(error)) = writer.as_mut().map(Current::flush) {
             tracing::error!(%error, "audit trail: cannot flush its file");
         }
         for done in waiting {
             let _ = done.try_send(());
         }
-    }
-    if let Some(mut current) = writer {
-        let _ = current.flush();
+        if disconnected {
+            return;
+        }
+        // Polled, not woken: a sender never pays for waking this thread.
+        std::thread::sleep(POLL);
     }
 }
 
@@ -126,7 +130,7 @@ impl Current {
             .open(layout.dir.join(CURRENT))?;
         let bytes = file.metadata()?.len();
         Ok(Current {
-            out: BufWriter::new(file),
+            out: BufWriter::with_capacity(BUFFER_BYTES, file),
             bytes,
             opened: Instant::now(),
         })
