@@ -302,6 +302,7 @@ pub async fn start_worker_on(repository: &Path, listener: TcpListener) -> Runnin
             listener,
             aviary::server::ServeOptions::default(),
             aviary_worker::ModelControl::default(),
+            aviary::calls::CallChecks::default(),
             async {
                 let _ = rx.await;
             },

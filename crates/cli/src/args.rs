@@ -165,6 +165,11 @@ pub struct WorkerArgs {
     /// TLS on the listener.
     #[command(flatten)]
     pub tls: ServerTlsArgs,
+    /// API keys and roles (the gateway's keys-file format): every call but health
+    /// checks then needs a key; the gateway sends its `[workers] token_file`. Read
+    /// again when it changes.
+    #[arg(long, env = "AVIARY_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
 }
 
 /// The server and model a client command talks to.

@@ -293,7 +293,26 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         grace_period: grace_period(args.grace_period)?,
         tls,
     };
-    server::run_worker(worker, listener, options, args.model_control, shutdown).await?;
+    let checks = aviary::calls::CallChecks {
+        guard: match &args.keys_file {
+            Some(path) => {
+                let keys = aviary_gateway::auth::Keys::open(path)?;
+                tokio::spawn(Arc::clone(&keys).watch());
+                Some(keys as Arc<dyn aviary::calls::CallGuard>)
+            }
+            None => None,
+        },
+        audit: None,
+    };
+    server::run_worker(
+        worker,
+        listener,
+        options,
+        args.model_control,
+        checks,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

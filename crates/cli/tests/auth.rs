@@ -340,3 +340,48 @@ fn callers_without_keys_are_limited_per_address() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_worker_with_keys_answers_only_gateways_that_send_theirs() {
+    const GATEWAY_KEY: &str = "gateway-key-3b9f";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = dir.path().join("worker-keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\nname = \"gateway\"\nsha256 = \"{}\"\nroles = [\"infer\", \"read\"]\n",
+            sha256(GATEWAY_KEY)
+        ),
+    )
+    .expect("write keys");
+    let token = dir.path().join("worker-token");
+    std::fs::write(&token, format!("{GATEWAY_KEY}\n")).expect("write token");
+    let models = repo_root().join("deploy/local/models");
+    let keys_arg = keys.display().to_string();
+    let (_worker, worker_addr) = start_worker_args(&models, 1, &["--keys-file", &keys_arg]);
+
+    // The worker's own port: no key, no answer; probes stay open.
+    assert_eq!(
+        infer_code(&worker_addr, "demo", None),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        infer_code(&worker_addr, "demo", Some(GATEWAY_KEY)),
+        Code::Ok
+    );
+
+    // A gateway that sends the key is served; one that does not gets the refusal.
+    let route = format!(
+        "[routes.demo]\nversions = [ {{ version = \"1\", weight = 100, endpoint = \"{worker_addr}\" }} ]\n"
+    );
+    let keyed = Served::gateway(
+        &format!("[workers]\ntoken_file = \"{}\"\n\n{route}", token.display()),
+        &[],
+    );
+    assert_eq!(infer_code(&keyed.addr, "demo", None), Code::Ok);
+    let keyless = Served::gateway(&route, &[]);
+    assert_eq!(
+        infer_code(&keyless.addr, "demo", None),
+        Code::Unauthenticated
+    );
+}

@@ -15,10 +15,74 @@ use aviary::pb::inference::{
 };
 use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 use tracing::Instrument;
 
-use crate::{GatewayError, infer_client::InferClient, stack::Call};
+use crate::{GatewayError, config::Config, infer_client::InferClient, stack::Call};
+
+/// How the gateway calls its remote workers: the largest message, and the API key it
+/// sends (workers started with `--keys-file` check it).
+#[derive(Debug, Clone)]
+pub struct WorkerCalls {
+    /// Largest request or response message.
+    pub max_message_bytes: usize,
+    /// `Bearer <key>`, sent with every call; `None`: no key.
+    pub authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl WorkerCalls {
+    /// Plain calls of at most `max_message_bytes`, without a key.
+    pub fn new(max_message_bytes: usize) -> WorkerCalls {
+        WorkerCalls {
+            max_message_bytes,
+            authorization: None,
+        }
+    }
+
+    /// What `config` says: its message limit, and the key in `[workers] token_file`
+    /// (read now; the file holds the key alone, surrounding whitespace ignored).
+    pub fn from_config(config: &Config) -> Result<WorkerCalls, GatewayError> {
+        let mut calls = WorkerCalls::new(config.server.max_message_bytes);
+        let Some(path) = &config.workers.token_file else {
+            return Ok(calls);
+        };
+        let problem = |message: String| GatewayError::Config {
+            path: "workers.token_file".into(),
+            message: format!("{}: {message}", path.display()),
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(problem("the file is empty".into()));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| problem("the key is not printable ASCII".into()))?;
+        value.set_sensitive(true);
+        calls.authorization = Some(value);
+        Ok(calls)
+    }
+}
+
+/// Adds the worker key to every call of a [`Remote`]'s tonic client.
+#[derive(Debug, Clone)]
+struct WorkerKey(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for WorkerKey {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(key) = &self.0 {
+            request.metadata_mut().insert("authorization", key.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// A place that runs model versions.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
@@ -160,14 +224,15 @@ impl Backend for InProcess {
 #[derive(Debug)]
 pub struct Remote {
     endpoint: String,
-    client: GrpcInferenceServiceClient<Channel>,
+    client: GrpcInferenceServiceClient<InterceptedService<Channel, WorkerKey>>,
     infer: InferClient,
 }
 
 impl Remote {
     /// A lazily connected client for `endpoint`: the gateway starts even when the
     /// worker is not up yet, and reports not ready until it is.
-    pub fn connect_lazy(endpoint: &str, max_message_bytes: usize) -> Result<Remote, GatewayError> {
+    pub fn connect_lazy(endpoint: &str, calls: &WorkerCalls) -> Result<Remote, GatewayError> {
+        let max_message_bytes = calls.max_message_bytes;
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| GatewayError::Config {
                 path: endpoint.to_owned(),
@@ -177,15 +242,27 @@ impl Remote {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect_lazy();
-        let client = GrpcInferenceServiceClient::new(channel)
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
-        let infer = InferClient::new(endpoint, max_message_bytes).map_err(|message| {
-            GatewayError::Config {
-                path: endpoint.to_owned(),
-                message,
-            }
-        })?;
+        let client = GrpcInferenceServiceClient::with_interceptor(
+            channel,
+            WorkerKey(calls.authorization.clone()),
+        )
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+        let authorization = calls
+            .authorization
+            .as_ref()
+            .and_then(|key| http::HeaderValue::from_bytes(key.as_encoded_bytes()).ok())
+            .map(|mut key| {
+                key.set_sensitive(true);
+                key
+            });
+        let infer =
+            InferClient::new(endpoint, max_message_bytes, authorization).map_err(|message| {
+                GatewayError::Config {
+                    path: endpoint.to_owned(),
+                    message,
+                }
+            })?;
         Ok(Remote {
             endpoint: endpoint.to_owned(),
             client,

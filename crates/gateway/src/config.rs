@@ -45,6 +45,9 @@ pub struct Config {
     /// The audit trail (off unless a folder is set).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// How the gateway calls its remote workers.
+    #[serde(default)]
+    pub workers: WorkersConfig,
     /// The embedded worker's model repository (`aviary serve`).
     pub repository: Option<RepositoryConfig>,
     /// Routes by model name.
@@ -391,6 +394,15 @@ pub struct AuthConfig {
     /// The keys file (relative to this file): every call but health checks then needs
     /// a key with the right role. Read again when it changes.
     pub keys_file: Option<PathBuf>,
+}
+
+/// `[workers]`: how the gateway calls its remote workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// A file holding the API key sent to every worker (relative to this file), for
+    /// workers started with `--keys-file`; read at start.
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[audit]`: the audit trail's folder, what it records and how long it keeps it (see
@@ -778,10 +790,14 @@ impl Config {
         {
             tls.resolve(base);
         }
-        for path in [&mut config.audit.dir, &mut config.audit.hmac_key_file]
-            .into_iter()
-            .flatten()
-            .filter(|p| p.is_relative())
+        for path in [
+            &mut config.audit.dir,
+            &mut config.audit.hmac_key_file,
+            &mut config.workers.token_file,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|p| p.is_relative())
         {
             *path = base.join(&*path);
         }

@@ -26,6 +26,7 @@ use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError};
 use crate::{
     GatewayError,
     audit::{Audit, Kind},
+    backend::WorkerCalls,
     config::Config,
     defaults::Defaults,
     route::{Route, RouteVersion, Routes},
@@ -178,7 +179,7 @@ struct Writer {
 pub struct Control {
     routing: Arc<ArcSwap<Routing>>,
     worker: Option<Arc<Worker>>,
-    max_message_bytes: usize,
+    worker_calls: WorkerCalls,
     writer: tokio::sync::Mutex<Writer>,
     file: Mutex<FileState>,
     /// The last readiness check of each routed version: up or not.
@@ -197,12 +198,13 @@ impl Control {
     pub fn new(config: &Config, worker: Option<Arc<Worker>>) -> Result<Control, GatewayError> {
         let mut pools = Pools::default();
         let routes = Route::all_from(&config.routes);
+        let worker_calls = WorkerCalls::from_config(config)?;
         let routing = Routing::build(
             RoutingInputs {
                 routes: &routes,
                 worker: worker.as_ref(),
                 hidden: &BTreeSet::new(),
-                max_message_bytes: config.server.max_message_bytes,
+                worker_calls: &worker_calls,
                 generation: 1,
             },
             &mut pools,
@@ -210,7 +212,7 @@ impl Control {
         Ok(Control {
             routing: Arc::new(ArcSwap::from_pointee(routing)),
             worker,
-            max_message_bytes: config.server.max_message_bytes,
+            worker_calls,
             writer: tokio::sync::Mutex::new(Writer {
                 routes: routes.clone(),
                 holds: BTreeMap::new(),
@@ -870,7 +872,7 @@ impl Control {
                 routes: &in_force,
                 worker: self.worker.as_ref(),
                 hidden,
-                max_message_bytes: self.max_message_bytes,
+                worker_calls: &self.worker_calls,
                 generation,
             },
             &mut writer.pools,

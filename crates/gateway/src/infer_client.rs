@@ -62,6 +62,8 @@ pub struct InferClient {
     /// `host:port`, for connecting.
     authority: String,
     max_message_bytes: usize,
+    /// `Bearer <key>` for a worker that checks keys.
+    authorization: Option<http::HeaderValue>,
     /// The live connection, if any; cleared when it fails or ends.
     current: Arc<ArcSwapOption<Live>>,
     /// Numbers connections, so only a failed connection's own entry is cleared.
@@ -72,7 +74,11 @@ pub struct InferClient {
 
 impl InferClient {
     /// A client for `endpoint`; nothing connects until the first call.
-    pub fn new(endpoint: &str, max_message_bytes: usize) -> Result<InferClient, String> {
+    pub fn new(
+        endpoint: &str,
+        max_message_bytes: usize,
+        authorization: Option<http::HeaderValue>,
+    ) -> Result<InferClient, String> {
         let base: http::Uri = endpoint
             .parse()
             .map_err(|e| format!("invalid endpoint: {e}"))?;
@@ -97,6 +103,7 @@ impl InferClient {
             uri,
             authority,
             max_message_bytes,
+            authorization,
             current: Arc::new(ArcSwapOption::empty()),
             connections: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
@@ -134,6 +141,9 @@ impl InferClient {
         let mut http_request = http::Request::post(self.uri.clone())
             .header("content-type", "application/grpc")
             .header("te", "trailers");
+        if let Some(key) = &self.authorization {
+            http_request = http_request.header(http::header::AUTHORIZATION, key.clone());
+        }
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             http_request = http_request.header("grpc-timeout", grpc_timeout(left));

@@ -13,7 +13,7 @@ use aviary_worker::Worker;
 
 use crate::{
     GatewayError,
-    backend::{Backend, InProcess},
+    backend::{Backend, InProcess, WorkerCalls},
     config::ShadowConfig,
     replicas::Replicas,
     route::{Route, Routes},
@@ -44,8 +44,8 @@ pub struct RoutingInputs<'a> {
     pub worker: Option<&'a Arc<Worker>>,
     /// Versions to leave out of every route (a version about to be unloaded).
     pub hidden: &'a BTreeSet<(String, String)>,
-    /// Largest message for new remote clients.
-    pub max_message_bytes: usize,
+    /// How new remote clients call their workers.
+    pub worker_calls: &'a WorkerCalls,
     /// The new snapshot's generation.
     pub generation: u64,
 }
@@ -77,7 +77,7 @@ impl Routing {
             routes: explicit,
             worker,
             hidden,
-            max_message_bytes,
+            worker_calls,
             generation,
         } = inputs;
         check_endpoints(explicit, worker.is_some())?;
@@ -94,7 +94,7 @@ impl Routing {
             worker,
             remotes: &mut pools.remotes,
             used_remotes: BTreeSet::new(),
-            max_message_bytes,
+            worker_calls,
         };
         let mut guards = GuardPool {
             pool: &mut pools.guards,
@@ -349,7 +349,7 @@ struct BackendFactory<'a> {
     worker: Option<&'a Arc<Worker>>,
     remotes: &'a mut BTreeMap<String, Arc<dyn Backend>>,
     used_remotes: BTreeSet<String>,
-    max_message_bytes: usize,
+    worker_calls: &'a WorkerCalls,
 }
 
 impl BackendFactory<'_> {
@@ -367,7 +367,7 @@ impl BackendFactory<'_> {
                     Some(existing) => Arc::clone(existing),
                     None => {
                         let replicas: Arc<dyn Backend> =
-                            Arc::new(Replicas::new(endpoints, self.max_message_bytes)?);
+                            Arc::new(Replicas::new(endpoints, self.worker_calls)?);
                         self.remotes.insert(key, Arc::clone(&replicas));
                         replicas
                     }

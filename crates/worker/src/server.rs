@@ -4,6 +4,7 @@
 use std::{future::Future, sync::Arc, time::Instant};
 
 use aviary::{
+    calls::CallChecks,
     pb::inference::{
         ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
         ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
@@ -14,7 +15,7 @@ use aviary::{
         ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
     },
     server::{
-        InferStream, ServeOptions, grpc_timeout, serve, server_metadata, set_serving,
+        InferStream, ServeOptions, grpc_timeout, serve_guarded, server_metadata, set_serving,
         stream_responses,
     },
     telemetry::{self, RequestTrace},
@@ -184,14 +185,15 @@ impl GrpcInferenceService for WorkerService {
     }
 }
 
-/// Runs a standalone worker server on `listener` until `shutdown` resolves. Health is
-/// SERVING from the start (every version was loaded before the worker existed) and
-/// turns NOT_SERVING as soon as shutdown begins.
+/// Runs a standalone worker server on `listener` until `shutdown` resolves, every call
+/// behind `checks` (API keys). Health is SERVING from the start (every version was
+/// loaded before the worker existed) and turns NOT_SERVING as soon as shutdown begins.
 pub async fn run_worker<F>(
     worker: Arc<Worker>,
     listener: TcpListener,
     options: ServeOptions,
     model_control: ModelControl,
+    checks: CallChecks,
     shutdown: F,
 ) -> Result<(), WorkerError>
 where
@@ -206,10 +208,11 @@ where
             set_serving(&health, false).await;
         }
     };
-    serve(
+    serve_guarded(
         WorkerService::new(worker, model_control),
         listener,
         options,
+        checks,
         health,
         draining,
     )

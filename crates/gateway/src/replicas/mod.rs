@@ -45,7 +45,7 @@ pub use retry::{RetryPolicy, retryable};
 
 use crate::{
     GatewayError,
-    backend::{Backend, Remote, ReplicaCounts},
+    backend::{Backend, Remote, ReplicaCounts, WorkerCalls},
     stack::Call,
 };
 
@@ -185,7 +185,7 @@ impl fmt::Debug for Replicas {
 impl Replicas {
     /// The replicas of `endpoints` (URLs, IP or DNS hosts), connected lazily: the
     /// gateway starts even when none is up yet.
-    pub fn new(endpoints: &[String], max_message_bytes: usize) -> Result<Replicas, GatewayError> {
+    pub fn new(endpoints: &[String], calls: &WorkerCalls) -> Result<Replicas, GatewayError> {
         let configured = endpoints
             .iter()
             .map(|e| {
@@ -209,7 +209,7 @@ impl Replicas {
         let ejections = Arc::new(AtomicU64::new(0));
         let mut manager = Manager {
             configured,
-            max_message_bytes,
+            calls: calls.clone(),
             changes: changes_tx,
             events_tx,
             standing: BTreeMap::new(),
@@ -340,7 +340,7 @@ type Endpoint = PendingRequests<Tracked, CompleteOnResponse>;
 /// Keeps the balancer's set equal to the resolved replicas less the ejected ones.
 struct Manager {
     configured: Vec<Configured>,
-    max_message_bytes: usize,
+    calls: WorkerCalls,
     changes: mpsc::UnboundedSender<Result<Change<String, Endpoint>, GatewayError>>,
     events_tx: mpsc::UnboundedSender<Event>,
     standing: BTreeMap<String, Standing>,
@@ -485,7 +485,7 @@ impl Manager {
     }
 
     fn insert(&mut self, endpoint: &str) {
-        let remote = match Remote::connect_lazy(endpoint, self.max_message_bytes) {
+        let remote = match Remote::connect_lazy(endpoint, &self.calls) {
             Ok(remote) => Arc::new(remote),
             Err(error) => {
                 tracing::error!(endpoint, %error, "cannot make a client for a replica");
