@@ -115,18 +115,19 @@ pub struct TokenChannel {
     authorization: Option<http::HeaderValue>,
 }
 
+/// The `authorization` header that sends API key `token`.
+pub fn bearer(token: &str) -> Result<http::HeaderValue, ConnectError> {
+    let mut value =
+        http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ConnectError::Token)?;
+    // Kept out of debug output and HPACK's index.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 impl TokenChannel {
     /// `channel`, sending `token` (if any) with each call.
     pub fn new(channel: Channel, token: Option<&str>) -> Result<TokenChannel, ConnectError> {
-        let authorization = token
-            .map(|token| {
-                let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|_| ConnectError::Token)?;
-                // Kept out of debug output and HPACK's index.
-                value.set_sensitive(true);
-                Ok::<_, ConnectError>(value)
-            })
-            .transpose()?;
+        let authorization = token.map(bearer).transpose()?;
         Ok(TokenChannel {
             channel,
             authorization,

@@ -86,6 +86,13 @@ pub struct ControllerArgs {
     /// TLS on the admin listener.
     #[command(flatten)]
     pub tls: ServerTlsArgs,
+    /// API keys and roles for the admin listener (the gateway's keys-file format);
+    /// read again when it changes.
+    #[arg(long, env = "AVIARY_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
+    /// A file holding the API key sent to the gateways (an `admin` key of theirs).
+    #[arg(long, env = "AVIARY_GATEWAY_TOKEN_FILE")]
+    pub gateway_token_file: Option<PathBuf>,
 }
 
 /// `serve` and `gateway`.

@@ -239,12 +239,31 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         evaluate_interval: Duration::from_millis(args.evaluate_interval_ms),
         state_file: args.state_file,
         tls: open_tls(&args.tls)?,
+        checks: key_checks(args.keys_file.as_deref())?,
+        gateway_token: args
+            .gateway_token_file
+            .as_deref()
+            .map(|path| aviary_gateway::backend::read_token(path, "--gateway-token-file"))
+            .transpose()?
+            .map(Into::into),
     };
     let shutdown = shutdown_signal();
     let admin = bind(args.admin_listen, "admin").await?;
     let metrics = bind_metrics(args.metrics_listen, CONTROLLER_METRICS_LISTEN).await?;
     run_controller(gateways, options, admin, metrics, shutdown).await?;
     Ok(())
+}
+
+/// The API keys in `keys_file` as a listener's checks (none without a file), the file
+/// watched from here on.
+fn key_checks(keys_file: Option<&std::path::Path>) -> anyhow::Result<aviary::calls::CallChecks> {
+    let mut checks = aviary::calls::CallChecks::default();
+    if let Some(path) = keys_file {
+        let keys = aviary_gateway::auth::Keys::open(path)?;
+        tokio::spawn(Arc::clone(&keys).watch());
+        checks.guard = Some(keys as Arc<dyn aviary::calls::CallGuard>);
+    }
+    Ok(checks)
 }
 
 /// The TLS of a listener `args` ask for, its files read now and watched from here on.

@@ -2,7 +2,8 @@
 //! no key or a wrong one is UNAUTHENTICATED, a key beyond its role or its models is
 //! PERMISSION_DENIED naming what it lacks, probes need no key, and a key removed from
 //! the watched keys file stops working without a restart. Without keys, each client
-//! address has a rate limit of its own.
+//! address has a rate limit of its own. Workers and the controller take keys too, and
+//! the gateway and the controller send theirs.
 
 mod support;
 
@@ -383,5 +384,104 @@ fn a_worker_with_keys_answers_only_gateways_that_send_theirs() {
     assert_eq!(
         infer_code(&keyless.addr, "demo", None),
         Code::Unauthenticated
+    );
+}
+
+#[test]
+fn a_controller_takes_keys_and_sends_its_own_to_the_gateways() {
+    const CONTROLLER_KEY: &str = "controller-key-77e0";
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The gateway knows ops and the controller (both admin); the controller knows ops.
+    let gateway_keys = dir.path().join("gateway-keys.toml");
+    std::fs::write(
+        &gateway_keys,
+        format!(
+            "[[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
+             [[keys]]\nname = \"controller\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
+            sha256(OPS_KEY),
+            sha256(CONTROLLER_KEY)
+        ),
+    )
+    .expect("write keys");
+    let controller_keys = dir.path().join("controller-keys.toml");
+    std::fs::write(
+        &controller_keys,
+        format!(
+            "[[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
+            sha256(OPS_KEY)
+        ),
+    )
+    .expect("write keys");
+    let token = dir.path().join("controller-token");
+    std::fs::write(&token, CONTROLLER_KEY).expect("write token");
+    let config = format!(
+        "[auth]\nkeys_file = \"{}\"\n\n[rollouts]\ncontrolled = true\n\n{}",
+        gateway_keys.display(),
+        demo_config()
+    );
+    let gateway = Served::start(&config, &[]);
+    let gateways = gateway.admin.trim_start_matches("http://").to_owned();
+    let start_controller = |token_file: Option<&Path>| {
+        let keys = controller_keys.display().to_string();
+        let token = token_file.map(|t| t.display().to_string());
+        let mut args = vec![
+            "controller",
+            "--gateways",
+            gateways.as_str(),
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--keys-file",
+            keys.as_str(),
+        ];
+        if let Some(token) = &token {
+            args.extend(["--gateway-token-file", token.as_str()]);
+        }
+        let mut controller = Process::spawn(&args, &[]);
+        let admin = format!("http://{}", controller.wait_admin());
+        (controller, admin)
+    };
+    let start_rollout = |admin: &str, key: Option<&str>| {
+        let mut args = vec!["ctl", "--admin", admin];
+        if let Some(key) = key {
+            args.extend(["--token", key]);
+        }
+        args.extend([
+            "rollout",
+            "start",
+            "demo",
+            "--canary",
+            "2",
+            "--baseline",
+            "1",
+            "--steps",
+            "50,100",
+        ]);
+        run(&args, &[])
+    };
+
+    let (_keyed, admin) = start_controller(Some(&token));
+    // The controller's own port wants a key.
+    let anonymous = start_rollout(&admin, None).failed();
+    assert!(
+        anonymous.stderr.contains("Unauthenticated"),
+        "{anonymous:?}"
+    );
+    // With one, it drives the gateway, which checks the controller's key.
+    start_rollout(&admin, Some(OPS_KEY)).ok();
+    let routes = gateway
+        .ctl(&["--token", OPS_KEY, "routes", "--json"])
+        .json();
+    let canary =
+        route_of(&routes, "demo").and_then(|versions| versions.into_iter().find(|(v, _)| v == "2"));
+    assert_eq!(canary, Some(("2".to_owned(), 50)), "{routes:#}");
+
+    // A controller without the gateway's key cannot check the plan against it.
+    let (_keyless, admin) = start_controller(None);
+    let refused = start_rollout(&admin, Some(OPS_KEY)).failed();
+    assert!(
+        refused.stderr.contains("unauthenticated") || refused.stderr.contains("API key"),
+        "{refused:?}"
     );
 }

@@ -7,6 +7,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use aviary::telemetry::{self, SPAN_TARGET};
 
+use aviary::client::TokenChannel;
 use aviary::pb::inference::{
     ModelConfig, ModelConfigRequest, ModelInferResponse, ModelMetadataRequest,
     ModelMetadataResponse, ModelReadyRequest, ModelStatistics, ModelStatisticsRequest,
@@ -15,11 +16,7 @@ use aviary::pb::inference::{
 };
 use aviary_worker::{VersionSlot, Worker, infer_on};
 use futures::future::BoxFuture;
-use tonic::{
-    metadata::{Ascii, MetadataValue},
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
+use tonic::transport::Endpoint;
 use tracing::Instrument;
 
 use crate::{GatewayError, config::Config, infer_client::InferClient, stack::Call};
@@ -30,8 +27,8 @@ use crate::{GatewayError, config::Config, infer_client::InferClient, stack::Call
 pub struct WorkerCalls {
     /// Largest request or response message.
     pub max_message_bytes: usize,
-    /// `Bearer <key>`, sent with every call; `None`: no key.
-    pub authorization: Option<MetadataValue<Ascii>>,
+    /// The API key sent with every call; `None`: no key.
+    pub token: Option<Arc<str>>,
 }
 
 impl WorkerCalls {
@@ -39,49 +36,35 @@ impl WorkerCalls {
     pub fn new(max_message_bytes: usize) -> WorkerCalls {
         WorkerCalls {
             max_message_bytes,
-            authorization: None,
+            token: None,
         }
     }
 
     /// What `config` says: its message limit, and the key in `[workers] token_file`
-    /// (read now; the file holds the key alone, surrounding whitespace ignored).
+    /// (read now).
     pub fn from_config(config: &Config) -> Result<WorkerCalls, GatewayError> {
         let mut calls = WorkerCalls::new(config.server.max_message_bytes);
-        let Some(path) = &config.workers.token_file else {
-            return Ok(calls);
-        };
-        let problem = |message: String| GatewayError::Config {
-            path: "workers.token_file".into(),
-            message: format!("{}: {message}", path.display()),
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
-        let token = text.trim();
-        if token.is_empty() {
-            return Err(problem("the file is empty".into()));
+        if let Some(path) = &config.workers.token_file {
+            calls.token = Some(read_token(path, "workers.token_file")?.into());
         }
-        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| problem("the key is not printable ASCII".into()))?;
-        value.set_sensitive(true);
-        calls.authorization = Some(value);
         Ok(calls)
     }
 }
 
-/// Adds the worker key to every call of a [`Remote`]'s tonic client.
-#[derive(Debug, Clone)]
-struct WorkerKey(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for WorkerKey {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(key) = &self.0 {
-            request.metadata_mut().insert("authorization", key.clone());
-        }
-        Ok(request)
+/// The API key in the file at `path` (set by the setting `field`): its only content,
+/// surrounding whitespace ignored, printable ASCII.
+pub fn read_token(path: &std::path::Path, field: &str) -> Result<String, GatewayError> {
+    let problem = |message: String| GatewayError::Config {
+        path: field.to_owned(),
+        message: format!("{}: {message}", path.display()),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(problem("the file is empty".into()));
     }
+    aviary::client::bearer(token).map_err(|_| problem("the key is not printable ASCII".into()))?;
+    Ok(token.to_owned())
 }
 
 /// A place that runs model versions.
@@ -224,7 +207,7 @@ impl Backend for InProcess {
 #[derive(Debug)]
 pub struct Remote {
     endpoint: String,
-    client: GrpcInferenceServiceClient<InterceptedService<Channel, WorkerKey>>,
+    client: GrpcInferenceServiceClient<TokenChannel>,
     infer: InferClient,
 }
 
@@ -242,20 +225,19 @@ impl Remote {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect_lazy();
-        let client = GrpcInferenceServiceClient::with_interceptor(
-            channel,
-            WorkerKey(calls.authorization.clone()),
-        )
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes);
-        let authorization = calls
-            .authorization
-            .as_ref()
-            .and_then(|key| http::HeaderValue::from_bytes(key.as_encoded_bytes()).ok())
-            .map(|mut key| {
-                key.set_sensitive(true);
-                key
-            });
+        let token = calls.token.as_deref();
+        let unusable = |_| GatewayError::Config {
+            path: "workers.token_file".into(),
+            message: "the key is not printable ASCII".into(),
+        };
+        let client =
+            GrpcInferenceServiceClient::new(TokenChannel::new(channel, token).map_err(unusable)?)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes);
+        let authorization = token
+            .map(aviary::client::bearer)
+            .transpose()
+            .map_err(unusable)?;
         let infer =
             InferClient::new(endpoint, max_message_bytes, authorization).map_err(|message| {
                 GatewayError::Config {

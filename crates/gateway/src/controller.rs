@@ -28,6 +28,10 @@ pub struct ControllerOptions {
     pub state_file: Option<PathBuf>,
     /// TLS on the admin listener; `None`: plaintext.
     pub tls: Option<Arc<aviary::tls::ServerTls>>,
+    /// What checks every call to the admin listener (API keys).
+    pub checks: aviary::calls::CallChecks,
+    /// The API key sent to the gateways (an `admin` key of theirs).
+    pub gateway_token: Option<Arc<str>>,
 }
 
 impl Default for ControllerOptions {
@@ -35,6 +39,8 @@ impl Default for ControllerOptions {
         ControllerOptions {
             evaluate_interval: Duration::from_secs(5),
             tls: None,
+            checks: aviary::calls::CallChecks::default(),
+            gateway_token: None,
             state_file: None,
         }
     }
@@ -57,7 +63,10 @@ pub async fn run_controller<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    let target = RemoteGateways::new(gateways, options.evaluate_interval);
+    let mut target = RemoteGateways::new(gateways, options.evaluate_interval);
+    if let Some(token) = options.gateway_token {
+        target = target.with_token(token);
+    }
     let controller = Arc::new(Driver::open(target, options.state_file).await?);
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(metrics) = metrics {
@@ -74,7 +83,10 @@ where
     }
     let driver = tokio::spawn(Arc::clone(&controller).run(options.evaluate_interval, stop_rx));
     let served = tonic::transport::Server::builder()
-        .add_service(RolloutsService::server(controller))
+        .add_service(aviary::calls::Guarded::new(
+            RolloutsService::server(controller),
+            options.checks,
+        ))
         .serve_with_incoming_shutdown(aviary::tls::incoming(listener, options.tls), shutdown)
         .await
         .map_err(|e| aviary::server::ServeError::new(format!("controller admin API: {e}")).into());

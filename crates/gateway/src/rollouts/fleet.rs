@@ -7,8 +7,13 @@
 //! running rollout's weights count as applied when at least one gateway took them (the
 //! rest are caught up every round); a finished rollout's only when every gateway did.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use aviary::client::TokenChannel;
 use aviary::pb::admin::{
     GetRoutesRequest, RolloutWeights as WeightsMessage, VariantStatsRequest,
     fleet_client::FleetClient, routes_client::RoutesClient,
@@ -46,6 +51,8 @@ pub struct RemoteGateways {
     gateways: Gateways,
     lease: Duration,
     channels: Mutex<HashMap<String, Channel>>,
+    /// The API key sent to every gateway (they check it with `[auth]`).
+    token: Option<Arc<str>>,
 }
 
 impl RemoteGateways {
@@ -58,7 +65,14 @@ impl RemoteGateways {
             gateways,
             lease: (evaluate_interval * LEASE_ROUNDS).max(MIN_LEASE),
             channels: Mutex::new(HashMap::new()),
+            token: None,
         }
+    }
+
+    /// Sends API key `token` (an `admin` key of the gateways) with every call.
+    pub fn with_token(mut self, token: Arc<str>) -> RemoteGateways {
+        self.token = Some(token);
+        self
     }
 
     /// The gateways' admin addresses now; a failed DNS lookup is logged and is none.
@@ -80,8 +94,15 @@ impl RemoteGateways {
         }
     }
 
-    /// A channel to the gateway's admin API, made once and kept (it reconnects by itself).
-    fn channel(&self, address: &str) -> Result<Channel, String> {
+    /// A channel to the gateway's admin API, made once and kept (it reconnects by
+    /// itself), sending the key.
+    fn channel(&self, address: &str) -> Result<TokenChannel, String> {
+        let channel = self.plain_channel(address)?;
+        // The key was checked when it was read.
+        TokenChannel::new(channel, self.token.as_deref()).map_err(|e| e.to_string())
+    }
+
+    fn plain_channel(&self, address: &str) -> Result<Channel, String> {
         // The map only ever gains complete entries, so a poisoned lock holds good data.
         let mut channels = self
             .channels
@@ -99,7 +120,7 @@ impl RemoteGateways {
         Ok(channel)
     }
 
-    fn fleet(&self, address: &str) -> Result<FleetClient<Channel>, String> {
+    fn fleet(&self, address: &str) -> Result<FleetClient<TokenChannel>, String> {
         self.channel(address).map(FleetClient::new)
     }
 
@@ -143,11 +164,13 @@ impl Target for RemoteGateways {
             }
         }
         let mut reached = 0;
+        let mut unreachable = Vec::new();
         for address in &gateways {
             let versions = match self.route_versions(address, &plan.model).await {
                 Ok(versions) => versions,
                 Err(error) => {
                     tracing::warn!(gateway = address, error, "cannot read the gateway's routes");
+                    unreachable.push(format!("{address}: {error}"));
                     continue;
                 }
             };
@@ -169,8 +192,12 @@ impl Target for RemoteGateways {
             }
         }
         if reached == 0 {
+            let why = match unreachable.is_empty() {
+                true => "none is configured or resolved".to_owned(),
+                false => unreachable.join("; "),
+            };
             problems.push(format!(
-                "no gateway answered ({}): the controller needs at least one",
+                "no gateway answered ({}): the controller needs at least one ({why})",
                 gateways.join(", ")
             ));
         }
