@@ -9,7 +9,6 @@ mod support;
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use support::*;
 use tonic::Request;
 
@@ -19,13 +18,6 @@ const APP_KEY: &str = "app-key-c0a7";
 const USER: &str = "alice-7781-secret";
 /// Predictions sent in each round.
 const PREDICTIONS: usize = 20;
-
-fn sha256(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// The records `ctl audit query ARGS --json` prints.
 fn query(served: &Served, args: &[&str]) -> Vec<Value> {
@@ -89,12 +81,8 @@ fn changes_and_predictions_are_recorded_with_who_and_what_and_no_key_in_the_clea
     let keys = keys_dir.path().join("keys.toml");
     std::fs::write(
         &keys,
-        format!(
-            "[[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
-             [[keys]]\nname = \"app\"\nsha256 = \"{}\"\nroles = [\"infer\"]\nmodels = [\"demo\"]\n",
-            sha256(OPS_KEY),
-            sha256(APP_KEY)
-        ),
+        key_entry("ops", OPS_KEY, r#"roles = ["admin"]"#)
+            + &key_entry("app", APP_KEY, "roles = [\"infer\"]\nmodels = [\"demo\"]"),
     )
     .expect("write keys");
     // The demo route ends the demo config: the sticky key goes into it.

@@ -9,7 +9,6 @@ mod support;
 
 use std::{path::Path, time::Duration};
 
-use sha2::{Digest, Sha256};
 use support::*;
 use tonic::{Code, Request};
 
@@ -19,24 +18,15 @@ const OPS_KEY: &str = "ops-key-91c2";
 /// How soon a changed keys file is in force (hang protection; it polls every second).
 const KEYS_DEADLINE: Duration = Duration::from_secs(15);
 
-fn sha256(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A keys file: `app` may infer on demo only; `ops` is admin. Without `app` when
 /// `revoked`.
 fn write_keys(path: &Path, revoked: bool) {
-    let mut text = format!(
-        "[[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
-        sha256(OPS_KEY)
-    );
+    let mut text = key_entry("ops", OPS_KEY, r#"roles = ["admin"]"#);
     if !revoked {
-        text.push_str(&format!(
-            "\n[[keys]]\nname = \"app\"\nsha256 = \"{}\"\nroles = [\"infer\"]\nmodels = [\"demo\"]\n",
-            sha256(APP_KEY)
+        text.push_str(&key_entry(
+            "app",
+            APP_KEY,
+            "roles = [\"infer\"]\nmodels = [\"demo\"]",
         ));
     }
     // A new file renamed over the old one, as a Secret volume update does.
@@ -206,15 +196,12 @@ fn a_key_over_its_rate_limit_is_refused_with_a_retry_hint_and_other_keys_are_not
     const SENT: usize = 100;
     let keys_dir = tempfile::tempdir().expect("temp dir");
     let keys = keys_dir.path().join("keys.toml");
+    let limited =
+        format!("roles = [\"infer\"]\nrate_limit = {{ per_second = {RATE}, burst = {BURST} }}");
     std::fs::write(
         &keys,
-        format!(
-            "[[keys]]\nname = \"limited\"\nsha256 = \"{}\"\nroles = [\"infer\"]\n\
-             rate_limit = {{ per_second = {RATE}, burst = {BURST} }}\n\n\
-             [[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
-            sha256(APP_KEY),
-            sha256(OPS_KEY)
-        ),
+        key_entry("limited", APP_KEY, &limited)
+            + &key_entry("ops", OPS_KEY, r#"roles = ["admin"]"#),
     )
     .expect("write keys");
     let config = format!(
@@ -349,10 +336,7 @@ fn a_worker_with_keys_answers_only_gateways_that_send_theirs() {
     let keys = dir.path().join("worker-keys.toml");
     std::fs::write(
         &keys,
-        format!(
-            "[[keys]]\nname = \"gateway\"\nsha256 = \"{}\"\nroles = [\"infer\", \"read\"]\n",
-            sha256(GATEWAY_KEY)
-        ),
+        key_entry("gateway", GATEWAY_KEY, r#"roles = ["infer", "read"]"#),
     )
     .expect("write keys");
     let token = dir.path().join("worker-token");
@@ -393,25 +377,14 @@ fn a_controller_takes_keys_and_sends_its_own_to_the_gateways() {
     let dir = tempfile::tempdir().expect("temp dir");
     // The gateway knows ops and the controller (both admin); the controller knows ops.
     let gateway_keys = dir.path().join("gateway-keys.toml");
+    let admin = r#"roles = ["admin"]"#;
     std::fs::write(
         &gateway_keys,
-        format!(
-            "[[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
-             [[keys]]\nname = \"controller\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
-            sha256(OPS_KEY),
-            sha256(CONTROLLER_KEY)
-        ),
+        key_entry("ops", OPS_KEY, admin) + &key_entry("controller", CONTROLLER_KEY, admin),
     )
     .expect("write keys");
     let controller_keys = dir.path().join("controller-keys.toml");
-    std::fs::write(
-        &controller_keys,
-        format!(
-            "[[keys]]\nname = \"ops\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
-            sha256(OPS_KEY)
-        ),
-    )
-    .expect("write keys");
+    std::fs::write(&controller_keys, key_entry("ops", OPS_KEY, admin)).expect("write keys");
     let token = dir.path().join("controller-token");
     std::fs::write(&token, CONTROLLER_KEY).expect("write token");
     let config = format!(

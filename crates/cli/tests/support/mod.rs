@@ -440,6 +440,24 @@ impl Served {
     }
 }
 
+/// The SHA-256 of `key` in hex, as a keys file holds it (`sha256sum`'s output).
+pub fn sha256_hex(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One `[[keys]]` entry of a keys file: `name`, the hash of `key`, and `grants` (the
+/// rest of the entry, e.g. `roles = ["infer"]`).
+pub fn key_entry(name: &str, key: &str, grants: &str) -> String {
+    format!(
+        "[[keys]]\nname = \"{name}\"\nsha256 = \"{}\"\n{grants}\n\n",
+        sha256_hex(key)
+    )
+}
+
 /// `deploy/local/aviary.toml` with its repository path made absolute.
 pub fn demo_config() -> String {
     let original = std::fs::read_to_string(repo_root().join("deploy/local/aviary.toml"))

@@ -74,14 +74,6 @@ impl Outcome {
     }
 }
 
-const KINDS: [Kind; 6] = [
-    Kind::Call,
-    Kind::Route,
-    Kind::Model,
-    Kind::Rollout,
-    Kind::Config,
-    Kind::Prediction,
-];
 const OUTCOMES: [Outcome; 3] = [Outcome::Written, Outcome::Dropped, Outcome::Failed];
 
 /// Records by kind and outcome since start-up.
@@ -102,7 +94,7 @@ impl Counts {
 
     /// Every (kind, outcome) with its count.
     pub fn all(&self) -> Vec<(Kind, Outcome, u64)> {
-        KINDS
+        Kind::ALL
             .iter()
             .flat_map(|&kind| OUTCOMES.iter().map(move |&outcome| (kind, outcome)))
             .map(|(kind, outcome)| (kind, outcome, self.get(kind, outcome)))

@@ -22,6 +22,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 6] = [
+        Kind::Call,
+        Kind::Route,
+        Kind::Model,
+        Kind::Rollout,
+        Kind::Config,
+        Kind::Prediction,
+    ];
+
     /// The name records and queries use.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -36,16 +46,7 @@ impl Kind {
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Option<Kind> {
-        [
-            Kind::Call,
-            Kind::Route,
-            Kind::Model,
-            Kind::Rollout,
-            Kind::Config,
-            Kind::Prediction,
-        ]
-        .into_iter()
-        .find(|kind| kind.as_str() == name)
+        Kind::ALL.into_iter().find(|kind| kind.as_str() == name)
     }
 }
 
@@ -139,34 +140,10 @@ impl Record {
 
     /// The record with the outcome `status`.
     pub fn outcome(mut self, status: &tonic::Status) -> Record {
-        self.status = code_name(status.code()).to_owned();
+        self.status = crate::exposition::code_name(status.code()).to_owned();
         self.message = (status.code() != tonic::Code::Ok && !status.message().is_empty())
             .then(|| status.message().to_owned());
         self
-    }
-}
-
-/// The canonical name of a gRPC status code, as in the gRPC spec.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
