@@ -129,25 +129,10 @@ fn changes_and_predictions_are_recorded_with_who_and_what_and_no_key_in_the_clea
     );
 
     // A rollout: started by ops, then its driver decides.
-    served
-        .ctl(&[
-            "--token",
-            OPS_KEY,
-            "rollout",
-            "start",
-            "demo",
-            "--canary",
-            "2",
-            "--baseline",
-            "1",
-            "--steps",
-            "50,100",
-            "--step-duration",
-            "0",
-            "--step-requests",
-            "1",
-        ])
-        .ok();
+    let mut start = vec!["--token", OPS_KEY];
+    start.extend(DEMO_ROLLOUT);
+    start.extend(["--step-duration", "0", "--step-requests", "1"]);
+    served.ctl(&start).ok();
     // Unpinned traffic without a sticky key: about half of it is the canary's evidence.
     let mut answered = predict(&served.addr, "anonymous", false);
     let decided = eventually(COMMAND_DEADLINE, || {

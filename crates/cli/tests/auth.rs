@@ -420,17 +420,7 @@ fn a_controller_takes_keys_and_sends_its_own_to_the_gateways() {
         if let Some(key) = key {
             args.extend(["--token", key]);
         }
-        args.extend([
-            "rollout",
-            "start",
-            "demo",
-            "--canary",
-            "2",
-            "--baseline",
-            "1",
-            "--steps",
-            "50,100",
-        ]);
+        args.extend(DEMO_ROLLOUT);
         run(&args, &[])
     };
 

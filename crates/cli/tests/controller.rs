@@ -79,28 +79,17 @@ fn a_restarted_controller_resumes_the_rollout_of_two_gateways() {
     let (controller, admin, _) = start_controller(&gateways, state_file);
     let traffic = Traffic::start(&[&a.addr, &b.addr]);
 
-    let started = ctl(
-        &admin,
-        &[
-            "rollout",
-            "start",
-            "demo",
-            "--canary",
-            "2",
-            "--baseline",
-            "1",
-            "--steps",
-            "50,100",
-            "--step-duration",
-            "2",
-            "--step-requests",
-            "20",
-            "--max-error-rate-increase",
-            "0.05",
-            "--json",
-        ],
-    )
-    .json();
+    let mut start = DEMO_ROLLOUT.to_vec();
+    start.extend([
+        "--step-duration",
+        "2",
+        "--step-requests",
+        "20",
+        "--max-error-rate-increase",
+        "0.05",
+        "--json",
+    ]);
+    let started = ctl(&admin, &start).json();
     assert_eq!(
         (started["state"].as_str(), started["canary_weight"].as_u64()),
         (Some("progressing"), Some(50)),

@@ -440,6 +440,20 @@ impl Served {
     }
 }
 
+/// `rollout start demo --canary 2 --baseline 1 --steps 50,100`: the demo rollout the
+/// tests start through `aviary ctl` (more flags go after it).
+pub const DEMO_ROLLOUT: [&str; 9] = [
+    "rollout",
+    "start",
+    "demo",
+    "--canary",
+    "2",
+    "--baseline",
+    "1",
+    "--steps",
+    "50,100",
+];
+
 /// The SHA-256 of `key` in hex, as a keys file holds it (`sha256sum`'s output).
 pub fn sha256_hex(key: &str) -> String {
     use sha2::{Digest, Sha256};
