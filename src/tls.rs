@@ -179,6 +179,27 @@ fn build(files: &TlsFiles, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
+/// A client's settings: trusting the CAs in `ca`, presenting `identity` (certificate
+/// chain and key files) when given, offering `alpn`.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(ca, e))?
+        .with_root_certificates(roots(ca)?);
+    let mut config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(certificates(cert)?, private_key(key)?)
+            .map_err(|e| error(key, format!("does not go with the certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// An accepted connection: plain TCP, or TLS over it.
 #[derive(Debug)]
 pub enum Conn {

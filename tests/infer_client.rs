@@ -13,8 +13,13 @@ use tonic::Code;
 const ROW: [f32; 4] = [5.1, 3.5, 1.4, 0.2];
 
 fn client_for(addr: &str) -> InferClient {
-    InferClient::new(&format!("http://{addr}"), DEFAULT_MAX_MESSAGE_BYTES, None)
-        .expect("a valid endpoint")
+    InferClient::new(
+        &format!("http://{addr}"),
+        DEFAULT_MAX_MESSAGE_BYTES,
+        None,
+        None,
+    )
+    .expect("a valid endpoint")
 }
 
 /// What tonic's own client gets for `request` from the same worker.

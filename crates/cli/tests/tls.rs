@@ -123,3 +123,66 @@ fn listeners_speak_tls_require_client_certificates_where_asked_and_rotate_withou
     infer(&https, &["--tls-ca", &first]).failed();
     assert!(served.server.exited().is_none(), "no restart");
 }
+
+#[test]
+fn the_gateway_calls_its_workers_over_tls_presenting_its_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let worker_ca = Ca::new("worker CA");
+    let gateway_ca = Ca::new("gateway CA");
+    let (cert, key) = worker_ca.issue(&["localhost", "127.0.0.1"]);
+    let (gateway_cert, gateway_key) = gateway_ca.issue(&["gateway"]);
+    for (name, text) in [
+        ("worker.crt", &cert),
+        ("worker.key", &key),
+        ("worker-ca.crt", &worker_ca.pem),
+        ("gateway-ca.crt", &gateway_ca.pem),
+        ("gateway.crt", &gateway_cert),
+        ("gateway.key", &gateway_key),
+    ] {
+        std::fs::write(path(name), text).expect("write");
+    }
+    let models = repo_root().join("deploy/local/models");
+    let (worker_cert, worker_key, clients) = (
+        path("worker.crt"),
+        path("worker.key"),
+        path("gateway-ca.crt"),
+    );
+    let (_worker, plain) = start_worker_args(
+        &models,
+        1,
+        &[
+            "--tls-cert",
+            &worker_cert,
+            "--tls-key",
+            &worker_key,
+            "--tls-client-ca",
+            &clients,
+        ],
+    );
+    let https = plain.replace("http://", "https://");
+    let gateway = |tls: &str, endpoint: &str| {
+        Served::gateway(
+            &format!(
+                "[workers]\ntls = {tls}\n\n[routes.demo]\nversions = [ {{ version = \"1\", weight = 100, endpoint = \"{endpoint}\" }} ]\n"
+            ),
+            &[],
+        )
+    };
+    let with_certificate = format!(
+        "{{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        path("worker-ca.crt"),
+        path("gateway.crt"),
+        path("gateway.key")
+    );
+    let served = gateway(&with_certificate, &https);
+    let answered = infer(&served.addr, &[]).ok();
+    assert!(answered.stdout.contains("demo"), "{answered:?}");
+
+    // The worker wants the gateway's certificate; and it speaks TLS only.
+    let without_certificate = format!("{{ ca = \"{}\" }}", path("worker-ca.crt"));
+    let refused = gateway(&without_certificate, &https);
+    infer(&refused.addr, &[]).failed();
+    let plaintext = gateway(&with_certificate, &plain);
+    infer(&plaintext.addr, &[]).failed();
+}

@@ -21,14 +21,25 @@ use tracing::Instrument;
 
 use crate::{GatewayError, config::Config, infer_client::InferClient, stack::Call};
 
-/// How the gateway calls its remote workers: the largest message, and the API key it
-/// sends (workers started with `--keys-file` check it).
+/// How the gateway calls its remote workers: the largest message, the API key it
+/// sends (workers started with `--keys-file` check it), and TLS for `https://`
+/// endpoints.
 #[derive(Debug, Clone)]
 pub struct WorkerCalls {
     /// Largest request or response message.
     pub max_message_bytes: usize,
     /// The API key sent with every call; `None`: no key.
     pub token: Option<Arc<str>>,
+    /// What `https://` endpoints are called with; `None`: they cannot be.
+    pub tls: Option<Arc<WorkerTls>>,
+}
+
+/// The TLS settings of calls to workers: one for tonic's clients, one for the
+/// `ModelInfer` client on HTTP/2 directly.
+#[derive(Debug)]
+pub struct WorkerTls {
+    tonic: tonic::transport::ClientTlsConfig,
+    rustls: Arc<tokio_rustls::rustls::ClientConfig>,
 }
 
 impl WorkerCalls {
@@ -37,17 +48,87 @@ impl WorkerCalls {
         WorkerCalls {
             max_message_bytes,
             token: None,
+            tls: None,
         }
     }
 
-    /// What `config` says: its message limit, and the key in `[workers] token_file`
-    /// (read now).
+    /// What `config` says: its message limit, the key in `[workers] token_file`, and
+    /// the files of `[workers] tls` (read now).
     pub fn from_config(config: &Config) -> Result<WorkerCalls, GatewayError> {
         let mut calls = WorkerCalls::new(config.server.max_message_bytes);
         if let Some(path) = &config.workers.token_file {
             calls.token = Some(read_token(path, "workers.token_file")?.into());
         }
+        if let Some(tls) = &config.workers.tls {
+            let unusable = |message: String| GatewayError::Config {
+                path: "workers.tls".into(),
+                message,
+            };
+            let identity = tls.cert.as_deref().zip(tls.key.as_deref());
+            let rustls = aviary::tls::client_config(&tls.ca, identity, &[b"h2"])
+                .map_err(|e| unusable(e.to_string()))?;
+            let files = aviary::client::ClientTlsFiles {
+                ca: Some(tls.ca.clone()),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            };
+            let tonic = files.tonic_config().map_err(|e| unusable(e.to_string()))?;
+            calls.tls = Some(Arc::new(WorkerTls {
+                tonic,
+                rustls: Arc::new(rustls),
+            }));
+        }
         Ok(calls)
+    }
+
+    /// A lazily connecting tonic endpoint for `endpoint`, whose certificate must name
+    /// `server_name` when it is `https://`.
+    pub fn endpoint(&self, endpoint: &str, server_name: &str) -> Result<Endpoint, GatewayError> {
+        let invalid = |message: String| GatewayError::Config {
+            path: endpoint.to_owned(),
+            message,
+        };
+        let mut built = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| invalid(format!("invalid endpoint: {e}")))?;
+        if endpoint.starts_with("https://") {
+            let tls = self
+                .tls
+                .as_ref()
+                .ok_or_else(|| invalid("https:// needs [workers] tls".into()))?;
+            built = built
+                .tls_config(tls.tonic.clone().domain_name(server_name))
+                .map_err(|e| invalid(format!("TLS: {e}")))?;
+        }
+        Ok(built)
+    }
+
+    /// The `ModelInfer` client's TLS for `endpoint` (none for `http://`).
+    fn infer_tls(
+        &self,
+        endpoint: &str,
+        server_name: &str,
+    ) -> Result<Option<crate::infer_client::ClientTls>, GatewayError> {
+        if !endpoint.starts_with("https://") {
+            return Ok(None);
+        }
+        let invalid = |message: String| GatewayError::Config {
+            path: endpoint.to_owned(),
+            message,
+        };
+        let tls = self
+            .tls
+            .as_ref()
+            .ok_or_else(|| invalid("https:// needs [workers] tls".into()))?;
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|e| {
+                invalid(format!(
+                    "\"{server_name}\" cannot be a TLS server name: {e}"
+                ))
+            })?;
+        Ok(Some(crate::infer_client::ClientTls {
+            config: Arc::clone(&tls.rustls),
+            server_name: name,
+        }))
     }
 }
 
@@ -213,18 +294,22 @@ pub struct Remote {
 
 impl Remote {
     /// A lazily connected client for `endpoint`: the gateway starts even when the
-    /// worker is not up yet, and reports not ready until it is.
-    pub fn connect_lazy(endpoint: &str, calls: &WorkerCalls) -> Result<Remote, GatewayError> {
+    /// worker is not up yet, and reports not ready until it is. Over `https://`, the
+    /// worker's certificate must name `server_name` (the endpoint's host as configured,
+    /// before it was resolved to this address).
+    pub fn connect_lazy(
+        endpoint: &str,
+        calls: &WorkerCalls,
+        server_name: &str,
+    ) -> Result<Remote, GatewayError> {
         let max_message_bytes = calls.max_message_bytes;
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| GatewayError::Config {
-                path: endpoint.to_owned(),
-                message: format!("invalid endpoint: {e}"),
-            })?
+        let channel = calls
+            .endpoint(endpoint, server_name)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect_lazy();
+        let tls = calls.infer_tls(endpoint, server_name)?;
         let token = calls.token.as_deref();
         let unusable = |_| GatewayError::Config {
             path: "workers.token_file".into(),
@@ -238,13 +323,12 @@ impl Remote {
             .map(aviary::client::bearer)
             .transpose()
             .map_err(unusable)?;
-        let infer =
-            InferClient::new(endpoint, max_message_bytes, authorization).map_err(|message| {
-                GatewayError::Config {
-                    path: endpoint.to_owned(),
-                    message,
-                }
-            })?;
+        let infer = InferClient::new(endpoint, max_message_bytes, authorization, tls).map_err(
+            |message| GatewayError::Config {
+                path: endpoint.to_owned(),
+                message,
+            },
+        )?;
         Ok(Remote {
             endpoint: endpoint.to_owned(),
             client,

@@ -403,6 +403,21 @@ pub struct WorkersConfig {
     /// A file holding the API key sent to every worker (relative to this file), for
     /// workers started with `--keys-file`; read at start.
     pub token_file: Option<PathBuf>,
+    /// TLS to workers with `https://` endpoints.
+    pub tls: Option<WorkersTlsConfig>,
+}
+
+/// `[workers] tls = { ca = "tls/ca.crt" }`, and `cert`/`key` for workers that want a
+/// client certificate (`--tls-client-ca`); PEM files relative to this file, read at start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersTlsConfig {
+    /// The CA the workers' certificates chain to.
+    pub ca: PathBuf,
+    /// The gateway's client certificate chain.
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
 }
 
 /// `[audit]`: the audit trail's folder, what it records and how long it keeps it (see
@@ -790,6 +805,15 @@ impl Config {
         {
             tls.resolve(base);
         }
+        if let Some(tls) = config.workers.tls.as_mut() {
+            for path in [Some(&mut tls.ca), tls.cert.as_mut(), tls.key.as_mut()]
+                .into_iter()
+                .flatten()
+                .filter(|p| p.is_relative())
+            {
+                *path = base.join(&*path);
+            }
+        }
         for path in [
             &mut config.audit.dir,
             &mut config.audit.hmac_key_file,
@@ -833,6 +857,14 @@ impl Config {
             problems.push(format!(
                 "tracing.sample_ratio: {ratio} is not between 0 and 1"
             ));
+        }
+        if let Some(tls) = &config.workers.tls
+            && tls.cert.is_some() != tls.key.is_some()
+        {
+            problems.push(
+                "workers.tls: give both cert and key (the gateway's client certificate), or neither"
+                    .to_owned(),
+            );
         }
         if let Some(limit) = &config.server.peer_rate_limit {
             if !(limit.per_second > 0.0 && limit.per_second.is_finite()) {
@@ -1029,8 +1061,18 @@ impl Config {
                     .enumerate()
                     .map(|(j, e)| (format!("endpoints[{j}]"), e));
                 for (field, endpoint) in named.chain(listed) {
-                    if let Err(problem) = crate::replicas::Configured::parse(endpoint) {
-                        problems.push(format!("routes.{model}.versions[{i}].{field}: {problem}"));
+                    match crate::replicas::Configured::parse(endpoint) {
+                        Err(problem) => {
+                            problems
+                                .push(format!("routes.{model}.versions[{i}].{field}: {problem}"));
+                        }
+                        Ok(configured) if configured.is_tls() && config.workers.tls.is_none() => {
+                            problems.push(format!(
+                                "routes.{model}.versions[{i}].{field}: \"{endpoint}\" is https:// but there \
+                                 is no [workers] tls (the CA the worker's certificate chains to)"
+                            ));
+                        }
+                        Ok(_) => {}
                     }
                 }
             }
@@ -1304,16 +1346,19 @@ mod tests {
     }
 
     #[test]
-    fn an_https_endpoint_is_refused_rather_than_used_in_plaintext() {
-        let err = Config::parse(
-            "[routes.demo]\nversions = [ { version = \"1\", weight = 1, endpoint = \"https://w:9001\" } ]\n",
-        )
-        .expect_err("refused");
+    fn an_https_endpoint_needs_workers_tls_rather_than_going_plaintext() {
+        let route = "[routes.demo]\nversions = [ { version = \"1\", weight = 1, endpoint = \"https://w:9001\" } ]\n";
+        let err = Config::parse(route).expect_err("refused");
         assert!(
             err.contains(
-                "routes.demo.versions[0].endpoint: \"https://w:9001\": https:// needs TLS"
+                "routes.demo.versions[0].endpoint: \"https://w:9001\" is https:// but there is no [workers] tls"
             ),
             "{err}"
         );
+        let with_tls = format!("[workers]\ntls = {{ ca = \"ca.crt\" }}\n\n{route}");
+        assert!(Config::parse(&with_tls).is_ok());
+        let half = "[workers]\ntls = { ca = \"ca.crt\", cert = \"gw.crt\" }\n";
+        let err = Config::parse(half).expect_err("a certificate without its key");
+        assert!(err.contains("workers.tls: give both cert and key"), "{err}");
     }
 }

@@ -54,7 +54,17 @@ const CHAIN_AT: usize = 16 * 1024;
 
 const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
-/// A `ModelInfer` client for one worker endpoint (`http://host:port`).
+/// TLS to a worker: the client settings, and the name its certificate must carry.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// rustls' client settings (ALPN `h2`).
+    pub config: Arc<tokio_rustls::rustls::ClientConfig>,
+    /// The name the worker's certificate must carry.
+    pub server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+}
+
+/// A `ModelInfer` client for one worker endpoint (`http://host:port`, or `https://`
+/// with [`ClientTls`]).
 #[derive(Debug)]
 pub struct InferClient {
     /// `http://host:port/inference.GRPCInferenceService/ModelInfer`.
@@ -64,6 +74,8 @@ pub struct InferClient {
     max_message_bytes: usize,
     /// `Bearer <key>` for a worker that checks keys.
     authorization: Option<http::HeaderValue>,
+    /// TLS, for an `https://` endpoint.
+    tls: Option<ClientTls>,
     /// The live connection, if any; cleared when it fails or ends.
     current: Arc<ArcSwapOption<Live>>,
     /// Numbers connections, so only a failed connection's own entry is cleared.
@@ -78,6 +90,7 @@ impl InferClient {
         endpoint: &str,
         max_message_bytes: usize,
         authorization: Option<http::HeaderValue>,
+        tls: Option<ClientTls>,
     ) -> Result<InferClient, String> {
         let base: http::Uri = endpoint
             .parse()
@@ -86,15 +99,19 @@ impl InferClient {
             .authority()
             .ok_or("invalid endpoint: no host")?
             .to_string();
-        let authority = match base.port() {
-            Some(_) => authority,
-            None => format!("{authority}:80"),
+        let authority = match (base.port(), base.scheme_str()) {
+            (Some(_), _) => authority,
+            (None, Some("https")) => format!("{authority}:443"),
+            (None, _) => format!("{authority}:80"),
         };
-        if base.scheme_str() != Some("http") {
-            return Err("only http:// endpoints can be called".to_owned());
-        }
+        let scheme = match (base.scheme_str(), &tls) {
+            (Some("http"), None) => "http",
+            (Some("https"), Some(_)) => "https",
+            (Some("https"), None) => return Err("https:// needs TLS settings".to_owned()),
+            _ => return Err("only http:// and https:// endpoints can be called".to_owned()),
+        };
         let uri = http::Uri::builder()
-            .scheme("http")
+            .scheme(scheme)
             .authority(authority.as_str())
             .path_and_query(MODEL_INFER_PATH)
             .build()
@@ -104,6 +121,7 @@ impl InferClient {
             authority,
             max_message_bytes,
             authorization,
+            tls,
             current: Arc::new(ArcSwapOption::empty()),
             connections: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
@@ -244,8 +262,7 @@ impl InferClient {
         Ok(live)
     }
 
-    /// A new connection, its task spawned; the task forgets the connection when it
-    /// ends.
+    /// A new connection (over TLS for `https://`), its task spawned.
     async fn connect(&self) -> Result<Live, Status> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.authority))
             .await
@@ -257,10 +274,35 @@ impl InferClient {
             })?
             .map_err(|e| Status::unavailable(format!("connecting to {}: {e}", self.authority)))?;
         let _ = tcp.set_nodelay(true);
+        let unavailable = |e: &dyn std::fmt::Display| {
+            Status::unavailable(format!("connecting to {}: {e}", self.authority))
+        };
+        match &self.tls {
+            None => self.handshake(tcp).await,
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+                let stream = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    connector.connect(tls.server_name.clone(), tcp),
+                )
+                .await
+                .map_err(|_| unavailable(&"no TLS handshake within the connect timeout"))?
+                .map_err(|e| unavailable(&format!("TLS: {e}")))?;
+                self.handshake(stream).await
+            }
+        }
+    }
+
+    /// HTTP/2 over `io`, its connection task spawned; the task forgets the connection
+    /// when it ends.
+    async fn handshake<T>(&self, io: T) -> Result<Live, Status>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(tcp)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| Status::unavailable(format!("connecting to {}: {e}", self.authority)))?;
         let id = self.connections.fetch_add(1, Ordering::Relaxed);

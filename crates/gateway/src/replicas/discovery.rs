@@ -11,7 +11,7 @@ use std::{
 /// A configured endpoint, split for resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Configured {
-    /// `http` (the only one there is until TLS to workers exists).
+    /// `http`, or `https` (TLS to the worker).
     scheme: String,
     /// The host as written (a name or an IP address).
     host: String,
@@ -19,35 +19,42 @@ pub struct Configured {
 }
 
 impl Configured {
-    /// Parses `http://host:port` (a missing port is 80, as for any URL); `https://` is
-    /// refused until TLS to workers exists.
+    /// Parses `http://host:port` or `https://host:port` (a missing port is 80 or 443,
+    /// as for any URL).
     pub fn parse(endpoint: &str) -> Result<Configured, String> {
         let uri: tonic::codegen::http::Uri = endpoint
             .parse()
             .map_err(|e| format!("\"{endpoint}\" is not a URL: {e}"))?;
-        let scheme = match uri.scheme_str() {
-            Some("http") => "http",
-            // Asked for TLS: never answered with plaintext. The build has no TLS to
-            // workers yet, so the endpoint is refused.
-            Some("https") => {
+        let (scheme, default_port) = match uri.scheme_str() {
+            Some("http") => ("http", 80),
+            Some("https") => ("https", 443),
+            _ => {
                 return Err(format!(
-                    "\"{endpoint}\": https:// needs TLS to the worker, which this build does \
-                     not have yet; use http:// on a trusted network"
+                    "\"{endpoint}\" must start with http:// or https://"
                 ));
             }
-            _ => return Err(format!("\"{endpoint}\" must start with http://")),
         };
         let host = uri
             .host()
             .ok_or_else(|| format!("\"{endpoint}\" names no host"))?
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(default_port);
         Ok(Configured {
             scheme: scheme.to_owned(),
             host: host.to_owned(),
             port,
         })
+    }
+
+    /// Whether calls to it use TLS.
+    pub fn is_tls(&self) -> bool {
+        self.scheme == "https"
+    }
+
+    /// The host as written: the name a worker's certificate must carry.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The endpoint itself when its host is an IP address; `None` when it is a name.

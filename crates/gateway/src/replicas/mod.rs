@@ -210,6 +210,7 @@ impl Replicas {
         let mut manager = Manager {
             configured,
             calls: calls.clone(),
+            server_names: BTreeMap::new(),
             changes: changes_tx,
             events_tx,
             standing: BTreeMap::new(),
@@ -341,6 +342,9 @@ type Endpoint = PendingRequests<Tracked, CompleteOnResponse>;
 struct Manager {
     configured: Vec<Configured>,
     calls: WorkerCalls,
+    /// The host each resolved endpoint was configured with: the name its TLS
+    /// certificate must carry.
+    server_names: BTreeMap<String, String>,
     changes: mpsc::UnboundedSender<Result<Change<String, Endpoint>, GatewayError>>,
     events_tx: mpsc::UnboundedSender<Event>,
     standing: BTreeMap<String, Standing>,
@@ -378,12 +382,13 @@ impl Manager {
     /// name that does not resolve keeps the replicas it had.
     /// Puts the endpoints whose host is an address into the balancer.
     fn insert_literals(&mut self) {
-        let literals: Vec<String> = self
+        let literals: Vec<(String, String)> = self
             .configured
             .iter()
-            .filter_map(Configured::literal)
+            .filter_map(|c| Some((c.literal()?, c.host().to_owned())))
             .collect();
-        for endpoint in literals {
+        for (endpoint, host) in literals {
+            self.server_names.insert(endpoint.clone(), host);
             self.insert(&endpoint);
         }
     }
@@ -394,7 +399,13 @@ impl Manager {
         let mut complete = true;
         for configured in &self.configured {
             match configured.resolve().await {
-                Ok(found) => wanted.extend(found),
+                Ok(found) => {
+                    for endpoint in &found {
+                        self.server_names
+                            .insert(endpoint.clone(), configured.host().to_owned());
+                    }
+                    wanted.extend(found);
+                }
                 Err(error) => {
                     tracing::warn!(?configured, %error, "cannot resolve a replica endpoint; keeping the replicas");
                     complete = false;
@@ -469,7 +480,8 @@ impl Manager {
             })
             .collect();
         for (endpoint, next) in due {
-            if probe(&endpoint).await {
+            let checked = self.calls.endpoint(&endpoint, self.server_name(&endpoint));
+            if probe(checked).await {
                 tracing::info!(endpoint, "replica answers again; back in");
                 self.insert(&endpoint);
             } else {
@@ -484,8 +496,15 @@ impl Manager {
         }
     }
 
+    /// The name `endpoint`'s certificate must carry: its configured host.
+    fn server_name<'a>(&'a self, endpoint: &'a str) -> &'a str {
+        self.server_names
+            .get(endpoint)
+            .map_or(endpoint, String::as_str)
+    }
+
     fn insert(&mut self, endpoint: &str) {
-        let remote = match Remote::connect_lazy(endpoint, &self.calls) {
+        let remote = match Remote::connect_lazy(endpoint, &self.calls, self.server_name(endpoint)) {
             Ok(remote) => Arc::new(remote),
             Err(error) => {
                 tracing::error!(endpoint, %error, "cannot make a client for a replica");
@@ -518,11 +537,11 @@ impl Manager {
     }
 }
 
-/// Whether the replica at `endpoint` answers the gRPC health check with SERVING in
-/// time.
-async fn probe(endpoint: &str) -> bool {
+/// Whether the replica at `endpoint` (a tonic endpoint, or why there is none)
+/// answers the gRPC health check with SERVING in time.
+async fn probe(endpoint: Result<tonic::transport::Endpoint, GatewayError>) -> bool {
     let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        let channel = endpoint
             .ok()?
             .connect_timeout(PROBE_TIMEOUT)
             .connect()
