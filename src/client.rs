@@ -100,7 +100,7 @@ pub enum ConnectError {
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
     /// The API key has characters a header cannot carry.
-    #[error("the token is not a valid header value (printable ASCII only)")]
+    #[error("the API key may hold printable ASCII only (no spaces, no other characters)")]
     Token,
     /// The TLS settings cannot be used.
     #[error("TLS: {0}")]
@@ -117,6 +117,11 @@ pub struct TokenChannel {
 
 /// The `authorization` header that sends API key `token`.
 pub fn bearer(token: &str) -> Result<http::HeaderValue, ConnectError> {
+    // A header value may carry bytes past ASCII, but a server reads the key as text:
+    // such a key could never match, so it is refused here, where it is given.
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConnectError::Token);
+    }
     let mut value =
         http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| ConnectError::Token)?;
     // Kept out of debug output and HPACK's index.
@@ -128,10 +133,18 @@ impl TokenChannel {
     /// `channel`, sending `token` (if any) with each call.
     pub fn new(channel: Channel, token: Option<&str>) -> Result<TokenChannel, ConnectError> {
         let authorization = token.map(bearer).transpose()?;
-        Ok(TokenChannel {
+        Ok(TokenChannel::with_authorization(channel, authorization))
+    }
+
+    /// `channel`, sending `authorization` (a [`bearer`] header, if any) with each call.
+    pub fn with_authorization(
+        channel: Channel,
+        authorization: Option<http::HeaderValue>,
+    ) -> TokenChannel {
+        TokenChannel {
             channel,
             authorization,
-        })
+        }
     }
 }
 

@@ -71,18 +71,19 @@ pub struct TlsFiles {
 pub struct ServerTls {
     files: TlsFiles,
     config: RwLock<Arc<ServerConfig>>,
-    seen: RwLock<Vec<Option<SystemTime>>>,
+    /// The files' modification times when they were read at open.
+    opened: Vec<Option<SystemTime>>,
 }
 
 impl ServerTls {
     /// Reads `files`; `alpn` are the protocols offered (`h2` for gRPC).
     pub fn open(files: TlsFiles, alpn: &[&[u8]]) -> Result<Arc<ServerTls>, TlsError> {
+        let opened = stamps(&files);
         let config = build(&files, alpn)?;
-        let seen = stamps(&files);
         Ok(Arc::new(ServerTls {
             files,
             config: RwLock::new(Arc::new(config)),
-            seen: RwLock::new(seen),
+            opened,
         }))
     }
 
@@ -97,13 +98,14 @@ impl ServerTls {
     pub async fn watch(self: Arc<Self>) {
         let alpn = self.current().alpn_protocols.clone();
         let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+        let mut seen = self.opened.clone();
         loop {
             tokio::time::sleep(WATCH_INTERVAL).await;
             let now = stamps(&self.files);
-            if *self.seen.read().unwrap_or_else(|p| p.into_inner()) == now {
+            if seen == now {
                 continue;
             }
-            *self.seen.write().unwrap_or_else(|p| p.into_inner()) = now;
+            seen = now;
             match build(&self.files, &alpn) {
                 Ok(config) => {
                     *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);

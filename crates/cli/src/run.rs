@@ -240,12 +240,11 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         state_file: args.state_file,
         tls: open_tls(&args.tls)?,
         checks: key_checks(args.keys_file.as_deref())?,
-        gateway_token: args
+        gateway_authorization: args
             .gateway_token_file
             .as_deref()
-            .map(|path| aviary_gateway::backend::read_token(path, "--gateway-token-file"))
-            .transpose()?
-            .map(Into::into),
+            .map(|path| aviary_gateway::auth::read_token(path, "--gateway-token-file"))
+            .transpose()?,
     };
     let shutdown = shutdown_signal();
     let admin = bind(args.admin_listen, "admin").await?;

@@ -184,6 +184,17 @@ struct RateLimit {
 /// The gRPC trailer that tells a client how long to wait before it retries.
 pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
+/// RESOURCE_EXHAUSTED for a call over a rate limit: `who` is over it, and `wait` is
+/// how long until it may call again (in the message and in [`RETRY_PUSHBACK`]).
+pub fn over_limit(who: &str, wait: Duration) -> Status {
+    let wait_ms = wait.as_millis().max(1);
+    let mut status = Status::resource_exhausted(format!("{who}; retry in {wait_ms} ms"));
+    if let Ok(value) = wait_ms.to_string().parse() {
+        status.metadata_mut().insert(RETRY_PUSHBACK, value);
+    }
+    status
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeysFile {
@@ -390,15 +401,8 @@ impl CallGuard for Keys {
                 .take(Instant::now());
             if let Err(wait) = taken {
                 self.count_limited(&identity.name);
-                let wait_ms = wait.as_millis().max(1);
-                let mut status = Status::resource_exhausted(format!(
-                    "key \"{}\" is over its rate limit; retry in {wait_ms} ms",
-                    identity.name
-                ));
-                if let Ok(value) = wait_ms.to_string().parse() {
-                    status.metadata_mut().insert(RETRY_PUSHBACK, value);
-                }
-                return Err(status);
+                let who = format!("key \"{}\" is over its rate limit", identity.name);
+                return Err(over_limit(&who, wait));
             }
         }
         let name = Arc::clone(&identity.name);
@@ -424,6 +428,22 @@ impl Keys {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
+}
+
+/// The `authorization` header that sends the API key in the file at `path` (set by the
+/// setting `field`): the file's only content, surrounding whitespace ignored,
+/// printable ASCII.
+pub fn read_token(path: &Path, field: &str) -> Result<http::HeaderValue, GatewayError> {
+    let problem = |message: String| GatewayError::Config {
+        path: field.to_owned(),
+        message: format!("{}: {message}", path.display()),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(problem("the file is empty".into()));
+    }
+    aviary::client::bearer(token).map_err(|_| problem("the key is not printable ASCII".into()))
 }
 
 #[cfg(test)]
@@ -476,6 +496,36 @@ mod tests {
                     limit: None,
                 })
             }))
+    }
+
+    #[test]
+    fn a_token_file_holds_one_printable_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret\n").expect("write");
+        assert_eq!(
+            read_token(&path, "workers.token_file")
+                .expect("read")
+                .to_str()
+                .expect("ascii"),
+            "Bearer s3cret"
+        );
+        for (text, problem) in [
+            ("\n", "the file is empty"),
+            ("caf\u{e9}", "not printable ASCII"),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let error = read_token(&path, "workers.token_file").expect_err(problem);
+            let shown = error.to_string();
+            assert!(
+                shown.contains("workers.token_file") && shown.contains(problem),
+                "{shown}"
+            );
+        }
+        let missing = read_token(&dir.path().join("none"), "--gateway-token-file")
+            .expect_err("missing")
+            .to_string();
+        assert!(missing.contains("--gateway-token-file"), "{missing}");
     }
 
     #[test]

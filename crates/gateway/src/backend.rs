@@ -28,8 +28,8 @@ use crate::{GatewayError, config::Config, infer_client::InferClient, stack::Call
 pub struct WorkerCalls {
     /// Largest request or response message.
     pub max_message_bytes: usize,
-    /// The API key sent with every call; `None`: no key.
-    pub token: Option<Arc<str>>,
+    /// The `authorization` header sent with every call; `None`: no key.
+    pub authorization: Option<http::HeaderValue>,
     /// What `https://` endpoints are called with; `None`: they cannot be.
     pub tls: Option<Arc<WorkerTls>>,
 }
@@ -47,7 +47,7 @@ impl WorkerCalls {
     pub fn new(max_message_bytes: usize) -> WorkerCalls {
         WorkerCalls {
             max_message_bytes,
-            token: None,
+            authorization: None,
             tls: None,
         }
     }
@@ -57,7 +57,7 @@ impl WorkerCalls {
     pub fn from_config(config: &Config) -> Result<WorkerCalls, GatewayError> {
         let mut calls = WorkerCalls::new(config.server.max_message_bytes);
         if let Some(path) = &config.workers.token_file {
-            calls.token = Some(read_token(path, "workers.token_file")?.into());
+            calls.authorization = Some(crate::auth::read_token(path, "workers.token_file")?);
         }
         if let Some(tls) = &config.workers.tls {
             let unusable = |message: String| GatewayError::Config {
@@ -81,6 +81,22 @@ impl WorkerCalls {
         Ok(calls)
     }
 
+    /// The TLS settings of `endpoint`: none for `http://`; for `https://`, those of
+    /// `[workers] tls`, or an error saying they are missing.
+    fn tls_of(&self, endpoint: &str) -> Result<Option<&WorkerTls>, GatewayError> {
+        if !endpoint.starts_with("https://") {
+            return Ok(None);
+        }
+        self.tls
+            .as_deref()
+            .map(Some)
+            .ok_or_else(|| GatewayError::Config {
+                path: endpoint.to_owned(),
+                message: "https:// needs [workers] tls (the CA the worker's certificate chains to)"
+                    .into(),
+            })
+    }
+
     /// A lazily connecting tonic endpoint for `endpoint`, whose certificate must name
     /// `server_name` when it is `https://`.
     pub fn endpoint(&self, endpoint: &str, server_name: &str) -> Result<Endpoint, GatewayError> {
@@ -90,11 +106,7 @@ impl WorkerCalls {
         };
         let mut built = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| invalid(format!("invalid endpoint: {e}")))?;
-        if endpoint.starts_with("https://") {
-            let tls = self
-                .tls
-                .as_ref()
-                .ok_or_else(|| invalid("https:// needs [workers] tls".into()))?;
+        if let Some(tls) = self.tls_of(endpoint)? {
             built = built
                 .tls_config(tls.tonic.clone().domain_name(server_name))
                 .map_err(|e| invalid(format!("TLS: {e}")))?;
@@ -108,44 +120,19 @@ impl WorkerCalls {
         endpoint: &str,
         server_name: &str,
     ) -> Result<Option<crate::infer_client::ClientTls>, GatewayError> {
-        if !endpoint.starts_with("https://") {
+        let Some(tls) = self.tls_of(endpoint)? else {
             return Ok(None);
-        }
-        let invalid = |message: String| GatewayError::Config {
-            path: endpoint.to_owned(),
-            message,
         };
-        let tls = self
-            .tls
-            .as_ref()
-            .ok_or_else(|| invalid("https:// needs [workers] tls".into()))?;
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(server_name.to_owned())
-            .map_err(|e| {
-                invalid(format!(
-                    "\"{server_name}\" cannot be a TLS server name: {e}"
-                ))
+            .map_err(|e| GatewayError::Config {
+                path: endpoint.to_owned(),
+                message: format!("\"{server_name}\" cannot be a TLS server name: {e}"),
             })?;
         Ok(Some(crate::infer_client::ClientTls {
             config: Arc::clone(&tls.rustls),
             server_name: name,
         }))
     }
-}
-
-/// The API key in the file at `path` (set by the setting `field`): its only content,
-/// surrounding whitespace ignored, printable ASCII.
-pub fn read_token(path: &std::path::Path, field: &str) -> Result<String, GatewayError> {
-    let problem = |message: String| GatewayError::Config {
-        path: field.to_owned(),
-        message: format!("{}: {message}", path.display()),
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| problem(e.to_string()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(problem("the file is empty".into()));
-    }
-    aviary::client::bearer(token).map_err(|_| problem("the key is not printable ASCII".into()))?;
-    Ok(token.to_owned())
 }
 
 /// A place that runs model versions.
@@ -310,19 +297,13 @@ impl Remote {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect_lazy();
         let tls = calls.infer_tls(endpoint, server_name)?;
-        let token = calls.token.as_deref();
-        let unusable = |_| GatewayError::Config {
-            path: "workers.token_file".into(),
-            message: "the key is not printable ASCII".into(),
-        };
-        let client =
-            GrpcInferenceServiceClient::new(TokenChannel::new(channel, token).map_err(unusable)?)
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes);
-        let authorization = token
-            .map(aviary::client::bearer)
-            .transpose()
-            .map_err(unusable)?;
+        let authorization = calls.authorization.clone();
+        let client = GrpcInferenceServiceClient::new(TokenChannel::with_authorization(
+            channel,
+            authorization.clone(),
+        ))
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
         let infer = InferClient::new(endpoint, max_message_bytes, authorization, tls).map_err(
             |message| GatewayError::Config {
                 path: endpoint.to_owned(),

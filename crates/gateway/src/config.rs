@@ -1346,6 +1346,38 @@ mod tests {
     }
 
     #[test]
+    fn audit_and_peer_limit_settings_that_cannot_work_are_named() {
+        let err = Config::parse(
+            "[audit]\npredictions = 1.5\nqueue = 0\nmax_file_bytes = 100\nretention_days = 0\n",
+        )
+        .expect_err("refused");
+        for expected in [
+            "audit.predictions: 1.5 is not between 0 and 1",
+            "audit.queue: must be at least 1",
+            "audit.max_file_bytes: 100 is too small",
+            "audit.retention_days: must be at least 1",
+            "audit.dir: required to record predictions",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        let err = Config::parse(
+            "[auth]\nkeys_file = \"keys.toml\"\n\n[server]\npeer_rate_limit = { per_second = 0, burst = 0.5 }\n",
+        )
+        .expect_err("refused");
+        for expected in [
+            "server.peer_rate_limit.per_second: 0 is not a positive number",
+            "server.peer_rate_limit.burst: 0.5 is less than 1",
+            "server.peer_rate_limit: for gateways without [auth]",
+        ] {
+            assert!(err.contains(expected), "{expected} in {err}");
+        }
+        assert!(
+            Config::parse("[audit]\ndir = \"audit\"\npredictions = 0.01\n\n[server]\npeer_rate_limit = { per_second = 10 }\n")
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn an_https_endpoint_needs_workers_tls_rather_than_going_plaintext() {
         let route = "[routes.demo]\nversions = [ { version = \"1\", weight = 1, endpoint = \"https://w:9001\" } ]\n";
         let err = Config::parse(route).expect_err("refused");

@@ -30,8 +30,8 @@ pub struct ControllerOptions {
     pub tls: Option<Arc<aviary::tls::ServerTls>>,
     /// What checks every call to the admin listener (API keys).
     pub checks: aviary::calls::CallChecks,
-    /// The API key sent to the gateways (an `admin` key of theirs).
-    pub gateway_token: Option<Arc<str>>,
+    /// The `authorization` header sent to the gateways (an `admin` key of theirs).
+    pub gateway_authorization: Option<http::HeaderValue>,
 }
 
 impl Default for ControllerOptions {
@@ -40,7 +40,7 @@ impl Default for ControllerOptions {
             evaluate_interval: Duration::from_secs(5),
             tls: None,
             checks: aviary::calls::CallChecks::default(),
-            gateway_token: None,
+            gateway_authorization: None,
             state_file: None,
         }
     }
@@ -64,8 +64,8 @@ where
     F: Future<Output = ()> + Send,
 {
     let mut target = RemoteGateways::new(gateways, options.evaluate_interval);
-    if let Some(token) = options.gateway_token {
-        target = target.with_token(token);
+    if let Some(authorization) = options.gateway_authorization {
+        target = target.with_authorization(authorization);
     }
     let controller = Arc::new(Driver::open(target, options.state_file).await?);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -224,7 +224,8 @@ impl Front {
         let route = routing.routes.get(&request.model_name);
         let audit = self.control.audit();
         let audited = audit.samples_prediction().then(|| {
-            PendingPrediction::begin(audit, route, &request, &attributes, reason.as_str())
+            let compiled = routing.table.route(&request.model_name);
+            PendingPrediction::begin(audit, compiled, &request, &attributes, reason.as_str())
         });
         let arrived = Instant::now();
         let cacheable = route.and_then(|r| PredictionCache::cacheable(r, &request));

@@ -20,7 +20,7 @@ use aviary::{calls::CallGuard, tls::ConnInfo};
 use tonic::Status;
 
 use crate::{
-    auth::{RETRY_PUSHBACK, TokenBucket, roles_for},
+    auth::{TokenBucket, over_limit, roles_for},
     config::PeerRateLimit,
 };
 
@@ -88,15 +88,8 @@ impl CallGuard for PeerLimits {
         };
         if let Err(wait) = self.take(peer.ip(), Instant::now()) {
             self.limited.fetch_add(1, Ordering::Relaxed);
-            let wait_ms = wait.as_millis().max(1);
-            let mut status = Status::resource_exhausted(format!(
-                "{} is over the gateway's per-address rate limit; retry in {wait_ms} ms",
-                peer.ip()
-            ));
-            if let Ok(value) = wait_ms.to_string().parse() {
-                status.metadata_mut().insert(RETRY_PUSHBACK, value);
-            }
-            return Err(status);
+            let who = format!("{} is over the gateway's per-address rate limit", peer.ip());
+            return Err(over_limit(&who, wait));
         }
         Ok(None)
     }
@@ -105,6 +98,7 @@ impl CallGuard for PeerLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::RETRY_PUSHBACK;
 
     fn limits(per_second: f64, burst: f64) -> Arc<PeerLimits> {
         PeerLimits::new(PeerRateLimit {

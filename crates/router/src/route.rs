@@ -78,6 +78,15 @@ impl Route {
         }
     }
 
+    /// The request's sticky routing key as the route reads it (its header or
+    /// parameter), or `None` when the route has none or the request carries none.
+    pub fn sticky_key<'a, A: RequestAttributes + ?Sized>(
+        &self,
+        attributes: &'a A,
+    ) -> Option<&'a str> {
+        self.sticky.as_ref()?.key(attributes)
+    }
+
     /// The versions and their weights, in config order (zero-weight versions included).
     pub fn versions(&self) -> impl Iterator<Item = (&str, u32)> {
         self.slots.iter().map(|slot| (&*slot.version, slot.weight))

@@ -49,12 +49,17 @@ impl Sticky {
         }
     }
 
-    /// The request's hashed routing key, or `None` when it has no key (an empty value counts as none).
+    /// The request's routing key, or `None` when it has none (an empty value counts as none).
+    pub(crate) fn key<'a, A: RequestAttributes + ?Sized>(
+        &self,
+        attributes: &'a A,
+    ) -> Option<&'a str> {
+        self.source.read(attributes).filter(|key| !key.is_empty())
+    }
+
+    /// The request's hashed routing key, or `None` when it has no key.
     pub(crate) fn hash<A: RequestAttributes + ?Sized>(&self, attributes: &A) -> Option<u64> {
-        self.source
-            .read(attributes)
-            .filter(|key| !key.is_empty())
-            .map(|key| sticky_hash(&self.salt, key))
+        self.key(attributes).map(|key| sticky_hash(&self.salt, key))
     }
 }
 
@@ -239,6 +244,52 @@ mod tests {
                 ))
             );
         }
+    }
+
+    #[test]
+    fn a_route_reads_its_sticky_key_where_the_config_says() {
+        let spec = |sticky: StickySpec| RouteSpec {
+            sticky: Some(sticky),
+            ..RouteSpec::weighted(vec![VersionWeight {
+                version: "1".into(),
+                weight: 1,
+            }])
+        };
+        let by_header = spec(StickySpec {
+            header: Some("X-User-Id".into()),
+            ..StickySpec::default()
+        });
+        let unkeyed = RouteSpec::weighted(vec![VersionWeight {
+            version: "1".into(),
+            weight: 1,
+        }]);
+        let inventory: BTreeMap<String, BTreeSet<String>> = [
+            ("demo".to_owned(), ["1"].map(str::to_owned).into()),
+            ("plain".to_owned(), ["1"].map(str::to_owned).into()),
+        ]
+        .into();
+        let table = RouteTable::compile(
+            &[
+                ("demo".to_owned(), by_header),
+                ("plain".to_owned(), unkeyed),
+            ]
+            .into(),
+            &inventory,
+        )
+        .expect("valid spec");
+        let alice = Attributes::new().with_header("x-user-id", "alice");
+        let demo = table.route("demo").expect("routed");
+        assert_eq!(
+            demo.sticky_key(&alice),
+            Some("alice"),
+            "names are case-insensitive"
+        );
+        let empty = Attributes::new().with_header("x-user-id", "");
+        assert_eq!(demo.sticky_key(&empty), None, "an empty key is none");
+        assert_eq!(
+            table.route("plain").expect("routed").sticky_key(&alice),
+            None
+        );
     }
 
     proptest! {

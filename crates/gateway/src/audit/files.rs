@@ -56,12 +56,18 @@ pub fn write(layout: &Layout, receiver: &mpsc::Receiver<Message>, counts: &Arc<C
     let mut writer = match Current::open(layout) {
         Ok(writer) => Some(writer),
         Err(error) => {
-            tracing::error!(dir = %layout.dir.display(), %error, "audit trail: cannot open its file; records are counted as failed");
+            tracing::error!(dir = %layout.dir.display(), %error, "audit trail: cannot open its file; records are counted as failed until it can");
             None
         }
     };
     prune(layout);
     loop {
+        if writer.is_none() {
+            // The folder may be writable again (a full disk freed, a volume remounted).
+            writer = Current::open(layout)
+                .inspect(|_| tracing::info!("audit trail: its file can be written again"))
+                .ok();
+        }
         let mut waiting = Vec::new();
         let mut appended = false;
         let disconnected = loop {
@@ -106,7 +112,7 @@ fn rotate(writer: Option<Current>, layout: &Layout) -> Option<Current> {
     let fresh = match current.close(layout).and_then(|()| Current::open(layout)) {
         Ok(fresh) => Some(fresh),
         Err(error) => {
-            tracing::error!(%error, "audit trail: cannot start a new file; records are counted as failed");
+            tracing::error!(%error, "audit trail: cannot start a new file; records are counted as failed until it can");
             None
         }
     };
@@ -349,6 +355,37 @@ mod tests {
         assert_eq!(times.last(), Some(&999));
         assert!(times.windows(2).all(|w| w[1] == w[0] + 1), "contiguous");
         assert!(times.first() > Some(&0), "the oldest went");
+    }
+
+    #[test]
+    fn a_trail_that_cannot_be_written_counts_failures_and_recovers() {
+        let parent = tempfile::tempdir().expect("temp dir");
+        let dir = parent.path().join("trail");
+        // A file where the folder should be: nothing can be opened in it.
+        std::fs::write(&dir, "in the way").expect("write");
+        let layout = layout(&dir, 1 << 20, 1 << 30);
+        let counts = Arc::new(Counts::default());
+        let (sender, receiver) = mpsc::sync_channel(100);
+        let writer = {
+            let (layout, counts) = (layout.clone(), Arc::clone(&counts));
+            std::thread::spawn(move || write(&layout, &receiver, &counts))
+        };
+        let synced = |sender: &mpsc::SyncSender<Message>| {
+            let (done, answered) = mpsc::sync_channel(1);
+            sender.send(Message::Sync(done)).expect("queued");
+            answered.recv().expect("answered");
+        };
+        sender.send(record(1)).expect("queued");
+        synced(&sender);
+        assert_eq!(counts.get(Kind::Route, Outcome::Failed), 1);
+        std::fs::remove_file(&dir).expect("out of the way");
+        sender.send(record(2)).expect("queued");
+        synced(&sender);
+        drop(sender);
+        writer.join().expect("the writer ends");
+        assert_eq!(counts.get(Kind::Route, Outcome::Written), 1);
+        let (lines, _) = read(&dir, &Filter::default(), 10).expect("reads");
+        assert_eq!(lines.len(), 1, "{lines:?}");
     }
 
     #[test]

@@ -17,7 +17,6 @@ use crate::{
     GatewayError,
     cache::CACHE_PARAMETER,
     front::{DEFAULT_PARAMETER, FALLBACK_PARAMETER},
-    route::Route,
 };
 
 /// A sampled prediction, between its routing and its answer.
@@ -30,27 +29,17 @@ pub struct PendingPrediction {
 }
 
 impl PendingPrediction {
-    /// What the record needs of `request` before it is served: `route` says where its
-    /// sticky key is, `reason` why its version was chosen.
+    /// What the record needs of `request` before it is served: `route` (the model's
+    /// compiled route) says where its sticky key is, `reason` why its version was chosen.
     pub fn begin<A: RequestAttributes>(
         audit: &Audit,
-        route: Option<&Route>,
+        route: Option<&aviary_router::Route>,
         request: &ModelInferRequest,
         attributes: &A,
         reason: &'static str,
     ) -> PendingPrediction {
         let subject = route
-            .and_then(|r| r.sticky.as_ref())
-            .and_then(|sticky| {
-                let header = sticky.header.as_deref().and_then(|h| attributes.header(h));
-                header.or_else(|| {
-                    sticky
-                        .parameter
-                        .as_deref()
-                        .and_then(|p| attributes.parameter(p))
-                })
-            })
-            .filter(|key| !key.is_empty())
+            .and_then(|r| r.sticky_key(attributes))
             .and_then(|key| audit.pseudonym(key));
         PendingPrediction {
             request_id: request.id.clone(),

@@ -7,11 +7,7 @@
 //! running rollout's weights count as applied when at least one gateway took them (the
 //! rest are caught up every round); a finished rollout's only when every gateway did.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use aviary::client::TokenChannel;
 use aviary::pb::admin::{
@@ -51,8 +47,8 @@ pub struct RemoteGateways {
     gateways: Gateways,
     lease: Duration,
     channels: Mutex<HashMap<String, Channel>>,
-    /// The API key sent to every gateway (they check it with `[auth]`).
-    token: Option<Arc<str>>,
+    /// The `authorization` header sent to every gateway (they check it with `[auth]`).
+    authorization: Option<http::HeaderValue>,
 }
 
 impl RemoteGateways {
@@ -65,13 +61,13 @@ impl RemoteGateways {
             gateways,
             lease: (evaluate_interval * LEASE_ROUNDS).max(MIN_LEASE),
             channels: Mutex::new(HashMap::new()),
-            token: None,
+            authorization: None,
         }
     }
 
-    /// Sends API key `token` (an `admin` key of the gateways) with every call.
-    pub fn with_token(mut self, token: Arc<str>) -> RemoteGateways {
-        self.token = Some(token);
+    /// Sends `authorization` (an `admin` key of the gateways) with every call.
+    pub fn with_authorization(mut self, authorization: http::HeaderValue) -> RemoteGateways {
+        self.authorization = Some(authorization);
         self
     }
 
@@ -98,8 +94,10 @@ impl RemoteGateways {
     /// itself), sending the key.
     fn channel(&self, address: &str) -> Result<TokenChannel, String> {
         let channel = self.plain_channel(address)?;
-        // The key was checked when it was read.
-        TokenChannel::new(channel, self.token.as_deref()).map_err(|e| e.to_string())
+        Ok(TokenChannel::with_authorization(
+            channel,
+            self.authorization.clone(),
+        ))
     }
 
     fn plain_channel(&self, address: &str) -> Result<Channel, String> {
