@@ -63,6 +63,16 @@ impl ClientTlsFiles {
         self.ca.is_some() || self.cert.is_some() || self.key.is_some()
     }
 
+    /// The files' modification times (`None` for one that cannot be read): a client
+    /// that keeps connections compares them to know when to reconnect with new files.
+    pub fn modified(&self) -> Vec<Option<std::time::SystemTime>> {
+        [&self.ca, &self.cert, &self.key]
+            .into_iter()
+            .flatten()
+            .map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
     /// tonic's client TLS settings for these files.
     pub fn tonic_config(&self) -> Result<tonic::transport::ClientTlsConfig, ConnectError> {
         let read = |path: &std::path::PathBuf| {

@@ -2,12 +2,18 @@
 //! own, in the text exposition format (`prometheus-client`'s OpenMetrics encoding), and
 //! the process metrics every one of them reports.
 //!
+//! With [`ServerTls`] the endpoint speaks HTTPS (and, with a client CA, requires a
+//! scraper's certificate), from the same rotating PEM files as the gRPC listeners.
+//!
 //! Each process registers [`Collector`]s that read its own state when scraped
 //! (the gateway's per-version counters, the worker's statistics), so serving requests
 //! pays nothing for the endpoint; see `docs/metrics.md` for every name.
 
 use std::{
     future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -16,6 +22,7 @@ use std::{
 };
 
 use axum::{Router, http::header, response::IntoResponse, routing::get};
+use futures::{Stream, StreamExt};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -23,6 +30,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
+
+use crate::tls::{Conn, ServerTls};
 
 /// What `/metrics` answers with: OpenMetrics text, which Prometheus reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -62,12 +71,21 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
-/// Serves `GET /metrics` for `registry` on `listener` until `shutdown` resolves.
+/// The ALPN protocol the endpoint offers over TLS: it speaks HTTP/1.1 only.
+pub const ALPN: &[&[u8]] = &[b"http/1.1"];
+
+/// Serves `GET /metrics` for `registry` on `listener` until `shutdown` resolves; over
+/// TLS when `tls` is set (opened with [`ALPN`]).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listener = Accepted {
+        local: listener.local_addr()?,
+        incoming: crate::tls::incoming(listener, tls),
+    };
     let app =
         Router::new().route(
             "/metrics",
@@ -81,6 +99,40 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The connections of [`crate::tls::incoming`] as axum takes them: the same accept
+/// loop, handshakes and rotation as the gRPC listeners.
+struct Accepted {
+    incoming: Pin<Box<dyn Stream<Item = io::Result<Conn>> + Send>>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for Accepted {
+    type Io = Conn;
+    type Addr = Option<SocketAddr>;
+
+    async fn accept(&mut self) -> (Conn, Option<SocketAddr>) {
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => {
+                    let peer = conn.peer_addr();
+                    return (conn, peer);
+                }
+                Some(Err(error)) => {
+                    // Out of file descriptors and the like: back off, as axum does.
+                    tracing::warn!(%error, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // The accept loop never ends while this end is held.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
+        Ok(Some(self.local))
+    }
 }
 
 /// Upper bounds of every duration histogram's buckets, in seconds: 100 µs to 10 s,

@@ -220,6 +220,16 @@ pub struct ConnInfo {
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
+impl Conn {
+    /// The peer's address, when the socket still knows it.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Conn::Plain(tcp) => tcp.peer_addr().ok(),
+            Conn::Tls(tls) => tls.get_ref().0.peer_addr().ok(),
+        }
+    }
+}
+
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = ConnInfo;
 

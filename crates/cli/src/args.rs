@@ -93,6 +93,20 @@ pub struct ControllerArgs {
     /// A file holding the API key sent to the gateways (an `admin` key of theirs).
     #[arg(long, env = "AVIARY_GATEWAY_TOKEN_FILE")]
     pub gateway_token_file: Option<PathBuf>,
+    /// Call the gateways' admin listeners over TLS, trusting this CA (PEM); their
+    /// certificates must name the host of `--gateways` (or of `--gateways-dns`).
+    #[arg(long, env = "AVIARY_GATEWAY_TLS_CA")]
+    pub gateway_tls_ca: Option<PathBuf>,
+    /// The certificate presented to gateways whose admin listener has a `client_ca`.
+    #[arg(
+        long,
+        env = "AVIARY_GATEWAY_TLS_CERT",
+        requires_all = ["gateway_tls_key", "gateway_tls_ca"]
+    )]
+    pub gateway_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "AVIARY_GATEWAY_TLS_KEY", requires = "gateway_tls_cert")]
+    pub gateway_tls_key: Option<PathBuf>,
 }
 
 /// `serve` and `gateway`.
@@ -237,6 +251,10 @@ pub struct ServerTlsArgs {
     /// Only clients with a certificate signed by this CA (PEM) get in (mTLS).
     #[arg(long, env = "AVIARY_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve `/metrics` over TLS too, from the same files (with `--tls-client-ca`,
+    /// scrapers then need a client certificate signed by it).
+    #[arg(long, env = "AVIARY_METRICS_TLS", requires = "tls_cert")]
+    pub metrics_tls: bool,
 }
 
 impl ServerTlsArgs {

@@ -239,12 +239,20 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         evaluate_interval: Duration::from_millis(args.evaluate_interval_ms),
         state_file: args.state_file,
         tls: open_tls(&args.tls)?,
+        metrics_tls: open_metrics_tls(&args.tls)?,
         checks: key_checks(args.keys_file.as_deref())?,
         gateway_authorization: args
             .gateway_token_file
             .as_deref()
             .map(|path| aviary_gateway::auth::read_token(path, "--gateway-token-file"))
             .transpose()?,
+        gateway_tls: args
+            .gateway_tls_ca
+            .map(|ca| aviary::client::ClientTlsFiles {
+                ca: Some(ca),
+                cert: args.gateway_tls_cert,
+                key: args.gateway_tls_key,
+            }),
     };
     let shutdown = shutdown_signal();
     let admin = bind(args.admin_listen, "admin").await?;
@@ -265,12 +273,28 @@ fn key_checks(keys_file: Option<&std::path::Path>) -> anyhow::Result<aviary::cal
     Ok(checks)
 }
 
-/// The TLS of a listener `args` ask for, its files read now and watched from here on.
+/// The TLS of the gRPC listener `args` ask for, its files read now and watched from
+/// here on.
 fn open_tls(args: &ServerTlsArgs) -> anyhow::Result<Option<Arc<aviary::tls::ServerTls>>> {
+    open_tls_for(args, &[b"h2"])
+}
+
+/// The TLS of `/metrics`, with `--metrics-tls`.
+fn open_metrics_tls(args: &ServerTlsArgs) -> anyhow::Result<Option<Arc<aviary::tls::ServerTls>>> {
+    match args.metrics_tls {
+        true => open_tls_for(args, aviary::metrics::ALPN),
+        false => Ok(None),
+    }
+}
+
+fn open_tls_for(
+    args: &ServerTlsArgs,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Option<Arc<aviary::tls::ServerTls>>> {
     let Some(files) = args.files() else {
         return Ok(None);
     };
-    let tls = aviary::tls::ServerTls::open(files, &[b"h2"]).context("--tls-cert/--tls-key")?;
+    let tls = aviary::tls::ServerTls::open(files, alpn).context("--tls-cert/--tls-key")?;
     tokio::spawn(Arc::clone(&tls).watch());
     Ok(Some(tls))
 }
@@ -301,6 +325,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         // Ends with the process: the worker's runner returns only when it stops.
         tokio::spawn(aviary::metrics::serve(
             metrics,
+            open_metrics_tls(&args.tls)?,
             Arc::new(registry),
             std::future::pending(),
         ));

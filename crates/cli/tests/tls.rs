@@ -1,7 +1,9 @@
 //! TLS on a gateway's listeners, through the binary: a client trusting the CA gets in,
-//! a plaintext client and one trusting another CA do not; the admin listener with a
-//! client CA refuses a client without a certificate; and rotated certificate files are
-//! used by new handshakes without a restart.
+//! a plaintext client and one trusting another CA do not; the admin listener and
+//! `/metrics` with a client CA refuse a client without a certificate; and rotated
+//! certificate files are used by new handshakes without a restart. A worker serves
+//! its gRPC port and `/metrics` over TLS, and the gateway calls it presenting its own
+//! certificate; a controller drives a gateway over mutual TLS.
 
 mod support;
 
@@ -78,6 +80,7 @@ fn listeners_speak_tls_require_client_certificates_where_asked_and_rotate_withou
         "[server]\n",
         &format!(
             "[admin]\ntls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{clients}\" }}\n\n\
+             [metrics]\ntls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{clients}\" }}\n\n\
              [server]\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n"
         ),
     );
@@ -108,6 +111,29 @@ fn listeners_speak_tls_require_client_certificates_where_asked_and_rotate_withou
     let (client_cert, client_key) = (path("client.crt"), path("client.key"));
     let routes = ctl(&["--tls-cert", &client_cert, "--tls-key", &client_key]).ok();
     assert!(routes.stdout.contains("demo"), "{routes:?}");
+
+    // So does /metrics: HTTPS only, and a scraper needs a certificate.
+    let metrics = served.metrics_addr();
+    let (first_ca, identity) = (dir.path().join("first-ca.crt"), dir.path().join("client"));
+    let (certificate, private_key) = (
+        identity.with_extension("crt"),
+        identity.with_extension("key"),
+    );
+    let (status, _, body) = scrape_tls(metrics, &first_ca, Some((&certificate, &private_key)))
+        .expect("a scraper with a certificate gets in");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("aviary_requests_total"), "{body}");
+    scrape_tls(metrics, &first_ca, None).expect_err("no certificate, no metrics");
+    let plain = std::net::TcpStream::connect(metrics).and_then(|mut stream| {
+        use std::io::{Read, Write};
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: aviary\r\n\r\n")?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).map(|_| answer)
+    });
+    assert!(
+        !plain.is_ok_and(|answer| String::from_utf8_lossy(&answer).contains("aviary_")),
+        "plaintext HTTP gets no metrics"
+    );
 
     // Rotation: a certificate from another CA replaces the files; new handshakes use it.
     let second_ca = Ca::new("second CA");
@@ -148,7 +174,7 @@ fn the_gateway_calls_its_workers_over_tls_presenting_its_certificate() {
         path("worker.key"),
         path("gateway-ca.crt"),
     );
-    let (_worker, plain) = start_worker_args(
+    let (mut worker, plain) = start_worker_args(
         &models,
         1,
         &[
@@ -158,8 +184,20 @@ fn the_gateway_calls_its_workers_over_tls_presenting_its_certificate() {
             &worker_key,
             "--tls-client-ca",
             &clients,
+            "--metrics-tls",
         ],
     );
+    // Its /metrics takes the same files: HTTPS, and a client certificate.
+    let metrics = worker.wait_address("aviary: metrics listening on ");
+    let worker_ca = dir.path().join("worker-ca.crt");
+    let identity = (
+        dir.path().join("gateway.crt"),
+        dir.path().join("gateway.key"),
+    );
+    let (status, _, _) = scrape_tls(metrics, &worker_ca, Some((&identity.0, &identity.1)))
+        .expect("a scraper with a certificate gets in");
+    assert!(status.contains("200"), "{status}");
+    scrape_tls(metrics, &worker_ca, None).expect_err("no certificate, no metrics");
     let https = plain.replace("http://", "https://");
     let gateway = |tls: &str, endpoint: &str| {
         Served::gateway(
@@ -185,4 +223,86 @@ fn the_gateway_calls_its_workers_over_tls_presenting_its_certificate() {
     infer(&refused.addr, &[]).failed();
     let plaintext = gateway(&with_certificate, &plain);
     infer(&plaintext.addr, &[]).failed();
+}
+
+#[test]
+fn a_controller_drives_a_gateway_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let gateway_ca = Ca::new("gateway CA");
+    let controller_ca = Ca::new("controller CA");
+    let (cert, key) = gateway_ca.issue(&["localhost", "127.0.0.1"]);
+    let (controller_cert, controller_key) = controller_ca.issue(&["controller"]);
+    for (name, text) in [
+        ("gateway.crt", &cert),
+        ("gateway.key", &key),
+        ("gateway-ca.crt", &gateway_ca.pem),
+        ("controller-ca.crt", &controller_ca.pem),
+        ("controller.crt", &controller_cert),
+        ("controller.key", &controller_key),
+    ] {
+        std::fs::write(path(name), text).expect("write");
+    }
+    let config = format!(
+        "[admin]\ntls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}\n\n[rollouts]\ncontrolled = true\n\n{}",
+        path("gateway.crt"),
+        path("gateway.key"),
+        path("controller-ca.crt"),
+        demo_config()
+    );
+    let gateway = Served::start(&config, &[]);
+    let gateways = gateway.admin.trim_start_matches("http://").to_owned();
+    let start_controller = |identity: &[&str]| {
+        let ca = path("gateway-ca.crt");
+        let mut args = vec![
+            "controller",
+            "--gateways",
+            gateways.as_str(),
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--gateway-tls-ca",
+            ca.as_str(),
+        ];
+        args.extend_from_slice(identity);
+        let mut controller = Process::spawn(&args, &[]);
+        let admin = format!("http://{}", controller.wait_admin());
+        (controller, admin)
+    };
+    let start_rollout = |admin: &str| {
+        let mut args = vec!["ctl", "--admin", admin];
+        args.extend(DEMO_ROLLOUT);
+        run(&args, &[])
+    };
+
+    // Without a certificate of its own the gateway's admin listener refuses it.
+    let (_anonymous, admin) = start_controller(&[]);
+    start_rollout(&admin).failed();
+
+    let (cert, key) = (path("controller.crt"), path("controller.key"));
+    let (_controller, admin) =
+        start_controller(&["--gateway-tls-cert", &cert, "--gateway-tls-key", &key]);
+    start_rollout(&admin).ok();
+    let tls_ca = path("gateway-ca.crt");
+    let routes = run(
+        &[
+            "ctl",
+            "--admin",
+            &gateway.admin.replace("http://", "https://"),
+            "--tls-ca",
+            &tls_ca,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "routes",
+            "--json",
+        ],
+        &[],
+    )
+    .json();
+    let canary =
+        route_of(&routes, "demo").and_then(|versions| versions.into_iter().find(|(v, _)| v == "2"));
+    assert_eq!(canary, Some(("2".to_owned(), 50)), "{routes:#}");
 }

@@ -78,12 +78,19 @@ pub struct Gateway {
     inference_tls: Option<Arc<ServerTls>>,
     /// TLS on the admin listener, when `[admin] tls` is set.
     admin_tls: Option<Arc<ServerTls>>,
+    /// TLS on `/metrics`, when `[metrics] tls` is set.
+    metrics_tls: Option<Arc<ServerTls>>,
 }
 
-/// The TLS of a listener configured by `tls` (at `field`), its files read now.
-fn open_tls(field: &str, tls: Option<&TlsConfig>) -> Result<Option<Arc<ServerTls>>, GatewayError> {
+/// The TLS of a listener configured by `tls` (at `field`) offering `alpn`, its files
+/// read now.
+fn open_tls(
+    field: &str,
+    tls: Option<&TlsConfig>,
+    alpn: &[&[u8]],
+) -> Result<Option<Arc<ServerTls>>, GatewayError> {
     tls.map(|tls| {
-        ServerTls::open(tls.files(), &[b"h2"]).map_err(|error| GatewayError::Config {
+        ServerTls::open(tls.files(), alpn).map_err(|error| GatewayError::Config {
             path: field.to_owned(),
             message: error.to_string(),
         })
@@ -194,13 +201,19 @@ impl Gateway {
             .as_deref()
             .map(Keys::open)
             .transpose()?;
-        let inference_tls = open_tls("server.tls", config.server.tls.as_ref())?;
-        let admin_tls = open_tls("admin.tls", config.admin.tls.as_ref())?;
+        let inference_tls = open_tls("server.tls", config.server.tls.as_ref(), &[b"h2"])?;
+        let admin_tls = open_tls("admin.tls", config.admin.tls.as_ref(), &[b"h2"])?;
+        let metrics_tls = open_tls(
+            "metrics.tls",
+            config.metrics.tls.as_ref(),
+            aviary::metrics::ALPN,
+        )?;
         let peer_limits = config.server.peer_rate_limit.map(PeerLimits::new);
         Ok(Gateway {
             peer_limits,
             inference_tls,
             admin_tls,
+            metrics_tls,
             config,
             control,
             ready: Arc::new(AtomicBool::new(false)),
@@ -258,7 +271,10 @@ impl Gateway {
         server::set_serving(&health, false).await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
-        for tls in [&self.inference_tls, &self.admin_tls].into_iter().flatten() {
+        for tls in [&self.inference_tls, &self.admin_tls, &self.metrics_tls]
+            .into_iter()
+            .flatten()
+        {
             tasks.spawn(Arc::clone(tls).watch());
         }
         tasks.spawn(track_readiness(
@@ -358,12 +374,13 @@ impl Gateway {
         }
         if let Some(listener) = listeners.metrics {
             let registry = Arc::new(self.registry());
+            let tls = self.metrics_tls.clone();
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await.map(|_| ());
                 };
-                if let Err(error) = aviary::metrics::serve(listener, registry, stopped).await {
+                if let Err(error) = aviary::metrics::serve(listener, tls, registry, stopped).await {
                     tracing::error!(%error, "metrics endpoint stopped");
                 }
             });

@@ -376,6 +376,10 @@ pub struct MetricsConfig {
     /// Whether to serve `/metrics` at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// HTTPS, and with `client_ca` scrapers must present a certificate; unset:
+    /// plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for MetricsConfig {
@@ -383,6 +387,7 @@ impl Default for MetricsConfig {
         MetricsConfig {
             listen: None,
             enabled: true,
+            tls: None,
         }
     }
 }
@@ -799,9 +804,13 @@ impl Config {
         if let Some(keys) = config.auth.keys_file.as_mut().filter(|p| p.is_relative()) {
             *keys = base.join(&*keys);
         }
-        for tls in [config.server.tls.as_mut(), config.admin.tls.as_mut()]
-            .into_iter()
-            .flatten()
+        for tls in [
+            config.server.tls.as_mut(),
+            config.admin.tls.as_mut(),
+            config.metrics.tls.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             tls.resolve(base);
         }

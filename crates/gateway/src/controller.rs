@@ -28,10 +28,14 @@ pub struct ControllerOptions {
     pub state_file: Option<PathBuf>,
     /// TLS on the admin listener; `None`: plaintext.
     pub tls: Option<Arc<aviary::tls::ServerTls>>,
+    /// TLS on `/metrics`; `None`: plaintext.
+    pub metrics_tls: Option<Arc<aviary::tls::ServerTls>>,
     /// What checks every call to the admin listener (API keys).
     pub checks: aviary::calls::CallChecks,
     /// The `authorization` header sent to the gateways (an `admin` key of theirs).
     pub gateway_authorization: Option<http::HeaderValue>,
+    /// TLS to the gateways' admin listeners; `None`: plaintext.
+    pub gateway_tls: Option<aviary::client::ClientTlsFiles>,
 }
 
 impl Default for ControllerOptions {
@@ -39,8 +43,10 @@ impl Default for ControllerOptions {
         ControllerOptions {
             evaluate_interval: Duration::from_secs(5),
             tls: None,
+            metrics_tls: None,
             checks: aviary::calls::CallChecks::default(),
             gateway_authorization: None,
+            gateway_tls: None,
             state_file: None,
         }
     }
@@ -67,6 +73,9 @@ where
     if let Some(authorization) = options.gateway_authorization {
         target = target.with_authorization(authorization);
     }
+    if let Some(files) = options.gateway_tls {
+        target = target.with_tls(files);
+    }
     let controller = Arc::new(Driver::open(target, options.state_file).await?);
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(metrics) = metrics {
@@ -75,6 +84,7 @@ where
         let mut stopped = stop_rx.clone();
         tokio::spawn(aviary::metrics::serve(
             metrics,
+            options.metrics_tls,
             Arc::new(registry),
             async move {
                 let _ = stopped.wait_for(|stop| *stop).await;

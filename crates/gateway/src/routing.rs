@@ -80,15 +80,8 @@ impl Routing {
             worker_calls,
             generation,
         } = inputs;
-        check_endpoints(explicit, worker.is_some())?;
-        check_limits(explicit)?;
         let (routes, inventory) = with_implicit_routes(explicit, worker, hidden);
-        let specs: BTreeMap<String, RouteSpec> = routes
-            .iter()
-            .map(|(model, route)| (model.clone(), route.spec()))
-            .collect();
-        let table = RouteTable::compile(&specs, &inventory)?;
-        check_fallbacks(&routes, &table)?;
+        let table = check_routes(&routes, worker.is_some(), &inventory)?;
 
         let mut factory = BackendFactory {
             worker,
@@ -235,6 +228,26 @@ impl Routing {
     pub fn remotes(&self) -> &[Arc<dyn Backend>] {
         &self.remotes
     }
+}
+
+/// Checks `routes` as [`Routing::build`] does before it makes any backend, and compiles
+/// them: every version has an endpoint unless `embedded`, limits can work, each route
+/// fits `inventory` (the versions that exist), every fallback is routable. Pure: no
+/// I/O, so the fuzz targets run it on arbitrary routes.
+pub fn check_routes(
+    routes: &Routes,
+    embedded: bool,
+    inventory: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<RouteTable, GatewayError> {
+    check_endpoints(routes, embedded)?;
+    check_limits(routes)?;
+    let specs: BTreeMap<String, RouteSpec> = routes
+        .iter()
+        .map(|(model, route)| (model.clone(), route.spec()))
+        .collect();
+    let table = RouteTable::compile(&specs, inventory)?;
+    check_fallbacks(routes, &table)?;
+    Ok(table)
 }
 
 /// Every fallback that names a version no route can serve.

@@ -840,20 +840,46 @@ pub async fn successes(worker: &str, version: &str) -> u64 {
 
 /// `GET /metrics` over plain HTTP/1.1: the status line and the body.
 pub fn scrape(addr: SocketAddr) -> (String, String, String) {
-    let mut stream = TcpStream::connect(addr).expect("the metrics endpoint accepts");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: aviary\r\nConnection: close\r\n\r\n")
-        .expect("request written");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("answer read");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let stream = TcpStream::connect(addr).expect("the metrics endpoint accepts");
+    get_metrics(stream).expect("an answer")
+}
+
+/// `GET /metrics` over HTTPS, trusting the CA in `ca` and presenting `identity`
+/// (certificate and key files) when given; the error of a refused handshake.
+pub fn scrape_tls(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> std::io::Result<(String, String, String)> {
+    use tokio_rustls::rustls::{ClientConnection, StreamOwned, pki_types::ServerName};
+    let config =
+        aviary::tls::client_config(ca, identity, &[b"http/1.1"]).map_err(std::io::Error::other)?;
+    let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+    let session = ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
+    get_metrics(StreamOwned::new(session, TcpStream::connect(addr)?))
+}
+
+/// The HTTP/1.1 exchange of a scrape over `stream`: status line, content type, body.
+fn get_metrics(mut stream: impl Read + Write) -> std::io::Result<(String, String, String)> {
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: aviary\r\nConnection: close\r\n\r\n")?;
+    let mut answer = Vec::new();
+    // A TLS peer that closes without close_notify still sent the whole answer.
+    if let Err(error) = stream.read_to_end(&mut answer)
+        && (answer.is_empty() || error.kind() != std::io::ErrorKind::UnexpectedEof)
+    {
+        return Err(error);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no head and body in {answer:?}")))?;
     let status = head.lines().next().unwrap_or_default().to_owned();
     let content_type = head
         .lines()
         .find_map(|l| l.strip_prefix("content-type: "))
         .unwrap_or_default()
         .to_owned();
-    (status, content_type, body.to_owned())
+    Ok((status, content_type, body.to_owned()))
 }
 
 /// Every sample line as `name{labels}` → value.

@@ -28,7 +28,7 @@ impl AuditService {
 }
 
 /// The filter and limit `query` asks for, or INVALID_ARGUMENT naming the field.
-fn filter_of(query: AuditQuery) -> Result<(Filter, usize), Status> {
+pub fn filter_of(query: AuditQuery) -> Result<(Filter, usize), Status> {
     let kinds = query
         .kinds
         .iter()

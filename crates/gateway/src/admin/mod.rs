@@ -11,6 +11,9 @@
 //! - `fleet`: what a controller uses on the gateways it drives.
 //! - `dead_letters`: list and replay the requests kept after they finally failed.
 //! - `audit`: queries over the audit trail.
+//!
+//! The conversions from a request message to what it asks for ([`plan_from_message`],
+//! [`filter_of`]) are pure and public: the fuzz targets run them on arbitrary messages.
 
 mod audit;
 mod dead_letters;
@@ -26,12 +29,12 @@ use aviary::calls::{CallChecks, Guarded};
 use tokio::net::TcpListener;
 use tonic::Status;
 
-pub use audit::AuditService;
+pub use audit::{AuditService, filter_of};
 pub use dead_letters::DeadLettersService;
 pub use experiments::ExperimentsService;
 pub use fleet::FleetService;
 pub use models::ModelsService;
-pub use rollouts::RolloutsService;
+pub use rollouts::{RolloutsService, plan_from_message};
 pub use routes::RoutesService;
 
 use crate::{

@@ -44,7 +44,10 @@ impl<T: Target> Rollouts for RolloutsService<T> {
         &self,
         request: Request<pb::RolloutPlan>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
-        let status = self.driver.start(plan_from(request.into_inner())).await?;
+        let status = self
+            .driver
+            .start(plan_from_message(request.into_inner()))
+            .await?;
         Ok(Response::new(status_message(&status)))
     }
 
@@ -87,7 +90,7 @@ impl<T: Target> Rollouts for RolloutsService<T> {
 }
 
 /// The router's plan from the admin message; an absent gate is the router's default.
-fn plan_from(message: pb::RolloutPlan) -> RolloutPlan {
+pub fn plan_from_message(message: pb::RolloutPlan) -> RolloutPlan {
     let defaults = Gates::error_rate(0.0);
     let gates = message.gates.unwrap_or_default();
     RolloutPlan {
@@ -213,6 +216,6 @@ mod tests {
                 ..Gates::error_rate(0.01)
             },
         };
-        assert_eq!(plan_from(plan_message(&plan)), plan);
+        assert_eq!(plan_from_message(plan_message(&plan)), plan);
     }
 }

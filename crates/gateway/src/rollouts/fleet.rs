@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use aviary::client::TokenChannel;
+use aviary::client::{ClientTlsFiles, TokenChannel};
 use aviary::pb::admin::{
     GetRoutesRequest, RolloutWeights as WeightsMessage, VariantStatsRequest,
     fleet_client::FleetClient, routes_client::RoutesClient,
@@ -49,6 +49,9 @@ pub struct RemoteGateways {
     channels: Mutex<HashMap<String, Channel>>,
     /// The `authorization` header sent to every gateway (they check it with `[auth]`).
     authorization: Option<http::HeaderValue>,
+    /// TLS to the gateways' admin listeners, and the files' modification times the
+    /// kept channels were made with.
+    tls: Option<(ClientTlsFiles, Mutex<Vec<Option<std::time::SystemTime>>>)>,
 }
 
 impl RemoteGateways {
@@ -62,7 +65,18 @@ impl RemoteGateways {
             lease: (evaluate_interval * LEASE_ROUNDS).max(MIN_LEASE),
             channels: Mutex::new(HashMap::new()),
             authorization: None,
+            tls: None,
         }
+    }
+
+    /// Calls the gateways over TLS: trusting `files.ca`, presenting `files.cert` and
+    /// `files.key` when set (admin listeners with a `client_ca`). A gateway's
+    /// certificate must name the host its address is written with (the DNS name with
+    /// [`Gateways::Dns`]). Rotated files are used from the next round on.
+    pub fn with_tls(mut self, files: ClientTlsFiles) -> RemoteGateways {
+        let modified = files.modified();
+        self.tls = Some((files, Mutex::new(modified)));
+        self
     }
 
     /// Sends `authorization` (an `admin` key of the gateways) with every call.
@@ -72,7 +86,9 @@ impl RemoteGateways {
     }
 
     /// The gateways' admin addresses now; a failed DNS lookup is logged and is none.
+    /// New TLS files, when they changed since the channels were made, drop the channels.
     async fn addresses(&self) -> Vec<String> {
+        self.reconnect_on_new_files();
         match &self.gateways {
             Gateways::List(list) => list.clone(),
             Gateways::Dns(name) => match tokio::net::lookup_host(name.as_str()).await {
@@ -93,14 +109,46 @@ impl RemoteGateways {
     /// A channel to the gateway's admin API, made once and kept (it reconnects by
     /// itself), sending the key.
     fn channel(&self, address: &str) -> Result<TokenChannel, String> {
-        let channel = self.plain_channel(address)?;
+        let channel = self.kept_channel(address)?;
         Ok(TokenChannel::with_authorization(
             channel,
             self.authorization.clone(),
         ))
     }
 
-    fn plain_channel(&self, address: &str) -> Result<Channel, String> {
+    fn reconnect_on_new_files(&self) {
+        let Some((files, made_with)) = &self.tls else {
+            return;
+        };
+        let now = files.modified();
+        let mut made_with = made_with
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *made_with != now {
+            tracing::info!("the TLS files to the gateways changed: reconnecting with them");
+            *made_with = now;
+            self.channels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
+        }
+    }
+
+    /// The host a gateway's certificate must name: the DNS name's, or the address's.
+    fn server_name(&self, address: &str) -> String {
+        let written = match &self.gateways {
+            Gateways::Dns(name) => name.as_str(),
+            Gateways::List(_) => address,
+        };
+        let host = written
+            .rsplit_once(':')
+            .map_or(written, |(host, _port)| host);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned()
+    }
+
+    fn kept_channel(&self, address: &str) -> Result<Channel, String> {
         // The map only ever gains complete entries, so a poisoned lock holds good data.
         let mut channels = self
             .channels
@@ -109,8 +157,20 @@ impl RemoteGateways {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| e.to_string())?
+        let endpoint = match &self.tls {
+            None => tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| e.to_string())?,
+            Some((files, _)) => {
+                let config = files
+                    .tonic_config()
+                    .map_err(|e| e.to_string())?
+                    .domain_name(self.server_name(address));
+                tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+                    .and_then(|endpoint| endpoint.tls_config(config))
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        let channel = endpoint
             .connect_timeout(GATEWAY_TIMEOUT)
             .timeout(GATEWAY_TIMEOUT)
             .connect_lazy();
