@@ -3,7 +3,8 @@
 //! `/metrics` with a client CA refuse a client without a certificate; and rotated
 //! certificate files are used by new handshakes without a restart. A worker serves
 //! its gRPC port and `/metrics` over TLS, and the gateway calls it presenting its own
-//! certificate; a controller drives a gateway over mutual TLS.
+//! certificate; a controller drives a gateway over mutual TLS, its certificate its
+//! identity in the gateway's keys file.
 
 mod support;
 
@@ -233,6 +234,7 @@ fn a_controller_drives_a_gateway_over_mutual_tls() {
     let controller_ca = Ca::new("controller CA");
     let (cert, key) = gateway_ca.issue(&["localhost", "127.0.0.1"]);
     let (controller_cert, controller_key) = controller_ca.issue(&["controller"]);
+    let (viewer_cert, viewer_key) = controller_ca.issue(&["viewer.ops.example"]);
     for (name, text) in [
         ("gateway.crt", &cert),
         ("gateway.key", &key),
@@ -240,14 +242,25 @@ fn a_controller_drives_a_gateway_over_mutual_tls() {
         ("controller-ca.crt", &controller_ca.pem),
         ("controller.crt", &controller_cert),
         ("controller.key", &controller_key),
+        ("viewer.crt", &viewer_cert),
+        ("viewer.key", &viewer_key),
     ] {
         std::fs::write(path(name), text).expect("write");
     }
+    // Callers are their certificates: the controller is admin, the viewer may read.
+    std::fs::write(
+        path("keys.toml"),
+        "[[keys]]\nname = \"controller\"\nclient_cert = \"controller\"\nroles = [\"admin\"]\n\n\
+         [[keys]]\nname = \"viewer\"\nclient_cert = \"viewer.ops.example\"\nroles = [\"read\"]\n",
+    )
+    .expect("write keys");
     let config = format!(
-        "[admin]\ntls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}\n\n[rollouts]\ncontrolled = true\n\n{}",
+        "[admin]\ntls = {{ cert = \"{}\", key = \"{}\", client_ca = \"{}\" }}\n\n\
+         [auth]\nkeys_file = \"{}\"\n\n[rollouts]\ncontrolled = true\n\n{}",
         path("gateway.crt"),
         path("gateway.key"),
         path("controller-ca.crt"),
+        path("keys.toml"),
         demo_config()
     );
     let gateway = Served::start(&config, &[]);
@@ -285,23 +298,30 @@ fn a_controller_drives_a_gateway_over_mutual_tls() {
         start_controller(&["--gateway-tls-cert", &cert, "--gateway-tls-key", &key]);
     start_rollout(&admin).ok();
     let tls_ca = path("gateway-ca.crt");
-    let routes = run(
-        &[
+    let https = gateway.admin.replace("http://", "https://");
+    let (viewer_cert, viewer_key) = (path("viewer.crt"), path("viewer.key"));
+    let as_viewer = |args: &[&str]| {
+        let mut all = vec![
             "ctl",
             "--admin",
-            &gateway.admin.replace("http://", "https://"),
+            https.as_str(),
             "--tls-ca",
-            &tls_ca,
+            tls_ca.as_str(),
             "--tls-cert",
-            &cert,
+            viewer_cert.as_str(),
             "--tls-key",
-            &key,
-            "routes",
-            "--json",
-        ],
-        &[],
-    )
-    .json();
+            viewer_key.as_str(),
+        ];
+        all.extend_from_slice(args);
+        run(&all, &[])
+    };
+    let routes = as_viewer(&["routes", "--json"]).json();
+    // The viewer's certificate grants read, not admin.
+    let denied = as_viewer(&["set-weights", "demo", "1=100", "2=0"]).failed();
+    assert!(
+        denied.stderr.contains("PermissionDenied") && denied.stderr.contains("viewer"),
+        "{denied:?}"
+    );
     let canary =
         route_of(&routes, "demo").and_then(|versions| versions.into_iter().find(|(v, _)| v == "2"));
     assert_eq!(canary, Some(("2".to_owned(), 50)), "{routes:#}");

@@ -1,5 +1,6 @@
 //! Who may call what on a gateway: API keys from a keys file (stored as SHA-256 hashes,
-//! never in the clear), the roles they grant, and the check every call to the
+//! never in the clear) and client certificates (mTLS identities, by the names in their
+//! subject alternative names), the roles they grant, and the check every call to the
 //! inference and admin listeners passes before it reaches its service.
 //!
 //! Roles: `infer` (inference, optionally on a list of models, and the metadata a client
@@ -16,9 +17,10 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary::calls::CallGuard;
+use aviary::{calls::CallGuard, tls::ConnInfo};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tonic::Status;
 
 use crate::GatewayError;
@@ -158,13 +160,18 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
     Some(roles)
 }
 
-/// One key in the keys file.
+/// One caller in the keys file: an API key, or a client certificate.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyEntry {
     name: String,
     /// Hex SHA-256 of the key: `printf %s "$KEY" | sha256sum`.
-    sha256: String,
+    #[serde(default)]
+    sha256: Option<String>,
+    /// A DNS or URI subject alternative name (e.g. a SPIFFE ID) of a client certificate
+    /// the listener's `client_ca` verified.
+    #[serde(default)]
+    client_cert: Option<String>,
     roles: Vec<Role>,
     #[serde(default)]
     models: Option<Vec<String>>,
@@ -202,10 +209,18 @@ struct KeysFile {
     keys: Vec<KeyEntry>,
 }
 
-/// The keys in force: identities by the SHA-256 of their key.
+/// The callers in force: identities by the SHA-256 of their key, and by the name in
+/// their client certificate.
 #[derive(Debug, Default)]
 pub struct KeyTable {
     by_hash: HashMap<[u8; 32], Arc<Identity>>,
+    by_cert: HashMap<String, Arc<Identity>>,
+}
+
+/// Where an entry's caller is recognised.
+enum Credential {
+    Key([u8; 32]),
+    Certificate(String),
 }
 
 impl KeyTable {
@@ -213,6 +228,7 @@ impl KeyTable {
     pub fn parse(text: &str) -> Result<KeyTable, String> {
         let file: KeysFile = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut by_hash = HashMap::new();
+        let mut by_cert = HashMap::new();
         let mut names = BTreeSet::new();
         let mut problems = Vec::new();
         for (i, key) in file.keys.into_iter().enumerate() {
@@ -226,11 +242,29 @@ impl KeyTable {
             if key.roles.is_empty() {
                 problems.push(format!("{at}.roles: grants nothing"));
             }
-            let Some(hash) = parse_hex_32(&key.sha256) else {
-                problems.push(format!(
-                    "{at}.sha256: not 64 hex digits (the SHA-256 of the key, e.g. `printf %s \"$KEY\" | sha256sum`)"
-                ));
-                continue;
+            let credential = match (key.sha256.as_deref(), key.client_cert.as_deref()) {
+                (Some(sha256), None) => match parse_hex_32(sha256) {
+                    Some(hash) => Credential::Key(hash),
+                    None => {
+                        problems.push(format!(
+                            "{at}.sha256: not 64 hex digits (the SHA-256 of the key, e.g. `printf %s \"$KEY\" | sha256sum`)"
+                        ));
+                        continue;
+                    }
+                },
+                (None, Some(name)) if !name.trim().is_empty() => {
+                    Credential::Certificate(name.trim().to_owned())
+                }
+                (None, Some(_)) => {
+                    problems.push(format!("{at}.client_cert: must not be empty"));
+                    continue;
+                }
+                _ => {
+                    problems.push(format!(
+                        "{at}: give either sha256 (an API key) or client_cert (a client certificate's name)"
+                    ));
+                    continue;
+                }
             };
             let limit = match key.rate_limit {
                 Some(limit) if !(limit.per_second > 0.0 && limit.per_second.is_finite()) => {
@@ -260,20 +294,48 @@ impl KeyTable {
                 models: key.models.map(|m| m.into_iter().collect()),
                 limit,
             };
-            if by_hash.insert(hash, Arc::new(identity)).is_some() {
-                problems.push(format!("{at}.sha256: the same key as another entry"));
+            match credential {
+                Credential::Key(hash) => {
+                    if by_hash.insert(hash, Arc::new(identity)).is_some() {
+                        problems.push(format!("{at}.sha256: the same key as another entry"));
+                    }
+                }
+                Credential::Certificate(name) => {
+                    if by_cert.insert(name, Arc::new(identity)).is_some() {
+                        problems.push(format!("{at}.client_cert: the same name as another entry"));
+                    }
+                }
             }
         }
         if problems.is_empty() {
-            Ok(KeyTable { by_hash })
+            Ok(KeyTable { by_hash, by_cert })
         } else {
             Err(problems.join("\n"))
         }
     }
 
-    /// The identity of the key in `headers` (`authorization: Bearer <key>`).
-    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Arc<Identity>, Status> {
+    /// How many callers the table knows.
+    pub fn len(&self) -> usize {
+        self.by_hash.len() + self.by_cert.len()
+    }
+
+    /// Whether it knows none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The caller: the key in `headers` (`authorization: Bearer <key>`) when one is
+    /// sent, else the client certificate of the connection (`peer`), when the listener
+    /// verified one and an entry names it.
+    pub fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        peer: Option<&ConnInfo>,
+    ) -> Result<Arc<Identity>, Status> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            if let Some(leaf) = peer.and_then(|p| p.peer_certs.as_ref()?.first()) {
+                return self.by_certificate(leaf);
+            }
             return Err(Status::unauthenticated(
                 "an API key is required: send the header `authorization: Bearer <key>` \
                  (aviary ctl/infer: --token or AVIARY_TOKEN)",
@@ -289,6 +351,31 @@ impl KeyTable {
             .get(&hash)
             .cloned()
             .ok_or_else(|| Status::unauthenticated("the API key is not valid (unknown or revoked)"))
+    }
+
+    /// The entry naming one of the DNS or URI names of the certificate `leaf` (which the
+    /// listener's client CA has verified).
+    fn by_certificate(&self, leaf: &CertificateDer<'_>) -> Result<Arc<Identity>, Status> {
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|error| {
+            Status::unauthenticated(format!("the client certificate cannot be read: {error}"))
+        })?;
+        let names: Vec<&str> = cert
+            .valid_dns_names()
+            .chain(cert.valid_uri_names())
+            .collect();
+        names
+            .iter()
+            .find_map(|name| self.by_cert.get(*name))
+            .cloned()
+            .ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "the client certificate ({}) is not in the keys file, and no API key was sent",
+                    match names.is_empty() {
+                        true => "no DNS or URI names".to_owned(),
+                        false => names.join(", "),
+                    }
+                ))
+            })
     }
 }
 
@@ -321,7 +408,7 @@ impl Keys {
     /// Reads the keys file at `path`; a missing or invalid file stops the start.
     pub fn open(path: &Path) -> Result<Arc<Keys>, GatewayError> {
         let table = read_table(path)?;
-        tracing::info!(path = %path.display(), keys = table.by_hash.len(), "API keys required");
+        tracing::info!(path = %path.display(), keys = table.len(), "API keys required");
         Ok(Arc::new(Keys {
             path: path.to_owned(),
             table: ArcSwap::from_pointee(table),
@@ -343,7 +430,7 @@ impl Keys {
                 seen = now;
                 match read_table(&keys.path) {
                     Ok(table) => {
-                        tracing::info!(path = %keys.path.display(), keys = table.by_hash.len(), "API keys reloaded");
+                        tracing::info!(path = %keys.path.display(), keys = table.len(), "API keys reloaded");
                         keys.table.store(Arc::new(table));
                     }
                     Err(error) => {
@@ -380,7 +467,10 @@ impl CallGuard for Keys {
         let Some(roles) = roles_for(path) else {
             return Ok(None);
         };
-        let identity = self.table.load().authenticate(headers)?;
+        let identity = self
+            .table
+            .load()
+            .authenticate(headers, extensions.get::<ConnInfo>())?;
         if !roles.iter().any(|&role| identity.has(role)) {
             let needed: Vec<&str> = roles.iter().map(|r| r.name()).collect();
             tracing::warn!(
@@ -496,6 +586,100 @@ mod tests {
                     limit: None,
                 })
             }))
+    }
+
+    /// The connection of a client that presented a certificate with `dns` and `uri`
+    /// subject alternative names.
+    fn presenting(dns: &[&str], uri: &[&str]) -> ConnInfo {
+        let mut params =
+            rcgen::CertificateParams::new(dns.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .expect("params");
+        for uri in uri {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::Ia5String::try_from(*uri).expect("ascii"),
+            ));
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("certificate");
+        ConnInfo {
+            remote: None,
+            peer_certs: Some(Arc::new(vec![cert.der().clone()])),
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_is_a_caller_by_its_dns_or_uri_name() {
+        let table = KeyTable::parse(&format!(
+            "[[keys]]\nname = \"ops\"\nclient_cert = \"spiffe://cluster.local/ns/ml/sa/ops\"\nroles = [\"admin\"]\n\n\
+             [[keys]]\nname = \"app\"\nclient_cert = \"app.ml.svc\"\nroles = [\"infer\"]\n\n\
+             [[keys]]\nname = \"script\"\nsha256 = \"{}\"\nroles = [\"read\"]\n",
+            hash(KEY)
+        ))
+        .expect("valid");
+        let none = http::HeaderMap::new();
+        let ops = presenting(
+            &["laptop.example"],
+            &["spiffe://cluster.local/ns/ml/sa/ops"],
+        );
+        assert_eq!(
+            &*table.authenticate(&none, Some(&ops)).expect("ops").name,
+            "ops"
+        );
+        let app = presenting(&["app.ml.svc"], &[]);
+        assert_eq!(
+            &*table.authenticate(&none, Some(&app)).expect("app").name,
+            "app"
+        );
+
+        // A key sent with the certificate decides: it is what the client chose to send.
+        let with_key = table
+            .authenticate(&bearer(KEY), Some(&ops))
+            .expect("script");
+        assert_eq!(&*with_key.name, "script");
+
+        let stranger = presenting(&["stranger.example"], &[]);
+        let refused = table
+            .authenticate(&none, Some(&stranger))
+            .expect_err("unknown certificate");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert!(
+            refused.message().contains("stranger.example"),
+            "{refused:?}"
+        );
+        let plain = ConnInfo {
+            remote: None,
+            peer_certs: None,
+        };
+        assert_eq!(
+            table
+                .authenticate(&none, Some(&plain))
+                .expect_err("nothing")
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn an_entry_is_a_key_or_a_certificate_never_both_or_neither() {
+        for (entry, problem) in [
+            (
+                format!("sha256 = \"{}\"\nclient_cert = \"a.svc\"", hash(KEY)),
+                "give either sha256",
+            ),
+            (String::new(), "give either sha256"),
+            (
+                "client_cert = \" \"".to_owned(),
+                "client_cert: must not be empty",
+            ),
+        ] {
+            let text = format!("[[keys]]\nname = \"x\"\n{entry}\nroles = [\"read\"]\n");
+            let error = KeyTable::parse(&text).expect_err(problem);
+            assert!(error.contains(problem), "{error}");
+        }
+        let twice = "[[keys]]\nname = \"a\"\nclient_cert = \"a.svc\"\nroles = [\"read\"]\n\n\
+                     [[keys]]\nname = \"b\"\nclient_cert = \"a.svc\"\nroles = [\"read\"]\n";
+        let error = KeyTable::parse(twice).expect_err("the same name twice");
+        assert!(error.contains("the same name as another entry"), "{error}");
     }
 
     #[test]
