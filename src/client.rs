@@ -366,9 +366,9 @@ fn encode(datatype: Datatype, leaves: &[&Value]) -> Result<Vec<u8>, String> {
     })
 }
 
-/// One decoded output: name, datatype, shape and values as JSON.
+/// One decoded tensor (an input or an output): name, datatype, shape and values as JSON.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct DecodedOutput {
+pub struct DecodedTensor {
     /// Output name.
     pub name: String,
     /// Datatype.
@@ -380,7 +380,7 @@ pub struct DecodedOutput {
 }
 
 /// Decodes every output of a response (raw or typed contents).
-pub fn decode_response(response: &ModelInferResponse) -> Result<Vec<DecodedOutput>, String> {
+pub fn decode_response(response: &ModelInferResponse) -> Result<Vec<DecodedTensor>, String> {
     response
         .outputs
         .iter()
@@ -400,7 +400,7 @@ pub fn decode_response(response: &ModelInferResponse) -> Result<Vec<DecodedOutpu
             })?;
             let data = decode_raw(datatype, raw, &output.shape)
                 .map_err(|e| format!("output \"{}\": {e}", output.name))?;
-            Ok(DecodedOutput {
+            Ok(DecodedTensor {
                 name: output.name.clone(),
                 datatype: output.datatype.clone(),
                 shape: output.shape.clone(),
@@ -408,6 +408,58 @@ pub fn decode_response(response: &ModelInferResponse) -> Result<Vec<DecodedOutpu
             })
         })
         .collect()
+}
+
+/// Decodes every input of a request (raw or typed contents), as [`decode_response`]
+/// does a response's outputs. FP16 and BF16 have no typed field: they are raw or absent.
+pub fn decode_request(request: &ModelInferRequest) -> Result<Vec<DecodedTensor>, String> {
+    request
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let datatype = Datatype::parse(&input.datatype).ok_or_else(|| {
+                format!(
+                    "input \"{}\": unknown datatype {}",
+                    input.name, input.datatype
+                )
+            })?;
+            let data = match (request.raw_input_contents.get(i), &input.contents) {
+                (Some(raw), _) => decode_raw(datatype, raw, &input.shape),
+                (None, Some(typed)) => Ok(typed_values(datatype, typed)),
+                (None, None) => Err("no contents".to_owned()),
+            }
+            .map_err(|e| format!("input \"{}\": {e}", input.name))?;
+            Ok(DecodedTensor {
+                name: input.name.clone(),
+                datatype: input.datatype.clone(),
+                shape: input.shape.clone(),
+                data,
+            })
+        })
+        .collect()
+}
+
+/// The values of the typed contents field that carries `datatype`.
+fn typed_values(datatype: Datatype, typed: &crate::contents::InferTensorContents) -> Vec<Value> {
+    fn all<T: Clone + Into<Value>>(values: &[T]) -> Vec<Value> {
+        values.iter().cloned().map(Into::into).collect()
+    }
+    match datatype {
+        Datatype::Bool => all(&typed.bool_contents),
+        Datatype::Int8 | Datatype::Int16 | Datatype::Int32 => all(&typed.int_contents),
+        Datatype::Int64 => all(&typed.int64_contents),
+        Datatype::Uint8 | Datatype::Uint16 | Datatype::Uint32 => all(&typed.uint_contents),
+        Datatype::Uint64 => all(&typed.uint64_contents),
+        Datatype::Fp32 => all(&typed.fp32_contents),
+        Datatype::Fp64 => all(&typed.fp64_contents),
+        Datatype::Fp16 | Datatype::Bf16 => Vec::new(),
+        Datatype::Bytes => typed
+            .bytes_contents
+            .iter()
+            .map(|e| Value::from(String::from_utf8_lossy(e).into_owned()))
+            .collect(),
+    }
 }
 
 fn decode_raw(datatype: Datatype, raw: &[u8], shape: &[i64]) -> Result<Vec<Value>, String> {

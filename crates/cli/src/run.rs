@@ -391,7 +391,7 @@ async fn infer(args: InferArgs) -> anyhow::Result<()> {
     let request = client::build_request(&metadata, target.version.as_deref(), &inputs)?;
 
     let mut by_version: BTreeMap<String, u64> = BTreeMap::new();
-    let mut first: BTreeMap<String, Vec<client::DecodedOutput>> = BTreeMap::new();
+    let mut first: BTreeMap<String, Vec<client::DecodedTensor>> = BTreeMap::new();
     let mut elapsed = Duration::ZERO;
     for _ in 0..args.repeat.max(1) {
         let started = std::time::Instant::now();

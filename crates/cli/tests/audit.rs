@@ -257,6 +257,70 @@ fn changes_and_predictions_are_recorded_with_who_and_what_and_no_key_in_the_clea
 }
 
 #[test]
+fn predictions_carry_their_inputs_and_outputs_within_the_size_cap() {
+    let records = |max_payload_bytes: usize| {
+        let config = format!(
+            "[audit]\ndir = \"audit\"\npredictions = 1.0\npayloads = true\n\
+             max_payload_bytes = {max_payload_bytes}\n\n{}",
+            demo_config()
+        );
+        let served = Served::start(&config, &[]);
+        run(
+            &[
+                "infer",
+                "--addr",
+                &served.addr,
+                "--model",
+                "demo",
+                "-i",
+                ROW,
+            ],
+            &[],
+        )
+        .ok();
+        let output = served
+            .ctl(&["audit", "query", "--json", "--kind", "prediction"])
+            .ok();
+        output
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str::<Value>(l).expect("a JSON record"))
+            .collect::<Vec<_>>()
+    };
+
+    let roomy = records(16 * 1024);
+    assert_eq!(roomy.len(), 1, "{roomy:#?}");
+    let inputs = &roomy[0]["inputs"];
+    assert_eq!(inputs[0]["name"], "input", "{inputs}");
+    assert_eq!(inputs[0]["shape"], serde_json::json!([1, 4]), "{inputs}");
+    let values: Vec<f64> = serde_json::from_value(inputs[0]["data"].clone()).expect("numbers");
+    let sent = [5.1, 3.5, 1.4, 0.2];
+    assert!(
+        values.iter().zip(sent).all(|(v, s)| (v - s).abs() < 1e-6),
+        "{values:?}"
+    );
+    let outputs = roomy[0]["outputs"].as_array().expect("the outputs");
+    assert!(
+        outputs
+            .iter()
+            .all(|o| o["data"].as_array().is_some_and(|d| !d.is_empty())),
+        "{outputs:?}"
+    );
+
+    // Over the cap, each payload is left out and the record says so.
+    let tight = records(16);
+    assert_eq!(tight.len(), 1, "{tight:#?}");
+    for field in ["inputs", "outputs"] {
+        let note = tight[0][field].as_str().unwrap_or_default();
+        assert!(
+            note.starts_with("not recorded") && note.contains("max_payload_bytes (16)"),
+            "{field}: {note}"
+        );
+    }
+}
+
+#[test]
 fn a_gateway_without_a_trail_says_how_to_keep_one() {
     let served = Served::demo();
     let refused = served.ctl(&["audit", "tail"]).failed();

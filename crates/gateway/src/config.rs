@@ -435,6 +435,15 @@ pub struct AuditConfig {
     /// The share of predictions recorded, 0 (none, the default) to 1 (every one).
     #[serde(default)]
     pub predictions: f64,
+    /// Whether a recorded prediction carries its inputs and outputs (as JSON values),
+    /// for debugging; each is left out, with its size said, when its JSON is over
+    /// `max_payload_bytes`.
+    #[serde(default)]
+    pub payloads: bool,
+    /// The largest inputs (and, apart, outputs) a prediction record carries, in bytes
+    /// of JSON.
+    #[serde(default = "default_audit_max_payload_bytes")]
+    pub max_payload_bytes: usize,
     /// Records waiting to be written at most; more are dropped and counted (the
     /// request path never waits for the disk).
     #[serde(default = "default_audit_queue")]
@@ -458,6 +467,8 @@ impl Default for AuditConfig {
         AuditConfig {
             dir: None,
             predictions: 0.0,
+            payloads: false,
+            max_payload_bytes: default_audit_max_payload_bytes(),
             queue: default_audit_queue(),
             max_file_bytes: default_audit_max_file_bytes(),
             max_total_bytes: default_audit_max_total_bytes(),
@@ -465,6 +476,10 @@ impl Default for AuditConfig {
             hmac_key_file: None,
         }
     }
+}
+
+fn default_audit_max_payload_bytes() -> usize {
+    16 * 1024
 }
 
 fn default_audit_queue() -> usize {

@@ -48,6 +48,8 @@ struct Trail {
     sender: mpsc::SyncSender<Message>,
     dir: PathBuf,
     predictions: f64,
+    /// The cap of a prediction record's inputs and outputs; `None`: not recorded.
+    payload_cap: Option<usize>,
     pseudonyms: Pseudonyms,
     counts: Arc<Counts>,
 }
@@ -141,6 +143,7 @@ impl Audit {
                 sender,
                 dir: dir.clone(),
                 predictions: config.predictions,
+                payload_cap: config.payloads.then_some(config.max_payload_bytes),
                 pseudonyms,
                 counts,
             })),
@@ -184,6 +187,12 @@ impl Audit {
             Some(trail) if trail.predictions > 0.0 => rand::rng().random_bool(trail.predictions),
             _ => false,
         }
+    }
+
+    /// The most bytes of JSON a prediction record's inputs (or outputs) may take;
+    /// `None` when predictions carry no payloads.
+    pub fn payload_cap(&self) -> Option<usize> {
+        self.trail.as_ref().and_then(|t| t.payload_cap)
     }
 
     /// The pseudonym of `value` (a sticky key, a user id); `None` when the trail is off.
@@ -303,6 +312,7 @@ mod tests {
                 sender,
                 dir: PathBuf::new(),
                 predictions: 0.0,
+                payload_cap: None,
                 pseudonyms: Pseudonyms::with_secret(b"0123456789abcdef".to_vec()),
                 counts: Arc::default(),
             })),

@@ -1,7 +1,8 @@
 //! The audit record of one prediction: what is taken from the request before it is
 //! served (its id, a hash of its inputs, the pseudonym of its sticky key, the routing
-//! reason) and what is added once it is answered (the version and model file that
-//! answered, the status, the latency).
+//! reason, and with `[audit] payloads` the inputs themselves) and what is added once it
+//! is answered (the version and model file that answered, the status, the latency, and
+//! the outputs).
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ pub struct PendingPrediction {
     inputs_hash: String,
     subject: Option<String>,
     reason: &'static str,
+    inputs: Option<serde_json::Value>,
 }
 
 impl PendingPrediction {
@@ -46,6 +48,9 @@ impl PendingPrediction {
             inputs_hash: inputs_hash(request),
             subject,
             reason,
+            inputs: audit
+                .payload_cap()
+                .map(|cap| capped(aviary::client::decode_request(request), cap)),
         }
     }
 
@@ -73,14 +78,41 @@ impl PendingPrediction {
                 } else if string_parameter(response, CACHE_PARAMETER).as_deref() == Some("hit") {
                     record.reason = Some("cache".to_owned());
                 }
+                record.outputs = audit
+                    .payload_cap()
+                    .map(|cap| capped(aviary::client::decode_response(response), cap));
             }
             Err(error) => record = record.about(model, Some(version)).outcome(&error.status()),
         }
         record.request_id = Some(self.request_id).filter(|id| !id.is_empty());
         record.latency_us = Some(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
         record.inputs_hash = Some(self.inputs_hash);
+        record.inputs = self.inputs;
         record.subject = self.subject;
         audit.record(record);
+    }
+}
+
+/// The tensors as JSON when they fit in `cap` bytes of it; otherwise, or when they do
+/// not decode, a string saying so (the record stays bounded and says what is missing).
+fn capped(
+    tensors: Result<Vec<aviary::client::DecodedTensor>, String>,
+    cap: usize,
+) -> serde_json::Value {
+    let tensors = match tensors {
+        Ok(tensors) => tensors,
+        Err(error) => return format!("not recorded: {error}").into(),
+    };
+    match serde_json::to_vec(&tensors) {
+        Ok(json) if json.len() <= cap => {
+            serde_json::to_value(&tensors).unwrap_or_else(|e| e.to_string().into())
+        }
+        Ok(json) => format!(
+            "not recorded: {} bytes of JSON, over audit.max_payload_bytes ({cap})",
+            json.len()
+        )
+        .into(),
+        Err(error) => format!("not recorded: {error}").into(),
     }
 }
 

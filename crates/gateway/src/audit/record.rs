@@ -98,6 +98,13 @@ pub struct Record {
     /// BLAKE3 of the request's inputs (names, datatypes, shapes, contents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs_hash: Option<String>,
+    /// The request's inputs (`[audit] payloads`): name, datatype, shape and values of
+    /// each, or a string saying why they are left out (over the size cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<serde_json::Value>,
+    /// The answer's outputs, the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<serde_json::Value>,
     /// The pseudonym of the request's sticky key (a keyed HMAC, never the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
@@ -126,6 +133,8 @@ impl Record {
             request_id: None,
             latency_us: None,
             inputs_hash: None,
+            inputs: None,
+            outputs: None,
             subject: None,
             generation: None,
         }
