@@ -3,7 +3,7 @@
 //! `/metrics` with a client CA refuse a client without a certificate; and rotated
 //! certificate files are used by new handshakes without a restart. A worker serves
 //! its gRPC port and `/metrics` over TLS, and the gateway calls it presenting its own
-//! certificate; a controller drives a gateway over mutual TLS, its certificate its
+//! certificate, rotated without a restart; a controller drives a gateway over mutual TLS, its certificate its
 //! identity in the gateway's keys file.
 
 mod support;
@@ -224,6 +224,29 @@ fn the_gateway_calls_its_workers_over_tls_presenting_its_certificate() {
     infer(&refused.addr, &[]).failed();
     let plaintext = gateway(&with_certificate, &plain);
     infer(&plaintext.addr, &[]).failed();
+
+    // A certificate the worker does not trust is refused; once the files are rotated to
+    // one it does, new connections present it, without a restart.
+    let stranger = Ca::new("stranger CA");
+    let (untrusted_cert, untrusted_key) = stranger.issue(&["gateway"]);
+    std::fs::write(path("rotating.crt"), &untrusted_cert).expect("write");
+    std::fs::write(path("rotating.key"), &untrusted_key).expect("write");
+    let rotating = format!(
+        "{{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
+        path("worker-ca.crt"),
+        path("rotating.crt"),
+        path("rotating.key")
+    );
+    let mut rotated = gateway(&rotating, &https);
+    infer(&rotated.addr, &[]).failed();
+    let (trusted_cert, trusted_key) = gateway_ca.issue(&["gateway"]);
+    replace(&dir.path().join("rotating.key"), &trusted_key);
+    replace(&dir.path().join("rotating.crt"), &trusted_cert);
+    let answered = eventually(ROTATION_DEADLINE, || {
+        infer(&rotated.addr, &[]).status.success()
+    });
+    assert!(answered, "the rotated client certificate is presented");
+    assert!(rotated.server.exited().is_none(), "no restart");
 }
 
 #[test]

@@ -277,6 +277,9 @@ impl Gateway {
         {
             tasks.spawn(Arc::clone(tls).watch());
         }
+        if let Some(tls) = self.control.worker_tls() {
+            tasks.spawn(tls.watch());
+        }
         tasks.spawn(track_readiness(
             Arc::clone(&self.control),
             Arc::clone(&self.ready),

@@ -5,6 +5,10 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{ClientConfig, pki_types::ServerName};
+
 use aviary::telemetry::{self, SPAN_TARGET};
 
 use aviary::client::TokenChannel;
@@ -34,12 +38,91 @@ pub struct WorkerCalls {
     pub tls: Option<Arc<WorkerTls>>,
 }
 
-/// The TLS settings of calls to workers: one for tonic's clients, one for the
-/// `ModelInfer` client on HTTP/2 directly.
+/// The TLS of calls to workers: rustls settings from the files of `[workers] tls`,
+/// rebuilt when they change ([`WorkerTls::watch`]), so a rotated client certificate
+/// (cert-manager) is presented on every new connection without a restart. tonic's
+/// clients and the `ModelInfer` client both connect through it.
 #[derive(Debug)]
 pub struct WorkerTls {
-    tonic: tonic::transport::ClientTlsConfig,
-    rustls: Arc<tokio_rustls::rustls::ClientConfig>,
+    files: aviary::client::ClientTlsFiles,
+    config: Arc<ArcSwap<ClientConfig>>,
+}
+
+/// How often the files of `[workers] tls` are looked at for changes.
+const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl WorkerTls {
+    /// Reads `files` (`ca` is required).
+    pub fn open(files: aviary::client::ClientTlsFiles) -> Result<WorkerTls, String> {
+        let config = Self::build(&files)?;
+        Ok(WorkerTls {
+            files,
+            config: Arc::new(ArcSwap::from_pointee(config)),
+        })
+    }
+
+    fn build(files: &aviary::client::ClientTlsFiles) -> Result<ClientConfig, String> {
+        let ca = files.ca.as_deref().ok_or("ca: required")?;
+        let identity = files.cert.as_deref().zip(files.key.as_deref());
+        aviary::tls::client_config(ca, identity, &[b"h2"]).map_err(|e| e.to_string())
+    }
+
+    /// Rebuilds the settings whenever a file changes, until the process ends; a set
+    /// that does not load (half-written) keeps the last good one and is tried again on
+    /// the next change.
+    pub async fn watch(self: Arc<Self>) {
+        let mut seen = self.files.modified();
+        loop {
+            tokio::time::sleep(TLS_WATCH_INTERVAL).await;
+            let now = self.files.modified();
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match Self::build(&self.files) {
+                Ok(config) => {
+                    self.config.store(Arc::new(config));
+                    tracing::info!("workers.tls: files changed; new connections use them");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "workers.tls: the changed files do not load; keeping the last good ones");
+                }
+            }
+        }
+    }
+
+    /// A connector for tonic: TCP to the URI's authority, then TLS with the settings in
+    /// force, the worker's certificate checked against `server_name`.
+    fn connector(
+        &self,
+        server_name: ServerName<'static>,
+    ) -> impl tower::Service<
+        http::Uri,
+        Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+        Error = std::io::Error,
+        Future = BoxFuture<
+            'static,
+            std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
+        >,
+    > + Clone
+    + Send
+    + 'static {
+        let config = Arc::clone(&self.config);
+        tower::service_fn(move |uri: http::Uri| {
+            let connector = tokio_rustls::TlsConnector::from(config.load_full());
+            let name = server_name.clone();
+            Box::pin(async move {
+                let authority = uri
+                    .authority()
+                    .ok_or_else(|| std::io::Error::other("no host in the endpoint"))?;
+                let port = authority.port_u16().unwrap_or(443);
+                let tcp = TcpStream::connect((authority.host(), port)).await?;
+                let _ = tcp.set_nodelay(true);
+                let tls = connector.connect(name, tcp).await?;
+                Ok(hyper_util::rt::TokioIo::new(tls))
+            }) as BoxFuture<'static, _>
+        })
+    }
 }
 
 impl WorkerCalls {
@@ -53,30 +136,23 @@ impl WorkerCalls {
     }
 
     /// What `config` says: its message limit, the key in `[workers] token_file`, and
-    /// the files of `[workers] tls` (read now).
+    /// the files of `[workers] tls` (read now; [`WorkerTls::watch`] keeps them fresh).
     pub fn from_config(config: &Config) -> Result<WorkerCalls, GatewayError> {
         let mut calls = WorkerCalls::new(config.server.max_message_bytes);
         if let Some(path) = &config.workers.token_file {
             calls.authorization = Some(crate::auth::read_token(path, "workers.token_file")?);
         }
         if let Some(tls) = &config.workers.tls {
-            let unusable = |message: String| GatewayError::Config {
-                path: "workers.tls".into(),
-                message,
-            };
-            let identity = tls.cert.as_deref().zip(tls.key.as_deref());
-            let rustls = aviary::tls::client_config(&tls.ca, identity, &[b"h2"])
-                .map_err(|e| unusable(e.to_string()))?;
             let files = aviary::client::ClientTlsFiles {
                 ca: Some(tls.ca.clone()),
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
             };
-            let tonic = files.tonic_config().map_err(|e| unusable(e.to_string()))?;
-            calls.tls = Some(Arc::new(WorkerTls {
-                tonic,
-                rustls: Arc::new(rustls),
-            }));
+            let tls = WorkerTls::open(files).map_err(|message| GatewayError::Config {
+                path: "workers.tls".into(),
+                message,
+            })?;
+            calls.tls = Some(Arc::new(tls));
         }
         Ok(calls)
     }
@@ -97,21 +173,31 @@ impl WorkerCalls {
             })
     }
 
-    /// A lazily connecting tonic endpoint for `endpoint`, whose certificate must name
-    /// `server_name` when it is `https://`.
-    pub fn endpoint(&self, endpoint: &str, server_name: &str) -> Result<Endpoint, GatewayError> {
+    /// A lazily connecting tonic channel to `endpoint` with `settings` applied, whose
+    /// certificate must name `server_name` when it is `https://`.
+    pub fn channel(
+        &self,
+        endpoint: &str,
+        server_name: &str,
+        settings: impl FnOnce(Endpoint) -> Endpoint,
+    ) -> Result<tonic::transport::Channel, GatewayError> {
         let invalid = |message: String| GatewayError::Config {
             path: endpoint.to_owned(),
             message,
         };
-        let mut built = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| invalid(format!("invalid endpoint: {e}")))?;
-        if let Some(tls) = self.tls_of(endpoint)? {
-            built = built
-                .tls_config(tls.tonic.clone().domain_name(server_name))
-                .map_err(|e| invalid(format!("TLS: {e}")))?;
+        match self.tls_of(endpoint)? {
+            None => Endpoint::from_shared(endpoint.to_owned())
+                .map(|built| settings(built).connect_lazy())
+                .map_err(|e| invalid(format!("invalid endpoint: {e}"))),
+            Some(tls) => {
+                // The connector speaks TLS; tonic sees a plain URI to connect it to.
+                let plain = endpoint.replacen("https://", "http://", 1);
+                let built = Endpoint::from_shared(plain)
+                    .map_err(|e| invalid(format!("invalid endpoint: {e}")))?;
+                let connector = tls.connector(server_name_of(endpoint, server_name)?);
+                Ok(settings(built).connect_with_connector_lazy(connector))
+            }
         }
-        Ok(built)
     }
 
     /// The `ModelInfer` client's TLS for `endpoint` (none for `http://`).
@@ -123,16 +209,19 @@ impl WorkerCalls {
         let Some(tls) = self.tls_of(endpoint)? else {
             return Ok(None);
         };
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(server_name.to_owned())
-            .map_err(|e| GatewayError::Config {
-                path: endpoint.to_owned(),
-                message: format!("\"{server_name}\" cannot be a TLS server name: {e}"),
-            })?;
         Ok(Some(crate::infer_client::ClientTls {
-            config: Arc::clone(&tls.rustls),
-            server_name: name,
+            config: Arc::clone(&tls.config),
+            server_name: server_name_of(endpoint, server_name)?,
         }))
     }
+}
+
+/// `server_name` as rustls takes it, or a config error naming `endpoint`.
+fn server_name_of(endpoint: &str, server_name: &str) -> Result<ServerName<'static>, GatewayError> {
+    ServerName::try_from(server_name.to_owned()).map_err(|e| GatewayError::Config {
+        path: endpoint.to_owned(),
+        message: format!("\"{server_name}\" cannot be a TLS server name: {e}"),
+    })
 }
 
 /// A place that runs model versions.
@@ -290,12 +379,12 @@ impl Remote {
         server_name: &str,
     ) -> Result<Remote, GatewayError> {
         let max_message_bytes = calls.max_message_bytes;
-        let channel = calls
-            .endpoint(endpoint, server_name)?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_lazy();
+        let channel = calls.channel(endpoint, server_name, |built| {
+            built
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+        })?;
         let tls = calls.infer_tls(endpoint, server_name)?;
         let authorization = calls.authorization.clone();
         let client = GrpcInferenceServiceClient::new(TokenChannel::with_authorization(

@@ -235,6 +235,11 @@ impl Control {
         self
     }
 
+    /// The TLS of calls to `https://` workers, when `[workers] tls` is set.
+    pub fn worker_tls(&self) -> Option<Arc<crate::backend::WorkerTls>> {
+        self.worker_calls.tls.clone()
+    }
+
     /// The audit trail changes are recorded in.
     pub fn audit(&self) -> &Audit {
         &self.audit

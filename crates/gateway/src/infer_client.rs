@@ -57,8 +57,9 @@ const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 /// TLS to a worker: the client settings, and the name its certificate must carry.
 #[derive(Debug, Clone)]
 pub struct ClientTls {
-    /// rustls' client settings (ALPN `h2`).
-    pub config: Arc<tokio_rustls::rustls::ClientConfig>,
+    /// rustls' client settings (ALPN `h2`), as [`crate::backend::WorkerTls`] keeps
+    /// them: each new connection takes those in force.
+    pub config: Arc<arc_swap::ArcSwap<tokio_rustls::rustls::ClientConfig>>,
     /// The name the worker's certificate must carry.
     pub server_name: tokio_rustls::rustls::pki_types::ServerName<'static>,
 }
@@ -280,7 +281,7 @@ impl InferClient {
         match &self.tls {
             None => self.handshake(tcp).await,
             Some(tls) => {
-                let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+                let connector = tokio_rustls::TlsConnector::from(tls.config.load_full());
                 let stream = tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     connector.connect(tls.server_name.clone(), tcp),

@@ -480,7 +480,11 @@ impl Manager {
             })
             .collect();
         for (endpoint, next) in due {
-            let checked = self.calls.endpoint(&endpoint, self.server_name(&endpoint));
+            let checked = self
+                .calls
+                .channel(&endpoint, self.server_name(&endpoint), |built| {
+                    built.connect_timeout(PROBE_TIMEOUT)
+                });
             if probe(checked).await {
                 tracing::info!(endpoint, "replica answers again; back in");
                 self.insert(&endpoint);
@@ -537,16 +541,11 @@ impl Manager {
     }
 }
 
-/// Whether the replica at `endpoint` (a tonic endpoint, or why there is none)
-/// answers the gRPC health check with SERVING in time.
-async fn probe(endpoint: Result<tonic::transport::Endpoint, GatewayError>) -> bool {
+/// Whether the replica on `channel` (a lazy channel, or why there is none) answers the
+/// gRPC health check with SERVING in time.
+async fn probe(channel: Result<tonic::transport::Channel, GatewayError>) -> bool {
     let check = async {
-        let channel = endpoint
-            .ok()?
-            .connect_timeout(PROBE_TIMEOUT)
-            .connect()
-            .await
-            .ok()?;
+        let channel = channel.ok()?;
         let response = tonic_health::pb::health_client::HealthClient::new(channel)
             .check(tonic_health::pb::HealthCheckRequest {
                 service: String::new(),
