@@ -397,23 +397,11 @@ fn a_controller_takes_keys_and_sends_its_own_to_the_gateways() {
     let start_controller = |token_file: Option<&Path>| {
         let keys = controller_keys.display().to_string();
         let token = token_file.map(|t| t.display().to_string());
-        let mut args = vec![
-            "controller",
-            "--gateways",
-            gateways.as_str(),
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--keys-file",
-            keys.as_str(),
-        ];
+        let mut args = vec!["--keys-file", keys.as_str()];
         if let Some(token) = &token {
             args.extend(["--gateway-token-file", token.as_str()]);
         }
-        let mut controller = Process::spawn(&args, &[]);
-        let admin = format!("http://{}", controller.wait_admin());
-        (controller, admin)
+        start_controller_args(&gateways, &args)
     };
     let start_rollout = |admin: &str, key: Option<&str>| {
         let mut args = vec!["ctl", "--admin", admin];

@@ -47,6 +47,20 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// Writes this CA's certificate to `dir/<file>`.
+    fn write_pem(&self, dir: &Path, file: &str) {
+        std::fs::write(dir.join(file), &self.pem).expect("write");
+    }
+
+    /// Issues a leaf for `names` into `dir/<stem>.crt` and `dir/<stem>.key`.
+    fn issue_to(&self, dir: &Path, stem: &str, names: &[&str]) {
+        let (cert, key) = self.issue(names);
+        std::fs::write(dir.join(format!("{stem}.crt")), cert).expect("write");
+        std::fs::write(dir.join(format!("{stem}.key")), key).expect("write");
+    }
+}
+
 /// Writes `text` to `path` the way a Secret update does: a new file renamed over it.
 fn replace(path: &Path, text: &str) {
     let staged = path.with_extension("new");
@@ -157,18 +171,10 @@ fn the_gateway_calls_its_workers_over_tls_presenting_its_certificate() {
     let path = |name: &str| dir.path().join(name).display().to_string();
     let worker_ca = Ca::new("worker CA");
     let gateway_ca = Ca::new("gateway CA");
-    let (cert, key) = worker_ca.issue(&["localhost", "127.0.0.1"]);
-    let (gateway_cert, gateway_key) = gateway_ca.issue(&["gateway"]);
-    for (name, text) in [
-        ("worker.crt", &cert),
-        ("worker.key", &key),
-        ("worker-ca.crt", &worker_ca.pem),
-        ("gateway-ca.crt", &gateway_ca.pem),
-        ("gateway.crt", &gateway_cert),
-        ("gateway.key", &gateway_key),
-    ] {
-        std::fs::write(path(name), text).expect("write");
-    }
+    worker_ca.issue_to(dir.path(), "worker", &["localhost", "127.0.0.1"]);
+    gateway_ca.issue_to(dir.path(), "gateway", &["gateway"]);
+    worker_ca.write_pem(dir.path(), "worker-ca.crt");
+    gateway_ca.write_pem(dir.path(), "gateway-ca.crt");
     let models = repo_root().join("deploy/local/models");
     let (worker_cert, worker_key, clients) = (
         path("worker.crt"),
@@ -227,10 +233,7 @@ fn the_gateway_calls_its_workers_over_tls_presenting_its_certificate() {
 
     // A certificate the worker does not trust is refused; once the files are rotated to
     // one it does, new connections present it, without a restart.
-    let stranger = Ca::new("stranger CA");
-    let (untrusted_cert, untrusted_key) = stranger.issue(&["gateway"]);
-    std::fs::write(path("rotating.crt"), &untrusted_cert).expect("write");
-    std::fs::write(path("rotating.key"), &untrusted_key).expect("write");
+    Ca::new("stranger CA").issue_to(dir.path(), "rotating", &["gateway"]);
     let rotating = format!(
         "{{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}",
         path("worker-ca.crt"),
@@ -255,21 +258,11 @@ fn a_controller_drives_a_gateway_over_mutual_tls() {
     let path = |name: &str| dir.path().join(name).display().to_string();
     let gateway_ca = Ca::new("gateway CA");
     let controller_ca = Ca::new("controller CA");
-    let (cert, key) = gateway_ca.issue(&["localhost", "127.0.0.1"]);
-    let (controller_cert, controller_key) = controller_ca.issue(&["controller"]);
-    let (viewer_cert, viewer_key) = controller_ca.issue(&["viewer.ops.example"]);
-    for (name, text) in [
-        ("gateway.crt", &cert),
-        ("gateway.key", &key),
-        ("gateway-ca.crt", &gateway_ca.pem),
-        ("controller-ca.crt", &controller_ca.pem),
-        ("controller.crt", &controller_cert),
-        ("controller.key", &controller_key),
-        ("viewer.crt", &viewer_cert),
-        ("viewer.key", &viewer_key),
-    ] {
-        std::fs::write(path(name), text).expect("write");
-    }
+    gateway_ca.issue_to(dir.path(), "gateway", &["localhost", "127.0.0.1"]);
+    gateway_ca.write_pem(dir.path(), "gateway-ca.crt");
+    controller_ca.write_pem(dir.path(), "controller-ca.crt");
+    controller_ca.issue_to(dir.path(), "controller", &["controller"]);
+    controller_ca.issue_to(dir.path(), "viewer", &["viewer.ops.example"]);
     // Callers are their certificates: the controller is admin, the viewer may read.
     std::fs::write(
         path("keys.toml"),
@@ -288,23 +281,11 @@ fn a_controller_drives_a_gateway_over_mutual_tls() {
     );
     let gateway = Served::start(&config, &[]);
     let gateways = gateway.admin.trim_start_matches("http://").to_owned();
+    let ca = path("gateway-ca.crt");
     let start_controller = |identity: &[&str]| {
-        let ca = path("gateway-ca.crt");
-        let mut args = vec![
-            "controller",
-            "--gateways",
-            gateways.as_str(),
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--gateway-tls-ca",
-            ca.as_str(),
-        ];
+        let mut args = vec!["--gateway-tls-ca", ca.as_str()];
         args.extend_from_slice(identity);
-        let mut controller = Process::spawn(&args, &[]);
-        let admin = format!("http://{}", controller.wait_admin());
-        (controller, admin)
+        start_controller_args(&gateways, &args)
     };
     let start_rollout = |admin: &str| {
         let mut args = vec!["ctl", "--admin", admin];

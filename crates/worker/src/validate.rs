@@ -74,6 +74,31 @@ impl TensorData {
             TensorData::Bytes(_) => Datatype::Bytes,
         }
     }
+
+    /// How many elements there are.
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::Bool(v) => v.len(),
+            TensorData::Uint8(v) => v.len(),
+            TensorData::Uint16(v) => v.len(),
+            TensorData::Uint32(v) => v.len(),
+            TensorData::Uint64(v) => v.len(),
+            TensorData::Int8(v) => v.len(),
+            TensorData::Int16(v) => v.len(),
+            TensorData::Int32(v) => v.len(),
+            TensorData::Int64(v) => v.len(),
+            TensorData::Fp16(v) => v.len(),
+            TensorData::Bf16(v) => v.len(),
+            TensorData::Fp32(v) => v.len(),
+            TensorData::Fp64(v) => v.len(),
+            TensorData::Bytes(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One validated input tensor.

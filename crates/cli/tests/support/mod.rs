@@ -592,6 +592,24 @@ pub fn start_worker_args(repository: &Path, instances: usize, extra: &[&str]) ->
     (worker, addr)
 }
 
+/// An `aviary controller` over the admin addresses `gateways` (comma-separated), on
+/// free ports, with `extra` arguments; returns it and its admin address (`http://`).
+pub fn start_controller_args(gateways: &str, extra: &[&str]) -> (Process, String) {
+    let mut args = vec![
+        "controller",
+        "--gateways",
+        gateways,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let mut controller = Process::spawn(&args, &[]);
+    let admin = format!("http://{}", controller.wait_admin());
+    (controller, admin)
+}
+
 /// A connected channel to an `http://` address.
 pub async fn connect(addr: &str) -> Channel {
     Endpoint::from_shared(addr.to_owned())

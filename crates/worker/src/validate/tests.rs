@@ -180,25 +180,6 @@ fn assert_invalid(result: Result<ValidatedRequest, WorkerError>, needles: &[&str
     assert_eq!(status.message(), message);
 }
 
-fn data_len(data: &TensorData) -> usize {
-    match data {
-        TensorData::Bool(v) => v.len(),
-        TensorData::Uint8(v) => v.len(),
-        TensorData::Uint16(v) => v.len(),
-        TensorData::Uint32(v) => v.len(),
-        TensorData::Uint64(v) => v.len(),
-        TensorData::Int8(v) => v.len(),
-        TensorData::Int16(v) => v.len(),
-        TensorData::Int32(v) => v.len(),
-        TensorData::Int64(v) => v.len(),
-        TensorData::Fp16(v) => v.len(),
-        TensorData::Bf16(v) => v.len(),
-        TensorData::Fp32(v) => v.len(),
-        TensorData::Fp64(v) => v.len(),
-        TensorData::Bytes(v) => v.len(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Happy paths
 // ---------------------------------------------------------------------------------------
@@ -238,7 +219,7 @@ fn raw_is_little_endian() {
         ),
     ];
     for (datatype, expected) in cases {
-        let count = i64::try_from(data_len(&expected)).expect("small");
+        let count = i64::try_from(expected.len()).expect("small");
         let schema = single(datatype, &[-1]);
         let request = raw_request(vec![(
             tensor("x", datatype.as_str(), &[count]),
@@ -1315,7 +1296,7 @@ fn check_accepted(
         }
         prop_assert_eq!(
             tensor::element_count(&input.shape),
-            Some(data_len(&input.data)),
+            Some(input.data.len()),
             "input {} shape {:?}",
             &input.name,
             &input.shape
