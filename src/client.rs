@@ -122,7 +122,32 @@ pub enum ConnectError {
 #[derive(Debug, Clone)]
 pub struct TokenChannel {
     channel: Channel,
-    authorization: Option<http::HeaderValue>,
+    authorization: Authorization,
+}
+
+/// The `authorization` header a client sends with each call: none, one fixed key, or
+/// a shared one that its owner replaces (a key file read again when it changes), so
+/// every client made with it sends the new key from its next call on.
+#[derive(Debug, Clone, Default)]
+pub struct Authorization(Option<std::sync::Arc<arc_swap::ArcSwap<http::HeaderValue>>>);
+
+impl Authorization {
+    /// Sends `value` (a [`bearer`] header) with every call; `None`: nothing.
+    pub fn fixed(value: Option<http::HeaderValue>) -> Authorization {
+        Authorization(value.map(|v| std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(v))))
+    }
+
+    /// Sends whatever `current` holds at each call.
+    pub fn shared(current: std::sync::Arc<arc_swap::ArcSwap<http::HeaderValue>>) -> Authorization {
+        Authorization(Some(current))
+    }
+
+    /// The header to send now, if any.
+    pub fn current(&self) -> Option<http::HeaderValue> {
+        self.0
+            .as_ref()
+            .map(|value| http::HeaderValue::clone(&value.load()))
+    }
 }
 
 /// The `authorization` header that sends API key `token`.
@@ -143,14 +168,14 @@ impl TokenChannel {
     /// `channel`, sending `token` (if any) with each call.
     pub fn new(channel: Channel, token: Option<&str>) -> Result<TokenChannel, ConnectError> {
         let authorization = token.map(bearer).transpose()?;
-        Ok(TokenChannel::with_authorization(channel, authorization))
+        Ok(TokenChannel::with_authorization(
+            channel,
+            Authorization::fixed(authorization),
+        ))
     }
 
-    /// `channel`, sending `authorization` (a [`bearer`] header, if any) with each call.
-    pub fn with_authorization(
-        channel: Channel,
-        authorization: Option<http::HeaderValue>,
-    ) -> TokenChannel {
+    /// `channel`, sending `authorization` with each call.
+    pub fn with_authorization(channel: Channel, authorization: Authorization) -> TokenChannel {
         TokenChannel {
             channel,
             authorization,
@@ -174,10 +199,10 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for TokenChannel 
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        if let Some(value) = &self.authorization {
+        if let Some(value) = self.authorization.current() {
             request
                 .headers_mut()
-                .insert(http::header::AUTHORIZATION, value.clone());
+                .insert(http::header::AUTHORIZATION, value);
         }
         self.channel.call(request)
     }

@@ -16,7 +16,7 @@ fn client_for(addr: &str) -> InferClient {
     InferClient::new(
         &format!("http://{addr}"),
         DEFAULT_MAX_MESSAGE_BYTES,
-        None,
+        aviary::client::Authorization::default(),
         None,
     )
     .expect("a valid endpoint")

@@ -241,11 +241,14 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         tls: open_tls(&args.tls)?,
         metrics_tls: open_metrics_tls(&args.tls)?,
         checks: key_checks(args.keys_file.as_deref())?,
-        gateway_authorization: args
-            .gateway_token_file
-            .as_deref()
-            .map(|path| aviary_gateway::auth::read_token(path, "--gateway-token-file"))
-            .transpose()?,
+        gateway_authorization: match args.gateway_token_file.as_deref() {
+            Some(path) => {
+                let file = aviary_gateway::auth::TokenFile::open(path, "--gateway-token-file")?;
+                tokio::spawn(Arc::clone(&file).watch());
+                file.authorization()
+            }
+            None => aviary::client::Authorization::default(),
+        },
         gateway_tls: args
             .gateway_tls_ca
             .map(|ca| aviary::client::ClientTlsFiles {

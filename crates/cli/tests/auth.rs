@@ -359,7 +359,7 @@ fn a_worker_with_keys_answers_only_gateways_that_send_theirs() {
     let route = format!(
         "[routes.demo]\nversions = [ {{ version = \"1\", weight = 100, endpoint = \"{worker_addr}\" }} ]\n"
     );
-    let keyed = Served::gateway(
+    let mut keyed = Served::gateway(
         &format!("[workers]\ntoken_file = \"{}\"\n\n{route}", token.display()),
         &[],
     );
@@ -369,6 +369,22 @@ fn a_worker_with_keys_answers_only_gateways_that_send_theirs() {
         infer_code(&keyless.addr, "demo", None),
         Code::Unauthenticated
     );
+
+    // Rotation: the worker accepts only the new key, the token file holds it; the
+    // gateway sends it from then on, without a restart.
+    const NEW_KEY: &str = "gateway-key-e51d";
+    std::fs::write(&token, format!("{NEW_KEY}\n")).expect("write token");
+    std::fs::write(
+        &keys,
+        key_entry("gateway", NEW_KEY, r#"roles = ["infer", "read"]"#),
+    )
+    .expect("write keys");
+    let rotated = eventually(KEYS_DEADLINE, || {
+        infer_code(&keyed.addr, "demo", None) == Code::Ok
+            && infer_code(&worker_addr, "demo", Some(GATEWAY_KEY)) == Code::Unauthenticated
+    });
+    assert!(rotated, "the gateway sends the rotated key");
+    assert!(keyed.server.exited().is_none(), "no restart");
 }
 
 #[test]

@@ -280,6 +280,9 @@ impl Gateway {
         if let Some(tls) = self.control.worker_tls() {
             tasks.spawn(tls.watch());
         }
+        if let Some(token) = self.control.worker_token_file() {
+            tasks.spawn(token.watch());
+        }
         tasks.spawn(track_readiness(
             Arc::clone(&self.control),
             Arc::clone(&self.ready),

@@ -536,6 +536,57 @@ pub fn read_token(path: &Path, field: &str) -> Result<http::HeaderValue, Gateway
     aviary::client::bearer(token).map_err(|_| problem("the key is not printable ASCII".into()))
 }
 
+/// The API key a client sends, from a file read again when it changes (a Kubernetes
+/// Secret rotated): every client made with [`TokenFile::authorization`] sends the new
+/// key from its next call on, without a restart.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    field: &'static str,
+    current: Arc<ArcSwap<http::HeaderValue>>,
+}
+
+impl TokenFile {
+    /// Reads the key in `path` (set by the setting `field`) now.
+    pub fn open(path: &Path, field: &'static str) -> Result<Arc<TokenFile>, GatewayError> {
+        let value = read_token(path, field)?;
+        Ok(Arc::new(TokenFile {
+            path: path.to_owned(),
+            field,
+            current: Arc::new(ArcSwap::from_pointee(value)),
+        }))
+    }
+
+    /// What clients send: the key in force at each call.
+    pub fn authorization(&self) -> aviary::client::Authorization {
+        aviary::client::Authorization::shared(Arc::clone(&self.current))
+    }
+
+    /// Reads the file again whenever it changes, until the process ends; a file that
+    /// does not hold a key (half-written, emptied) keeps the last good one, logged.
+    pub async fn watch(self: Arc<Self>) {
+        let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut seen = modified(&self.path);
+        loop {
+            tokio::time::sleep(KEYS_POLL).await;
+            let now = modified(&self.path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match read_token(&self.path, self.field) {
+                Ok(value) => {
+                    self.current.store(Arc::new(value));
+                    tracing::info!(path = %self.path.display(), field = self.field, "API key file changed; sending the new key");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the changed API key file holds no key; sending the last good one");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,8 +32,10 @@ use crate::{GatewayError, config::Config, infer_client::InferClient, stack::Call
 pub struct WorkerCalls {
     /// Largest request or response message.
     pub max_message_bytes: usize,
-    /// The `authorization` header sent with every call; `None`: no key.
-    pub authorization: Option<http::HeaderValue>,
+    /// The `authorization` header sent with every call (none: no key).
+    pub authorization: aviary::client::Authorization,
+    /// The file of `[workers] token_file`, watched by the gateway once it runs.
+    pub token_file: Option<Arc<crate::auth::TokenFile>>,
     /// What `https://` endpoints are called with; `None`: they cannot be.
     pub tls: Option<Arc<WorkerTls>>,
 }
@@ -130,17 +132,21 @@ impl WorkerCalls {
     pub fn new(max_message_bytes: usize) -> WorkerCalls {
         WorkerCalls {
             max_message_bytes,
-            authorization: None,
+            authorization: aviary::client::Authorization::default(),
+            token_file: None,
             tls: None,
         }
     }
 
     /// What `config` says: its message limit, the key in `[workers] token_file`, and
-    /// the files of `[workers] tls` (read now; [`WorkerTls::watch`] keeps them fresh).
+    /// the files of `[workers] tls` (read now; [`crate::auth::TokenFile::watch`] and
+    /// [`WorkerTls::watch`] keep them fresh).
     pub fn from_config(config: &Config) -> Result<WorkerCalls, GatewayError> {
         let mut calls = WorkerCalls::new(config.server.max_message_bytes);
         if let Some(path) = &config.workers.token_file {
-            calls.authorization = Some(crate::auth::read_token(path, "workers.token_file")?);
+            let file = crate::auth::TokenFile::open(path, "workers.token_file")?;
+            calls.authorization = file.authorization();
+            calls.token_file = Some(file);
         }
         if let Some(tls) = &config.workers.tls {
             let files = aviary::client::ClientTlsFiles {

@@ -240,6 +240,11 @@ impl Control {
         self.worker_calls.tls.clone()
     }
 
+    /// The key file sent to workers, when `[workers] token_file` is set.
+    pub fn worker_token_file(&self) -> Option<Arc<crate::auth::TokenFile>> {
+        self.worker_calls.token_file.clone()
+    }
+
     /// The audit trail changes are recorded in.
     pub fn audit(&self) -> &Audit {
         &self.audit

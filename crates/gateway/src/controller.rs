@@ -33,7 +33,7 @@ pub struct ControllerOptions {
     /// What checks every call to the admin listener (API keys).
     pub checks: aviary::calls::CallChecks,
     /// The `authorization` header sent to the gateways (an `admin` key of theirs).
-    pub gateway_authorization: Option<http::HeaderValue>,
+    pub gateway_authorization: aviary::client::Authorization,
     /// TLS to the gateways' admin listeners; `None`: plaintext.
     pub gateway_tls: Option<aviary::client::ClientTlsFiles>,
 }
@@ -45,7 +45,7 @@ impl Default for ControllerOptions {
             tls: None,
             metrics_tls: None,
             checks: aviary::calls::CallChecks::default(),
-            gateway_authorization: None,
+            gateway_authorization: aviary::client::Authorization::default(),
             gateway_tls: None,
             state_file: None,
         }
@@ -70,9 +70,7 @@ where
     F: Future<Output = ()> + Send,
 {
     let mut target = RemoteGateways::new(gateways, options.evaluate_interval);
-    if let Some(authorization) = options.gateway_authorization {
-        target = target.with_authorization(authorization);
-    }
+    target = target.with_authorization(options.gateway_authorization);
     if let Some(files) = options.gateway_tls {
         target = target.with_tls(files);
     }

@@ -74,7 +74,7 @@ pub struct InferClient {
     authority: String,
     max_message_bytes: usize,
     /// `Bearer <key>` for a worker that checks keys.
-    authorization: Option<http::HeaderValue>,
+    authorization: aviary::client::Authorization,
     /// TLS, for an `https://` endpoint.
     tls: Option<ClientTls>,
     /// The live connection, if any; cleared when it fails or ends.
@@ -90,7 +90,7 @@ impl InferClient {
     pub fn new(
         endpoint: &str,
         max_message_bytes: usize,
-        authorization: Option<http::HeaderValue>,
+        authorization: aviary::client::Authorization,
         tls: Option<ClientTls>,
     ) -> Result<InferClient, String> {
         let base: http::Uri = endpoint
@@ -160,8 +160,8 @@ impl InferClient {
         let mut http_request = http::Request::post(self.uri.clone())
             .header("content-type", "application/grpc")
             .header("te", "trailers");
-        if let Some(key) = &self.authorization {
-            http_request = http_request.header(http::header::AUTHORIZATION, key.clone());
+        if let Some(key) = self.authorization.current() {
+            http_request = http_request.header(http::header::AUTHORIZATION, key);
         }
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -48,7 +48,7 @@ pub struct RemoteGateways {
     lease: Duration,
     channels: Mutex<HashMap<String, Channel>>,
     /// The `authorization` header sent to every gateway (they check it with `[auth]`).
-    authorization: Option<http::HeaderValue>,
+    authorization: aviary::client::Authorization,
     /// TLS to the gateways' admin listeners, and the files' modification times the
     /// kept channels were made with.
     tls: Option<(ClientTlsFiles, Mutex<Vec<Option<std::time::SystemTime>>>)>,
@@ -64,7 +64,7 @@ impl RemoteGateways {
             gateways,
             lease: (evaluate_interval * LEASE_ROUNDS).max(MIN_LEASE),
             channels: Mutex::new(HashMap::new()),
-            authorization: None,
+            authorization: aviary::client::Authorization::default(),
             tls: None,
         }
     }
@@ -80,8 +80,11 @@ impl RemoteGateways {
     }
 
     /// Sends `authorization` (an `admin` key of the gateways) with every call.
-    pub fn with_authorization(mut self, authorization: http::HeaderValue) -> RemoteGateways {
-        self.authorization = Some(authorization);
+    pub fn with_authorization(
+        mut self,
+        authorization: aviary::client::Authorization,
+    ) -> RemoteGateways {
+        self.authorization = authorization;
         self
     }
 
