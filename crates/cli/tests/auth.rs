@@ -198,10 +198,16 @@ fn a_key_over_its_rate_limit_is_refused_with_a_retry_hint_and_other_keys_are_not
     let keys = keys_dir.path().join("keys.toml");
     let limited =
         format!("roles = [\"infer\"]\nrate_limit = {{ per_second = {RATE}, burst = {BURST} }}");
+    const PER_MODEL_KEY: &str = "per-model-key-0c4e";
     std::fs::write(
         &keys,
         key_entry("limited", APP_KEY, &limited)
-            + &key_entry("ops", OPS_KEY, r#"roles = ["admin"]"#),
+            + &key_entry("ops", OPS_KEY, r#"roles = ["admin"]"#)
+            + &key_entry(
+                "per-model",
+                PER_MODEL_KEY,
+                "roles = [\"infer\"]\nmodel_rate_limits = { demo = { per_second = 0.001, burst = 3 } }",
+            ),
     )
     .expect("write keys");
     let config = format!(
@@ -255,6 +261,21 @@ fn a_key_over_its_rate_limit_is_refused_with_a_retry_hint_and_other_keys_are_not
     assert_eq!(
         samples.get("aviary_rate_limited_total{key=\"limited\"}"),
         Some(&(refused as f64))
+    );
+
+    // A limit on one model: its burst, then refusals naming the model.
+    let codes: Vec<Code> = (0..6)
+        .map(|_| infer_code(&served.addr, "demo", Some(PER_MODEL_KEY)))
+        .collect();
+    assert_eq!(
+        codes,
+        [[Code::Ok; 3], [Code::ResourceExhausted; 3]].concat(),
+        "burst 3 on demo"
+    );
+    let samples = parse_samples(&scrape(metrics).2);
+    assert_eq!(
+        samples.get("aviary_rate_limited_total{key=\"per-model\"}"),
+        Some(&3.0)
     );
 }
 

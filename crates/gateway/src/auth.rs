@@ -61,7 +61,15 @@ pub struct Identity {
     models: Option<BTreeSet<String>>,
     /// The key's calls per second, when limited.
     limit: Option<std::sync::Mutex<TokenBucket>>,
+    /// Its inferences per second on each model so limited.
+    model_limits: BTreeMap<String, std::sync::Mutex<TokenBucket>>,
+    /// Calls refused by rate limits, by key name, shared by every key of the file (and
+    /// kept across its reloads).
+    refused: RefusalCounts,
 }
+
+/// Calls refused by rate limits, by key name.
+type RefusalCounts = Arc<std::sync::Mutex<BTreeMap<String, u64>>>;
 
 /// A rate with a burst: `rate` tokens a second, at most `burst` saved up; each call
 /// takes one.
@@ -110,18 +118,43 @@ impl Identity {
         self.roles.contains(&role) || self.roles.contains(&Role::Admin)
     }
 
-    /// `Ok` when the key may run inferences on `model`.
+    /// `Ok` when the key may run an inference on `model` now: the model is on its list,
+    /// and its rate limit on the model (if any) has a token.
     pub fn may_infer(&self, model: &str) -> Result<(), Status> {
-        match &self.models {
-            Some(models) if !models.contains(model) && !self.roles.contains(&Role::Admin) => {
-                Err(Status::permission_denied(format!(
-                    "key \"{}\" may not infer on model \"{model}\" (its models: {})",
-                    self.name,
-                    models.iter().cloned().collect::<Vec<_>>().join(", ")
-                )))
-            }
-            _ => Ok(()),
+        if let Some(models) = &self.models
+            && !models.contains(model)
+            && !self.roles.contains(&Role::Admin)
+        {
+            return Err(Status::permission_denied(format!(
+                "key \"{}\" may not infer on model \"{model}\" (its models: {})",
+                self.name,
+                models.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
         }
+        let Some(bucket) = self.model_limits.get(model) else {
+            return Ok(());
+        };
+        let taken = bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(Instant::now());
+        taken.map_err(|wait| {
+            self.count_refusal();
+            let who = format!(
+                "key \"{}\" is over its rate limit on model \"{model}\"",
+                self.name
+            );
+            over_limit(&who, wait)
+        })
+    }
+
+    fn count_refusal(&self) {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(self.name.to_string())
+            .or_insert(0) += 1;
     }
 }
 
@@ -177,6 +210,9 @@ struct KeyEntry {
     models: Option<Vec<String>>,
     #[serde(default)]
     rate_limit: Option<RateLimit>,
+    /// Inferences per second on each named model, beside `rate_limit`.
+    #[serde(default)]
+    model_rate_limits: BTreeMap<String, RateLimit>,
 }
 
 /// `rate_limit = { per_second = 100, burst = 20 }`.
@@ -186,6 +222,30 @@ struct RateLimit {
     per_second: f64,
     /// Calls that may come at once after a quiet spell (default: one second's worth).
     burst: Option<f64>,
+}
+
+/// The token bucket of `limit` (set at `path`), or its problems added to `problems`.
+fn bucket(
+    limit: RateLimit,
+    path: &str,
+    problems: &mut Vec<String>,
+) -> Option<std::sync::Mutex<TokenBucket>> {
+    let RateLimit { per_second, burst } = limit;
+    if !(per_second > 0.0 && per_second.is_finite()) {
+        problems.push(format!("{path}.per_second: must be a positive number"));
+        return None;
+    }
+    if let Some(burst) = burst
+        && !(burst >= 1.0 && burst.is_finite())
+    {
+        problems.push(format!("{path}.burst: must be at least 1"));
+        return None;
+    }
+    Some(std::sync::Mutex::new(TokenBucket::new(
+        per_second,
+        burst.unwrap_or(per_second.max(1.0)),
+        Instant::now(),
+    )))
 }
 
 /// The gRPC trailer that tells a client how long to wait before it retries.
@@ -226,6 +286,11 @@ enum Credential {
 impl KeyTable {
     /// Parses a keys file; every problem is listed, each with its entry.
     pub fn parse(text: &str) -> Result<KeyTable, String> {
+        KeyTable::parse_counting(text, &RefusalCounts::default())
+    }
+
+    /// [`KeyTable::parse`], its keys counting rate-limit refusals in `refused`.
+    fn parse_counting(text: &str, refused: &RefusalCounts) -> Result<KeyTable, String> {
         let file: KeysFile = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut by_hash = HashMap::new();
         let mut by_cert = HashMap::new();
@@ -266,33 +331,32 @@ impl KeyTable {
                     continue;
                 }
             };
-            let limit = match key.rate_limit {
-                Some(limit) if !(limit.per_second > 0.0 && limit.per_second.is_finite()) => {
+            let limit = key
+                .rate_limit
+                .and_then(|limit| bucket(limit, &format!("{at}.rate_limit"), &mut problems));
+            let mut model_limits = BTreeMap::new();
+            for (model, limit) in key.model_rate_limits {
+                let path = format!("{at}.model_rate_limits.{model}");
+                if key
+                    .models
+                    .as_ref()
+                    .is_some_and(|models| !models.contains(&model))
+                {
                     problems.push(format!(
-                        "{at}.rate_limit.per_second: must be a positive number"
+                        "{path}: the key may not infer on this model (not in its models)"
                     ));
-                    None
                 }
-                Some(RateLimit {
-                    burst: Some(burst), ..
-                }) if !(burst >= 1.0 && burst.is_finite()) => {
-                    problems.push(format!("{at}.rate_limit.burst: must be at least 1"));
-                    None
+                if let Some(bucket) = bucket(limit, &path, &mut problems) {
+                    model_limits.insert(model, bucket);
                 }
-                Some(RateLimit { per_second, burst }) => {
-                    Some(std::sync::Mutex::new(TokenBucket::new(
-                        per_second,
-                        burst.unwrap_or(per_second.max(1.0)),
-                        Instant::now(),
-                    )))
-                }
-                None => None,
-            };
+            }
             let identity = Identity {
                 name: key.name.into(),
                 roles: key.roles.into_iter().collect(),
                 models: key.models.map(|m| m.into_iter().collect()),
                 limit,
+                model_limits,
+                refused: Arc::clone(refused),
             };
             match credential {
                 Credential::Key(hash) => {
@@ -398,7 +462,7 @@ pub struct Keys {
     path: PathBuf,
     table: ArcSwap<KeyTable>,
     /// Calls refused by rate limits, by key name (kept across reloads of the file).
-    limited: std::sync::Mutex<BTreeMap<String, u64>>,
+    limited: RefusalCounts,
 }
 
 /// How often the keys file is looked at: a revoked key stops working within this.
@@ -407,12 +471,13 @@ pub const KEYS_POLL: Duration = Duration::from_secs(1);
 impl Keys {
     /// Reads the keys file at `path`; a missing or invalid file stops the start.
     pub fn open(path: &Path) -> Result<Arc<Keys>, GatewayError> {
-        let table = read_table(path)?;
+        let limited = RefusalCounts::default();
+        let table = read_table(path, &limited)?;
         tracing::info!(path = %path.display(), keys = table.len(), "API keys required");
         Ok(Arc::new(Keys {
             path: path.to_owned(),
             table: ArcSwap::from_pointee(table),
-            limited: std::sync::Mutex::default(),
+            limited,
         }))
     }
 
@@ -428,7 +493,7 @@ impl Keys {
                     continue;
                 }
                 seen = now;
-                match read_table(&keys.path) {
+                match read_table(&keys.path, &keys.limited) {
                     Ok(table) => {
                         tracing::info!(path = %keys.path.display(), keys = table.len(), "API keys reloaded");
                         keys.table.store(Arc::new(table));
@@ -448,13 +513,13 @@ fn modified(path: &Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn read_table(path: &Path) -> Result<KeyTable, GatewayError> {
+fn read_table(path: &Path, refused: &RefusalCounts) -> Result<KeyTable, GatewayError> {
     let config = |message: String| GatewayError::Config {
         path: path.display().to_string(),
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| config(e.to_string()))?;
-    KeyTable::parse(&text).map_err(config)
+    KeyTable::parse_counting(&text, refused).map_err(config)
 }
 
 impl CallGuard for Keys {
@@ -490,7 +555,7 @@ impl CallGuard for Keys {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take(Instant::now());
             if let Err(wait) = taken {
-                self.count_limited(&identity.name);
+                identity.count_refusal();
                 let who = format!("key \"{}\" is over its rate limit", identity.name);
                 return Err(over_limit(&who, wait));
             }
@@ -502,16 +567,7 @@ impl CallGuard for Keys {
 }
 
 impl Keys {
-    fn count_limited(&self, name: &str) {
-        *self
-            .limited
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(name.to_owned())
-            .or_insert(0) += 1;
-    }
-
-    /// Calls refused by each key's rate limit since start-up.
+    /// Calls refused by each key's rate limits (its own and per model) since start-up.
     pub fn limited(&self) -> BTreeMap<String, u64> {
         self.limited
             .lock()
@@ -565,7 +621,6 @@ impl TokenFile {
     /// Reads the file again whenever it changes, until the process ends; a file that
     /// does not hold a key (half-written, emptied) keeps the last good one, logged.
     pub async fn watch(self: Arc<Self>) {
-        let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let mut seen = modified(&self.path);
         loop {
             tokio::time::sleep(KEYS_POLL).await;
@@ -607,10 +662,11 @@ mod tests {
             hash(KEY),
             hash("s3cret-admin")
         );
+        let limited = RefusalCounts::default();
         Keys {
             path: PathBuf::new(),
-            table: ArcSwap::from_pointee(KeyTable::parse(&text).expect("valid")),
-            limited: std::sync::Mutex::default(),
+            table: ArcSwap::from_pointee(KeyTable::parse_counting(&text, &limited).expect("valid")),
+            limited,
         }
     }
 
@@ -635,6 +691,8 @@ mod tests {
                     roles: BTreeSet::new(),
                     models: None,
                     limit: None,
+                    model_limits: BTreeMap::new(),
+                    refused: RefusalCounts::default(),
                 })
             }))
     }
@@ -731,6 +789,45 @@ mod tests {
                      [[keys]]\nname = \"b\"\nclient_cert = \"a.svc\"\nroles = [\"read\"]\n";
         let error = KeyTable::parse(twice).expect_err("the same name twice");
         assert!(error.contains("the same name as another entry"), "{error}");
+    }
+
+    #[test]
+    fn a_key_can_have_a_rate_limit_per_model() {
+        let refused = RefusalCounts::default();
+        let table = KeyTable::parse_counting(
+            &format!(
+                "[[keys]]\nname = \"app\"\nsha256 = \"{}\"\nroles = [\"infer\"]\n\
+                 model_rate_limits = {{ demo = {{ per_second = 0.001, burst = 2 }} }}\n",
+                hash(KEY)
+            ),
+            &refused,
+        )
+        .expect("valid");
+        let app = table.authenticate(&bearer(KEY), None).expect("app");
+        assert!(app.may_infer("demo").is_ok());
+        assert!(app.may_infer("demo").is_ok());
+        let over = app.may_infer("demo").expect_err("over its limit on demo");
+        assert_eq!(over.code(), tonic::Code::ResourceExhausted);
+        assert!(over.message().contains("on model \"demo\""), "{over:?}");
+        assert!(over.metadata().get(RETRY_PUSHBACK).is_some());
+        // Other models are not limited, and the refusal is counted for the key.
+        assert!(app.may_infer("mlp").is_ok());
+        assert_eq!(refused.lock().expect("counts").get("app"), Some(&1));
+
+        let outside = format!(
+            "[[keys]]\nname = \"app\"\nsha256 = \"{}\"\nroles = [\"infer\"]\nmodels = [\"demo\"]\n\
+             model_rate_limits = {{ mlp = {{ per_second = 5 }}, demo = {{ per_second = 0 }} }}\n",
+            hash(KEY)
+        );
+        let error = KeyTable::parse(&outside).expect_err("invalid");
+        assert!(
+            error.contains("model_rate_limits.mlp: the key may not infer on this model"),
+            "{error}"
+        );
+        assert!(
+            error.contains("model_rate_limits.demo.per_second: must be a positive number"),
+            "{error}"
+        );
     }
 
     #[test]
