@@ -93,6 +93,10 @@ pub struct ControllerArgs {
     /// A file holding the API key sent to the gateways (an `admin` key of theirs).
     #[arg(long, env = "AVIARY_GATEWAY_TOKEN_FILE")]
     pub gateway_token_file: Option<PathBuf>,
+    /// Keep an audit trail in this folder (the gateway's JSON lines): every call that
+    /// changes something and every rollout decision, with who and the result.
+    #[arg(long, env = "AVIARY_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
     /// Call the gateways' admin listeners over TLS, trusting this CA (PEM); their
     /// certificates must name the host of `--gateways` (or of `--gateways-dns`).
     #[arg(long, env = "AVIARY_GATEWAY_TLS_CA")]
@@ -191,6 +195,10 @@ pub struct WorkerArgs {
     /// again when it changes.
     #[arg(long, env = "AVIARY_KEYS_FILE")]
     pub keys_file: Option<PathBuf>,
+    /// Keep an audit trail in this folder (the gateway's JSON lines): every call that
+    /// changes something (Triton's model load and unload), with who and the result.
+    #[arg(long, env = "AVIARY_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
 }
 
 /// The server and model a client command talks to.

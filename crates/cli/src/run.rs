@@ -235,12 +235,14 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         Some(name) => Gateways::Dns(name),
         None => Gateways::List(args.gateways),
     };
+    let audit = open_audit(args.audit_dir)?;
     let options = ControllerOptions {
         evaluate_interval: Duration::from_millis(args.evaluate_interval_ms),
         state_file: args.state_file,
         tls: open_tls(&args.tls)?,
         metrics_tls: open_metrics_tls(&args.tls)?,
-        checks: key_checks(args.keys_file.as_deref())?,
+        checks: key_checks(args.keys_file.as_deref(), &audit)?,
+        audit,
         gateway_authorization: match args.gateway_token_file.as_deref() {
             Some(path) => {
                 let file = aviary_gateway::auth::TokenFile::open(path, "--gateway-token-file")?;
@@ -264,16 +266,31 @@ async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The API keys in `keys_file` as a listener's checks (none without a file), the file
-/// watched from here on.
-fn key_checks(keys_file: Option<&std::path::Path>) -> anyhow::Result<aviary::calls::CallChecks> {
+/// A listener's checks: the API keys in `keys_file` (none without a file; the file
+/// watched from here on), and `audit` recording the calls that change something.
+fn key_checks(
+    keys_file: Option<&std::path::Path>,
+    audit: &aviary_gateway::audit::Audit,
+) -> anyhow::Result<aviary::calls::CallChecks> {
     let mut checks = aviary::calls::CallChecks::default();
     if let Some(path) = keys_file {
         let keys = aviary_gateway::auth::Keys::open(path)?;
         tokio::spawn(Arc::clone(&keys).watch());
         checks.guard = Some(keys as Arc<dyn aviary::calls::CallGuard>);
     }
+    if audit.is_on() {
+        checks.audit = Some(Arc::new(audit.clone()) as Arc<dyn aviary::calls::CallAudit>);
+    }
     Ok(checks)
+}
+
+/// The audit trail in `dir` (the gateway's defaults for everything else); off without.
+fn open_audit(dir: Option<std::path::PathBuf>) -> anyhow::Result<aviary_gateway::audit::Audit> {
+    let config = aviary_gateway::config::AuditConfig {
+        dir,
+        ..aviary_gateway::config::AuditConfig::default()
+    };
+    aviary_gateway::audit::Audit::open(&config).context("--audit-dir")
 }
 
 /// The TLS of the gRPC listener `args` ask for, its files read now and watched from
@@ -339,17 +356,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         grace_period: grace_period(args.grace_period)?,
         tls,
     };
-    let checks = aviary::calls::CallChecks {
-        guard: match &args.keys_file {
-            Some(path) => {
-                let keys = aviary_gateway::auth::Keys::open(path)?;
-                tokio::spawn(Arc::clone(&keys).watch());
-                Some(keys as Arc<dyn aviary::calls::CallGuard>)
-            }
-            None => None,
-        },
-        audit: None,
-    };
+    let checks = key_checks(args.keys_file.as_deref(), &open_audit(args.audit_dir)?)?;
     server::run_worker(
         worker,
         listener,

@@ -2,7 +2,7 @@
 //! recorded with who made them and the state before and after; with prediction audit
 //! on, every prediction is recorded with the version and the model file that answered;
 //! a sticky key is written only as its pseudonym, never in the clear, anywhere on disk
-//! or in the process's output.
+//! or in the process's output. Workers and controllers keep trails of their own.
 
 mod support;
 
@@ -318,6 +318,82 @@ fn predictions_carry_their_inputs_and_outputs_within_the_size_cap() {
             "{field}: {note}"
         );
     }
+}
+
+/// The records of the trail in `dir` once `wanted` of them are there (hang protection:
+/// the writer flushes every few milliseconds).
+fn records_in(dir: &Path, wanted: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    eventually(Duration::from_secs(15), || wanted(&read()));
+    read()
+}
+
+#[test]
+fn workers_and_controllers_keep_a_trail_of_their_changes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (worker_trail, controller_trail) =
+        (dir.path().join("worker"), dir.path().join("controller"));
+    let models = repo_root().join("deploy/local/models");
+    let trail = worker_trail.display().to_string();
+    let (_worker, worker_addr) = start_worker_args(
+        &models,
+        1,
+        &["--audit-dir", &trail, "--model-control", "explicit"],
+    );
+    runtime().block_on(async {
+        client(connect(&worker_addr).await)
+            .repository_model_load(aviary::pb::inference::RepositoryModelLoadRequest {
+                model_name: "demo".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("loaded");
+    });
+    let records = records_in(&worker_trail, |r| !r.is_empty());
+    assert_eq!(records[0]["kind"], "call", "{records:#?}");
+    assert_eq!(
+        records[0]["action"],
+        "/inference.GRPCInferenceService/RepositoryModelLoad"
+    );
+    assert_eq!(records[0]["status"], "OK");
+    assert!(
+        records[0]["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("peer:"))
+    );
+
+    let gateway = Served::start(
+        &format!("[rollouts]\ncontrolled = true\n\n{}", demo_config()),
+        &[],
+    );
+    let trail = controller_trail.display().to_string();
+    let (_controller, admin) = start_controller_args(
+        gateway.admin.trim_start_matches("http://"),
+        &["--audit-dir", &trail],
+    );
+    let mut start = vec!["ctl", "--admin", admin.as_str()];
+    start.extend(DEMO_ROLLOUT);
+    run(&start, &[]).ok();
+    let records = records_in(&controller_trail, |r| {
+        r.iter().any(|r| r["kind"] == "rollout")
+    });
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "call" && r["action"] == "/aviary.admin.v1.Rollouts/StartRollout"),
+        "{records:#?}"
+    );
+    let rollout = records
+        .iter()
+        .find(|r| r["kind"] == "rollout")
+        .expect("a rollout record");
+    assert_eq!(rollout["model"], "demo", "{rollout}");
 }
 
 #[test]

@@ -36,6 +36,8 @@ pub struct ControllerOptions {
     pub gateway_authorization: aviary::client::Authorization,
     /// TLS to the gateways' admin listeners; `None`: plaintext.
     pub gateway_tls: Option<aviary::client::ClientTlsFiles>,
+    /// Where rollout starts, commands and decisions are recorded (off: nowhere).
+    pub audit: crate::audit::Audit,
 }
 
 impl Default for ControllerOptions {
@@ -47,6 +49,7 @@ impl Default for ControllerOptions {
             checks: aviary::calls::CallChecks::default(),
             gateway_authorization: aviary::client::Authorization::default(),
             gateway_tls: None,
+            audit: crate::audit::Audit::off(),
             state_file: None,
         }
     }
@@ -74,7 +77,11 @@ where
     if let Some(files) = options.gateway_tls {
         target = target.with_tls(files);
     }
-    let controller = Arc::new(Driver::open(target, options.state_file).await?);
+    let controller = Arc::new(
+        Driver::open(target, options.state_file)
+            .await?
+            .with_audit(options.audit),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(metrics) = metrics {
         let mut registry = aviary::metrics::registry();
