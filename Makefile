@@ -5,7 +5,7 @@
 CARGO ?= cargo
 CONFIG ?= deploy/local/aviary.toml
 
-.PHONY: setup run build test test-rust test-python test-rules bench models
+.PHONY: setup run build test test-rust test-python test-rules test-fuzz bench models
 
 setup:
 	scripts/setup.sh
@@ -16,7 +16,7 @@ run: setup
 build:
 	$(CARGO) build --workspace --bins
 
-test: setup build test-rust test-python test-rules
+test: setup build test-rust test-python test-rules test-fuzz
 
 # nextest runs each test in its own process (ONNX Runtime's environment is per process)
 # and in parallel; plain cargo test is the fallback where nextest is not installed.
@@ -34,6 +34,11 @@ test-python:
 # promtool (Debian's prometheus package, installed by setup).
 test-rules:
 	cd deploy/observability && promtool check rules alerts.yml && promtool test rules alerts.test.yml
+
+# Every cargo-fuzz target of fuzz/ for 60 s (two at a time); a crash fails the run and
+# leaves its input in fuzz/artifacts/. Longer runs: scripts/fuzz.sh --runs 10000000.
+test-fuzz:
+	scripts/fuzz.sh --seconds 60
 
 # Prints the figures of docs/benchmarks.md (release build, several minutes). With
 # KIT=DIR (the benchmark kit, see docs/benchmarks.md) the baselines run too.

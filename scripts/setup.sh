@@ -3,6 +3,7 @@
 #   .aviary/onnxruntime/libonnxruntime.so.1.31.1  from the official onnxruntime==1.31.1
 #                                                 wheel on PyPI (pip download, no other source)
 #   .venv/                                        Python test clients (tests/python/requirements.txt)
+#   cargo-fuzz                                    crates.io, for scripts/fuzz.sh
 #   redis-server, prometheus                      Debian's packages, for the tests against a real
 #                                                 Redis and Prometheus (apt-get, as root only)
 # Idempotent: each step is skipped when its result is already there.
@@ -76,3 +77,9 @@ apt_install() {
 # real redis-server; /metrics is scraped by a real Prometheus.
 apt_install redis-server redis-server redis-server "the Redis tests"
 apt_install prometheus prometheus prometheus "the Prometheus scrape test"
+
+# cargo-fuzz runs the fuzz targets of fuzz/ (scripts/fuzz.sh), from crates.io.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz (crates.io)"
+  cargo install --quiet --locked cargo-fuzz
+fi
