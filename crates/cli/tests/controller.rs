@@ -31,29 +31,15 @@ versions = [ {{ version = "1", weight = 100 }}, {{ version = "2", weight = 0 }} 
     )
 }
 
-/// An `aviary controller` process over `gateways`, keeping rollouts in `state_file`.
-/// A controller over `gateways`; returns it, its admin address and its `/metrics`
-/// address.
+/// A controller over `gateways`, judging every 100 ms and keeping rollouts in
+/// `state_file`; returns it, its admin address and its `/metrics` address.
 fn start_controller(gateways: &str, state_file: &str) -> (Process, String, SocketAddr) {
-    let mut controller = Process::spawn(
-        &[
-            "controller",
-            "--gateways",
-            gateways,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--evaluate-interval-ms",
-            "100",
-            "--state-file",
-            state_file,
-        ],
-        &[],
+    let (mut controller, admin) = start_controller_args(
+        gateways,
+        &["--evaluate-interval-ms", "100", "--state-file", state_file],
     );
-    let admin = controller.wait_admin();
     let metrics = controller.wait_address("aviary: metrics listening on ");
-    (controller, format!("http://{admin}"), metrics)
+    (controller, admin, metrics)
 }
 
 fn ctl(admin: &str, args: &[&str]) -> Output {
