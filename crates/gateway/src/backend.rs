@@ -37,27 +37,28 @@ pub struct WorkerCalls {
     /// The file of `[workers] token_file`, watched by the gateway once it runs.
     pub token_file: Option<Arc<crate::auth::TokenFile>>,
     /// What `https://` endpoints are called with; `None`: they cannot be.
-    pub tls: Option<Arc<WorkerTls>>,
+    pub tls: Option<Arc<WatchedTls>>,
 }
 
-/// The TLS of calls to workers: rustls settings from the files of `[workers] tls`,
-/// rebuilt when they change ([`WorkerTls::watch`]), so a rotated client certificate
-/// (cert-manager) is presented on every new connection without a restart. tonic's
-/// clients and the `ModelInfer` client both connect through it.
+/// A client's TLS: rustls settings from PEM files (`[workers] tls`, the controller's
+/// `--gateway-tls-*`), rebuilt when they change ([`WatchedTls::watch`]), so a rotated
+/// client certificate (cert-manager) is presented on every new connection without a
+/// restart. tonic's channels ([`WatchedTls::connector`]) and the `ModelInfer` client
+/// both connect through it.
 #[derive(Debug)]
-pub struct WorkerTls {
+pub struct WatchedTls {
     files: aviary::client::ClientTlsFiles,
     config: Arc<ArcSwap<ClientConfig>>,
 }
 
-/// How often the files of `[workers] tls` are looked at for changes.
+/// How often a client's TLS files are looked at for changes.
 const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
-impl WorkerTls {
+impl WatchedTls {
     /// Reads `files` (`ca` is required).
-    pub fn open(files: aviary::client::ClientTlsFiles) -> Result<WorkerTls, String> {
+    pub fn open(files: aviary::client::ClientTlsFiles) -> Result<WatchedTls, String> {
         let config = Self::build(&files)?;
-        Ok(WorkerTls {
+        Ok(WatchedTls {
             files,
             config: Arc::new(ArcSwap::from_pointee(config)),
         })
@@ -84,18 +85,19 @@ impl WorkerTls {
             match Self::build(&self.files) {
                 Ok(config) => {
                     self.config.store(Arc::new(config));
-                    tracing::info!("workers.tls: files changed; new connections use them");
+                    tracing::info!("client TLS files changed; new connections use them");
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "workers.tls: the changed files do not load; keeping the last good ones");
+                    tracing::warn!(%error, "the changed client TLS files do not load; keeping the last good ones");
                 }
             }
         }
     }
 
-    /// A connector for tonic: TCP to the URI's authority, then TLS with the settings in
-    /// force, the worker's certificate checked against `server_name`.
-    fn connector(
+    /// A connector for tonic (give the endpoint an `http://` URI: the connector speaks
+    /// TLS): TCP to the URI's authority, then TLS with the settings in force, the
+    /// server's certificate checked against `server_name`.
+    pub fn connector(
         &self,
         server_name: ServerName<'static>,
     ) -> impl tower::Service<
@@ -140,7 +142,7 @@ impl WorkerCalls {
 
     /// What `config` says: its message limit, the key in `[workers] token_file`, and
     /// the files of `[workers] tls` (read now; [`crate::auth::TokenFile::watch`] and
-    /// [`WorkerTls::watch`] keep them fresh).
+    /// [`WatchedTls::watch`] keep them fresh).
     pub fn from_config(config: &Config) -> Result<WorkerCalls, GatewayError> {
         let mut calls = WorkerCalls::new(config.server.max_message_bytes);
         if let Some(path) = &config.workers.token_file {
@@ -154,7 +156,7 @@ impl WorkerCalls {
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
             };
-            let tls = WorkerTls::open(files).map_err(|message| GatewayError::Config {
+            let tls = WatchedTls::open(files).map_err(|message| GatewayError::Config {
                 path: "workers.tls".into(),
                 message,
             })?;
@@ -165,7 +167,7 @@ impl WorkerCalls {
 
     /// The TLS settings of `endpoint`: none for `http://`; for `https://`, those of
     /// `[workers] tls`, or an error saying they are missing.
-    fn tls_of(&self, endpoint: &str) -> Result<Option<&WorkerTls>, GatewayError> {
+    fn tls_of(&self, endpoint: &str) -> Result<Option<&WatchedTls>, GatewayError> {
         if !endpoint.starts_with("https://") {
             return Ok(None);
         }

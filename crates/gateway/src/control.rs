@@ -236,7 +236,7 @@ impl Control {
     }
 
     /// The TLS of calls to `https://` workers, when `[workers] tls` is set.
-    pub fn worker_tls(&self) -> Option<Arc<crate::backend::WorkerTls>> {
+    pub fn worker_tls(&self) -> Option<Arc<crate::backend::WatchedTls>> {
         self.worker_calls.tls.clone()
     }
 

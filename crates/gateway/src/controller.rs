@@ -15,6 +15,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     GatewayError,
     admin::RolloutsService,
+    backend::WatchedTls,
     exposition::RolloutsCollector,
     rollouts::{Driver, Gateways, RemoteGateways},
 };
@@ -75,7 +76,13 @@ where
     let mut target = RemoteGateways::new(gateways, options.evaluate_interval);
     target = target.with_authorization(options.gateway_authorization);
     if let Some(files) = options.gateway_tls {
-        target = target.with_tls(files);
+        let tls = WatchedTls::open(files).map_err(|message| GatewayError::Config {
+            path: "--gateway-tls-ca/--gateway-tls-cert/--gateway-tls-key".into(),
+            message,
+        })?;
+        let tls = Arc::new(tls);
+        tokio::spawn(Arc::clone(&tls).watch());
+        target = target.with_tls(tls);
     }
     let controller = Arc::new(
         Driver::open(target, options.state_file)

@@ -57,7 +57,7 @@ const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 /// TLS to a worker: the client settings, and the name its certificate must carry.
 #[derive(Debug, Clone)]
 pub struct ClientTls {
-    /// rustls' client settings (ALPN `h2`), as [`crate::backend::WorkerTls`] keeps
+    /// rustls' client settings (ALPN `h2`), as [`crate::backend::WatchedTls`] keeps
     /// them: each new connection takes those in force.
     pub config: Arc<arc_swap::ArcSwap<tokio_rustls::rustls::ClientConfig>>,
     /// The name the worker's certificate must carry.

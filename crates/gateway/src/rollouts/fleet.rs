@@ -7,18 +7,23 @@
 //! running rollout's weights count as applied when at least one gateway took them (the
 //! rest are caught up every round); a finished rollout's only when every gateway did.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use aviary::client::{ClientTlsFiles, TokenChannel};
+use aviary::client::TokenChannel;
 use aviary::pb::admin::{
     GetRoutesRequest, RolloutWeights as WeightsMessage, VariantStatsRequest,
     fleet_client::FleetClient, routes_client::RoutesClient,
 };
 use aviary_router::rollout::{MetricsSnapshot, RolloutPlan};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tonic::transport::Channel;
 
 use super::Target;
-use crate::{GatewayError, control::RolloutWeights, metrics::Window};
+use crate::{GatewayError, backend::WatchedTls, control::RolloutWeights, metrics::Window};
 
 /// How long one admin call to a gateway may take before it counts as unreachable.
 const GATEWAY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -49,9 +54,8 @@ pub struct RemoteGateways {
     channels: Mutex<HashMap<String, Channel>>,
     /// The `authorization` header sent to every gateway (they check it with `[auth]`).
     authorization: aviary::client::Authorization,
-    /// TLS to the gateways' admin listeners, and the files' modification times the
-    /// kept channels were made with.
-    tls: Option<(ClientTlsFiles, Mutex<Vec<Option<std::time::SystemTime>>>)>,
+    /// TLS to the gateways' admin listeners; `None`: plaintext.
+    tls: Option<Arc<WatchedTls>>,
 }
 
 impl RemoteGateways {
@@ -69,13 +73,12 @@ impl RemoteGateways {
         }
     }
 
-    /// Calls the gateways over TLS: trusting `files.ca`, presenting `files.cert` and
-    /// `files.key` when set (admin listeners with a `client_ca`). A gateway's
-    /// certificate must name the host its address is written with (the DNS name with
-    /// [`Gateways::Dns`]). Rotated files are used from the next round on.
-    pub fn with_tls(mut self, files: ClientTlsFiles) -> RemoteGateways {
-        let modified = files.modified();
-        self.tls = Some((files, Mutex::new(modified)));
+    /// Calls the gateways over `tls` (its client certificate for admin listeners with
+    /// a `client_ca`). A gateway's certificate must name the host its address is
+    /// written with (the DNS name with [`Gateways::Dns`]). Rotated files are used by
+    /// new connections once `tls` is watched.
+    pub fn with_tls(mut self, tls: Arc<WatchedTls>) -> RemoteGateways {
+        self.tls = Some(tls);
         self
     }
 
@@ -89,9 +92,7 @@ impl RemoteGateways {
     }
 
     /// The gateways' admin addresses now; a failed DNS lookup is logged and is none.
-    /// New TLS files, when they changed since the channels were made, drop the channels.
     async fn addresses(&self) -> Vec<String> {
-        self.reconnect_on_new_files();
         match &self.gateways {
             Gateways::List(list) => list.clone(),
             Gateways::Dns(name) => match tokio::net::lookup_host(name.as_str()).await {
@@ -119,24 +120,6 @@ impl RemoteGateways {
         ))
     }
 
-    fn reconnect_on_new_files(&self) {
-        let Some((files, made_with)) = &self.tls else {
-            return;
-        };
-        let now = files.modified();
-        let mut made_with = made_with
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *made_with != now {
-            tracing::info!("the TLS files to the gateways changed: reconnecting with them");
-            *made_with = now;
-            self.channels
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clear();
-        }
-    }
-
     /// The host a gateway's certificate must name: the DNS name's, or the address's.
     fn server_name(&self, address: &str) -> String {
         let written = match &self.gateways {
@@ -160,23 +143,19 @@ impl RemoteGateways {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let endpoint = match &self.tls {
-            None => tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| e.to_string())?,
-            Some((files, _)) => {
-                let config = files
-                    .tonic_config()
-                    .map_err(|e| e.to_string())?
-                    .domain_name(self.server_name(address));
-                tonic::transport::Endpoint::from_shared(format!("https://{address}"))
-                    .and_then(|endpoint| endpoint.tls_config(config))
-                    .map_err(|e| e.to_string())?
+        // Over TLS too the URI is http://: the connector speaks TLS.
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(GATEWAY_TIMEOUT)
+            .timeout(GATEWAY_TIMEOUT);
+        let channel = match &self.tls {
+            None => endpoint.connect_lazy(),
+            Some(tls) => {
+                let name = ServerName::try_from(self.server_name(address))
+                    .map_err(|e| format!("not a TLS server name: {e}"))?;
+                endpoint.connect_with_connector_lazy(tls.connector(name))
             }
         };
-        let channel = endpoint
-            .connect_timeout(GATEWAY_TIMEOUT)
-            .timeout(GATEWAY_TIMEOUT)
-            .connect_lazy();
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }
