@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Aviary needs beside the Rust toolchain, into this checkout only:
 #   .aviary/onnxruntime/libonnxruntime.so.1.31.1  from the official onnxruntime==1.31.1
-#                                                 wheel on PyPI (pip download, no other source)
+#                                                 wheel on PyPI (scripts/fetch-onnxruntime.sh,
+#                                                 which the Dockerfile uses too)
 #   .venv/                                        Python test clients (tests/python/requirements.txt)
 #   cargo-fuzz                                    crates.io, for scripts/fuzz.sh
 #   redis-server, prometheus                      Debian's packages, for the tests against a real
@@ -12,34 +13,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-ort_version=1.31.1
-ort_dir=.aviary/onnxruntime
-ort_lib=$ort_dir/libonnxruntime.so.$ort_version
 python=${PYTHON:-python3}
 
-if [ ! -f "$ort_lib" ]; then
-  echo "setup: fetching onnxruntime==$ort_version from PyPI"
-  download=$(mktemp -d)
-  trap 'rm -rf "$download"' EXIT
-  "$python" -m pip download --quiet --no-deps --only-binary=:all: \
-    --dest "$download" "onnxruntime==$ort_version"
-  wheel=$(ls "$download"/onnxruntime-"$ort_version"-*.whl)
-  mkdir -p "$ort_dir"
-  "$python" - "$wheel" "$ort_dir" "$ort_version" <<'PY'
-import sys, zipfile, pathlib
-wheel, dest, version = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-name = f"onnxruntime/capi/libonnxruntime.so.{version}"
-with zipfile.ZipFile(wheel) as z:
-    data = z.read(name)
-    (dest / f"libonnxruntime.so.{version}").write_bytes(data)
-    for extra in ("LICENSE", "ThirdPartyNotices.txt"):
-        for info in z.infolist():
-            if info.filename.endswith("/" + extra) or info.filename == extra:
-                (dest / extra).write_bytes(z.read(info))
-                break
-PY
-  echo "setup: installed $ort_lib"
-fi
+PYTHON=$python scripts/fetch-onnxruntime.sh .aviary/onnxruntime
 
 if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
   if [ ! -x .venv/bin/python ] || ! cmp -s tests/python/requirements.txt .venv/.requirements 2>/dev/null; then

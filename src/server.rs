@@ -39,6 +39,13 @@ pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "model_re
 /// gRPC health service name of the inference service.
 pub const HEALTH_SERVICE: &str = "inference.GRPCInferenceService";
 
+/// gRPC health service that answers SERVING for as long as the process serves, also
+/// while it drains: what a liveness or startup probe asks. The empty service and
+/// [`HEALTH_SERVICE`] are readiness (models loaded, not shutting down); a liveness probe
+/// on them would restart a process whose models are merely still loading or whose
+/// workers are down.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// Response stream of `ModelStreamInfer`.
 pub type InferStream =
     Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
@@ -108,6 +115,7 @@ where
     F: Future<Output = ()> + Send,
 {
     let max_message_bytes = options.max_message_bytes;
+    set_live(&health).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
@@ -166,6 +174,14 @@ pub fn incoming(
 
 fn health_service_from(reporter: HealthReporter) -> impl tonic_health::pb::health_server::Health {
     tonic_health::server::HealthService::from_health_reporter(reporter)
+}
+
+/// Marks [`LIVENESS_SERVICE`] serving: the process answers calls. Nothing marks it
+/// otherwise; a process that stops answering fails the probe by not answering.
+pub async fn set_live(health: &HealthReporter) {
+    health
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
 }
 
 /// Marks the inference service (and the whole server, `""`) serving or not.

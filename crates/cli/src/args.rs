@@ -52,6 +52,34 @@ pub enum Command {
     /// Run the rollouts of many gateways on their summed stats (gateways set
     /// `[rollouts] controlled = true`).
     Controller(ControllerArgs),
+    /// Check a config file as a gateway would at start, without starting anything:
+    /// prints every problem with its path and exits 1, or says it is valid.
+    CheckConfig(CheckConfigArgs),
+}
+
+/// `check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The config file (TOML).
+    pub config: PathBuf,
+    /// Which command the file is for (default: `serve` when it has a [repository],
+    /// else `gateway`).
+    #[arg(long, value_enum)]
+    pub mode: Option<CheckMode>,
+    /// Check routes against the models in this repository instead of the file's
+    /// [repository] path (a file written for a container, checked where the models
+    /// are a copy).
+    #[arg(long)]
+    pub repo: Option<PathBuf>,
+}
+
+/// The command a checked config is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckMode {
+    /// `aviary serve`: versions without an endpoint run in the embedded worker.
+    Serve,
+    /// `aviary gateway`: every version names a remote worker.
+    Gateway,
 }
 
 /// `controller`.

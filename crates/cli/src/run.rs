@@ -19,8 +19,8 @@ use aviary::telemetry::Tracing;
 
 use crate::{
     args::{
-        BenchArgs, Cli, Command, ControllerArgs, InferArgs, LogFormat, ServeArgs, ServerTlsArgs,
-        WorkerArgs,
+        BenchArgs, CheckConfigArgs, CheckMode, Cli, Command, ControllerArgs, InferArgs, LogFormat,
+        ServeArgs, ServerTlsArgs, WorkerArgs,
     },
     bench::{self, BenchOptions},
     logs,
@@ -50,6 +50,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 logs::init_logs(format);
                 bench(args).await
             }
+            Command::CheckConfig(args) => {
+                logs::init_logs(format);
+                check_config(&args)
+            }
             Command::Ctl(args) => {
                 logs::init_logs(format);
                 println!("{}", crate::ctl::run(&args).await?);
@@ -57,6 +61,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// `check-config`: "valid" on stdout, or every problem on stderr and an error.
+fn check_config(args: &CheckConfigArgs) -> anyhow::Result<()> {
+    use aviary_gateway::check;
+    let mode = args.mode.map(|mode| match mode {
+        CheckMode::Serve => check::CheckMode::Serve,
+        CheckMode::Gateway => check::CheckMode::Gateway,
+    });
+    let problems = check::check_config_file(&args.config, mode, args.repo.as_deref());
+    if problems.is_empty() {
+        println!("{}: valid", args.config.display());
+        return Ok(());
+    }
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    bail!(
+        "{}: {} problem{}",
+        args.config.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    )
 }
 
 /// `result`, once the spans still queued for export are sent.

@@ -257,6 +257,71 @@ fn config_typo_is_rejected_naming_the_key() {
     }
 }
 
+/// `check-config` judges a file as a start would, without starting: the demo config is
+/// valid; a broken one exits 1 listing every problem with its path (and a typo that a
+/// start would refuse is refused the same way), with nothing listening.
+#[test]
+fn check_config_lists_every_problem_and_exits_1() {
+    let demo = repo_root().join("deploy/local/aviary.toml");
+    let output = run(&["check-config", demo.to_str().expect("utf-8 path")], &[]).ok();
+    assert!(output.stdout.contains("aviary.toml: valid"), "{output:#?}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("aviary.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+max_message_bytes = 10
+[repository]
+path = "models"
+[routes.demo]
+versions = [{ version = "1", weight = 90 }, { version = "7", weight = 10 }]
+"#,
+    )
+    .expect("write config");
+    let path = path.to_str().expect("utf-8 path");
+    let output = run(&["check-config", path], &[]).failed();
+    assert!(
+        output
+            .stderr
+            .contains("server.max_message_bytes: 10 is too small"),
+        "{output:#?}"
+    );
+
+    // Routes are checked against a copy of the models given by --repo.
+    std::fs::write(
+        path,
+        r#"
+[repository]
+path = "/var/lib/aviary/models"
+[routes.demo]
+versions = [{ version = "1", weight = 90 }, { version = "7", weight = 10 }]
+"#,
+    )
+    .expect("write config");
+    let output = run(&["check-config", path], &[]).failed();
+    assert!(output.stderr.contains("give --repo"), "{output:#?}");
+    let models = repo_root().join("deploy/local/models");
+    let models = models.to_str().expect("utf-8 path");
+    let output = run(&["check-config", path, "--repo", models], &[]).failed();
+    assert!(
+        output
+            .stderr
+            .contains(r#"routes.demo.versions[1].version: model "demo" has no version "7""#),
+        "{output:#?}"
+    );
+    assert!(output.stderr.contains("1 problem"), "{output:#?}");
+    // The same file is wrong for `aviary gateway` in another way: no endpoints.
+    let output = run(&["check-config", path, "--mode", "gateway"], &[]).failed();
+    assert!(
+        output
+            .stderr
+            .contains("routes.demo.versions[0].endpoint: required"),
+        "{output:#?}"
+    );
+}
+
 /// A client holding a streaming call open (here a gRPC health `Watch`, as load balancers
 /// and sidecars do; an open `ModelStreamInfer` behaves the same) must not keep the
 /// server from stopping: after `--grace-period` the open stream is abandoned and the

@@ -280,6 +280,12 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn replica_counts(&self) -> ReplicaCounts {
         ReplicaCounts::default()
     }
+
+    /// The worker addresses calls are balanced over now (names resolved, ejected
+    /// replicas left out); empty for the embedded worker.
+    fn live_replicas(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Counters of a version's replicas.

@@ -104,7 +104,24 @@ where
         ));
     }
     let driver = tokio::spawn(Arc::clone(&controller).run(options.evaluate_interval, stop_rx));
+    // Ready once the state file is read (above); NOT_SERVING as soon as shutdown begins,
+    // while `liveness` stays SERVING (probes: docs/operations.md).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    aviary::server::set_live(&health).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let shutdown = async move {
+        shutdown.await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
     let served = tonic::transport::Server::builder()
+        .add_service(aviary::calls::Guarded::new(
+            health_service,
+            options.checks.clone(),
+        ))
         .add_service(aviary::calls::Guarded::new(
             RolloutsService::server(controller),
             options.checks,

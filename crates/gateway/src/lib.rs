@@ -6,6 +6,7 @@
 //! # Layout
 //!
 //! - [`config`]: the `aviary.toml` file.
+//! - [`check`]: `aviary check-config`: every problem of a config file, nothing started.
 //! - [`route`]: a model's route: versions, weights, endpoints, sticky key, rules, shadow.
 //! - [`routing`]: the route table and backends as one swappable snapshot.
 //! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
@@ -44,6 +45,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod cache;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod controller;

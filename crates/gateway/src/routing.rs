@@ -80,7 +80,11 @@ impl Routing {
             worker_calls,
             generation,
         } = inputs;
-        let (routes, inventory) = with_implicit_routes(explicit, worker, hidden);
+        let mut served = worker.map(|w| w.inventory()).unwrap_or_default();
+        for (model, versions) in &mut served {
+            versions.retain(|v| !hidden.contains(&(model.clone(), v.clone())));
+        }
+        let (routes, inventory) = with_implicit_routes(explicit, served);
         let table = check_routes(&routes, worker.is_some(), &inventory)?;
 
         let mut factory = BackendFactory {
@@ -325,20 +329,16 @@ fn check_limits(explicit: &Routes) -> Result<(), GatewayError> {
     }
 }
 
-/// The explicit routes plus an implicit route for every embedded model without one,
-/// and the versions each model can be routed to (loaded in the worker, or on an
-/// endpoint); `hidden` versions are left out of both.
-fn with_implicit_routes(
+/// The explicit routes plus an implicit route for every model the embedded worker
+/// `served` without one, and the versions each model can be routed to (`served`, or on
+/// an endpoint). Pure, so `aviary check-config` judges a file as a start would.
+pub fn with_implicit_routes(
     explicit: &Routes,
-    worker: Option<&Arc<Worker>>,
-    hidden: &BTreeSet<(String, String)>,
+    mut served: BTreeMap<String, BTreeSet<String>>,
 ) -> (Routes, BTreeMap<String, BTreeSet<String>>) {
     let mut routes = explicit.clone();
-    let mut inventory = worker.map(|w| w.inventory()).unwrap_or_default();
-    for (model, versions) in &mut inventory {
-        versions.retain(|v| !hidden.contains(&(model.clone(), v.clone())));
-    }
-    inventory.retain(|_, versions| !versions.is_empty());
+    served.retain(|_, versions| !versions.is_empty());
+    let mut inventory = served;
     for (model, versions) in &inventory {
         if !routes.contains_key(model) {
             routes.insert(model.clone(), Route::implicit(versions));

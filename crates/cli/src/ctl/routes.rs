@@ -46,11 +46,7 @@ fn render_routes(routes: &GetRoutesResponse) -> String {
                 v.version.clone(),
                 v.weight.to_string(),
                 format!("{share:.1}%"),
-                if v.endpoint.is_empty() {
-                    "in-process".into()
-                } else {
-                    v.endpoint.clone()
-                },
+                render_location(v),
                 dash_if_empty(&v.health),
                 dash_if_empty(&v.breaker),
                 v.limits
@@ -61,6 +57,16 @@ fn render_routes(routes: &GetRoutesResponse) -> String {
         }
     }
     format!("generation {}\n{}", routes.generation, table(&rows))
+}
+
+/// Where a version runs: in-process, or its endpoint with the replicas it is balanced
+/// over now when that is not just the endpoint itself.
+fn render_location(v: &VersionWeight) -> String {
+    match (v.endpoint.is_empty(), v.live_replicas.as_slice()) {
+        (true, _) => "in-process".into(),
+        (false, [only]) if *only == v.endpoint => v.endpoint.clone(),
+        (false, live) => format!("{} ({} live)", v.endpoint, live.len()),
+    }
 }
 
 /// A version's limits in one cell: in flight + queued, deadline (default / most),

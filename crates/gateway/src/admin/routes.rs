@@ -56,6 +56,7 @@ impl Routes for RoutesService {
                             let counts = backend.replica_counts();
                             version.retries = counts.retries;
                             version.ejections = counts.ejections;
+                            version.live_replicas = backend.live_replicas();
                         }
                         let stand_ins = self.metrics.stand_ins(model, &version.version);
                         version.fallbacks = stand_ins.fallbacks;

@@ -273,6 +273,10 @@ impl Backend for Replicas {
         }
     }
 
+    fn live_replicas(&self) -> Vec<String> {
+        self.live_endpoints()
+    }
+
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
         let service = self.service.clone();
         let mut resolved = self.resolved.clone();

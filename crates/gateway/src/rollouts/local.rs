@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use aviary_router::rollout::{MetricsSnapshot, RolloutPlan};
+use aviary_router::{
+    RouteTable,
+    rollout::{MetricsSnapshot, RolloutPlan},
+};
 
 use super::{Target, holding};
 use crate::{
@@ -50,65 +53,15 @@ impl LocalGateway {
                 .map(|test| test.p_value);
         (output.agreement(), p_value)
     }
-
-    /// Gates this gateway cannot measure for `plan`: a rollout using them would never pass.
-    fn unmeasured_gates(&self, plan: &RolloutPlan) -> Vec<String> {
-        let routing = self.control.routing().load_full();
-        let shadow = routing
-            .mirror(&plan.model)
-            .map(|m| m.config().version.clone());
-        if shadow.as_deref() == Some(plan.canary.as_str()) {
-            return Vec::new();
-        }
-        let gates = &plan.gates;
-        [
-            ("min_shadow_agreement", gates.min_shadow_agreement.is_some()),
-            ("min_distribution_p_value", gates.min_distribution_p_value.is_some()),
-        ]
-        .into_iter()
-        .filter(|(_, set)| *set)
-        .map(|(field, _)| {
-            format!(
-                "gates.{field}: needs the canary's answers compared with the baseline's, but route \"{}\" {}; \
-                 set routes.{}.shadow.version = \"{}\" (with the canary at weight 0 in the config) or remove this gate",
-                plan.model,
-                match &shadow {
-                    Some(version) => format!("shadows version \"{version}\", not the canary"),
-                    None => "has no shadow".to_owned(),
-                },
-                plan.model,
-                plan.canary
-            )
-        })
-        .collect()
-    }
-
-    /// Every reason the plan's versions cannot carry a rollout on the current routes.
-    fn check_routable(&self, plan: &RolloutPlan) -> Vec<String> {
-        let routing = self.control.routing().load_full();
-        let Some(route) = routing.table.route(&plan.model) else {
-            return vec![format!("model: no route for model \"{}\"", plan.model)];
-        };
-        let routable: Vec<&str> = route.versions().map(|(v, _)| v).collect();
-        [("canary", &plan.canary), ("baseline", &plan.baseline)]
-            .into_iter()
-            .filter(|(_, version)| !version.is_empty() && !routable.contains(&version.as_str()))
-            .map(|(field, version)| {
-                format!(
-                    "{field}: version \"{version}\" is not a routable version of model \"{}\" (routable: {})",
-                    plan.model,
-                    routable.join(", ")
-                )
-            })
-            .collect()
-    }
 }
 
 impl Target for LocalGateway {
     async fn check(&self, plan: &RolloutPlan) -> Vec<String> {
-        let mut problems = self.check_routable(plan);
-        problems.extend(self.unmeasured_gates(plan));
-        problems
+        let routing = self.control.routing().load_full();
+        let shadow = routing
+            .mirror(&plan.model)
+            .map(|m| m.config().version.as_str());
+        plan_problems(plan, &routing.table, shadow)
     }
 
     async fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {
@@ -155,4 +108,62 @@ impl Target for LocalGateway {
         self.metrics.reset_step(&plan.model, &plan.baseline);
         Ok(())
     }
+}
+
+/// Every reason `plan` cannot run on the routes of `table`, where `shadow` is the
+/// version the model's route mirrors: a version it names that is not routable, or a
+/// gate that needs the canary shadowed when it is not. Pure: `aviary check-config`
+/// asks it of a file's plans.
+pub fn plan_problems(plan: &RolloutPlan, table: &RouteTable, shadow: Option<&str>) -> Vec<String> {
+    let mut problems = routable_problems(plan, table);
+    problems.extend(unmeasured_gates(plan, shadow));
+    problems
+}
+
+/// Every reason the plan's versions cannot carry a rollout on the routes of `table`.
+fn routable_problems(plan: &RolloutPlan, table: &RouteTable) -> Vec<String> {
+    let Some(route) = table.route(&plan.model) else {
+        return vec![format!("model: no route for model \"{}\"", plan.model)];
+    };
+    let routable: Vec<&str> = route.versions().map(|(v, _)| v).collect();
+    [("canary", &plan.canary), ("baseline", &plan.baseline)]
+        .into_iter()
+        .filter(|(_, version)| !version.is_empty() && !routable.contains(&version.as_str()))
+        .map(|(field, version)| {
+            format!(
+                "{field}: version \"{version}\" is not a routable version of model \"{}\" (routable: {})",
+                plan.model,
+                routable.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// The plan's gates that read shadow comparisons when the route does not shadow the
+/// canary: they could never be measured, so the rollout would hold forever.
+fn unmeasured_gates(plan: &RolloutPlan, shadow: Option<&str>) -> Vec<String> {
+    if shadow == Some(plan.canary.as_str()) {
+        return Vec::new();
+    }
+    let gates = &plan.gates;
+    [
+        ("min_shadow_agreement", gates.min_shadow_agreement.is_some()),
+        ("min_distribution_p_value", gates.min_distribution_p_value.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(field, _)| {
+        format!(
+            "gates.{field}: needs the canary's answers compared with the baseline's, but route \"{}\" {}; \
+             set routes.{}.shadow.version = \"{}\" (with the canary at weight 0 in the config) or remove this gate",
+            plan.model,
+            match shadow {
+                Some(version) => format!("shadows version \"{version}\", not the canary"),
+                None => "has no shadow".to_owned(),
+            },
+            plan.model,
+            plan.canary
+        )
+    })
+    .collect()
 }

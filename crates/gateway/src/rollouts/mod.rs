@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
 pub use fleet::{Gateways, RemoteGateways};
-pub use local::LocalGateway;
+pub use local::{LocalGateway, plan_problems};
 
 use crate::{
     GatewayError,
