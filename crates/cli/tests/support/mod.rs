@@ -93,16 +93,23 @@ pub struct Process {
 impl Process {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
         let mut command = Command::new(BIN);
+        command.args(args).envs(env.iter().copied());
+        Process::spawn_command(command, &format!("aviary {}", args.join(" ")))
+    }
+
+    /// Starts `command` (an `aviary` binary, maybe a copy elsewhere) with piped output
+    /// and without the [`AMBIENT`] environment; `what` names it in messages.
+    pub fn spawn_command(mut command: Command, what: &str) -> Process {
         command
-            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for name in AMBIENT {
-            command.env_remove(name);
+            if command.get_envs().all(|(set, _)| set != *name) {
+                command.env_remove(name);
+            }
         }
-        command.envs(env.iter().copied());
-        let what = format!("aviary {}", args.join(" "));
+        let what = what.to_owned();
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
