@@ -589,40 +589,23 @@ fn a_rolling_restart_and_worker_scaling_under_load_fail_no_request() {
     // A ConfigMap edit: both gateways take the new weights, without a restart.
     cluster
         .config
-        .update(&gateway_config(cluster.worker_port, (50, 50)));
+        .update(&gateway_config(cluster.worker_port, (60, 40)));
     for ip in ["127.0.0.21", "127.0.0.22"] {
         assert!(
             eventually(CONVERGE, || route_of(&cluster.routes(ip), "demo")
-                == pairs(&[("1", 50), ("2", 50)])),
+                == pairs(&[("1", 60), ("2", 40)])),
             "gateway {ip} applies the edited ConfigMap"
         );
     }
 
     // A rollout the controller drives on every gateway it finds through DNS; its
     // first step lasts longer than this test, so its weights stay in force.
-    let started = run(
-        &[
-            "ctl",
-            "--admin",
-            &controller_admin,
-            "rollout",
-            "start",
-            "demo",
-            "--canary",
-            "2",
-            "--baseline",
-            "1",
-            "--steps",
-            "30,100",
-            "--step-duration",
-            "600",
-            "--json",
-        ],
-        &[],
-    )
-    .json();
-    assert_eq!(started["canary_weight"], 30, "{started:#}");
-    let rollout_weights = pairs(&[("2", 30), ("1", 70)]);
+    let mut start = vec!["ctl", "--admin", &controller_admin];
+    start.extend(DEMO_ROLLOUT);
+    start.extend(["--step-duration", "600", "--json"]);
+    let started = run(&start, &[]).json();
+    assert_eq!(started["canary_weight"], 50, "{started:#}");
+    let rollout_weights = pairs(&[("2", 50), ("1", 50)]);
     for ip in ["127.0.0.21", "127.0.0.22"] {
         assert_eq!(
             route_of(&cluster.routes(ip), "demo"),

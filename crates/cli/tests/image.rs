@@ -187,14 +187,7 @@ fn the_image_layout_serves_the_demo_with_nothing_but_its_own_files() {
     let mut command = Command::new(rerooted(&stage.entrypoint[0]));
     command
         .args(stage.cmd.iter().map(rerooted))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
+        .args(LOOPBACK_LISTENERS)
         .current_dir(&workdir)
         .env_remove("ORT_DYLIB_PATH")
         .env("TMPDIR", root.join("tmp"))

@@ -371,17 +371,8 @@ impl Served {
         env: &[(String, String)],
     ) -> (Process, SocketAddr, SocketAddr) {
         let path = config.to_str().expect("utf-8 path");
-        let mut args = vec![
-            command,
-            "--config",
-            path,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ];
+        let mut args = vec![command, "--config", path];
+        args.extend(LOOPBACK_LISTENERS);
         args.extend(extra.iter().map(String::as_str));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut server = Process::spawn(&args, &env);
@@ -446,6 +437,16 @@ impl Served {
         self.ctl(&["routes", "--json"]).json()
     }
 }
+
+/// A gateway's three listeners on loopback, each on a port the system picks.
+pub const LOOPBACK_LISTENERS: [&str; 6] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+    "--metrics-listen",
+    "127.0.0.1:0",
+];
 
 /// `rollout start demo --canary 2 --baseline 1 --steps 50,100`: the demo rollout the
 /// tests start through `aviary ctl` (more flags go after it).
