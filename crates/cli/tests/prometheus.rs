@@ -30,8 +30,11 @@ impl Drop for Prometheus {
 
 impl Prometheus {
     /// Started scraping `target` (`host:port`) every second, or `None` when the
-    /// `prometheus` binary is not installed.
+    /// `prometheus` binary is not installed. The same target is scraped a second time
+    /// as job `aviary-replica` through the name `localhost`, so queries meet what a
+    /// fleet gives them: the same series from several instances.
     fn start(target: &str) -> Option<Prometheus> {
+        let port = target.rsplit_once(':').expect("host:port").1;
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
@@ -39,7 +42,8 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
                  scrape_configs:\n  - job_name: aviary\n    static_configs:\n      \
-                 - targets: [\"{target}\"]\n"
+                 - targets: [\"{target}\"]\n  - job_name: aviary-replica\n    \
+                 static_configs:\n      - targets: [\"localhost:{port}\"]\n"
             ),
         )
         .expect("write config");
@@ -164,7 +168,7 @@ fn prometheus_scrapes_the_gateway_and_answers_per_version_rates_and_counts() {
         return;
     };
     // The target is up once Prometheus has scraped it.
-    prometheus.wait_for("up{job=\"aviary\"}", |a| a.iter().any(|(_, v)| *v == 1.0));
+    prometheus.wait_for("up", |a| a.len() == 2 && a.iter().all(|(_, v)| *v == 1.0));
 
     // Traffic for about 4 s, so rates span several scrapes.
     let addr = served.addr.clone();
@@ -186,7 +190,7 @@ fn prometheus_scrapes_the_gateway_and_answers_per_version_rates_and_counts() {
     assert!(answered.len() == 2, "both versions answered: {answered:?}");
 
     let rates = prometheus.wait_for(
-        "sum by (version) (rate(aviary_requests_total{model=\"demo\",code=\"OK\"}[10s]))",
+        "sum by (version) (rate(aviary_requests_total{job=\"aviary\",model=\"demo\",code=\"OK\"}[10s]))",
         |a| by_version(a).len() == 2 && by_version(a).values().all(|r| *r > 0.0),
     );
     let rates = by_version(&rates);
@@ -196,13 +200,14 @@ fn prometheus_scrapes_the_gateway_and_answers_per_version_rates_and_counts() {
     );
     // Once a scrape after the traffic is in, the counts are exactly what was sent.
     let counts = prometheus.wait_for(
-        "sum by (version) (aviary_requests_total{model=\"demo\",code=\"OK\"})",
+        "sum by (version) (aviary_requests_total{job=\"aviary\",model=\"demo\",code=\"OK\"})",
         |a| by_version(a) == answered,
     );
     assert_eq!(by_version(&counts), answered);
 
     // Every query of the Grafana dashboard is PromQL that Prometheus evaluates (the
-    // dashboard's variables set to match everything).
+    // dashboard's variables set to match everything) over both instances: a join that
+    // ignored the instance would fail here as many-to-many.
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("deploy/observability/grafana-dashboard.json"))
             .expect("the dashboard file"),
