@@ -178,6 +178,10 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         ("tracing", config.tracing != started_with.tracing),
         // The keys file's contents apply at once; which file, at restart.
         ("auth", config.auth != started_with.auth),
+        // The trail is opened once; the workers' clients are made once (their TLS and
+        // token files are re-read when they change, which files at restart).
+        ("audit", config.audit != started_with.audit),
+        ("workers", config.workers != started_with.workers),
         ("repository", config.repository != started_with.repository),
         (
             "rollouts.evaluate_interval_ms",
@@ -303,4 +307,43 @@ fn fingerprints(root: &Path) -> BTreeMap<(String, u64), Fingerprint> {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // Map the borrow guard away at once: it must not live across an await.
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every section a running gateway does not re-apply is named when it changes: a
+    /// saved edit is never silently left out.
+    #[test]
+    fn every_restart_only_section_is_named_when_changed() {
+        let parse = |text: &str| Config::parse(text).expect("valid config");
+        let before = parse("");
+        let cases = [
+            ("[server]\nlisten = \"127.0.0.1:9001\"", "server"),
+            ("[admin]\nlisten = \"127.0.0.1:9003\"", "admin"),
+            ("[metrics]\nenabled = false", "metrics"),
+            ("[tracing]\nsample_ratio = 0.5", "tracing"),
+            ("[auth]\nkeys_file = \"keys.toml\"", "auth"),
+            ("[audit]\ndir = \"audit\"", "audit"),
+            ("[workers]\ntoken_file = \"token\"", "workers"),
+            ("[repository]\npath = \"models\"", "repository"),
+            (
+                "[rollouts]\nevaluate_interval_ms = 10",
+                "rollouts.evaluate_interval_ms",
+            ),
+            ("[rollouts]\ncontrolled = true", "rollouts.controlled"),
+            ("[cache]\nmax_entries = 7", "cache"),
+        ];
+        for (text, section) in cases {
+            assert_eq!(
+                restart_only(&before, &parse(text)),
+                vec![format!(
+                    "{section}: changed in the file; applies at restart"
+                )],
+                "{text}"
+            );
+        }
+        assert!(restart_only(&before, &parse("")).is_empty());
+    }
 }
