@@ -522,3 +522,47 @@ async fn a_model_file_written_in_place_is_served_once_complete_without_a_stale_e
     );
     watched.gateway.stop().await.expect("clean stop");
 }
+
+/// A new version whose file does not load is listed as failed, with the reason; once
+/// its folder is deleted it is gone from every listing (and so from the alerts),
+/// instead of staying UNAVAILABLE until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_new_version_is_forgotten_when_its_folder_is_deleted() {
+    let watched = Watched::start("").await;
+    let folder = watched.models.join("demo");
+    let hidden = folder.join(".tmp-3");
+    std::fs::create_dir(&hidden).expect("create the hidden folder");
+    std::fs::write(hidden.join("model.onnx"), b"not an onnx model").expect("write garbage");
+    std::fs::rename(&hidden, folder.join("3")).expect("rename into place");
+
+    let failed = wait_for("demo 3 listed as failed", || async {
+        watched
+            .index()
+            .await
+            .into_iter()
+            .find(|(version, state, _)| version == "3" && state == "UNAVAILABLE")
+    })
+    .await;
+    assert!(
+        failed.2.contains("model.onnx"),
+        "the reason names the file: {failed:?}"
+    );
+    assert!(
+        watched
+            .listed()
+            .await
+            .iter()
+            .any(|(v, state, _)| v == "3" && state == "UNAVAILABLE")
+    );
+
+    std::fs::remove_dir_all(watched.version_dir("3")).expect("delete demo/3");
+    wait_for("demo 3 gone from the index", || async {
+        (watched.index().await == [entry("1", "READY"), entry("2", "READY")]).then_some(())
+    })
+    .await;
+    assert_eq!(
+        watched.listed().await,
+        [entry("1", "READY"), entry("2", "READY")]
+    );
+    watched.gateway.stop().await.expect("clean stop");
+}

@@ -257,7 +257,11 @@ pub async fn watch_repository(
     control: Arc<Control>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut previous = fingerprints(&root);
+    // Nothing seen yet: the first scan finds every version "changed", and the one after
+    // it (once they are settled) syncs the worker with the folder. Starting from a scan
+    // taken here instead would miss a version published between the worker's load at
+    // start and this task's first run: it would look unchanged ever after.
+    let mut previous = BTreeMap::new();
     // Versions that were still changing at the last scan, to act on once they settle.
     let mut pending = false;
     loop {

@@ -335,6 +335,36 @@ impl Lifecycle {
                 tracing::info!(%model, version, "unloaded model version (gone from the repository or the policy)");
             }
         }
+        // A failure kept for a version nothing runs, whose folder is gone (or left the
+        // policy), is forgotten: no load will be tried again, and keeping it would go on
+        // reporting the version as failed (UNAVAILABLE, `load_failed`) forever.
+        let forgotten: Vec<(String, u64)> = {
+            let now = catalog.load();
+            now.failed
+                .keys()
+                .filter(|(model, number)| {
+                    let wanted = present.get(model).is_some_and(|versions| {
+                        let numbers: BTreeSet<u64> = versions.keys().copied().collect();
+                        self.policy(model).select(&numbers).contains(number)
+                    });
+                    only_model.is_none_or(|m| m == model)
+                        && !unsettled.contains(&(model.clone(), *number))
+                        && now.running(model, *number).is_none()
+                        && !wanted
+                })
+                .cloned()
+                .collect()
+        };
+        if !forgotten.is_empty() {
+            update(catalog, |catalog| {
+                for key in &forgotten {
+                    catalog.failed.remove(key);
+                }
+            });
+            for (model, version) in &forgotten {
+                tracing::info!(%model, version, "forgot a failed load: the version is gone from the repository or the policy");
+            }
+        }
         Ok(report)
     }
 
