@@ -257,6 +257,27 @@ fn config_typo_is_rejected_naming_the_key() {
     }
 }
 
+/// ONNX Runtime's own telemetry never starts: nothing is written under the user's home
+/// (its device id and event database would go to `~/.cache/Microsoft/...`).
+#[test]
+fn onnx_runtime_telemetry_writes_nothing_to_home() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let config = repo_root().join("deploy/local/aviary.toml");
+    let mut args = vec!["serve", "--config", config.to_str().expect("utf-8 path")];
+    args.extend(LOOPBACK_LISTENERS);
+    let home_path = home.path().to_str().expect("utf-8 path");
+    let mut server = Process::spawn(&args, &[("HOME", home_path)]);
+    let addr = format!("http://{}", server.wait_listening());
+    assert_eq!(infer_versions(&addr, Some("1"), 1).get("1"), Some(&1));
+    sigterm(&server);
+    assert!(server.wait_exit(START_DEADLINE).success());
+    let written: Vec<_> = std::fs::read_dir(home.path())
+        .expect("read home")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(written.is_empty(), "written to HOME: {written:?}");
+}
+
 /// `check-config` judges a file as a start would, without starting: the demo config is
 /// valid; a broken one exits 1 listing every problem with its path (and a typo that a
 /// start would refuse is refused the same way), with nothing listening.

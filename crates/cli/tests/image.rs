@@ -1,11 +1,13 @@
 //! The container image's layout, checked where no Docker daemon runs: the final stage
 //! of the `Dockerfile` is read, every file it copies is put at its path under a
 //! temporary root (the binary this build made, ONNX Runtime from the same wheel the
-//! image fetches, the config and models from the checkout), and the image's
-//! `ENTRYPOINT` + `CMD` is started from there: no `ORT_DYLIB_PATH`, a working folder
-//! outside the checkout, so the binary can only find the library where the image puts
-//! it. It must serve the demo, and write nothing outside the image's declared writable
-//! places.
+//! image fetches, the config and models from the checkout), with the C and C++
+//! runtime libraries the base image provides (taken from this machine, Debian 12 like
+//! the base image). The image's `ENTRYPOINT` + `CMD` then runs in that root as the
+//! Kubernetes manifests run it: `chroot`ed into it, mounted read-only, as uid/gid
+//! 10001, with tmpfs volumes only at the image's WORKDIR and `/tmp`. So the binary can
+//! only find ONNX Runtime where the image puts it, needs nothing from the checkout,
+//! and must serve the demo without writing anywhere else.
 
 mod support;
 
@@ -173,26 +175,35 @@ fn the_image_layout_serves_the_demo_with_nothing_but_its_own_files() {
             &root.join(destination.trim_start_matches('/')),
         );
     }
-    // The writable places the image declares: its WORKDIR (a volume in Kubernetes) and /tmp.
-    let workdir = root.join(stage.workdir.trim_start_matches('/'));
-    fs::create_dir_all(&workdir).expect("workdir");
-    fs::create_dir_all(root.join("tmp")).expect("tmp");
+    // What the binary and the libraries the image copies load.
+    let loaded: Vec<PathBuf> = std::iter::once(stage.entrypoint[0].as_str())
+        .chain(
+            stage
+                .copies
+                .iter()
+                .map(|(_, destination)| destination.as_str())
+                .filter(|d| d.ends_with(".so") || d.contains(".so.")),
+        )
+        .flat_map(|file| shared_libraries(&root.join(file.trim_start_matches('/'))))
+        .collect();
+    for library in loaded {
+        copy_into(
+            &library,
+            &root.join(library.strip_prefix("/").expect("absolute")),
+        );
+    }
+    // Mount points: the image's writable places (its WORKDIR, a volume in Kubernetes,
+    // and /tmp) and what the kernel provides.
+    let workdir = stage.workdir.trim_start_matches('/');
+    for dir in [workdir, "tmp", "proc", "dev"] {
+        fs::create_dir_all(root.join(dir)).expect("mount point");
+    }
     let before = tree(root);
 
-    // Paths in the command are the image's: re-rooted under the temporary root.
-    let rerooted = |arg: &String| match arg.strip_prefix('/') {
-        Some(path) if root.join(path).exists() => root.join(path).display().to_string(),
-        _ => arg.clone(),
-    };
-    let mut command = Command::new(rerooted(&stage.entrypoint[0]));
-    command
-        .args(stage.cmd.iter().map(rerooted))
-        .args(LOOPBACK_LISTENERS)
-        .current_dir(&workdir)
-        .env_remove("ORT_DYLIB_PATH")
-        .env("TMPDIR", root.join("tmp"))
-        .env("HOME", &workdir);
-    let mut server = Process::spawn_command(command, "the image's aviary serve");
+    let mut server = Process::spawn_command(
+        in_image(root, &stage, &stage.user),
+        "the image's aviary serve",
+    );
     let addr = format!("http://{}", server.wait_listening());
 
     let answered = infer_versions(&addr, None, 40);
@@ -207,13 +218,75 @@ fn the_image_layout_serves_the_demo_with_nothing_but_its_own_files() {
         "SIGTERM exits 0"
     );
 
-    let written: Vec<PathBuf> = tree(root)
-        .difference(&before)
-        .filter(|p| !p.starts_with(stage.workdir.trim_start_matches('/')) && !p.starts_with("tmp"))
-        .cloned()
-        .collect();
+    let written: Vec<PathBuf> = tree(root).difference(&before).cloned().collect();
     assert!(
         written.is_empty(),
-        "a read-only root filesystem would have refused: {written:?}"
+        "the read-only root was written: {written:?}"
     );
+    let stderr = server.take_stderr();
+    assert!(
+        !stderr.contains("WARN") && !stderr.contains("ERROR"),
+        "a clean start and stop: {stderr}"
+    );
+}
+
+/// The libraries `file` loads (its `ldd` list), as absolute paths on this machine.
+fn shared_libraries(file: &Path) -> Vec<PathBuf> {
+    let output = Command::new("ldd").arg(file).output().expect("ldd runs");
+    assert!(output.status.success(), "ldd {}", file.display());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x…)"; the vDSO has no file.
+            let path = line.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// The image's `ENTRYPOINT` + `CMD` (with every listener on a free loopback port) run
+/// as a container would run it: in a mount namespace of its own, `root` bound
+/// read-only, tmpfs at the WORKDIR and `/tmp`, `/dev` and `/proc` from the host, then
+/// `unshare --root` into it as `user` in the WORKDIR. Not root: a user namespace
+/// stands in, where the process is root of the namespace, not uid 10001.
+fn in_image(root: &Path, stage: &Stage, user: &str) -> Command {
+    let (uid, gid) = user.split_once(':').expect("USER uid:gid");
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let mut command = Command::new("unshare");
+    if !as_root {
+        command.arg("--map-root-user");
+    }
+    // Only root can become uid 10001 and give the volume to it.
+    let (switch_user, owner) = match as_root {
+        true => (
+            format!("--setuid {uid} --setgid {gid}"),
+            format!("uid={uid},gid={gid},"),
+        ),
+        false => (String::new(), String::new()),
+    };
+    let script = format!(
+        r#"set -e
+R="$0"
+mount --bind "$R" "$R"
+mount -o remount,bind,ro "$R"
+mount --rbind /dev "$R/dev"
+mount --rbind /proc "$R/proc"
+mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
+mount -t tmpfs -o {owner}mode=0750 tmpfs "$R{workdir}"
+exec unshare --root="$R" --wd={workdir} {switch_user} "$@""#,
+        workdir = stage.workdir,
+    );
+    command
+        .args(["--mount", "--", "sh", "-c", &script])
+        .arg(root)
+        .args(&stage.entrypoint)
+        .args(&stage.cmd)
+        .args(LOOPBACK_LISTENERS)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
+    command
 }
