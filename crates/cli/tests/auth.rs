@@ -166,21 +166,9 @@ fn a_bad_keys_file_stops_the_start_and_says_why() {
         ),
     )
     .expect("write config");
-    let failed = run(
-        &[
-            "serve",
-            "--config",
-            config.to_str().expect("utf-8"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    )
-    .failed();
+    let mut args = vec!["serve", "--config", config.to_str().expect("utf-8")];
+    args.extend(LOOPBACK_LISTENERS);
+    let failed = run(&args, &[]).failed();
     assert!(
         failed
             .stderr
