@@ -174,6 +174,34 @@ impl Catalog {
             .collect()
     }
 
+    /// Every loaded version's counts of values that broke its card's input rules:
+    /// (model, version, input, feature, rule, count), zeros left out.
+    pub(crate) fn input_violations(&self) -> Vec<InputViolation> {
+        self.models
+            .iter()
+            .flat_map(|(name, versions)| {
+                versions.iter().flat_map(move |(v, slot)| {
+                    let model = slot.current();
+                    model
+                        .input_rules
+                        .as_ref()
+                        .map(|rules| rules.counts())
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(input, feature, broken, count)| InputViolation {
+                            model: name.clone(),
+                            version: v.to_string(),
+                            input: input.to_owned(),
+                            feature: feature.to_owned(),
+                            rule: broken.label(),
+                            count,
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect()
+    }
+
     /// `RepositoryIndex`: every version in the repository with its state.
     pub(crate) fn index(&self, ready_only: bool) -> Vec<ModelIndex> {
         let mut index: Vec<ModelIndex> = self
@@ -300,4 +328,21 @@ pub struct VersionDurations {
     pub compute: aviary::metrics::HistogramSnapshot,
     /// What the running copy's load added to the process's resident memory.
     pub memory_bytes: Option<u64>,
+}
+
+/// How many values broke one input rule of a version's model card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputViolation {
+    /// Model.
+    pub model: String,
+    /// Version.
+    pub version: String,
+    /// The input.
+    pub input: String,
+    /// The feature (`column N` unnamed), or the input's name for a whole-input rule.
+    pub feature: String,
+    /// Which rule (`below_min`, `above_max`, `not_allowed`, `nan`, `inf`).
+    pub rule: &'static str,
+    /// Values counted since the running copy loaded.
+    pub count: u64,
 }

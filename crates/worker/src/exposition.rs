@@ -38,6 +38,7 @@ impl Collector for WorkerCollector {
         encode_statistics(&mut encoder, &statistics)?;
         encode_durations(&mut encoder, &self.worker)?;
         encode_versions(&mut encoder, &self.worker)?;
+        encode_input_violations(&mut encoder, &self.worker)?;
         encode_lifecycle(&mut encoder, &self.worker)
     }
 }
@@ -77,6 +78,29 @@ fn encode_durations(
         durations.iter().filter_map(|d| {
             let bytes = i64::try_from(d.memory_bytes?).unwrap_or(i64::MAX);
             Some((labels(d), bytes))
+        }),
+    )
+}
+
+fn encode_input_violations(
+    encoder: &mut DescriptorEncoder<'_>,
+    worker: &Worker,
+) -> Result<(), std::fmt::Error> {
+    encode_counters(
+        encoder,
+        "aviary_input_violations",
+        "Values that broke a rule of the version's model card ([input_rules]), by input, \
+         feature and rule; in reject mode each refused its request, in flag mode it was \
+         served.",
+        worker.input_violations().into_iter().map(|v| {
+            let labels = vec![
+                ("model", v.model),
+                ("version", v.version),
+                ("input", v.input),
+                ("feature", v.feature),
+                ("rule", v.rule.to_owned()),
+            ];
+            (labels, v.count)
         }),
     )
 }

@@ -13,6 +13,8 @@
 //!   is held to before it is decoded.
 //! - [`default_prediction`]: the fixed outputs a model card states for when a call
 //!   fails, checked against the schema.
+//! - [`input_rules`]: the value rules a model card declares for the inputs (ranges,
+//!   allowed values, NaN and infinities, per feature), checked on decoded requests.
 //! - [`batching`] and [`batcher`]: dynamic batching, its pure rules (settings from the
 //!   model card, which requests share a run, joining inputs and splitting outputs) and
 //!   the task that forms and runs batches.
@@ -39,6 +41,7 @@ pub mod catalog;
 pub mod default_prediction;
 pub mod error;
 pub mod exposition;
+pub mod input_rules;
 pub mod lifecycle;
 pub mod loader;
 pub mod model;

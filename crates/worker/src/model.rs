@@ -25,6 +25,7 @@ use crate::{
     batcher,
     batching::{self, BatchSettings},
     default_prediction::DefaultPrediction,
+    input_rules::InputRules,
     repository::{Fingerprint, ModelCard},
     runtime,
     schema::ModelSchema,
@@ -123,6 +124,8 @@ pub struct LoadedModel {
     pub card: Option<ModelCard>,
     /// The card's default prediction, checked against the schema.
     pub default_prediction: Option<DefaultPrediction>,
+    /// The card's input rules, checked against the schema, with their counts.
+    pub input_rules: Option<InputRules>,
     /// The model file it was loaded from.
     pub path: PathBuf,
     /// When loading finished.
@@ -214,12 +217,19 @@ impl LoadedModel {
                 .map_err(load_error)?,
             None => None,
         };
+        let input_rules = card
+            .as_ref()
+            .and_then(|c| c.input_rules.as_ref())
+            .map(|rules| InputRules::from_card(rules, &schema))
+            .transpose()
+            .map_err(load_error)?;
         let mut loaded = LoadedModel {
             model: model.to_owned(),
             version: version.to_owned(),
             schema,
             card,
             default_prediction,
+            input_rules,
             path: path.to_owned(),
             loaded_at: SystemTime::now(),
             fingerprint,

@@ -9,7 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{WorkerError, batching::BatchingCard, default_prediction::DefaultValues};
+use crate::{
+    WorkerError, batching::BatchingCard, default_prediction::DefaultValues,
+    input_rules::InputRulesCard,
+};
 
 /// File name of a version's ONNX model.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -46,6 +49,10 @@ pub struct ModelCard {
     /// Dynamic batching of the version's requests (see [`crate::batching`]).
     #[serde(default)]
     pub dynamic_batching: Option<BatchingCard>,
+    /// Value rules for the inputs: ranges, allowed values, NaN and infinities (see
+    /// [`crate::input_rules`]).
+    #[serde(default)]
+    pub input_rules: Option<InputRulesCard>,
 }
 
 /// Identity of a model file's contents as the filesystem sees it: replacing the file

@@ -31,7 +31,7 @@ use crate::{
     DefaultPrediction, WorkerError,
     admission::{Admission, TensorLimits},
     catalog::Catalog,
-    default_prediction,
+    default_prediction, input_rules,
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
     model::{FINGERPRINT_PARAMETER, SessionOptions},
     repository,
@@ -157,6 +157,15 @@ pub async fn infer_on(
         let checked = validate::check(&model.schema, &request)?;
         let reservation = slot.admission().admit(checked.cost())?;
         let validated = checked.decode()?;
+        if let Some(rules) = &model.input_rules {
+            // Flag mode counts and serves; reject mode refuses the first broken rule.
+            if let Some(violation) = rules
+                .check(&validated.inputs)
+                .map_err(WorkerError::invalid)?
+            {
+                return Err(WorkerError::invalid(violation.to_string()));
+            }
+        }
         decoded = Instant::now();
         let batch = validated
             .inputs
@@ -340,6 +349,11 @@ impl Worker {
         self.catalog.load().durations()
     }
 
+    /// Every loaded version's counts of values that broke its card's input rules.
+    pub fn input_violations(&self) -> Vec<crate::catalog::InputViolation> {
+        self.catalog.load().input_violations()
+    }
+
     /// Loads, reloads and unloads since start-up.
     pub fn lifecycle_totals(&self) -> crate::lifecycle::LifecycleTotals {
         self.lifecycle.totals()
@@ -461,6 +475,11 @@ fn card_parameters(
                 .map(|(name, value)| (format!("card.metrics.{name}"), value.to_string())),
         )
         .chain(default.map(|d| (default_prediction::PARAMETER.to_owned(), d.to_json())))
+        .chain(card.input_rules.as_ref().map(|rules| {
+            // Plain data of strings, numbers and maps: serialising cannot fail.
+            let json = serde_json::to_string(rules).unwrap_or_default();
+            (input_rules::PARAMETER.to_owned(), json)
+        }))
         .map(|(key, string_value)| (key, ModelParameter { string_value }))
         .collect()
 }

@@ -87,6 +87,10 @@ pub enum CtlCommand {
     Models {
         /// Only this model.
         model: Option<String>,
+        /// Show the input rules each version's model card declares instead (ranges,
+        /// allowed values, NaN and infinities, per feature) and their mode.
+        #[arg(long)]
+        schema: bool,
     },
     /// Load a version from the repository (and warm it up).
     Load {
@@ -399,7 +403,9 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             routes::set_limits(channel, change, json).await
         }
         CtlCommand::ConfigStatus => routes::config_status(channel, json).await,
-        CtlCommand::Models { model } => models::list(channel, model.as_deref(), json).await,
+        CtlCommand::Models { model, schema } => {
+            models::list(channel, model.as_deref(), *schema, json).await
+        }
         CtlCommand::Load { model, version } => {
             models::load(channel, model, version, models::Load::Fresh, json).await
         }

@@ -5,6 +5,7 @@ use aviary::pb::admin::{
     ListModelsRequest, ListModelsResponse, UnloadVersionRequest, VersionRequest,
     models_client::ModelsClient,
 };
+use aviary_worker::input_rules::{Allowed, FeatureCard, InputRulesCard, Policy};
 
 use super::{
     CtlError, print,
@@ -15,6 +16,7 @@ use super::{
 pub(super) async fn list(
     channel: Channel,
     model: Option<&str>,
+    schema: bool,
     json: bool,
 ) -> Result<String, CtlError> {
     let list = ModelsClient::new(channel)
@@ -23,7 +25,106 @@ pub(super) async fn list(
         })
         .await?
         .into_inner();
-    Ok(print(&list, json, render_models))
+    Ok(match schema {
+        true => print(&list, json, render_input_rules),
+        false => print(&list, json, render_models),
+    })
+}
+
+/// One row per declared feature (or whole input) of every version whose card has
+/// input rules.
+fn render_input_rules(list: &ListModelsResponse) -> String {
+    let mut rows = vec![
+        [
+            "MODEL", "VERSION", "MODE", "INPUT", "FEATURE", "MIN", "MAX", "ALLOWED", "NAN", "INF",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for v in &list.versions {
+        let Some(text) = v
+            .card
+            .as_ref()
+            .map(|c| &c.input_rules)
+            .filter(|t| !t.is_empty())
+        else {
+            continue;
+        };
+        let Ok(card) = serde_json::from_str::<InputRulesCard>(text) else {
+            rows.push(vec![
+                v.model.clone(),
+                v.version.clone(),
+                format!("unreadable rules: {text}"),
+            ]);
+            continue;
+        };
+        let mode = format!("{:?}", card.mode).to_lowercase();
+        for (name, input) in &card.inputs {
+            let whole = FeatureCard {
+                name: None,
+                min: input.min,
+                max: input.max,
+                allowed: input.allowed.clone(),
+                nan: input.nan,
+                inf: input.inf,
+            };
+            let features: Vec<(String, FeatureCard)> = match input.features.is_empty() {
+                true => vec![("(every element)".to_owned(), whole)],
+                false => input
+                    .features
+                    .iter()
+                    .enumerate()
+                    .map(|(column, f)| {
+                        let label = f.name.clone().unwrap_or_else(|| format!("column {column}"));
+                        (label, inherit(f, &whole))
+                    })
+                    .collect(),
+            };
+            for (label, rule) in features {
+                let number = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:?}"));
+                let policy = |p: Option<Policy>| match p {
+                    Some(Policy::Allow) => "allow",
+                    _ => "reject",
+                };
+                rows.push(vec![
+                    v.model.clone(),
+                    v.version.clone(),
+                    mode.clone(),
+                    name.clone(),
+                    label,
+                    number(rule.min),
+                    number(rule.max),
+                    match &rule.allowed {
+                        Some(Allowed::Numbers(n)) => n
+                            .iter()
+                            .map(|v| format!("{v:?}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        Some(Allowed::Strings(s)) => s.join(","),
+                        None => "-".to_owned(),
+                    },
+                    policy(rule.nan).to_owned(),
+                    policy(rule.inf).to_owned(),
+                ]);
+            }
+        }
+    }
+    match rows.len() {
+        1 => "no model card declares input rules".to_owned(),
+        _ => table(&rows),
+    }
+}
+
+/// A feature's rules with its input's where it sets none (what the worker applies).
+fn inherit(feature: &FeatureCard, input: &FeatureCard) -> FeatureCard {
+    FeatureCard {
+        name: feature.name.clone(),
+        min: feature.min.or(input.min),
+        max: feature.max.or(input.max),
+        allowed: feature.allowed.clone().or_else(|| input.allowed.clone()),
+        nan: feature.nan.or(input.nan),
+        inf: feature.inf.or(input.inf),
+    }
 }
 
 fn render_models(list: &ListModelsResponse) -> String {

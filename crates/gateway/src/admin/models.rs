@@ -69,6 +69,11 @@ fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo>
                         limitations: c.limitations.clone(),
                         training_data: c.training_data.clone(),
                         metrics: c.metrics.clone().into_iter().collect(),
+                        input_rules: c
+                            .input_rules
+                            .as_ref()
+                            .and_then(|r| serde_json::to_string(r).ok())
+                            .unwrap_or_default(),
                     }),
                 model: entry.name,
                 version: entry.version,

@@ -1,0 +1,597 @@
+//! The value rules a model card declares for a version's inputs (`[input_rules]` in
+//! `model.toml`): per input, or per feature along the last axis of a feature vector,
+//! an inclusive `min`/`max`, `allowed` values (numbers, or strings for BYTES), and
+//! whether NaN and infinities are accepted. Beyond what Triton checks (datatype and
+//! shape), so a request with a value the model was never meant to see is refused with
+//! the feature, row, value and rule named, or, in `flag` mode, served and counted.
+//!
+//! The rules are checked against the version's schema when it loads, so a card that
+//! cannot apply fails the load, not a request. Checking a request is one pass over its
+//! decoded elements, with a feature's rule picked by column. Pure code: no I/O.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aviary::tensor::Datatype;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    schema::ModelSchema,
+    validate::{InputTensor, TensorData},
+};
+
+/// The `ModelConfig` parameter carrying a version's input rules, as JSON.
+pub const PARAMETER: &str = "card.input_rules";
+
+/// `[input_rules]` as the card writes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputRulesCard {
+    /// What a request breaking a rule gets.
+    #[serde(default)]
+    pub mode: RuleMode,
+    /// Rules by input name.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, InputCard>,
+}
+
+/// What a request that breaks a rule gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleMode {
+    /// Refused with INVALID_ARGUMENT naming the first value that breaks a rule.
+    #[default]
+    Reject,
+    /// Served; every broken rule is counted per input, feature and rule.
+    Flag,
+}
+
+/// Whether a NaN (or an infinity) is a valid value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Breaks the rule.
+    Reject,
+    /// Accepted (range checks do not apply to it).
+    Allow,
+}
+
+/// Allowed values: numbers, or strings for a BYTES input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Allowed {
+    /// For numeric and BOOL inputs.
+    Numbers(Vec<f64>),
+    /// For BYTES inputs.
+    Strings(Vec<String>),
+}
+
+/// The rules of one input: for every element, or per feature (`features`, one per
+/// position along the last axis; a feature's own keys win over the input's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputCard {
+    /// Smallest valid value (inclusive).
+    pub min: Option<f64>,
+    /// Largest valid value (inclusive).
+    pub max: Option<f64>,
+    /// The only valid values.
+    pub allowed: Option<Allowed>,
+    /// Whether NaN is valid (default: reject).
+    pub nan: Option<Policy>,
+    /// Whether +/- infinity is valid (default: reject).
+    pub inf: Option<Policy>,
+    /// One entry per feature along the last axis, in order.
+    #[serde(default)]
+    pub features: Vec<FeatureCard>,
+}
+
+/// The rules of one feature (a position along an input's last axis).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureCard {
+    /// The feature's name, used in errors and metrics (default: `column N`).
+    pub name: Option<String>,
+    /// Smallest valid value (inclusive).
+    pub min: Option<f64>,
+    /// Largest valid value (inclusive).
+    pub max: Option<f64>,
+    /// The only valid values.
+    pub allowed: Option<Allowed>,
+    /// Whether NaN is valid.
+    pub nan: Option<Policy>,
+    /// Whether +/- infinity is valid.
+    pub inf: Option<Policy>,
+}
+
+/// Which rule a value broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Broken {
+    /// Below `min`.
+    BelowMin,
+    /// Above `max`.
+    AboveMax,
+    /// Not one of `allowed`.
+    NotAllowed,
+    /// NaN where it is rejected.
+    Nan,
+    /// An infinity where it is rejected.
+    Inf,
+}
+
+impl Broken {
+    /// Every rule, in the order counters are kept.
+    pub const ALL: [Broken; 5] = [
+        Broken::BelowMin,
+        Broken::AboveMax,
+        Broken::NotAllowed,
+        Broken::Nan,
+        Broken::Inf,
+    ];
+
+    /// The rule's name in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Broken::BelowMin => "below_min",
+            Broken::AboveMax => "above_max",
+            Broken::NotAllowed => "not_allowed",
+            Broken::Nan => "nan",
+            Broken::Inf => "inf",
+        }
+    }
+}
+
+/// One feature's (or a whole input's) compiled rule.
+#[derive(Debug, Clone, PartialEq)]
+struct Rule {
+    /// How errors and metrics name it.
+    feature: String,
+    min: Option<f64>,
+    max: Option<f64>,
+    allowed_numbers: Option<Vec<f64>>,
+    allowed_strings: Option<Vec<String>>,
+    nan_ok: bool,
+    inf_ok: bool,
+}
+
+/// The rules of one input, compiled.
+#[derive(Debug)]
+struct InputRule {
+    name: String,
+    /// Features along the last axis; `None`: one rule for every element.
+    features: Option<usize>,
+    rules: Vec<Rule>,
+    /// Violations counted per rule and broken kind (`rules.len() * Broken::ALL.len()`).
+    counts: Vec<AtomicU64>,
+}
+
+/// A version's input rules, checked against its schema, with their violation counts.
+#[derive(Debug)]
+pub struct InputRules {
+    mode: RuleMode,
+    inputs: Vec<InputRule>,
+}
+
+/// One value that broke a rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    /// The input.
+    pub input: String,
+    /// The feature (`column N` when unnamed), or `None` for a whole-input rule.
+    pub feature: Option<(String, usize)>,
+    /// Row (the element's index over every axis but the last) or, for a whole-input
+    /// rule, the element's index.
+    pub index: usize,
+    /// The value, as the request sent it.
+    pub value: String,
+    /// The rule and its bound, in words: `is above max 10.0`.
+    pub rule: String,
+    /// Which rule.
+    pub broken: Broken,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "input \"{}\" ", self.input)?;
+        match &self.feature {
+            Some((name, column)) => {
+                write!(f, "feature \"{name}\" (column {column}) row {}", self.index)?
+            }
+            None => write!(f, "element {}", self.index)?,
+        }
+        write!(f, ": {} {}", self.value, self.rule)
+    }
+}
+
+/// The counts of one input feature's broken rules: (input, feature, rule, count).
+pub type ViolationCount<'a> = (&'a str, &'a str, Broken, u64);
+
+impl InputRules {
+    /// Compiles `card` against `schema`: every input it names exists, features match
+    /// the last dimension where it is fixed, bounds and allowed values suit the
+    /// datatype. Errors name the card key.
+    pub fn from_card(card: &InputRulesCard, schema: &ModelSchema) -> Result<InputRules, String> {
+        let mut inputs = Vec::new();
+        for (name, input) in &card.inputs {
+            let key = format!("input_rules.inputs.{name}");
+            let spec = schema
+                .inputs
+                .iter()
+                .find(|s| &s.name == name)
+                .ok_or_else(|| {
+                    let names: Vec<String> = schema
+                        .inputs
+                        .iter()
+                        .map(|s| format!("\"{}\"", s.name))
+                        .collect();
+                    format!(
+                        "{key}: the model has no input \"{name}\" (inputs: {})",
+                        names.join(", ")
+                    )
+                })?;
+            let whole = Rule::from_parts(
+                &key,
+                spec.datatype,
+                name.clone(),
+                Parts::of_input(input),
+                None,
+            )?;
+            let (features, rules) = if input.features.is_empty() {
+                (None, vec![whole])
+            } else {
+                let last = spec.shape.last().copied().ok_or_else(|| {
+                    format!("{key}.features: input \"{name}\" is a scalar, it has no features")
+                })?;
+                let count = input.features.len();
+                if last >= 0 && usize::try_from(last).ok() != Some(count) {
+                    return Err(format!(
+                        "{key}.features: {count} features for a last dimension of {last}"
+                    ));
+                }
+                let rules = input
+                    .features
+                    .iter()
+                    .enumerate()
+                    .map(|(column, feature)| {
+                        let label = feature
+                            .name
+                            .clone()
+                            .unwrap_or_else(|| format!("column {column}"));
+                        Rule::from_parts(
+                            &format!("{key}.features[{column}]"),
+                            spec.datatype,
+                            label,
+                            Parts::of_feature(feature),
+                            Some(&whole),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                (Some(count), rules)
+            };
+            let counts = (0..rules.len() * Broken::ALL.len())
+                .map(|_| AtomicU64::new(0))
+                .collect();
+            inputs.push(InputRule {
+                name: name.clone(),
+                features,
+                rules,
+                counts,
+            });
+        }
+        Ok(InputRules {
+            mode: card.mode,
+            inputs,
+        })
+    }
+
+    /// What a request that breaks a rule gets.
+    pub fn mode(&self) -> RuleMode {
+        self.mode
+    }
+
+    /// Checks `inputs` (decoded, in any order). In `reject` mode the first value that
+    /// breaks a rule is returned and counted; in `flag` mode every one is counted and
+    /// `None` returned. A feature vector whose last dimension is not the number of
+    /// declared features is an error in either mode (the rules cannot apply).
+    pub fn check(&self, inputs: &[InputTensor]) -> Result<Option<Violation>, String> {
+        for rule in &self.inputs {
+            let Some(tensor) = inputs.iter().find(|t| t.name == rule.name) else {
+                continue;
+            };
+            if let Some(count) = rule.features {
+                let last = tensor.shape.last().copied().unwrap_or(0);
+                if usize::try_from(last).ok() != Some(count) {
+                    return Err(format!(
+                        "input \"{}\": the model card declares {count} features along the last axis, the request has {last}",
+                        rule.name
+                    ));
+                }
+            }
+            if let Some(violation) = rule.check(&tensor.data, self.mode) {
+                return Ok(Some(violation));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every input feature's broken-rule counts, zeros left out.
+    pub fn counts(&self) -> Vec<ViolationCount<'_>> {
+        let mut out = Vec::new();
+        for input in &self.inputs {
+            for (index, rule) in input.rules.iter().enumerate() {
+                for (k, broken) in Broken::ALL.iter().enumerate() {
+                    let n = input.counts[index * Broken::ALL.len() + k].load(Ordering::Relaxed);
+                    if n > 0 {
+                        out.push((input.name.as_str(), rule.feature.as_str(), *broken, n));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The rule keys of an input or a feature, before inheriting.
+struct Parts<'a> {
+    min: Option<f64>,
+    max: Option<f64>,
+    allowed: Option<&'a Allowed>,
+    nan: Option<Policy>,
+    inf: Option<Policy>,
+}
+
+impl<'a> Parts<'a> {
+    fn of_input(card: &'a InputCard) -> Parts<'a> {
+        Parts {
+            min: card.min,
+            max: card.max,
+            allowed: card.allowed.as_ref(),
+            nan: card.nan,
+            inf: card.inf,
+        }
+    }
+
+    fn of_feature(card: &'a FeatureCard) -> Parts<'a> {
+        Parts {
+            min: card.min,
+            max: card.max,
+            allowed: card.allowed.as_ref(),
+            nan: card.nan,
+            inf: card.inf,
+        }
+    }
+}
+
+impl Rule {
+    /// A rule from its keys, each missing one taken from `inherit` (the input's).
+    fn from_parts(
+        key: &str,
+        datatype: Datatype,
+        feature: String,
+        parts: Parts<'_>,
+        inherit: Option<&Rule>,
+    ) -> Result<Rule, String> {
+        let numeric = datatype != Datatype::Bytes;
+        if !numeric && (parts.min.is_some() || parts.max.is_some()) {
+            return Err(format!(
+                "{key}: min and max do not apply to a BYTES input; use allowed"
+            ));
+        }
+        for (bound, value) in [("min", parts.min), ("max", parts.max)] {
+            if value.is_some_and(|v| !v.is_finite()) {
+                return Err(format!("{key}.{bound}: must be a finite number"));
+            }
+        }
+        let (allowed_numbers, allowed_strings) = match parts.allowed {
+            Some(Allowed::Numbers(values)) if numeric => {
+                if values.is_empty() {
+                    return Err(format!("{key}.allowed: lists no value"));
+                }
+                let mut values = values.clone();
+                values.sort_by(f64::total_cmp);
+                (Some(values), None)
+            }
+            Some(Allowed::Strings(values)) if !numeric => {
+                if values.is_empty() {
+                    return Err(format!("{key}.allowed: lists no value"));
+                }
+                (None, Some(values.clone()))
+            }
+            Some(Allowed::Numbers(_)) => {
+                return Err(format!("{key}.allowed: a BYTES input takes strings"));
+            }
+            Some(Allowed::Strings(_)) => {
+                return Err(format!(
+                    "{key}.allowed: a {} input takes numbers",
+                    datatype.as_str()
+                ));
+            }
+            None => (
+                inherit.and_then(|r| r.allowed_numbers.clone()),
+                inherit.and_then(|r| r.allowed_strings.clone()),
+            ),
+        };
+        let rule = Rule {
+            feature,
+            min: parts.min.or(inherit.and_then(|r| r.min)),
+            max: parts.max.or(inherit.and_then(|r| r.max)),
+            allowed_numbers,
+            allowed_strings,
+            nan_ok: parts
+                .nan
+                .map_or(inherit.is_some_and(|r| r.nan_ok), |p| p == Policy::Allow),
+            inf_ok: parts
+                .inf
+                .map_or(inherit.is_some_and(|r| r.inf_ok), |p| p == Policy::Allow),
+        };
+        if let (Some(min), Some(max)) = (rule.min, rule.max)
+            && min > max
+        {
+            return Err(format!("{key}: min {min} is above max {max}"));
+        }
+        Ok(rule)
+    }
+
+    /// The rule `value` breaks, with the rule in words.
+    fn judge(&self, value: f64) -> Option<(Broken, String)> {
+        if value.is_nan() {
+            return (!self.nan_ok).then(|| (Broken::Nan, "is NaN, which is rejected".to_owned()));
+        }
+        if value.is_infinite() {
+            return (!self.inf_ok)
+                .then(|| (Broken::Inf, "is infinite, which is rejected".to_owned()));
+        }
+        if let Some(min) = self.min
+            && value < min
+        {
+            return Some((Broken::BelowMin, format!("is below min {}", show(min))));
+        }
+        if let Some(max) = self.max
+            && value > max
+        {
+            return Some((Broken::AboveMax, format!("is above max {}", show(max))));
+        }
+        if let Some(allowed) = &self.allowed_numbers
+            && allowed.binary_search_by(|a| a.total_cmp(&value)).is_err()
+            // -0.0 and 0.0 are the same value to a user.
+            && !(value == 0.0 && allowed.contains(&0.0))
+        {
+            let listed: Vec<String> = allowed.iter().map(|v| show(*v)).collect();
+            return Some((
+                Broken::NotAllowed,
+                format!("is not one of the allowed values [{}]", listed.join(", ")),
+            ));
+        }
+        None
+    }
+
+    fn judge_text(&self, value: &str) -> Option<(Broken, String)> {
+        let allowed = self.allowed_strings.as_ref()?;
+        (!allowed.iter().any(|a| a == value)).then(|| {
+            let listed: Vec<String> = allowed.iter().map(|v| format!("{v:?}")).collect();
+            (
+                Broken::NotAllowed,
+                format!("is not one of the allowed values [{}]", listed.join(", ")),
+            )
+        })
+    }
+}
+
+/// A bound as the card wrote it: `10.0`, `0.1`, `-3.0`.
+fn show(value: f64) -> String {
+    format!("{value:?}")
+}
+
+impl InputRule {
+    /// Counts what breaks a rule; in `reject` mode stops at (and returns) the first.
+    fn check(&self, data: &TensorData, mode: RuleMode) -> Option<Violation> {
+        macro_rules! numbers {
+            ($values:expr, $to_f64:expr) => {
+                self.scan($values, mode, |v| $to_f64(*v), |v| format!("{v:?}"))
+            };
+        }
+        match data {
+            TensorData::Bool(v) => numbers!(v, |b: bool| f64::from(u8::from(b))),
+            TensorData::Uint8(v) => numbers!(v, f64::from),
+            TensorData::Uint16(v) => numbers!(v, f64::from),
+            TensorData::Uint32(v) => numbers!(v, f64::from),
+            // Above 2^53 a 64-bit integer compares as its nearest double.
+            TensorData::Uint64(v) => numbers!(v, |x: u64| x as f64),
+            TensorData::Int8(v) => numbers!(v, f64::from),
+            TensorData::Int16(v) => numbers!(v, f64::from),
+            TensorData::Int32(v) => numbers!(v, f64::from),
+            TensorData::Int64(v) => numbers!(v, |x: i64| x as f64),
+            TensorData::Fp16(v) => numbers!(v, |x: half::f16| f64::from(x.to_f32())),
+            TensorData::Bf16(v) => numbers!(v, |x: half::bf16| f64::from(x.to_f32())),
+            TensorData::Fp32(v) => numbers!(v, f64::from),
+            TensorData::Fp64(v) => numbers!(v, |x: f64| x),
+            TensorData::Bytes(v) => self.scan_texts(v, mode),
+        }
+    }
+
+    /// The rule of element `index`: its feature's, or the input's.
+    fn rule_of(&self, index: usize) -> (usize, &Rule) {
+        let position = self.features.map_or(0, |n| index % n);
+        (position, &self.rules[position])
+    }
+
+    /// One pass over `values`, each read as a number; `shown` writes a broken one as
+    /// the request sent it (only then: formatting every element would cost more than
+    /// the checks).
+    fn scan<T>(
+        &self,
+        values: &[T],
+        mode: RuleMode,
+        number: impl Fn(&T) -> f64,
+        shown: impl Fn(&T) -> String,
+    ) -> Option<Violation> {
+        for (index, value) in values.iter().enumerate() {
+            let (position, rule) = self.rule_of(index);
+            if let Some((broken, words)) = rule.judge(number(value)) {
+                self.count(position, broken);
+                if mode == RuleMode::Reject {
+                    return Some(self.violation(index, position, shown(value), words, broken));
+                }
+            }
+        }
+        None
+    }
+
+    fn scan_texts(&self, values: &[String], mode: RuleMode) -> Option<Violation> {
+        for (index, value) in values.iter().enumerate() {
+            let (position, rule) = self.rule_of(index);
+            if let Some((broken, words)) = rule.judge_text(value) {
+                self.count(position, broken);
+                if mode == RuleMode::Reject {
+                    return Some(self.violation(
+                        index,
+                        position,
+                        format!("{value:?}"),
+                        words,
+                        broken,
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn count(&self, position: usize, broken: Broken) {
+        let kind = Broken::ALL
+            .iter()
+            .position(|b| *b == broken)
+            .unwrap_or_default();
+        self.counts[position * Broken::ALL.len() + kind].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn violation(
+        &self,
+        index: usize,
+        position: usize,
+        value: String,
+        rule: String,
+        broken: Broken,
+    ) -> Violation {
+        let (feature, index) = match self.features {
+            Some(n) => (
+                Some((self.rules[position].feature.clone(), position)),
+                index / n,
+            ),
+            None => (None, index),
+        };
+        Violation {
+            input: self.name.clone(),
+            feature,
+            index,
+            value,
+            rule,
+            broken,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
