@@ -18,7 +18,10 @@
 //!   distribution of its statistic.
 //! - `sequential`: [`msprt_two_proportions`] and [`SequentialTest`], an always-valid
 //!   p-value that may be read after every batch without inflating false positives.
+//! - `drift`: [`population_stability_index`] and [`chi_square_homogeneity`] for a live
+//!   window against a reference, and [`benjamini_hochberg`] across many features.
 
+mod drift;
 mod interval;
 mod kolmogorov;
 mod ks;
@@ -26,6 +29,9 @@ mod proportion;
 mod rank;
 mod sequential;
 
+pub use drift::{
+    PSI_EMPTY_BIN, benjamini_hochberg, chi_square_homogeneity, population_stability_index,
+};
 pub use interval::{SampleSummary, mean_interval, wilson_interval};
 pub use ks::ks_two_sample;
 pub use proportion::{chi_square_2x2, two_proportion_z_test};
