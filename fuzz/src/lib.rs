@@ -5,7 +5,8 @@
 //! message that says what is wrong.
 //!
 //! - [`infer_request`]: a `ModelInferRequest` decoded within the decode budget, then
-//!   validated and decoded against model schemas of every kind of input.
+//!   validated and decoded against model schemas of every kind of input, and the
+//!   decoded inputs checked against model-card input rules in both modes.
 //! - [`config`]: the gateway's config parser, then its routes compiled.
 //! - [`route_plan`]: a route and a rollout plan (JSON) validated, and the compiled
 //!   route asked for versions.
@@ -34,8 +35,9 @@ use aviary_gateway::{
 };
 use aviary_router::{Attributes, RouteSpec, RouteTable, rollout::RolloutPlan};
 use aviary_worker::{
+    input_rules::{InputRules, InputRulesCard},
     schema::{ModelSchema, TensorSpec},
-    validate::validate,
+    validate::{ValidatedRequest, validate},
 };
 use prost::Message;
 use rand::{SeedableRng, rngs::SmallRng};
@@ -58,9 +60,10 @@ pub fn infer_request(data: &[u8]) {
         (Err(_), None) => return,
         (Ok(_), Some(over)) => panic!("decoded a request over its budget: {over}"),
     };
-    for schema in schemas() {
+    for (schema, rules) in schemas().into_iter().zip(RULES) {
         match validate(&schema, &request) {
             Ok(validated) => {
+                check_rules(&schema, rules, &validated);
                 assert_eq!(validated.inputs.len(), schema.inputs.len());
                 for (input, spec) in validated.inputs.iter().zip(&schema.inputs) {
                     assert_eq!(input.name, spec.name);
@@ -296,6 +299,70 @@ fn ask_for_versions(table: &RouteTable, routes: &Routes) {
                 .iter()
                 .any(|v| v.version == decision.version)
         );
+    }
+}
+
+/// Input rules for each of [`schemas`]: features on fixed and variable last
+/// dimensions, ranges, allowed numbers and strings, NaN and infinity policies.
+const RULES: [&str; 2] = [
+    r#"
+[inputs.input]
+features = [
+  { name = "a", min = 0.0, max = 10.0 },
+  { name = "b", allowed = [1.0, 2.0] },
+  { nan = "allow", inf = "allow", min = -1.0 },
+  {},
+]
+"#,
+    r#"
+[inputs.text]
+allowed = ["yes", "no"]
+[inputs.ids]
+features = [{ min = 0.0 }, { max = 100.0 }, { allowed = [7.0] }]
+[inputs.mask]
+allowed = [0.0, 1.0]
+[inputs.half]
+min = -1.0
+max = 1.0
+[inputs.wide]
+features = [{ nan = "allow" }, { inf = "allow", max = 5.0 }]
+[inputs.u64]
+max = 1152921504606846976.0
+"#,
+];
+
+/// Checks `validated` against `rules` in both modes: a refusal names a ruled input, a
+/// row inside the request and a rule in words; flag mode refuses nothing a reject
+/// would not, and counts at least what reject mode counted.
+fn check_rules(schema: &ModelSchema, rules: &str, validated: &ValidatedRequest) {
+    let card: InputRulesCard = toml::from_str(rules).expect("the harness's rules parse");
+    let reject = InputRules::from_card(&card, schema).expect("the harness's rules apply");
+    let flag_card = InputRulesCard {
+        mode: aviary_worker::input_rules::RuleMode::Flag,
+        ..card.clone()
+    };
+    let flag = InputRules::from_card(&flag_card, schema).expect("the harness's rules apply");
+    let refused = reject.check(&validated.inputs);
+    let flagged = flag.check(&validated.inputs);
+    match (&refused, &flagged) {
+        (Err(a), Err(b)) => assert_eq!(a, b, "a shape mismatch is refused in both modes"),
+        (Ok(violation), Ok(None)) => {
+            if let Some(v) = violation {
+                assert!(card.inputs.contains_key(&v.input), "{v}");
+                let input = validated
+                    .inputs
+                    .iter()
+                    .find(|i| i.name == v.input)
+                    .expect("the named input was sent");
+                assert!(v.index < input.data.len().max(1), "{v}");
+                assert!(!v.rule.is_empty() && v.to_string().contains(&v.value));
+            }
+            let counted =
+                |rules: &InputRules| -> u64 { rules.counts().iter().map(|(_, _, _, n)| n).sum() };
+            assert_eq!(counted(&reject), u64::from(violation.is_some()));
+            assert!(counted(&flag) >= counted(&reject));
+        }
+        (refused, flagged) => panic!("reject {refused:?} but flag {flagged:?}"),
     }
 }
 
