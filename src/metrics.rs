@@ -244,13 +244,16 @@ where
     Ok(())
 }
 
-/// One gauge family, `name` with a sample per `(labels, value)`.
-pub fn encode_gauges(
+/// One gauge family, `name` with a sample per `(labels, value)` (integers or `f64`).
+pub fn encode_gauges<N>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    samples: impl IntoIterator<Item = (Labels, i64)>,
-) -> Result<(), std::fmt::Error> {
+    samples: impl IntoIterator<Item = (Labels, N)>,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, value) in samples {
         ConstGauge::new(value).encode(family.encode_family(&labels)?)?;

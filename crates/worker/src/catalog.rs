@@ -174,6 +174,19 @@ impl Catalog {
             .collect()
     }
 
+    /// Every loaded version with drift tracking, and its features' drift now.
+    pub(crate) fn drift(&self) -> Vec<(String, String, Vec<crate::drift::FeatureDrift>)> {
+        self.models
+            .iter()
+            .flat_map(|(name, versions)| {
+                versions.iter().filter_map(move |(v, slot)| {
+                    let report = slot.current().drift.as_ref()?.report();
+                    Some((name.clone(), v.to_string(), report))
+                })
+            })
+            .collect()
+    }
+
     /// Every loaded version's counts of values that broke its card's input rules:
     /// (model, version, input, feature, rule, count), zeros left out.
     pub(crate) fn input_violations(&self) -> Vec<InputViolation> {

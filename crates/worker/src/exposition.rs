@@ -39,6 +39,7 @@ impl Collector for WorkerCollector {
         encode_durations(&mut encoder, &self.worker)?;
         encode_versions(&mut encoder, &self.worker)?;
         encode_input_violations(&mut encoder, &self.worker)?;
+        encode_drift(&mut encoder, &self.worker)?;
         encode_lifecycle(&mut encoder, &self.worker)
     }
 }
@@ -78,6 +79,54 @@ fn encode_durations(
         durations.iter().filter_map(|d| {
             let bytes = i64::try_from(d.memory_bytes?).unwrap_or(i64::MAX);
             Some((labels(d), bytes))
+        }),
+    )
+}
+
+/// Each tracked feature's drift, tested when scraped.
+fn encode_drift(
+    encoder: &mut DescriptorEncoder<'_>,
+    worker: &Worker,
+) -> Result<(), std::fmt::Error> {
+    let reports = worker.drift();
+    let labels = |model: &str, version: &str, f: &crate::drift::FeatureDrift| {
+        vec![
+            ("model", model.to_owned()),
+            ("version", version.to_owned()),
+            ("side", f.side.to_owned()),
+            ("tensor", f.tensor.clone()),
+            ("feature", f.feature.clone()),
+        ]
+    };
+    let each = |value: fn(&crate::drift::FeatureDrift) -> Option<f64>| {
+        reports.iter().flat_map(move |(model, version, features)| {
+            features
+                .iter()
+                .filter_map(move |f| Some((labels(model, version, f), value(f)?)))
+        })
+    };
+    encode_gauges(
+        encoder,
+        "aviary_drift_p_value",
+        "Two-sample Kolmogorov-Smirnov p-value of a feature's recent window against its \
+         reference, Benjamini-Hochberg adjusted across the version's features.",
+        each(|f| f.adjusted_p_value),
+    )?;
+    encode_gauges(
+        encoder,
+        "aviary_drift_psi",
+        "Population Stability Index of a feature's recent window against its reference.",
+        each(|f| f.psi),
+    )?;
+    encode_gauges(
+        encoder,
+        "aviary_drift",
+        "1 while a feature drifts (adjusted p below the card's alpha, or PSI above its \
+         max_psi), 0 while it does not; absent before both sides hold min_samples values.",
+        each(|f| match f.verdict {
+            "drift" => Some(1.0),
+            "ok" => Some(0.0),
+            _ => None,
         }),
     )
 }

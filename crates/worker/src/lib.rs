@@ -15,6 +15,8 @@
 //!   fails, checked against the schema.
 //! - [`input_rules`]: the value rules a model card declares for the inputs (ranges,
 //!   allowed values, NaN and infinities, per feature), checked on decoded requests.
+//! - [`drift`]: per-feature drift of inputs and outputs from a reference, when a model
+//!   card asks for it.
 //! - [`batching`] and [`batcher`]: dynamic batching, its pure rules (settings from the
 //!   model card, which requests share a run, joining inputs and splitting outputs) and
 //!   the task that forms and runs batches.
@@ -39,6 +41,7 @@ pub mod batcher;
 pub mod batching;
 pub mod catalog;
 pub mod default_prediction;
+pub mod drift;
 pub mod error;
 pub mod exposition;
 pub mod input_rules;

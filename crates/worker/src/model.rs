@@ -25,6 +25,7 @@ use crate::{
     batcher,
     batching::{self, BatchSettings},
     default_prediction::DefaultPrediction,
+    drift::DriftTracker,
     input_rules::InputRules,
     repository::{Fingerprint, ModelCard},
     runtime,
@@ -126,6 +127,8 @@ pub struct LoadedModel {
     pub default_prediction: Option<DefaultPrediction>,
     /// The card's input rules, checked against the schema, with their counts.
     pub input_rules: Option<InputRules>,
+    /// Drift tracking, when the card asks for it.
+    pub drift: Option<DriftTracker>,
     /// The model file it was loaded from.
     pub path: PathBuf,
     /// When loading finished.
@@ -223,6 +226,15 @@ impl LoadedModel {
             .map(|rules| InputRules::from_card(rules, &schema))
             .transpose()
             .map_err(load_error)?;
+        let drift = card
+            .as_ref()
+            .and_then(|c| c.drift.as_ref().map(|d| (d, c.input_rules.as_ref())))
+            .map(|(drift, rules)| {
+                let folder = path.parent().unwrap_or(Path::new("."));
+                DriftTracker::from_card(drift, &schema, rules, folder)
+            })
+            .transpose()
+            .map_err(load_error)?;
         let mut loaded = LoadedModel {
             model: model.to_owned(),
             version: version.to_owned(),
@@ -230,6 +242,7 @@ impl LoadedModel {
             card,
             default_prediction,
             input_rules,
+            drift,
             path: path.to_owned(),
             loaded_at: SystemTime::now(),
             fingerprint,

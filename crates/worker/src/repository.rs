@@ -10,7 +10,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    WorkerError, batching::BatchingCard, default_prediction::DefaultValues,
+    WorkerError, batching::BatchingCard, default_prediction::DefaultValues, drift::DriftCard,
     input_rules::InputRulesCard,
 };
 
@@ -53,6 +53,10 @@ pub struct ModelCard {
     /// [`crate::input_rules`]).
     #[serde(default)]
     pub input_rules: Option<InputRulesCard>,
+    /// Drift tracking of the inputs and outputs against a reference (see
+    /// [`crate::drift`]).
+    #[serde(default)]
+    pub drift: Option<DriftCard>,
 }
 
 /// Identity of a model file's contents as the filesystem sees it: replacing the file

@@ -166,6 +166,9 @@ pub async fn infer_on(
                 return Err(WorkerError::invalid(violation.to_string()));
             }
         }
+        if let Some(drift) = &model.drift {
+            drift.record_inputs(&validated.inputs);
+        }
         decoded = Instant::now();
         let batch = validated
             .inputs
@@ -180,6 +183,9 @@ pub async fn infer_on(
         Ok((outputs, timings, batch)) => {
             slot.stats()
                 .record_success(started.elapsed(), timings, batch);
+            if let Some(drift) = &model.drift {
+                drift.record_outputs(&outputs);
+            }
             if telemetry::tracing_on() {
                 telemetry::record_stages(|| stage_spans(started, decoded, &timings, batch));
             }
@@ -347,6 +353,11 @@ impl Worker {
     /// Every loaded version's queue and compute duration histograms.
     pub fn durations(&self) -> Vec<crate::catalog::VersionDurations> {
         self.catalog.load().durations()
+    }
+
+    /// Every loaded version with drift tracking: (model, version, its features' drift).
+    pub fn drift(&self) -> Vec<(String, String, Vec<crate::drift::FeatureDrift>)> {
+        self.catalog.load().drift()
     }
 
     /// Every loaded version's counts of values that broke its card's input rules.
