@@ -67,8 +67,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn check_config(args: &CheckConfigArgs) -> anyhow::Result<()> {
     use aviary_gateway::check;
     let mode = args.mode.map(|mode| match mode {
-        CheckMode::Serve => check::CheckMode::Serve,
-        CheckMode::Gateway => check::CheckMode::Gateway,
+        CheckMode::Serve => Mode::Embedded,
+        CheckMode::Gateway => Mode::RemoteOnly,
     });
     let problems = check::check_config_file(&args.config, mode, args.repo.as_deref());
     if problems.is_empty() {

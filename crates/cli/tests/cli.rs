@@ -333,8 +333,24 @@ versions = [{ version = "1", weight = 90 }, { version = "7", weight = 10 }]
         "{output:#?}"
     );
     assert!(output.stderr.contains("1 problem"), "{output:#?}");
-    // The same file is wrong for `aviary gateway` in another way: no endpoints.
+    // The same file is wrong for `aviary gateway`, which runs no models itself; and
+    // without the repository, for want of endpoints.
     let output = run(&["check-config", path, "--mode", "gateway"], &[]).failed();
+    assert!(
+        output
+            .stderr
+            .contains("repository: `aviary gateway` runs no models itself"),
+        "{output:#?}"
+    );
+    std::fs::write(
+        path,
+        r#"
+[routes.demo]
+versions = [{ version = "1", weight = 90 }, { version = "7", weight = 10 }]
+"#,
+    )
+    .expect("write config");
+    let output = run(&["check-config", path], &[]).failed();
     assert!(
         output
             .stderr

@@ -207,10 +207,14 @@ impl Endpoints {
     }
 }
 
+/// The longest the load runs (hang protection only: the test stops it, after drains
+/// of up to 40 s each and DNS refreshes on a busy machine).
+const CLUSTER_LOAD_LIMIT: Duration = Duration::from_secs(600);
+
 /// Clients sending unpinned demo requests over [`Endpoints`] in turn until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
-    /// Requests each client has picked an endpoint for.
+    /// Requests each client has had answered.
     picks: Vec<Arc<AtomicU64>>,
     threads: Vec<std::thread::JoinHandle<Seen>>,
 }
@@ -240,8 +244,8 @@ impl Load {
         }
     }
 
-    /// Waits until every client has picked again: after a pod left the endpoints, no
-    /// new request goes to it (those already sent finish in its grace period).
+    /// Waits until every client has had another request answered: after a pod left
+    /// the endpoints, none has a request to it in flight, and none picks it again.
     fn wait_moved_on(&self) {
         let before: Vec<u64> = self
             .picks
@@ -277,13 +281,12 @@ async fn send(endpoints: Arc<Endpoints>, stop: Arc<AtomicBool>, picked: Arc<Atom
     let (mut answered, mut failures) = (BTreeMap::<String, u64>::new(), Vec::new());
     let started = Instant::now();
     let mut turn = 0;
-    while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_LIMIT {
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < CLUSTER_LOAD_LIMIT {
         turn += 1;
         let Some(endpoint) = endpoints.pick(turn) else {
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         };
-        picked.fetch_add(1, Ordering::Relaxed);
         if !clients.contains_key(&endpoint) {
             let client = aviary::client::connect(&endpoint.0, None, &Default::default())
                 .await
@@ -304,6 +307,9 @@ async fn send(endpoints: Arc<Endpoints>, stop: Arc<AtomicBool>, picked: Arc<Atom
                 status.message()
             )),
         }
+        // Counted once answered: a request picked before a pod left the endpoints
+        // has then finished, and the next pick cannot be that pod.
+        picked.fetch_add(1, Ordering::Relaxed);
     }
     (answered, failures)
 }

@@ -5,9 +5,10 @@
 //! runtime libraries the base image provides (taken from this machine, Debian 12 like
 //! the base image). The image's `ENTRYPOINT` + `CMD` then runs in that root as the
 //! Kubernetes manifests run it: `chroot`ed into it, mounted read-only, as uid/gid
-//! 10001, with tmpfs volumes only at the image's WORKDIR and `/tmp`. So the binary can
-//! only find ONNX Runtime where the image puts it, needs nothing from the checkout,
-//! and must serve the demo without writing anywhere else.
+//! 10001, in its WORKDIR, with a tmpfs only at `/tmp` (the manifests' emptyDir; their
+//! model volume is read-only). So the binary can only find ONNX Runtime where the
+//! image puts it, needs nothing from the checkout, and must serve the demo without
+//! writing anywhere but `/tmp`.
 
 mod support;
 
@@ -192,8 +193,8 @@ fn the_image_layout_serves_the_demo_with_nothing_but_its_own_files() {
             &root.join(library.strip_prefix("/").expect("absolute")),
         );
     }
-    // Mount points: the image's writable places (its WORKDIR, a volume in Kubernetes,
-    // and /tmp) and what the kernel provides.
+    // Its WORKDIR (read-only, as under the manifests) and mount points: /tmp, the one
+    // writable place, and what the kernel provides.
     let workdir = stage.workdir.trim_start_matches('/');
     for dir in [workdir, "tmp", "proc", "dev"] {
         fs::create_dir_all(root.join(dir)).expect("mount point");
@@ -247,7 +248,7 @@ fn shared_libraries(file: &Path) -> Vec<PathBuf> {
 
 /// The image's `ENTRYPOINT` + `CMD` (with every listener on a free loopback port) run
 /// as a container would run it: in a mount namespace of its own, `root` bound
-/// read-only, tmpfs at the WORKDIR and `/tmp`, `/dev` and `/proc` from the host, then
+/// read-only, a tmpfs at `/tmp`, `/dev` and `/proc` from the host, then
 /// `unshare --root` into it as `user` in the WORKDIR. Not root: a user namespace
 /// stands in, where the process is root of the namespace, not uid 10001.
 fn in_image(root: &Path, stage: &Stage, user: &str) -> Command {
@@ -260,13 +261,10 @@ fn in_image(root: &Path, stage: &Stage, user: &str) -> Command {
     if !as_root {
         command.arg("--map-root-user");
     }
-    // Only root can become uid 10001 and give the volume to it.
-    let (switch_user, owner) = match as_root {
-        true => (
-            format!("--setuid {uid} --setgid {gid}"),
-            format!("uid={uid},gid={gid},"),
-        ),
-        false => (String::new(), String::new()),
+    // Only root can become uid 10001.
+    let switch_user = match as_root {
+        true => format!("--setuid {uid} --setgid {gid}"),
+        false => String::new(),
     };
     let script = format!(
         r#"set -e
@@ -276,7 +274,6 @@ mount -o remount,bind,ro "$R"
 mount --rbind /dev "$R/dev"
 mount --rbind /proc "$R/proc"
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
-mount -t tmpfs -o {owner}mode=0750 tmpfs "$R{workdir}"
 exec unshare --root="$R" --wd={workdir} {switch_user} "$@""#,
         workdir = stage.workdir,
     );

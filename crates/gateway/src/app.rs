@@ -56,6 +56,22 @@ pub enum Mode {
     RemoteOnly,
 }
 
+impl Mode {
+    /// Whether `config` can run in this mode: `aviary gateway` runs no models itself,
+    /// so a `[repository]` is refused. (Checked by a start and by `aviary
+    /// check-config`.)
+    pub fn check(self, config: &Config) -> Result<(), GatewayError> {
+        match (self, &config.repository) {
+            (Mode::RemoteOnly, Some(_)) => Err(GatewayError::Config {
+                path: "repository".into(),
+                message: "`aviary gateway` runs no models itself; remove [repository] or use `aviary serve`"
+                    .into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A gateway ready to serve.
 #[derive(Debug)]
 pub struct Gateway {
@@ -144,13 +160,10 @@ impl Gateway {
                 Some(Arc::new(Worker::open(worker_config).await?))
             }
             (Mode::Embedded, None) => None,
-            (Mode::RemoteOnly, Some(_)) => {
-                return Err(GatewayError::Config {
-                    path: "repository".into(),
-                    message: "`aviary gateway` runs no models itself; remove [repository] or use `aviary serve`".into(),
-                });
+            (Mode::RemoteOnly, _) => {
+                mode.check(&config)?;
+                None
             }
-            (Mode::RemoteOnly, None) => None,
         };
         let audit = Audit::open(&config.audit)?;
         let control = Control::new(&config, worker)?.with_audit(audit.clone());

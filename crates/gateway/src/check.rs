@@ -13,25 +13,15 @@ use std::{
     path::Path,
 };
 
-use aviary_router::rollout::Rollout;
 use aviary_worker::{VersionPolicy, repository};
 
 use crate::{
-    GatewayError,
+    GatewayError, Mode,
     config::Config,
     rollouts::plan_problems,
     route::Route,
     routing::{check_routes, with_implicit_routes},
 };
-
-/// Which process the file is for: the embedded worker's versions count only in `serve`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckMode {
-    /// `aviary serve`: versions without an endpoint run in-process.
-    Serve,
-    /// `aviary gateway`: every version names an endpoint.
-    Gateway,
-}
 
 /// Every problem of the config file at `path`, one line each, starting with its path
 /// in the file; empty when a gateway would start with it. `mode` defaults to `serve`
@@ -39,7 +29,7 @@ pub enum CheckMode {
 /// file written for a container against a copy of the models).
 pub fn check_config_file(
     path: &Path,
-    mode: Option<CheckMode>,
+    mode: Option<Mode>,
     repository: Option<&Path>,
 ) -> Vec<String> {
     let config = match Config::load(path) {
@@ -47,32 +37,31 @@ pub fn check_config_file(
         Err(error) => return lines(error),
     };
     let mode = mode.unwrap_or(match config.repository {
-        Some(_) => CheckMode::Serve,
-        None => CheckMode::Gateway,
+        Some(_) => Mode::Embedded,
+        None => Mode::RemoteOnly,
     });
-    let mut problems = Vec::new();
-    let served = match mode {
-        CheckMode::Gateway => BTreeMap::new(),
-        CheckMode::Serve => match served_versions(&config, repository) {
+    if let Err(error) = mode.check(&config) {
+        return lines(error);
+    }
+    // `aviary serve` without a [repository] (and no --repo) runs no models either.
+    let embedded = mode == Mode::Embedded && (config.repository.is_some() || repository.is_some());
+    let served = match embedded {
+        false => BTreeMap::new(),
+        true => match served_versions(&config, repository) {
             Ok(served) => served,
             Err(problem) => return vec![problem],
         },
     };
     let routes = Route::all_from(&config.routes);
     let (routes, inventory) = with_implicit_routes(&routes, served);
-    let table = match check_routes(&routes, mode == CheckMode::Serve, &inventory) {
+    let table = match check_routes(&routes, embedded, &inventory) {
         Ok(table) => table,
-        Err(error) => {
-            problems.extend(lines(error));
-            return problems;
-        }
+        Err(error) => return lines(error),
     };
+    // Each plan's own rules were checked by `Config::load`; here, against the routes.
+    let mut problems = Vec::new();
     for (model, plan_config) in &config.rollouts.plans {
         let plan = plan_config.plan(model);
-        let prefix = format!("rollouts.plans.{model}");
-        if let Err(errors) = Rollout::new(plan.clone()) {
-            problems.extend(errors.errors().iter().map(|e| format!("{prefix}: {e}")));
-        }
         let shadow = routes
             .get(model)
             .and_then(|r| r.shadow.as_ref())
@@ -80,7 +69,7 @@ pub fn check_config_file(
         problems.extend(
             plan_problems(&plan, &table, shadow)
                 .into_iter()
-                .map(|p| format!("{prefix}.{p}")),
+                .map(|p| format!("rollouts.plans.{model}.{p}")),
         );
     }
     problems
@@ -96,10 +85,7 @@ fn served_versions(
         .map(Path::to_path_buf)
         .or_else(|| config.repository.as_ref().map(|r| r.path.clone()))
     else {
-        return Err(
-            "repository: `aviary serve` needs a [repository] (or check the file with --mode gateway)"
-                .to_owned(),
-        );
+        return Ok(BTreeMap::new());
     };
     let entries = repository::scan(&root).map_err(|e| {
         format!(
@@ -229,13 +215,29 @@ versions = [{ version = "1", weight = 90 }, { version = "2", weight = 10 }]
     }
 
     #[test]
-    fn a_gateway_file_needs_every_endpoint() {
+    fn a_gateway_file_needs_every_endpoint_and_no_repository() {
         let (_dir, path) = setup(SERVE, &[("demo", 1), ("demo", 2)]);
-        let problems = check_config_file(&path, Some(CheckMode::Gateway), None);
+        assert_eq!(
+            check_config_file(&path, Some(Mode::RemoteOnly), None),
+            vec![
+                "repository: `aviary gateway` runs no models itself; remove [repository] or use `aviary serve`"
+            ]
+        );
+        let routes_only = SERVE
+            .split_once("[routes.demo]")
+            .map(|(_, routes)| format!("[routes.demo]{routes}"))
+            .expect("the routes");
+        let (_dir, path) = setup(&routes_only, &[]);
+        let problems = check_config_file(&path, Some(Mode::RemoteOnly), None);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
             problems[0].starts_with("routes.demo.versions[0].endpoint: required"),
             "{problems:?}"
+        );
+        // `aviary serve` without a repository runs no models either: the same problems.
+        assert_eq!(
+            check_config_file(&path, Some(Mode::Embedded), None),
+            problems
         );
         let remote = r#"
 [routes.demo]

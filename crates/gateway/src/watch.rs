@@ -337,6 +337,11 @@ mod tests {
                 "rollouts.evaluate_interval_ms",
             ),
             ("[rollouts]\ncontrolled = true", "rollouts.controlled"),
+            (
+                "[rollouts]\nstate_file = \"rollouts.json\"",
+                "rollouts.state_file",
+            ),
+            ("[dead_letters]\nfolder = \"letters\"", "dead_letters"),
             ("[cache]\nmax_entries = 7", "cache"),
         ];
         for (text, section) in cases {

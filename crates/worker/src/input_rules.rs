@@ -155,6 +155,8 @@ struct Rule {
     allowed_strings: Option<Vec<String>>,
     nan_ok: bool,
     inf_ok: bool,
+    /// Whether bounds were rounded to at most single precision (shown as such).
+    single: bool,
 }
 
 /// The rules of one input, compiled.
@@ -297,10 +299,13 @@ impl InputRules {
     /// `None` returned. A feature vector whose last dimension is not the number of
     /// declared features is an error in either mode (the rules cannot apply).
     pub fn check(&self, inputs: &[InputTensor]) -> Result<Option<Violation>, String> {
-        for rule in &self.inputs {
-            let Some(tensor) = inputs.iter().find(|t| t.name == rule.name) else {
-                continue;
-            };
+        let ruled: Vec<(&InputRule, &InputTensor)> = self
+            .inputs
+            .iter()
+            .filter_map(|rule| Some((rule, inputs.iter().find(|t| t.name == rule.name)?)))
+            .collect();
+        // Every shape first: a request refused for its shape counts no value.
+        for (rule, tensor) in &ruled {
             if let Some(count) = rule.features {
                 let last = tensor.shape.last().copied().unwrap_or(0);
                 if usize::try_from(last).ok() != Some(count) {
@@ -310,6 +315,8 @@ impl InputRules {
                     ));
                 }
             }
+        }
+        for (rule, tensor) in ruled {
             if let Some(violation) = rule.check(&tensor.data, self.mode) {
                 return Ok(Some(violation));
             }
@@ -390,7 +397,21 @@ impl Rule {
                 if values.is_empty() {
                     return Err(format!("{key}.allowed: lists no value"));
                 }
-                let mut values = values.clone();
+                for (i, value) in values.iter().enumerate() {
+                    if !value.is_finite() {
+                        return Err(format!(
+                            "{key}.allowed[{i}]: {value} can never match (NaN and infinities have nan and inf)"
+                        ));
+                    }
+                    if is_integer(datatype) && value.fract() != 0.0 {
+                        return Err(format!(
+                            "{key}.allowed[{i}]: {value} can never match a {} value",
+                            datatype.as_str()
+                        ));
+                    }
+                }
+                let mut values: Vec<f64> =
+                    values.iter().map(|v| at_precision(datatype, *v)).collect();
                 values.sort_by(f64::total_cmp);
                 (Some(values), None)
             }
@@ -416,8 +437,14 @@ impl Rule {
         };
         let rule = Rule {
             feature,
-            min: parts.min.or(inherit.and_then(|r| r.min)),
-            max: parts.max.or(inherit.and_then(|r| r.max)),
+            min: parts
+                .min
+                .map(|v| at_precision(datatype, v))
+                .or(inherit.and_then(|r| r.min)),
+            max: parts
+                .max
+                .map(|v| at_precision(datatype, v))
+                .or(inherit.and_then(|r| r.max)),
             allowed_numbers,
             allowed_strings,
             nan_ok: parts
@@ -426,6 +453,7 @@ impl Rule {
             inf_ok: parts
                 .inf
                 .map_or(inherit.is_some_and(|r| r.inf_ok), |p| p == Policy::Allow),
+            single: matches!(datatype, Datatype::Fp32 | Datatype::Fp16 | Datatype::Bf16),
         };
         if let (Some(min), Some(max)) = (rule.min, rule.max)
             && min > max
@@ -433,6 +461,15 @@ impl Rule {
             return Err(format!("{key}: min {min} is above max {max}"));
         }
         Ok(rule)
+    }
+
+    /// A bound as the card wrote it (`10.0`, `0.1`), not as the double nearest the
+    /// input's precision it is compared as.
+    fn show(&self, value: f64) -> String {
+        match self.single {
+            true => format!("{:?}", value as f32),
+            false => format!("{value:?}"),
+        }
     }
 
     /// The rule `value` breaks, with the rule in words.
@@ -447,19 +484,19 @@ impl Rule {
         if let Some(min) = self.min
             && value < min
         {
-            return Some((Broken::BelowMin, format!("is below min {}", show(min))));
+            return Some((Broken::BelowMin, format!("is below min {}", self.show(min))));
         }
         if let Some(max) = self.max
             && value > max
         {
-            return Some((Broken::AboveMax, format!("is above max {}", show(max))));
+            return Some((Broken::AboveMax, format!("is above max {}", self.show(max))));
         }
         if let Some(allowed) = &self.allowed_numbers
             && allowed.binary_search_by(|a| a.total_cmp(&value)).is_err()
             // -0.0 and 0.0 are the same value to a user.
             && !(value == 0.0 && allowed.contains(&0.0))
         {
-            let listed: Vec<String> = allowed.iter().map(|v| show(*v)).collect();
+            let listed: Vec<String> = allowed.iter().map(|v| self.show(*v)).collect();
             return Some((
                 Broken::NotAllowed,
                 format!("is not one of the allowed values [{}]", listed.join(", ")),
@@ -480,9 +517,31 @@ impl Rule {
     }
 }
 
-/// A bound as the card wrote it: `10.0`, `0.1`, `-3.0`.
-fn show(value: f64) -> String {
-    format!("{value:?}")
+/// `value` as the nearest number a tensor of `datatype` holds: a card's `0.3` for an
+/// FP32 input is the FP32 nearest 0.3, so a request sending 0.3 is at the bound, not
+/// above it. Integer and FP64 inputs compare as written.
+fn at_precision(datatype: Datatype, value: f64) -> f64 {
+    match datatype {
+        Datatype::Fp32 => f64::from(value as f32),
+        Datatype::Fp16 => half::f16::from_f64(value).to_f64(),
+        Datatype::Bf16 => half::bf16::from_f64(value).to_f64(),
+        _ => value,
+    }
+}
+
+fn is_integer(datatype: Datatype) -> bool {
+    matches!(
+        datatype,
+        Datatype::Int8
+            | Datatype::Int16
+            | Datatype::Int32
+            | Datatype::Int64
+            | Datatype::Uint8
+            | Datatype::Uint16
+            | Datatype::Uint32
+            | Datatype::Uint64
+            | Datatype::Bool
+    )
 }
 
 impl InputRule {

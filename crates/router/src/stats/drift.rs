@@ -18,12 +18,13 @@ pub const PSI_EMPTY_BIN: f64 = 1e-4;
 /// the same distribution; by common rule of thumb under 0.1 is stable, 0.1–0.25 a
 /// moderate shift, above 0.25 a large one.
 ///
-/// `None` when either sample is empty, any value is NaN, or `bins` is below 2.
+/// `None` when either sample is empty, any value is NaN or infinite (the quantile
+/// edges would be undefined), or `bins` is below 2.
 pub fn population_stability_index(reference: &[f64], current: &[f64], bins: usize) -> Option<f64> {
     if reference.is_empty()
         || current.is_empty()
         || bins < 2
-        || reference.iter().chain(current).any(|x| x.is_nan())
+        || reference.iter().chain(current).any(|x| !x.is_finite())
     {
         return None;
     }
@@ -65,7 +66,8 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 /// continuity correction, categories empty on both sides left out. What SciPy's
 /// `chi2_contingency([reference, current], correction=False)` computes.
 ///
-/// `None` when either side has no count, or fewer than two categories are seen.
+/// `None` when the two have different lengths, either side has no count, or fewer
+/// than two categories are seen.
 pub fn chi_square_homogeneity(reference: &[u64], current: &[u64]) -> Option<TestResult> {
     if reference.len() != current.len() {
         return None;
@@ -73,7 +75,7 @@ pub fn chi_square_homogeneity(reference: &[u64], current: &[u64]) -> Option<Test
     let columns: Vec<(f64, f64)> = reference
         .iter()
         .zip(current)
-        .filter(|(r, c)| **r + **c > 0)
+        .filter(|(r, c)| **r > 0 || **c > 0)
         .map(|(r, c)| (*r as f64, *c as f64))
         .collect();
     let (n_r, n_c) = columns
@@ -159,6 +161,14 @@ mod tests {
         assert_eq!(population_stability_index(&[1.0], &[], 10), None);
         assert_eq!(population_stability_index(&[1.0], &[f64::NAN], 10), None);
         assert_eq!(population_stability_index(&[1.0], &[1.0], 1), None);
+        assert_eq!(
+            population_stability_index(&[f64::NEG_INFINITY, 1.0, 2.0], &[1.0], 4),
+            None
+        );
+        assert_eq!(
+            chi_square_homogeneity(&[u64::MAX, 1], &[u64::MAX, 1]).map(|r| r.statistic),
+            Some(0.0)
+        );
     }
 
     #[test]

@@ -268,3 +268,86 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_value_sent_as_the_cards_bound_is_at_the_bound_in_the_inputs_precision() {
+    // 0.3 and 0.1 are not exact in FP32: the request's 0.3f32 is 0.30000001192...,
+    // the card's 0.3 is compared at FP32 precision too.
+    let text =
+        "[inputs.input]\nfeatures = [{ max = 0.3 }, { allowed = [0.1, 0.2] }, { min = 0.3 }, {}]";
+    let rules =
+        InputRules::from_card(&card(text), &schema(Datatype::Fp32, &[-1, 4])).expect("valid");
+    assert_eq!(rejected(&rules, &[[0.3, 0.2, 0.3, 0.0]]), None);
+    assert_eq!(rejected(&rules, &[[0.1, 0.1, 0.3, 0.0]]), None);
+    assert_eq!(
+        rejected(&rules, &[[0.31, 0.2, 0.3, 0.0]]).as_deref(),
+        Some(r#"input "input" feature "column 0" (column 0) row 0: 0.31 is above max 0.3"#)
+    );
+    assert_eq!(
+        rejected(&rules, &[[0.3, 0.3, 0.3, 0.0]]).as_deref(),
+        Some(
+            r#"input "input" feature "column 1" (column 1) row 0: 0.3 is not one of the allowed values [0.1, 0.2]"#
+        )
+    );
+}
+
+#[test]
+fn allowed_values_that_can_never_match_fail_the_load() {
+    let fp32 = schema(Datatype::Fp32, &[-1, 4]);
+    assert_eq!(
+        InputRules::from_card(&card("[inputs.input]\nallowed = [1.0, nan]"), &fp32)
+            .err()
+            .as_deref(),
+        Some(
+            "input_rules.inputs.input.allowed[1]: NaN can never match (NaN and infinities have nan and inf)"
+        )
+    );
+    let ints = schema(Datatype::Int64, &[-1]);
+    assert_eq!(
+        InputRules::from_card(&card("[inputs.input]\nallowed = [1, 0.5]"), &ints)
+            .err()
+            .as_deref(),
+        Some("input_rules.inputs.input.allowed[1]: 0.5 can never match a INT64 value")
+    );
+}
+
+#[test]
+fn a_request_refused_for_its_shape_counts_nothing() {
+    let text = r#"
+mode = "flag"
+[inputs.a]
+min = 0.0
+[inputs.b]
+features = [{}, {}]
+"#;
+    let schema = ModelSchema {
+        inputs: vec![
+            TensorSpec {
+                name: "a".into(),
+                datatype: Datatype::Fp32,
+                shape: vec![-1],
+            },
+            TensorSpec {
+                name: "b".into(),
+                datatype: Datatype::Fp32,
+                shape: vec![-1, -1],
+            },
+        ],
+        outputs: Vec::new(),
+    };
+    let rules = InputRules::from_card(&card(text), &schema).expect("valid");
+    let inputs = vec![
+        InputTensor {
+            name: "a".into(),
+            shape: vec![1],
+            data: TensorData::Fp32(vec![-1.0]),
+        },
+        InputTensor {
+            name: "b".into(),
+            shape: vec![1, 3],
+            data: TensorData::Fp32(vec![0.0; 3]),
+        },
+    ];
+    assert!(rules.check(&inputs).is_err());
+    assert_eq!(rules.counts(), vec![], "input a's value was not counted");
+}
