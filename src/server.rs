@@ -39,8 +39,9 @@ pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "model_re
 /// gRPC health service name of the inference service.
 pub const HEALTH_SERVICE: &str = "inference.GRPCInferenceService";
 
-/// gRPC health service that answers SERVING for as long as the process serves, also
-/// while it drains: what a liveness or startup probe asks. The empty service and
+/// gRPC health service that answers SERVING whenever the process answers calls (it is
+/// never set otherwise; once shutdown closes the listener nothing answers): what a
+/// liveness or startup probe asks. The empty service and
 /// [`HEALTH_SERVICE`] are readiness (models loaded, not shutting down); a liveness probe
 /// on them would restart a process whose models are merely still loading or whose
 /// workers are down.
