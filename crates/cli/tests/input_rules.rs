@@ -203,57 +203,18 @@ fn flag_mode_serves_and_counts_each_broken_rule_per_feature() {
 
     // `ctl models --schema`: one row per feature, with the rules the worker applies.
     let shown = served.ctl(&["models", "demo", "--schema"]).ok().stdout;
+    let row = |feature, min, max, allowed| {
+        let mut row = vec!["demo", "1", "flag", "input"];
+        row.extend([feature, min, max, allowed, "reject", "reject"]);
+        row
+    };
     assert_eq!(
         rows_starting(&shown, &["demo", "1", "flag", "input"]),
         [
-            [
-                "demo",
-                "1",
-                "flag",
-                "input",
-                "sepal_length",
-                "4.0",
-                "8.0",
-                "-",
-                "reject",
-                "reject"
-            ],
-            [
-                "demo",
-                "1",
-                "flag",
-                "input",
-                "sepal_width",
-                "-",
-                "-",
-                "2.5,3.0,3.5",
-                "reject",
-                "reject"
-            ],
-            [
-                "demo",
-                "1",
-                "flag",
-                "input",
-                "petal_length",
-                "1.0",
-                "7.0",
-                "-",
-                "reject",
-                "reject"
-            ],
-            [
-                "demo",
-                "1",
-                "flag",
-                "input",
-                "petal_width",
-                "0.1",
-                "10.0",
-                "-",
-                "reject",
-                "reject"
-            ],
+            row("sepal_length", "4.0", "8.0", "-"),
+            row("sepal_width", "-", "-", "2.5,3.0,3.5"),
+            row("petal_length", "1.0", "7.0", "-"),
+            row("petal_width", "0.1", "10.0", "-"),
         ],
         "{shown}"
     );
