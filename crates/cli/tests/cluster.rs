@@ -105,13 +105,6 @@ impl Hosts {
     }
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 /// A config folder as the kubelet keeps a ConfigMap volume: `aviary.toml` →
 /// `..data/aviary.toml`, `..data` → a timestamped folder; an update writes a new
 /// folder and swaps `..data` with one rename.

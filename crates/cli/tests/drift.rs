@@ -8,10 +8,6 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use aviary::{
-    pb::inference::{ModelInferRequest, model_infer_request::InferInputTensor},
-    tensor,
-};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use support::*;
 
@@ -31,25 +27,12 @@ fn send(addr: &str, rng: &mut SmallRng, requests: usize, shift: [f64; 4]) {
     runtime().block_on(async {
         let mut client = client(connect(addr).await);
         for _ in 0..requests {
-            let values: Vec<f32> = (0..10)
-                .flat_map(|_| {
-                    (0..4)
-                        .map(|c| (MEAN[c] + SD[c] * (normal(rng) + shift[c])) as f32)
-                        .collect::<Vec<_>>()
+            let rows: Vec<[f32; 4]> = (0..10)
+                .map(|_| {
+                    std::array::from_fn(|c| (MEAN[c] + SD[c] * (normal(rng) + shift[c])) as f32)
                 })
                 .collect();
-            let request = ModelInferRequest {
-                model_name: "demo".into(),
-                model_version: "1".into(),
-                inputs: vec![InferInputTensor {
-                    name: "input".into(),
-                    datatype: "FP32".into(),
-                    shape: vec![10, 4],
-                    ..Default::default()
-                }],
-                raw_input_contents: vec![tensor::to_raw(&values).into()],
-                ..Default::default()
-            };
+            let request = demo_rows("1", &rows);
             client.model_infer(request).await.expect("served");
         }
     });

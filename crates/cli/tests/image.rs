@@ -253,10 +253,7 @@ fn shared_libraries(file: &Path) -> Vec<PathBuf> {
 /// stands in, where the process is root of the namespace, not uid 10001.
 fn in_image(root: &Path, stage: &Stage, user: &str) -> Command {
     let (uid, gid) = user.split_once(':').expect("USER uid:gid");
-    let as_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let as_root = is_root();
     let mut command = Command::new("unshare");
     if !as_root {
         command.arg("--map-root-user");

@@ -8,10 +8,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use aviary::{
-    pb::inference::{ModelConfigRequest, ModelInferRequest, model_infer_request::InferInputTensor},
-    tensor,
-};
+use aviary::pb::inference::{ModelConfigRequest, ModelInferRequest};
 use support::*;
 use tonic::Code;
 
@@ -48,19 +45,7 @@ fn models(dir: &Path, mode: &str) -> PathBuf {
 }
 
 fn request(rows: &[[f32; 4]]) -> ModelInferRequest {
-    let values: Vec<f32> = rows.iter().flatten().copied().collect();
-    ModelInferRequest {
-        model_name: "demo".into(),
-        model_version: "1".into(),
-        inputs: vec![InferInputTensor {
-            name: "input".into(),
-            datatype: "FP32".into(),
-            shape: vec![rows.len() as i64, 4],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![tensor::to_raw(&values).into()],
-        ..Default::default()
-    }
+    demo_rows("1", rows)
 }
 
 const GOOD: [f32; 4] = [5.1, 3.5, 1.4, 0.2];

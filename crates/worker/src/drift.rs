@@ -96,7 +96,6 @@ impl Side {
 struct Feature {
     side: Side,
     tensor: String,
-    column: usize,
     /// How reports name it: the input rules' feature name, `column N`, or the tensor's
     /// name for a rank-1 tensor.
     name: String,
@@ -214,7 +213,6 @@ impl DriftTracker {
                     features.push(Feature {
                         side,
                         tensor: spec.name.clone(),
-                        column,
                         name,
                     });
                 }

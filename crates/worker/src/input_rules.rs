@@ -89,6 +89,42 @@ pub struct InputCard {
     pub features: Vec<FeatureCard>,
 }
 
+impl InputCard {
+    /// The input's own keys as one rule for every element, named after the input.
+    fn own_keys(&self, input: &str) -> FeatureCard {
+        FeatureCard {
+            name: Some(input.to_owned()),
+            min: self.min,
+            max: self.max,
+            allowed: self.allowed.clone(),
+            nan: self.nan,
+            inf: self.inf,
+        }
+    }
+
+    /// What each element is held to: one rule per feature (its own keys, else the
+    /// input's; named, or `column N`), or, without features, the input's keys named
+    /// after the input. What the worker applies and `ctl models --schema` shows.
+    pub fn effective_features(&self, input: &str) -> Vec<FeatureCard> {
+        let whole = self.own_keys(input);
+        if self.features.is_empty() {
+            return vec![whole];
+        }
+        self.features
+            .iter()
+            .enumerate()
+            .map(|(column, f)| FeatureCard {
+                name: Some(f.name.clone().unwrap_or_else(|| format!("column {column}"))),
+                min: f.min.or(whole.min),
+                max: f.max.or(whole.max),
+                allowed: f.allowed.clone().or_else(|| whole.allowed.clone()),
+                nan: f.nan.or(whole.nan),
+                inf: f.inf.or(whole.inf),
+            })
+            .collect()
+    }
+}
+
 /// The rules of one feature (a position along an input's last axis).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,45 +270,35 @@ impl InputRules {
                         names.join(", ")
                     )
                 })?;
-            let whole = Rule::from_parts(
-                &key,
-                spec.datatype,
-                name.clone(),
-                Parts::of_input(input),
-                None,
-            )?;
-            let (features, rules) = if input.features.is_empty() {
-                (None, vec![whole])
-            } else {
-                let last = spec.shape.last().copied().ok_or_else(|| {
-                    format!("{key}.features: input \"{name}\" is a scalar, it has no features")
-                })?;
-                let count = input.features.len();
-                if last >= 0 && usize::try_from(last).ok() != Some(count) {
-                    return Err(format!(
-                        "{key}.features: {count} features for a last dimension of {last}"
-                    ));
+            // The input's own keys are checked where they are written, features or not.
+            Rule::from_card(&key, spec.datatype, &input.own_keys(name))?;
+            let features = match input.features.is_empty() {
+                true => None,
+                false => {
+                    let last = spec.shape.last().copied().ok_or_else(|| {
+                        format!("{key}.features: input \"{name}\" is a scalar, it has no features")
+                    })?;
+                    let count = input.features.len();
+                    if last >= 0 && usize::try_from(last).ok() != Some(count) {
+                        return Err(format!(
+                            "{key}.features: {count} features for a last dimension of {last}"
+                        ));
+                    }
+                    Some(count)
                 }
-                let rules = input
-                    .features
-                    .iter()
-                    .enumerate()
-                    .map(|(column, feature)| {
-                        let label = feature
-                            .name
-                            .clone()
-                            .unwrap_or_else(|| format!("column {column}"));
-                        Rule::from_parts(
-                            &format!("{key}.features[{column}]"),
-                            spec.datatype,
-                            label,
-                            Parts::of_feature(feature),
-                            Some(&whole),
-                        )
-                    })
-                    .collect::<Result<Vec<_>, String>>()?;
-                (Some(count), rules)
             };
+            let rules = input
+                .effective_features(name)
+                .iter()
+                .enumerate()
+                .map(|(column, feature)| {
+                    let key = match features {
+                        Some(_) => format!("{key}.features[{column}]"),
+                        None => key.clone(),
+                    };
+                    Rule::from_card(&key, spec.datatype, feature)
+                })
+                .collect::<Result<Vec<_>, String>>()?;
             let counts = (0..rules.len() * Broken::ALL.len())
                 .map(|_| AtomicU64::new(0))
                 .collect();
@@ -341,58 +367,22 @@ impl InputRules {
     }
 }
 
-/// The rule keys of an input or a feature, before inheriting.
-struct Parts<'a> {
-    min: Option<f64>,
-    max: Option<f64>,
-    allowed: Option<&'a Allowed>,
-    nan: Option<Policy>,
-    inf: Option<Policy>,
-}
-
-impl<'a> Parts<'a> {
-    fn of_input(card: &'a InputCard) -> Parts<'a> {
-        Parts {
-            min: card.min,
-            max: card.max,
-            allowed: card.allowed.as_ref(),
-            nan: card.nan,
-            inf: card.inf,
-        }
-    }
-
-    fn of_feature(card: &'a FeatureCard) -> Parts<'a> {
-        Parts {
-            min: card.min,
-            max: card.max,
-            allowed: card.allowed.as_ref(),
-            nan: card.nan,
-            inf: card.inf,
-        }
-    }
-}
-
 impl Rule {
-    /// A rule from its keys, each missing one taken from `inherit` (the input's).
-    fn from_parts(
-        key: &str,
-        datatype: Datatype,
-        feature: String,
-        parts: Parts<'_>,
-        inherit: Option<&Rule>,
-    ) -> Result<Rule, String> {
+    /// A rule from a feature's keys (with its input's already merged in, see
+    /// [`InputCard::effective_features`]), checked against the input's datatype.
+    fn from_card(key: &str, datatype: Datatype, card: &FeatureCard) -> Result<Rule, String> {
         let numeric = datatype != Datatype::Bytes;
-        if !numeric && (parts.min.is_some() || parts.max.is_some()) {
+        if !numeric && (card.min.is_some() || card.max.is_some()) {
             return Err(format!(
                 "{key}: min and max do not apply to a BYTES input; use allowed"
             ));
         }
-        for (bound, value) in [("min", parts.min), ("max", parts.max)] {
+        for (bound, value) in [("min", card.min), ("max", card.max)] {
             if value.is_some_and(|v| !v.is_finite()) {
                 return Err(format!("{key}.{bound}: must be a finite number"));
             }
         }
-        let (allowed_numbers, allowed_strings) = match parts.allowed {
+        let (allowed_numbers, allowed_strings) = match &card.allowed {
             Some(Allowed::Numbers(values)) if numeric => {
                 if values.is_empty() {
                     return Err(format!("{key}.allowed: lists no value"));
@@ -430,29 +420,16 @@ impl Rule {
                     datatype.as_str()
                 ));
             }
-            None => (
-                inherit.and_then(|r| r.allowed_numbers.clone()),
-                inherit.and_then(|r| r.allowed_strings.clone()),
-            ),
+            None => (None, None),
         };
         let rule = Rule {
-            feature,
-            min: parts
-                .min
-                .map(|v| at_precision(datatype, v))
-                .or(inherit.and_then(|r| r.min)),
-            max: parts
-                .max
-                .map(|v| at_precision(datatype, v))
-                .or(inherit.and_then(|r| r.max)),
+            feature: card.name.clone().unwrap_or_default(),
+            min: card.min.map(|v| at_precision(datatype, v)),
+            max: card.max.map(|v| at_precision(datatype, v)),
             allowed_numbers,
             allowed_strings,
-            nan_ok: parts
-                .nan
-                .map_or(inherit.is_some_and(|r| r.nan_ok), |p| p == Policy::Allow),
-            inf_ok: parts
-                .inf
-                .map_or(inherit.is_some_and(|r| r.inf_ok), |p| p == Policy::Allow),
+            nan_ok: card.nan == Some(Policy::Allow),
+            inf_ok: card.inf == Some(Policy::Allow),
             single: matches!(datatype, Datatype::Fp32 | Datatype::Fp16 | Datatype::Bf16),
         };
         if let (Some(min), Some(max)) = (rule.min, rule.max)

@@ -5,7 +5,7 @@ use aviary::pb::admin::{
     ListModelsRequest, ListModelsResponse, UnloadVersionRequest, VersionRequest,
     models_client::ModelsClient,
 };
-use aviary_worker::input_rules::{Allowed, FeatureCard, InputRulesCard, Policy};
+use aviary_worker::input_rules::{Allowed, InputRulesCard, Policy};
 
 use super::{
     CtlError, print,
@@ -60,27 +60,11 @@ fn render_input_rules(list: &ListModelsResponse) -> String {
         };
         let mode = format!("{:?}", card.mode).to_lowercase();
         for (name, input) in &card.inputs {
-            let whole = FeatureCard {
-                name: None,
-                min: input.min,
-                max: input.max,
-                allowed: input.allowed.clone(),
-                nan: input.nan,
-                inf: input.inf,
-            };
-            let features: Vec<(String, FeatureCard)> = match input.features.is_empty() {
-                true => vec![("(every element)".to_owned(), whole)],
-                false => input
-                    .features
-                    .iter()
-                    .enumerate()
-                    .map(|(column, f)| {
-                        let label = f.name.clone().unwrap_or_else(|| format!("column {column}"));
-                        (label, inherit(f, &whole))
-                    })
-                    .collect(),
-            };
-            for (label, rule) in features {
+            for rule in input.effective_features(name) {
+                let label = match input.features.is_empty() {
+                    true => "(every element)".to_owned(),
+                    false => rule.name.clone().unwrap_or_default(),
+                };
                 let number = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:?}"));
                 let policy = |p: Option<Policy>| match p {
                     Some(Policy::Allow) => "allow",
@@ -112,18 +96,6 @@ fn render_input_rules(list: &ListModelsResponse) -> String {
     match rows.len() {
         1 => "no model card declares input rules".to_owned(),
         _ => table(&rows),
-    }
-}
-
-/// A feature's rules with its input's where it sets none (what the worker applies).
-fn inherit(feature: &FeatureCard, input: &FeatureCard) -> FeatureCard {
-    FeatureCard {
-        name: feature.name.clone(),
-        min: feature.min.or(input.min),
-        max: feature.max.or(input.max),
-        allowed: feature.allowed.clone().or_else(|| input.allowed.clone()),
-        nan: feature.nan.or(input.nan),
-        inf: feature.inf.or(input.inf),
     }
 }
 

@@ -274,3 +274,36 @@ fn render_config_status(status: &ConfigStatus) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_version_shows_how_many_replicas_it_is_balanced_over() {
+        let version = |endpoint: &str, live: &[&str]| VersionWeight {
+            endpoint: endpoint.into(),
+            live_replicas: live.iter().map(|l| (*l).to_owned()).collect(),
+            ..Default::default()
+        };
+        assert_eq!(render_location(&version("", &[])), "in-process");
+        let ip = "http://10.0.0.7:8001";
+        assert_eq!(
+            render_location(&version(ip, &[ip])),
+            ip,
+            "one address is itself"
+        );
+        let name = "http://aviary-worker-demo-1:8001";
+        assert_eq!(
+            render_location(&version(
+                name,
+                &["http://10.0.0.7:8001", "http://10.0.0.8:8001"]
+            )),
+            "http://aviary-worker-demo-1:8001 (2 live)"
+        );
+        assert_eq!(
+            render_location(&version(name, &[])),
+            format!("{name} (0 live)")
+        );
+    }
+}

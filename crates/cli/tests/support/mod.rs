@@ -768,18 +768,32 @@ pub async fn hold_open(addr: &str) -> tonic::Streaming<tonic_health::pb::HealthC
 
 /// One row for the demo model (4 features).
 pub fn demo_request() -> ModelInferRequest {
-    let values = [5.1f32, 3.5, 1.4, 0.2];
+    demo_rows("", &[[5.1, 3.5, 1.4, 0.2]])
+}
+
+/// A demo request of `rows` (4 features each) for `version` ("" unpinned).
+pub fn demo_rows(version: &str, rows: &[[f32; 4]]) -> ModelInferRequest {
+    let values: Vec<f32> = rows.iter().flatten().copied().collect();
     ModelInferRequest {
         model_name: "demo".into(),
+        model_version: version.into(),
         inputs: vec![InferInputTensor {
             name: "input".into(),
             datatype: "FP32".into(),
-            shape: vec![1, 4],
+            shape: vec![rows.len() as i64, 4],
             ..Default::default()
         }],
         raw_input_contents: vec![tensor::to_raw(&values).into()],
         ..Default::default()
     }
+}
+
+/// Whether the tests run as root (else namespaces need a user namespace).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// What a [`Traffic`] client saw: answers by version, and every failure's message.
