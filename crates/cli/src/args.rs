@@ -224,9 +224,14 @@ pub struct WorkerArgs {
     #[arg(long, env = "AVIARY_KEYS_FILE")]
     pub keys_file: Option<PathBuf>,
     /// Keep an audit trail in this folder (the gateway's JSON lines): every call that
-    /// changes something (Triton's model load and unload), with who and the result.
+    /// changes something (Triton's model load and unload), with who and the result,
+    /// and the data watch's findings.
     #[arg(long, env = "AVIARY_AUDIT_DIR")]
     pub audit_dir: Option<PathBuf>,
+    /// How often the data watch looks for features crossing into drift and values
+    /// flag-mode input rules let through (logged, and audited), in milliseconds.
+    #[arg(long, env = "AVIARY_DATA_WATCH_INTERVAL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub data_watch_interval_ms: u64,
 }
 
 /// The server and model a client command talks to.

@@ -383,7 +383,19 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         grace_period: grace_period(args.grace_period)?,
         tls,
     };
-    let checks = key_checks(args.keys_file.as_deref(), &open_audit(args.audit_dir)?)?;
+    let audit = open_audit(args.audit_dir)?;
+    let checks = key_checks(args.keys_file.as_deref(), &audit)?;
+    // Ends with the process: its stop sender lives until the runner returns.
+    let (_stop_data_watch, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(aviary::calls::acting_as(
+        aviary::calls::Caller::Process("data-watch"),
+        aviary_worker::data_watch::run(
+            Arc::clone(&worker),
+            Duration::from_millis(args.data_watch_interval_ms),
+            stop,
+            move |event| audit.record_data(event),
+        ),
+    ));
     server::run_worker(
         worker,
         listener,

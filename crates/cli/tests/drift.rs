@@ -2,11 +2,16 @@
 //! captures its reference from the first 1,000 rows of traffic; rows from the same
 //! distribution leave every input feature at `aviary_drift 0` on `/metrics`; once one
 //! feature's values move by half a standard deviation, that feature, and only it among
-//! the inputs, shows drift.
+//! the inputs, shows drift, in `ctl drift` too, and the data watch audits the crossing
+//! and the values flag-mode rules let through. A rollout gated on output drift is
+//! rolled back when the canary answers differently from the baseline on the same
+//! traffic, with the numbers in its decision, and promoted when it does not.
 
 mod support;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use serde_json::Value;
 
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use support::*;
@@ -22,8 +27,9 @@ fn normal(rng: &mut SmallRng) -> f64 {
     (-2.0 * (1.0 - u).ln()).sqrt() * (std::f64::consts::TAU * v).cos()
 }
 
-/// `requests` requests of 10 rows each, feature `c` shifted by `shift[c]` SDs.
-fn send(addr: &str, rng: &mut SmallRng, requests: usize, shift: [f64; 4]) {
+/// `requests` requests of 10 rows each to demo at `version` (empty: as routed),
+/// feature `c` shifted by `shift[c]` SDs.
+fn send(addr: &str, rng: &mut SmallRng, requests: usize, shift: [f64; 4], version: &str) {
     runtime().block_on(async {
         let mut client = client(connect(addr).await);
         for _ in 0..requests {
@@ -32,7 +38,7 @@ fn send(addr: &str, rng: &mut SmallRng, requests: usize, shift: [f64; 4]) {
                     std::array::from_fn(|c| (MEAN[c] + SD[c] * (normal(rng) + shift[c])) as f32)
                 })
                 .collect();
-            let request = demo_rows("1", &rows);
+            let request = demo_rows(version, &rows);
             client.model_infer(request).await.expect("served");
         }
     });
@@ -52,43 +58,63 @@ fn input_verdicts(served: &mut Served) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Copies demo version `from` of the test models to `<models>/demo/<to>` with its card
+/// plus `extra`.
+fn demo_version(models: &Path, from: &str, to: &str, extra: &str) {
+    let source = repo_root().join("tests/models/demo").join(from);
+    let target = models.join("demo").join(to);
+    std::fs::create_dir_all(&target).expect("version folder");
+    std::fs::copy(source.join("model.onnx"), target.join("model.onnx")).expect("model");
+    let card = std::fs::read_to_string(source.join("model.toml")).expect("card");
+    std::fs::write(target.join("model.toml"), format!("{card}\n{extra}")).expect("card");
+}
+
+/// The records of `kind` in the gateway's audit trail.
+fn audit_records(served: &Served, kind: &str) -> Vec<Value> {
+    served
+        .ctl(&["audit", "query", "--json", "--kind", kind])
+        .ok()
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect()
+}
+
 #[test]
 fn one_shifted_feature_drifts_and_the_others_do_not() {
     let dir = tempfile::tempdir().expect("temp dir");
     let models = dir.path().join("models");
-    let from = repo_root().join("tests/models/demo/1");
-    let to = models.join("demo/1");
-    std::fs::create_dir_all(&to).expect("version folder");
-    std::fs::copy(from.join("model.onnx"), to.join("model.onnx")).expect("model");
-    let card = std::fs::read_to_string(from.join("model.toml")).expect("card");
     let names: Vec<String> = FEATURES
         .iter()
         .map(|f| format!("{{ name = \"{f}\" }}"))
         .collect();
-    std::fs::write(
-        to.join("model.toml"),
-        format!(
-            "{card}\n[input_rules]\nmode = \"flag\"\n[input_rules.inputs.input]\nfeatures = [{}]\n\n\
+    // Flag mode with a petal_width range the traffic sometimes leaves.
+    demo_version(
+        &models,
+        "1",
+        "1",
+        &format!(
+            "[input_rules]\nmode = \"flag\"\n[input_rules.inputs.input]\nfeatures = [{}, {{ name = \"petal_width\", min = 0.0, max = 3.0 }}]\n\n\
              [drift]\ncapture = 1000\nwindow = 1000\nmin_samples = 500\n",
-            names.join(", ")
+            names[..3].join(", ")
         ),
-    )
-    .expect("card with drift");
+    );
     let mut served = Served::start(
         &format!(
-            "[repository]\npath = \"{}\"\ninstances = 1\n",
+            "[repository]\npath = \"{}\"\ninstances = 1\ndata_watch_interval_ms = 100\n\n[audit]\ndir = \"audit\"\n",
             models.display()
         ),
         &[],
     );
     let mut rng = SmallRng::seed_from_u64(20261202);
 
-    send(&served.addr, &mut rng, 100, [0.0; 4]);
+    send(&served.addr, &mut rng, 100, [0.0; 4], "1");
     assert!(
         input_verdicts(&mut served).is_empty(),
         "no verdict while the window is empty"
     );
-    send(&served.addr, &mut rng, 100, [0.0; 4]);
+    send(&served.addr, &mut rng, 100, [0.0; 4], "1");
     let same = input_verdicts(&mut served);
     assert_eq!(same.len(), 4, "{same:?}");
     assert!(
@@ -96,7 +122,7 @@ fn one_shifted_feature_drifts_and_the_others_do_not() {
         "like the reference: {same:?}"
     );
 
-    send(&served.addr, &mut rng, 100, [0.0, 0.0, 0.5, 0.0]);
+    send(&served.addr, &mut rng, 100, [0.0, 0.0, 0.5, 0.0], "1");
     let shifted = input_verdicts(&mut served);
     let expected: BTreeMap<String, f64> = FEATURES
         .iter()
@@ -114,4 +140,192 @@ fn one_shifted_feature_drifts_and_the_others_do_not() {
         .copied()
         .expect("a PSI for petal_length");
     assert!(psi > 0.0, "{psi}");
+
+    // ctl drift: one row per feature, the shifted one drifting, with outliers counted.
+    let report = served.ctl(&["drift", "demo", "--json"]).json();
+    let features = report["versions"][0]["features"]
+        .as_array()
+        .expect("features")
+        .clone();
+    let input = |name: &str| {
+        features
+            .iter()
+            .find(|f| f["side"] == "input" && f["feature"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(input("petal_length")["verdict"], "drift", "{report}");
+    assert_eq!(input("sepal_width")["verdict"], "ok", "{report}");
+    assert_eq!(input("petal_length")["window"], 1000);
+    // petal_width's declared range [0, 3] in flag mode: N(1.2, 0.7) leaves it below 0
+    // for about 4 % of values.
+    let outliers = input("petal_width")["outliers"].as_u64().expect("outliers");
+    assert!((10..100).contains(&outliers), "{outliers}");
+    assert!(
+        features
+            .iter()
+            .any(|f| f["test"] == "chi-square" && f["feature"] == "predicted class"),
+        "{report}"
+    );
+    let table = served.ctl(&["drift", "demo"]).ok().stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("input/petal_length") && l.ends_with("drift")),
+        "{table}"
+    );
+    let unknown = served.ctl(&["drift", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(unknown.stderr.contains("NotFound"), "{unknown:?}");
+
+    // The data watch audited petal_length's crossing, and the flagged values.
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            audit_records(&served, "data")
+                .iter()
+                .any(|r| r["action"] == "drift" && r["after"]["feature"] == "petal_length")
+        }),
+        "{:#?}",
+        audit_records(&served, "data")
+    );
+    let records = audit_records(&served, "data");
+    assert!(
+        records.iter().all(|r| r["action"] != "drift"
+            || r["after"]["side"] != "input"
+            || r["after"]["feature"] == "petal_length"),
+        "only petal_length crossed among the inputs: {records:#?}"
+    );
+    // Every value flagged so far (counted on /metrics) is audited, once.
+    let violations = parse_samples(&scrape(served.metrics_addr()).2)
+        .get("aviary_input_violations_total{model=\"demo\",version=\"1\",input=\"input\",feature=\"petal_width\",rule=\"below_min\"}")
+        .copied()
+        .expect("petal_width values below 0 were flagged");
+    let audited = |records: &[Value]| -> f64 {
+        records
+            .iter()
+            .filter(|r| r["action"] == "flagged")
+            .flat_map(|r| r["after"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["feature"] == "petal_width" && c["rule"] == "below_min")
+            .map(|c| c["values"].as_f64().unwrap_or(0.0))
+            .sum()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || audited(&audit_records(
+            &served, "data"
+        )) == violations),
+        "{violations} flagged, audited: {:#?}",
+        audit_records(&served, "data")
+    );
+    let records = audit_records(&served, "data");
+    let flagged: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["action"] == "flagged")
+        .collect();
+    assert!(
+        flagged[0]["reason"].as_str().is_some_and(|r| r
+            .contains("; latest: input \"input\" feature \"petal_width\" (column 3) row ")
+            && (r.contains("is below min 0.0") || r.contains("is above max 3.0"))),
+        "{flagged:#?}"
+    );
+}
+
+/// Sends 10-row requests of reference-like traffic to `demo` (routed by weights) until
+/// the rollout of demo ends; its final status.
+fn traffic_until_the_rollout_ends(served: &Served, rng: &mut SmallRng) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        send(&served.addr, rng, 20, [0.0; 4], "");
+        let status = served.ctl(&["rollout", "status", "demo", "--json"]).json();
+        if status["terminal"] == true {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rollout never ended: {status:#}"
+        );
+    }
+}
+
+#[test]
+fn a_canary_whose_outputs_drift_from_the_baselines_is_rolled_back() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = dir.path().join("models");
+    // Windows of 600 rows: a KS p-value near 1e-11 for version 2 against 1, where a
+    // copy's smallest adjusted p-value falls below 1e-6 about once in 10^5 evaluations.
+    let drift = "[drift]\ncapture = 1\nwindow = 600\nmin_samples = 500\n";
+    // Version 3 is version 1's file: the same answers. Version 2 is another model.
+    demo_version(&models, "1", "1", drift);
+    demo_version(&models, "2", "2", drift);
+    demo_version(&models, "1", "3", drift);
+    let served = Served::start(
+        &format!(
+            "[repository]\npath = \"{}\"\ninstances = 1\n\n\
+             [routes.demo]\nversions = [ {{ version = \"1\", weight = 100 }}, {{ version = \"2\", weight = 0 }}, {{ version = \"3\", weight = 0 }} ]\n\n\
+             [rollouts]\nevaluate_interval_ms = 100\n",
+            models.display()
+        ),
+        &[],
+    );
+    let mut rng = SmallRng::seed_from_u64(7);
+    let gated = |canary: &str, baseline: &str| {
+        served
+            .ctl(&[
+                "rollout",
+                "start",
+                "demo",
+                "--canary",
+                canary,
+                "--baseline",
+                baseline,
+                "--steps",
+                "50,100",
+                "--step-duration",
+                "0",
+                "--step-requests",
+                "1000",
+                "--max-output-drift-psi",
+                "0.5",
+                "--min-output-ks-p",
+                "0.000001",
+            ])
+            .ok();
+    };
+
+    // The same answers: the comparison passes and the copy is promoted.
+    gated("3", "1");
+    let promoted = traffic_until_the_rollout_ends(&served, &mut rng);
+    assert_eq!(promoted["state"], "promoted", "{promoted:#}");
+    let passed = &promoted["history"][1]["numbers"];
+    assert!(
+        passed["output_drift_psi"]
+            .as_f64()
+            .is_some_and(|psi| psi < 0.5),
+        "{promoted:#}"
+    );
+
+    // Another model: its outputs drift from the baseline's on the same traffic.
+    gated("2", "3");
+    let rolled_back = traffic_until_the_rollout_ends(&served, &mut rng);
+    assert_eq!(rolled_back["state"], "rolled back", "{rolled_back:#}");
+    let decision = rolled_back["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .expect("a decision")
+        .clone();
+    let reason = decision["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("canary outputs drift from the baseline's"),
+        "{decision:#}"
+    );
+    let numbers = &decision["numbers"];
+    let psi = numbers["output_drift_psi"].as_f64().unwrap_or(0.0);
+    let p = numbers["output_ks_p_value"].as_f64().unwrap_or(1.0);
+    assert!(psi > 0.5 || p < 1e-6, "{decision:#}");
+    assert_eq!(numbers["max_output_drift_psi"], 0.5);
+    assert_eq!(numbers["min_output_ks_p"], 1e-6);
+    let routes = served.route_entry("demo", "3");
+    assert_eq!(
+        routes["weight"], 100,
+        "the baseline has all the traffic again"
+    );
 }

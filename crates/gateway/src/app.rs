@@ -334,6 +334,18 @@ impl Gateway {
                 ),
             ));
         }
+        if let (Some(worker), Some(repository)) = (self.control.worker(), &self.config.repository) {
+            let audit = self.control.audit().clone();
+            tasks.spawn(acting_as(
+                Caller::Process("data-watch"),
+                aviary_worker::data_watch::run(
+                    Arc::clone(worker),
+                    Duration::from_millis(repository.data_watch_interval_ms),
+                    stop_rx.clone(),
+                    move |event| audit.record_data(event),
+                ),
+            ));
+        }
         if let Some(rollouts) = &self.rollouts {
             tasks.spawn(acting_as(
                 Caller::Process("rollout-driver"),

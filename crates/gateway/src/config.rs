@@ -570,6 +570,11 @@ pub struct RepositoryConfig {
     /// How often watch mode scans the repository, in milliseconds.
     #[serde(default = "default_watch_interval_ms")]
     pub watch_interval_ms: u64,
+    /// How often the data watch looks for features crossing into drift and values
+    /// flag-mode input rules let through, in milliseconds (logged, and audited as
+    /// `data` records).
+    #[serde(default = "default_data_watch_interval_ms")]
+    pub data_watch_interval_ms: u64,
     /// Largest decoded size of one request's input tensors, in bytes (default 256 MiB).
     pub max_request_tensor_bytes: Option<u64>,
     /// Largest decoded size of the input tensors of all requests being decoded or run
@@ -579,6 +584,10 @@ pub struct RepositoryConfig {
 
 fn default_watch_interval_ms() -> u64 {
     1000
+}
+
+fn default_data_watch_interval_ms() -> u64 {
+    10_000
 }
 
 /// A model's route: its versions and their weights.
@@ -979,8 +988,13 @@ impl Config {
                     problems.push(format!("repository.{field}: must be at least 1"));
                 }
             }
-            if repository.watch_interval_ms == 0 {
-                problems.push("repository.watch_interval_ms: must be at least 1".to_owned());
+            for (field, value) in [
+                ("watch_interval_ms", repository.watch_interval_ms),
+                ("data_watch_interval_ms", repository.data_watch_interval_ms),
+            ] {
+                if value == 0 {
+                    problems.push(format!("repository.{field}: must be at least 1"));
+                }
             }
         }
         if config.dead_letters.max_bytes < 4096 {

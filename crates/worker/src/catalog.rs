@@ -174,15 +174,14 @@ impl Catalog {
             .collect()
     }
 
-    /// Every loaded version with drift tracking, and its features' drift now.
-    pub(crate) fn drift(&self) -> Vec<(String, String, Vec<crate::drift::FeatureDrift>)> {
+    /// Every loaded version: (model, version, its running copy).
+    pub(crate) fn loaded(&self) -> Vec<(String, String, Arc<LoadedModel>)> {
         self.models
             .iter()
             .flat_map(|(name, versions)| {
-                versions.iter().filter_map(move |(v, slot)| {
-                    let report = slot.current().drift.as_ref()?.report();
-                    Some((name.clone(), v.to_string(), report))
-                })
+                versions
+                    .iter()
+                    .map(move |(v, slot)| (name.clone(), v.to_string(), slot.current()))
             })
             .collect()
     }
@@ -190,27 +189,24 @@ impl Catalog {
     /// Every loaded version's counts of values that broke its card's input rules:
     /// (model, version, input, feature, rule, count), zeros left out.
     pub(crate) fn input_violations(&self) -> Vec<InputViolation> {
-        self.models
-            .iter()
-            .flat_map(|(name, versions)| {
-                versions.iter().flat_map(move |(v, slot)| {
-                    let model = slot.current();
-                    model
-                        .input_rules
-                        .as_ref()
-                        .map(|rules| rules.counts())
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(input, feature, broken, count)| InputViolation {
-                            model: name.clone(),
-                            version: v.to_string(),
-                            input: input.to_owned(),
-                            feature: feature.to_owned(),
-                            rule: broken.label(),
-                            count,
-                        })
-                        .collect::<Vec<_>>()
-                })
+        self.loaded()
+            .into_iter()
+            .flat_map(|(name, v, model)| {
+                model
+                    .input_rules
+                    .as_ref()
+                    .map(|rules| rules.counts())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(input, feature, broken, count)| InputViolation {
+                        model: name.clone(),
+                        version: v.clone(),
+                        input: input.to_owned(),
+                        feature: feature.to_owned(),
+                        rule: broken.label(),
+                        count,
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect()
     }

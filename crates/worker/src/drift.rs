@@ -1,26 +1,38 @@
 //! Drift of a version's inputs and outputs from a reference (`[drift]` in its model
 //! card): per feature, the most recent `window` values of live traffic against a
 //! reference sample, by the two-sample Kolmogorov–Smirnov test and the Population
-//! Stability Index, with Benjamini–Hochberg across every feature of the version.
+//! Stability Index; per classifier output, its predicted classes by a chi-square test;
+//! Benjamini–Hochberg across every test of the version. Values outside the reference's
+//! [p0.1, p99.9] (in flag mode, outside the range the input rules declare) are
+//! outliers, counted per feature.
 //!
 //! A feature is one position along the last axis of a numeric tensor with a fixed last
 //! dimension (a rank-1 tensor is one feature, each element a value); tensors with a
-//! variable last dimension, and BYTES, are not tracked (the report lists what is). The
+//! variable last dimension, and BYTES, are not tracked (the report lists what is). A
+//! classifier output is a floating-point output of two or more columns (its class is
+//! the row's largest) or an integer output of one (its class is the value). The
 //! reference is a JSON file beside the model (`{"<tensor>": [[row], ...]}`), or the
 //! first `capture` rows of traffic after the version loads. Memory is bounded: at most
 //! `capture` (or the file's rows) plus `window` values per feature.
 //!
 //! Recording is one lock per request and a copy of its values; the tests run when a
-//! report is asked for (`/metrics`, the admin API), on a snapshot taken under the lock.
+//! report is asked for (`/metrics`, the admin API, the drift watch, a rollout's
+//! evaluation), on a snapshot taken under the lock. `assess` holds the tests, `samples`
+//! what is kept.
+
+mod assess;
+mod samples;
 
 use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
 use aviary::tensor::{self, Datatype};
-use aviary_router::stats::{benjamini_hochberg, ks_two_sample, population_stability_index};
 use serde::{Deserialize, Serialize};
 
+pub use assess::FeatureDrift;
+use samples::{ClassOf, Samples};
+
 use crate::{
-    input_rules::InputRulesCard,
+    input_rules::{InputRulesCard, RuleMode},
     model::OutputTensor,
     schema::{ModelSchema, TensorSpec},
     validate::InputTensor,
@@ -42,7 +54,7 @@ pub struct DriftCard {
     /// Fewer rows than this in the window or the reference: no verdict.
     #[serde(default = "default_min_samples")]
     pub min_samples: usize,
-    /// A feature drifts when its Benjamini–Hochberg adjusted KS p-value is below this.
+    /// A feature drifts when its Benjamini–Hochberg adjusted p-value is below this.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
     /// ... or its PSI is above this.
@@ -99,25 +111,20 @@ struct Feature {
     /// How reports name it: the input rules' feature name, `column N`, or the tensor's
     /// name for a rank-1 tensor.
     name: String,
+    /// The range the input rules declare, in flag mode: outside it is an outlier.
+    declared: (Option<f64>, Option<f64>),
 }
 
-/// One tracked tensor: where its features start and how many there are.
+/// One tracked tensor: where its features start, how many there are, and whether its
+/// rows are predicted classes.
 #[derive(Debug, Clone, PartialEq)]
 struct Tracked {
     side: Side,
     tensor: String,
     first: usize,
     columns: usize,
-}
-
-#[derive(Debug, Default)]
-struct Samples {
-    /// Per feature, the reference values (filled by capture until `capture` rows).
-    reference: Vec<Vec<f64>>,
-    /// Per feature, the last `window` values, oldest overwritten first.
-    window: Vec<Vec<f64>>,
-    /// Where the next value of each feature's window goes.
-    next: Vec<usize>,
+    /// How a row becomes a class, and which class samples count it.
+    classes: Option<(ClassOf, usize)>,
 }
 
 /// A version's drift tracking.
@@ -129,31 +136,8 @@ pub struct DriftTracker {
     /// Whether the reference came from a file (else it is being captured).
     from_file: bool,
     samples: Mutex<Samples>,
-}
-
-/// What a report says of one feature.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FeatureDrift {
-    /// `input` or `output`.
-    pub side: &'static str,
-    /// The tensor.
-    pub tensor: String,
-    /// The feature's name.
-    pub feature: String,
-    /// Values in the reference.
-    pub reference: usize,
-    /// Values in the window.
-    pub window: usize,
-    /// The KS statistic (largest CDF gap), when both sides have values.
-    pub ks_statistic: Option<f64>,
-    /// Its p-value.
-    pub ks_p_value: Option<f64>,
-    /// The p-value adjusted across the version's features (Benjamini–Hochberg).
-    pub adjusted_p_value: Option<f64>,
-    /// The Population Stability Index.
-    pub psi: Option<f64>,
-    /// `drift`, `ok`, or `insufficient` (fewer than `min_samples` on a side).
-    pub verdict: &'static str,
+    /// Which tests drifted when [`changes`](Self::changes) last looked.
+    drifting: Mutex<Vec<bool>>,
 }
 
 impl DriftTracker {
@@ -166,20 +150,10 @@ impl DriftTracker {
         rules: Option<&InputRulesCard>,
         folder: &Path,
     ) -> Result<DriftTracker, String> {
-        if card.window == 0 || card.min_samples == 0 || card.bins < 2 {
-            return Err("drift: window and min_samples must be at least 1, bins at least 2".into());
-        }
-        if !(card.alpha > 0.0 && card.alpha < 1.0) {
-            return Err(format!(
-                "drift.alpha: {} is not between 0 and 1",
-                card.alpha
-            ));
-        }
-        if card.max_psi.is_nan() || card.max_psi <= 0.0 {
-            return Err(format!("drift.max_psi: {} is not positive", card.max_psi));
-        }
+        check_card(card)?;
         let mut features = Vec::new();
         let mut tracked = Vec::new();
+        let mut classes = 0;
         for (side, specs) in [
             (Side::Input, &schema.inputs),
             (Side::Output, &schema.outputs),
@@ -188,80 +162,70 @@ impl DriftTracker {
                 let Some(columns) = columns_of(spec) else {
                     continue;
                 };
-                let names = rules
-                    .filter(|_| side == Side::Input)
-                    .and_then(|r| r.inputs.get(&spec.name))
-                    .map(|i| {
-                        i.features
-                            .iter()
-                            .map(|f| f.name.clone())
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
+                let class_of = (side == Side::Output)
+                    .then(|| ClassOf::of(spec.datatype, columns))
+                    .flatten()
+                    .map(|of| {
+                        classes += 1;
+                        (of, classes - 1)
+                    });
                 tracked.push(Tracked {
                     side,
                     tensor: spec.name.clone(),
                     first: features.len(),
                     columns,
+                    classes: class_of,
                 });
-                for column in 0..columns {
-                    let name = match (names.get(column).cloned().flatten(), spec.shape.len()) {
-                        (Some(name), _) => name,
-                        (None, 1) => spec.name.clone(),
-                        (None, _) => format!("column {column}"),
-                    };
-                    features.push(Feature {
-                        side,
-                        tensor: spec.name.clone(),
-                        name,
-                    });
-                }
+                features.extend(features_of(side, spec, columns, rules));
             }
         }
-        let mut samples = Samples {
-            reference: vec![Vec::new(); features.len()],
-            window: vec![Vec::new(); features.len()],
-            next: vec![0; features.len()],
-        };
+        let mut samples = Samples::new(features.len(), classes);
         let from_file = match &card.reference {
             Some(file) => {
                 let path = folder.join(file);
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("drift.reference: {}: {e}", path.display()))?;
-                let rows: BTreeMap<String, Vec<Vec<f64>>> = serde_json::from_str(&text)
-                    .map_err(|e| format!("drift.reference: {}: {e}", path.display()))?;
+                let error =
+                    |e: &dyn std::fmt::Display| format!("drift.reference: {}: {e}", path.display());
+                let text = std::fs::read_to_string(&path).map_err(|e| error(&e))?;
+                let rows: BTreeMap<String, Vec<Vec<f64>>> =
+                    serde_json::from_str(&text).map_err(|e| error(&e))?;
                 for (name, values) in rows {
                     let Some(t) = tracked.iter().find(|t| t.tensor == name) else {
-                        return Err(format!(
-                            "drift.reference: {}: \"{name}\" is not a tracked tensor of the model",
-                            path.display()
-                        ));
+                        return Err(error(&format!(
+                            "\"{name}\" is not a tracked tensor of the model"
+                        )));
                     };
                     for (r, row) in values.iter().enumerate() {
                         if row.len() != t.columns {
-                            return Err(format!(
-                                "drift.reference: {}: \"{name}\" row {r} has {} values for {} features",
-                                path.display(),
+                            return Err(error(&format!(
+                                "\"{name}\" row {r} has {} values for {} features",
                                 row.len(),
                                 t.columns
-                            ));
+                            )));
                         }
-                        for (c, value) in row.iter().enumerate() {
-                            samples.reference[t.first + c].push(*value);
-                        }
+                        samples.add_reference_row(t.first, row, t.classes);
                     }
+                }
+                for (i, feature) in features.iter().enumerate() {
+                    samples.features[i].settle_bounds(feature.declared);
                 }
                 true
             }
             None => false,
         };
+        let tests = features.len() + classes;
         Ok(DriftTracker {
             card: card.clone(),
             features,
             tracked,
             from_file,
             samples: Mutex::new(samples),
+            drifting: Mutex::new(vec![false; tests]),
         })
+    }
+
+    /// The card it follows.
+    pub fn card(&self) -> &DriftCard {
+        &self.card
     }
 
     /// Records a request's decoded inputs.
@@ -294,96 +258,94 @@ impl DriftTracker {
             .position(|t| t.side == side && t.tensor == tensor)
     }
 
-    /// Appends each tracked tensor's values (row-major) to its features: to the
-    /// reference while it is still being captured, else to the window.
+    /// Appends each tracked tensor's values (row-major) to its features, and its rows'
+    /// classes: to the reference while it is still being captured, else to the window.
     fn record(&self, values: Vec<(usize, Vec<f64>)>) {
         if values.is_empty() {
             return;
         }
+        let capture = (!self.from_file).then_some(self.card.capture);
         let mut samples = self
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (index, values) in values {
             let t = &self.tracked[index];
-            for (i, value) in values.into_iter().enumerate() {
-                // NaN and infinities (allowed by some input rules) have no place in a
-                // distribution test; the input rules count them.
-                if !value.is_finite() {
-                    continue;
-                }
+            for (i, value) in values.iter().enumerate() {
                 let feature = t.first + i % t.columns;
-                let reference = &mut samples.reference[feature];
-                if !self.from_file && reference.len() < self.card.capture {
-                    reference.push(value);
-                    continue;
+                let declared = self.features[feature].declared;
+                samples.features[feature].record(*value, capture, self.card.window, declared);
+            }
+            if let Some((of, class)) = t.classes {
+                for row in values.chunks_exact(t.columns) {
+                    if let Some(label) = of.class(row) {
+                        samples.classes[class].record(label, capture, self.card.window);
+                    }
                 }
-                let next = samples.next[feature];
-                let window = &mut samples.window[feature];
-                if window.len() < self.card.window {
-                    window.push(value);
-                } else {
-                    window[next] = value;
-                }
-                samples.next[feature] = (next + 1) % self.card.window;
             }
         }
     }
+}
 
-    /// Every tracked feature's drift now.
-    pub fn report(&self) -> Vec<FeatureDrift> {
-        let (reference, window) = {
-            let samples = self
-                .samples
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            (samples.reference.clone(), samples.window.clone())
-        };
-        let tests: Vec<_> = reference
-            .iter()
-            .zip(&window)
-            .map(|(r, w)| {
-                let enough = r.len() >= self.card.min_samples && w.len() >= self.card.min_samples;
-                let ks = enough.then(|| ks_two_sample(r, w)).flatten();
-                let psi = enough
-                    .then(|| population_stability_index(r, w, self.card.bins))
-                    .flatten();
-                (enough, ks, psi)
-            })
-            .collect();
-        let p_values: Vec<f64> = tests
-            .iter()
-            .map(|(_, ks, _)| ks.map_or(f64::NAN, |k| k.p_value))
-            .collect();
-        let adjusted = benjamini_hochberg(&p_values);
-        self.features
-            .iter()
-            .zip(tests)
-            .zip(adjusted)
-            .enumerate()
-            .map(|(i, ((feature, (enough, ks, psi)), adjusted))| {
-                let adjusted = (!adjusted.is_nan()).then_some(adjusted);
-                let drifted = adjusted.is_some_and(|p| p < self.card.alpha)
-                    || psi.is_some_and(|psi| psi > self.card.max_psi);
-                FeatureDrift {
-                    side: feature.side.label(),
-                    tensor: feature.tensor.clone(),
-                    feature: feature.name.clone(),
-                    reference: reference[i].len(),
-                    window: window[i].len(),
-                    ks_statistic: ks.map(|k| k.statistic),
-                    ks_p_value: ks.map(|k| k.p_value),
-                    adjusted_p_value: adjusted,
-                    psi,
-                    verdict: match (enough, drifted) {
-                        (false, _) => "insufficient",
-                        (true, true) => "drift",
-                        (true, false) => "ok",
-                    },
-                }
-            })
-            .collect()
+/// `[drift]`'s numbers, checked; errors name the key.
+fn check_card(card: &DriftCard) -> Result<(), String> {
+    if card.window == 0 || card.min_samples == 0 || card.bins < 2 {
+        return Err("drift: window and min_samples must be at least 1, bins at least 2".into());
     }
+    if !(card.alpha > 0.0 && card.alpha < 1.0) {
+        return Err(format!(
+            "drift.alpha: {} is not between 0 and 1",
+            card.alpha
+        ));
+    }
+    if card.max_psi.is_nan() || card.max_psi <= 0.0 {
+        return Err(format!("drift.max_psi: {} is not positive", card.max_psi));
+    }
+    Ok(())
+}
+
+/// The features of a tracked tensor of `columns`: named by the input rules where they
+/// name them, with the range they declare in flag mode.
+fn features_of(
+    side: Side,
+    spec: &TensorSpec,
+    columns: usize,
+    rules: Option<&InputRulesCard>,
+) -> Vec<Feature> {
+    let declared = rules
+        .filter(|_| side == Side::Input)
+        .and_then(|r| Some((r.mode, r.inputs.get(&spec.name)?)))
+        .map(|(mode, input)| {
+            // Without features, the input's own rule holds for every element.
+            let named = !input.features.is_empty();
+            let rules = input.effective_features(&spec.name);
+            (0..columns)
+                .map(|c| {
+                    let rule = rules.get(if named { c } else { 0 });
+                    let range = rule
+                        .filter(|_| mode == RuleMode::Flag)
+                        .map_or((None, None), |r| (r.min, r.max));
+                    (rule.filter(|_| named).and_then(|r| r.name.clone()), range)
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    (0..columns)
+        .map(|column| {
+            let (name, range) = declared.get(column).cloned().unwrap_or_default();
+            let name = match (name, spec.shape.len()) {
+                (Some(name), _) => name,
+                (None, 1) => spec.name.clone(),
+                (None, _) => format!("column {column}"),
+            };
+            Feature {
+                side,
+                tensor: spec.name.clone(),
+                name,
+                declared: range,
+            }
+        })
+        .collect()
 }
 
 /// How many features a tensor has: 1 for rank 1, its fixed last dimension otherwise;

@@ -108,8 +108,9 @@ fn encode_drift(
     encode_gauges(
         encoder,
         "aviary_drift_p_value",
-        "Two-sample Kolmogorov-Smirnov p-value of a feature's recent window against its \
-         reference, Benjamini-Hochberg adjusted across the version's features.",
+        "p-value of a feature's recent window against its reference (two-sample \
+         Kolmogorov-Smirnov; chi-square for a classifier output's predicted classes), \
+         Benjamini-Hochberg adjusted across the version's tests.",
         each(|f| f.adjusted_p_value),
     )?;
     encode_gauges(
@@ -117,6 +118,23 @@ fn encode_drift(
         "aviary_drift_psi",
         "Population Stability Index of a feature's recent window against its reference.",
         each(|f| f.psi),
+    )?;
+    encode_gauges(
+        encoder,
+        "aviary_drift_window_outliers",
+        "Values in a feature's recent window outside its outlier bounds (the reference's \
+         0.1 and 99.9 percentiles, or the range the input rules declare in flag mode).",
+        each(|f| f.outliers.map(|n| n as f64)),
+    )?;
+    encode_counters(
+        encoder,
+        "aviary_drift_outliers",
+        "Values of a feature outside its outlier bounds since the version loaded.",
+        reports.iter().flat_map(|(model, version, features)| {
+            features
+                .iter()
+                .filter_map(move |f| Some((labels(model, version, f), f.outliers_total?)))
+        }),
     )?;
     encode_gauges(
         encoder,

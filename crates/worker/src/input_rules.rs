@@ -211,6 +211,8 @@ struct InputRule {
 pub struct InputRules {
     mode: RuleMode,
     inputs: Vec<InputRule>,
+    /// In flag mode, the most recent request's first broken value, in words.
+    last_flagged: std::sync::Mutex<Option<String>>,
 }
 
 /// One value that broke a rule.
@@ -312,6 +314,7 @@ impl InputRules {
         Ok(InputRules {
             mode: card.mode,
             inputs,
+            last_flagged: std::sync::Mutex::new(None),
         })
     }
 
@@ -321,8 +324,8 @@ impl InputRules {
     }
 
     /// Checks `inputs` (decoded, in any order). In `reject` mode the first value that
-    /// breaks a rule is returned and counted; in `flag` mode every one is counted and
-    /// `None` returned. A feature vector whose last dimension is not the number of
+    /// breaks a rule is returned and counted; in `flag` mode every one is counted, the
+    /// first kept as the latest example, and `None` returned. A feature vector whose last dimension is not the number of
     /// declared features is an error in either mode (the rules cannot apply).
     pub fn check(&self, inputs: &[InputTensor]) -> Result<Option<Violation>, String> {
         let ruled: Vec<(&InputRule, &InputTensor)> = self
@@ -342,12 +345,31 @@ impl InputRules {
                 }
             }
         }
+        let mut flagged = None;
         for (rule, tensor) in ruled {
             if let Some(violation) = rule.check(&tensor.data, self.mode) {
-                return Ok(Some(violation));
+                if self.mode == RuleMode::Reject {
+                    return Ok(Some(violation));
+                }
+                flagged.get_or_insert(violation);
             }
         }
+        if let Some(violation) = flagged {
+            *self
+                .last_flagged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(violation.to_string());
+        }
         Ok(None)
+    }
+
+    /// The latest request's first flagged value (flag mode), taken: the example the
+    /// data watch records beside the counts.
+    pub fn take_flagged_example(&self) -> Option<String> {
+        self.last_flagged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Every input feature's broken-rule counts, zeros left out.
@@ -564,35 +586,38 @@ impl InputRule {
         number: impl Fn(&T) -> f64,
         shown: impl Fn(&T) -> String,
     ) -> Option<Violation> {
+        let mut first = None;
         for (index, value) in values.iter().enumerate() {
             let (position, rule) = self.rule_of(index);
             if let Some((broken, words)) = rule.judge(number(value)) {
                 self.count(position, broken);
+                if first.is_none() {
+                    first = Some(self.violation(index, position, shown(value), words, broken));
+                }
                 if mode == RuleMode::Reject {
-                    return Some(self.violation(index, position, shown(value), words, broken));
+                    break;
                 }
             }
         }
-        None
+        first
     }
 
     fn scan_texts(&self, values: &[String], mode: RuleMode) -> Option<Violation> {
+        let mut first = None;
         for (index, value) in values.iter().enumerate() {
             let (position, rule) = self.rule_of(index);
             if let Some((broken, words)) = rule.judge_text(value) {
                 self.count(position, broken);
+                if first.is_none() {
+                    let shown = format!("{value:?}");
+                    first = Some(self.violation(index, position, shown, words, broken));
+                }
                 if mode == RuleMode::Reject {
-                    return Some(self.violation(
-                        index,
-                        position,
-                        format!("{value:?}"),
-                        words,
-                        broken,
-                    ));
+                    break;
                 }
             }
         }
-        None
+        first
     }
 
     fn count(&self, position: usize, broken: Broken) {

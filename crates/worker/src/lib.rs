@@ -16,7 +16,9 @@
 //! - [`input_rules`]: the value rules a model card declares for the inputs (ranges,
 //!   allowed values, NaN and infinities, per feature), checked on decoded requests.
 //! - [`drift`]: per-feature drift of inputs and outputs from a reference, when a model
-//!   card asks for it.
+//!   card asks for it, and between two versions' outputs for a rollout.
+//! - [`data_watch`]: the task that logs (and reports) features crossing into drift and
+//!   values flag-mode input rules let through.
 //! - [`batching`] and [`batcher`]: dynamic batching, its pure rules (settings from the
 //!   model card, which requests share a run, joining inputs and splitting outputs) and
 //!   the task that forms and runs batches.
@@ -40,6 +42,7 @@ pub mod admission;
 pub mod batcher;
 pub mod batching;
 pub mod catalog;
+pub mod data_watch;
 pub mod default_prediction;
 pub mod drift;
 pub mod error;

@@ -357,7 +357,30 @@ impl Worker {
 
     /// Every loaded version with drift tracking: (model, version, its features' drift).
     pub fn drift(&self) -> Vec<(String, String, Vec<crate::drift::FeatureDrift>)> {
-        self.catalog.load().drift()
+        self.drift_tracked()
+            .into_iter()
+            .map(|(model, version, loaded)| {
+                let report = loaded
+                    .drift
+                    .as_ref()
+                    .map(|d| d.report())
+                    .unwrap_or_default();
+                (model, version, report)
+            })
+            .collect()
+    }
+
+    /// Every loaded version with drift tracking: (model, version, its running copy,
+    /// whose `drift` is set).
+    pub fn drift_tracked(&self) -> Vec<(String, String, Arc<crate::model::LoadedModel>)> {
+        let mut loaded = self.loaded();
+        loaded.retain(|(_, _, model)| model.drift.is_some());
+        loaded
+    }
+
+    /// Every loaded version: (model, version, its running copy).
+    pub fn loaded(&self) -> Vec<(String, String, Arc<crate::model::LoadedModel>)> {
+        self.catalog.load().loaded()
     }
 
     /// Every loaded version's counts of values that broke its card's input rules.

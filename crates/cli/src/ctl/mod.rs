@@ -7,11 +7,13 @@
 //! - `rollout`: `rollout start|pause|resume|promote|abort|status`.
 //! - `experiment`: `experiment report`, `feedback`, `shadow`.
 //! - `dlq`: `dlq list`, `dlq replay`.
+//! - `drift`: `drift`.
 //! - `audit`: `audit tail`, `audit query`.
 //! - `table`: plain-text tables and times for people.
 
 mod audit;
 mod dlq;
+mod drift;
 mod experiment;
 mod models;
 mod rollout;
@@ -91,6 +93,15 @@ pub enum CtlCommand {
         /// allowed values, NaN and infinities, per feature) and their mode.
         #[arg(long)]
         schema: bool,
+    },
+    /// How far each tracked feature of a model's versions drifts from its reference
+    /// (model cards with [drift]): test, adjusted p-value, PSI, outliers, verdict.
+    Drift {
+        /// Model name.
+        model: String,
+        /// Only this version.
+        #[arg(long)]
+        version: Option<String>,
     },
     /// Load a version from the repository (and warm it up).
     Load {
@@ -185,7 +196,7 @@ pub enum AuditCommand {
         /// Only this version.
         #[arg(long)]
         version: Option<String>,
-        /// Only these kinds: call, route, model, rollout, config, prediction (repeatable).
+        /// Only these kinds: call, route, model, rollout, config, prediction, data (repeatable).
         #[arg(long)]
         kind: Vec<String>,
         /// Only this actor: `key:<name>`, `peer:<address>`, `config-file`, `rollout-driver`, ...
@@ -260,6 +271,16 @@ pub enum RolloutCommand {
         /// Largest allowed canary p99 latency over the baseline's.
         #[arg(long)]
         max_latency_ratio: Option<f64>,
+        /// Largest allowed PSI of a canary output feature against the baseline's over
+        /// the same recent traffic (both versions' cards need [drift]).
+        #[arg(long)]
+        max_output_drift_psi: Option<f64>,
+        /// Smallest allowed adjusted p-value of the same comparison.
+        #[arg(long)]
+        min_output_ks_p: Option<f64>,
+        /// Pause when either version's inputs drift from their reference.
+        #[arg(long)]
+        pause_on_input_drift: bool,
     },
     /// Hold the current step (a failed gate still rolls back).
     Pause(RolloutNote),
@@ -403,6 +424,9 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             routes::set_limits(channel, change, json).await
         }
         CtlCommand::ConfigStatus => routes::config_status(channel, json).await,
+        CtlCommand::Drift { model, version } => {
+            drift::report(channel, model, version.as_deref(), json).await
+        }
         CtlCommand::Models { model, schema } => {
             models::list(channel, model.as_deref(), *schema, json).await
         }

@@ -35,6 +35,9 @@ pub(super) async fn run(
             step_requests,
             max_error_rate_increase,
             max_latency_ratio,
+            max_output_drift_psi,
+            min_output_ks_p,
+            pause_on_input_drift,
         } => {
             let plan = RolloutPlan {
                 model: model.clone(),
@@ -51,6 +54,9 @@ pub(super) async fn run(
                 gates: Some(RolloutGates {
                     max_error_rate_increase: *max_error_rate_increase,
                     max_latency_ratio: *max_latency_ratio,
+                    max_output_drift_psi: *max_output_drift_psi,
+                    min_output_ks_p: *min_output_ks_p,
+                    pause_on_input_drift: *pause_on_input_drift,
                     ..RolloutGates::default()
                 }),
             };

@@ -36,7 +36,7 @@ pub fn filter_of(query: AuditQuery) -> Result<(Filter, usize), Status> {
         .map(|(i, name)| {
             Kind::parse(name).ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "kinds[{i}]: \"{name}\" is not a kind (call, route, model, rollout, config, prediction)"
+                    "kinds[{i}]: \"{name}\" is not a kind (call, route, model, rollout, config, prediction, data)"
                 ))
             })
         })

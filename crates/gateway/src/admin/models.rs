@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use aviary::pb::admin::{
-    ListModelsRequest, ListModelsResponse, ModelCard, ModelVersionInfo, UnloadVersionRequest,
-    VersionRequest, VersionResponse,
+    DriftReport, DriftRequest, FeatureDrift, ListModelsRequest, ListModelsResponse, ModelCard,
+    ModelVersionInfo, UnloadVersionRequest, VersionDrift, VersionRequest, VersionResponse,
     models_server::{Models, ModelsServer},
 };
 use tonic::{Request, Response, Status};
@@ -82,6 +82,41 @@ fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo>
         .collect()
 }
 
+/// A tracked version's drift as the admin API sends it.
+fn version_drift(
+    model: String,
+    version: String,
+    tracker: &aviary_worker::drift::DriftTracker,
+) -> VersionDrift {
+    let card = tracker.card();
+    VersionDrift {
+        model,
+        version,
+        alpha: card.alpha,
+        max_psi: card.max_psi,
+        min_samples: card.min_samples as u64,
+        features: tracker
+            .report()
+            .into_iter()
+            .map(|f| FeatureDrift {
+                side: f.side.to_owned(),
+                tensor: f.tensor,
+                feature: f.feature,
+                test: f.test.to_owned(),
+                reference: f.reference as u64,
+                window: f.window as u64,
+                statistic: f.statistic,
+                p_value: f.p_value,
+                adjusted_p_value: f.adjusted_p_value,
+                psi: f.psi,
+                outliers: f.outliers,
+                outliers_total: f.outliers_total,
+                verdict: f.verdict.to_owned(),
+            })
+            .collect(),
+    }
+}
+
 fn millis(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -99,6 +134,36 @@ impl Models for ModelsService {
             .filter(|v| model.is_empty() || v.model == model)
             .collect();
         Ok(Response::new(ListModelsResponse { versions }))
+    }
+
+    async fn get_drift(
+        &self,
+        request: Request<DriftRequest>,
+    ) -> Result<Response<DriftReport>, Status> {
+        let DriftRequest { model, version } = request.into_inner();
+        let Some(worker) = self.control.worker() else {
+            return Err(Status::unimplemented(
+                "this gateway has no embedded worker: read drift from each worker's /metrics (aviary_drift_*)",
+            ));
+        };
+        let versions: Vec<VersionDrift> = worker
+            .drift_tracked()
+            .into_iter()
+            .filter(|(m, v, _)| {
+                (model.is_empty() || *m == model) && (version.is_empty() || *v == version)
+            })
+            .filter_map(|(m, v, loaded)| Some(version_drift(m, v, loaded.drift.as_ref()?)))
+            .collect();
+        if versions.is_empty() && !model.is_empty() {
+            return Err(Status::not_found(format!(
+                "no loaded version of model \"{model}\"{} tracks drift (a model card's [drift])",
+                match version.is_empty() {
+                    true => String::new(),
+                    false => format!(" at version \"{version}\""),
+                }
+            )));
+        }
+        Ok(Response::new(DriftReport { versions }))
     }
 
     async fn load_version(

@@ -112,6 +112,9 @@ pub fn plan_from_message(message: pb::RolloutPlan) -> RolloutPlan {
             max_accuracy_drop: gates.max_accuracy_drop,
             min_shadow_agreement: gates.min_shadow_agreement,
             min_distribution_p_value: gates.min_distribution_p_value,
+            max_output_drift_psi: gates.max_output_drift_psi,
+            min_output_ks_p: gates.min_output_ks_p,
+            pause_on_input_drift: gates.pause_on_input_drift,
             min_requests_for_rollback: gates
                 .min_requests_for_rollback
                 .unwrap_or(defaults.min_requests_for_rollback),
@@ -142,6 +145,9 @@ fn plan_message(plan: &RolloutPlan) -> pb::RolloutPlan {
             max_accuracy_drop: gates.max_accuracy_drop,
             min_shadow_agreement: gates.min_shadow_agreement,
             min_distribution_p_value: gates.min_distribution_p_value,
+            max_output_drift_psi: gates.max_output_drift_psi,
+            min_output_ks_p: gates.min_output_ks_p,
+            pause_on_input_drift: gates.pause_on_input_drift,
         }),
     }
 }

@@ -81,7 +81,7 @@ const OUTCOMES: [Outcome; 3] = [Outcome::Written, Outcome::Dropped, Outcome::Fai
 /// Records by kind and outcome since start-up.
 #[derive(Debug, Default)]
 pub struct Counts {
-    counts: [[AtomicU64; 3]; 6],
+    counts: [[AtomicU64; 3]; Kind::ALL.len()],
 }
 
 impl Counts {
@@ -163,6 +163,43 @@ impl Audit {
             aviary::calls::caller().to_string(),
             action,
         )
+    }
+
+    /// Records what the data watch found: `drift` (a feature crossed into drift),
+    /// `drift-cleared` (out of it) or `flagged` (values flag-mode input rules let
+    /// through), with the numbers as `after` and the finding in words as `reason`.
+    pub fn record_data(&self, event: &aviary_worker::data_watch::DataEvent) {
+        use aviary_worker::data_watch::DataEvent;
+        if !self.is_on() {
+            return;
+        }
+        let (model, version) = event.subject();
+        let (action, after) = match event {
+            DataEvent::Drift { feature, .. } => (
+                match feature.drifts() {
+                    true => "drift",
+                    false => "drift-cleared",
+                },
+                serde_json::to_value(feature).ok(),
+            ),
+            DataEvent::Flagged { counts, .. } => (
+                "flagged",
+                Some(serde_json::Value::Array(
+                    counts
+                        .iter()
+                        .map(|(input, feature, rule, values)| {
+                            serde_json::json!({
+                                "input": input, "feature": feature, "rule": rule, "values": values,
+                            })
+                        })
+                        .collect(),
+                )),
+            ),
+        };
+        let mut record = Audit::record_of(Kind::Data, action).about(model, Some(version));
+        record.after = after;
+        record.reason = Some(event.describe());
+        self.record(record);
     }
 
     /// Queues `record` for the trail; when the queue is full it is dropped and counted.
@@ -257,7 +294,7 @@ pub fn changes_something(path: &str) -> bool {
             matches!(method, "RepositoryModelLoad" | "RepositoryModelUnload")
         }
         "aviary.admin.v1.Routes" => method == "SetRoute",
-        "aviary.admin.v1.Models" => method != "ListModels",
+        "aviary.admin.v1.Models" => !matches!(method, "ListModels" | "GetDrift"),
         "aviary.admin.v1.Rollouts" => method != "GetRollout",
         "aviary.admin.v1.DeadLetters" => method == "ReplayDeadLetters",
         "aviary.admin.v1.Fleet" => method != "GetVariantStats",
@@ -295,6 +332,7 @@ mod tests {
         for path in [
             "/aviary.admin.v1.Routes/GetRoutes",
             "/aviary.admin.v1.Models/ListModels",
+            "/aviary.admin.v1.Models/GetDrift",
             "/inference.GRPCInferenceService/ModelInfer",
             "/grpc.health.v1.Health/Check",
             "garbage",

@@ -19,17 +19,21 @@ pub enum Kind {
     Config,
     /// One prediction (opt-in, sampled): who, which version and weights, why, how.
     Prediction,
+    /// A version's data: a feature crossed into drift or out of it, or flag-mode input
+    /// rules let values through (counts and the latest example).
+    Data,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Call,
         Kind::Route,
         Kind::Model,
         Kind::Rollout,
         Kind::Config,
         Kind::Prediction,
+        Kind::Data,
     ];
 
     /// The name records and queries use.
@@ -41,6 +45,7 @@ impl Kind {
             Kind::Rollout => "rollout",
             Kind::Config => "config",
             Kind::Prediction => "prediction",
+            Kind::Data => "data",
         }
     }
 
@@ -59,7 +64,7 @@ pub struct Record {
     /// What the record is about.
     pub kind: Kind,
     /// Who: `key:<name>`, `peer:<address>`, or the task (`config-file`,
-    /// `rollout-driver`, `repository-watch`).
+    /// `rollout-driver`, `repository-watch`, `data-watch`).
     pub actor: String,
     /// What was done: the RPC path of a call, `load`/`unload`/…, a rollout's
     /// command or decision, `infer`.

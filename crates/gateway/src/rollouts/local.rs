@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use aviary_router::{
     RouteTable,
-    rollout::{MetricsSnapshot, RolloutPlan},
+    rollout::{FeatureValue, MetricsSnapshot, RolloutPlan},
 };
+use aviary_worker::drift::FeatureDrift;
 
 use super::{Target, holding};
 use crate::{
@@ -53,6 +54,106 @@ impl LocalGateway {
                 .map(|test| test.p_value);
         (output.agreement(), p_value)
     }
+
+    /// A version's drift tracking in the embedded worker, if it has any.
+    fn tracker(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> Option<Arc<aviary_worker::model::LoadedModel>> {
+        let loaded = self.control.worker()?.slot(model, version).ok()?.current();
+        loaded.drift.is_some().then_some(loaded)
+    }
+
+    /// The data gates' evidence, measured only when the plan has such a gate: the
+    /// largest PSI and smallest adjusted p-value of the canary's outputs against the
+    /// baseline's (both windows: the same recent traffic), and either version's
+    /// drifting inputs.
+    fn drift_evidence(&self, plan: &RolloutPlan, snapshot: &mut MetricsSnapshot) {
+        let gates = &plan.gates;
+        let versions = [("canary", &plan.canary), ("baseline", &plan.baseline)]
+            .map(|(role, version)| (role, self.tracker(&plan.model, version)));
+        if gates.pause_on_input_drift {
+            for (role, loaded) in &versions {
+                let Some(drift) = loaded.as_ref().and_then(|l| l.drift.as_ref()) else {
+                    continue;
+                };
+                snapshot.input_drift.extend(
+                    drift
+                        .report()
+                        .iter()
+                        .filter(|f| f.side == "input" && f.drifts())
+                        .map(|f| format!("{role} {}", described(f))),
+                );
+            }
+        }
+        if gates.max_output_drift_psi.is_none() && gates.min_output_ks_p.is_none() {
+            return;
+        }
+        let [(_, Some(canary)), (_, Some(baseline))] = &versions else {
+            return;
+        };
+        let (Some(canary), Some(baseline)) = (&canary.drift, &baseline.drift) else {
+            return;
+        };
+        let compared = canary.compare_outputs(baseline);
+        let at = |f: &FeatureDrift, value: f64| FeatureValue {
+            value,
+            feature: format!("{} {}/{}", f.side, f.tensor, f.feature),
+        };
+        snapshot.output_drift_psi = compared
+            .iter()
+            .filter_map(|f| Some(at(f, f.psi?)))
+            .max_by(|a, b| a.value.total_cmp(&b.value));
+        snapshot.output_ks_p_value = compared
+            .iter()
+            .filter_map(|f| Some(at(f, f.adjusted_p_value?)))
+            .min_by(|a, b| a.value.total_cmp(&b.value));
+    }
+
+    /// Why the plan's data gates could never be measured here: no embedded worker, or
+    /// a version whose card has no `[drift]`.
+    fn undriftable(&self, plan: &RolloutPlan) -> Vec<String> {
+        let gates = &plan.gates;
+        let mut problems = Vec::new();
+        for (field, set) in [
+            ("max_output_drift_psi", gates.max_output_drift_psi.is_some()),
+            ("min_output_ks_p", gates.min_output_ks_p.is_some()),
+            ("pause_on_input_drift", gates.pause_on_input_drift),
+        ] {
+            if !set {
+                continue;
+            }
+            if self.control.worker().is_none() {
+                problems.push(format!(
+                    "gates.{field}: needs the versions' drift tracking, which only a gateway with an embedded worker (aviary serve) reads; remove this gate"
+                ));
+                continue;
+            }
+            for version in [&plan.canary, &plan.baseline] {
+                if self.tracker(&plan.model, version).is_none() {
+                    problems.push(format!(
+                        "gates.{field}: version \"{version}\" of model \"{}\" is not loaded with drift tracking; add [drift] to its model.toml or remove this gate",
+                        plan.model
+                    ));
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// A drifting feature in words, for a rollout's decision.
+fn described(f: &FeatureDrift) -> String {
+    let number = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
+    format!(
+        "{} {}/{}: p {} PSI {}",
+        f.side,
+        f.tensor,
+        f.feature,
+        number(f.adjusted_p_value),
+        number(f.psi)
+    )
 }
 
 impl Target for LocalGateway {
@@ -61,12 +162,14 @@ impl Target for LocalGateway {
         let shadow = routing
             .mirror(&plan.model)
             .map(|m| m.config().version.as_str());
-        plan_problems(plan, &routing.table, shadow)
+        let mut problems = plan_problems(plan, &routing.table, shadow);
+        problems.extend(self.undriftable(plan));
+        problems
     }
 
     async fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {
         let (shadow_agreement, distribution_p_value) = self.shadow_evidence(plan);
-        MetricsSnapshot {
+        let mut snapshot = MetricsSnapshot {
             canary: self.metrics.step(&plan.model, &plan.canary).step_metrics(),
             baseline: self
                 .metrics
@@ -74,7 +177,10 @@ impl Target for LocalGateway {
                 .step_metrics(),
             shadow_agreement,
             distribution_p_value,
-        }
+            ..MetricsSnapshot::default()
+        };
+        self.drift_evidence(plan, &mut snapshot);
+        snapshot
     }
 
     async fn set_weights(

@@ -48,7 +48,7 @@ impl Target for Fake {
     }
 
     async fn snapshot(&self, _: &RolloutPlan) -> MetricsSnapshot {
-        *self.evidence.lock().expect("lock")
+        self.evidence.lock().expect("lock").clone()
     }
 
     async fn set_weights(

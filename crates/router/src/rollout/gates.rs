@@ -29,9 +29,19 @@ impl StepMetrics {
     }
 }
 
+/// A measurement of one feature, e.g. the largest output PSI and where it was.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureValue {
+    /// The number.
+    pub value: f64,
+    /// Where: `output <tensor>/<feature>`.
+    pub feature: String,
+}
+
 /// What the driver feeds [`Rollout::evaluate`](super::Rollout::evaluate): both versions
 /// since the current step began.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSnapshot {
     /// The canary's metrics.
@@ -44,6 +54,16 @@ pub struct MetricsSnapshot {
     /// p-value of a two-sample test that canary and baseline outputs share one distribution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distribution_p_value: Option<f64>,
+    /// The largest PSI of a canary output feature against the baseline's over the same
+    /// recent traffic; `None` before both have enough outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_drift_psi: Option<FeatureValue>,
+    /// The smallest adjusted p-value of the same comparisons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_ks_p_value: Option<FeatureValue>,
+    /// Input features of either version drifting from their reference, in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_drift: Vec<String>,
 }
 
 /// The gates' verdict on one snapshot.
@@ -172,7 +192,52 @@ pub(super) fn judge(
         }
     }
 
+    judge_output_drift(gates, snapshot, &mut out);
     out
+}
+
+/// The output-drift gates: the canary's outputs against the baseline's.
+fn judge_output_drift(gates: &Gates, snapshot: &MetricsSnapshot, out: &mut Judgement) {
+    let measured = |value: &Option<FeatureValue>| {
+        value
+            .as_ref()
+            .filter(|v| v.value.is_finite())
+            .map(|v| (v.value, v.feature.clone()))
+    };
+    if let Some(max) = gates.max_output_drift_psi {
+        out.number("max_output_drift_psi", max);
+        match measured(&snapshot.output_drift_psi) {
+            Some((psi, feature)) => {
+                out.number("output_drift_psi", psi);
+                if psi > max {
+                    out.failures.push(format!(
+                        "canary outputs drift from the baseline's: PSI {psi:.3} on {feature} is above {max}"
+                    ));
+                }
+            }
+            None => out.missing.push(
+                "output drift not measured yet (both versions' cards need [drift], and min_samples outputs each)"
+                    .to_owned(),
+            ),
+        }
+    }
+    if let Some(min) = gates.min_output_ks_p {
+        out.number("min_output_ks_p", min);
+        match measured(&snapshot.output_ks_p_value) {
+            Some((p, feature)) => {
+                out.number("output_ks_p_value", p);
+                if p < min {
+                    out.failures.push(format!(
+                        "canary outputs drift from the baseline's: p-value {p:.4} on {feature} is below {min}"
+                    ));
+                }
+            }
+            None => out.missing.push(
+                "output distribution comparison not measured yet (both versions' cards need [drift], and min_samples outputs each)"
+                    .to_owned(),
+            ),
+        }
+    }
 }
 
 /// A metric the driver could not compute (NaN, infinite) counts as not reported.

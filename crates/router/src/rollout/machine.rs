@@ -21,11 +21,12 @@ pub enum RolloutState {
         /// When the step began, in wall-clock milliseconds (so it survives a restart).
         step_started_ms: u64,
     },
-    /// Held at a step by an operator: nothing advances, but a failed gate still rolls back.
+    /// Held at a step by an operator, or by input drift (`pause_on_input_drift`):
+    /// nothing advances, but a failed gate still rolls back.
     Paused {
         /// Index into the plan's steps.
         step: usize,
-        /// When the operator paused, in wall-clock milliseconds.
+        /// When it paused, in wall-clock milliseconds.
         paused_at_ms: u64,
     },
     /// The canary has all the traffic. Terminal.
@@ -197,6 +198,11 @@ enum Verdict {
         reason: String,
         numbers: BTreeMap<String, f64>,
     },
+    Pause {
+        step: usize,
+        reason: String,
+        numbers: BTreeMap<String, f64>,
+    },
     Hold {
         blockers: Vec<String>,
     },
@@ -272,8 +278,10 @@ impl Rollout {
     /// once the canary has `min_requests_for_rollback` requests. The step advances, or
     /// the last one promotes, only when it has lasted `min_duration_ms`, the canary has
     /// `min_requests`, the baseline has had requests if it has weight, and every
-    /// configured gate has evidence and passes. Otherwise, and in every state but
-    /// progressing and paused, nothing happens and no actions are returned.
+    /// configured gate has evidence and passes. With `pause_on_input_drift`, a
+    /// progressing step whose snapshot reports input drift pauses instead (no actions;
+    /// the features in the decision). Otherwise, and in every state but progressing and
+    /// paused, nothing happens and no actions are returned.
     pub fn evaluate(&mut self, now_ms: u64, metrics: &MetricsSnapshot) -> Vec<Action> {
         match self.assess(now_ms, metrics) {
             Verdict::RollBack { reason, numbers } => self.transition(
@@ -320,6 +328,20 @@ impl Rollout {
                     ),
                 }
             }
+            Verdict::Pause {
+                step,
+                reason,
+                numbers,
+            } => self.transition(
+                now_ms,
+                RolloutState::Paused {
+                    step,
+                    paused_at_ms: now_ms,
+                },
+                Vec::new(),
+                reason,
+                numbers,
+            ),
             Verdict::Hold { .. } | Verdict::Idle => Vec::new(),
         }
     }
@@ -455,9 +477,23 @@ impl Rollout {
             })
             .collect();
         let Some(started_ms) = started_ms else {
-            blockers.push("paused by operator".to_owned());
+            blockers.push("paused (see the last decision); resume to go on".to_owned());
             return Verdict::Hold { blockers };
         };
+        if self.plan.gates.pause_on_input_drift && !metrics.input_drift.is_empty() {
+            numbers.insert(
+                "input_drift_features".to_owned(),
+                metrics.input_drift.len() as f64,
+            );
+            return Verdict::Pause {
+                step,
+                reason: format!(
+                    "paused at {at}: input drift makes the comparison unreliable: {}",
+                    metrics.input_drift.join("; ")
+                ),
+                numbers,
+            };
+        }
         let elapsed = now_ms.saturating_sub(started_ms);
         if elapsed < current.min_duration_ms {
             blockers.push(format!(

@@ -31,7 +31,7 @@ mod gates;
 mod machine;
 mod plan;
 
-pub use gates::{MetricsSnapshot, StepMetrics};
+pub use gates::{FeatureValue, MetricsSnapshot, StepMetrics};
 pub use machine::{Action, CommandError, DecisionRecord, Rollout, RolloutState};
 pub use plan::{Gates, RolloutPlan, Step};
 

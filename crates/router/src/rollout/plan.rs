@@ -68,6 +68,20 @@ pub struct Gates {
     /// Smallest allowed p-value of the test that canary and baseline outputs share a distribution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_distribution_p_value: Option<f64>,
+    /// Largest allowed PSI of a canary output feature (or of its predicted classes)
+    /// against the baseline's over the same recent traffic, from both versions' drift
+    /// tracking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_drift_psi: Option<f64>,
+    /// Smallest allowed p-value (KS; chi-square for predicted classes; adjusted across
+    /// the outputs) of a canary output feature against the baseline's, the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_output_ks_p: Option<f64>,
+    /// Pause the rollout, with the drifting features in its history, when either
+    /// version's inputs drift from their reference: traffic unlike what the versions
+    /// were checked on makes the comparison unreliable.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pause_on_input_drift: bool,
     /// Canary requests a step needs before a failed gate rolls back; fewer only hold the step.
     ///
     /// Without it, one error in the first canary request would be a 100% error rate.
@@ -88,6 +102,9 @@ impl Gates {
             max_accuracy_drop: None,
             min_shadow_agreement: None,
             min_distribution_p_value: None,
+            max_output_drift_psi: None,
+            min_output_ks_p: None,
+            pause_on_input_drift: false,
             min_requests_for_rollback: default_min_requests_for_rollback(),
         }
     }
@@ -216,6 +233,12 @@ impl Gates {
             bounded("min_distribution_p_value", p, "0 < p < 1", |v| {
                 v > 0.0 && v < 1.0
             });
+        }
+        if let Some(psi) = self.max_output_drift_psi {
+            bounded("max_output_drift_psi", psi, "a positive PSI", |v| v > 0.0);
+        }
+        if let Some(p) = self.min_output_ks_p {
+            bounded("min_output_ks_p", p, "0 < p < 1", |v| v > 0.0 && v < 1.0);
         }
         if self.min_requests_for_rollback == 0 {
             report(

@@ -229,7 +229,7 @@ fn pause_blocks_advancing_and_resume_restarts_the_step() {
     assert_eq!(rollout.evaluate(5 * MINUTE, &healthy(500, 5)), []);
     assert_eq!(
         rollout.waiting_for(5 * MINUTE, &healthy(500, 5)),
-        ["paused by operator"]
+        ["paused (see the last decision); resume to go on"]
     );
     assert_eq!(
         rollout.history().last().map(|r| r.reason.as_str()),
@@ -450,6 +450,85 @@ fn shadow_agreement_and_distribution_gates_apply_when_configured() {
     );
 }
 
+fn at(value: f64, feature: &str) -> Option<FeatureValue> {
+    Some(FeatureValue {
+        value,
+        feature: feature.into(),
+    })
+}
+
+#[test]
+fn output_drift_gates_roll_back_a_canary_whose_outputs_move() {
+    let mut plan = plan();
+    plan.gates.max_output_drift_psi = Some(0.2);
+    plan.gates.min_output_ks_p = Some(0.01);
+
+    let mut rollout = started(plan.clone());
+    let mut alike = healthy(500, 5);
+    assert_eq!(
+        rollout.waiting_for(MINUTE, &alike).len(),
+        2,
+        "neither comparison measured yet holds the step"
+    );
+    alike.output_drift_psi = at(0.03, "output probabilities/column 0");
+    alike.output_ks_p_value = at(0.4, "output label/predicted class");
+    assert_eq!(
+        rollout.evaluate(MINUTE, &alike),
+        [set_weights(25), Action::ResetStepMetrics]
+    );
+
+    let mut moved = healthy(100, 25);
+    moved.output_drift_psi = at(0.61, "output probabilities/column 0");
+    moved.output_ks_p_value = at(1e-7, "output probabilities/column 0");
+    assert_eq!(rollout.evaluate(MINUTE + 1, &moved), [set_weights(0)]);
+    let record = rollout.history().last().expect("recorded");
+    assert!(matches!(rollout.state(), RolloutState::RolledBack { .. }));
+    assert_eq!(
+        record.reason,
+        "gate failed at step 2/4 (canary 25%): canary outputs drift from the baseline's: \
+         PSI 0.610 on output probabilities/column 0 is above 0.2; canary outputs drift from \
+         the baseline's: p-value 0.0000 on output probabilities/column 0 is below 0.01"
+    );
+    assert_eq!(record.numbers["output_drift_psi"], 0.61);
+    assert_eq!(record.numbers["output_ks_p_value"], 1e-7);
+    assert_eq!(record.numbers["max_output_drift_psi"], 0.2);
+}
+
+#[test]
+fn input_drift_pauses_instead_of_promoting_when_asked() {
+    let mut drifting = healthy(500, 5);
+    drifting.input_drift = vec!["canary input/petal_width: PSI 0.700".into()];
+
+    // Not asked: input drift alone changes nothing.
+    let mut rollout = started(plan());
+    assert_eq!(
+        rollout.evaluate(MINUTE, &drifting),
+        [set_weights(25), Action::ResetStepMetrics]
+    );
+
+    let mut plan = plan();
+    plan.gates.pause_on_input_drift = true;
+    let mut rollout = started(plan);
+    assert_eq!(rollout.evaluate(MINUTE, &drifting), []);
+    assert!(matches!(
+        rollout.state(),
+        RolloutState::Paused { step: 0, .. }
+    ));
+    let record = rollout.history().last().expect("recorded");
+    assert_eq!(
+        record.reason,
+        "paused at step 1/4 (canary 5%): input drift makes the comparison unreliable: \
+         canary input/petal_width: PSI 0.700"
+    );
+    assert_eq!(record.numbers["input_drift_features"], 1.0);
+    // Paused, it stays paused, and a failed gate still rolls back.
+    assert_eq!(rollout.evaluate(MINUTE + 1, &drifting), []);
+    assert_eq!(rollout.history().len(), 2);
+    let mut failing = drifting.clone();
+    failing.canary.errors = 400;
+    assert_eq!(rollout.evaluate(MINUTE + 2, &failing), [set_weights(0)]);
+}
+
 #[test]
 fn an_invalid_plan_never_becomes_a_rollout() {
     let mut bad = plan();
@@ -462,7 +541,7 @@ fn an_invalid_plan_never_becomes_a_rollout() {
 #[derive(Debug, Clone)]
 enum Op {
     Start,
-    Evaluate(MetricsSnapshot),
+    Evaluate(Box<MetricsSnapshot>),
     Pause,
     Resume,
     PromoteNow,
@@ -479,9 +558,24 @@ fn any_plan() -> impl Strategy<Value = RolloutPlan> {
         proptest::option::of(0.5f64..1.0),
         proptest::option::of(0.001f64..0.2),
         1u64..50,
+        (
+            proptest::option::of(0.01f64..2.0),
+            proptest::option::of(0.001f64..0.5),
+            any::<bool>(),
+        ),
     )
         .prop_map(
-            |(weights, min_duration_ms, min_requests, latency, accuracy, agreement, p, sample)| {
+            |(
+                weights,
+                min_duration_ms,
+                min_requests,
+                latency,
+                accuracy,
+                agreement,
+                p,
+                sample,
+                (max_psi, min_output_p, pause_on_input_drift),
+            )| {
                 let mut plan = plan();
                 plan.steps = weights
                     .into_iter()
@@ -498,6 +592,9 @@ fn any_plan() -> impl Strategy<Value = RolloutPlan> {
                     min_shadow_agreement: agreement,
                     min_distribution_p_value: p,
                     min_requests_for_rollback: sample,
+                    max_output_drift_psi: max_psi,
+                    min_output_ks_p: min_output_p,
+                    pause_on_input_drift,
                     ..Gates::error_rate(0.01)
                 };
                 plan
@@ -526,18 +623,31 @@ fn any_op() -> impl Strategy<Value = Op> {
         any_version(),
         proptest::option::of(prop_oneof![0.0f64..=1.0, any::<f64>()]),
         proptest::option::of(prop_oneof![0.0f64..=1.0, any::<f64>()]),
+        (
+            proptest::option::of(prop_oneof![0.0f64..=3.0, any::<f64>()]),
+            proptest::option::of(prop_oneof![0.0f64..=1.0, any::<f64>()]),
+            any::<bool>(),
+        ),
     )
         .prop_map(
-            |(canary, baseline, shadow_agreement, distribution_p_value)| MetricsSnapshot {
-                canary,
-                baseline,
-                shadow_agreement,
-                distribution_p_value,
+            |(canary, baseline, shadow_agreement, distribution_p_value, (psi, p, drifting))| {
+                MetricsSnapshot {
+                    canary,
+                    baseline,
+                    shadow_agreement,
+                    distribution_p_value,
+                    output_drift_psi: psi.and_then(|v| at(v, "output y/column 0")),
+                    output_ks_p_value: p.and_then(|v| at(v, "output y/column 0")),
+                    input_drift: match drifting {
+                        true => vec!["canary input x/column 0: PSI 1.000".to_owned()],
+                        false => Vec::new(),
+                    },
+                }
             },
         );
     prop_oneof![
         1 => Just(Op::Start),
-        12 => snapshot.prop_map(Op::Evaluate),
+        12 => snapshot.prop_map(|s| Op::Evaluate(Box::new(s))),
         1 => Just(Op::Pause),
         1 => Just(Op::Resume),
         1 => Just(Op::PromoteNow),

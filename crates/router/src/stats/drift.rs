@@ -33,28 +33,47 @@ pub fn population_stability_index(reference: &[f64], current: &[f64], bins: usiz
     let edges: Vec<f64> = (1..bins)
         .map(|i| quantile(&sorted, i as f64 / bins as f64))
         .collect();
-    let proportions = |values: &[f64]| {
+    let counts = |values: &[f64]| {
         let mut counts = vec![0u64; bins];
         for value in values {
             // The number of edges at or below the value: its bin.
             counts[edges.partition_point(|edge| edge <= value)] += 1;
         }
-        let n = values.len() as f64;
         counts
-            .into_iter()
-            .map(move |count| (count as f64 / n).max(PSI_EMPTY_BIN))
     };
+    category_stability_index(&counts(reference), &counts(current))
+}
+
+/// The Population Stability Index of two sets of category counts (the same
+/// categories, in the same order; a classifier's predicted classes, or the bins of
+/// [`population_stability_index`]), an empty category's proportion taken as
+/// [`PSI_EMPTY_BIN`].
+///
+/// `None` when the two have different lengths or either side has no count.
+pub fn category_stability_index(reference: &[u64], current: &[u64]) -> Option<f64> {
+    let (n_r, n_c) = (
+        reference.iter().sum::<u64>() as f64,
+        current.iter().sum::<u64>() as f64,
+    );
+    if reference.len() != current.len() || n_r == 0.0 || n_c == 0.0 {
+        return None;
+    }
     Some(
-        proportions(reference)
-            .zip(proportions(current))
-            .map(|(r, c)| (c - r) * (c / r).ln())
+        reference
+            .iter()
+            .zip(current)
+            .map(|(r, c)| {
+                let r = (*r as f64 / n_r).max(PSI_EMPTY_BIN);
+                let c = (*c as f64 / n_c).max(PSI_EMPTY_BIN);
+                (c - r) * (c / r).ln()
+            })
             .sum(),
     )
 }
 
 /// The `q` quantile of `sorted` (not empty) by linear interpolation between order
 /// statistics (NumPy's default method).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     let h = (sorted.len() - 1) as f64 * q;
     let low = h.floor() as usize;
     let high = (low + 1).min(sorted.len() - 1);
@@ -153,6 +172,17 @@ mod tests {
         ];
         let psi = population_stability_index(&reference, &current, 5).expect("defined");
         assert_close(psi, 1.403_423_108_664_430_4, 1e-12);
+    }
+
+    #[test]
+    fn category_psi_matches_numpy() {
+        // r = np.maximum(np.array([30, 50, 20, 0]) / 100, 1e-4); c likewise of
+        // [40, 35, 25, 5] / 105; np.sum((c - r) * np.log(c / r))
+        let psi = category_stability_index(&[30, 50, 20, 0], &[40, 35, 25, 5]).expect("defined");
+        assert_close(psi, 0.386_552_216_607_867_54, 1e-12);
+        assert_eq!(category_stability_index(&[1, 2], &[2, 4]), Some(0.0));
+        assert_eq!(category_stability_index(&[1, 2], &[0, 0]), None);
+        assert_eq!(category_stability_index(&[1], &[1, 2]), None);
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //!   distribution of its statistic.
 //! - `sequential`: [`msprt_two_proportions`] and [`SequentialTest`], an always-valid
 //!   p-value that may be read after every batch without inflating false positives.
-//! - `drift`: [`population_stability_index`] and [`chi_square_homogeneity`] for a live
-//!   window against a reference, and [`benjamini_hochberg`] across many features.
+//! - `drift`: [`population_stability_index`], [`category_stability_index`] and
+//!   [`chi_square_homogeneity`] for a live window against a reference, and
+//!   [`benjamini_hochberg`] across many features.
 
 mod drift;
 mod interval;
@@ -30,7 +31,8 @@ mod rank;
 mod sequential;
 
 pub use drift::{
-    PSI_EMPTY_BIN, benjamini_hochberg, chi_square_homogeneity, population_stability_index,
+    PSI_EMPTY_BIN, benjamini_hochberg, category_stability_index, chi_square_homogeneity,
+    population_stability_index, quantile,
 };
 pub use interval::{SampleSummary, mean_interval, wilson_interval};
 pub use ks::ks_two_sample;

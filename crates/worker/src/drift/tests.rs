@@ -105,16 +105,16 @@ fn no_verdict_before_min_samples_and_the_window_keeps_the_newest() {
     let report = tracker.report();
     assert_eq!(
         report.len(),
-        4 + 3 + 1,
-        "4 input features, 3 probabilities, 1 label"
+        4 + 3 + 1 + 2,
+        "4 input features, 3 probabilities, 1 label, and the classes of both outputs"
     );
     assert!(report.iter().all(|f| f.verdict == "insufficient"));
     for value in [1.0, 2.0, 3.0, 10.0, 11.0, 12.0] {
         tracker.record_inputs(&input(&[[value; 4]]));
     }
     let samples = tracker.samples.lock().expect("lock");
-    assert_eq!(samples.reference[0], [1.0, 2.0, 3.0]);
-    let mut window = samples.window[0].clone();
+    assert_eq!(samples.features[0].reference, [1.0, 2.0, 3.0]);
+    let mut window = samples.features[0].window.values.clone();
     window.sort_by(f64::total_cmp);
     assert_eq!(
         window,
@@ -160,7 +160,7 @@ fn outputs_are_tracked_from_their_raw_values() {
         (label.feature.as_str(), label.reference, label.window),
         ("label", 2, 2)
     );
-    assert_eq!(label.ks_statistic, Some(1.0), "the labels moved entirely");
+    assert_eq!(label.statistic, Some(1.0), "the labels moved entirely");
 }
 
 #[test]
@@ -189,7 +189,16 @@ fn a_reference_file_and_feature_names_from_the_input_rules() {
     assert_eq!(
         names,
         [
-            "a", "b", "column 2", "d", "column 0", "column 1", "column 2", "label"
+            "a",
+            "b",
+            "column 2",
+            "d",
+            "column 0",
+            "column 1",
+            "column 2",
+            "label",
+            "predicted class",
+            "predicted class"
         ]
     );
     assert_eq!((report[0].reference, report[0].window), (2, 1));
@@ -226,4 +235,196 @@ fn a_reference_file_and_feature_names_from_the_input_rules() {
         "drift.alpha: 1.5 is not between 0 and 1"
     );
     assert_eq!(bad("max_psi = 0.0"), "drift.max_psi: 0 is not positive");
+}
+
+/// A demo-shaped output of one row: probabilities `p` and the label of the largest.
+fn demo_outputs(p: [f32; 3]) -> Vec<OutputTensor> {
+    let label = (0..3).max_by(|a, b| p[*a].total_cmp(&p[*b])).unwrap_or(0) as i64;
+    vec![
+        OutputTensor {
+            name: "probabilities".into(),
+            datatype: Datatype::Fp32,
+            shape: vec![1, 3],
+            raw: tensor::to_raw(&p),
+        },
+        OutputTensor {
+            name: "label".into(),
+            datatype: Datatype::Int64,
+            shape: vec![1],
+            raw: tensor::to_raw(&[label]),
+        },
+    ]
+}
+
+#[test]
+fn outliers_are_values_outside_the_reference_percentiles() {
+    let tracker = DriftTracker::from_card(
+        &card("capture = 1000\nwindow = 3\nmin_samples = 10"),
+        &demo_schema(),
+        None,
+        Path::new("."),
+    )
+    .expect("valid");
+    // Reference 0..=999: p0.1 is 0.999, p99.9 is 998.001.
+    for i in 0..1000 {
+        tracker.record_inputs(&input(&[[i as f32; 4]]));
+    }
+    for value in [0.5, 500.0, 998.5, 2000.0, -3.0, 10.0] {
+        tracker.record_inputs(&input(&[[value, 500.0, 500.0, 500.0]]));
+    }
+    let report = tracker.report();
+    assert_eq!(
+        report[0].outliers,
+        Some(2),
+        "the window holds 2000, -3 and 10"
+    );
+    assert_eq!(report[0].outliers_total, Some(4), "0.5, 998.5, 2000 and -3");
+    assert_eq!(report[1].outliers, Some(0));
+    let classes = report
+        .iter()
+        .find(|f| f.test == "chi-square")
+        .expect("classes");
+    assert_eq!(classes.outliers, None, "classes have no outliers");
+}
+
+#[test]
+fn flag_mode_outliers_are_values_outside_the_declared_range() {
+    let rules: InputRulesCard = toml::from_str(
+        "mode = \"flag\"\n[inputs.input]\nfeatures = [{ min = 0.0, max = 10.0 }, {}, {}, {}]",
+    )
+    .expect("rules");
+    let tracker = DriftTracker::from_card(
+        &card("capture = 2\nwindow = 10\nmin_samples = 1"),
+        &demo_schema(),
+        Some(&rules),
+        Path::new("."),
+    )
+    .expect("valid");
+    for value in [100.0, 200.0, 5.0, 11.0, -1.0, 150.0] {
+        tracker.record_inputs(&input(&[[value; 4]]));
+    }
+    let report = tracker.report();
+    assert_eq!(
+        report[0].outliers,
+        Some(3),
+        "11, -1 and 150 are outside [0, 10]"
+    );
+    assert_eq!(
+        report[1].outliers,
+        Some(3),
+        "column 1 declares nothing: outside the reference's [100.1, 199.9]"
+    );
+}
+
+#[test]
+fn predicted_classes_are_compared_by_chi_square() {
+    let tracker = DriftTracker::from_card(
+        &card("capture = 300\nwindow = 300\nmin_samples = 100"),
+        &demo_schema(),
+        None,
+        Path::new("."),
+    )
+    .expect("valid");
+    let one_hot = |class: usize| std::array::from_fn(|c| if c == class { 0.8 } else { 0.1 });
+    // Reference: classes evenly; window: class 2 twice as often as each other.
+    for i in 0..300 {
+        tracker.record_outputs(&demo_outputs(one_hot(i % 3)));
+    }
+    for i in 0..300 {
+        tracker.record_outputs(&demo_outputs(one_hot([0, 1, 2, 2][i % 4])));
+    }
+    let report = tracker.report();
+    let classes: Vec<&FeatureDrift> = report.iter().filter(|f| f.test == "chi-square").collect();
+    assert_eq!(classes.len(), 2, "probabilities (argmax) and label");
+    for f in classes {
+        assert_eq!(
+            (f.feature.as_str(), f.reference, f.window),
+            ("predicted class", 300, 300)
+        );
+        // scipy.stats.chi2_contingency([[100, 100, 100], [75, 75, 150]], correction=False):
+        // 120/7, and with 2 degrees of freedom p = exp(-60/7).
+        assert!(
+            (f.statistic.expect("measured") - 120.0 / 7.0).abs() < 1e-9,
+            "{f:?}"
+        );
+        assert!((f.p_value.expect("measured") - (-60.0f64 / 7.0).exp()).abs() < 1e-12);
+        assert_eq!(f.verdict, "drift");
+    }
+}
+
+#[test]
+fn changes_report_each_crossing_once() {
+    let tracker = DriftTracker::from_card(
+        &card("capture = 200\nwindow = 200\nmin_samples = 200"),
+        &demo_schema(),
+        None,
+        Path::new("."),
+    )
+    .expect("valid");
+    let mut rng = SmallRng::seed_from_u64(7);
+    for row in rows(&mut rng, 200, [0.0; 4]) {
+        tracker.record_inputs(&input(&[row]));
+    }
+    assert!(tracker.changes().is_empty(), "insufficient is not drift");
+    for row in rows(&mut rng, 200, [0.0, 3.0, 0.0, 0.0]) {
+        tracker.record_inputs(&input(&[row]));
+    }
+    let crossed: Vec<String> = tracker.changes().into_iter().map(|f| f.feature).collect();
+    assert_eq!(crossed, ["column 1"]);
+    assert!(tracker.changes().is_empty(), "reported once");
+    for row in rows(&mut rng, 200, [0.0; 4]) {
+        tracker.record_inputs(&input(&[row]));
+    }
+    let cleared = tracker.changes();
+    assert_eq!(
+        (
+            cleared.len(),
+            cleared[0].feature.as_str(),
+            cleared[0].verdict
+        ),
+        (1, "column 1", "ok")
+    );
+}
+
+#[test]
+fn a_canary_is_compared_with_its_baseline_on_outputs_only() {
+    let tracker = || {
+        DriftTracker::from_card(
+            &card("capture = 1\nwindow = 500\nmin_samples = 100"),
+            &demo_schema(),
+            None,
+            Path::new("."),
+        )
+        .expect("valid")
+    };
+    let (baseline, same, shifted) = (tracker(), tracker(), tracker());
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut row = |shift: f32| {
+        let p = rng.random::<f32>() * 0.5 + shift;
+        [p, 1.0 - p, 0.0]
+    };
+    for _ in 0..501 {
+        baseline.record_outputs(&demo_outputs(row(0.0)));
+        same.record_outputs(&demo_outputs(row(0.0)));
+        shifted.record_outputs(&demo_outputs(row(0.4)));
+    }
+    // Inputs are not compared: only what the versions answer differs between them.
+    baseline.record_inputs(&input(&[[1.0; 4]]));
+    let alike = same.compare_outputs(&baseline);
+    assert_eq!(
+        alike.len(),
+        3 + 1 + 2,
+        "3 probabilities, label, 2 class counts"
+    );
+    assert!(
+        alike
+            .iter()
+            .all(|f| f.side == "output" && f.reference == 500)
+    );
+    assert!(alike.iter().all(|f| f.verdict == "ok"), "{alike:?}");
+    let apart = shifted.compare_outputs(&baseline);
+    let column = |name: &str| apart.iter().find(|f| f.feature == name).expect("compared");
+    assert_eq!(column("column 0").verdict, "drift");
+    assert_eq!(column("column 2").verdict, "ok", "always 0 on both");
+    assert!(column("column 0").psi.expect("psi") > 1.0);
 }

@@ -1,0 +1,187 @@
+//! The data-quality watch: at an interval, which tracked features crossed into drift
+//! (or out of it) and which values flag-mode input rules let through since the last
+//! look. Each finding is logged, and handed to the caller (the embedded gateway writes
+//! it to its audit trail); `aviary_drift` and `aviary_input_violations_total` say the
+//! same to Prometheus at every scrape, this says it once, when it happens.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+
+use crate::{Worker, drift::FeatureDrift, input_rules::RuleMode};
+
+/// What the watch found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataEvent {
+    /// A feature crossed into drift, or out of it (its verdict says which).
+    Drift {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// The feature's drift now.
+        feature: FeatureDrift,
+    },
+    /// Values that broke a version's flag-mode input rules since the last look.
+    Flagged {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// (input, feature, rule, values) for each rule broken since the last look.
+        counts: Vec<(String, String, &'static str, u64)>,
+        /// The latest request's first flagged value, in words.
+        example: Option<String>,
+    },
+}
+
+impl DataEvent {
+    /// The model and version it is about.
+    pub fn subject(&self) -> (&str, &str) {
+        match self {
+            DataEvent::Drift { model, version, .. } | DataEvent::Flagged { model, version, .. } => {
+                (model, version)
+            }
+        }
+    }
+
+    /// What happened, in one line.
+    pub fn describe(&self) -> String {
+        let number = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
+        match self {
+            DataEvent::Drift { feature: f, .. } => format!(
+                "{} {}/{} {}: {} p (adjusted) {}, PSI {}, over {} window and {} reference values",
+                f.side,
+                f.tensor,
+                f.feature,
+                match f.drifts() {
+                    true => "drifts",
+                    false => "no longer drifts",
+                },
+                f.test,
+                number(f.adjusted_p_value),
+                number(f.psi),
+                f.window,
+                f.reference
+            ),
+            DataEvent::Flagged {
+                counts, example, ..
+            } => {
+                let counts: Vec<String> = counts
+                    .iter()
+                    .map(|(input, feature, rule, n)| format!("{input}/{feature} {rule}: {n}"))
+                    .collect();
+                format!(
+                    "input rules flagged values ({}){}",
+                    counts.join(", "),
+                    example
+                        .as_ref()
+                        .map_or(String::new(), |e| format!("; latest: {e}"))
+                )
+            }
+        }
+    }
+}
+
+/// What the watch saw last time: the violation counts of each flag-mode version.
+#[derive(Debug, Default)]
+pub struct DataWatch {
+    seen: BTreeMap<(String, String, String, String, &'static str), u64>,
+}
+
+impl DataWatch {
+    /// What changed in `worker` since the last look (the first look: since load).
+    pub fn look(&mut self, worker: &Worker) -> Vec<DataEvent> {
+        let mut events = Vec::new();
+        for (model, version, loaded) in worker.loaded() {
+            if let Some(drift) = &loaded.drift {
+                events.extend(drift.changes().into_iter().map(|feature| DataEvent::Drift {
+                    model: model.clone(),
+                    version: version.clone(),
+                    feature,
+                }));
+            }
+            let Some(rules) = loaded
+                .input_rules
+                .as_ref()
+                .filter(|r| r.mode() == RuleMode::Flag)
+            else {
+                continue;
+            };
+            let mut counts = Vec::new();
+            for (input, feature, broken, count) in rules.counts() {
+                let key = (
+                    model.clone(),
+                    version.clone(),
+                    input.to_owned(),
+                    feature.to_owned(),
+                    broken.label(),
+                );
+                let before = self.seen.insert(key, count).unwrap_or(0);
+                // A reloaded version counts from zero again.
+                let new = if count >= before {
+                    count - before
+                } else {
+                    count
+                };
+                if new > 0 {
+                    counts.push((input.to_owned(), feature.to_owned(), broken.label(), new));
+                }
+            }
+            if !counts.is_empty() {
+                events.push(DataEvent::Flagged {
+                    model: model.clone(),
+                    version: version.clone(),
+                    counts,
+                    example: rules.take_flagged_example(),
+                });
+            }
+        }
+        events
+    }
+}
+
+/// Looks at `worker` every `interval` until `stop` turns true: logs each finding and
+/// hands it to `on_event`.
+pub async fn run(
+    worker: Arc<Worker>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    on_event: impl Fn(&DataEvent) + Send,
+) {
+    let mut watch = DataWatch::default();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        // The tests sort every window: off the async threads.
+        let looked = {
+            let worker = Arc::clone(&worker);
+            tokio::task::spawn_blocking(move || {
+                let mut watch = watch;
+                let events = watch.look(&worker);
+                (watch, events)
+            })
+            .await
+        };
+        let Ok((kept, events)) = looked else {
+            return;
+        };
+        watch = kept;
+        for event in &events {
+            let (model, version) = event.subject();
+            let what = event.describe();
+            match event {
+                DataEvent::Drift { feature, .. } if feature.drifts() => {
+                    tracing::warn!(model, version, "data drift: {what}")
+                }
+                DataEvent::Drift { .. } => tracing::info!(model, version, "data drift: {what}"),
+                DataEvent::Flagged { .. } => tracing::warn!(model, version, "{what}"),
+            }
+            on_event(event);
+        }
+    }
+}
