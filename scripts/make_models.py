@@ -21,10 +21,13 @@ Files written (layout `<repo>/<model>/<version>/model.onnx` + optional `model.to
     tests/models/types/1/model.onnx                    one Identity per KServe datatype
     tests/models/fixed/1/model.onnx                    fixed [2, 3] input, y = 2 * x
     tests/slow-models/slow/1/model.onnx                deliberately slow: 640 x (MatMul + Tanh)
+    tests/bench-models/tabular/1/model.{onnx,toml}     16 features -> 32 ReLU -> 3 classes
 
 The slow model lives in its own repository because tests of `tests/models` expect that
 folder's exact contents; it exists for drain and timeout tests that need requests to
-stay in flight (batch 64 takes ~200 ms on one ONNX Runtime thread).
+stay in flight (batch 64 takes ~200 ms on one ONNX Runtime thread). The tabular model
+likewise: it is the 16-feature classifier scripts/bench_data_quality.sh measures input
+rules and drift tracking on.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_REPO = REPO / "deploy" / "local" / "models"
 TEST_REPO = REPO / "tests" / "models"
 SLOW_REPO = REPO / "tests" / "slow-models"
+BENCH_REPO = REPO / "tests" / "bench-models"
 
 # The slow model: SLOW_LAYERS x (MatMul with one shared WIDTH x WIDTH weight, Tanh).
 SLOW_WIDTH = 512
@@ -213,6 +217,7 @@ def finish(graph, doc):
 
 
 def demo_graph(params, name, doc):
+    features = (params["W"] if "W" in params else params["W1"]).shape[0]
     nodes = []
     inits = []
     if "W" in params:
@@ -238,7 +243,7 @@ def demo_graph(params, name, doc):
     graph = helper.make_graph(
         nodes,
         name,
-        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
         outputs=[
             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]),
             helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
@@ -272,6 +277,17 @@ def mlp_model(seed=1234):
         initializer=inits,
     )
     return finish(graph, "Benchmark MLP 128-512-512-256-10 with seeded random weights (untrained).")
+
+
+def tabular_params(seed=16, features=16, hidden=32):
+    """A 16-feature tabular classifier's shape with seeded He-scaled random weights."""
+    rng = np.random.default_rng(seed)
+    return {
+        "W1": (rng.standard_normal((features, hidden)) * np.sqrt(2.0 / features)).astype(np.float32),
+        "B1": np.zeros(hidden, dtype=np.float32),
+        "W2": (rng.standard_normal((hidden, 3)) * np.sqrt(2.0 / hidden)).astype(np.float32),
+        "B2": np.zeros(3, dtype=np.float32),
+    }
 
 
 def types_model():
@@ -443,6 +459,25 @@ def build():
     write_bytes(TEST_REPO / "types/1/model.onnx", types_model().SerializeToString(), written)
     write_bytes(TEST_REPO / "fixed/1/model.onnx", fixed_model().SerializeToString(), written)
     write_bytes(SLOW_REPO / "slow/1/model.onnx", slow_model().SerializeToString(), written)
+    tabular = demo_graph(
+        tabular_params(),
+        "tabular",
+        "Benchmark tabular classifier: 16 features -> 32 ReLU -> 3 classes (probabilities and label), seeded random weights.",
+    )
+    write_bytes(BENCH_REPO / "tabular/1/model.onnx", tabular.SerializeToString(), written)
+    write_bytes(
+        BENCH_REPO / "tabular/1/model.toml",
+        model_card(
+            "Benchmark tabular classifier: 16 features -> 32 (ReLU) -> 3 classes, outputs class "
+            "probabilities and the argmax label.",
+            owner,
+            "Benchmarks of input rules and drift tracking (scripts/bench_data_quality.sh). Its outputs carry no meaning.",
+            "Untrained: weights are seeded random (He-scaled normal, seed 16). Do not use for predictions.",
+            "None (not trained).",
+            {"parameters": 16 * 32 + 32 + 32 * 3 + 3},
+        ).encode(),
+        written,
+    )
 
     for p in written:
         print(f"wrote {p.relative_to(REPO)} ({p.stat().st_size} bytes)")

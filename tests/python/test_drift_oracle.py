@@ -76,7 +76,7 @@ def drift_report(tmp_path_factory):
     }))
     (version / "model.toml").write_text(
         (MODELS / "demo" / "1" / "model.toml").read_text()
-        + '\n[drift]\nreference = "reference.json"\nwindow = 300\nmin_samples = 50\n'
+        + '\n[drift]\nreference = "reference.json"\nwindow = 300\nmin_samples = 50\nrows_per_request = 10\n'
     )
     config = root / "aviary.toml"
     config.write_text(f'[repository]\npath = "{root / "models"}"\ninstances = 1\n')

@@ -13,7 +13,8 @@
 //! the row's largest) or an integer output of one (its class is the value). The
 //! reference is a JSON file beside the model (`{"<tensor>": [[row], ...]}`), or the
 //! first `capture` rows of traffic after the version loads. Memory is bounded: at most
-//! `capture` (or the file's rows) plus `window` values per feature.
+//! `capture` reference values (a larger file is sampled down, with a fixed seed) plus
+//! `window` values per feature.
 //!
 //! Recording is one lock per request and a copy of its values; the tests run when a
 //! report is asked for (`/metrics`, the admin API, the drift watch, a rollout's
@@ -45,7 +46,8 @@ pub struct DriftCard {
     /// A JSON file beside the model holding reference rows per tensor; without it the
     /// first `capture` rows of traffic are the reference.
     pub reference: Option<String>,
-    /// Rows captured as the reference when there is no file.
+    /// Rows captured as the reference when there is no file; a file with more rows is
+    /// sampled down to this many.
     #[serde(default = "default_capture")]
     pub capture: usize,
     /// The most recent rows compared with the reference.
@@ -63,6 +65,10 @@ pub struct DriftCard {
     /// Reference-quantile bins of the PSI.
     #[serde(default = "default_bins")]
     pub bins: usize,
+    /// Rows of one request recorded at most, chosen at random when it has more
+    /// (default: `window / 100`, at least 1): one large batch cannot fill the window
+    /// (or the captured reference) by itself, and recording stays cheap per request.
+    pub rows_per_request: Option<usize>,
 }
 
 fn default_capture() -> usize {
@@ -202,6 +208,8 @@ impl DriftTracker {
                                 t.columns
                             )));
                         }
+                    }
+                    for row in kept_rows(&values, card.capture) {
                         samples.add_reference_row(t.first, row, t.classes);
                     }
                 }
@@ -230,26 +238,31 @@ impl DriftTracker {
 
     /// Records a request's decoded inputs.
     pub fn record_inputs(&self, inputs: &[InputTensor]) {
-        let values: Vec<(usize, Vec<f64>)> = inputs
+        let rows: Vec<(usize, Vec<f64>)> = inputs
             .iter()
             .filter_map(|input| {
                 let t = self.find(Side::Input, &input.name)?;
-                Some((t, input.data.numbers()?))
+                let values = self.chosen_rows(t, input.data.len(), |i| input.data.number_at(i))?;
+                Some((t, values))
             })
             .collect();
-        self.record(values);
+        self.record(rows);
     }
 
     /// Records a successful run's outputs.
     pub fn record_outputs(&self, outputs: &[OutputTensor]) {
-        let values: Vec<(usize, Vec<f64>)> = outputs
+        let rows: Vec<(usize, Vec<f64>)> = outputs
             .iter()
             .filter_map(|output| {
                 let t = self.find(Side::Output, &output.name)?;
-                Some((t, raw_numbers(output.datatype, &output.raw)?))
+                let size = output.datatype.element_size()?;
+                let values = self.chosen_rows(t, output.raw.len() / size, |i| {
+                    raw_number_at(output.datatype, &output.raw, i)
+                })?;
+                Some((t, values))
             })
             .collect();
-        self.record(values);
+        self.record(rows);
     }
 
     fn find(&self, side: Side, tensor: &str) -> Option<usize> {
@@ -258,10 +271,37 @@ impl DriftTracker {
             .position(|t| t.side == side && t.tensor == tensor)
     }
 
-    /// Appends each tracked tensor's values (row-major) to its features, and its rows'
-    /// classes: to the reference while it is still being captured, else to the window.
-    fn record(&self, values: Vec<(usize, Vec<f64>)>) {
-        if values.is_empty() {
+    /// The values (row-major) of the rows of tracked tensor `index` to record: all of
+    /// its `elements / columns` rows, or `rows_per_request` of them chosen uniformly at
+    /// random. Only those are read (`value`), before any lock is taken.
+    fn chosen_rows(
+        &self,
+        index: usize,
+        elements: usize,
+        value: impl Fn(usize) -> Option<f64>,
+    ) -> Option<Vec<f64>> {
+        let columns = self.tracked[index].columns;
+        let rows = elements / columns;
+        let most = self
+            .card
+            .rows_per_request
+            .unwrap_or(self.card.window / 100)
+            .max(1);
+        let chosen: Vec<usize> = match rows > most {
+            true => rand::seq::index::sample(&mut rand::rng(), rows, most).into_vec(),
+            false => (0..rows).collect(),
+        };
+        chosen
+            .into_iter()
+            .flat_map(|row| (row * columns..(row + 1) * columns).map(&value))
+            .collect()
+    }
+
+    /// Appends each tracked tensor's chosen rows (row-major) to its features, and
+    /// their classes: to the reference while it is still being captured, else to the
+    /// window.
+    fn record(&self, rows: Vec<(usize, Vec<f64>)>) {
+        if rows.is_empty() {
             return;
         }
         let capture = (!self.from_file).then_some(self.card.capture);
@@ -269,12 +309,15 @@ impl DriftTracker {
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (index, values) in values {
+        for (index, values) in rows {
             let t = &self.tracked[index];
-            for (i, value) in values.iter().enumerate() {
-                let feature = t.first + i % t.columns;
+            for column in 0..t.columns {
+                let feature = t.first + column;
                 let declared = self.features[feature].declared;
-                samples.features[feature].record(*value, capture, self.card.window, declared);
+                let samples = &mut samples.features[feature];
+                for value in values.iter().skip(column).step_by(t.columns) {
+                    samples.record(*value, capture, self.card.window, declared);
+                }
             }
             if let Some((of, class)) = t.classes {
                 for row in values.chunks_exact(t.columns) {
@@ -287,10 +330,30 @@ impl DriftTracker {
     }
 }
 
+/// A reference file's rows as kept: all of them, or `most` chosen uniformly at random
+/// with a fixed seed (the same file always gives the same reference), in file order.
+fn kept_rows(rows: &[Vec<f64>], most: usize) -> Vec<&[f64]> {
+    use rand::SeedableRng;
+    if rows.len() <= most {
+        return rows.iter().map(Vec::as_slice).collect();
+    }
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(0x000D_21F7);
+    let mut chosen = rand::seq::index::sample(&mut rng, rows.len(), most).into_vec();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|i| rows[i].as_slice()).collect()
+}
+
 /// `[drift]`'s numbers, checked; errors name the key.
 fn check_card(card: &DriftCard) -> Result<(), String> {
-    if card.window == 0 || card.min_samples == 0 || card.bins < 2 {
-        return Err("drift: window and min_samples must be at least 1, bins at least 2".into());
+    if card.window == 0
+        || card.min_samples == 0
+        || card.bins < 2
+        || card.rows_per_request == Some(0)
+    {
+        return Err(
+            "drift: window, min_samples and rows_per_request must be at least 1, bins at least 2"
+                .into(),
+        );
     }
     if !(card.alpha > 0.0 && card.alpha < 1.0) {
         return Err(format!(
@@ -361,24 +424,25 @@ fn columns_of(spec: &TensorSpec) -> Option<usize> {
     }
 }
 
-/// An output's raw little-endian values as numbers; `None` for BYTES or a malformed
-/// buffer.
-fn raw_numbers(datatype: Datatype, raw: &[u8]) -> Option<Vec<f64>> {
-    fn all<T: tensor::Element>(raw: &[u8], f: impl Fn(T) -> f64) -> Option<Vec<f64>> {
-        Some(tensor::from_raw::<T>(raw)?.into_iter().map(f).collect())
+/// Element `i` of an output's raw little-endian values as a number; `None` for BYTES
+/// or past the buffer.
+fn raw_number_at(datatype: Datatype, raw: &[u8], i: usize) -> Option<f64> {
+    fn at<T: tensor::Element>(raw: &[u8], i: usize, f: impl Fn(T) -> f64) -> Option<f64> {
+        let size = std::mem::size_of::<T>();
+        Some(f(T::read_le(raw.get(i * size..(i + 1) * size)?)))
     }
     match datatype {
-        Datatype::Fp32 => all::<f32>(raw, f64::from),
-        Datatype::Fp64 => all::<f64>(raw, |x| x),
-        Datatype::Int64 => all::<i64>(raw, |x| x as f64),
-        Datatype::Int32 => all::<i32>(raw, f64::from),
-        Datatype::Int16 => all::<i16>(raw, f64::from),
-        Datatype::Int8 => all::<i8>(raw, f64::from),
-        Datatype::Uint64 => all::<u64>(raw, |x| x as f64),
-        Datatype::Uint32 => all::<u32>(raw, f64::from),
-        Datatype::Uint16 => all::<u16>(raw, f64::from),
-        Datatype::Uint8 => all::<u8>(raw, f64::from),
-        Datatype::Bool => all::<bool>(raw, |b| f64::from(u8::from(b))),
+        Datatype::Fp32 => at::<f32>(raw, i, f64::from),
+        Datatype::Fp64 => at::<f64>(raw, i, |x| x),
+        Datatype::Int64 => at::<i64>(raw, i, |x| x as f64),
+        Datatype::Int32 => at::<i32>(raw, i, f64::from),
+        Datatype::Int16 => at::<i16>(raw, i, f64::from),
+        Datatype::Int8 => at::<i8>(raw, i, f64::from),
+        Datatype::Uint64 => at::<u64>(raw, i, |x| x as f64),
+        Datatype::Uint32 => at::<u32>(raw, i, f64::from),
+        Datatype::Uint16 => at::<u16>(raw, i, f64::from),
+        Datatype::Uint8 => at::<u8>(raw, i, f64::from),
+        Datatype::Bool => at::<bool>(raw, i, |b| f64::from(u8::from(b))),
         _ => None,
     }
 }

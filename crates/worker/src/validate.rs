@@ -100,28 +100,28 @@ impl TensorData {
         self.len() == 0
     }
 
-    /// The elements as numbers (BOOL as 0 or 1; 64-bit integers past 2^53 as their
-    /// nearest double); `None` for BYTES.
-    pub fn numbers(&self) -> Option<Vec<f64>> {
-        fn all<T: Copy>(values: &[T], f: impl Fn(T) -> f64) -> Vec<f64> {
-            values.iter().map(|v| f(*v)).collect()
+    /// Element `i` as a number (BOOL as 0 or 1; 64-bit integers past 2^53 as their
+    /// nearest double); `None` for BYTES or past the end.
+    pub fn number_at(&self, i: usize) -> Option<f64> {
+        fn at<T: Copy>(values: &[T], i: usize, f: impl Fn(T) -> f64) -> Option<f64> {
+            values.get(i).map(|v| f(*v))
         }
-        Some(match self {
-            TensorData::Bool(v) => all(v, |b| f64::from(u8::from(b))),
-            TensorData::Uint8(v) => all(v, f64::from),
-            TensorData::Uint16(v) => all(v, f64::from),
-            TensorData::Uint32(v) => all(v, f64::from),
-            TensorData::Uint64(v) => all(v, |x| x as f64),
-            TensorData::Int8(v) => all(v, f64::from),
-            TensorData::Int16(v) => all(v, f64::from),
-            TensorData::Int32(v) => all(v, f64::from),
-            TensorData::Int64(v) => all(v, |x| x as f64),
-            TensorData::Fp16(v) => all(v, |x| f64::from(x.to_f32())),
-            TensorData::Bf16(v) => all(v, |x| f64::from(x.to_f32())),
-            TensorData::Fp32(v) => all(v, f64::from),
-            TensorData::Fp64(v) => v.clone(),
-            TensorData::Bytes(_) => return None,
-        })
+        match self {
+            TensorData::Bool(v) => at(v, i, |b| f64::from(u8::from(b))),
+            TensorData::Uint8(v) => at(v, i, f64::from),
+            TensorData::Uint16(v) => at(v, i, f64::from),
+            TensorData::Uint32(v) => at(v, i, f64::from),
+            TensorData::Uint64(v) => at(v, i, |x| x as f64),
+            TensorData::Int8(v) => at(v, i, f64::from),
+            TensorData::Int16(v) => at(v, i, f64::from),
+            TensorData::Int32(v) => at(v, i, f64::from),
+            TensorData::Int64(v) => at(v, i, |x| x as f64),
+            TensorData::Fp16(v) => at(v, i, |x| f64::from(x.to_f32())),
+            TensorData::Bf16(v) => at(v, i, |x| f64::from(x.to_f32())),
+            TensorData::Fp32(v) => at(v, i, f64::from),
+            TensorData::Fp64(v) => at(v, i, |x| x),
+            TensorData::Bytes(_) => None,
+        }
     }
 }
 

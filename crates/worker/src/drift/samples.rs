@@ -21,10 +21,14 @@ impl<T> Ring<T> {
     fn push(&mut self, value: T, capacity: usize) {
         if self.values.len() < capacity {
             self.values.push(value);
-        } else {
-            self.values[self.next] = value;
+        } else if let Some(slot) = self.values.get_mut(self.next) {
+            *slot = value;
         }
-        self.next = (self.next + 1) % capacity;
+        // No modulo: this runs for every value of every request.
+        self.next += 1;
+        if self.next >= capacity {
+            self.next = 0;
+        }
     }
 }
 

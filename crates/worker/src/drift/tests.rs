@@ -428,3 +428,76 @@ fn a_canary_is_compared_with_its_baseline_on_outputs_only() {
     assert_eq!(column("column 2").verdict, "ok", "always 0 on both");
     assert!(column("column 0").psi.expect("psi") > 1.0);
 }
+
+#[test]
+fn a_large_batch_records_a_random_share_of_its_rows() {
+    let tracker = |text: &str| {
+        DriftTracker::from_card(&card(text), &demo_schema(), None, Path::new(".")).expect("valid")
+    };
+    // 64 distinct rows: row r holds r in every column.
+    let batch: Vec<[f32; 4]> = (0..64).map(|r| [r as f32; 4]).collect();
+    let default = tracker("capture = 1000\nwindow = 1000");
+    default.record_inputs(&input(&batch));
+    let samples = default.samples.lock().expect("lock");
+    let reference = &samples.features[0].reference;
+    assert_eq!(reference.len(), 10, "window / 100 rows of the 64");
+    let mut distinct = reference.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 10, "10 different rows");
+    // A row is recorded whole: every column holds the same rows.
+    assert_eq!(samples.features[3].reference, *reference);
+    drop(samples);
+
+    let all = tracker("capture = 1000\nwindow = 1000\nrows_per_request = 64");
+    all.record_inputs(&input(&batch));
+    assert_eq!(
+        all.samples.lock().expect("lock").features[0]
+            .reference
+            .len(),
+        64
+    );
+    let refused = DriftTracker::from_card(
+        &card("rows_per_request = 0"),
+        &demo_schema(),
+        None,
+        Path::new("."),
+    )
+    .expect_err("refused");
+    assert!(
+        refused.contains("rows_per_request must be at least 1"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_large_reference_file_is_sampled_down_the_same_way_every_time() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rows: Vec<[f64; 4]> = (0..5000).map(|r| [f64::from(r); 4]).collect();
+    std::fs::write(
+        dir.path().join("reference.json"),
+        serde_json::json!({ "input": rows }).to_string(),
+    )
+    .expect("write reference");
+    let reference = || {
+        let tracker = DriftTracker::from_card(
+            &card("reference = \"reference.json\"\ncapture = 1000"),
+            &demo_schema(),
+            None,
+            dir.path(),
+        )
+        .expect("valid");
+        let samples = tracker.samples.lock().expect("lock");
+        samples.features[0].reference.clone()
+    };
+    let first = reference();
+    assert_eq!(first.len(), 1000);
+    assert!(
+        first.windows(2).all(|w| w[0] < w[1]),
+        "distinct rows, in file order"
+    );
+    assert!(
+        first[999] > 4000.0,
+        "drawn from the whole file, not its start"
+    );
+    assert_eq!(reference(), first, "the same file, the same reference");
+}
