@@ -5,7 +5,8 @@
 //! the inputs, shows drift, in `ctl drift` too, and the data watch audits the crossing
 //! and the values flag-mode rules let through. A rollout gated on output drift is
 //! rolled back when the canary answers differently from the baseline on the same
-//! traffic, with the numbers in its decision, and promoted when it does not.
+//! traffic, with the numbers in its decision, and promoted when it does not. A split
+//! worker (`aviary worker`) tracks drift the same way and audits the crossing.
 
 mod support;
 
@@ -327,5 +328,62 @@ fn a_canary_whose_outputs_drift_from_the_baselines_is_rolled_back() {
     assert_eq!(
         routes["weight"], 100,
         "the baseline has all the traffic again"
+    );
+}
+
+#[test]
+fn a_split_worker_tracks_drift_and_audits_the_crossing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = dir.path().join("models");
+    demo_version(
+        &models,
+        "1",
+        "1",
+        "[drift]\ncapture = 500\nwindow = 500\nmin_samples = 300\nrows_per_request = 10\n",
+    );
+    let trail = dir.path().join("trail");
+    let (mut worker, addr) = start_worker_args(
+        &models,
+        1,
+        &[
+            "--audit-dir",
+            trail.to_str().expect("utf-8 path"),
+            "--data-watch-interval-ms",
+            "100",
+        ],
+    );
+    let metrics = worker.wait_address("aviary: metrics listening on ");
+    let mut rng = SmallRng::seed_from_u64(3);
+    send(&addr, &mut rng, 50, [0.0; 4], "1");
+    send(&addr, &mut rng, 50, [0.0, 0.0, 0.0, 1.0], "1");
+    let samples = parse_samples(&scrape(metrics).2);
+    let drift = |feature: &str| {
+        samples
+            .get(&format!(
+                "aviary_drift{{model=\"demo\",version=\"1\",side=\"input\",tensor=\"input\",feature=\"{feature}\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(drift("column 3"), Some(1.0), "the shifted feature");
+    assert_eq!(drift("column 0"), Some(0.0));
+    let crossed = |records: &[Value]| {
+        records.iter().any(|r| {
+            r["kind"] == "data"
+                && r["action"] == "drift"
+                && r["actor"] == "data-watch"
+                && r["after"]["feature"] == "column 3"
+        })
+    };
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(trail.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || crossed(&read())),
+        "{:#?}",
+        read()
     );
 }

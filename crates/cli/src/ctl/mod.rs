@@ -387,12 +387,13 @@ impl From<tonic::Status> for CtlError {
 }
 
 /// The server's status as a `CtlError`, with tonic's bare "unimplemented" (the server
-/// does not serve that admin service) replaced by `hint`: what to do instead.
+/// does not serve that admin service; no message) replaced by `hint`: what to do
+/// instead. An UNIMPLEMENTED with a message of the server's own says it better.
 fn unserved(hint: &'static str) -> impl Fn(tonic::Status) -> CtlError {
     move |status| CtlError::Status {
         code: status.code(),
         message: match status.code() {
-            tonic::Code::Unimplemented => hint.to_owned(),
+            tonic::Code::Unimplemented if status.message().is_empty() => hint.to_owned(),
             _ => status.message().to_owned(),
         },
     }
