@@ -2,13 +2,16 @@
 //! front of a remote worker: a value outside its feature's range, not among its
 //! allowed values, NaN or infinite is refused with INVALID_ARGUMENT naming the input,
 //! feature, row, value and rule; in flag mode it is served and counted on `/metrics`;
-//! the rules are served in `ModelConfig`.
+//! the rules are served in `ModelConfig`. A route's `input_rules_mode` overrides the
+//! cards' mode, and a client cannot choose it.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 
-use aviary::pb::inference::{ModelConfigRequest, ModelInferRequest};
+use aviary::pb::inference::{
+    InferParameter, ModelConfigRequest, ModelInferRequest, infer_parameter::ParameterChoice,
+};
 use support::*;
 use tonic::Code;
 
@@ -202,5 +205,96 @@ fn flag_mode_serves_and_counts_each_broken_rule_per_feature() {
             row("petal_width", "0.1", "10.0", "-"),
         ],
         "{shown}"
+    );
+}
+
+/// Every case of [`cases`] served at `addr`; the request `tweak` changes first.
+fn assert_served(addr: &str, tweak: impl Fn(&mut ModelInferRequest)) {
+    runtime().block_on(async {
+        let mut client = client(connect(addr).await);
+        for (rows, _) in cases() {
+            let mut request = request(&rows);
+            tweak(&mut request);
+            client
+                .model_infer(request)
+                .await
+                .unwrap_or_else(|status| panic!("{rows:?} served: {status:?}"));
+        }
+    });
+}
+
+/// The route's input-rule mode parameter set to `mode` on a request, as a client might.
+fn with_mode(request: &mut ModelInferRequest, mode: &str) {
+    request.parameters.insert(
+        "aviary_input_rules_mode".into(),
+        InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam(mode.into())),
+        },
+    );
+}
+
+#[test]
+fn a_routes_mode_overrides_the_cards_and_a_client_cannot_choose_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = models(dir.path(), "reject");
+    let (_worker, worker) = start_worker_args(&models, 1, &[]);
+    let flagged = Served::start(
+        &format!(
+            "[repository]\npath = \"{}\"\ninstances = 1\n\n\
+             [routes.demo]\ninput_rules_mode = \"flag\"\n\
+             versions = [ {{ version = \"1\", weight = 1 }} ]\n",
+            models.display()
+        ),
+        &[],
+    );
+    let flagged_remote = Served::gateway(
+        &format!(
+            "[routes.demo]\ninput_rules_mode = \"flag\"\n\
+             versions = [ {{ version = \"1\", weight = 1, endpoint = \"{worker}\" }} ]\n"
+        ),
+        &[],
+    );
+    // The route flags what the cards (reject) would refuse, embedded and remote, and a
+    // client cannot turn it back to reject either.
+    for addr in [&flagged.addr, &flagged_remote.addr] {
+        assert_served(addr, |_| {});
+        assert_served(addr, |r| with_mode(r, "reject"));
+    }
+
+    // Without a route mode, the card's holds whatever the client sends.
+    let plain = Served::gateway(
+        &format!(
+            "[routes.demo]\nversions = [ {{ version = \"1\", weight = 1, endpoint = \"{worker}\" }} ]\n"
+        ),
+        &[],
+    );
+    let status = runtime().block_on(async {
+        let mut request = request(&cases()[0].0);
+        with_mode(&mut request, "flag");
+        client(connect(&plain.addr).await)
+            .model_infer(request)
+            .await
+            .expect_err("the card's reject mode holds")
+    });
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::InvalidArgument, cases()[0].1)
+    );
+
+    // A worker takes the mode from its gateway; a value it does not know is refused.
+    let status = runtime().block_on(async {
+        let mut request = request(&[GOOD]);
+        with_mode(&mut request, "warn");
+        client(connect(&worker).await)
+            .model_infer(request)
+            .await
+            .expect_err("refused")
+    });
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::InvalidArgument,
+            r#"parameter "aviary_input_rules_mode": "warn" is not an input-rule mode (reject, flag)"#
+        )
     );
 }

@@ -623,6 +623,10 @@ pub struct RouteConfig {
     /// Answer repeated requests from the prediction cache (absent: never cached).
     #[serde(default)]
     pub cache: Option<RouteCacheConfig>,
+    /// What a request breaking its version's model-card input rules gets on this route,
+    /// over the card's own `mode`: `reject` or `flag` (absent: each card's).
+    #[serde(default)]
+    pub input_rules_mode: Option<aviary_worker::input_rules::RuleMode>,
 }
 
 /// A route's fallback.
@@ -1208,6 +1212,27 @@ mod tests {
         assert!(err.contains("wieght"), "{err}");
         assert!(err.starts_with("line 2, column"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn a_routes_input_rules_mode_is_reject_or_flag() {
+        let config = Config::parse(
+            "[routes.demo]\ninput_rules_mode = \"flag\"\nversions = [ { version = \"1\", weight = 1 } ]\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.routes["demo"].input_rules_mode,
+            Some(aviary_worker::input_rules::RuleMode::Flag)
+        );
+        let err = Config::parse(
+            "[routes.demo]\ninput_rules_mode = \"warn\"\nversions = [ { version = \"1\", weight = 1 } ]\n",
+        )
+        .expect_err("an unknown mode");
+        assert!(
+            err.contains("unknown variant `warn`, expected `reject` or `flag`"),
+            "{err}"
+        );
+        assert!(err.starts_with("line 2, column"), "{err}");
     }
 
     #[test]

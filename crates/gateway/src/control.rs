@@ -283,7 +283,8 @@ impl Control {
         let mut route = route;
         // The admin API sets versions, weights and the limits it names; a route's
         // sticky key, match rules, shadow, fallback, dead letters, default prediction, cache,
-        // injected faults and the limits the request leaves out stay as they are.
+        // input-rule mode, injected faults and the limits the request leaves out stay as
+        // they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
             route.shadow = route.shadow.or_else(|| existing.shadow.clone());
@@ -292,6 +293,7 @@ impl Control {
             route.dead_letters = existing.dead_letters;
             route.default_prediction = existing.default_prediction;
             route.cache_ttl = existing.cache_ttl;
+            route.input_rules_mode = existing.input_rules_mode;
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
             }

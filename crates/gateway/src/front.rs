@@ -270,6 +270,7 @@ impl Front {
         let default_shape = route
             .filter(|r| r.default_prediction)
             .map(|_| DefaultShape::of(&request));
+        apply_input_rules_mode(&mut request, route.and_then(|r| r.input_rules_mode));
         let mut result = self.call(&routing, request, deadline).await;
         let code = result
             .as_ref()
@@ -455,6 +456,32 @@ impl Front {
                 version: version.to_owned(),
                 routable: route.versions().map(|(v, _)| v.to_owned()).collect(),
             }))
+        }
+    }
+}
+
+/// Sets the route's input-rule mode on a request for its version's worker, or removes
+/// a mode the client sent: only the gateway's routes choose it.
+fn apply_input_rules_mode(
+    request: &mut ModelInferRequest,
+    mode: Option<aviary_worker::input_rules::RuleMode>,
+) {
+    use aviary_worker::input_rules::MODE_PARAMETER;
+    match mode {
+        Some(mode) => {
+            request.parameters.insert(
+                MODE_PARAMETER.to_owned(),
+                InferParameter {
+                    parameter_choice: Some(
+                        aviary::pb::inference::infer_parameter::ParameterChoice::StringParam(
+                            mode.as_str().to_owned(),
+                        ),
+                    ),
+                },
+            );
+        }
+        None => {
+            request.parameters.remove(MODE_PARAMETER);
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Route {
     /// How long an answer of this route is served from the prediction cache; `None`:
     /// the route is not cached.
     pub cache_ttl: Option<Duration>,
+    /// The input-rule mode its versions apply over their cards'; `None`: each card's.
+    pub input_rules_mode: Option<aviary_worker::input_rules::RuleMode>,
 }
 
 /// One version of a route.
@@ -97,6 +99,7 @@ impl From<&RouteConfig> for Route {
             dead_letters: config.dead_letters,
             default_prediction: config.default_prediction,
             cache_ttl: config.cache.map(|c| Duration::from_millis(c.ttl_ms)),
+            input_rules_mode: config.input_rules_mode,
         }
     }
 }

@@ -49,6 +49,32 @@ pub enum RuleMode {
     Flag,
 }
 
+/// The request parameter through which a gateway applies its route's mode
+/// (`input_rules_mode` in the route's config) over the card's: `"reject"` or `"flag"`.
+/// A gateway sets or removes it on every request it forwards, so a client cannot.
+pub const MODE_PARAMETER: &str = "aviary_input_rules_mode";
+
+impl RuleMode {
+    /// The mode a [`MODE_PARAMETER`] value names; errors name the parameter.
+    pub fn from_parameter(value: &str) -> Result<RuleMode, String> {
+        match value {
+            "reject" => Ok(RuleMode::Reject),
+            "flag" => Ok(RuleMode::Flag),
+            other => Err(format!(
+                "parameter \"{MODE_PARAMETER}\": \"{other}\" is not an input-rule mode (reject, flag)"
+            )),
+        }
+    }
+
+    /// The parameter's value for the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleMode::Reject => "reject",
+            RuleMode::Flag => "flag",
+        }
+    }
+}
+
 /// Whether a NaN (or an infinity) is a valid value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -328,6 +354,15 @@ impl InputRules {
     /// first kept as the latest example, and `None` returned. A feature vector whose last dimension is not the number of
     /// declared features is an error in either mode (the rules cannot apply).
     pub fn check(&self, inputs: &[InputTensor]) -> Result<Option<Violation>, String> {
+        self.check_as(inputs, self.mode)
+    }
+
+    /// [`check`](Self::check) in `mode` instead of the card's (a route's override).
+    pub fn check_as(
+        &self,
+        inputs: &[InputTensor],
+        mode: RuleMode,
+    ) -> Result<Option<Violation>, String> {
         let ruled: Vec<(&InputRule, &InputTensor)> = self
             .inputs
             .iter()
@@ -347,8 +382,8 @@ impl InputRules {
         }
         let mut flagged = None;
         for (rule, tensor) in ruled {
-            if let Some(violation) = rule.check(&tensor.data, self.mode) {
-                if self.mode == RuleMode::Reject {
+            if let Some(violation) = rule.check(&tensor.data, mode) {
+                if mode == RuleMode::Reject {
                     return Ok(Some(violation));
                 }
                 flagged.get_or_insert(violation);

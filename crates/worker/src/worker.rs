@@ -31,7 +31,8 @@ use crate::{
     DefaultPrediction, WorkerError,
     admission::{Admission, TensorLimits},
     catalog::Catalog,
-    default_prediction, input_rules,
+    default_prediction,
+    input_rules::{self, MODE_PARAMETER, RuleMode},
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
     model::{FINGERPRINT_PARAMETER, SessionOptions},
     repository,
@@ -138,6 +139,21 @@ impl Worker {
     }
 }
 
+/// The input-rule mode a gateway's route sets on the request, if any.
+fn mode_of(request: &ModelInferRequest) -> Result<Option<RuleMode>, WorkerError> {
+    let Some(parameter) = request.parameters.get(MODE_PARAMETER) else {
+        return Ok(None);
+    };
+    match &parameter.parameter_choice {
+        Some(ParameterChoice::StringParam(value)) => RuleMode::from_parameter(value)
+            .map(Some)
+            .map_err(WorkerError::invalid),
+        _ => Err(WorkerError::invalid(format!(
+            "parameter \"{MODE_PARAMETER}\": must be a string (reject, flag)"
+        ))),
+    }
+}
+
 /// Validates and runs one inference on `slot`, whatever version the request names,
 /// unless its `deadline` passes before a session is free. A caller holding the slot
 /// can use it even after the version is unloaded.
@@ -159,8 +175,9 @@ pub async fn infer_on(
         let validated = checked.decode()?;
         if let Some(rules) = &model.input_rules {
             // Flag mode counts and serves; reject mode refuses the first broken rule.
+            let mode = mode_of(&request)?.unwrap_or(rules.mode());
             if let Some(violation) = rules
-                .check(&validated.inputs)
+                .check_as(&validated.inputs, mode)
                 .map_err(WorkerError::invalid)?
             {
                 return Err(WorkerError::invalid(violation.to_string()));
