@@ -5,8 +5,10 @@
 //! the inputs, shows drift, in `ctl drift` too, and the data watch audits the crossing
 //! and the values flag-mode rules let through. A rollout gated on output drift is
 //! rolled back when the canary answers differently from the baseline on the same
-//! traffic, with the numbers in its decision, and promoted when it does not. A split
-//! worker (`aviary worker`) tracks drift the same way and audits the crossing.
+//! traffic, with the numbers in its decision, and promoted when it does not; one that
+//! pauses on input drift holds while that is unmeasured and pauses, naming the
+//! features, once traffic moves. A split worker (`aviary worker`) tracks drift the same
+//! way and audits the crossing.
 
 mod support;
 
@@ -97,7 +99,7 @@ fn one_shifted_feature_drifts_and_the_others_do_not() {
         "1",
         &format!(
             "[input_rules]\nmode = \"flag\"\n[input_rules.inputs.input]\nfeatures = [{}, {{ name = \"petal_width\", min = 0.0, max = 3.0 }}]\n\n\
-             [drift]\ncapture = 1000\nwindow = 1000\nmin_samples = 500\n",
+             [drift]\ncapture = 1000\nwindow = 1000\nmin_samples = 500\nclasses = [\"label\"]\n",
             names[..3].join(", ")
         ),
     );
@@ -188,13 +190,6 @@ fn one_shifted_feature_drifts_and_the_others_do_not() {
         }),
         "{:#?}",
         audit_records(&served, "data")
-    );
-    let records = audit_records(&served, "data");
-    assert!(
-        records.iter().all(|r| r["action"] != "drift"
-            || r["after"]["side"] != "input"
-            || r["after"]["feature"] == "petal_length"),
-        "only petal_length crossed among the inputs: {records:#?}"
     );
     // Every value flagged so far (counted on /metrics) is audited, once.
     let violations = parse_samples(&scrape(served.metrics_addr()).2)
@@ -385,5 +380,139 @@ fn a_split_worker_tracks_drift_and_audits_the_crossing() {
         eventually(Duration::from_secs(30), || crossed(&read())),
         "{:#?}",
         read()
+    );
+}
+
+#[test]
+fn a_rollout_pauses_when_traffic_drifts_from_the_versions_references() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = dir.path().join("models");
+    let drift = "[drift]\ncapture = 300\nwindow = 300\nmin_samples = 300\nrows_per_request = 10\n";
+    demo_version(&models, "1", "1", drift);
+    demo_version(&models, "1", "3", drift);
+    let served = Served::start(
+        &format!(
+            "[repository]\npath = \"{}\"\ninstances = 1\n\n\
+             [routes.demo]\nversions = [ {{ version = \"1\", weight = 100 }}, {{ version = \"3\", weight = 0 }} ]\n\n\
+             [rollouts]\nevaluate_interval_ms = 100\n",
+            models.display()
+        ),
+        &[],
+    );
+    let mut rng = SmallRng::seed_from_u64(11);
+    // Each version's reference: 300 rows of the usual traffic.
+    send(&served.addr, &mut rng, 30, [0.0; 4], "1");
+    send(&served.addr, &mut rng, 30, [0.0; 4], "3");
+    served
+        .ctl(&[
+            "rollout",
+            "start",
+            "demo",
+            "--canary",
+            "3",
+            "--baseline",
+            "1",
+            "--steps",
+            "50,100",
+            "--step-duration",
+            "0",
+            "--step-requests",
+            "100000",
+            "--pause-on-input-drift",
+        ])
+        .ok();
+    let status = || served.ctl(&["rollout", "status", "demo", "--json"]).json();
+    assert!(
+        status()["waiting_for"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|b| b
+                .as_str()
+                .is_some_and(|b| b.starts_with("input drift not measured yet")))),
+        "{:#}",
+        status()
+    );
+    // Then petal_length moves by two standard deviations, on both versions.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let paused = loop {
+        send(&served.addr, &mut rng, 20, [0.0, 0.0, 2.0, 0.0], "");
+        let now = status();
+        if now["state"] == "paused" {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never paused: {now:#}"
+        );
+    };
+    let decision = paused["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .expect("a decision")
+        .clone();
+    let reason = decision["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(
+            "paused at step 1/2 (canary 50%): input drift makes the comparison unreliable: "
+        ) && reason.contains("canary input input/column 2: p ")
+            && reason.contains("baseline input input/column 2: p "),
+        "{decision:#}"
+    );
+    assert!(decision["numbers"]["input_drift_features"].as_f64() >= Some(2.0));
+    assert_eq!(
+        served.route_entry("demo", "3")["weight"],
+        50,
+        "held where it was"
+    );
+}
+
+#[test]
+fn data_gates_are_refused_where_they_could_never_be_measured() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = dir.path().join("models");
+    demo_version(&models, "1", "1", "");
+    demo_version(&models, "2", "2", "[drift]\n");
+    let (_worker, worker) = start_worker_args(&models, 1, &[]);
+    let start = |served: &Served, gate: &str| {
+        served.ctl(&[
+            "rollout",
+            "start",
+            "demo",
+            "--canary",
+            "2",
+            "--baseline",
+            "1",
+            "--steps",
+            "50,100",
+            gate,
+        ])
+    };
+    // A gateway with no embedded worker reads no drift tracking.
+    let remote = Served::gateway(
+        &format!(
+            "[routes.demo]\nversions = [ {{ version = \"1\", weight = 100, endpoint = \"{worker}\" }}, {{ version = \"2\", weight = 0, endpoint = \"{worker}\" }} ]\n"
+        ),
+        &[],
+    );
+    let refused = start(&remote, "--pause-on-input-drift").failed();
+    assert!(
+        refused.stderr.contains("gates.pause_on_input_drift: needs the versions' drift tracking, which only a gateway with an embedded worker (aviary serve) reads"),
+        "{refused:?}"
+    );
+    // Embedded: version 1's card has no [drift].
+    let embedded = Served::start(
+        &format!(
+            "[repository]\npath = \"{}\"\ninstances = 1\n\n[routes.demo]\nversions = [ {{ version = \"1\", weight = 100 }}, {{ version = \"2\", weight = 0 }} ]\n",
+            models.display()
+        ),
+        &[],
+    );
+    let refused = start(&embedded, "--min-output-ks-p=0.01").failed();
+    assert!(
+        refused.stderr.contains("gates.min_output_ks_p: version \"1\" of model \"demo\" is not loaded with drift tracking; add [drift] to its model.toml or remove this gate"),
+        "{refused:?}"
+    );
+    assert!(
+        !refused.stderr.contains("version \"2\""),
+        "version 2 tracks drift: {refused:?}"
     );
 }

@@ -83,16 +83,22 @@ impl DataEvent {
     }
 }
 
-/// What the watch saw last time: the violation counts of each flag-mode version.
+/// Which loaded copy of a version counts are about (model, version, when it loaded):
+/// a reloaded copy counts from zero.
+type LoadedCopy = (String, String, std::time::SystemTime);
+
+/// What the watch saw last time: the violation counts of each flag-mode version's
+/// loaded copy, by input, feature and rule.
 #[derive(Debug, Default)]
 pub struct DataWatch {
-    seen: BTreeMap<(String, String, String, String, &'static str), u64>,
+    seen: BTreeMap<LoadedCopy, BTreeMap<(String, String, &'static str), u64>>,
 }
 
 impl DataWatch {
     /// What changed in `worker` since the last look (the first look: since load).
     pub fn look(&mut self, worker: &Worker) -> Vec<DataEvent> {
         let mut events = Vec::new();
+        let mut seen = BTreeMap::new();
         for (model, version, loaded) in worker.loaded() {
             if let Some(drift) = &loaded.drift {
                 events.extend(drift.changes().into_iter().map(|feature| DataEvent::Drift {
@@ -108,26 +114,27 @@ impl DataWatch {
             else {
                 continue;
             };
-            let mut counts = Vec::new();
-            for (input, feature, broken, count) in rules.counts() {
-                let key = (
-                    model.clone(),
-                    version.clone(),
-                    input.to_owned(),
-                    feature.to_owned(),
-                    broken.label(),
-                );
-                let before = self.seen.insert(key, count).unwrap_or(0);
-                // A reloaded version counts from zero again.
-                let new = if count >= before {
-                    count - before
-                } else {
-                    count
-                };
-                if new > 0 {
-                    counts.push((input.to_owned(), feature.to_owned(), broken.label(), new));
-                }
-            }
+            // Keyed by the running copy: a reloaded version's counts start again at 0.
+            let copy: LoadedCopy = (model.clone(), version.clone(), loaded.loaded_at);
+            let before = self.seen.remove(&copy).unwrap_or_default();
+            let now: BTreeMap<_, _> = rules
+                .counts()
+                .into_iter()
+                .map(|(input, feature, broken, count)| {
+                    (
+                        (input.to_owned(), feature.to_owned(), broken.label()),
+                        count,
+                    )
+                })
+                .collect();
+            let counts: Vec<_> = now
+                .iter()
+                .filter_map(|(key, count)| {
+                    let new = count - before.get(key).copied().unwrap_or(0).min(*count);
+                    (new > 0).then(|| (key.0.clone(), key.1.clone(), key.2, new))
+                })
+                .collect();
+            seen.insert(copy, now);
             if !counts.is_empty() {
                 events.push(DataEvent::Flagged {
                     model: model.clone(),
@@ -137,6 +144,8 @@ impl DataWatch {
                 });
             }
         }
+        // Copies no longer loaded are forgotten.
+        self.seen = seen;
         events
     }
 }
@@ -167,8 +176,12 @@ pub async fn run(
             })
             .await
         };
-        let Ok((kept, events)) = looked else {
-            return;
+        let (kept, events) = match looked {
+            Ok(looked) => looked,
+            Err(error) => {
+                tracing::error!(%error, "the data watch failed and stopped");
+                return;
+            }
         };
         watch = kept;
         for event in &events {

@@ -1,25 +1,27 @@
 //! Drift of a version's inputs and outputs from a reference (`[drift]` in its model
 //! card): per feature, the most recent `window` values of live traffic against a
 //! reference sample, by the two-sample Kolmogorov–Smirnov test and the Population
-//! Stability Index; per classifier output, its predicted classes by a chi-square test;
-//! Benjamini–Hochberg across every test of the version. Values outside the reference's
-//! [p0.1, p99.9] (in flag mode, outside the range the input rules declare) are
-//! outliers, counted per feature.
+//! Stability Index; per output the card lists in `classes`, its predicted classes by a
+//! chi-square test; Benjamini–Hochberg across every test of the version. Values outside
+//! the reference's [p0.1, p99.9] (in flag mode, outside the range the input rules
+//! declare) are outliers, counted per feature.
 //!
 //! A feature is one position along the last axis of a numeric tensor with a fixed last
-//! dimension (a rank-1 tensor is one feature, each element a value); tensors with a
-//! variable last dimension, and BYTES, are not tracked (the report lists what is). A
-//! classifier output is a floating-point output of two or more columns (its class is
-//! the row's largest) or an integer output of one (its class is the value). The
-//! reference is a JSON file beside the model (`{"<tensor>": [[row], ...]}`), or the
-//! first `capture` rows of traffic after the version loads. Memory is bounded: at most
-//! `capture` reference values (a larger file is sampled down, with a fixed seed) plus
-//! `window` values per feature.
+//! dimension, or one the input rules declare (otherwise a rank-1 tensor is one
+//! feature, each element a value); tensors with a variable last dimension, and BYTES,
+//! are not tracked (the report lists what is). A class output is a floating-point
+//! output of two or more columns (its class is the row's largest) or an integer output
+//! of one (its class is the value; its values are not KS-tested). The reference of a
+//! tensor is read from a JSON file beside the model (`{"<tensor>": [[row], ...]}`), or,
+//! for a tensor the file leaves out or without a file, is the first `capture` rows of
+//! traffic after the version loads. Memory is bounded: at most `capture` reference
+//! values (a larger file is sampled down, with a fixed seed) plus `window` values per
+//! feature, and a request records at most `rows_per_request` rows.
 //!
-//! Recording is one lock per request and a copy of its values; the tests run when a
-//! report is asked for (`/metrics`, the admin API, the drift watch, a rollout's
-//! evaluation), on a snapshot taken under the lock. `assess` holds the tests, `samples`
-//! what is kept.
+//! Recording takes one lock for a request's inputs and one for its outputs, after
+//! converting the rows it keeps; the tests run when a report is asked for (`/metrics`,
+//! the admin API, the data watch, a rollout's evaluation), on a snapshot taken under
+//! the lock. `assess` holds the tests, `samples` what is kept.
 
 mod assess;
 mod samples;
@@ -65,6 +67,11 @@ pub struct DriftCard {
     /// Reference-quantile bins of the PSI.
     #[serde(default = "default_bins")]
     pub bins: usize,
+    /// Outputs whose rows are predicted classes, tested by chi-square on their class
+    /// counts: a floating-point output of 2 or more columns (the class is the row's
+    /// largest) or an integer output of 1 (the class is the value, not KS-tested).
+    #[serde(default)]
+    pub classes: Vec<String>,
     /// Rows of one request recorded at most, chosen at random when it has more
     /// (default: `window / 100`, at least 1): one large batch cannot fill the window
     /// (or the captured reference) by itself, and recording stays cheap per request.
@@ -129,8 +136,13 @@ struct Tracked {
     tensor: String,
     first: usize,
     columns: usize,
-    /// How a row becomes a class, and which class samples count it.
+    /// How a row becomes a class, and which class samples count it (an output the
+    /// card lists in `classes`).
     classes: Option<(ClassOf, usize)>,
+    /// Whether its values are tested feature by feature (all but integer labels).
+    values_tested: bool,
+    /// Whether its reference came from the card's file (else it is captured).
+    from_file: bool,
 }
 
 /// A version's drift tracking.
@@ -139,17 +151,15 @@ pub struct DriftTracker {
     card: DriftCard,
     features: Vec<Feature>,
     tracked: Vec<Tracked>,
-    /// Whether the reference came from a file (else it is being captured).
-    from_file: bool,
     samples: Mutex<Samples>,
     /// Which tests drifted when [`changes`](Self::changes) last looked.
     drifting: Mutex<Vec<bool>>,
 }
 
 impl DriftTracker {
-    /// Tracking for a version: its features from `schema` (named by `rules` where they
-    /// name them), its reference from the card's file in `folder` or from traffic.
-    /// Errors name the card key.
+    /// Tracking for a version: its features from `schema` (named, and counted, by
+    /// `rules` where they declare features), its reference from the card's file in
+    /// `folder` or from traffic. Errors name the card key.
     pub fn from_card(
         card: &DriftCard,
         schema: &ModelSchema,
@@ -165,67 +175,69 @@ impl DriftTracker {
             (Side::Output, &schema.outputs),
         ] {
             for spec in specs {
-                let Some(columns) = columns_of(spec) else {
+                let declared = rules
+                    .filter(|_| side == Side::Input)
+                    .and_then(|r| r.inputs.get(&spec.name))
+                    .map(|input| input.features.len())
+                    .filter(|n| *n > 0 && spec.datatype != Datatype::Bytes);
+                let Some(columns) = declared.or_else(|| columns_of(spec)) else {
                     continue;
                 };
-                let class_of = (side == Side::Output)
-                    .then(|| ClassOf::of(spec.datatype, columns))
-                    .flatten()
-                    .map(|of| {
+                let class_of = match card.classes.contains(&spec.name) {
+                    true if side == Side::Output => {
+                        let of = ClassOf::of(spec.datatype, columns).ok_or_else(|| {
+                            format!(
+                                "drift.classes: output \"{}\" ({} with {columns} values a row) has no classes: a floating-point output of 2 or more columns, or an integer output of 1, has",
+                                spec.name,
+                                spec.datatype.as_str()
+                            )
+                        })?;
                         classes += 1;
-                        (of, classes - 1)
-                    });
+                        Some((of, classes - 1))
+                    }
+                    _ => None,
+                };
+                // An integer label's values are its classes: the chi-square says it all.
+                let values_tested = !matches!(class_of, Some((ClassOf::Value, _)));
                 tracked.push(Tracked {
                     side,
                     tensor: spec.name.clone(),
                     first: features.len(),
                     columns,
                     classes: class_of,
+                    values_tested,
+                    from_file: false,
                 });
-                features.extend(features_of(side, spec, columns, rules));
+                if values_tested {
+                    features.extend(features_of(side, spec, columns, rules));
+                }
+            }
+        }
+        for (i, name) in card.classes.iter().enumerate() {
+            if !tracked
+                .iter()
+                .any(|t| t.classes.is_some() && t.tensor == *name)
+            {
+                return Err(format!(
+                    "drift.classes[{i}]: \"{name}\" is not a tracked output of the model"
+                ));
             }
         }
         let mut samples = Samples::new(features.len(), classes);
-        let from_file = match &card.reference {
-            Some(file) => {
-                let path = folder.join(file);
-                let error =
-                    |e: &dyn std::fmt::Display| format!("drift.reference: {}: {e}", path.display());
-                let text = std::fs::read_to_string(&path).map_err(|e| error(&e))?;
-                let rows: BTreeMap<String, Vec<Vec<f64>>> =
-                    serde_json::from_str(&text).map_err(|e| error(&e))?;
-                for (name, values) in rows {
-                    let Some(t) = tracked.iter().find(|t| t.tensor == name) else {
-                        return Err(error(&format!(
-                            "\"{name}\" is not a tracked tensor of the model"
-                        )));
-                    };
-                    for (r, row) in values.iter().enumerate() {
-                        if row.len() != t.columns {
-                            return Err(error(&format!(
-                                "\"{name}\" row {r} has {} values for {} features",
-                                row.len(),
-                                t.columns
-                            )));
-                        }
-                    }
-                    for row in kept_rows(&values, card.capture) {
-                        samples.add_reference_row(t.first, row, t.classes);
-                    }
-                }
-                for (i, feature) in features.iter().enumerate() {
-                    samples.features[i].settle_bounds(feature.declared);
-                }
-                true
-            }
-            None => false,
-        };
+        if let Some(file) = &card.reference {
+            load_reference(
+                card,
+                &folder.join(file),
+                &mut tracked,
+                &features,
+                &mut samples,
+            )?;
+        }
         let tests = features.len() + classes;
         Ok(DriftTracker {
             card: card.clone(),
             features,
             tracked,
-            from_file,
             samples: Mutex::new(samples),
             drifting: Mutex::new(vec![false; tests]),
         })
@@ -304,14 +316,14 @@ impl DriftTracker {
         if rows.is_empty() {
             return;
         }
-        let capture = (!self.from_file).then_some(self.card.capture);
         let mut samples = self
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (index, values) in rows {
             let t = &self.tracked[index];
-            for column in 0..t.columns {
+            let capture = (!t.from_file).then_some(self.card.capture);
+            for column in (0..t.columns).filter(|_| t.values_tested) {
                 let feature = t.first + column;
                 let declared = self.features[feature].declared;
                 let samples = &mut samples.features[feature];
@@ -330,6 +342,62 @@ impl DriftTracker {
     }
 }
 
+/// Reads the card's reference file into `samples`: each tensor it holds is taken from
+/// it (and marked so in `tracked`), the others are captured from traffic. Errors name
+/// the key, the file, and the tensor and row at fault.
+fn load_reference(
+    card: &DriftCard,
+    path: &Path,
+    tracked: &mut [Tracked],
+    features: &[Feature],
+    samples: &mut Samples,
+) -> Result<(), String> {
+    let error = |e: &dyn std::fmt::Display| format!("drift.reference: {}: {e}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| error(&e))?;
+    let rows: BTreeMap<String, Vec<Vec<f64>>> =
+        serde_json::from_str(&text).map_err(|e| error(&e))?;
+    for (name, values) in rows {
+        let Some(t) = tracked.iter_mut().find(|t| t.tensor == name) else {
+            return Err(error(&format!(
+                "\"{name}\" is not a tracked tensor of the model"
+            )));
+        };
+        for (r, row) in values.iter().enumerate() {
+            if row.len() != t.columns {
+                return Err(error(&format!(
+                    "\"{name}\" row {r} has {} values for {} features",
+                    row.len(),
+                    t.columns
+                )));
+            }
+            if matches!(t.classes, Some((ClassOf::Value, _))) && row[0].fract() != 0.0 {
+                return Err(error(&format!(
+                    "\"{name}\" row {r}: {} is not a class (an integer)",
+                    row[0]
+                )));
+            }
+        }
+        if values.len() < card.min_samples {
+            return Err(error(&format!(
+                "\"{name}\" has {} rows, fewer than min_samples ({}): it could never be judged",
+                values.len(),
+                card.min_samples
+            )));
+        }
+        t.from_file = true;
+        let first = t.values_tested.then_some(t.first);
+        for row in kept_rows(&values, card.capture) {
+            samples.add_reference_row(first, row, t.classes);
+        }
+        if t.values_tested {
+            for (i, feature) in features.iter().enumerate().skip(t.first).take(t.columns) {
+                samples.features[i].settle_bounds(feature.declared);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A reference file's rows as kept: all of them, or `most` chosen uniformly at random
 /// with a fixed seed (the same file always gives the same reference), in file order.
 fn kept_rows(rows: &[Vec<f64>], most: usize) -> Vec<&[f64]> {
@@ -345,15 +413,28 @@ fn kept_rows(rows: &[Vec<f64>], most: usize) -> Vec<&[f64]> {
 
 /// `[drift]`'s numbers, checked; errors name the key.
 fn check_card(card: &DriftCard) -> Result<(), String> {
-    if card.window == 0
-        || card.min_samples == 0
-        || card.bins < 2
-        || card.rows_per_request == Some(0)
-    {
-        return Err(
-            "drift: window, min_samples and rows_per_request must be at least 1, bins at least 2"
-                .into(),
-        );
+    for (key, value) in [
+        ("capture", card.capture),
+        ("window", card.window),
+        ("min_samples", card.min_samples),
+    ] {
+        if value == 0 {
+            return Err(format!("drift.{key}: must be at least 1"));
+        }
+    }
+    if card.rows_per_request == Some(0) {
+        return Err("drift.rows_per_request: must be at least 1".into());
+    }
+    if card.bins < 2 {
+        return Err(format!("drift.bins: {} is fewer than 2", card.bins));
+    }
+    // A capture below min_samples is allowed: such a version is only ever compared
+    // with another one's window, by a rollout's data gates.
+    if card.min_samples > card.window {
+        return Err(format!(
+            "drift.min_samples: {} is more than window ({}): no verdict could ever be reached",
+            card.min_samples, card.window
+        ));
     }
     if !(card.alpha > 0.0 && card.alpha < 1.0) {
         return Err(format!(
@@ -443,7 +524,19 @@ fn raw_number_at(datatype: Datatype, raw: &[u8], i: usize) -> Option<f64> {
         Datatype::Uint16 => at::<u16>(raw, i, f64::from),
         Datatype::Uint8 => at::<u8>(raw, i, f64::from),
         Datatype::Bool => at::<bool>(raw, i, |b| f64::from(u8::from(b))),
-        _ => None,
+        Datatype::Fp16 => {
+            let bytes = raw.get(i * 2..i * 2 + 2)?;
+            Some(f64::from(
+                half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+            ))
+        }
+        Datatype::Bf16 => {
+            let bytes = raw.get(i * 2..i * 2 + 2)?;
+            Some(f64::from(
+                half::bf16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+            ))
+        }
+        Datatype::Bytes => None,
     }
 }
 

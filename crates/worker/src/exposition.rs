@@ -129,7 +129,7 @@ fn encode_drift(
     encode_counters(
         encoder,
         "aviary_drift_outliers",
-        "Values of a feature outside its outlier bounds since the version loaded.",
+        "Values of a feature outside its outlier bounds since its reference was complete.",
         reports.iter().flat_map(|(model, version, features)| {
             features
                 .iter()

@@ -389,11 +389,12 @@ impl InputRules {
                 flagged.get_or_insert(violation);
             }
         }
-        if let Some(violation) = flagged {
-            *self
-                .last_flagged
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(violation.to_string());
+        // Best effort, never waiting on the request path: an example another request
+        // is storing at the same moment will do.
+        if let Some(violation) = flagged
+            && let Ok(mut last) = self.last_flagged.try_lock()
+        {
+            *last = Some(violation.to_string());
         }
         Ok(None)
     }

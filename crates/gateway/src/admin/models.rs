@@ -141,6 +141,11 @@ impl Models for ModelsService {
         request: Request<DriftRequest>,
     ) -> Result<Response<DriftReport>, Status> {
         let DriftRequest { model, version } = request.into_inner();
+        if model.is_empty() && !version.is_empty() {
+            return Err(Status::invalid_argument(
+                "version: names a version of no model; set model too",
+            ));
+        }
         let Some(worker) = self.control.worker() else {
             return Err(Status::unimplemented(
                 "this gateway has no embedded worker: read drift from each worker's /metrics (aviary_drift_*)",

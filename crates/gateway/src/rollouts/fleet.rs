@@ -203,16 +203,10 @@ impl Target for RemoteGateways {
                 ));
             }
         }
-        for (field, set) in [
-            ("max_output_drift_psi", gates.max_output_drift_psi.is_some()),
-            ("min_output_ks_p", gates.min_output_ks_p.is_some()),
-            ("pause_on_input_drift", gates.pause_on_input_drift),
-        ] {
-            if set {
-                problems.push(format!(
-                    "gates.{field}: the controller does not read the workers' drift tracking (only aviary serve's own rollouts do); remove this gate"
-                ));
-            }
+        for field in gates.data_gates() {
+            problems.push(format!(
+                "gates.{field}: the controller does not read the workers' drift tracking (only aviary serve's own rollouts do); remove this gate"
+            ));
         }
         let mut reached = 0;
         let mut unreachable = Vec::new();

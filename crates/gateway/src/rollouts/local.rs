@@ -67,25 +67,16 @@ impl LocalGateway {
 
     /// The data gates' evidence, measured only when the plan has such a gate: the
     /// largest PSI and smallest adjusted p-value of the canary's outputs against the
-    /// baseline's (both windows: the same recent traffic), and either version's
-    /// drifting inputs.
+    /// baseline's (both windows: the most recent outputs of each), and either version's
+    /// drifting inputs. Evidence with a gap (a version without tracking, a feature
+    /// without enough values on a side) is left out, so the gate holds: what cannot be
+    /// measured never passes.
     fn drift_evidence(&self, plan: &RolloutPlan, snapshot: &mut MetricsSnapshot) {
         let gates = &plan.gates;
         let versions = [("canary", &plan.canary), ("baseline", &plan.baseline)]
             .map(|(role, version)| (role, self.tracker(&plan.model, version)));
         if gates.pause_on_input_drift {
-            for (role, loaded) in &versions {
-                let Some(drift) = loaded.as_ref().and_then(|l| l.drift.as_ref()) else {
-                    continue;
-                };
-                snapshot.input_drift.extend(
-                    drift
-                        .report()
-                        .iter()
-                        .filter(|f| f.side == "input" && f.drifts())
-                        .map(|f| format!("{role} {}", described(f))),
-                );
-            }
+            snapshot.input_drift = drifting_inputs(&versions);
         }
         if gates.max_output_drift_psi.is_none() && gates.min_output_ks_p.is_none() {
             return;
@@ -97,6 +88,9 @@ impl LocalGateway {
             return;
         };
         let compared = canary.compare_outputs(baseline);
+        if compared.is_empty() || compared.iter().any(|f| f.verdict == "insufficient") {
+            return;
+        }
         let at = |f: &FeatureDrift, value: f64| FeatureValue {
             value,
             feature: format!("{} {}/{}", f.side, f.tensor, f.feature),
@@ -111,27 +105,33 @@ impl LocalGateway {
             .min_by(|a, b| a.value.total_cmp(&b.value));
     }
 
-    /// Why the plan's data gates could never be measured here: no embedded worker, or
-    /// a version whose card has no `[drift]`.
+    /// Why the plan's data gates could never be measured here: no embedded worker, a
+    /// version the route sends to remote workers, or one loaded without `[drift]`.
     fn undriftable(&self, plan: &RolloutPlan) -> Vec<String> {
-        let gates = &plan.gates;
         let mut problems = Vec::new();
-        for (field, set) in [
-            ("max_output_drift_psi", gates.max_output_drift_psi.is_some()),
-            ("min_output_ks_p", gates.min_output_ks_p.is_some()),
-            ("pause_on_input_drift", gates.pause_on_input_drift),
-        ] {
-            if !set {
-                continue;
-            }
+        for field in plan.gates.data_gates() {
             if self.control.worker().is_none() {
                 problems.push(format!(
                     "gates.{field}: needs the versions' drift tracking, which only a gateway with an embedded worker (aviary serve) reads; remove this gate"
                 ));
                 continue;
             }
+            let routing = self.control.routing().load_full();
+            let remote = |version: &str| {
+                routing.routes.get(&plan.model).is_some_and(|route| {
+                    route
+                        .versions
+                        .iter()
+                        .any(|v| v.version == version && !v.endpoints.is_empty())
+                })
+            };
             for version in [&plan.canary, &plan.baseline] {
-                if self.tracker(&plan.model, version).is_none() {
+                if remote(version) {
+                    problems.push(format!(
+                        "gates.{field}: version \"{version}\" of model \"{}\" runs on remote workers, whose drift tracking this gateway does not read; remove this gate",
+                        plan.model
+                    ));
+                } else if self.tracker(&plan.model, version).is_none() {
                     problems.push(format!(
                         "gates.{field}: version \"{version}\" of model \"{}\" is not loaded with drift tracking; add [drift] to its model.toml or remove this gate",
                         plan.model
@@ -141,6 +141,27 @@ impl LocalGateway {
         }
         problems
     }
+}
+
+/// Every drifting input feature of `versions` in words; `None` while a version has no
+/// tracking or an input feature has no verdict yet.
+fn drifting_inputs(
+    versions: &[(&str, Option<Arc<aviary_worker::model::LoadedModel>>); 2],
+) -> Option<Vec<String>> {
+    let mut drifting = Vec::new();
+    for (role, loaded) in versions {
+        let report = loaded.as_ref()?.drift.as_ref()?.report();
+        let inputs = report.iter().filter(|f| f.side == "input");
+        if inputs.clone().any(|f| f.verdict == "insufficient") {
+            return None;
+        }
+        drifting.extend(
+            inputs
+                .filter(|f| f.drifts())
+                .map(|f| format!("{role} {}", described(f))),
+        );
+    }
+    Some(drifting)
 }
 
 /// A drifting feature in words, for a rollout's decision.

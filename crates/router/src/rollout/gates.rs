@@ -61,9 +61,10 @@ pub struct MetricsSnapshot {
     /// The smallest adjusted p-value of the same comparisons.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_ks_p_value: Option<FeatureValue>,
-    /// Input features of either version drifting from their reference, in words.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub input_drift: Vec<String>,
+    /// Input features of either version drifting from their reference, in words;
+    /// `None` before every input feature of both has a verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_drift: Option<Vec<String>>,
 }
 
 /// The gates' verdict on one snapshot.
@@ -198,6 +199,12 @@ pub(super) fn judge(
 
 /// The output-drift gates: the canary's outputs against the baseline's.
 fn judge_output_drift(gates: &Gates, snapshot: &MetricsSnapshot, out: &mut Judgement) {
+    if gates.pause_on_input_drift && snapshot.input_drift.is_none() {
+        out.missing.push(
+            "input drift not measured yet (both versions' cards need [drift], and every input feature a verdict)"
+                .to_owned(),
+        );
+    }
     let measured = |value: &Option<FeatureValue>| {
         value
             .as_ref()
@@ -216,7 +223,7 @@ fn judge_output_drift(gates: &Gates, snapshot: &MetricsSnapshot, out: &mut Judge
                 }
             }
             None => out.missing.push(
-                "output drift not measured yet (both versions' cards need [drift], and min_samples outputs each)"
+                "output drift not measured yet (both versions' cards need [drift], and every output feature min_samples values in both windows)"
                     .to_owned(),
             ),
         }
@@ -233,7 +240,7 @@ fn judge_output_drift(gates: &Gates, snapshot: &MetricsSnapshot, out: &mut Judge
                 }
             }
             None => out.missing.push(
-                "output distribution comparison not measured yet (both versions' cards need [drift], and min_samples outputs each)"
+                "output distribution comparison not measured yet (both versions' cards need [drift], and every output feature min_samples values in both windows)"
                     .to_owned(),
             ),
         }

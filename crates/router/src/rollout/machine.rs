@@ -480,16 +480,17 @@ impl Rollout {
             blockers.push("paused (see the last decision); resume to go on".to_owned());
             return Verdict::Hold { blockers };
         };
-        if self.plan.gates.pause_on_input_drift && !metrics.input_drift.is_empty() {
-            numbers.insert(
-                "input_drift_features".to_owned(),
-                metrics.input_drift.len() as f64,
-            );
+        if let Some(drifting) = metrics
+            .input_drift
+            .as_ref()
+            .filter(|d| self.plan.gates.pause_on_input_drift && !d.is_empty())
+        {
+            numbers.insert("input_drift_features".to_owned(), drifting.len() as f64);
             return Verdict::Pause {
                 step,
                 reason: format!(
                     "paused at {at}: input drift makes the comparison unreliable: {}",
-                    metrics.input_drift.join("; ")
+                    drifting.join("; ")
                 ),
                 numbers,
             };

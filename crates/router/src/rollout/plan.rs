@@ -110,6 +110,21 @@ impl Gates {
     }
 }
 
+impl Gates {
+    /// The data gates the plan sets, by field name: they read the versions' drift
+    /// tracking, which not every driver can.
+    pub fn data_gates(&self) -> Vec<&'static str> {
+        [
+            ("max_output_drift_psi", self.max_output_drift_psi.is_some()),
+            ("min_output_ks_p", self.min_output_ks_p.is_some()),
+            ("pause_on_input_drift", self.pause_on_input_drift),
+        ]
+        .into_iter()
+        .filter_map(|(field, set)| set.then_some(field))
+        .collect()
+    }
+}
+
 impl RolloutPlan {
     /// Checks the plan, reporting every problem with its path relative to the plan
     /// (`steps[1].weight`, `gates.max_latency_ratio`).

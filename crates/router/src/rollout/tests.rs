@@ -497,7 +497,7 @@ fn output_drift_gates_roll_back_a_canary_whose_outputs_move() {
 #[test]
 fn input_drift_pauses_instead_of_promoting_when_asked() {
     let mut drifting = healthy(500, 5);
-    drifting.input_drift = vec!["canary input/petal_width: PSI 0.700".into()];
+    drifting.input_drift = Some(vec!["canary input/petal_width: PSI 0.700".into()]);
 
     // Not asked: input drift alone changes nothing.
     let mut rollout = started(plan());
@@ -508,6 +508,23 @@ fn input_drift_pauses_instead_of_promoting_when_asked() {
 
     let mut plan = plan();
     plan.gates.pause_on_input_drift = true;
+    // Not measured yet: the step holds, it does not count as no drift.
+    let mut rollout = started(plan.clone());
+    let unmeasured = healthy(500, 5);
+    assert_eq!(rollout.evaluate(MINUTE, &unmeasured), []);
+    assert_eq!(
+        rollout.waiting_for(MINUTE, &unmeasured),
+        [
+            "input drift not measured yet (both versions' cards need [drift], and every input feature a verdict)"
+        ]
+    );
+    let mut steady = unmeasured.clone();
+    steady.input_drift = Some(Vec::new());
+    assert_eq!(
+        rollout.evaluate(MINUTE, &steady),
+        [set_weights(25), Action::ResetStepMetrics]
+    );
+
     let mut rollout = started(plan);
     assert_eq!(rollout.evaluate(MINUTE, &drifting), []);
     assert!(matches!(
@@ -626,7 +643,7 @@ fn any_op() -> impl Strategy<Value = Op> {
         (
             proptest::option::of(prop_oneof![0.0f64..=3.0, any::<f64>()]),
             proptest::option::of(prop_oneof![0.0f64..=1.0, any::<f64>()]),
-            any::<bool>(),
+            proptest::option::of(any::<bool>()),
         ),
     )
         .prop_map(
@@ -638,10 +655,10 @@ fn any_op() -> impl Strategy<Value = Op> {
                     distribution_p_value,
                     output_drift_psi: psi.and_then(|v| at(v, "output y/column 0")),
                     output_ks_p_value: p.and_then(|v| at(v, "output y/column 0")),
-                    input_drift: match drifting {
+                    input_drift: drifting.map(|drifting| match drifting {
                         true => vec!["canary input x/column 0: PSI 1.000".to_owned()],
                         false => Vec::new(),
-                    },
+                    }),
                 }
             },
         );

@@ -36,7 +36,8 @@ pub struct FeatureDrift {
     /// Window values outside the outlier bounds; `None` for classes and before the
     /// reference is complete.
     pub outliers: Option<u64>,
-    /// Outliers among every value recorded since the bounds were known.
+    /// Outliers among every value recorded since the bounds were known (the reference
+    /// was complete).
     pub outliers_total: Option<u64>,
     /// `drift`, `ok`, or `insufficient` (fewer than `min_samples` on a side).
     pub verdict: &'static str,

@@ -211,17 +211,19 @@ impl Samples {
         }
     }
 
-    /// Adds a reference file's row of a tensor whose features start at `first`, and
-    /// its class when the tensor is a classifier's.
+    /// Adds a reference file's row of a tensor whose features start at `first` (`None`:
+    /// its values are not tested), and its class when the tensor is a classifier's.
     pub(super) fn add_reference_row(
         &mut self,
-        first: usize,
+        first: Option<usize>,
         row: &[f64],
         classes: Option<(ClassOf, usize)>,
     ) {
-        for (c, value) in row.iter().enumerate() {
-            if value.is_finite() {
-                self.features[first + c].reference.push(*value);
+        if let Some(first) = first {
+            for (c, value) in row.iter().enumerate() {
+                if value.is_finite() {
+                    self.features[first + c].reference.push(*value);
+                }
             }
         }
         if let Some((of, index)) = classes
