@@ -3,7 +3,8 @@
 # model (tests/bench-models) under `aviary bench --concurrency 32`, at batch 1 and 64,
 # with its model card as shipped (no rules), with [input_rules] on all 16 features
 # (reject mode: min, max, NaN and infinities checked on every value), and with those
-# rules plus [drift] (every input feature and output recorded; /metrics, which runs
+# rules plus [drift] (every input feature and output recorded, both outputs' classes
+# too; /metrics, which runs
 # the tests, scraped every second in every setting). Each round runs every setting
 # once, in turn; the server's CPU time per request is the steadiest figure on a shared
 # machine. Release build, 127.0.0.1 only; the load generator shares the cores.
@@ -31,7 +32,7 @@ trap cleanup EXIT
 # One repository per card: the shipped card, plus the keys of the setting.
 features=$(python3 -c 'print(", ".join(f"{{ name = \"f{i}\" }}" for i in range(16)))')
 rules=$'[input_rules]\nmode = "reject"\n[input_rules.inputs.input]\nmin = -1.0\nmax = 1.0\nfeatures = ['"$features"$']'
-drift=$'[drift]\ncapture = 1000\nwindow = 1000'
+drift=$'[drift]\ncapture = 1000\nwindow = 1000\nclasses = ["probabilities", "label"]'
 repository() { # NAME EXTRA-CARD
   mkdir -p "$work/$1/tabular/1"
   cp tests/bench-models/tabular/1/model.onnx "$work/$1/tabular/1/"
