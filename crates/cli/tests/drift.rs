@@ -72,6 +72,32 @@ fn demo_version(models: &Path, from: &str, to: &str, extra: &str) {
     std::fs::write(target.join("model.toml"), format!("{card}\n{extra}")).expect("card");
 }
 
+/// Rollouts evaluated every 100 ms.
+const ROLLING: &str = "\n[rollouts]\nevaluate_interval_ms = 100\n";
+
+/// `aviary serve` over the repository `models` (one session a version), with `more`
+/// in its `[repository]` table and after it, and a route of demo's `versions` at their
+/// weights when there are any.
+fn serve(models: &Path, more: &str, versions: &[(&str, u32)]) -> Served {
+    let route = match versions.is_empty() {
+        true => String::new(),
+        false => {
+            let versions: Vec<String> = versions
+                .iter()
+                .map(|(v, w)| format!("{{ version = \"{v}\", weight = {w} }}"))
+                .collect();
+            format!("\n[routes.demo]\nversions = [ {} ]\n", versions.join(", "))
+        }
+    };
+    Served::start(
+        &format!(
+            "[repository]\npath = \"{}\"\ninstances = 1\n{more}{route}",
+            models.display()
+        ),
+        &[],
+    )
+}
+
 /// The records of `kind` in the gateway's audit trail.
 fn audit_records(served: &Served, kind: &str) -> Vec<Value> {
     served
@@ -103,11 +129,9 @@ fn one_shifted_feature_drifts_and_the_others_do_not() {
             names[..3].join(", ")
         ),
     );
-    let mut served = Served::start(
-        &format!(
-            "[repository]\npath = \"{}\"\ninstances = 1\ndata_watch_interval_ms = 100\n\n[audit]\ndir = \"audit\"\n",
-            models.display()
-        ),
+    let mut served = serve(
+        &models,
+        "data_watch_interval_ms = 100\n\n[audit]\ndir = \"audit\"\n",
         &[],
     );
     let mut rng = SmallRng::seed_from_u64(20261202);
@@ -253,15 +277,7 @@ fn a_canary_whose_outputs_drift_from_the_baselines_is_rolled_back() {
     demo_version(&models, "1", "1", drift);
     demo_version(&models, "2", "2", drift);
     demo_version(&models, "1", "3", drift);
-    let served = Served::start(
-        &format!(
-            "[repository]\npath = \"{}\"\ninstances = 1\n\n\
-             [routes.demo]\nversions = [ {{ version = \"1\", weight = 100 }}, {{ version = \"2\", weight = 0 }}, {{ version = \"3\", weight = 0 }} ]\n\n\
-             [rollouts]\nevaluate_interval_ms = 100\n",
-            models.display()
-        ),
-        &[],
-    );
+    let served = serve(&models, ROLLING, &[("1", 100), ("2", 0), ("3", 0)]);
     let mut rng = SmallRng::seed_from_u64(7);
     let gated = |canary: &str, baseline: &str| {
         served
@@ -390,15 +406,7 @@ fn a_rollout_pauses_when_traffic_drifts_from_the_versions_references() {
     let drift = "[drift]\ncapture = 300\nwindow = 300\nmin_samples = 300\nrows_per_request = 10\n";
     demo_version(&models, "1", "1", drift);
     demo_version(&models, "1", "3", drift);
-    let served = Served::start(
-        &format!(
-            "[repository]\npath = \"{}\"\ninstances = 1\n\n\
-             [routes.demo]\nversions = [ {{ version = \"1\", weight = 100 }}, {{ version = \"3\", weight = 0 }} ]\n\n\
-             [rollouts]\nevaluate_interval_ms = 100\n",
-            models.display()
-        ),
-        &[],
-    );
+    let served = serve(&models, ROLLING, &[("1", 100), ("3", 0)]);
     let mut rng = SmallRng::seed_from_u64(11);
     // Each version's reference: 300 rows of the usual traffic.
     send(&served.addr, &mut rng, 30, [0.0; 4], "1");
@@ -473,18 +481,9 @@ fn data_gates_are_refused_where_they_could_never_be_measured() {
     demo_version(&models, "2", "2", "[drift]\n");
     let (_worker, worker) = start_worker_args(&models, 1, &[]);
     let start = |served: &Served, gate: &str| {
-        served.ctl(&[
-            "rollout",
-            "start",
-            "demo",
-            "--canary",
-            "2",
-            "--baseline",
-            "1",
-            "--steps",
-            "50,100",
-            gate,
-        ])
+        let mut args = DEMO_ROLLOUT.to_vec();
+        args.push(gate);
+        served.ctl(&args)
     };
     // A gateway with no embedded worker reads no drift tracking.
     let remote = Served::gateway(
@@ -499,13 +498,7 @@ fn data_gates_are_refused_where_they_could_never_be_measured() {
         "{refused:?}"
     );
     // Embedded: version 1's card has no [drift].
-    let embedded = Served::start(
-        &format!(
-            "[repository]\npath = \"{}\"\ninstances = 1\n\n[routes.demo]\nversions = [ {{ version = \"1\", weight = 100 }}, {{ version = \"2\", weight = 0 }} ]\n",
-            models.display()
-        ),
-        &[],
-    );
+    let embedded = serve(&models, "", &[("1", 100), ("2", 0)]);
     let refused = start(&embedded, "--min-output-ks-p=0.01").failed();
     assert!(
         refused.stderr.contains("gates.min_output_ks_p: version \"1\" of model \"demo\" is not loaded with drift tracking; add [drift] to its model.toml or remove this gate"),

@@ -564,7 +564,8 @@ fn at_precision(datatype: Datatype, value: f64) -> f64 {
     }
 }
 
-fn is_integer(datatype: Datatype) -> bool {
+/// Whether `datatype` holds whole numbers (BOOL as 0 and 1).
+pub(crate) fn is_integer(datatype: Datatype) -> bool {
     matches!(
         datatype,
         Datatype::Int8

@@ -332,16 +332,7 @@ impl Rollout {
                 step,
                 reason,
                 numbers,
-            } => self.transition(
-                now_ms,
-                RolloutState::Paused {
-                    step,
-                    paused_at_ms: now_ms,
-                },
-                Vec::new(),
-                reason,
-                numbers,
-            ),
+            } => self.pause_at(now_ms, step, reason, numbers),
             Verdict::Hold { .. } | Verdict::Idle => Vec::new(),
         }
     }
@@ -362,16 +353,22 @@ impl Rollout {
         };
         let reason = format!("paused at {} {}", self.step_name(step), by_operator(note));
         let numbers = self.position_numbers(step);
-        Ok(self.transition(
-            now_ms,
-            RolloutState::Paused {
-                step,
-                paused_at_ms: now_ms,
-            },
-            Vec::new(),
-            reason,
-            numbers,
-        ))
+        Ok(self.pause_at(now_ms, step, reason, numbers))
+    }
+
+    /// Holds `step` from `now_ms`, an operator's or input drift's doing: no actions.
+    fn pause_at(
+        &mut self,
+        now_ms: u64,
+        step: usize,
+        reason: String,
+        numbers: BTreeMap<String, f64>,
+    ) -> Vec<Action> {
+        let paused = RolloutState::Paused {
+            step,
+            paused_at_ms: now_ms,
+        };
+        self.transition(now_ms, paused, Vec::new(), reason, numbers)
     }
 
     /// Restarts the paused step: its duration and request count begin again from `now_ms`.

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use aviary::tensor::Datatype;
 use aviary_router::stats::quantile;
 
+use crate::input_rules::is_integer;
+
 /// The reference quantiles outside which a value is an outlier.
 const OUTLIER_QUANTILES: (f64, f64) = (0.001, 0.999);
 
@@ -118,19 +120,7 @@ impl ClassOf {
             Datatype::Fp16 | Datatype::Fp32 | Datatype::Fp64 | Datatype::Bf16 if columns >= 2 => {
                 Some(ClassOf::Argmax)
             }
-            Datatype::Int8
-            | Datatype::Int16
-            | Datatype::Int32
-            | Datatype::Int64
-            | Datatype::Uint8
-            | Datatype::Uint16
-            | Datatype::Uint32
-            | Datatype::Uint64
-            | Datatype::Bool
-                if columns == 1 =>
-            {
-                Some(ClassOf::Value)
-            }
+            integer if is_integer(integer) && columns == 1 => Some(ClassOf::Value),
             _ => None,
         }
     }
