@@ -60,6 +60,10 @@ pub struct ServeOptions {
     pub grace_period: Duration,
     /// TLS on the listener; `None`: plaintext.
     pub tls: Option<std::sync::Arc<crate::tls::ServerTls>>,
+    /// Compressions of inference responses, in order of preference, for clients whose
+    /// `grpc-accept-encoding` names one; empty: responses go uncompressed. Requests
+    /// compressed with gzip or deflate are always accepted.
+    pub response_compression: Vec<tonic::codec::CompressionEncoding>,
 }
 
 impl Default for ServeOptions {
@@ -68,6 +72,7 @@ impl Default for ServeOptions {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             grace_period: DEFAULT_GRACE_PERIOD,
             tls: None,
+            response_compression: Vec::new(),
         }
     }
 }
@@ -128,9 +133,17 @@ where
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| ServeError(e.to_string()))?;
-    let inference = GrpcInferenceServiceServer::new(service)
+    use tonic::codec::CompressionEncoding;
+    // What Triton accepts (tritonclient's `compression_algorithm`); any other
+    // `grpc-encoding` is refused with UNIMPLEMENTED naming it.
+    let mut inference = GrpcInferenceServiceServer::new(service)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
+    for encoding in &options.response_compression {
+        inference = inference.send_compressed(*encoding);
+    }
     let health_service =
         tonic_health::pb::health_server::HealthServer::new(health_service_from(health));
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();

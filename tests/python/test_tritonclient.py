@@ -371,6 +371,16 @@ def test_infer_unpinned(client, stub, binary_data):
         assert_demo_outputs(got_version, probabilities, label)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_infer_with_request_compression(client, algorithm):
+    """tritonclient's compression_algorithm: the request arrives compressed and is served."""
+    inp = grpcclient.InferInput("input", list(BATCH.shape), "FP32")
+    inp.set_data_from_numpy(BATCH)
+    result = client.infer("demo", [inp], model_version="1", compression_algorithm=algorithm)
+    assert result.get_response().model_version == "1"
+    assert_demo_outputs("1", result.as_numpy("probabilities"), result.as_numpy("label"))
+
+
 def test_unpinned_routing_reaches_both_versions(client):
     """routes.demo splits 50/50: 40 unpinned requests all landing on one version has odds ~2e-12."""
     seen = set()

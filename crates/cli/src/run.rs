@@ -382,6 +382,7 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_bytes,
         grace_period: grace_period(args.grace_period)?,
         tls,
+        ..aviary::server::ServeOptions::default()
     };
     let audit = open_audit(args.audit_dir)?;
     let checks = key_checks(args.keys_file.as_deref(), &audit)?;

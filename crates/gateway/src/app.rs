@@ -429,6 +429,13 @@ impl Gateway {
             max_message_bytes: self.config.server.max_message_bytes,
             grace_period,
             tls: self.inference_tls.clone(),
+            response_compression: self
+                .config
+                .server
+                .response_compression
+                .iter()
+                .map(|c| c.encoding())
+                .collect(),
         };
         let result = server::serve_guarded(
             front,

@@ -253,6 +253,11 @@ pub struct ServerConfig {
     /// the inference port: `none` (the default) refuses them; `explicit` serves them.
     #[serde(default)]
     pub model_control: ModelControl,
+    /// Compressions of inference responses for clients that accept them
+    /// (`grpc-accept-encoding`), in order of preference: `gzip`, `deflate`; empty (the
+    /// default): uncompressed. Compressed requests are accepted either way.
+    #[serde(default)]
+    pub response_compression: Vec<Compression>,
     /// TLS on the inference listener; absent: plaintext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -260,6 +265,26 @@ pub struct ServerConfig {
     /// each key's `rate_limit` applies instead).
     #[serde(default)]
     pub peer_rate_limit: Option<PeerRateLimit>,
+}
+
+/// A gRPC message compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// `gzip`.
+    Gzip,
+    /// `deflate` (zlib).
+    Deflate,
+}
+
+impl Compression {
+    /// tonic's name for it.
+    pub fn encoding(self) -> tonic::codec::CompressionEncoding {
+        match self {
+            Compression::Gzip => tonic::codec::CompressionEncoding::Gzip,
+            Compression::Deflate => tonic::codec::CompressionEncoding::Deflate,
+        }
+    }
 }
 
 /// `peer_rate_limit = { per_second = 200, burst = 400 }`.
@@ -285,6 +310,7 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_message_bytes: default_max_message_bytes(),
             model_control: ModelControl::default(),
+            response_compression: Vec::new(),
             tls: None,
             peer_rate_limit: None,
         }
