@@ -155,7 +155,7 @@ where
         .add_service(Guarded::new(health_service, checks.clone()))
         .add_service(Guarded::new(reflection_v1, checks.clone()))
         .add_service(Guarded::new(reflection_v1alpha, checks.clone()))
-        .add_service(Guarded::new(inference, checks.clone()))
+        .add_service(Guarded::new(ClientErrorCodes(inference), checks.clone()))
         .serve_with_incoming_shutdown(
             crate::tls::incoming(listener, options.tls.clone()),
             shutdown,
@@ -265,6 +265,70 @@ pub fn server_metadata() -> ServerMetadataResponse {
         version: crate::VERSION.to_owned(),
         extensions: EXTENSIONS.iter().map(|e| (*e).to_owned()).collect(),
     }
+}
+
+/// The inference service, with the codes of the errors tonic's codec gives a client's
+/// own bad message turned into client codes, as the protocol documents them (and
+/// Triton clients match): a message over the size limit is RESOURCE_EXHAUSTED (tonic:
+/// OUT_OF_RANGE), bytes that do not decode as the request INVALID_ARGUMENT (tonic:
+/// INTERNAL, for any parse error). The message is kept. Only answers that carry their
+/// status in the headers (a unary call refused before it ran) are looked at.
+#[derive(Debug, Clone)]
+pub struct ClientErrorCodes<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for ClientErrorCodes<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for ClientErrorCodes<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(Self::Response) -> Self::Response>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use futures::TryFutureExt;
+        self.0.call(request).map_ok(client_error_code)
+    }
+}
+
+/// What tonic's codec says when a request is over the size limit, and when it does not
+/// decode (prost's `DecodeError`).
+const TOO_LARGE: &str = "Error, decoded message length too large";
+const UNDECODABLE: &str = "failed to decode Protobuf message";
+
+fn client_error_code(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let code = match status.code() {
+        tonic::Code::OutOfRange if status.message().starts_with(TOO_LARGE) => {
+            tonic::Code::ResourceExhausted
+        }
+        tonic::Code::Internal if status.message().starts_with(UNDECODABLE) => {
+            tonic::Code::InvalidArgument
+        }
+        _ => return response,
+    };
+    let headers = response.headers_mut();
+    headers.remove("grpc-status");
+    headers.remove("grpc-message");
+    // Writing a status only fails on a message that cannot be a header value: this one
+    // was one already.
+    let _ = Status::new(code, status.message()).add_header(headers);
+    response
 }
 
 #[cfg(test)]

@@ -140,7 +140,7 @@ fn hostile_requests_get_their_codes_memory_stays_bounded_and_the_server_lives() 
     let max = aviary::server::DEFAULT_MAX_MESSAGE_BYTES;
     let cases: Vec<(&str, Vec<u8>, Code)> = vec![
         // One byte over the message limit: refused by its length, never buffered.
-        ("64 MiB + 1", vec![0; max + 1], Code::OutOfRange),
+        ("64 MiB + 1", vec![0; max + 1], Code::ResourceExhausted),
         (
             "4 million empty BYTES elements",
             many_tiny_bytes(4_000_000),
@@ -150,12 +150,12 @@ fn hostile_requests_get_their_codes_memory_stays_bounded_and_the_server_lives() 
         (
             "random bytes",
             (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
-            Code::Internal,
+            Code::InvalidArgument,
         ),
         (
             "groups nested 100 000 deep",
             nested_groups(100_000),
-            Code::Internal,
+            Code::InvalidArgument,
         ),
         // Unknown fields are skipped, as protobuf requires (newer clients).
         ("an unknown field", with_unknown_field(), Code::Ok),
