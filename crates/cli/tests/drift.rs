@@ -492,6 +492,11 @@ fn data_gates_are_refused_where_they_could_never_be_measured() {
         ),
         &[],
     );
+    let unserved = remote.ctl(&["drift", "demo"]).failed();
+    assert!(
+        unserved.stderr.contains("this gateway has no embedded worker: read drift from each worker's /metrics (aviary_drift_*)"),
+        "ctl drift says where drift is: {unserved:?}"
+    );
     let refused = start(&remote, "--pause-on-input-drift").failed();
     assert!(
         refused.stderr.contains("gates.pause_on_input_drift: needs the versions' drift tracking, which only a gateway with an embedded worker (aviary serve) reads"),

@@ -8,7 +8,11 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
-use crate::{Worker, drift::FeatureDrift, input_rules::RuleMode};
+use crate::{
+    Worker,
+    drift::{FeatureDrift, figure},
+    input_rules::RuleMode,
+};
 
 /// What the watch found.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,20 +51,17 @@ impl DataEvent {
 
     /// What happened, in one line.
     pub fn describe(&self) -> String {
-        let number = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
         match self {
             DataEvent::Drift { feature: f, .. } => format!(
-                "{} {}/{} {}: {} p (adjusted) {}, PSI {}, over {} window and {} reference values",
-                f.side,
-                f.tensor,
-                f.feature,
+                "{} {}: {} p (adjusted) {}, PSI {}, over {} window and {} reference values",
+                f.name(),
                 match f.drifts() {
                     true => "drifts",
                     false => "no longer drifts",
                 },
                 f.test,
-                number(f.adjusted_p_value),
-                number(f.psi),
+                figure(f.adjusted_p_value),
+                figure(f.psi),
                 f.window,
                 f.reference
             ),
@@ -196,5 +197,72 @@ pub async fn run(
             }
             on_event(event);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_read_as_the_docs_quote_them() {
+        let feature = FeatureDrift {
+            side: "input",
+            tensor: "input".into(),
+            feature: "petal_length".into(),
+            test: "ks",
+            reference: 1000,
+            window: 1000,
+            statistic: Some(0.213),
+            p_value: Some(1e-9),
+            adjusted_p_value: Some(4e-9),
+            psi: Some(0.312),
+            outliers: Some(4),
+            outliers_total: Some(9),
+            verdict: "drift",
+        };
+        let drift = DataEvent::Drift {
+            model: "demo".into(),
+            version: "1".into(),
+            feature: feature.clone(),
+        };
+        assert_eq!(drift.subject(), ("demo", "1"));
+        assert_eq!(
+            drift.describe(),
+            "input input/petal_length drifts: ks p (adjusted) 0.0000, PSI 0.3120, over 1000 window and 1000 reference values"
+        );
+        let cleared = DataEvent::Drift {
+            model: "demo".into(),
+            version: "1".into(),
+            feature: FeatureDrift {
+                verdict: "ok",
+                psi: None,
+                ..feature
+            },
+        };
+        assert!(
+            cleared.describe().starts_with(
+                "input input/petal_length no longer drifts: ks p (adjusted) 0.0000, PSI -,"
+            ),
+            "{}",
+            cleared.describe()
+        );
+        let flagged = DataEvent::Flagged {
+            model: "demo".into(),
+            version: "1".into(),
+            counts: vec![
+                ("input".into(), "petal_width".into(), "below_min", 25),
+                ("input".into(), "petal_width".into(), "above_max", 7),
+            ],
+            example: Some(
+                "input \"input\" feature \"petal_width\" (column 3) row 3: 3.1 is above max 3.0"
+                    .into(),
+            ),
+        };
+        assert_eq!(
+            flagged.describe(),
+            "input rules flagged values (input/petal_width below_min: 25, input/petal_width above_max: 7); \
+             latest: input \"input\" feature \"petal_width\" (column 3) row 3: 3.1 is above max 3.0"
+        );
     }
 }

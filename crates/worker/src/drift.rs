@@ -31,7 +31,7 @@ use std::{collections::BTreeMap, path::Path, sync::Mutex};
 use aviary::tensor::{self, Datatype};
 use serde::{Deserialize, Serialize};
 
-pub use assess::FeatureDrift;
+pub use assess::{FeatureDrift, figure};
 use samples::{ClassOf, Samples};
 
 use crate::{

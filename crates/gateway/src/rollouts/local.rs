@@ -93,7 +93,7 @@ impl LocalGateway {
         }
         let at = |f: &FeatureDrift, value: f64| FeatureValue {
             value,
-            feature: format!("{} {}/{}", f.side, f.tensor, f.feature),
+            feature: f.name(),
         };
         snapshot.output_drift_psi = compared
             .iter()
@@ -158,23 +158,10 @@ fn drifting_inputs(
         drifting.extend(
             inputs
                 .filter(|f| f.drifts())
-                .map(|f| format!("{role} {}", described(f))),
+                .map(|f| format!("{role} {}: {}", f.name(), f.figures())),
         );
     }
     Some(drifting)
-}
-
-/// A drifting feature in words, for a rollout's decision.
-fn described(f: &FeatureDrift) -> String {
-    let number = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
-    format!(
-        "{} {}/{}: p {} PSI {}",
-        f.side,
-        f.tensor,
-        f.feature,
-        number(f.adjusted_p_value),
-        number(f.psi)
-    )
 }
 
 impl Target for LocalGateway {

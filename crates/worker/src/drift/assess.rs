@@ -8,7 +8,10 @@ use aviary_router::stats::{
 };
 use serde::Serialize;
 
-use super::{DriftCard, DriftTracker, Side, samples::counts_of};
+use super::{
+    DriftCard, DriftTracker, Side,
+    samples::{class_counts, counts_of},
+};
 
 /// What a report says of one feature (or one classifier output's classes).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,6 +51,25 @@ impl FeatureDrift {
     pub fn drifts(&self) -> bool {
         self.verdict == "drift"
     }
+
+    /// How logs, audit records and rollout decisions name it: `input input/petal_length`.
+    pub fn name(&self) -> String {
+        format!("{} {}/{}", self.side, self.tensor, self.feature)
+    }
+
+    /// Its adjusted p-value and PSI in words: `p 0.0000 PSI 0.3120`.
+    pub fn figures(&self) -> String {
+        format!(
+            "p {} PSI {}",
+            figure(self.adjusted_p_value),
+            figure(self.psi)
+        )
+    }
+}
+
+/// A statistic as reports write it: four decimals, `-` when not measured.
+pub fn figure(value: Option<f64>) -> String {
+    value.map_or("-".to_owned(), |v| format!("{v:.4}"))
 }
 
 /// One test before the correction across tests.
@@ -256,14 +278,7 @@ impl DriftTracker {
             else {
                 continue;
             };
-            let baseline_window: std::collections::BTreeMap<i64, u64> = their_classes[theirs]
-                .window
-                .values
-                .iter()
-                .fold(Default::default(), |mut counts, class| {
-                    *counts.entry(*class).or_default() += 1;
-                    counts
-                });
+            let baseline_window = class_counts(&their_classes[theirs].window.values);
             let window = &our_classes[ours].window.values;
             let (reference, current) = counts_of(&baseline_window, window);
             let m = measure_classes(&self.card, &reference, &current);

@@ -176,12 +176,21 @@ impl ClassSamples {
     }
 }
 
+/// How often each class occurs in `classes`.
+pub(super) fn class_counts(classes: &[i64]) -> BTreeMap<i64, u64> {
+    let mut counts = BTreeMap::new();
+    for class in classes {
+        *counts.entry(*class).or_default() += 1;
+    }
+    counts
+}
+
 /// Counts of two sides' classes over the union of the classes they have, in one order.
 pub(super) fn counts_of(reference: &BTreeMap<i64, u64>, window: &[i64]) -> (Vec<u64>, Vec<u64>) {
     let mut both: BTreeMap<i64, (u64, u64)> =
         reference.iter().map(|(c, n)| (*c, (*n, 0))).collect();
-    for class in window {
-        both.entry(*class).or_default().1 += 1;
+    for (class, n) in class_counts(window) {
+        both.entry(class).or_default().1 += n;
     }
     both.into_values().unzip()
 }

@@ -22,6 +22,11 @@ fn card(text: &str) -> DriftCard {
     toml::from_str(text).expect("card parses")
 }
 
+/// A valid tracker of the demo model's schema, without input rules or a reference file.
+fn tracker(text: &str) -> DriftTracker {
+    DriftTracker::from_card(&card(text), &demo_schema(), None, Path::new(".")).expect("valid")
+}
+
 /// A standard normal value (Box-Muller).
 fn normal(rng: &mut SmallRng) -> f64 {
     let (u, v): (f64, f64) = (rng.random(), rng.random());
@@ -45,13 +50,7 @@ fn input(rows: &[[f32; 4]]) -> Vec<InputTensor> {
 /// A tracker whose reference is the first 1000 rows of `reference` traffic, then
 /// `live` rows: the verdict of each input feature.
 fn verdicts(seed: u64, shift: [f64; 4]) -> Vec<(String, &'static str)> {
-    let tracker = DriftTracker::from_card(
-        &card("capture = 1000\nwindow = 1000\nmin_samples = 200"),
-        &demo_schema(),
-        None,
-        Path::new("."),
-    )
-    .expect("valid");
+    let tracker = tracker("capture = 1000\nwindow = 1000\nmin_samples = 200");
     let mut rng = SmallRng::seed_from_u64(seed);
     // One row per request, as clients send them.
     for row in rows(&mut rng, 1000, [0.0; 4]) {
@@ -95,13 +94,7 @@ fn traffic_like_the_reference_is_rarely_flagged() {
 
 #[test]
 fn no_verdict_before_min_samples_and_the_window_keeps_the_newest() {
-    let tracker = DriftTracker::from_card(
-        &card("capture = 3\nwindow = 2\nmin_samples = 2"),
-        &demo_schema(),
-        None,
-        Path::new("."),
-    )
-    .expect("valid");
+    let tracker = tracker("capture = 3\nwindow = 2\nmin_samples = 2");
     let report = tracker.report();
     assert_eq!(
         report.len(),
@@ -125,13 +118,7 @@ fn no_verdict_before_min_samples_and_the_window_keeps_the_newest() {
 
 #[test]
 fn outputs_are_tracked_from_their_raw_values() {
-    let tracker = DriftTracker::from_card(
-        &card("capture = 2\nwindow = 2\nmin_samples = 1"),
-        &demo_schema(),
-        None,
-        Path::new("."),
-    )
-    .expect("valid");
+    let tracker = tracker("capture = 2\nwindow = 2\nmin_samples = 1");
     let outputs = |p: f32, label: i64| {
         vec![
             OutputTensor {
@@ -249,13 +236,7 @@ fn demo_outputs(p: [f32; 3]) -> Vec<OutputTensor> {
 
 #[test]
 fn outliers_are_values_outside_the_reference_percentiles() {
-    let tracker = DriftTracker::from_card(
-        &card("capture = 1000\nwindow = 3\nmin_samples = 3"),
-        &demo_schema(),
-        None,
-        Path::new("."),
-    )
-    .expect("valid");
+    let tracker = tracker("capture = 1000\nwindow = 3\nmin_samples = 3");
     // Reference 0..=999: p0.1 is 0.999, p99.9 is 998.001.
     for i in 0..1000 {
         tracker.record_inputs(&input(&[[i as f32; 4]]));
@@ -305,15 +286,9 @@ fn flag_mode_outliers_are_values_outside_the_declared_range() {
 
 #[test]
 fn predicted_classes_are_compared_by_chi_square() {
-    let tracker = DriftTracker::from_card(
-        &card(
-            "capture = 300\nwindow = 300\nmin_samples = 100\nclasses = [\"probabilities\", \"label\"]",
-        ),
-        &demo_schema(),
-        None,
-        Path::new("."),
-    )
-    .expect("valid");
+    let tracker = tracker(
+        "capture = 300\nwindow = 300\nmin_samples = 100\nclasses = [\"probabilities\", \"label\"]",
+    );
     let one_hot = |class: usize| std::array::from_fn(|c| if c == class { 0.8 } else { 0.1 });
     // Reference: classes evenly; window: class 2 twice as often as each other.
     for i in 0..300 {
@@ -343,13 +318,7 @@ fn predicted_classes_are_compared_by_chi_square() {
 
 #[test]
 fn changes_report_each_crossing_once() {
-    let tracker = DriftTracker::from_card(
-        &card("capture = 200\nwindow = 200\nmin_samples = 200"),
-        &demo_schema(),
-        None,
-        Path::new("."),
-    )
-    .expect("valid");
+    let tracker = tracker("capture = 200\nwindow = 200\nmin_samples = 200");
     let mut rng = SmallRng::seed_from_u64(7);
     for row in rows(&mut rng, 200, [0.0; 4]) {
         tracker.record_inputs(&input(&[row]));
@@ -377,16 +346,9 @@ fn changes_report_each_crossing_once() {
 
 #[test]
 fn a_canary_is_compared_with_its_baseline_on_outputs_only() {
-    let tracker = || {
-        DriftTracker::from_card(
-            &card("capture = 1\nwindow = 500\nmin_samples = 100\nclasses = [\"probabilities\", \"label\"]"),
-            &demo_schema(),
-            None,
-            Path::new("."),
-        )
-        .expect("valid")
-    };
-    let (baseline, same, shifted) = (tracker(), tracker(), tracker());
+    let text =
+        "capture = 1\nwindow = 500\nmin_samples = 100\nclasses = [\"probabilities\", \"label\"]";
+    let (baseline, same, shifted) = (tracker(text), tracker(text), tracker(text));
     let mut rng = SmallRng::seed_from_u64(11);
     let mut row = |shift: f32| {
         let p = rng.random::<f32>() * 0.5 + shift;
@@ -420,9 +382,6 @@ fn a_canary_is_compared_with_its_baseline_on_outputs_only() {
 
 #[test]
 fn a_large_batch_records_a_random_share_of_its_rows() {
-    let tracker = |text: &str| {
-        DriftTracker::from_card(&card(text), &demo_schema(), None, Path::new(".")).expect("valid")
-    };
     // 64 distinct rows: row r holds r in every column.
     let batch: Vec<[f32; 4]> = (0..64).map(|r| [r as f32; 4]).collect();
     let default = tracker("capture = 1000\nwindow = 1000");
