@@ -240,7 +240,12 @@ where
 /// (at most 8 digits and a unit: `H`, `M`, `S`, `m`, `u`, `n`); `None` when the header
 /// is absent or malformed (a malformed one is ignored, as gRPC servers do).
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    grpc_timeout_header(metadata.as_ref())
+}
+
+/// [`grpc_timeout`] of a call's HTTP headers.
+fn grpc_timeout_header(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
     let split = text.len().checked_sub(1)?;
     let (digits, unit) = text.split_at(split);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -267,18 +272,26 @@ pub fn server_metadata() -> ServerMetadataResponse {
     }
 }
 
-/// The inference service, with the codes of the errors tonic's codec gives a client's
-/// own bad message turned into client codes, as the protocol documents them (and
-/// Triton clients match): a message over the size limit is RESOURCE_EXHAUSTED (tonic:
-/// OUT_OF_RANGE), bytes that do not decode as the request INVALID_ARGUMENT (tonic:
-/// INTERNAL, for any parse error). The message is kept. Only answers that carry their
-/// status in the headers (a unary call refused before it ran) are looked at.
+/// The inference service, answering with the codes the protocol documents (and Triton
+/// clients match) where tonic's defaults differ:
+///
+/// - the errors tonic's codec gives a client's own bad message become client codes: a
+///   message over the size limit is RESOURCE_EXHAUSTED (tonic: OUT_OF_RANGE), bytes
+///   that do not decode as the request INVALID_ARGUMENT (tonic: INTERNAL, for any
+///   parse error), the message kept. Only answers that carry their status in the
+///   headers (a unary call refused before it ran) are looked at;
+/// - a client's `grpc-timeout` that passes before the answer is DEADLINE_EXCEEDED.
+///   tonic's server enforces it too but answers CANCELLED "Timeout expired"; this
+///   timer starts before tonic's (tonic creates its own after calling this service)
+///   and is polled first (tonic polls the call before its timer), so it always wins.
 #[derive(Debug, Clone)]
 pub struct ClientErrorCodes<S>(pub S);
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for ClientErrorCodes<S> {
     const NAME: &'static str = S::NAME;
 }
+
+type HttpAnswer<E> = Result<http::Response<tonic::body::Body>, E>;
 
 impl<S, B> tonic::codegen::Service<http::Request<B>> for ClientErrorCodes<S>
 where
@@ -287,7 +300,10 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = futures::future::MapOk<S::Future, fn(Self::Response) -> Self::Response>;
+    type Future = futures::future::Either<
+        futures::future::MapOk<S::Future, fn(Self::Response) -> Self::Response>,
+        Pin<Box<dyn Future<Output = HttpAnswer<S::Error>> + Send>>,
+    >;
 
     fn poll_ready(
         &mut self,
@@ -297,8 +313,29 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        use futures::TryFutureExt;
-        self.0.call(request).map_ok(client_error_code)
+        use futures::{TryFutureExt, future::Either};
+        let timeout = grpc_timeout_header(request.headers());
+        let answer = self
+            .0
+            .call(request)
+            .map_ok(client_error_code as fn(Self::Response) -> Self::Response);
+        match timeout {
+            None => Either::Left(answer),
+            Some(timeout) => {
+                // The timer starts now, not when the answer is first polled.
+                let timed = tokio::time::timeout(timeout, answer);
+                Either::Right(Box::pin(async move {
+                    match timed.await {
+                        Ok(answer) => answer,
+                        Err(_) => Ok(Status::deadline_exceeded(format!(
+                            "deadline exceeded: the client's grpc-timeout of {timeout:?} passed \
+                         before an answer"
+                        ))
+                        .into_http()),
+                    }
+                }))
+            }
+        }
     }
 }
 

@@ -398,31 +398,40 @@ impl LoadedModel {
             .iter()
             .map(|i| tensor::element_count(&i.shape).unwrap_or(usize::MAX) as u64)
             .sum();
+        // The place goes with the run, not with the caller: a caller that stops waiting
+        // (its deadline passed) must not free the place while its session still runs.
+        let this = Arc::clone(self);
+        let run = move || {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                this.run_on_a_session(request, held)
+            }));
+            match ran {
+                Ok(result) => {
+                    drop(place);
+                    Ok(result)
+                }
+                Err(_) => {
+                    // The session went down with the run: shrink the pool by keeping
+                    // its place.
+                    place.forget();
+                    Err("ONNX Runtime panicked".to_owned())
+                }
+            }
+        };
         let joined = if self.inline.runs_inline(elements) {
             // No await from here to the end of the run: it cannot be cancelled half-way.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.run_on_a_session(request, held)
-            }))
-            .map_err(|_| "ONNX Runtime panicked".to_owned())
+            run()
         } else {
-            let this = Arc::clone(self);
-            tokio::task::spawn_blocking(move || this.run_on_a_session(request, held))
+            tokio::task::spawn_blocking(run)
                 .await
                 .map_err(|join_error| join_error.to_string())
+                .and_then(|ran| ran)
         };
-        match joined {
-            Ok(result) => {
-                drop(place);
-                result
-            }
-            Err(failure) => {
-                // The session went down with the run: shrink the pool by keeping its place.
-                place.forget();
-                Err(WorkerError::Unavailable(format!(
-                    "inference task failed: {failure}"
-                )))
-            }
-        }
+        joined.unwrap_or_else(|failure| {
+            Err(WorkerError::Unavailable(format!(
+                "inference task failed: {failure}"
+            )))
+        })
     }
 
     /// Runs `request` on an idle session (the caller holds a place, so there is one),
