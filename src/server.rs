@@ -282,14 +282,18 @@ pub fn server_metadata() -> ServerMetadataResponse {
 ///   headers (a unary call refused before it ran) are looked at;
 /// - a client's `grpc-timeout` that passes before the answer is DEADLINE_EXCEEDED.
 ///   tonic's server enforces it too but answers CANCELLED "Timeout expired"; this
-///   timer starts before tonic's (tonic creates its own after calling this service)
-///   and is polled first (tonic polls the call before its timer), so it always wins.
+///   timer starts before tonic's (tonic creates its own after calling this service),
+///   ends a tick earlier, and is polled first (tonic polls the call before its
+///   timer), so it always wins.
 #[derive(Debug, Clone)]
 pub struct ClientErrorCodes<S>(pub S);
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for ClientErrorCodes<S> {
     const NAME: &'static str = S::NAME;
 }
+
+/// The resolution of tokio's timers.
+const TIMER_TICK: Duration = Duration::from_millis(1);
 
 type HttpAnswer<E> = Result<http::Response<tonic::body::Body>, E>;
 
@@ -322,8 +326,10 @@ where
         match timeout {
             None => Either::Left(answer),
             Some(timeout) => {
-                // The timer starts now, not when the answer is first polled.
-                let timed = tokio::time::timeout(timeout, answer);
+                // The timer starts now, not when the answer is first polled, and ends a
+                // timer tick (1 ms) before the client's: tokio fires timers tick by
+                // tick, so this one has fired whenever tonic's has.
+                let timed = tokio::time::timeout(timeout.saturating_sub(TIMER_TICK), answer);
                 Either::Right(Box::pin(async move {
                     match timed.await {
                         Ok(answer) => answer,

@@ -404,6 +404,23 @@ def test_infer_unknown_model_not_found(client):
     with pytest.raises(InferenceServerException) as ei:
         infer_with_client(client, model="nope")
     assert status_of(ei.value) == str(grpc.StatusCode.NOT_FOUND), (status_of(ei.value), ei.value.message())
+    # Triton's wording, which Triton's own examples and tests match on.
+    assert ei.value.message().startswith("Request for unknown model: 'nope' is not found"), ei.value.message()
+
+
+def test_infer_unknown_version_not_found(client):
+    with pytest.raises(InferenceServerException) as ei:
+        infer_with_client(client, version="9")
+    assert status_of(ei.value) == str(grpc.StatusCode.NOT_FOUND), (status_of(ei.value), ei.value.message())
+    assert ei.value.message().startswith("Request for unknown model: 'demo' version 9 is not found"), ei.value.message()
+
+
+def test_missing_input_uses_tritons_wording(stub):
+    request = service_pb2.ModelInferRequest(model_name="demo", model_version="1")
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.ModelInfer(request)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
+    assert ei.value.details().startswith("expected 1 inputs but got 0 inputs for model 'demo'"), ei.value.details()
 
 
 @pytest.mark.parametrize("binary_data", [True, False], ids=["binary", "contents"])

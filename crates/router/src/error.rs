@@ -5,14 +5,15 @@ use std::fmt;
 /// Why a request could not be routed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    /// The route table has no route for the model.
-    #[error("model {model:?} is not served")]
+    /// The route table has no route for the model. The message opens with Triton's
+    /// wording, which its clients match on.
+    #[error("Request for unknown model: '{model}' is not found (no route serves it)")]
     UnknownModel {
         /// The requested model.
         model: String,
     },
     /// The request pinned a version that is not part of the model's route.
-    #[error("model {model:?} has no version {version:?} (routable versions: {list})", list = .routable.join(", "))]
+    #[error("Request for unknown model: '{model}' version {version} is not found (routable versions: {list})", list = .routable.join(", "))]
     UnknownVersion {
         /// The requested model.
         model: String,
@@ -89,9 +90,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_errors_name_the_model_and_version() {
+    fn route_errors_open_with_tritons_wording_and_name_the_model_and_version() {
         let err = RouteError::UnknownModel { model: "x".into() };
-        assert_eq!(err.to_string(), r#"model "x" is not served"#);
+        assert_eq!(
+            err.to_string(),
+            "Request for unknown model: 'x' is not found (no route serves it)"
+        );
         let err = RouteError::UnknownVersion {
             model: "x".into(),
             version: "9".into(),
@@ -99,7 +103,7 @@ mod tests {
         };
         assert_eq!(
             err.to_string(),
-            r#"model "x" has no version "9" (routable versions: 1, 2)"#
+            "Request for unknown model: 'x' version 9 is not found (routable versions: 1, 2)"
         );
     }
 

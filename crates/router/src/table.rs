@@ -221,7 +221,7 @@ mod tests {
         );
         assert_eq!(
             err.to_string(),
-            r#"model "demo" has no version "9" (routable versions: 1, 2, 3)"#
+            "Request for unknown model: 'demo' version 9 is not found (routable versions: 1, 2, 3)"
         );
     }
 

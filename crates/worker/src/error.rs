@@ -7,8 +7,9 @@ use aviary::tensor::format_bytes;
 /// Everything that can go wrong in the worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The request named a model the repository does not serve.
-    #[error("model \"{model}\" is not served (available: {available})")]
+    /// The request named a model the repository does not serve. The messages of this
+    /// and the next open with Triton's wording, which its clients match on.
+    #[error("Request for unknown model: '{model}' is not found (loaded models: {available})")]
     UnknownModel {
         /// The requested model.
         model: String,
@@ -16,7 +17,9 @@ pub enum WorkerError {
         available: String,
     },
     /// The request named a version the model does not have loaded.
-    #[error("model \"{model}\" has no version \"{version}\" (available: {available})")]
+    #[error(
+        "Request for unknown model: '{model}' version {version} is not found (loaded versions: {available})"
+    )]
     UnknownVersion {
         /// The model.
         model: String,

@@ -205,8 +205,9 @@ pub fn check<'a>(
     for (index, input) in request.inputs.iter().enumerate() {
         let Some(position) = schema.inputs.iter().position(|s| s.name == input.name) else {
             return Err(WorkerError::invalid(format!(
-                "input \"{}\" is not an input of this model (inputs: {})",
+                "unexpected inference input '{}' for model '{}' (inputs: {})",
                 input.name,
+                request.model_name,
                 names(&schema.inputs)
             )));
         };
@@ -232,8 +233,12 @@ pub fn check<'a>(
         .map(|(s, _)| s.name.as_str())
         .collect();
     if !missing.is_empty() {
+        // Triton's wording first (its clients match on it), then which ones.
         return Err(WorkerError::invalid(format!(
-            "missing input{} {} (the model needs: {})",
+            "expected {} inputs but got {} inputs for model '{}': missing input{} {} (the model needs: {})",
+            schema.inputs.len(),
+            request.inputs.len(),
+            request.model_name,
             if missing.len() > 1 { "s" } else { "" },
             missing
                 .iter()
