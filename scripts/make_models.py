@@ -348,16 +348,20 @@ def toml_str(s):
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def model_card(description, owner, intended_use, limitations, training_data, metrics, default=None):
+def model_card(
+    description, owner, intended_use, limitations, training_data, metrics, default=None, labels=None, sequences=False
+):
     lines = [
         f"description = {toml_str(description)}",
         f"owner = {toml_str(owner)}",
         f"intended_use = {toml_str(intended_use)}",
         f"limitations = {toml_str(limitations)}",
         f"training_data = {toml_str(training_data)}",
-        "",
-        "[metrics]",
     ]
+    if sequences:
+        # Stateless: every request of a sequence can be served alone.
+        lines.append("sequences = true")
+    lines += ["", "[metrics]"]
     for k, v in metrics.items():
         lines.append(f"{k} = {float(v)!r}")
     if default:
@@ -366,6 +370,11 @@ def model_card(description, owner, intended_use, limitations, training_data, met
         lines += ["", "[default_prediction]"]
         for k, v in default.items():
             lines.append(f"{k} = [{', '.join(repr(x) for x in v)}]")
+    if labels:
+        # Class names of classification outputs (Triton's classification extension).
+        lines += ["", "[labels]"]
+        for k, v in labels.items():
+            lines.append(f"{k} = [{', '.join(toml_str(x) for x in v)}]")
     return "\n".join(lines) + "\n"
 
 
@@ -424,6 +433,8 @@ def build():
         DATA_DESC + " Trained with 300 steps of full-batch gradient descent (lr 0.5) on standardized features.",
         m1,
         DEMO_DEFAULT,
+        labels={"probabilities": CLASSES},
+        sequences=True,
     ).encode()
     files["demo/2/model.onnx"] = demo_graph(
         p2, "demo_v2", "Demo v2: MLP with one 16-unit ReLU hidden layer on synthetic iris-like data."
@@ -438,6 +449,8 @@ def build():
         DATA_DESC + " Trained with 400 steps of full-batch gradient descent (lr 0.3, init seed 7) on standardized features.",
         m2,
         DEMO_DEFAULT,
+        labels={"probabilities": CLASSES},
+        sequences=True,
     ).encode()
 
     mlp_bytes = mlp_model().SerializeToString()

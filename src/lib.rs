@@ -12,6 +12,8 @@
 //! - [`contents`]: `InferTensorContents`, written by hand so BYTES contents decode
 //!   into one buffer; re-exported in [`pb::inference`] with the generated messages.
 //! - [`names`]: what a model or version name may be, for every path that takes one.
+//! - [`parameters`]: every request, input and output parameter the protocol defines,
+//!   what Aviary does with each, and typed reads of the ones it implements.
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
@@ -36,6 +38,7 @@ pub mod contents;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod names;
+pub mod parameters;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -34,7 +34,13 @@ impl ServeError {
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Extensions reported by `ServerMetadata`.
-pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "model_repository"];
+pub const EXTENSIONS: &[&str] = &[
+    "model_configuration",
+    "statistics",
+    "model_repository",
+    "classification",
+    "sequence",
+];
 
 /// gRPC health service name of the inference service.
 pub const HEALTH_SERVICE: &str = "inference.GRPCInferenceService";

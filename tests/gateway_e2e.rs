@@ -533,7 +533,13 @@ async fn metadata_config_and_readiness_describe_the_served_models() {
         .into_inner();
     assert_eq!(server.name, "aviary");
     assert!(!server.version.is_empty());
-    for extension in ["model_configuration", "statistics", "model_repository"] {
+    for extension in [
+        "model_configuration",
+        "statistics",
+        "model_repository",
+        "classification",
+        "sequence",
+    ] {
         assert!(
             server.extensions.iter().any(|e| e == extension),
             "extensions {:?} lack {extension}",

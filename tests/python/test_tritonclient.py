@@ -459,14 +459,18 @@ TYPES = [
 ]
 
 
-def test_types_round_trip(client):
-    """tests/models/types: out_<t> = Identity(in_<t>) for every KServe datatype."""
+def types_inputs():
     inputs = []
     for t, dt, arr in TYPES:
         inp = grpcclient.InferInput(f"in_{t}", list(arr.shape), dt)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
-    result = client.infer("types", inputs)
+    return inputs
+
+
+def test_types_round_trip(client):
+    """tests/models/types: out_<t> = Identity(in_<t>) for every KServe datatype."""
+    result = client.infer("types", types_inputs())
     for t, dt, arr in TYPES:
         got = result.as_numpy(f"out_{t}")
         assert got is not None, f"out_{t} missing"
@@ -477,3 +481,141 @@ def test_types_round_trip(client):
             assert [bytes(v) for v in got.tolist()] == arr.tolist(), (t, got)
         else:
             assert got.tobytes() == arr.tobytes(), (t, got, arr)
+
+
+# --------------------------------------------------------------------------- parameters and extensions
+
+
+def demo_input(batch=BATCH):
+    inp = grpcclient.InferInput("input", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch)
+    return inp
+
+
+@pytest.mark.parametrize("class_count", [1, 2, 5])
+def test_classification_extension(client, class_count):
+    """InferRequestedOutput(class_count=k): the top k classes as "score:index:label" BYTES, row by row."""
+    outputs = [grpcclient.InferRequestedOutput("probabilities", class_count=class_count)]
+    result = client.infer("demo", [demo_input()], model_version="1", outputs=outputs)
+    got = result.as_numpy("probabilities")
+    k = min(class_count, 3)
+    assert got.shape == (len(BATCH), k), got.shape
+    want = oracle("demo", "1", {"input": BATCH})["probabilities"]
+    labels = ["setosa", "versicolor", "virginica"]
+    for row, classes in zip(want, got):
+        top = np.argsort(-row, kind="stable")[:k]
+        for index, element in zip(top, classes):
+            score, got_index, label = element.decode().split(":")
+            assert int(got_index) == index and label == labels[index], (element, row)
+            assert abs(float(score) - row[index]) < 1e-6, (element, row)
+
+
+def test_classification_of_integer_outputs_and_refused_for_strings(client):
+    outputs = [grpcclient.InferRequestedOutput("out_int32", class_count=1)]
+    result = client.infer("types", types_inputs(), outputs=outputs)
+    # in_int32 = [-2**31, 1, 2**31 - 1]: the largest is index 2, an integer score.
+    assert result.as_numpy("out_int32").tolist() == [b"2147483647:2"]
+    outputs = [grpcclient.InferRequestedOutput("out_bytes", class_count=1)]
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer("types", types_inputs(), outputs=outputs)
+    assert status_of(ei.value) == str(grpc.StatusCode.INVALID_ARGUMENT), ei.value.message()
+    assert ei.value.message().startswith('parameter "classification" of output "out_bytes"'), ei.value.message()
+
+
+def test_triton_timeout_parameter_is_honoured(client):
+    # Triton's `timeout` (microseconds): plenty here, so the request is served.
+    result = client.infer("demo", [demo_input()], model_version="1", timeout=10_000_000)
+    assert result.get_response().model_version == "1"
+
+
+# Every request parameter Triton's client can send that Aviary does not implement, and
+# custom parameters no route reads: refused with the code, naming the parameter.
+REFUSED = [
+    ("priority", {"priority": 5}, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "priority"'),
+    ("custom", {"parameters": {"my_knob": "x"}}, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "my_knob"'),
+]
+
+
+@pytest.mark.parametrize("kwargs,code,named", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_unimplemented_request_parameters_are_refused_by_name(client, kwargs, code, named):
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer("demo", [demo_input()], model_version="1", **kwargs)
+    assert status_of(ei.value) == str(code), (status_of(ei.value), ei.value.message())
+    assert ei.value.message().startswith(named), ei.value.message()
+
+
+# Parameters tritonclient itself will not let through (it reserves their names), sent
+# with the raw stub: (where, name, value, code, message start).
+RAW_REFUSED = [
+    ("request", "binary_data_output", True, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "binary_data_output"'),
+    ("request", "sequence_end", True, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "sequence_end"'),
+    (
+        "request",
+        "triton_enable_empty_final_response",
+        True,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        'parameter "triton_enable_empty_final_response"',
+    ),
+    ("input", "binary_data_size", 48, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "binary_data_size" of input'),
+    ("input", "shared_memory_offset", 0, grpc.StatusCode.UNIMPLEMENTED, 'parameter "shared_memory_offset" of input'),
+    ("output", "binary_data", True, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "binary_data" of output'),
+    ("output", "shared_memory_region", "r", grpc.StatusCode.UNIMPLEMENTED, 'parameter "shared_memory_region" of output'),
+    ("output", "classification", 0, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "classification" of output'),
+]
+
+
+def set_parameter(parameters, value):
+    if isinstance(value, bool):
+        parameters.bool_param = value
+    elif isinstance(value, int):
+        parameters.int64_param = value
+    else:
+        parameters.string_param = value
+
+
+@pytest.mark.parametrize(
+    "where,name,value,code,named", RAW_REFUSED, ids=[f"{r[0]}-{r[1]}" for r in RAW_REFUSED]
+)
+def test_reserved_parameters_are_refused_by_name(stub, where, name, value, code, named):
+    request = service_pb2.ModelInferRequest(model_name="demo", model_version="1")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=list(BATCH.shape))
+    request.raw_input_contents.append(BATCH.tobytes())
+    output = request.outputs.add(name="probabilities")
+    target = {"request": request.parameters, "input": tensor.parameters, "output": output.parameters}[where]
+    set_parameter(target[name], value)
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.ModelInfer(request)
+    assert ei.value.code() == code, (ei.value.code(), ei.value.details())
+    assert ei.value.details().startswith(named), ei.value.details()
+
+
+def test_shared_memory_input_is_unimplemented(client):
+    inp = grpcclient.InferInput("input", list(BATCH.shape), "FP32")
+    inp.set_shared_memory("region", BATCH.nbytes)
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer("demo", [inp], model_version="1")
+    assert status_of(ei.value) == str(grpc.StatusCode.UNIMPLEMENTED), ei.value.message()
+    assert 'of input "input"' in ei.value.message(), ei.value.message()
+
+
+def test_sequence_stays_on_one_version(client):
+    """tritonclient's sequence_id/sequence_start/sequence_end: one version from start to end."""
+    for sequence_id in range(1, 21):
+        versions = set()
+        for step in range(4):
+            result = client.infer(
+                "demo",
+                [demo_input()],
+                sequence_id=sequence_id,
+                sequence_start=step == 0,
+                sequence_end=step == 3,
+            )
+            versions.add(result.get_response().model_version)
+        assert len(versions) == 1, (sequence_id, versions)
+
+
+def test_sequence_to_a_model_without_sequences_is_refused(client):
+    with pytest.raises(InferenceServerException) as ei:
+        client.infer("types", types_inputs(), sequence_id=3, sequence_start=True)
+    assert status_of(ei.value) == str(grpc.StatusCode.INVALID_ARGUMENT), ei.value.message()
+    assert "does not take sequences" in ei.value.message(), ei.value.message()

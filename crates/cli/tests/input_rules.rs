@@ -254,32 +254,40 @@ fn a_routes_mode_overrides_the_cards_and_a_client_cannot_choose_it() {
         ),
         &[],
     );
-    // The route flags what the cards (reject) would refuse, embedded and remote, and a
-    // client cannot turn it back to reject either.
+    // The route flags what the cards (reject) would refuse, embedded and remote.
     for addr in [&flagged.addr, &flagged_remote.addr] {
         assert_served(addr, |_| {});
-        assert_served(addr, |r| with_mode(r, "reject"));
     }
 
-    // Without a route mode, the card's holds whatever the client sends.
+    // A client cannot choose the mode, with or without a route mode: the parameter is
+    // refused, not ignored.
     let plain = Served::gateway(
         &format!(
             "[routes.demo]\nversions = [ {{ version = \"1\", weight = 1, endpoint = \"{worker}\" }} ]\n"
         ),
         &[],
     );
-    let status = runtime().block_on(async {
-        let mut request = request(&cases()[0].0);
-        with_mode(&mut request, "flag");
-        client(connect(&plain.addr).await)
-            .model_infer(request)
-            .await
-            .expect_err("the card's reject mode holds")
-    });
-    assert_eq!(
-        (status.code(), status.message()),
-        (Code::InvalidArgument, cases()[0].1)
-    );
+    for (addr, mode) in [
+        (&flagged.addr, "reject"),
+        (&flagged_remote.addr, "reject"),
+        (&plain.addr, "flag"),
+    ] {
+        let status = runtime().block_on(async {
+            let mut request = request(&[GOOD]);
+            with_mode(&mut request, mode);
+            client(connect(addr).await)
+                .model_infer(request)
+                .await
+                .expect_err("a client's mode is refused")
+        });
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(
+                r#"parameter "aviary_input_rules_mode": not a parameter Aviary knows"#
+            ),
+            "{status:?}"
+        );
+    }
 
     // A worker takes the mode from its gateway; a value it does not know is refused.
     let status = runtime().block_on(async {

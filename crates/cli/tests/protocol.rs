@@ -1,9 +1,10 @@
 //! Conformance with what Triton and KServe clients expect of the inference port, seen
-//! from a plain gRPC client: the codes of a client's own deadline.
+//! from a plain gRPC client: the codes of a client's own deadline, and sequences kept
+//! on one version while the weights move.
 
 mod support;
 
-use aviary::pb::inference::ModelInferRequest;
+use aviary::pb::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use prost::Message;
 use support::*;
 use tonic::{Code, Status};
@@ -90,4 +91,175 @@ fn a_client_deadline_that_passes_is_deadline_exceeded_never_cancelled() {
     // A deadline long enough is served.
     let status = runtime().block_on(server_status(&gateway.addr, &slow_request(), "20S"));
     assert_eq!(status.code(), Code::Ok, "{status:?}");
+}
+
+/// A demo request in sequence `id`, with its start and end flags.
+fn in_sequence(id: u64, start: bool, end: bool) -> ModelInferRequest {
+    let mut request = demo_rows("", &[[5.1, 3.5, 1.4, 0.2]]);
+    let flag = |on: bool| InferParameter {
+        parameter_choice: Some(ParameterChoice::BoolParam(on)),
+    };
+    request.parameters = [
+        (
+            "sequence_id".to_owned(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Uint64Param(id)),
+            },
+        ),
+        ("sequence_start".to_owned(), flag(start)),
+        ("sequence_end".to_owned(), flag(end)),
+    ]
+    .into();
+    request
+}
+
+fn demo_gateway(weights: &str) -> Served {
+    let models = repo_root().join("tests/models");
+    Served::start(
+        &format!(
+            "[repository]\npath = \"{}\"\ninstances = 2\n\n[routes.demo]\nversions = [ {weights} ]\n",
+            models.display()
+        ),
+        &[],
+    )
+}
+
+/// 200 sequences of 5 requests, started at weights 90/10; the weights move to 10/90
+/// after every sequence's second request. Every sequence is answered by one version
+/// from start to end, and sequences started after the move follow the new weights.
+#[test]
+fn sequences_stay_on_their_version_while_the_weights_move() {
+    const SEQUENCES: u64 = 200;
+    let served = demo_gateway(r#"{ version = "1", weight = 90 }, { version = "2", weight = 10 }"#);
+    let runtime = runtime();
+    let channel = runtime.block_on(connect(&served.addr));
+    let (halfway_tx, halfway) = std::sync::mpsc::channel::<()>();
+    let (moved_tx, moved) = tokio::sync::watch::channel(false);
+    let sequences: Vec<_> = (1..=SEQUENCES)
+        .map(|id| {
+            let mut client = client(channel.clone());
+            let halfway_tx = halfway_tx.clone();
+            let mut moved = moved.clone();
+            runtime.spawn(async move {
+                let mut versions = Vec::new();
+                for step in 0..5 {
+                    if step == 2 {
+                        halfway_tx.send(()).expect("the test waits");
+                        moved.wait_for(|moved| *moved).await.expect("moved");
+                    }
+                    let request = in_sequence(id, step == 0, step == 4);
+                    let response = client
+                        .model_infer(request)
+                        .await
+                        .unwrap_or_else(|s| panic!("sequence {id} step {step}: {s:?}"))
+                        .into_inner();
+                    versions.push(response.model_version);
+                }
+                versions
+            })
+        })
+        .collect();
+    drop(halfway_tx);
+    for _ in 0..SEQUENCES {
+        halfway.recv().expect("every sequence reaches halfway");
+    }
+    served.ctl(&["set-weights", "demo", "1=10", "2=90"]).ok();
+    moved_tx.send(true).expect("sequences wait");
+    let mut started_on = std::collections::BTreeMap::<String, u64>::new();
+    for (id, sequence) in sequences.into_iter().enumerate() {
+        let versions = runtime.block_on(sequence).expect("sequence task");
+        assert!(
+            versions.iter().all(|v| *v == versions[0]),
+            "sequence {} was split across versions: {versions:?}",
+            id + 1
+        );
+        *started_on.entry(versions[0].clone()).or_default() += 1;
+    }
+    assert!(
+        started_on.get("1").copied().unwrap_or(0) > SEQUENCES / 2,
+        "started at 90/10: {started_on:?}"
+    );
+    // New sequences follow the new weights.
+    let mut after = std::collections::BTreeMap::<String, u64>::new();
+    runtime.block_on(async {
+        let mut client = client(channel.clone());
+        for id in 1000..1050 {
+            let response = client
+                .model_infer(in_sequence(id, true, true))
+                .await
+                .expect("a one-request sequence")
+                .into_inner();
+            *after.entry(response.model_version).or_default() += 1;
+        }
+    });
+    assert!(
+        after.get("2").copied().unwrap_or(0) > 25,
+        "after the move, 10/90: {after:?}"
+    );
+}
+
+#[test]
+fn sequence_requests_that_cannot_be_served_as_asked_are_refused() {
+    let served = demo_gateway(r#"{ version = "1", weight = 1 }, { version = "2", weight = 1 }"#);
+    let (_worker, worker) = start_worker_with(&repo_root().join("tests/models"), 1);
+    let runtime = runtime();
+    let refusal = |addr: &str, request: ModelInferRequest| {
+        runtime.block_on(async {
+            client(connect(addr).await)
+                .model_infer(request)
+                .await
+                .expect_err("refused")
+        })
+    };
+    // A continuation the gateway holds no start for, in Triton's words.
+    let status = refusal(&served.addr, in_sequence(77, false, false));
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with(
+            "inference request for sequence 77 to model 'demo' must specify the START flag"
+        ),
+        "{status:?}"
+    );
+    // After its end, a sequence is gone.
+    runtime.block_on(async {
+        let mut client = client(connect(&served.addr).await);
+        for (start, end) in [(true, false), (false, true)] {
+            client
+                .model_infer(in_sequence(5, start, end))
+                .await
+                .expect("served");
+        }
+    });
+    assert_eq!(
+        refusal(&served.addr, in_sequence(5, false, false)).code(),
+        Code::InvalidArgument
+    );
+    // A pin that disagrees with the sequence's version.
+    let version = runtime.block_on(async {
+        client(connect(&served.addr).await)
+            .model_infer(in_sequence(6, true, false))
+            .await
+            .expect("started")
+            .into_inner()
+            .model_version
+    });
+    let mut other = in_sequence(6, false, false);
+    other.model_version = if version == "1" { "2" } else { "1" }.into();
+    let status = refusal(&served.addr, other);
+    assert!(
+        status
+            .message()
+            .contains(&format!("is on version {version}")),
+        "{status:?}"
+    );
+    // A model whose card does not take sequences (`fixed` has no `sequences = true`).
+    let mut typed = in_sequence(8, true, false);
+    typed.model_name = "fixed".into();
+    typed.model_version = "1".into();
+    let status = refusal(&worker, typed);
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("does not take sequences"),
+        "{status:?}"
+    );
 }

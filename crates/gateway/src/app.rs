@@ -37,6 +37,7 @@ use crate::{
     peer_limits::PeerLimits,
     rollouts::{LocalGateway, Rollouts},
     routing::Routing,
+    sequences::Sequences,
     stack::BreakerState,
     watch as watcher,
 };
@@ -361,7 +362,11 @@ impl Gateway {
             Arc::clone(&self.metrics),
             Arc::clone(&self.cache),
         );
-        front = front.with_model_control(self.config.server.model_control);
+        front = front
+            .with_model_control(self.config.server.model_control)
+            .with_sequences(Sequences::new(Duration::from_millis(
+                self.config.server.sequence_idle_timeout_ms,
+            )));
         if let Some(letters) = &self.dead_letters {
             front = front.with_dead_letters(Arc::clone(letters));
         }

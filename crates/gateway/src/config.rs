@@ -265,6 +265,14 @@ pub struct ServerConfig {
     /// each key's `rate_limit` applies instead).
     #[serde(default)]
     pub peer_rate_limit: Option<PeerRateLimit>,
+    /// How long an open sequence (Triton's `sequence_id`) keeps its version without a
+    /// request, in milliseconds; then it is forgotten and its next request refused.
+    #[serde(default = "default_sequence_idle_timeout_ms")]
+    pub sequence_idle_timeout_ms: u64,
+}
+
+fn default_sequence_idle_timeout_ms() -> u64 {
+    crate::sequences::DEFAULT_IDLE_TIMEOUT.as_millis() as u64
 }
 
 /// A gRPC message compression.
@@ -313,6 +321,7 @@ impl Default for ServerConfig {
             response_compression: Vec::new(),
             tls: None,
             peer_rate_limit: None,
+            sequence_idle_timeout_ms: default_sequence_idle_timeout_ms(),
         }
     }
 }

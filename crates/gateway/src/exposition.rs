@@ -284,7 +284,7 @@ fn encode_decisions(
         "aviary_routing_decisions",
         "Requests routed to a version, by why the router chose it: pinned (the request \
          named it), rule (a match rule), sticky (the routing key's segment), weighted \
-         (drawn from the split).",
+         (drawn from the split), sequence (the version of the request's sequence).",
         counts.iter().flat_map(|variant| {
             variant
                 .reasons

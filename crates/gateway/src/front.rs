@@ -13,6 +13,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use aviary::parameters;
 use aviary::pb::inference::{
     InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
     ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
@@ -25,7 +26,7 @@ use aviary::pb::inference::{
 };
 use aviary::server::{InferStream, grpc_timeout, server_metadata, stream_responses};
 use aviary::telemetry::{self, RequestTrace, TRACE_ID_HEADER};
-use aviary_router::{RequestAttributes, RouteError};
+use aviary_router::{DecisionReason, RequestAttributes, RouteError};
 use aviary_worker::ModelControl;
 use rand::{SeedableRng, rngs::SmallRng};
 use tonic::{
@@ -45,6 +46,7 @@ use crate::{
     dead_letters::DeadLetters,
     metrics::{Metrics, StandIn},
     routing::Routing,
+    sequences::{Placement, Sequences},
     stack::Call,
 };
 
@@ -159,6 +161,7 @@ pub struct Front {
     dead_letters: Option<Arc<DeadLetters>>,
     cache: Arc<PredictionCache>,
     model_control: ModelControl,
+    sequences: Sequences,
 }
 
 impl Front {
@@ -179,7 +182,14 @@ impl Front {
             dead_letters: None,
             cache,
             model_control: ModelControl::default(),
+            sequences: Sequences::default(),
         }
+    }
+
+    /// Keeps sequences on their versions in `sequences` (its idle timeout).
+    pub fn with_sequences(mut self, sequences: Sequences) -> Front {
+        self.sequences = sequences;
+        self
     }
 
     /// Serves Triton's RepositoryModelLoad and RepositoryModelUnload as
@@ -203,25 +213,44 @@ impl Front {
         mut request: ModelInferRequest,
     ) -> Result<ModelInferResponse, GatewayError> {
         let routing = self.routing.load_full();
+        let route = routing.routes.get(&request.model_name);
+        // Every parameter is one this gateway acts on, passes on to its worker, or
+        // refuses: a route's routing parameters are known only on that route.
+        let asked = parameters::read_request(&request.parameters, |name| {
+            route.is_some_and(|r| r.routing_parameters().any(|p| p == name))
+        })
+        .map_err(|e| GatewayError::Worker(e.into()))?;
         let attributes = RequestView {
             metadata,
             parameters: &request.parameters,
         };
+        let pinned = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
+        let placement = asked
+            .sequence
+            .as_ref()
+            .map(|sequence| self.sequences.place(&request.model_name, sequence, pinned))
+            .transpose()?;
         let (version, reason) = SPLIT_RNG.with_borrow_mut(|rng| {
-            let pinned = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
+            let (pinned, reason) = match &placement {
+                Some(Placement::Continue(version)) => {
+                    (Some(&**version), Some(DecisionReason::Sequence))
+                }
+                _ => (pinned, None),
+            };
             routing
                 .table
                 .resolve_with(&request.model_name, pinned, &attributes, rng)
-                .map(|d| (d.version.to_owned(), d.reason))
+                .map(|d| (d.version.to_owned(), reason.unwrap_or(d.reason)))
         })?;
+        if let (Some(Placement::Start), Some(sequence)) = (&placement, &asked.sequence) {
+            self.sequences
+                .started(&request.model_name, sequence, &version);
+        }
         if telemetry::tracing_on() {
             let span = tracing::Span::current();
             span.record("aviary.version", version.as_str());
             span.record("aviary.route.reason", reason.as_str());
         }
-        // One look-up of the route's settings for the rest of the call (the route exists:
-        // the table just resolved a version of it).
-        let route = routing.routes.get(&request.model_name);
         let audit = self.control.audit();
         let audited = audit.samples_prediction().then(|| {
             let compiled = routing.table.route(&request.model_name);
@@ -260,7 +289,12 @@ impl Front {
         let model = request.model_name.clone();
         let started = Instant::now();
         let limits = route.map(|r| r.limits_of(&version)).unwrap_or_default();
-        let deadline = limits.deadline(grpc_timeout(metadata), started);
+        // Triton's `timeout` parameter is a deadline too; the earlier one counts.
+        let client_timeout = match (grpc_timeout(metadata), asked.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = limits.deadline(client_timeout, started);
         request.model_version.clone_from(&version);
         // Only a route with a fallback pays for a copy of the request.
         let fallback = route
@@ -270,8 +304,19 @@ impl Front {
         let default_shape = route
             .filter(|r| r.default_prediction)
             .map(|_| DefaultShape::of(&request));
+        if let Some(route) = route {
+            // Consumed here: the worker has nothing to do with them.
+            for name in route.routing_parameters() {
+                request.parameters.remove(name);
+            }
+        }
         apply_input_rules_mode(&mut request, route.and_then(|r| r.input_rules_mode));
         let mut result = self.call(&routing, request, deadline).await;
+        if let (Ok(_), Some(sequence)) = (&result, &asked.sequence)
+            && sequence.end
+        {
+            self.sequences.ended(&model, sequence);
+        }
         let code = result
             .as_ref()
             .map_or_else(|e| e.status().code(), |_| tonic::Code::Ok);

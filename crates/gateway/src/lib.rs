@@ -9,6 +9,7 @@
 //! - [`check`]: `aviary check-config`: every problem of a config file, nothing started.
 //! - [`route`]: a model's route: versions, weights, endpoints, sticky key, rules, shadow.
 //! - [`routing`]: the route table and backends as one swappable snapshot.
+//! - [`sequences`]: sequence affinity: each open sequence's version.
 //! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
 //! - [`metrics`]: requests, errors and latency per routed version, with rollout step windows.
 //! - [`exposition`]: those metrics and the routes' weights on `/metrics`.
@@ -62,6 +63,7 @@ pub mod replicas;
 pub mod rollouts;
 pub mod route;
 pub mod routing;
+pub mod sequences;
 pub mod shadow;
 pub mod stack;
 pub mod watch;

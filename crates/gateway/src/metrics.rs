@@ -229,15 +229,16 @@ struct Variant {
     /// Its calls by the gRPC code they ended with (indexed by the code's number).
     codes: [u64; CODES],
     /// Its calls by why the router chose it (indexed as [`REASONS`]).
-    reasons: [u64; 4],
+    reasons: [u64; 5],
 }
 
 /// Why the router chose a version, in the order `Variant::reasons` counts them.
-const REASONS: [DecisionReason; 4] = [
+const REASONS: [DecisionReason; 5] = [
     DecisionReason::Pinned,
     DecisionReason::Rule(0),
     DecisionReason::Sticky,
     DecisionReason::Weighted,
+    DecisionReason::Sequence,
 ];
 
 fn reason_index(reason: DecisionReason) -> usize {
@@ -246,6 +247,7 @@ fn reason_index(reason: DecisionReason) -> usize {
         DecisionReason::Rule(_) => 1,
         DecisionReason::Sticky => 2,
         DecisionReason::Weighted => 3,
+        DecisionReason::Sequence => 4,
     }
 }
 
@@ -540,7 +542,7 @@ impl Metrics {
                         stand_ins: StandIns::default(),
                         cache: CacheCounts::default(),
                         codes: [0; CODES],
-                        reasons: [0; 4],
+                        reasons: [0; REASONS.len()],
                     }))
                 }),
         )

@@ -105,6 +105,15 @@ impl From<&RouteConfig> for Route {
 }
 
 impl Route {
+    /// The request parameters the route routes by: its sticky key's and its match
+    /// rules'. The gateway consumes them; they are not passed on to workers.
+    pub fn routing_parameters(&self) -> impl Iterator<Item = &str> {
+        self.sticky
+            .iter()
+            .filter_map(|s| s.parameter.as_deref())
+            .chain(self.rules.iter().filter_map(|r| r.parameter.as_deref()))
+    }
+
     /// The route of `model` as its config says, fallback included.
     pub fn configured(model: &str, config: &RouteConfig) -> Route {
         Route {

@@ -36,6 +36,8 @@ pub enum DecisionReason {
     Sticky,
     /// The version was drawn from the weighted split.
     Weighted,
+    /// The request continues a sequence: the version that served its start.
+    Sequence,
 }
 
 impl DecisionReason {
@@ -46,6 +48,7 @@ impl DecisionReason {
             Self::Rule(_) => "rule",
             Self::Sticky => "sticky",
             Self::Weighted => "weighted",
+            Self::Sequence => "sequence",
         }
     }
 }
@@ -286,6 +289,7 @@ mod tests {
         assert_eq!(DecisionReason::Rule(7).as_str(), "rule");
         assert_eq!(DecisionReason::Sticky.as_str(), "sticky");
         assert_eq!(DecisionReason::Weighted.as_str(), "weighted");
+        assert_eq!(DecisionReason::Sequence.as_str(), "sequence");
     }
 
     /// `demo` as in [`demo_table`] (70/30 over 1 and 2, dark 3), keyed on `x-user-id`,

@@ -920,6 +920,7 @@ mod tests {
                                 prop_assert!(route.weight(decision.version) > Some(0));
                             }
                             DecisionReason::Pinned => prop_assert!(false, "nothing was pinned"),
+                            DecisionReason::Sequence => prop_assert!(false, "no request here is in a sequence"),
                         }
                     }
                 }

@@ -86,6 +86,10 @@ pub enum WorkerError {
         /// Its value, in bytes.
         limit_bytes: u64,
     },
+    /// The request asks for something Aviary does not implement (a protocol
+    /// extension or parameter), named in the message.
+    #[error("{0}")]
+    Unimplemented(String),
     /// The worker's settings do not hold together: every problem, one per line.
     #[error("invalid worker settings:\n{0}")]
     Config(String),
@@ -125,6 +129,17 @@ impl WorkerError {
             WorkerError::Inference { .. } | WorkerError::Serve(_) => Code::Internal,
             WorkerError::Unavailable(_) | WorkerError::ModelControlOff { .. } => Code::Unavailable,
             WorkerError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            WorkerError::Unimplemented(_) => Code::Unimplemented,
+        }
+    }
+}
+
+impl From<aviary::parameters::ParameterError> for WorkerError {
+    fn from(error: aviary::parameters::ParameterError) -> WorkerError {
+        if error.unimplemented {
+            WorkerError::Unimplemented(error.to_string())
+        } else {
+            WorkerError::InvalidRequest(error.to_string())
         }
     }
 }

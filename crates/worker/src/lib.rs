@@ -22,6 +22,8 @@
 //! - [`batching`] and [`batcher`]: dynamic batching, its pure rules (settings from the
 //!   model card, which requests share a run, joining inputs and splitting outputs) and
 //!   the task that forms and runs batches.
+//! - [`classification`]: Triton's classification extension: an output's top classes
+//!   as `score:index[:label]` BYTES, labels from the model card.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
 //! - [`exposition`]: those statistics and the versions' states on `/metrics`.
@@ -42,6 +44,7 @@ pub mod admission;
 pub mod batcher;
 pub mod batching;
 pub mod catalog;
+pub mod classification;
 pub mod data_watch;
 pub mod default_prediction;
 pub mod drift;

@@ -24,6 +24,7 @@ use crate::{
     admission::Reservation,
     batcher,
     batching::{self, BatchSettings},
+    classification::Labels,
     default_prediction::DefaultPrediction,
     drift::DriftTracker,
     input_rules::InputRules,
@@ -129,6 +130,8 @@ pub struct LoadedModel {
     pub input_rules: Option<InputRules>,
     /// Drift tracking, when the card asks for it.
     pub drift: Option<DriftTracker>,
+    /// The card's labels of classification outputs.
+    pub labels: Labels,
     /// The model file it was loaded from.
     pub path: PathBuf,
     /// When loading finished.
@@ -235,6 +238,13 @@ impl LoadedModel {
             })
             .transpose()
             .map_err(load_error)?;
+        let labels = match &card {
+            Some(card) => {
+                let folder = path.parent().unwrap_or(Path::new("."));
+                Labels::from_card(&card.labels, &schema, folder).map_err(load_error)?
+            }
+            None => Labels::default(),
+        };
         let mut loaded = LoadedModel {
             model: model.to_owned(),
             version: version.to_owned(),
@@ -243,6 +253,7 @@ impl LoadedModel {
             default_prediction,
             input_rules,
             drift,
+            labels,
             path: path.to_owned(),
             loaded_at: SystemTime::now(),
             fingerprint,

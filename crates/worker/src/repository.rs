@@ -10,8 +10,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    WorkerError, batching::BatchingCard, default_prediction::DefaultValues, drift::DriftCard,
-    input_rules::InputRulesCard,
+    WorkerError, batching::BatchingCard, classification::LabelsCard,
+    default_prediction::DefaultValues, drift::DriftCard, input_rules::InputRulesCard,
 };
 
 /// File name of a version's ONNX model.
@@ -57,6 +57,15 @@ pub struct ModelCard {
     /// [`crate::drift`]).
     #[serde(default)]
     pub drift: Option<DriftCard>,
+    /// Labels of classification outputs, by output: a list, or a file beside the
+    /// model (see [`crate::classification`]).
+    #[serde(default)]
+    pub labels: BTreeMap<String, LabelsCard>,
+    /// Whether the version takes sequences (requests with a `sequence_id`): it keeps
+    /// no state between them, or the client carries it. A gateway keeps each
+    /// sequence on the version that served its start.
+    #[serde(default)]
+    pub sequences: bool,
 }
 
 /// Identity of a model file's contents as the filesystem sees it: replacing the file

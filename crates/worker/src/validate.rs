@@ -10,6 +10,7 @@
 //! field) and the reason, and maps to `INVALID_ARGUMENT`.
 
 use aviary::{
+    parameters,
     pb::inference::{
         InferTensorContents, ModelInferRequest, model_infer_request::InferInputTensor,
     },
@@ -162,6 +163,7 @@ pub struct Checked<'a> {
     /// One per model input, in graph order.
     inputs: Vec<Planned<'a>>,
     outputs: Vec<String>,
+    classifications: Classifications,
     cost: Option<u64>,
 }
 
@@ -217,6 +219,7 @@ pub fn check<'a>(
                 input.name
             )));
         }
+        parameters::check_input(&input.name, &input.parameters)?;
         let raw_contents = raw.get(index).map(|b| &b[..]);
         let (plan, input_cost) = plan_input(&schema.inputs[position], input, raw_contents)
             .map_err(|reason| {
@@ -248,9 +251,11 @@ pub fn check<'a>(
             names(&schema.inputs)
         )));
     }
+    let (outputs, classifications) = requested_outputs(schema, request)?;
     Ok(Checked {
         inputs: planned.into_iter().flatten().collect(),
-        outputs: requested_outputs(schema, request)?,
+        outputs,
+        classifications,
         cost,
     })
 }
@@ -260,6 +265,12 @@ impl Checked<'_> {
     /// `None` when that does not fit in a `u64`.
     pub fn cost(&self) -> Option<u64> {
         self.cost
+    }
+
+    /// The requested outputs to return as their top classes (Triton's classification
+    /// extension), and how many classes each.
+    pub fn classifications(&self) -> &[(String, u32)] {
+        &self.classifications
     }
 
     /// Decodes the inputs: converts and range-checks typed values, checks BYTES
@@ -291,14 +302,21 @@ impl Checked<'_> {
     }
 }
 
+/// Requested outputs asked for as their top classes, and how many classes each.
+pub type Classifications = Vec<(String, u32)>;
+
+/// The outputs to compute, in the order to return them, and those of them asked for
+/// as classes.
 fn requested_outputs(
     schema: &ModelSchema,
     request: &ModelInferRequest,
-) -> Result<Vec<String>, WorkerError> {
+) -> Result<(Vec<String>, Classifications), WorkerError> {
     if request.outputs.is_empty() {
-        return Ok(schema.outputs.iter().map(|o| o.name.clone()).collect());
+        let all = schema.outputs.iter().map(|o| o.name.clone()).collect();
+        return Ok((all, Vec::new()));
     }
     let mut outputs: Vec<String> = Vec::with_capacity(request.outputs.len());
+    let mut classifications = Vec::new();
     for requested in &request.outputs {
         if schema.output(&requested.name).is_none() {
             return Err(WorkerError::invalid(format!(
@@ -313,9 +331,12 @@ fn requested_outputs(
                 requested.name
             )));
         }
+        if let Some(classes) = parameters::read_output(&requested.name, &requested.parameters)? {
+            classifications.push((requested.name.clone(), classes));
+        }
         outputs.push(requested.name.clone());
     }
-    Ok(outputs)
+    Ok((outputs, classifications))
 }
 
 fn names(specs: &[TensorSpec]) -> String {

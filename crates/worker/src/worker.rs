@@ -13,6 +13,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use aviary::{
+    parameters,
     pb::inference::{
         InferParameter, ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse,
         ModelInput, ModelInstanceGroup, ModelMetadataResponse, ModelOutput, ModelParameter,
@@ -31,10 +32,10 @@ use crate::{
     DefaultPrediction, WorkerError,
     admission::{Admission, TensorLimits},
     catalog::Catalog,
-    default_prediction,
+    classification, default_prediction,
     input_rules::{self, MODE_PARAMETER, RuleMode},
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
-    model::{FINGERPRINT_PARAMETER, SessionOptions},
+    model::{FINGERPRINT_PARAMETER, LoadedModel, OutputTensor, SessionOptions},
     repository,
     stats::Timings,
     validate,
@@ -154,6 +155,54 @@ fn mode_of(request: &ModelInferRequest) -> Result<Option<RuleMode>, WorkerError>
     }
 }
 
+/// The request's own parameters, refusing any the worker does not know and a sequence
+/// sent to a version whose card does not take them.
+fn read_parameters(
+    model: &LoadedModel,
+    request: &ModelInferRequest,
+) -> Result<parameters::RequestParameters, WorkerError> {
+    let asked = parameters::read_request(&request.parameters, |name| name == MODE_PARAMETER)?;
+    if let Some(sequence) = &asked.sequence
+        && !model.card.as_ref().is_some_and(|card| card.sequences)
+    {
+        return Err(WorkerError::invalid(format!(
+            "parameter \"{}\": model '{}' version {} does not take sequences (sequence {} \
+             sent): its model card does not say `sequences = true`",
+            parameters::SEQUENCE_ID,
+            model.model,
+            model.version,
+            sequence.id
+        )));
+    }
+    Ok(asked)
+}
+
+/// `outputs` with those asked for as classes replaced by their top classes.
+fn classify(
+    model: &LoadedModel,
+    mut outputs: Vec<OutputTensor>,
+    classifications: &[(String, u32)],
+) -> Result<Vec<OutputTensor>, WorkerError> {
+    for (name, classes) in classifications {
+        let Some(output) = outputs.iter_mut().find(|o| &o.name == name) else {
+            continue;
+        };
+        // Row by row when the model's first dimension of the output is the batch.
+        let per_row = model
+            .schema
+            .output(name)
+            .is_some_and(|spec| spec.shape.first() == Some(&-1));
+        *output = classification::classify(output, *classes, per_row, model.labels.of(name))
+            .map_err(|reason| {
+                WorkerError::invalid(format!(
+                    "parameter \"{}\" of output \"{name}\": {reason}",
+                    parameters::CLASSIFICATION
+                ))
+            })?;
+    }
+    Ok(outputs)
+}
+
 /// Validates and runs one inference on `slot`, whatever version the request names,
 /// unless its `deadline` passes before a session is free. A caller holding the slot
 /// can use it even after the version is unloaded.
@@ -169,8 +218,25 @@ pub async fn infer_on(
     let started = Instant::now();
     let mut decoded = started;
     let model = slot.current();
+    let mut classifications = Vec::new();
     let result = async {
+        let asked = read_parameters(&model, &request)?;
+        let deadline = match asked.timeout {
+            Some(timeout) => Some(deadline.map_or(started + timeout, |d| d.min(started + timeout))),
+            None => deadline,
+        };
         let checked = validate::check(&model.schema, &request)?;
+        classifications = checked.classifications().to_vec();
+        for (name, _) in &classifications {
+            if let Some(spec) = model.schema.output(name) {
+                classification::classifiable(name, spec.datatype).map_err(|reason| {
+                    WorkerError::invalid(format!(
+                        "parameter \"{}\" of output \"{name}\": {reason}",
+                        parameters::CLASSIFICATION
+                    ))
+                })?;
+            }
+        }
         let reservation = slot.admission().admit(checked.cost())?;
         let validated = checked.decode()?;
         if let Some(rules) = &model.input_rules {
@@ -203,6 +269,7 @@ pub async fn infer_on(
             if let Some(drift) = &model.drift {
                 drift.record_outputs(&outputs);
             }
+            let outputs = classify(&model, outputs, &classifications)?;
             if telemetry::tracing_on() {
                 telemetry::record_stages(|| stage_spans(started, decoded, &timings, batch));
             }

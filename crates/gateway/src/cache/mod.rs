@@ -128,12 +128,7 @@ impl PredictionCache {
     pub fn cacheable(route: &Route, request: &ModelInferRequest) -> Option<Cacheable> {
         let ttl = route.cache_ttl?;
         // The parameters the route only routes by: the version they pick is in the key.
-        let routing_only: Vec<&str> = route
-            .sticky
-            .iter()
-            .filter_map(|s| s.parameter.as_deref())
-            .chain(route.rules.iter().filter_map(|r| r.parameter.as_deref()))
-            .collect();
+        let routing_only: Vec<&str> = route.routing_parameters().collect();
         Some(Cacheable {
             content: RequestHash::of(request, &routing_only),
             ttl,

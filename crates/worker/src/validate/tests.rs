@@ -585,17 +585,24 @@ fn inputs_come_back_in_schema_order_with_their_own_raw_contents() {
 }
 
 #[test]
-fn input_parameters_and_request_metadata_are_ignored() {
+fn request_metadata_is_not_checked_but_input_parameters_are_refused_by_name() {
     let mut request = with_outputs(valid_raw_request(), &["top"]);
     request.model_name = "whatever".to_owned();
     request.model_version = "7".to_owned();
     request.id = "req-1".to_owned();
-    request.inputs[0]
-        .parameters
-        .insert("binary_data_size".to_owned(), Default::default());
     let validated = validate(&model(), &request).expect("valid");
     assert_eq!(validated.inputs.len(), 2);
     assert_eq!(validated.outputs, vec!["top".to_owned()]);
+    request.inputs[0]
+        .parameters
+        .insert("binary_data_size".to_owned(), Default::default());
+    assert_invalid(
+        validate(&model(), &request),
+        &[
+            "parameter \"binary_data_size\" of input \"image\"",
+            "HTTP/REST",
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------------------
