@@ -22,6 +22,7 @@ Files written (layout `<repo>/<model>/<version>/model.onnx` + optional `model.to
     tests/models/fixed/1/model.onnx                    fixed [2, 3] input, y = 2 * x
     tests/slow-models/slow/1/model.onnx                deliberately slow: 640 x (MatMul + Tanh)
     tests/bench-models/tabular/1/model.{onnx,toml}     16 features -> 32 ReLU -> 3 classes
+    tests/warmup-models/reshape/1/model.onnx           Reshape(data, shape): fails on zeros
 
 The slow model lives in its own repository because tests of `tests/models` expect that
 folder's exact contents; it exists for drain and timeout tests that need requests to
@@ -45,6 +46,7 @@ DEMO_REPO = REPO / "deploy" / "local" / "models"
 TEST_REPO = REPO / "tests" / "models"
 SLOW_REPO = REPO / "tests" / "slow-models"
 BENCH_REPO = REPO / "tests" / "bench-models"
+WARMUP_REPO = REPO / "tests" / "warmup-models"
 
 # The slow model: SLOW_LAYERS x (MatMul with one shared WIDTH x WIDTH weight, Tanh).
 SLOW_WIDTH = 512
@@ -312,6 +314,21 @@ def fixed_model():
     return finish(graph, "y = 2 * x with a fully fixed [2, 3] FP32 shape.")
 
 
+def reshape_model():
+    """out = Reshape(data, shape): valid, but not for an all-zero `shape` (ONNX reads 0 as
+    "copy that dimension of data", which has only one): a zero-filled warm-up fails."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["data", "shape"], ["out"], name="reshape")],
+        "reshape",
+        inputs=[
+            helper.make_tensor_value_info("data", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        outputs=[helper.make_tensor_value_info("out", TensorProto.FLOAT, ["rows", "columns"])],
+    )
+    return finish(graph, "out = Reshape(data, shape): fails on an all-zero shape, as a zero-filled warm-up sends.")
+
+
 def slow_model():
     """y = tanh(...tanh(tanh(x @ W) @ W)... @ W), SLOW_LAYERS times, one shared W.
 
@@ -472,6 +489,7 @@ def build():
     write_bytes(TEST_REPO / "types/1/model.onnx", types_model().SerializeToString(), written)
     write_bytes(TEST_REPO / "fixed/1/model.onnx", fixed_model().SerializeToString(), written)
     write_bytes(SLOW_REPO / "slow/1/model.onnx", slow_model().SerializeToString(), written)
+    write_bytes(WARMUP_REPO / "reshape/1/model.onnx", reshape_model().SerializeToString(), written)
     tabular = demo_graph(
         tabular_params(),
         "tabular",

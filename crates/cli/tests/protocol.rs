@@ -263,3 +263,94 @@ fn sequence_requests_that_cannot_be_served_as_asked_are_refused() {
         "{status:?}"
     );
 }
+
+/// `tests/warmup-models/reshape` (fails on an all-zero `shape`) three times, as
+/// `default` (no card), `sampled` (card samples) and `unwarmed` (`warmup = "off"`).
+fn warmup_repository(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = repo_root().join("tests/warmup-models/reshape/1/model.onnx");
+    let cards = [
+        ("default", None),
+        (
+            "sampled",
+            Some(
+                "[warmup.inputs.data]\nshape = [4]\nvalues = [1.0, 2.0, 3.0, 4.0]\n\n\
+                 [warmup.inputs.shape]\nshape = [2]\nvalues = [2, 2]\n",
+            ),
+        ),
+        ("unwarmed", Some("warmup = \"off\"\n")),
+    ];
+    for (name, card) in cards {
+        let folder = dir.join(name).join("1");
+        std::fs::create_dir_all(&folder).expect("version folder");
+        std::fs::copy(&model, folder.join("model.onnx")).expect("model file");
+        if let Some(card) = card {
+            std::fs::write(folder.join("model.toml"), card).expect("card");
+        }
+    }
+    dir.to_owned()
+}
+
+#[test]
+fn warm_up_is_declared_by_the_card_and_a_failed_one_says_why() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_worker, addr) = start_worker_with(&warmup_repository(dir.path()), 1);
+    let runtime = runtime();
+    let index = runtime.block_on(async {
+        client(connect(&addr).await)
+            .repository_index(aviary::pb::inference::RepositoryIndexRequest::default())
+            .await
+            .expect("index")
+            .into_inner()
+            .models
+    });
+    let state = |name: &str| {
+        let entry = index
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} in {index:?}"));
+        (entry.state.clone(), entry.reason.clone())
+    };
+    let (default_state, reason) = state("default");
+    assert_eq!(default_state, "UNAVAILABLE", "{reason}");
+    assert!(
+        reason.contains("warm-up on zero-filled inputs (the default; declare sample inputs")
+            && reason.contains("failed: ")
+            && reason.contains("Reshape"),
+        "the reason says which warm-up failed, how to declare another, and ONNX Runtime's words: {reason}"
+    );
+    assert_eq!(state("sampled").0, "READY");
+    assert_eq!(state("unwarmed").0, "READY");
+    // Both serve.
+    for model in ["sampled", "unwarmed"] {
+        let response = runtime.block_on(async {
+            let request = ModelInferRequest {
+                model_name: model.into(),
+                inputs: vec![
+                    aviary::pb::inference::model_infer_request::InferInputTensor {
+                        name: "data".into(),
+                        datatype: "FP32".into(),
+                        shape: vec![4],
+                        ..Default::default()
+                    },
+                    aviary::pb::inference::model_infer_request::InferInputTensor {
+                        name: "shape".into(),
+                        datatype: "INT64".into(),
+                        shape: vec![2],
+                        ..Default::default()
+                    },
+                ],
+                raw_input_contents: vec![
+                    aviary::tensor::to_raw(&[1f32, 2.0, 3.0, 4.0]).into(),
+                    aviary::tensor::to_raw(&[1i64, 4]).into(),
+                ],
+                ..Default::default()
+            };
+            client(connect(&addr).await)
+                .model_infer(request)
+                .await
+                .unwrap_or_else(|s| panic!("{model}: {s:?}"))
+                .into_inner()
+        });
+        assert_eq!(response.outputs[0].shape, vec![1, 4], "{model}");
+    }
+}

@@ -176,17 +176,23 @@ fn example_raw(output: &DefaultOutput) -> Result<Vec<u8>, String> {
             output.shape
         ));
     }
-    match (&output.values, datatype) {
+    values_raw(&output.values, datatype)
+}
+
+/// Raw contents of `values` as a tensor of `datatype`: strings for BYTES; numbers
+/// otherwise, whole and in range for integers, 0 or 1 for BOOL.
+pub fn values_raw(values: &DefaultValues, datatype: Datatype) -> Result<Vec<u8>, String> {
+    match (values, datatype) {
         (DefaultValues::Texts(texts), Datatype::Bytes) => Ok(tensor::encode_bytes_elements(
             texts.iter().map(String::as_bytes),
         )),
         (DefaultValues::Numbers(numbers), Datatype::Bytes) if numbers.is_empty() => Ok(Vec::new()),
         (DefaultValues::Texts(texts), _) if texts.is_empty() => Ok(Vec::new()),
         (DefaultValues::Numbers(_), Datatype::Bytes) => {
-            Err("the output is BYTES: give strings".to_owned())
+            Err("the tensor is BYTES: give strings".to_owned())
         }
         (DefaultValues::Texts(_), _) => {
-            Err(format!("the output is {}: give numbers", datatype.as_str()))
+            Err(format!("the tensor is {}: give numbers", datatype.as_str()))
         }
         (DefaultValues::Numbers(numbers), _) => numbers_raw(numbers, datatype),
     }
@@ -339,7 +345,7 @@ mod tests {
             ),
             (
                 "[default_prediction]\nscores = [1, 2, 3]\nlabel = [1]\nflags = [0, 0]",
-                "default_prediction.label: the output is BYTES",
+                "default_prediction.label: the tensor is BYTES",
             ),
             (
                 "[default_prediction]\nscores = [1, 2, 3]\nlabel = [\"a\"]\nflags = [0.5, 0]",

@@ -24,6 +24,7 @@
 //!   the task that forms and runs batches.
 //! - [`classification`]: Triton's classification extension: an output's top classes
 //!   as `score:index[:label]` BYTES, labels from the model card.
+//! - [`warmup`]: the warm-up a model card declares (off, zeros or sample inputs).
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
 //! - [`exposition`]: those statistics and the versions' states on `/metrics`.
@@ -61,6 +62,7 @@ pub mod schema;
 pub mod server;
 pub mod stats;
 pub mod validate;
+pub mod warmup;
 pub mod worker;
 
 pub use admission::TensorLimits;

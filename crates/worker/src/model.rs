@@ -33,6 +33,7 @@ use crate::{
     schema::ModelSchema,
     stats::Timings,
     validate::{InputTensor, TensorData, ValidatedRequest},
+    warmup::Warmup,
 };
 
 /// How sessions are created for each model version.
@@ -170,8 +171,8 @@ fn content_hash(bytes: &[u8]) -> String {
 }
 
 impl LoadedModel {
-    /// Loads `path` into `options.instances` sessions and runs one warm-up inference on
-    /// zero-filled inputs. Blocking: call it off the async runtime.
+    /// Loads `path` into `options.instances` sessions and runs the warm-up its card
+    /// declares ([`Warmup`]). Blocking: call it off the async runtime.
     pub fn load(
         model: &str,
         version: &str,
@@ -269,37 +270,31 @@ impl LoadedModel {
             permits: Arc::new(Semaphore::new(instances)),
             instances,
         };
+        let warmup = Warmup::from_card(
+            loaded.card.as_ref().and_then(|c| c.warmup.as_ref()),
+            &loaded.schema,
+            path.parent().unwrap_or(Path::new(".")),
+        )
+        .map_err(|e| load_error(format!("model card: {e}")))?;
         loaded.inline.measured = loaded
-            .warm_up(options.inline_max)
-            .map_err(|e| load_error(format!("warm-up inference failed: {e}")))?;
+            .warm_up(&warmup, options.inline_max)
+            .map_err(|e| load_error(format!("{} failed: {e}", warmup.describe())))?;
         tracing::info!(model, version, inline = ?loaded.inline, "warmed up");
         Ok(loaded)
     }
 
-    /// Runs every session once on zero-filled inputs (variable dimensions = 1), so the
+    /// Runs every session once on `warmup`'s inputs (none when it is off), so the
     /// first real request does not pay for ORT's lazy initialisation; then, if that
     /// was fast enough to matter, times [`TIMING_RUNS`] more runs for the
     /// [`InlinePolicy`]: their median and the warm-up's input elements.
-    fn warm_up(&self, inline_max: Duration) -> Result<Option<(Duration, u64)>, String> {
-        let inputs: Vec<InputTensor> = self
-            .schema
-            .inputs
-            .iter()
-            .map(|spec| {
-                let shape: Vec<i64> = spec
-                    .shape
-                    .iter()
-                    .map(|&d| if d < 0 { 1 } else { d })
-                    .collect();
-                let count = tensor::element_count(&shape).unwrap_or(0);
-                InputTensor {
-                    name: spec.name.clone(),
-                    shape,
-                    data: zeros(spec.datatype, count),
-                }
-            })
-            .collect();
-        let outputs: Vec<String> = self.schema.outputs.iter().map(|o| o.name.clone()).collect();
+    fn warm_up(
+        &self,
+        warmup: &Warmup,
+        inline_max: Duration,
+    ) -> Result<Option<(Duration, u64)>, String> {
+        let Some(ValidatedRequest { inputs, outputs }) = warmup.request(&self.schema) else {
+            return Ok(None);
+        };
         let mut idle = self
             .idle
             .lock()
@@ -600,25 +595,6 @@ fn encode_output(name: &str, value: &DynValue) -> Result<OutputTensor, String> {
         shape,
         raw,
     })
-}
-
-fn zeros(datatype: Datatype, count: usize) -> TensorData {
-    match datatype {
-        Datatype::Bool => TensorData::Bool(vec![false; count]),
-        Datatype::Uint8 => TensorData::Uint8(vec![0; count]),
-        Datatype::Uint16 => TensorData::Uint16(vec![0; count]),
-        Datatype::Uint32 => TensorData::Uint32(vec![0; count]),
-        Datatype::Uint64 => TensorData::Uint64(vec![0; count]),
-        Datatype::Int8 => TensorData::Int8(vec![0; count]),
-        Datatype::Int16 => TensorData::Int16(vec![0; count]),
-        Datatype::Int32 => TensorData::Int32(vec![0; count]),
-        Datatype::Int64 => TensorData::Int64(vec![0; count]),
-        Datatype::Fp16 => TensorData::Fp16(vec![half::f16::ZERO; count]),
-        Datatype::Bf16 => TensorData::Bf16(vec![half::bf16::ZERO; count]),
-        Datatype::Fp32 => TensorData::Fp32(vec![0.0; count]),
-        Datatype::Fp64 => TensorData::Fp64(vec![0.0; count]),
-        Datatype::Bytes => TensorData::Bytes(vec![String::new(); count]),
-    }
 }
 
 #[cfg(test)]

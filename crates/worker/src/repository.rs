@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     WorkerError, batching::BatchingCard, classification::LabelsCard,
     default_prediction::DefaultValues, drift::DriftCard, input_rules::InputRulesCard,
+    warmup::WarmupCard,
 };
 
 /// File name of a version's ONNX model.
@@ -66,6 +67,10 @@ pub struct ModelCard {
     /// sequence on the version that served its start.
     #[serde(default)]
     pub sequences: bool,
+    /// The warm-up every session runs at load (see [`crate::warmup`]); absent: zeros,
+    /// or none for a model with a BYTES input.
+    #[serde(default)]
+    pub warmup: Option<WarmupCard>,
 }
 
 /// Identity of a model file's contents as the filesystem sees it: replacing the file
