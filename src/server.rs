@@ -158,6 +158,7 @@ where
         let _ = draining_tx.send(());
     };
     let serving = tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(ClientDeadline))
         .add_service(Guarded::new(health_service, checks.clone()))
         .add_service(Guarded::new(reflection_v1, checks.clone()))
         .add_service(Guarded::new(reflection_v1alpha, checks.clone()))
@@ -278,30 +279,18 @@ pub fn server_metadata() -> ServerMetadataResponse {
     }
 }
 
-/// The inference service, answering with the codes the protocol documents (and Triton
-/// clients match) where tonic's defaults differ:
-///
-/// - the errors tonic's codec gives a client's own bad message become client codes: a
-///   message over the size limit is RESOURCE_EXHAUSTED (tonic: OUT_OF_RANGE), bytes
-///   that do not decode as the request INVALID_ARGUMENT (tonic: INTERNAL, for any
-///   parse error), the message kept. Only answers that carry their status in the
-///   headers (a unary call refused before it ran) are looked at;
-/// - a client's `grpc-timeout` that passes before the answer is DEADLINE_EXCEEDED.
-///   tonic's server enforces it too but answers CANCELLED "Timeout expired"; this
-///   timer starts before tonic's (tonic creates its own after calling this service),
-///   ends a tick earlier, and is polled first (tonic polls the call before its
-///   timer), so it always wins.
+/// The inference service, with the codes of the errors tonic's codec gives a client's
+/// own bad message turned into client codes, as the protocol documents them (and
+/// Triton clients match): a message over the size limit is RESOURCE_EXHAUSTED (tonic:
+/// OUT_OF_RANGE), bytes that do not decode as the request INVALID_ARGUMENT (tonic:
+/// INTERNAL, for any parse error). The message is kept. Only answers that carry their
+/// status in the headers (a unary call refused before it ran) are looked at.
 #[derive(Debug, Clone)]
 pub struct ClientErrorCodes<S>(pub S);
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for ClientErrorCodes<S> {
     const NAME: &'static str = S::NAME;
 }
-
-/// The resolution of tokio's timers.
-const TIMER_TICK: Duration = Duration::from_millis(1);
-
-type HttpAnswer<E> = Result<http::Response<tonic::body::Body>, E>;
 
 impl<S, B> tonic::codegen::Service<http::Request<B>> for ClientErrorCodes<S>
 where
@@ -310,8 +299,46 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(Self::Response) -> Self::Response>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use futures::TryFutureExt;
+        self.0.call(request).map_ok(client_error_code)
+    }
+}
+
+/// Every call of a server, answered DEADLINE_EXCEEDED when the client's `grpc-timeout`
+/// passes first. tonic's server enforces that timeout too, but answers CANCELLED
+/// "Timeout expired". This is a layer of the whole server, so tonic calls it (and its
+/// timer starts) before tonic starts its own; the timer also ends a tick (1 ms) early,
+/// and tokio fires timers in deadline order, tick by tick; and tonic polls the call
+/// before its timer. So whenever tonic's timer has fired, this one has, and its answer
+/// is the one given. (A per-service wrapper would not do: tonic's router calls a
+/// service only when its answer is first polled, after tonic's timer started.)
+#[derive(Debug, Clone)]
+pub struct ClientDeadline<S>(pub S);
+
+/// The resolution of tokio's timers.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+type HttpAnswer<E> = Result<http::Response<tonic::body::Body>, E>;
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for ClientDeadline<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
     type Future = futures::future::Either<
-        futures::future::MapOk<S::Future, fn(Self::Response) -> Self::Response>,
+        S::Future,
         Pin<Box<dyn Future<Output = HttpAnswer<S::Error>> + Send>>,
     >;
 
@@ -323,31 +350,24 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        use futures::{TryFutureExt, future::Either};
+        use futures::future::Either;
         let timeout = grpc_timeout_header(request.headers());
-        let answer = self
-            .0
-            .call(request)
-            .map_ok(client_error_code as fn(Self::Response) -> Self::Response);
-        match timeout {
-            None => Either::Left(answer),
-            Some(timeout) => {
-                // The timer starts now, not when the answer is first polled, and ends a
-                // timer tick (1 ms) before the client's: tokio fires timers tick by
-                // tick, so this one has fired whenever tonic's has.
-                let timed = tokio::time::timeout(timeout.saturating_sub(TIMER_TICK), answer);
-                Either::Right(Box::pin(async move {
-                    match timed.await {
-                        Ok(answer) => answer,
-                        Err(_) => Ok(Status::deadline_exceeded(format!(
-                            "deadline exceeded: the client's grpc-timeout of {timeout:?} passed \
-                         before an answer"
-                        ))
-                        .into_http()),
-                    }
-                }))
+        let answer = self.0.call(request);
+        let Some(timeout) = timeout else {
+            return Either::Left(answer);
+        };
+        // Created now, not when first polled: its deadline is fixed from this moment.
+        let timed = tokio::time::timeout(timeout.saturating_sub(TIMER_TICK), answer);
+        Either::Right(Box::pin(async move {
+            match timed.await {
+                Ok(answer) => answer,
+                Err(_) => Ok(Status::deadline_exceeded(format!(
+                    "deadline exceeded: the client's grpc-timeout of {timeout:?} passed before \
+                     an answer"
+                ))
+                .into_http()),
             }
-        }
+        }))
     }
 }
 

@@ -468,6 +468,52 @@ def types_inputs():
     return inputs
 
 
+# Binary BYTES elements: NUL bytes, invalid UTF-8, the start of a JPEG and a PNG file,
+# 64 KiB of every byte value; ONNX Runtime's strings hold any bytes.
+BINARY = np.array(
+    [
+        b"a\x00b",
+        b"\xff\xfe\xfd",
+        b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+        bytes(range(256)) * 256,
+        b"",
+    ],
+    dtype=np.object_,
+)
+
+
+@pytest.mark.parametrize("binary_data", [True, False], ids=["binary", "contents"])
+def test_binary_bytes_pass_through(client, stub, binary_data):
+    """out_bytes = Identity(in_bytes): arbitrary binary elements come back byte for byte."""
+    types = dict((t, arr) for t, _, arr in TYPES)
+    types["bytes"] = BINARY
+    if binary_data:
+        inputs = []
+        for t, dt, _ in TYPES:
+            inp = grpcclient.InferInput(f"in_{t}", [len(types[t])], dt)
+            inp.set_data_from_numpy(types[t])
+            inputs.append(inp)
+        got = client.infer("types", inputs).as_numpy("out_bytes")
+        assert [bytes(v) for v in got.tolist()] == BINARY.tolist()
+    else:
+        request = service_pb2.ModelInferRequest(model_name="types")
+        for t, dt, arr in TYPES:
+            tensor = request.inputs.add(name=f"in_{t}", datatype=dt, shape=[len(types[t])])
+            request.raw_input_contents.append(
+                b"".join(len(e).to_bytes(4, "little") + e for e in types[t]) if dt == "BYTES" else arr.tobytes()
+            )
+        response = stub.ModelInfer(request)
+        index = [o.name for o in response.outputs].index("out_bytes")
+        raw = response.raw_output_contents[index]
+        elements, at = [], 0
+        while at < len(raw):
+            size = int.from_bytes(raw[at : at + 4], "little")
+            elements.append(raw[at + 4 : at + 4 + size])
+            at += 4 + size
+        assert elements == BINARY.tolist()
+
+
 def test_types_round_trip(client):
     """tests/models/types: out_<t> = Identity(in_<t>) for every KServe datatype."""
     result = client.infer("types", types_inputs())

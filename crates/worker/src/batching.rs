@@ -223,7 +223,9 @@ mod tests {
                 InputTensor {
                     name: "s".into(),
                     shape: vec![rows as i64],
-                    data: TensorData::Bytes((0..rows).map(|i| format!("r{i}")).collect()),
+                    data: TensorData::Bytes(
+                        (0..rows).map(|i| format!("r{i}").into_bytes()).collect(),
+                    ),
                 },
             ],
             outputs: vec!["y".into()],
@@ -240,7 +242,7 @@ mod tests {
         );
         assert_eq!(
             joined.inputs[1].data,
-            TensorData::Bytes(vec!["r0".into(), "r0".into(), "r1".into()])
+            TensorData::Bytes(vec![b"r0".to_vec(), b"r0".to_vec(), b"r1".to_vec()])
         );
         assert_eq!(
             BatchKey::of(&request(1, 0.0)),

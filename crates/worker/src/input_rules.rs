@@ -540,9 +540,9 @@ impl Rule {
         None
     }
 
-    fn judge_text(&self, value: &str) -> Option<(Broken, String)> {
+    fn judge_text(&self, value: &[u8]) -> Option<(Broken, String)> {
         let allowed = self.allowed_strings.as_ref()?;
-        (!allowed.iter().any(|a| a == value)).then(|| {
+        (!allowed.iter().any(|a| a.as_bytes() == value)).then(|| {
             let listed: Vec<String> = allowed.iter().map(|v| format!("{v:?}")).collect();
             (
                 Broken::NotAllowed,
@@ -639,14 +639,14 @@ impl InputRule {
         first
     }
 
-    fn scan_texts(&self, values: &[String], mode: RuleMode) -> Option<Violation> {
+    fn scan_texts(&self, values: &[Vec<u8>], mode: RuleMode) -> Option<Violation> {
         let mut first = None;
         for (index, value) in values.iter().enumerate() {
             let (position, rule) = self.rule_of(index);
             if let Some((broken, words)) = rule.judge_text(value) {
                 self.count(position, broken);
                 if first.is_none() {
-                    let shown = format!("{value:?}");
+                    let shown = format!("{:?}", String::from_utf8_lossy(value));
                     first = Some(self.violation(index, position, shown, words, broken));
                 }
                 if mode == RuleMode::Reject {

@@ -25,6 +25,8 @@
 //! - [`classification`]: Triton's classification extension: an output's top classes
 //!   as `score:index[:label]` BYTES, labels from the model card.
 //! - [`warmup`]: the warm-up a model card declares (off, zeros or sample inputs).
+//! - [`string_tensors`]: ONNX string tensors written from and read as bytes (the
+//!   worker's only `unsafe` code: ONNX Runtime's C API).
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
 //! - [`exposition`]: those statistics and the versions' states on `/metrics`.
@@ -39,7 +41,9 @@
 //! - [`server`]: the v2 gRPC service over a [`Worker`] and the standalone worker
 //!   server (the runner itself is `aviary::server`, shared with the gateway).
 //! - [`error`]: [`WorkerError`] and its mapping to gRPC statuses.
-#![forbid(unsafe_code)]
+// One module reads ONNX Runtime string tensors through its C API (`string_tensors`,
+// each `unsafe` block with its reasons); nothing else may use `unsafe`.
+#![deny(unsafe_code)]
 
 pub mod admission;
 pub mod batcher;
@@ -61,6 +65,7 @@ pub mod runtime;
 pub mod schema;
 pub mod server;
 pub mod stats;
+pub mod string_tensors;
 pub mod validate;
 pub mod warmup;
 pub mod worker;

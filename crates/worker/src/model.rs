@@ -32,6 +32,7 @@ use crate::{
     runtime,
     schema::ModelSchema,
     stats::Timings,
+    string_tensors,
     validate::{InputTensor, TensorData, ValidatedRequest},
     warmup::Warmup,
 };
@@ -533,7 +534,9 @@ fn to_values(inputs: Vec<InputTensor>) -> Result<Vec<(String, DynValue)>, String
                 TensorData::Fp32(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
                 TensorData::Fp64(v) => Tensor::from_array((shape, v)).map(Tensor::into_dyn),
                 TensorData::Bytes(v) => {
-                    Tensor::from_string_array((shape, &v[..])).map(Tensor::into_dyn)
+                    return string_tensors::write(shape, &v)
+                        .map(|v| (input.name.clone(), v))
+                        .map_err(|e| format!("input \"{}\": {e}", input.name));
                 }
             };
             value
@@ -580,8 +583,15 @@ fn encode_output(name: &str, value: &DynValue) -> Result<OutputTensor, String> {
             (shape.to_vec(), tensor::to_raw(&bits))
         }
         TensorElementType::String => {
-            let (shape, strings) = value.try_extract_strings().map_err(fail)?;
-            (shape.to_vec(), tensor::encode_bytes_elements(&strings))
+            let shape = match value.dtype() {
+                ValueType::Tensor { shape, .. } => shape.to_vec(),
+                _ => Vec::new(),
+            };
+            let count = tensor::element_count(&shape)
+                .ok_or_else(|| format!("output \"{name}\": shape {shape:?}"))?;
+            let elements = string_tensors::read(value, count)
+                .map_err(|e| format!("output \"{name}\": {e}"))?;
+            (shape, tensor::encode_bytes_elements(&elements))
         }
         other => {
             return Err(format!(

@@ -51,8 +51,8 @@ pub enum TensorData {
     Fp32(Vec<f32>),
     /// FP64.
     Fp64(Vec<f64>),
-    /// BYTES, as ONNX strings.
-    Bytes(Vec<String>),
+    /// BYTES: any bytes but NUL, as ONNX string tensors hold them.
+    Bytes(Vec<Vec<u8>>),
 }
 
 impl TensorData {
@@ -449,7 +449,7 @@ fn check_raw(datatype: Datatype, raw: &[u8], count: usize) -> Result<usize, Stri
 fn decode_raw(datatype: Datatype, raw: &[u8], count: usize) -> Result<TensorData, String> {
     let Some(size) = datatype.element_size() else {
         let elements = tensor::BytesElementsIter::new(raw).map_while(Result::ok);
-        return utf8_strings(elements, count).map(TensorData::Bytes);
+        return Ok(TensorData::Bytes(byte_strings(elements, count)));
     };
     // `check_raw` made the length count × size, so every chunk is one element wide.
     let chunks = raw.chunks_exact(size);
@@ -492,25 +492,13 @@ fn u64_le(c: &[u8]) -> u64 {
     u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
 }
 
-/// Turns checked BYTES elements into ONNX strings; `count` is how many there are (the
-/// check walked them), so the vector is allocated once.
-fn utf8_strings<'a>(
-    elements: impl Iterator<Item = &'a [u8]>,
-    count: usize,
-) -> Result<Vec<String>, String> {
+/// Turns checked BYTES elements into ONNX string elements: any bytes (binary data,
+/// encoded images, text in any encoding), as ONNX Runtime's strings hold them. `count`
+/// is how many there are (the check walked them), so the vector is allocated once.
+fn byte_strings<'a>(elements: impl Iterator<Item = &'a [u8]>, count: usize) -> Vec<Vec<u8>> {
     let mut strings = Vec::with_capacity(count);
-    for (i, e) in elements.enumerate() {
-        if e.contains(&0) {
-            return Err(format!(
-                "BYTES element {i} contains a NUL byte, which ONNX Runtime string tensors cannot hold"
-            ));
-        }
-        let string = String::from_utf8(e.to_vec()).map_err(|_| {
-            format!("BYTES element {i} is not valid UTF-8 (ONNX string tensors hold UTF-8 text)")
-        })?;
-        strings.push(string);
-    }
-    Ok(strings)
+    strings.extend(elements.map(<[u8]>::to_vec));
+    strings
 }
 
 /// Which typed `contents` field carries a datatype.

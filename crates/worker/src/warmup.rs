@@ -187,7 +187,7 @@ fn zeros(datatype: Datatype, count: usize) -> validate::TensorData {
         Datatype::Bf16 => TensorData::Bf16(vec![half::bf16::ZERO; count]),
         Datatype::Fp32 => TensorData::Fp32(vec![0.0; count]),
         Datatype::Fp64 => TensorData::Fp64(vec![0.0; count]),
-        Datatype::Bytes => TensorData::Bytes(vec![String::new(); count]),
+        Datatype::Bytes => TensorData::Bytes(vec![Vec::new(); count]),
     }
 }
 
@@ -244,7 +244,10 @@ values = ["a photo of a cat", "ünïcode"]"#,
         };
         assert_eq!(
             request.inputs[0].data,
-            validate::TensorData::Bytes(vec!["a photo of a cat".into(), "ünïcode".into()])
+            validate::TensorData::Bytes(vec![
+                b"a photo of a cat".to_vec(),
+                "ünïcode".as_bytes().to_vec()
+            ])
         );
         let zeros = Warmup::Zeros.request(&numbers).expect("a request");
         assert_eq!(zeros.inputs[0].shape, vec![1, 4]);

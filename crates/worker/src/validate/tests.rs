@@ -316,9 +316,9 @@ fn raw_cases() -> Vec<(Datatype, Vec<u8>, TensorData)> {
             Datatype::Bytes,
             encode_bytes_elements(["", "héllo wörld", "a\tb"]),
             TensorData::Bytes(vec![
-                String::new(),
-                "héllo wörld".to_owned(),
-                "a\tb".to_owned(),
+                Vec::new(),
+                "héllo wörld".as_bytes().to_vec(),
+                b"a\tb".to_vec(),
             ]),
         ),
     ]
@@ -417,9 +417,9 @@ fn typed_cases() -> Vec<(Datatype, InferTensorContents, TensorData)> {
             Datatype::Bytes,
             byte_strings(&[b"", "héllo wörld".as_bytes(), b"a\tb"]),
             TensorData::Bytes(vec![
-                String::new(),
-                "héllo wörld".to_owned(),
-                "a\tb".to_owned(),
+                Vec::new(),
+                "héllo wörld".as_bytes().to_vec(),
+                b"a\tb".to_vec(),
             ]),
         ),
     ]
@@ -572,7 +572,7 @@ fn inputs_come_back_in_schema_order_with_their_own_raw_contents() {
     );
     assert_eq!(
         validated.inputs[1].data,
-        TensorData::Bytes(vec!["a".to_owned(), "bb".to_owned()])
+        TensorData::Bytes(vec![b"a".to_vec(), b"bb".to_vec()])
     );
 
     let request = typed_request(vec![
@@ -1192,38 +1192,27 @@ fn malformed_raw_bytes_are_rejected() {
 }
 
 #[test]
-fn bytes_must_be_utf8() {
+fn bytes_may_be_any_binary_data_but_nul() {
     let payload = encode_bytes_elements([&b"fine"[..], b"\xff\xfe"]);
-    assert_invalid(
-        validate(&model(), &raw_label(&[2], payload)),
-        &["input \"label\"", "BYTES element 1 is not valid UTF-8"],
+    let validated = validate(&model(), &raw_label(&[2], payload)).expect("binary BYTES");
+    assert_eq!(
+        validated.inputs[1].data,
+        TensorData::Bytes(vec![b"fine".to_vec(), b"\xff\xfe".to_vec()])
     );
-
     let request = typed_request(vec![
         typed("image", "FP32", &[1, 3], fp32s(&[0.0; 3])),
         typed("label", "BYTES", &[2], byte_strings(&[b"\xc3", b"ok"])),
     ]);
-    assert_invalid(
-        validate(&model(), &request),
-        &["input \"label\"", "BYTES element 0 is not valid UTF-8"],
-    );
+    assert!(validate(&model(), &request).is_ok());
 }
 
 #[test]
-fn bytes_must_not_hold_nul() {
-    let payload = encode_bytes_elements(["ok", "a\0b"]);
-    assert_invalid(
-        validate(&model(), &raw_label(&[2], payload)),
-        &["input \"label\"", "BYTES element 1 contains a NUL byte"],
-    );
-
-    let request = typed_request(vec![
-        typed("image", "FP32", &[1, 3], fp32s(&[0.0; 3])),
-        typed("label", "BYTES", &[1], byte_strings(&[b"\0"])),
-    ]);
-    assert_invalid(
-        validate(&model(), &request),
-        &["input \"label\"", "BYTES element 0 contains a NUL byte"],
+fn bytes_may_hold_nul() {
+    let payload = encode_bytes_elements([&b"ok"[..], b"a\0b", b"\0"]);
+    let validated = validate(&model(), &raw_label(&[3], payload)).expect("NUL is data");
+    assert_eq!(
+        validated.inputs[1].data,
+        TensorData::Bytes(vec![b"ok".to_vec(), b"a\0b".to_vec(), b"\0".to_vec()])
     );
 }
 
@@ -1515,7 +1504,9 @@ impl Case {
     fn expected(&self) -> TensorData {
         match &self.elements {
             Elements::Fp32(v) => TensorData::Fp32(v.clone()),
-            Elements::Bytes(v) => TensorData::Bytes(v.clone()),
+            Elements::Bytes(v) => {
+                TensorData::Bytes(v.iter().map(|s| s.clone().into_bytes()).collect())
+            }
             Elements::Int8(v) => TensorData::Int8(v.clone()),
         }
     }
