@@ -22,6 +22,9 @@ import threading
 import time
 from pathlib import Path
 
+import json
+import shutil
+
 import grpc
 import ml_dtypes
 import numpy as np
@@ -72,14 +75,14 @@ def _pump(stream, sink):
     stream.close()
 
 
-@pytest.fixture(scope="session")
-def server():
+def launch(config: Path) -> Server:
+    """Starts `aviary serve --config config` on ephemeral ports; fails the test if it does not listen."""
     binary = aviary_bin()
     if not binary.is_file():
         pytest.fail(f"aviary binary not found at {binary} (build it with `cargo build` or set AVIARY_BIN)")
 
     proc = subprocess.Popen(
-        [str(binary), "serve", "--config", str(CONFIG), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        [str(binary), "serve", "--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -118,10 +121,14 @@ def server():
         pytest.fail(
             f"{e}\n--- aviary stdout ---\n{''.join(stdout_seen)}\n--- aviary stderr ---\n{''.join(stderr_lines)}"
         )
+    return Server(proc, address, stderr_lines)
 
-    srv = Server(proc, address, stderr_lines)
+
+@pytest.fixture(scope="session")
+def server():
+    srv = launch(CONFIG)
     yield srv
-    _stop(proc)
+    _stop(srv.proc)
 
 
 def _stop(proc: subprocess.Popen):
@@ -665,3 +672,93 @@ def test_sequence_to_a_model_without_sequences_is_refused(client):
         client.infer("types", types_inputs(), sequence_id=3, sequence_start=True)
     assert status_of(ei.value) == str(grpc.StatusCode.INVALID_ARGUMENT), ei.value.message()
     assert "does not take sequences" in ei.value.message(), ei.value.message()
+
+
+# --------------------------------------------------------------------------- RepositoryModelLoad
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    """A gateway with model control "explicit" over a copy of the demo model, routing version 2."""
+    root = tmp_path_factory.mktemp("control")
+    shutil.copytree(MODELS / "demo", root / "models" / "demo")
+    config = root / "aviary.toml"
+    config.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\nmodel_control = "explicit"\n\n'
+        '[admin]\nlisten = "127.0.0.1:0"\n\n'
+        f'[repository]\npath = "{root / "models"}"\n\n'
+        '[routes.demo]\nversions = [ { version = "2", weight = 1 } ]\n'
+    )
+    srv = launch(config)
+    c = grpcclient.InferenceServerClient(url=srv.address)
+    yield c, root / "models"
+    c.close()
+    _stop(srv.proc)
+
+
+def ready_versions(c):
+    return sorted(m.version for m in c.get_model_repository_index().models if m.name == "demo" and m.state == "READY")
+
+
+def test_load_time_config_override_changes_the_settings(control):
+    c, _ = control
+    override = {
+        "max_batch_size": 8,
+        "dynamic_batching": {"preferred_batch_size": [4], "max_queue_delay_microseconds": 200},
+        "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+        "version_policy": {"latest": {"num_versions": 1}},
+    }
+    c.load_model("demo", config=json.dumps(override))
+    config = c.get_model_config("demo", as_json=True)["config"]
+    assert config["max_batch_size"] == 8, config
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4], config
+    assert config["instance_group"][0]["count"] == 2, config
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}, config
+    assert ready_versions(c) == ["2"], "latest 1 keeps only version 2"
+    result = c.infer("demo", [demo_input()])
+    assert_demo_outputs("2", result.as_numpy("probabilities"), result.as_numpy("label"))
+    # A load without an override goes back to the repository's settings.
+    c.load_model("demo")
+    config = c.get_model_config("demo", as_json=True)["config"]
+    assert config.get("max_batch_size", 0) == 0 and "dynamic_batching" not in config, config
+    assert ready_versions(c) == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "override,code,says",
+    [
+        ("{not json", grpc.StatusCode.INVALID_ARGUMENT, 'parameter "config": not JSON'),
+        ('{"input": []}', grpc.StatusCode.INVALID_ARGUMENT, "config.input: Aviary does not take this field"),
+        ('{"max_batch_size": 4}', grpc.StatusCode.INVALID_ARGUMENT, "config.max_batch_size: above 0"),
+        (
+            '{"instance_group": [{"count": 1, "kind": "KIND_GPU"}]}',
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "config.instance_group: kind KIND_GPU",
+        ),
+        (
+            '{"model_warmup": [{"name": "w", "batch_size": 1, "inputs": {"input": {"random_data": true}}}]}',
+            grpc.StatusCode.UNIMPLEMENTED,
+            "config.model_warmup",
+        ),
+    ],
+    ids=["malformed", "input", "batch-without-batching", "gpu", "random-warmup"],
+)
+def test_load_time_config_override_refusals(control, override, code, says):
+    c, _ = control
+    with pytest.raises(InferenceServerException) as ei:
+        c.load_model("demo", config=override)
+    assert status_of(ei.value) == str(code), (status_of(ei.value), ei.value.message())
+    assert ei.value.message().startswith(says), ei.value.message()
+
+
+def test_file_override_loads_supplied_model_bytes(control):
+    c, models = control
+    onnx = (MODELS / "demo" / "1" / "model.onnx").read_bytes()
+    c.load_model("demo", config="{}", files={"file:3/model.onnx": onnx})
+    assert (models / "demo" / "3" / "model.onnx").read_bytes() == onnx
+    assert "3" in ready_versions(c)
+    with pytest.raises(InferenceServerException) as ei:
+        c.load_model("demo", config="{}", files={"file:../evil/model.onnx": onnx})
+    assert status_of(ei.value) == str(grpc.StatusCode.INVALID_ARGUMENT), ei.value.message()
+    assert ei.value.message().startswith('parameter "file:../evil/model.onnx"'), ei.value.message()
+    assert not (models / "evil").exists()

@@ -538,12 +538,16 @@ impl Control {
     /// Triton's RepositoryModelLoad on the embedded worker: load or reload the model's
     /// versions as its policy says, then rebuild the routes. A model without a route in
     /// force (unloaded before) gets the config file's route for it back, if any.
-    pub async fn load_model(&self, model: &str) -> Result<u64, GatewayError> {
+    pub async fn load_model(
+        &self,
+        model: &str,
+        request: aviary_worker::load_request::LoadRequest,
+    ) -> Result<u64, GatewayError> {
         let worker = self.embedded()?;
         let mut writer = self.writer.lock().await;
         let routing = self.routing.load_full();
         let may_unload = |m: &str, v: u64| routing.weight(m, &v.to_string()) == 0;
-        let result = worker.load_model(model, &may_unload).await;
+        let result = worker.load_model(model, request, &may_unload).await;
         match &result {
             Ok(report) => self.audit_report(report),
             Err(error) => self.audit_version("load", model, "", Err(error)),

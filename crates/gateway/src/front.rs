@@ -779,11 +779,18 @@ impl GrpcInferenceService for Front {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let model = request.into_inner().model_name;
+        let request = request.into_inner();
+        let model = request.model_name;
         self.model_control
             .allow("RepositoryModelLoad", &model)
             .map_err(GatewayError::from)?;
-        let generation = self.control.load_model(&model).await?;
+        let load = aviary_worker::load_request::read(
+            &model,
+            &request.repository_name,
+            &request.parameters,
+        )
+        .map_err(GatewayError::from)?;
+        let generation = self.control.load_model(&model, load).await?;
         tracing::info!(%model, generation, "model loaded through RepositoryModelLoad");
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }

@@ -33,6 +33,8 @@
 //! - [`catalog`]: the loaded and failed versions as pure data, and the look-ups on them.
 //! - [`lifecycle`]: load, reload, unload, version policies and repository sync, applied
 //!   to a catalog it is given.
+//! - [`load_request`]: what a RepositoryModelLoad asks beyond the load: a `config`
+//!   override of the settings Aviary has, and model files supplied by the client.
 //! - [`loader`]: the low-priority threads that load model files and free old ones.
 //! - [`worker`]: a catalog and its lifecycle composed into a [`Worker`], and the v2
 //!   operations on it.
@@ -57,6 +59,7 @@ pub mod error;
 pub mod exposition;
 pub mod input_rules;
 pub mod lifecycle;
+pub mod load_request;
 pub mod loader;
 pub mod model;
 pub mod model_control;

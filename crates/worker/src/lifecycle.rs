@@ -27,6 +27,7 @@ use crate::{
     WorkerError,
     admission::Admission,
     catalog::{Catalog, Failure, VersionSlot},
+    load_request::ModelOverride,
     loader,
     model::{LoadedModel, SessionOptions},
     repository::{self, VersionEntry},
@@ -95,6 +96,9 @@ pub(crate) struct Lifecycle {
     session: SessionOptions,
     default_policy: VersionPolicy,
     policies: BTreeMap<String, VersionPolicy>,
+    /// Settings of models loaded with a load-time `config` override, until they are
+    /// loaded again without one.
+    overrides: std::sync::Mutex<BTreeMap<String, ModelOverride>>,
     /// The decoded-tensor budgets every version's requests share.
     admission: Arc<Admission>,
     /// Serialises load, reload, unload and sync; requests never take it.
@@ -180,6 +184,7 @@ impl Lifecycle {
             session,
             default_policy,
             policies,
+            overrides: std::sync::Mutex::default(),
             admission,
             serial: tokio::sync::Mutex::new(()),
             counts: LifecycleCounts::default(),
@@ -189,11 +194,6 @@ impl Lifecycle {
     /// The repository root.
     pub(crate) fn repository(&self) -> &Path {
         &self.repository
-    }
-
-    /// The session settings of every version.
-    pub(crate) fn session(&self) -> SessionOptions {
-        self.session
     }
 
     /// Loads `<repo>/<model>/<version>` and warms it up. If the version is already
@@ -256,6 +256,20 @@ impl Lifecycle {
         unsettled: &BTreeSet<(String, u64)>,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
+        self.sync_forcing(catalog, only_model, unsettled, may_unload, false)
+            .await
+    }
+
+    /// [`Lifecycle::sync`]; `reload` also reloads versions whose file did not change
+    /// (their settings did).
+    async fn sync_forcing(
+        &self,
+        catalog: &ArcSwap<Catalog>,
+        only_model: Option<&str>,
+        unsettled: &BTreeSet<(String, u64)>,
+        may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
+        reload: bool,
+    ) -> Result<SyncReport, WorkerError> {
         let _serial = self.serial.lock().await;
         let scanned = repository::scan(self.repository())?;
         let mut present: BTreeMap<String, BTreeMap<u64, VersionEntry>> = BTreeMap::new();
@@ -282,7 +296,7 @@ impl Lifecycle {
                 let running = before.running(model, number);
                 let is_new = running.is_none();
                 if let Some(slot) = running {
-                    if slot.current().fingerprint == entry.fingerprint {
+                    if slot.current().fingerprint == entry.fingerprint && !reload {
                         continue;
                     }
                 } else if catalog.load().failed_fingerprint(model, number)
@@ -370,20 +384,35 @@ impl Lifecycle {
 
     /// Triton's RepositoryModelLoad: loads or reloads `model` from the repository as
     /// its version policy says, new copies beside running ones (no unload-before-load
-    /// gap). An error when no version of the model ends up loaded.
+    /// gap), with the settings `config` overrides (until the next load without one:
+    /// every running version is reloaded when they change). An error when no version
+    /// of the model ends up loaded.
     pub(crate) async fn load_model(
         &self,
         catalog: &ArcSwap<Catalog>,
         model: &str,
+        config: Option<ModelOverride>,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
         repository::check_model_name(model)?;
+        let changed = {
+            let mut overrides = self
+                .overrides
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = overrides.get(model).cloned();
+            match &config {
+                Some(config) => overrides.insert(model.to_owned(), config.clone()),
+                None => overrides.remove(model),
+            };
+            before != config
+        };
         // An explicit load retries files that failed before, even unchanged ones.
         update(catalog, |catalog| {
             catalog.failed.retain(|(m, _), _| m != model)
         });
         let report = self
-            .sync(catalog, Some(model), &BTreeSet::new(), may_unload)
+            .sync_forcing(catalog, Some(model), &BTreeSet::new(), may_unload, changed)
             .await?;
         if catalog.load().versions(model).is_empty() {
             let reasons: Vec<String> = report
@@ -436,8 +465,21 @@ impl Lifecycle {
         self.counts.totals()
     }
 
-    fn policy(&self, model: &str) -> &VersionPolicy {
-        self.policies.get(model).unwrap_or(&self.default_policy)
+    /// The version policy of `model`: its load-time override's, else its own, else
+    /// the default.
+    pub(crate) fn policy(&self, model: &str) -> VersionPolicy {
+        self.override_of(model)
+            .and_then(|o| o.policy)
+            .or_else(|| self.policies.get(model).cloned())
+            .unwrap_or_else(|| self.default_policy.clone())
+    }
+
+    fn override_of(&self, model: &str) -> Option<ModelOverride> {
+        self.overrides
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(model)
+            .cloned()
     }
 
     /// Loads one version off the async runtime, then adds it or swaps it in.
@@ -446,7 +488,11 @@ impl Lifecycle {
         catalog: &ArcSwap<Catalog>,
         entry: VersionEntry,
     ) -> Result<LoadOutcome, WorkerError> {
-        let options = self.session;
+        let over = self.override_of(&entry.model).unwrap_or_default();
+        let options = SessionOptions {
+            instances: over.instances.unwrap_or(self.session.instances),
+            ..self.session
+        };
         let started = Instant::now();
         let (model, number, fingerprint) = (entry.model.clone(), entry.version, entry.fingerprint);
         let reload = catalog.load().running(&model, number).is_some();
@@ -456,6 +502,7 @@ impl Lifecycle {
                 .as_deref()
                 .map(repository::read_card)
                 .transpose()?;
+            let card = over.apply(card);
             let version = entry.version.to_string();
             let before = aviary::metrics::resident_bytes();
             let mut loaded = LoadedModel::load(

@@ -28,7 +28,7 @@ use crate::{
     default_prediction::DefaultPrediction,
     drift::DriftTracker,
     input_rules::InputRules,
-    repository::{Fingerprint, ModelCard},
+    repository::{Fingerprint, InputFormat, ModelCard},
     runtime,
     schema::ModelSchema,
     stats::Timings,
@@ -240,6 +240,9 @@ impl LoadedModel {
             })
             .transpose()
             .map_err(load_error)?;
+        if let Some(card) = &card {
+            InputFormat::check_all(&card.formats, &schema).map_err(load_error)?;
+        }
         let labels = match &card {
             Some(card) => {
                 let folder = path.parent().unwrap_or(Path::new("."));
@@ -378,6 +381,11 @@ impl LoadedModel {
 
     fn unloading(&self) -> WorkerError {
         WorkerError::Unavailable(format!("model \"{}\" is unloading", self.model))
+    }
+
+    /// How many sessions it runs.
+    pub fn instances(&self) -> usize {
+        self.instances
     }
 
     /// Whether a session other than one the caller holds is running now.

@@ -71,6 +71,49 @@ pub struct ModelCard {
     /// or none for a model with a BYTES input.
     #[serde(default)]
     pub warmup: Option<WarmupCard>,
+    /// The layout of image inputs, by input (`ModelConfig`'s `format`, which image
+    /// clients read): checked against the schema at load.
+    #[serde(default)]
+    pub formats: BTreeMap<String, InputFormat>,
+}
+
+/// An image input's layout, as Triton's model configuration names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InputFormat {
+    /// Channels first: `[C, H, W]`.
+    #[serde(rename = "NCHW")]
+    Nchw,
+    /// Channels last: `[H, W, C]`.
+    #[serde(rename = "NHWC")]
+    Nhwc,
+}
+
+impl InputFormat {
+    /// Checks the card's formats against `schema`: each names an input of rank 3 (an
+    /// image), or 4 with a variable first dimension (a batch of images).
+    pub fn check_all(
+        formats: &BTreeMap<String, InputFormat>,
+        schema: &crate::schema::ModelSchema,
+    ) -> Result<(), String> {
+        for (input, format) in formats {
+            let spec = schema.input(input).ok_or_else(|| {
+                format!("model card: formats.{input}: the model has no input \"{input}\"")
+            })?;
+            let image = match spec.shape.as_slice() {
+                [_, _, _] => true,
+                [first, _, _, _] => *first < 0,
+                _ => false,
+            };
+            if !image {
+                return Err(format!(
+                    "model card: formats.{input}: {format:?} needs an image input (3 dimensions, \
+                     or 4 with a variable batch first); \"{input}\" has shape {:?}",
+                    spec.shape
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Identity of a model file's contents as the filesystem sees it: replacing the file
@@ -215,9 +258,77 @@ pub fn read_card(path: &Path) -> Result<ModelCard, WorkerError> {
     })
 }
 
+/// Writes a file a client supplied with RepositoryModelLoad into `<root>/<model>/<version>/`:
+/// first beside it under a temporary name, then renamed over it, so a scan never sees
+/// half a file and a failed write leaves the old one.
+pub fn write_supplied(
+    root: &Path,
+    model: &str,
+    file: &crate::load_request::SuppliedFile,
+) -> Result<(), WorkerError> {
+    use std::io::Write;
+    let folder = root.join(model).join(file.version.to_string());
+    let target = folder.join(file.name);
+    let failed = |e: std::io::Error| WorkerError::Load {
+        path: target.clone(),
+        reason: format!("writing the supplied file: {e}"),
+    };
+    fs::create_dir_all(&folder).map_err(failed)?;
+    let temporary = folder.join(format!(".{}.supplied-{}", file.name, std::process::id()));
+    let written = fs::File::create(&temporary).and_then(|mut out| {
+        out.write_all(&file.bytes)?;
+        out.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&temporary, &target)) {
+        let _ = fs::remove_file(&temporary);
+        return Err(failed(e));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_formats_need_an_image_input() {
+        use crate::schema::{ModelSchema, TensorSpec};
+        use aviary::tensor::Datatype;
+        let spec = |name: &str, shape: &[i64]| TensorSpec {
+            name: name.into(),
+            datatype: Datatype::Fp32,
+            shape: shape.to_vec(),
+        };
+        let schema = ModelSchema {
+            inputs: vec![
+                spec("image", &[3, 224, 224]),
+                spec("batch", &[-1, 224, 224, 3]),
+                spec("table", &[-1, 4]),
+            ],
+            outputs: Vec::new(),
+        };
+        let formats = |pairs: &[(&str, InputFormat)]| -> BTreeMap<String, InputFormat> {
+            pairs.iter().map(|(n, f)| ((*n).to_owned(), *f)).collect()
+        };
+        assert!(
+            InputFormat::check_all(
+                &formats(&[("image", InputFormat::Nchw), ("batch", InputFormat::Nhwc)]),
+                &schema
+            )
+            .is_ok()
+        );
+        let refused = InputFormat::check_all(&formats(&[("table", InputFormat::Nchw)]), &schema)
+            .expect_err("not an image");
+        assert!(
+            refused.starts_with("model card: formats.table: Nchw needs an image input"),
+            "{refused}"
+        );
+        let refused = InputFormat::check_all(&formats(&[("pixels", InputFormat::Nchw)]), &schema)
+            .expect_err("no such input");
+        assert!(refused.contains("no input \"pixels\""), "{refused}");
+        let card: ModelCard = toml::from_str("[formats]\nimage = \"NCHW\"\n").expect("a card");
+        assert_eq!(card.formats.get("image"), Some(&InputFormat::Nchw));
+    }
 
     #[test]
     fn names_that_leave_the_repository_are_refused() {

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{ModelControl, Worker, WorkerError};
+use crate::{ModelControl, Worker, WorkerError, load_request};
 
 /// The v2 service of a standalone worker.
 #[derive(Debug, Clone)]
@@ -166,9 +166,11 @@ impl GrpcInferenceService for WorkerService {
         &self,
         request: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
-        let model = request.into_inner().model_name;
+        let request = request.into_inner();
+        let model = request.model_name;
         self.model_control.allow("RepositoryModelLoad", &model)?;
-        self.worker.load_model(&model, &|_, _| true).await?;
+        let load = load_request::read(&model, &request.repository_name, &request.parameters)?;
+        self.worker.load_model(&model, load, &|_, _| true).await?;
         tracing::info!(%model, "model loaded through RepositoryModelLoad");
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }

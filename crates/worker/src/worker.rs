@@ -18,7 +18,7 @@ use aviary::{
         InferParameter, ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse,
         ModelInput, ModelInstanceGroup, ModelMetadataResponse, ModelOutput, ModelParameter,
         ModelStatistics, ModelVersionPolicy, infer_parameter::ParameterChoice, model_config,
-        model_infer_response::InferOutputTensor, model_instance_group,
+        model_infer_response::InferOutputTensor, model_input, model_instance_group,
         model_metadata_response::TensorMetadata, model_version_policy,
         repository_index_response::ModelIndex,
     },
@@ -35,8 +35,9 @@ use crate::{
     classification, default_prediction,
     input_rules::{self, MODE_PARAMETER, RuleMode},
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
+    load_request::LoadRequest,
     model::{FINGERPRINT_PARAMETER, LoadedModel, OutputTensor, SessionOptions},
-    repository,
+    repository::{self, InputFormat, ModelCard},
     stats::Timings,
     validate,
 };
@@ -137,6 +138,36 @@ impl Worker {
     ) -> Result<ModelInferResponse, WorkerError> {
         let slot = self.slot(&request.model_name, &request.model_version)?;
         infer_on(&slot, request, deadline).await
+    }
+}
+
+/// A version policy as Triton's model configuration writes it.
+fn config_policy(policy: &VersionPolicy) -> ModelVersionPolicy {
+    use model_version_policy::PolicyChoice;
+    ModelVersionPolicy {
+        policy_choice: Some(match policy {
+            VersionPolicy::All => PolicyChoice::All(model_version_policy::All {}),
+            VersionPolicy::Latest(n) => {
+                PolicyChoice::Latest(model_version_policy::Latest { num_versions: *n })
+            }
+            VersionPolicy::Specific(versions) => {
+                PolicyChoice::Specific(model_version_policy::Specific {
+                    versions: versions
+                        .iter()
+                        .map(|&v| i64::try_from(v).unwrap_or(i64::MAX))
+                        .collect(),
+                })
+            }
+        }),
+    }
+}
+
+/// The `format` of input `name` as the card declares it (checked at load).
+fn config_format(card: Option<&ModelCard>, name: &str) -> model_input::Format {
+    match card.and_then(|c| c.formats.get(name)) {
+        Some(InputFormat::Nchw) => model_input::Format::Nchw,
+        Some(InputFormat::Nhwc) => model_input::Format::Nhwc,
+        None => model_input::Format::None,
     }
 }
 
@@ -355,11 +386,7 @@ impl Worker {
             name: model.to_owned(),
             platform: PLATFORM.to_owned(),
             backend: BACKEND.to_owned(),
-            version_policy: Some(ModelVersionPolicy {
-                policy_choice: Some(model_version_policy::PolicyChoice::All(
-                    model_version_policy::All {},
-                )),
-            }),
+            version_policy: Some(config_policy(&self.lifecycle.policy(model))),
             // Without batching, Aviary passes shapes through as the model declares them,
             // batch dimension included, which Triton expresses as max_batch_size 0.
             // With it, Triton's convention: max_batch_size > 0 and dims without the
@@ -387,6 +414,7 @@ impl Worker {
                 .map(|s| ModelInput {
                     name: s.name.clone(),
                     data_type: dtype(s.datatype),
+                    format: config_format(loaded.card.as_ref(), &s.name) as i32,
                     dims: config_dims(&s.shape, loaded.batching.is_some()),
                     ..Default::default()
                 })
@@ -404,7 +432,7 @@ impl Worker {
                 .collect(),
             instance_group: vec![ModelInstanceGroup {
                 name: format!("{model}_cpu"),
-                count: i32::try_from(self.lifecycle.session().instances).unwrap_or(i32::MAX),
+                count: i32::try_from(loaded.instances()).unwrap_or(i32::MAX),
                 kind: model_instance_group::Kind::Cpu as i32,
             }],
             default_model_filename: repository::MODEL_FILE.to_owned(),
@@ -548,10 +576,24 @@ impl Worker {
     pub async fn load_model(
         &self,
         model: &str,
+        request: LoadRequest,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
+        repository::check_model_name(model)?;
+        if !request.files.is_empty() {
+            let root = self.repository().to_owned();
+            let model = model.to_owned();
+            let files = request.files;
+            tokio::task::spawn_blocking(move || {
+                files
+                    .iter()
+                    .try_for_each(|file| repository::write_supplied(&root, &model, file))
+            })
+            .await
+            .map_err(|e| WorkerError::Unavailable(format!("writing model files: {e}")))??;
+        }
         self.lifecycle
-            .load_model(&self.catalog, model, may_unload)
+            .load_model(&self.catalog, model, request.config, may_unload)
             .await
     }
 
