@@ -17,6 +17,8 @@
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
+//! - [`shared_memory`] (feature `server`): Triton's system shared memory regions, and
+//!   requests' inputs and outputs read from and written to them.
 //! - [`calls`] (feature `server`): who is calling, and the guard and audit every
 //!   call passes through.
 //! - [`tls`] (feature `server`): TLS for listeners (certificates reloaded when their
@@ -41,6 +43,8 @@ pub mod names;
 pub mod parameters;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod shared_memory;
 #[cfg(feature = "server")]
 pub mod telemetry;
 pub mod tensor;

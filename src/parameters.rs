@@ -60,6 +60,9 @@ pub enum Support {
     Refused(&'static str),
     /// Refused with UNIMPLEMENTED for the reason (Aviary does not do it yet).
     Unimplemented(&'static str),
+    /// Honoured by the server that receives the request before anything else reads
+    /// it (and taken off the request): here, it was not, so it is refused.
+    ResolvedFirst(&'static str),
 }
 
 /// One parameter the protocol defines.
@@ -75,10 +78,8 @@ pub struct Known {
 
 const GRPC_HAS_NO_JSON: &str = "it belongs to the HTTP/REST binary tensor extension; \
                                 over gRPC tensors are always binary (raw contents)";
-const NO_SHARED_MEMORY: &str = "the shared memory extensions are not implemented: send the \
-                                tensor in the request (raw_input_contents)";
-const NO_SHARED_MEMORY_OUT: &str = "the shared memory extensions are not implemented: \
-                                    outputs come back in raw_output_contents";
+const SHARED_MEMORY: &str = "a shared memory region is read or written by the server that \
+                             receives the request (aviary::shared_memory), before this";
 
 /// Every parameter the KServe v2 protocol and Triton's extensions define, and what
 /// Aviary does with it. Any other name is refused, except those the caller knows
@@ -143,32 +144,32 @@ pub const KNOWN: &[Known] = &[
     Known {
         name: SHARED_MEMORY_REGION,
         place: Place::Input,
-        support: Support::Unimplemented(NO_SHARED_MEMORY),
+        support: Support::ResolvedFirst(SHARED_MEMORY),
     },
     Known {
         name: SHARED_MEMORY_OFFSET,
         place: Place::Input,
-        support: Support::Unimplemented(NO_SHARED_MEMORY),
+        support: Support::ResolvedFirst(SHARED_MEMORY),
     },
     Known {
         name: SHARED_MEMORY_BYTE_SIZE,
         place: Place::Input,
-        support: Support::Unimplemented(NO_SHARED_MEMORY),
+        support: Support::ResolvedFirst(SHARED_MEMORY),
     },
     Known {
         name: SHARED_MEMORY_REGION,
         place: Place::Output,
-        support: Support::Unimplemented(NO_SHARED_MEMORY_OUT),
+        support: Support::ResolvedFirst(SHARED_MEMORY),
     },
     Known {
         name: SHARED_MEMORY_OFFSET,
         place: Place::Output,
-        support: Support::Unimplemented(NO_SHARED_MEMORY_OUT),
+        support: Support::ResolvedFirst(SHARED_MEMORY),
     },
     Known {
         name: SHARED_MEMORY_BYTE_SIZE,
         place: Place::Output,
-        support: Support::Unimplemented(NO_SHARED_MEMORY_OUT),
+        support: Support::ResolvedFirst(SHARED_MEMORY),
     },
 ];
 
@@ -396,7 +397,9 @@ fn check_support(
                 ))
             }
         }
-        Support::Refused(reason) => Err(refuse(reason.to_owned(), false)),
+        Support::Refused(reason) | Support::ResolvedFirst(reason) => {
+            Err(refuse(reason.to_owned(), false))
+        }
         Support::Unimplemented(reason) => Err(refuse(reason.to_owned(), true)),
     }
 }

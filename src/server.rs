@@ -40,6 +40,7 @@ pub const EXTENSIONS: &[&str] = &[
     "model_repository",
     "classification",
     "sequence",
+    "system_shared_memory",
 ];
 
 /// gRPC health service name of the inference service.
@@ -268,6 +269,23 @@ fn grpc_timeout_header(headers: &http::HeaderMap) -> Option<Duration> {
         "n" => Duration::from_nanos(value),
         _ => return None,
     })
+}
+
+/// The answer to Triton's TraceSetting RPC: traces are set in the configuration.
+pub fn trace_setting_unimplemented() -> Status {
+    Status::unimplemented(
+        "TraceSetting is not supported: Aviary exports OpenTelemetry traces as its \
+         [tracing] configuration says (docs/tracing.md); requests carrying a W3C \
+         traceparent are traced with their caller",
+    )
+}
+
+/// The answer to Triton's LogSettings RPC: logging is set at start.
+pub fn log_settings_unimplemented() -> Status {
+    Status::unimplemented(
+        "LogSettings is not supported: Aviary's log filters and format are set at start \
+         (AVIARY_LOG or RUST_LOG, --log-format)",
+    )
 }
 
 /// `ServerMetadata` of every Aviary server.

@@ -539,6 +539,7 @@ async fn metadata_config_and_readiness_describe_the_served_models() {
         "model_repository",
         "classification",
         "sequence",
+        "system_shared_memory",
     ] {
         assert!(
             server.extensions.iter().any(|e| e == extension),

@@ -58,7 +58,10 @@ fn every_protocol_parameter_is_honoured_or_refused_by_name() {
         };
         match (known.support, outcome) {
             (Support::Implemented, Ok(())) => {}
-            (Support::OnlyDefault(..) | Support::Refused(_), Err(e)) => {
+            (
+                Support::OnlyDefault(..) | Support::Refused(_) | Support::ResolvedFirst(_),
+                Err(e),
+            ) => {
                 assert_eq!(e.name, known.name);
                 assert!(!e.unimplemented, "{e}");
                 assert!(

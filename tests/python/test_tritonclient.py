@@ -610,9 +610,9 @@ RAW_REFUSED = [
         'parameter "triton_enable_empty_final_response"',
     ),
     ("input", "binary_data_size", 48, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "binary_data_size" of input'),
-    ("input", "shared_memory_offset", 0, grpc.StatusCode.UNIMPLEMENTED, 'parameter "shared_memory_offset" of input'),
+    ("input", "shared_memory_offset", 0, grpc.StatusCode.INVALID_ARGUMENT, 'input "input": shared_memory_offset'),
     ("output", "binary_data", True, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "binary_data" of output'),
-    ("output", "shared_memory_region", "r", grpc.StatusCode.UNIMPLEMENTED, 'parameter "shared_memory_region" of output'),
+    ("output", "shared_memory_region", "r", grpc.StatusCode.INVALID_ARGUMENT, 'output "probabilities": shared_memory_region needs'),
     ("output", "classification", 0, grpc.StatusCode.INVALID_ARGUMENT, 'parameter "classification" of output'),
 ]
 
@@ -642,13 +642,72 @@ def test_reserved_parameters_are_refused_by_name(stub, where, name, value, code,
     assert ei.value.details().startswith(named), ei.value.details()
 
 
-def test_shared_memory_input_is_unimplemented(client):
-    inp = grpcclient.InferInput("input", list(BATCH.shape), "FP32")
-    inp.set_shared_memory("region", BATCH.nbytes)
+def test_system_shared_memory_inputs_and_outputs(client):
+    """Triton's system shared memory: the input read from a region, the outputs written to one."""
+    import tritonclient.utils.shared_memory as shm
+
+    key = f"/aviary_test_{os.getpid()}"
+    inputs_region = shm.create_shared_memory_region("inputs", key + "_in", BATCH.nbytes)
+    outputs_region = shm.create_shared_memory_region("outputs", key + "_out", 1024)
+    try:
+        shm.set_shared_memory_region(inputs_region, [BATCH])
+        client.register_system_shared_memory("inputs", key + "_in", BATCH.nbytes)
+        client.register_system_shared_memory("outputs", key + "_out", 1024)
+        status = client.get_system_shared_memory_status(as_json=True)
+        assert set(status["regions"]) == {"inputs", "outputs"}, status
+
+        inp = grpcclient.InferInput("input", list(BATCH.shape), "FP32")
+        inp.set_shared_memory("inputs", BATCH.nbytes)
+        probabilities = grpcclient.InferRequestedOutput("probabilities")
+        probabilities.set_shared_memory("outputs", 3 * 3 * 4, offset=0)
+        label = grpcclient.InferRequestedOutput("label")
+        label.set_shared_memory("outputs", 3 * 8, offset=64)
+        result = client.infer("demo", [inp], model_version="1", outputs=[probabilities, label])
+        out = result.get_output("probabilities")
+        assert out is not None and out.parameters["shared_memory_region"].string_param == "outputs"
+        region = shm.get_contents_as_numpy(outputs_region, np.uint8, [1024]).tobytes()
+        want = oracle("demo", "1", {"input": BATCH})
+        got_probabilities = np.frombuffer(region[:36], np.float32).reshape(3, 3)
+        assert np.allclose(got_probabilities, want["probabilities"], atol=1e-5), got_probabilities
+        assert np.frombuffer(region[64:88], np.int64).tolist() == want["label"].tolist()
+
+        # An output larger than its place is refused, saying how much it needs.
+        small = grpcclient.InferRequestedOutput("probabilities")
+        small.set_shared_memory("outputs", 8)
+        with pytest.raises(InferenceServerException) as ei:
+            client.infer("demo", [inp], model_version="1", outputs=[small])
+        assert status_of(ei.value) == str(grpc.StatusCode.INVALID_ARGUMENT), ei.value.message()
+        assert "should be at least 36 bytes" in ei.value.message(), ei.value.message()
+
+        # A region registered twice, or never.
+        with pytest.raises(InferenceServerException) as ei:
+            client.register_system_shared_memory("inputs", key + "_in", 8)
+        assert status_of(ei.value) == str(grpc.StatusCode.ALREADY_EXISTS), ei.value.message()
+        with pytest.raises(InferenceServerException) as ei:
+            client.get_system_shared_memory_status(region_name="nope")
+        assert status_of(ei.value) == str(grpc.StatusCode.NOT_FOUND), ei.value.message()
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(inputs_region)
+        shm.destroy_shared_memory_region(outputs_region)
+    assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.get_cuda_shared_memory_status(),
+        lambda c: c.unregister_cuda_shared_memory(),
+        lambda c: c.get_trace_settings(),
+        lambda c: c.update_log_settings({"log_verbose_level": 1}),
+    ],
+    ids=["cuda-status", "cuda-unregister", "trace", "log"],
+)
+def test_cuda_shared_memory_trace_and_log_settings_are_unimplemented_clearly(client, call):
     with pytest.raises(InferenceServerException) as ei:
-        client.infer("demo", [inp], model_version="1")
+        call(client)
     assert status_of(ei.value) == str(grpc.StatusCode.UNIMPLEMENTED), ei.value.message()
-    assert 'of input "input"' in ei.value.message(), ei.value.message()
+    assert "not supported" in ei.value.message(), ei.value.message()
 
 
 def test_sequence_stays_on_one_version(client):

@@ -13,6 +13,9 @@ pub enum GatewayError {
     /// The in-process worker refused or failed the request.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// A request's shared memory region could not be read or written.
+    #[error(transparent)]
+    SharedMemory(#[from] aviary::shared_memory::SharedMemoryError),
     /// A remote worker answered with an error status.
     #[error("{}", .status.message())]
     Remote {
@@ -164,6 +167,7 @@ impl GatewayError {
         match self {
             GatewayError::Route(_) => tonic::Status::not_found(message),
             GatewayError::Worker(e) => tonic::Status::new(e.code(), message),
+            GatewayError::SharedMemory(e) => tonic::Status::new(e.code(), message),
             GatewayError::Remote { endpoint, status } => {
                 if status.code() == tonic::Code::Unavailable {
                     tonic::Status::unavailable(format!(

@@ -13,19 +13,26 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary::parameters;
 use aviary::pb::inference::{
-    InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
-    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
-    ModelRepositoryParameter, ModelStatisticsRequest, ModelStatisticsResponse,
-    RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest,
-    RepositoryModelLoadResponse, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse,
-    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
-    ServerReadyRequest, ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
+    CudaSharedMemoryRegisterRequest, CudaSharedMemoryRegisterResponse,
+    CudaSharedMemoryStatusRequest, CudaSharedMemoryStatusResponse,
+    CudaSharedMemoryUnregisterRequest, CudaSharedMemoryUnregisterResponse, InferParameter,
+    LogSettingsRequest, LogSettingsResponse, ModelConfigRequest, ModelConfigResponse,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ModelRepositoryParameter, ModelStatisticsRequest,
+    ModelStatisticsResponse, RepositoryIndexRequest, RepositoryIndexResponse,
+    RepositoryModelLoadRequest, RepositoryModelLoadResponse, RepositoryModelUnloadRequest,
+    RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
+    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
+    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse, TraceSettingRequest,
+    TraceSettingResponse, grpc_inference_service_server::GrpcInferenceService,
     model_repository_parameter,
 };
 use aviary::server::{InferStream, grpc_timeout, server_metadata, stream_responses};
 use aviary::telemetry::{self, RequestTrace, TRACE_ID_HEADER};
+use aviary::{parameters, shared_memory};
 use aviary_router::{DecisionReason, RequestAttributes, RouteError};
 use aviary_worker::ModelControl;
 use rand::{SeedableRng, rngs::SmallRng};
@@ -162,6 +169,7 @@ pub struct Front {
     cache: Arc<PredictionCache>,
     model_control: ModelControl,
     sequences: Sequences,
+    shared_memory: Arc<shared_memory::Registry>,
 }
 
 impl Front {
@@ -183,6 +191,7 @@ impl Front {
             cache,
             model_control: ModelControl::default(),
             sequences: Sequences::default(),
+            shared_memory: Arc::default(),
         }
     }
 
@@ -358,6 +367,28 @@ impl Front {
     /// own when its trace is recorded (whose id is returned too), else passing the
     /// caller's trace context on to the workers it calls.
     async fn infer_traced(
+        &self,
+        metadata: &MetadataMap,
+        mut request: ModelInferRequest,
+    ) -> (Result<ModelInferResponse, GatewayError>, Option<String>) {
+        // Inputs in shared memory are read (and outputs placed) here, on the host the
+        // client shares memory with, before routing: workers get plain requests.
+        let placements = match self.shared_memory.take_inputs(&mut request) {
+            Ok(placements) => placements,
+            Err(error) => return (Err(error.into()), None),
+        };
+        let (result, trace_id) = self.infer_routed(metadata, request).await;
+        let result = result.and_then(|mut response| {
+            self.shared_memory
+                .place_outputs(&mut response, &placements)
+                .map(|()| response)
+                .map_err(GatewayError::from)
+        });
+        (result, trace_id)
+    }
+
+    /// [`Front::infer`], traced as the request's trace decision says.
+    async fn infer_routed(
         &self,
         metadata: &MetadataMap,
         request: ModelInferRequest,
@@ -816,5 +847,71 @@ impl GrpcInferenceService for Front {
         let generation = self.control.unload_model(&model, force).await?;
         tracing::info!(%model, generation, "model unloaded through RepositoryModelUnload");
         Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        request: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        Ok(Response::new(
+            self.shared_memory.status(&request.into_inner().name)?,
+        ))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        request: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        let request = request.into_inner();
+        self.shared_memory.register(
+            &request.name,
+            &request.key,
+            request.offset,
+            request.byte_size,
+        )?;
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        request: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        self.shared_memory.unregister(&request.into_inner().name);
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        Err(shared_memory::cuda_unimplemented())
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        Err(shared_memory::cuda_unimplemented())
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        Err(shared_memory::cuda_unimplemented())
+    }
+
+    async fn trace_setting(
+        &self,
+        _: Request<TraceSettingRequest>,
+    ) -> Result<Response<TraceSettingResponse>, Status> {
+        Err(aviary::server::trace_setting_unimplemented())
+    }
+
+    async fn log_settings(
+        &self,
+        _: Request<LogSettingsRequest>,
+    ) -> Result<Response<LogSettingsResponse>, Status> {
+        Err(aviary::server::log_settings_unimplemented())
     }
 }

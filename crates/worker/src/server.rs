@@ -6,18 +6,26 @@ use std::{future::Future, sync::Arc, time::Instant};
 use aviary::{
     calls::CallChecks,
     pb::inference::{
-        ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
-        ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
-        ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-        RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
-        RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest,
-        ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-        ServerReadyResponse, grpc_inference_service_server::GrpcInferenceService,
+        CudaSharedMemoryRegisterRequest, CudaSharedMemoryRegisterResponse,
+        CudaSharedMemoryStatusRequest, CudaSharedMemoryStatusResponse,
+        CudaSharedMemoryUnregisterRequest, CudaSharedMemoryUnregisterResponse, LogSettingsRequest,
+        LogSettingsResponse, ModelConfigRequest, ModelConfigResponse, ModelInferRequest,
+        ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
+        ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse,
+        RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest,
+        RepositoryModelLoadResponse, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse,
+        ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+        ServerReadyRequest, ServerReadyResponse, SystemSharedMemoryRegisterRequest,
+        SystemSharedMemoryRegisterResponse, SystemSharedMemoryStatusRequest,
+        SystemSharedMemoryStatusResponse, SystemSharedMemoryUnregisterRequest,
+        SystemSharedMemoryUnregisterResponse, TraceSettingRequest, TraceSettingResponse,
+        grpc_inference_service_server::GrpcInferenceService,
     },
     server::{
         InferStream, ServeOptions, grpc_timeout, serve_guarded, server_metadata, set_serving,
         stream_responses,
     },
+    shared_memory,
     telemetry::{self, RequestTrace},
 };
 use tokio::net::TcpListener;
@@ -31,14 +39,48 @@ use crate::{ModelControl, Worker, WorkerError, load_request};
 pub struct WorkerService {
     worker: Arc<Worker>,
     model_control: ModelControl,
+    shared_memory: Arc<shared_memory::Registry>,
 }
 
 impl WorkerService {
+    /// Runs one inference, traced when the caller's trace is recorded.
+    async fn infer_traced(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<ModelInferResponse, Status> {
+        // The client's deadline (a gateway passes on what is left of its own) bounds
+        // the wait for a session: an expired request is never run.
+        let deadline = grpc_timeout(request.metadata()).map(|timeout| Instant::now() + timeout);
+        // A gateway's call continues its trace here; one it does not record is not
+        // recorded here either.
+        let Some(RequestTrace::Recorded(parent)) = telemetry::decide(request.metadata().as_ref())
+        else {
+            return Ok(self.worker.infer(request.into_inner(), deadline).await?);
+        };
+        let span = telemetry::infer_server_span(
+            &request.get_ref().model_name,
+            Some(&request.get_ref().model_version),
+        );
+        telemetry::set_parent(&span, parent);
+        let result = self
+            .worker
+            .infer(request.into_inner(), deadline)
+            .instrument(span.clone())
+            .await
+            .map_err(Status::from);
+        match &result {
+            Ok(_) => telemetry::record_outcome(&span, tonic::Code::Ok, ""),
+            Err(status) => telemetry::record_outcome(&span, status.code(), status.message()),
+        }
+        result
+    }
+
     /// Serves `worker`; Triton's load and unload RPCs as `model_control` says.
     pub fn new(worker: Arc<Worker>, model_control: ModelControl) -> WorkerService {
         WorkerService {
             worker,
             model_control,
+            shared_memory: Arc::default(),
         }
     }
 }
@@ -89,33 +131,14 @@ impl GrpcInferenceService for WorkerService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        // The client's deadline (a gateway passes on what is left of its own) bounds
-        // the wait for a session: an expired request is never run.
-        let deadline = grpc_timeout(request.metadata()).map(|timeout| Instant::now() + timeout);
-        // A gateway's call continues its trace here; one it does not record is not
-        // recorded here either.
-        let Some(RequestTrace::Recorded(parent)) = telemetry::decide(request.metadata().as_ref())
-        else {
-            return Ok(Response::new(
-                self.worker.infer(request.into_inner(), deadline).await?,
-            ));
-        };
-        let span = telemetry::infer_server_span(
-            &request.get_ref().model_name,
-            Some(&request.get_ref().model_version),
-        );
-        telemetry::set_parent(&span, parent);
-        let result = self
-            .worker
-            .infer(request.into_inner(), deadline)
-            .instrument(span.clone())
-            .await
-            .map_err(Status::from);
-        match &result {
-            Ok(_) => telemetry::record_outcome(&span, tonic::Code::Ok, ""),
-            Err(status) => telemetry::record_outcome(&span, status.code(), status.message()),
-        }
-        Ok(Response::new(result?))
+        let (metadata, extensions, mut inner) = request.into_parts();
+        let placements = self.shared_memory.take_inputs(&mut inner)?;
+        let mut response = self
+            .infer_traced(Request::from_parts(metadata, extensions, inner))
+            .await?;
+        self.shared_memory
+            .place_outputs(&mut response, &placements)?;
+        Ok(Response::new(response))
     }
 
     type ModelStreamInferStream = InferStream;
@@ -125,11 +148,17 @@ impl GrpcInferenceService for WorkerService {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<InferStream>, Status> {
         let worker = Arc::clone(&self.worker);
+        let regions = Arc::clone(&self.shared_memory);
         Ok(Response::new(stream_responses(
             request.into_inner(),
-            move |r| {
-                let worker = Arc::clone(&worker);
-                async move { worker.infer(r, None).await.map_err(Status::from) }
+            move |mut r| {
+                let (worker, regions) = (Arc::clone(&worker), Arc::clone(&regions));
+                async move {
+                    let placements = regions.take_inputs(&mut r)?;
+                    let mut response = worker.infer(r, None).await?;
+                    regions.place_outputs(&mut response, &placements)?;
+                    Ok(response)
+                }
             },
         )))
     }
@@ -184,6 +213,72 @@ impl GrpcInferenceService for WorkerService {
         self.worker.unload_model(&model).await?;
         tracing::info!(%model, "model unloaded through RepositoryModelUnload");
         Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        request: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        Ok(Response::new(
+            self.shared_memory.status(&request.into_inner().name)?,
+        ))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        request: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        let request = request.into_inner();
+        self.shared_memory.register(
+            &request.name,
+            &request.key,
+            request.offset,
+            request.byte_size,
+        )?;
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        request: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        self.shared_memory.unregister(&request.into_inner().name);
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        Err(shared_memory::cuda_unimplemented())
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        Err(shared_memory::cuda_unimplemented())
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        Err(shared_memory::cuda_unimplemented())
+    }
+
+    async fn trace_setting(
+        &self,
+        _: Request<TraceSettingRequest>,
+    ) -> Result<Response<TraceSettingResponse>, Status> {
+        Err(aviary::server::trace_setting_unimplemented())
+    }
+
+    async fn log_settings(
+        &self,
+        _: Request<LogSettingsRequest>,
+    ) -> Result<Response<LogSettingsResponse>, Status> {
+        Err(aviary::server::log_settings_unimplemented())
     }
 }
 
