@@ -23,8 +23,11 @@ use bytes::Bytes;
 
 use crate::parameters::{SHARED_MEMORY_BYTE_SIZE, SHARED_MEMORY_OFFSET, SHARED_MEMORY_REGION};
 use crate::pb::inference::{
-    InferParameter, ModelInferRequest, ModelInferResponse, SystemSharedMemoryStatusResponse,
-    infer_parameter::ParameterChoice, system_shared_memory_status_response::RegionStatus,
+    InferParameter, ModelInferRequest, ModelInferResponse, SystemSharedMemoryRegisterRequest,
+    SystemSharedMemoryRegisterResponse, SystemSharedMemoryStatusRequest,
+    SystemSharedMemoryStatusResponse, SystemSharedMemoryUnregisterRequest,
+    SystemSharedMemoryUnregisterResponse, infer_parameter::ParameterChoice,
+    system_shared_memory_status_response::RegionStatus,
 };
 
 /// Where Linux keeps POSIX shared memory objects.
@@ -413,6 +416,44 @@ fn number(value: u64) -> InferParameter {
 
 #[cfg(test)]
 mod tests;
+
+impl Registry {
+    /// The SystemSharedMemoryStatus RPC.
+    pub fn status_call(
+        &self,
+        request: tonic::Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<tonic::Response<SystemSharedMemoryStatusResponse>, tonic::Status> {
+        Ok(tonic::Response::new(
+            self.status(&request.into_inner().name)?,
+        ))
+    }
+
+    /// The SystemSharedMemoryRegister RPC.
+    pub fn register_call(
+        &self,
+        request: tonic::Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<tonic::Response<SystemSharedMemoryRegisterResponse>, tonic::Status> {
+        let request = request.into_inner();
+        self.register(
+            &request.name,
+            &request.key,
+            request.offset,
+            request.byte_size,
+        )?;
+        Ok(tonic::Response::new(SystemSharedMemoryRegisterResponse {}))
+    }
+
+    /// The SystemSharedMemoryUnregister RPC.
+    pub fn unregister_call(
+        &self,
+        request: tonic::Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<tonic::Response<SystemSharedMemoryUnregisterResponse>, tonic::Status> {
+        self.unregister(&request.into_inner().name);
+        Ok(tonic::Response::new(
+            SystemSharedMemoryUnregisterResponse {},
+        ))
+    }
+}
 
 /// The answer to every CUDA shared memory RPC: Aviary runs on CPUs.
 pub fn cuda_unimplemented() -> tonic::Status {

@@ -354,3 +354,78 @@ fn warm_up_is_declared_by_the_card_and_a_failed_one_says_why() {
         assert_eq!(response.outputs[0].shape, vec![1, 4], "{model}");
     }
 }
+
+/// A standalone worker reads shared-memory inputs and writes shared-memory outputs
+/// itself (tritonclient's test covers the gateway).
+#[test]
+fn a_worker_serves_system_shared_memory() {
+    use aviary::pb::inference::{
+        SystemSharedMemoryRegisterRequest, model_infer_request::InferRequestedOutputTensor,
+    };
+    let (_worker, addr) = start_worker_with(&repo_root().join("tests/models"), 1);
+    let name = format!("aviary-protocol-{}", std::process::id());
+    let path = std::path::Path::new("/dev/shm").join(&name);
+    let row: Vec<u8> = aviary::tensor::to_raw(&[5.1f32, 3.5, 1.4, 0.2]);
+    let mut contents = row.clone();
+    contents.resize(64, 0);
+    std::fs::write(&path, &contents).expect("a shared memory object");
+    let region = |name: &str, offset: i64, size: i64| {
+        [
+            (
+                "shared_memory_region",
+                ParameterChoice::StringParam(name.into()),
+            ),
+            ("shared_memory_offset", ParameterChoice::Int64Param(offset)),
+            ("shared_memory_byte_size", ParameterChoice::Int64Param(size)),
+        ]
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.to_owned(),
+                InferParameter {
+                    parameter_choice: Some(v),
+                },
+            )
+        })
+        .collect()
+    };
+    let (answer, direct) = runtime().block_on(async {
+        let mut client = client(connect(&addr).await);
+        client
+            .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
+                name: "r".into(),
+                key: format!("/{name}"),
+                offset: 0,
+                byte_size: 64,
+            })
+            .await
+            .expect("registered");
+        let mut request = demo_rows("1", &[[5.1, 3.5, 1.4, 0.2]]);
+        let direct = client
+            .model_infer(request.clone())
+            .await
+            .expect("served")
+            .into_inner();
+        request.raw_input_contents.clear();
+        request.inputs[0].parameters = region("r", 0, 16);
+        request.outputs = vec![InferRequestedOutputTensor {
+            name: "probabilities".into(),
+            parameters: region("r", 32, 12),
+        }];
+        let answer = client
+            .model_infer(request)
+            .await
+            .expect("served from shared memory")
+            .into_inner();
+        (answer, direct)
+    });
+    let written = std::fs::read(&path).expect("read back");
+    let _ = std::fs::remove_file(&path);
+    assert!(answer.raw_output_contents.iter().all(|raw| raw.is_empty()));
+    let index = direct
+        .outputs
+        .iter()
+        .position(|o| o.name == "probabilities")
+        .expect("probabilities");
+    assert_eq!(&written[32..44], &direct.raw_output_contents[index][..]);
+}

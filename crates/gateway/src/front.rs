@@ -853,31 +853,21 @@ impl GrpcInferenceService for Front {
         &self,
         request: Request<SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
-        Ok(Response::new(
-            self.shared_memory.status(&request.into_inner().name)?,
-        ))
+        self.shared_memory.status_call(request)
     }
 
     async fn system_shared_memory_register(
         &self,
         request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
-        let request = request.into_inner();
-        self.shared_memory.register(
-            &request.name,
-            &request.key,
-            request.offset,
-            request.byte_size,
-        )?;
-        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
+        self.shared_memory.register_call(request)
     }
 
     async fn system_shared_memory_unregister(
         &self,
         request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
-        self.shared_memory.unregister(&request.into_inner().name);
-        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
+        self.shared_memory.unregister_call(request)
     }
 
     async fn cuda_shared_memory_status(
