@@ -58,8 +58,6 @@ pub enum Support {
     OnlyDefault(&'static str, &'static str),
     /// Refused with INVALID_ARGUMENT for the reason (it does not apply here).
     Refused(&'static str),
-    /// Refused with UNIMPLEMENTED for the reason (Aviary does not do it yet).
-    Unimplemented(&'static str),
     /// Honoured by the server that receives the request before anything else reads
     /// it (and taken off the request): here, it was not, so it is refused.
     ResolvedFirst(&'static str),
@@ -185,9 +183,6 @@ pub struct ParameterError {
     pub tensor: String,
     /// Why it is refused.
     pub reason: String,
-    /// Whether it is refused because Aviary does not implement it (UNIMPLEMENTED)
-    /// rather than because it is wrong (INVALID_ARGUMENT).
-    pub unimplemented: bool,
 }
 
 fn where_(place: &Place, tensor: &str) -> String {
@@ -232,7 +227,7 @@ pub struct Sequence {
 pub struct RequestParameters {
     /// The sequence it belongs to, if any.
     pub sequence: Option<Sequence>,
-    /// Triton's `timeout`: how long the request may take.
+    /// Triton's `timeout`: how long the request may take (0 or absent: no limit).
     pub timeout: Option<Duration>,
 }
 
@@ -251,7 +246,6 @@ pub fn read_request(
         place: Place::Request,
         tensor: String::new(),
         reason,
-        unimplemented: false,
     };
     for (name, value) in parameters {
         if also_known(name) {
@@ -291,8 +285,11 @@ pub fn read_request(
             format!("set without a {SEQUENCE_ID}: a sequence needs an id (not 0 or \"\")"),
         ));
     }
+    // As Triton: 0 is no timeout.
     read.timeout = match parameters.get(TIMEOUT).map(choice) {
-        None => None,
+        None
+        | Some(Some(ParameterChoice::Int64Param(0)))
+        | Some(Some(ParameterChoice::Uint64Param(0))) => None,
         Some(Some(ParameterChoice::Int64Param(us))) => {
             Some(Duration::from_micros(u64::try_from(*us).map_err(|_| {
                 error(TIMEOUT, format!("{us} µs is negative"))
@@ -335,7 +332,6 @@ pub fn read_output(
         place: Place::Output,
         tensor: output.to_owned(),
         reason,
-        unimplemented: false,
     };
     let count = match parameters.get(CLASSIFICATION).map(choice) {
         None => return Ok(None),
@@ -364,12 +360,11 @@ fn check_support(
     place: Place,
     tensor: &str,
 ) -> Result<(), ParameterError> {
-    let refuse = |reason: String, unimplemented: bool| ParameterError {
+    let refuse = |reason: String| ParameterError {
         name: name.to_owned(),
         place,
         tensor: tensor.to_owned(),
         reason,
-        unimplemented,
     };
     let Some(known) = KNOWN.iter().find(|k| k.name == name && k.place == place) else {
         let elsewhere = KNOWN.iter().find(|k| k.name == name).map(|k| k.place);
@@ -383,7 +378,7 @@ fn check_support(
                 names_at(place)
             ),
         };
-        return Err(refuse(reason, false));
+        return Err(refuse(reason));
     };
     match known.support {
         Support::Implemented => Ok(()),
@@ -391,16 +386,10 @@ fn check_support(
             if is_default(value) {
                 Ok(())
             } else {
-                Err(refuse(
-                    format!("{reason} (only {default} is accepted)"),
-                    false,
-                ))
+                Err(refuse(format!("{reason} (only {default} is accepted)")))
             }
         }
-        Support::Refused(reason) | Support::ResolvedFirst(reason) => {
-            Err(refuse(reason.to_owned(), false))
-        }
-        Support::Unimplemented(reason) => Err(refuse(reason.to_owned(), true)),
+        Support::Refused(reason) | Support::ResolvedFirst(reason) => Err(refuse(reason.to_owned())),
     }
 }
 
@@ -438,6 +427,7 @@ fn names_at(place: Place) -> String {
         .filter(|k| k.place == place)
         .map(|k| k.name)
         .collect();
+    names.sort_unstable();
     names.dedup();
     names.join(", ")
 }

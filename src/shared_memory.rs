@@ -4,19 +4,22 @@
 //! server reads the input from the region and writes the output into it.
 //!
 //! Regions are read and written through their files under `/dev/shm` (where Linux
-//! keeps POSIX shared memory), with positioned reads and writes: no mapping, so no
-//! `unsafe`, and a region that shrinks under us is an error, not a crash. Every server
-//! that takes requests (a gateway, a standalone worker) holds its own registry:
-//! regions are per process, as in Triton. [`Registry::take_inputs`] turns a request's
-//! shared-memory inputs into raw contents before anything else sees it;
-//! [`Registry::place_outputs`] writes the outputs asked for into their regions.
+//! keeps POSIX shared memory), opened once at registration as `shm_open` opens them
+//! (no symlink followed, never blocking) and only when they are regular files, then
+//! read and written at positions through that handle: no mapping, so no `unsafe`, and
+//! a region that shrank under us is an error, not a crash. What one request reads is
+//! held to the server's message limit, as if it had been sent. Every server that takes
+//! requests (a gateway, a standalone worker) holds its own registry: regions are per
+//! process, as in Triton. [`Registry::take_inputs`] turns a request's shared-memory
+//! inputs into raw contents before anything else sees it; [`Registry::place_outputs`]
+//! writes the outputs asked for into their regions.
 
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, OpenOptionsExt},
     path::PathBuf,
-    sync::{PoisonError, RwLock},
+    sync::{Arc, PoisonError, RwLock},
 };
 
 use bytes::Bytes;
@@ -68,19 +71,27 @@ impl From<SharedMemoryError> for tonic::Status {
     }
 }
 
-/// One registered region.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One registered region, its object open since registration.
+#[derive(Debug, Clone)]
 struct Region {
     key: String,
     offset: u64,
     byte_size: u64,
-    path: PathBuf,
+    file: Arc<File>,
 }
 
 /// A server's registered regions.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     regions: RwLock<BTreeMap<String, Region>>,
+    /// Most bytes one request may read from regions: the server's message limit.
+    max_request_bytes: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(crate::server::DEFAULT_MAX_MESSAGE_BYTES as u64)
+    }
 }
 
 /// An output to write into a region once the response is there.
@@ -100,6 +111,15 @@ struct Placement {
 }
 
 impl Registry {
+    /// An empty registry whose requests may read at most `max_request_bytes` from
+    /// regions (the server's message limit).
+    pub fn new(max_request_bytes: u64) -> Registry {
+        Registry {
+            regions: RwLock::default(),
+            max_request_bytes,
+        }
+    }
+
     /// Registers `name` for `byte_size` bytes at `offset` of the shared memory object
     /// `key` (as `shm_open` names it: `/name`).
     pub fn register(
@@ -121,15 +141,25 @@ impl Registry {
             )));
         }
         let path = PathBuf::from(SHM_ROOT).join(object);
-        let size = std::fs::metadata(&path)
-            .map_err(|e| {
-                SharedMemoryError::Invalid(format!(
-                    "key {key:?}: unable to open shared memory region ({}: {e}); the server \
-                     must run on the same host as the client",
-                    path.display()
-                ))
-            })?
-            .len();
+        let unable = |reason: String| {
+            SharedMemoryError::Invalid(format!(
+                "key {key:?}: unable to open shared memory region ({}: {reason}); the server \
+                 must run on the same host as the client",
+                path.display()
+            ))
+        };
+        // As shm_open: never through a symlink, never waiting on a FIFO.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| unable(e.to_string()))?;
+        let metadata = file.metadata().map_err(|e| unable(e.to_string()))?;
+        if !metadata.is_file() {
+            return Err(unable("not a shared memory object (a regular file)".into()));
+        }
+        let size = metadata.len();
         let end = offset.checked_add(byte_size);
         if end.is_none_or(|end| end > size) {
             return Err(SharedMemoryError::Invalid(format!(
@@ -146,7 +176,7 @@ impl Registry {
                 key: key.to_owned(),
                 offset,
                 byte_size,
-                path,
+                file: Arc::new(file),
             },
         );
         Ok(())
@@ -218,10 +248,21 @@ impl Registry {
             let mut sent = std::mem::take(&mut request.raw_input_contents).into_iter();
             let any_raw = sent.len() > 0;
             let mut raw = Vec::with_capacity(request.inputs.len());
+            let mut read = 0u64;
             for input in &mut request.inputs {
                 let place = format!("input \"{}\"", input.name);
                 match placement(&mut input.parameters, &place)? {
-                    Some(at) => raw.push(Bytes::from(self.read(&at, &place)?)),
+                    Some(at) => {
+                        read = read.saturating_add(at.byte_size);
+                        if read > self.max_request_bytes {
+                            return Err(SharedMemoryError::Invalid(format!(
+                                "{place}: the request's inputs in shared memory take {read} \
+                                 bytes or more, over the server's message limit of {} bytes",
+                                self.max_request_bytes
+                            )));
+                        }
+                        raw.push(Bytes::from(self.read(&at, &place)?));
+                    }
                     None if any_raw => raw.push(sent.next().ok_or_else(|| {
                         SharedMemoryError::Invalid(format!(
                             "{place}: no raw_input_contents entry left for it (entries are \
@@ -278,7 +319,9 @@ impl Registry {
                 .raw_output_contents
                 .get_mut(index)
                 .map(std::mem::take)
-                .unwrap_or_default();
+                .ok_or_else(|| {
+                    SharedMemoryError::Io(format!("{place}: the answer has no raw contents for it"))
+                })?;
             if raw.len() as u64 > placement.byte_size {
                 return Err(SharedMemoryError::Invalid(format!(
                     "shared memory size specified with the request for {place} should be at \
@@ -310,7 +353,8 @@ impl Registry {
             .ok_or_else(|| SharedMemoryError::Unknown(name.to_owned()))
     }
 
-    /// The file and absolute position of `at`, checked to lie inside its region.
+    /// The region of `at` and the absolute position of `at` in its object, checked to
+    /// lie inside the region and inside the object as it is now (it may have shrunk).
     fn locate(&self, at: &Placement, place: &str) -> Result<(Region, u64), SharedMemoryError> {
         let region = self.region(&at.region)?;
         let end = at.offset.checked_add(at.byte_size);
@@ -321,38 +365,38 @@ impl Registry {
             )));
         }
         let position = region.offset + at.offset;
+        let size = region
+            .file
+            .metadata()
+            .map_err(|e| SharedMemoryError::Io(format!("region '{}': {e}", at.region)))?
+            .len();
+        if position + at.byte_size > size {
+            return Err(SharedMemoryError::Invalid(format!(
+                "{place}: region '{}' shrank: its object holds {size} bytes now",
+                at.region
+            )));
+        }
         Ok((region, position))
     }
 
     fn read(&self, at: &Placement, place: &str) -> Result<Vec<u8>, SharedMemoryError> {
         let (region, position) = self.locate(at, place)?;
-        let io = |e: std::io::Error| {
-            SharedMemoryError::Io(format!("{place}: reading region '{}': {e}", at.region))
-        };
-        let mut bytes = vec![
-            0u8;
-            usize::try_from(at.byte_size).map_err(|_| {
-                SharedMemoryError::Invalid(format!(
-                    "{place}: byte_size {} is too large",
-                    at.byte_size
-                ))
-            })?
-        ];
-        File::open(&region.path)
-            .and_then(|file| file.read_exact_at(&mut bytes, position))
-            .map_err(io)?;
+        // Held to the message limit by the caller, so it fits in memory and a usize.
+        let mut bytes = vec![0u8; usize::try_from(at.byte_size).unwrap_or(usize::MAX)];
+        region
+            .file
+            .read_exact_at(&mut bytes, position)
+            .map_err(|e| {
+                SharedMemoryError::Io(format!("{place}: reading region '{}': {e}", at.region))
+            })?;
         Ok(bytes)
     }
 
     fn write(&self, at: &Placement, bytes: &[u8], place: &str) -> Result<(), SharedMemoryError> {
         let (region, position) = self.locate(at, place)?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&region.path)
-            .and_then(|file| file.write_all_at(bytes, position))
-            .map_err(|e| {
-                SharedMemoryError::Io(format!("{place}: writing region '{}': {e}", at.region))
-            })
+        region.file.write_all_at(bytes, position).map_err(|e| {
+            SharedMemoryError::Io(format!("{place}: writing region '{}': {e}", at.region))
+        })
     }
 }
 
@@ -414,9 +458,6 @@ fn number(value: u64) -> InferParameter {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 impl Registry {
     /// The SystemSharedMemoryStatus RPC.
     pub fn status_call(
@@ -462,3 +503,6 @@ pub fn cuda_unimplemented() -> tonic::Status {
          memory (SystemSharedMemoryRegister) or send tensors in the request",
     )
 }
+
+#[cfg(test)]
+mod tests;

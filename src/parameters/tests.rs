@@ -63,15 +63,10 @@ fn every_protocol_parameter_is_honoured_or_refused_by_name() {
                 Err(e),
             ) => {
                 assert_eq!(e.name, known.name);
-                assert!(!e.unimplemented, "{e}");
                 assert!(
                     e.to_string()
                         .starts_with(&format!("parameter \"{}\"", known.name))
                 );
-            }
-            (Support::Unimplemented(_), Err(e)) => {
-                assert_eq!(e.name, known.name);
-                assert!(e.unimplemented, "{e}");
             }
             (support, outcome) => panic!("{}: {support:?} but {outcome:?}", known.name),
         }
@@ -166,6 +161,8 @@ fn sequences_are_read_with_integer_or_string_ids() {
 fn timeout_is_read_in_microseconds() {
     let read = read_request(&of(&[(TIMEOUT, int(1500))]), none).expect("valid");
     assert_eq!(read.timeout, Some(Duration::from_micros(1500)));
+    let read = read_request(&of(&[(TIMEOUT, int(0))]), none).expect("valid");
+    assert_eq!(read.timeout, None, "0 is no timeout, as in Triton");
     assert!(read_request(&of(&[(TIMEOUT, text("1s"))]), none).is_err());
     assert!(read_request(&of(&[(TIMEOUT, int(-5))]), none).is_err());
 }

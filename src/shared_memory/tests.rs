@@ -201,3 +201,82 @@ fn requests_naming_regions_wrongly_are_refused() {
         assert!(refused.to_string().starts_with(says), "{refused}");
     }
 }
+
+#[test]
+fn only_regular_objects_are_registered_never_through_a_link() {
+    let registry = Registry::default();
+    let target = Object::new("target", 16);
+    let link = format!("aviary-test-link-{}", std::process::id());
+    let link_path = PathBuf::from(SHM_ROOT).join(&link);
+    let _ = std::fs::remove_file(&link_path);
+    std::os::unix::fs::symlink(PathBuf::from(SHM_ROOT).join(&target.0), &link_path)
+        .expect("a symlink");
+    let refused = registry
+        .register("l", &format!("/{link}"), 0, 8)
+        .expect_err("a symlink");
+    let _ = std::fs::remove_file(&link_path);
+    assert!(
+        refused
+            .to_string()
+            .contains("unable to open shared memory region"),
+        "{refused}"
+    );
+
+    let fifo = format!("aviary-test-fifo-{}", std::process::id());
+    let fifo_path = PathBuf::from(SHM_ROOT).join(&fifo);
+    let _ = std::fs::remove_file(&fifo_path);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo_path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    // Refused at once: opening never waits for a writer.
+    let refused = registry
+        .register("f", &format!("/{fifo}"), 0, 0)
+        .expect_err("a FIFO");
+    let _ = std::fs::remove_file(&fifo_path);
+    assert!(
+        refused.to_string().contains("not a shared memory object"),
+        "{refused}"
+    );
+
+    for key in ["/.", "/..", "", "/"] {
+        assert!(registry.register("k", key, 0, 0).is_err(), "{key:?}");
+    }
+}
+
+#[test]
+fn a_region_whose_object_shrank_is_an_error_and_reads_are_held_to_the_limit() {
+    let object = Object::new("shrink", 64);
+    let registry = Registry::new(16);
+    registry.register("r", &object.key(), 0, 64).expect("fits");
+    let mut request = ModelInferRequest {
+        inputs: vec![InferInputTensor {
+            name: "a".into(),
+            parameters: in_region("r", 0, 32),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let refused = registry
+        .take_inputs(&mut request.clone())
+        .expect_err("over 16 bytes");
+    assert!(
+        refused
+            .to_string()
+            .contains("over the server's message limit of 16 bytes"),
+        "{refused}"
+    );
+    let registry = Registry::default();
+    registry.register("r", &object.key(), 0, 64).expect("fits");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(PathBuf::from(SHM_ROOT).join(&object.0))
+        .and_then(|f| f.set_len(8))
+        .expect("shrunk");
+    let refused = registry.take_inputs(&mut request).expect_err("shrank");
+    assert!(
+        refused.to_string().contains("region 'r' shrank"),
+        "{refused}"
+    );
+}

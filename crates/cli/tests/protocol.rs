@@ -429,3 +429,41 @@ fn a_worker_serves_system_shared_memory() {
         .expect("probabilities");
     assert_eq!(&written[32..44], &direct.raw_output_contents[index][..]);
 }
+
+/// A route that routes by a request parameter consumes it: neither its version's
+/// worker nor its fallback's sees it (they would refuse a parameter they do not know).
+#[test]
+fn routing_parameters_never_reach_a_worker_not_even_the_fallbacks() {
+    let models = repo_root().join("tests/models");
+    let served = Served::start(
+        &format!(
+            "[repository]\npath = \"{}\"\ninstances = 1\n\n\
+             [routes.demo]\nsticky = {{ parameter = \"user\" }}\n\
+             fallback = {{ version = \"1\" }}\n\
+             versions = [ {{ version = \"2\", weight = 1, fault = {{ error_rate = 1.0 }} }}, \
+             {{ version = \"1\", weight = 0 }} ]\n",
+            models.display()
+        ),
+        &[],
+    );
+    let response = runtime().block_on(async {
+        let mut request = demo_rows("", &[[5.1, 3.5, 1.4, 0.2]]);
+        request.parameters.insert(
+            "user".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam("alice".into())),
+            },
+        );
+        client(connect(&served.addr).await)
+            .model_infer(request)
+            .await
+            .expect("the fallback answers")
+            .into_inner()
+    });
+    assert_eq!(response.model_version, "1", "{response:?}");
+    assert!(
+        response.parameters.contains_key("aviary_fallback_for"),
+        "{:?}",
+        response.parameters
+    );
+}

@@ -364,6 +364,7 @@ impl Gateway {
         );
         front = front
             .with_model_control(self.config.server.model_control)
+            .with_message_limit(self.config.server.max_message_bytes)
             .with_sequences(Sequences::new(Duration::from_millis(
                 self.config.server.sequence_idle_timeout_ms,
             )));

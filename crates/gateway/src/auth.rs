@@ -169,10 +169,21 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
     let roles = match (service, method) {
         ("grpc.health.v1.Health", _)
         | ("inference.GRPCInferenceService", "ServerLive" | "ServerReady") => return None,
-        ("inference.GRPCInferenceService", "ModelInfer" | "ModelStreamInfer") => INFER,
+        // Shared memory regions are registered to be used by inference calls.
         (
             "inference.GRPCInferenceService",
-            "ModelReady" | "ServerMetadata" | "ModelMetadata" | "ModelConfig",
+            "ModelInfer"
+            | "ModelStreamInfer"
+            | "SystemSharedMemoryRegister"
+            | "SystemSharedMemoryUnregister",
+        ) => INFER,
+        (
+            "inference.GRPCInferenceService",
+            "ModelReady"
+            | "ServerMetadata"
+            | "ModelMetadata"
+            | "ModelConfig"
+            | "SystemSharedMemoryStatus",
         ) => INFER_OR_READ,
         ("inference.GRPCInferenceService", "RepositoryModelLoad" | "RepositoryModelUnload") => {
             MODEL_CONTROL
@@ -911,6 +922,26 @@ mod tests {
     #[test]
     fn every_admin_and_inference_method_needs_the_role_it_should() {
         let cases = [
+            (
+                "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+                Role::Infer,
+                true,
+            ),
+            (
+                "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+                Role::Read,
+                false,
+            ),
+            (
+                "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+                Role::Read,
+                true,
+            ),
+            (
+                "/inference.GRPCInferenceService/LogSettings",
+                Role::Infer,
+                false,
+            ),
             (
                 "/inference.GRPCInferenceService/ModelMetadata",
                 Role::Infer,

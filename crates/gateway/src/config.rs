@@ -923,6 +923,14 @@ impl Config {
                 config.server.max_message_bytes
             ));
         }
+        // From a millisecond to a week: 0 would refuse every continuation, and far
+        // beyond a week the cache's timer cannot hold it.
+        if !(1..=7 * 24 * 3600 * 1000).contains(&config.server.sequence_idle_timeout_ms) {
+            problems.push(format!(
+                "server.sequence_idle_timeout_ms: {} is outside 1 to 604800000 (a week)",
+                config.server.sequence_idle_timeout_ms
+            ));
+        }
         if let Some(ratio) = config.tracing.sample_ratio
             && !(0.0..=1.0).contains(&ratio)
         {
@@ -1276,6 +1284,7 @@ mod tests {
             r#"
             [server]
             max_message_bytes = 10
+            sequence_idle_timeout_ms = 0
             [repository]
             path = "m"
             instances = 0
@@ -1287,6 +1296,10 @@ mod tests {
         )
         .expect_err("five problems");
         assert!(err.contains("server.max_message_bytes"), "{err}");
+        assert!(
+            err.contains("server.sequence_idle_timeout_ms: 0 is outside"),
+            "{err}"
+        );
         assert!(err.contains("repository.instances"), "{err}");
         assert!(
             err.contains("repository.max_request_tensor_bytes: must be at least 1"),

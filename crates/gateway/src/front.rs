@@ -95,12 +95,23 @@ fn falls_back(error: &GatewayError) -> bool {
     }
 }
 
+/// What the router decided for a request: its version and why, and Triton's `timeout`
+/// parameter if it sent one.
+struct Decided<'a> {
+    version: &'a str,
+    reason: DecisionReason,
+    timeout: Option<std::time::Duration>,
+}
+
 /// What a default prediction needs of the request it answers: its id, its rows (the
-/// first input's first dimension) and the outputs it asks for.
+/// first input's first dimension) and the outputs it asks for; and whether it asks for
+/// classes, which a card's default outputs are not (such a request is not answered
+/// with them).
 struct DefaultShape {
     id: String,
     rows: i64,
     requested: Vec<String>,
+    classified: bool,
 }
 
 impl DefaultShape {
@@ -114,6 +125,10 @@ impl DefaultShape {
                 .copied()
                 .unwrap_or(1),
             requested: request.outputs.iter().map(|o| o.name.clone()).collect(),
+            classified: request
+                .outputs
+                .iter()
+                .any(|o| o.parameters.contains_key(parameters::CLASSIFICATION)),
         }
     }
 }
@@ -195,6 +210,12 @@ impl Front {
         }
     }
 
+    /// Holds what one request reads from shared memory to `bytes` (the message limit).
+    pub fn with_message_limit(mut self, bytes: usize) -> Front {
+        self.shared_memory = Arc::new(shared_memory::Registry::new(bytes as u64));
+        self
+    }
+
     /// Keeps sequences on their versions in `sequences` (its idle timeout).
     pub fn with_sequences(mut self, sequences: Sequences) -> Front {
         self.sequences = sequences;
@@ -219,7 +240,7 @@ impl Front {
     pub async fn infer(
         &self,
         metadata: &MetadataMap,
-        mut request: ModelInferRequest,
+        request: ModelInferRequest,
     ) -> Result<ModelInferResponse, GatewayError> {
         let routing = self.routing.load_full();
         let route = routing.routes.get(&request.model_name);
@@ -229,37 +250,74 @@ impl Front {
             route.is_some_and(|r| r.routing_parameters().any(|p| p == name))
         })
         .map_err(|e| GatewayError::Worker(e.into()))?;
-        let attributes = RequestView {
-            metadata,
-            parameters: &request.parameters,
-        };
         let pinned = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
         let placement = asked
             .sequence
             .as_ref()
             .map(|sequence| self.sequences.place(&request.model_name, sequence, pinned))
             .transpose()?;
-        let (version, reason) = SPLIT_RNG.with_borrow_mut(|rng| {
-            let (pinned, reason) = match &placement {
-                Some(Placement::Continue(version)) => {
-                    (Some(&**version), Some(DecisionReason::Sequence))
-                }
-                _ => (pinned, None),
+        let (version, reason) = {
+            let attributes = RequestView {
+                metadata,
+                parameters: &request.parameters,
             };
-            routing
-                .table
-                .resolve_with(&request.model_name, pinned, &attributes, rng)
-                .map(|d| (d.version.to_owned(), reason.unwrap_or(d.reason)))
-        })?;
-        if let (Some(Placement::Start), Some(sequence)) = (&placement, &asked.sequence) {
-            self.sequences
-                .started(&request.model_name, sequence, &version);
-        }
+            SPLIT_RNG.with_borrow_mut(|rng| {
+                let (pinned, reason) = match &placement {
+                    Some(Placement::Continue(version)) => {
+                        (Some(&**version), Some(DecisionReason::Sequence))
+                    }
+                    _ => (pinned, None),
+                };
+                routing
+                    .table
+                    .resolve_with(&request.model_name, pinned, &attributes, rng)
+                    .map(|d| (d.version.to_owned(), reason.unwrap_or(d.reason)))
+            })?
+        };
         if telemetry::tracing_on() {
             let span = tracing::Span::current();
             span.record("aviary.version", version.as_str());
             span.record("aviary.route.reason", reason.as_str());
         }
+        let model = request.model_name.clone();
+        let decided = Decided {
+            version: &version,
+            reason,
+            timeout: asked.timeout,
+        };
+        let result = self.serve(&routing, metadata, request, decided).await;
+        if let (Some(sequence), Ok(response)) = (&asked.sequence, &result) {
+            // Held on the version only once it answered the start itself (not a
+            // stand-in); released by any answer to the end.
+            let answered_itself = response.model_name == model && response.model_version == version;
+            let started = matches!(placement, Some(Placement::Start));
+            self.sequences
+                .settle(&model, sequence, &version, started && answered_itself);
+        }
+        result
+    }
+
+    /// Serves `request` on the version `decided` says: from the cache when it holds
+    /// the answer, else through the version's request path, its fallback and its
+    /// default prediction.
+    async fn serve(
+        &self,
+        routing: &Routing,
+        metadata: &MetadataMap,
+        mut request: ModelInferRequest,
+        decided: Decided<'_>,
+    ) -> Result<ModelInferResponse, GatewayError> {
+        let Decided {
+            version,
+            reason,
+            timeout,
+        } = decided;
+        let version = version.to_owned();
+        let route = routing.routes.get(&request.model_name);
+        let attributes = RequestView {
+            metadata,
+            parameters: &request.parameters,
+        };
         let audit = self.control.audit();
         let audited = audit.samples_prediction().then(|| {
             let compiled = routing.table.route(&request.model_name);
@@ -271,7 +329,7 @@ impl Front {
             let held = (request.model_name.as_str(), version.as_str());
             if let Some(hit) = self
                 .cache
-                .lookup(&routing, cacheable, held, &self.metrics)
+                .lookup(routing, cacheable, held, &self.metrics)
                 .await
             {
                 // Not a request the version served: its metrics judge real inferences.
@@ -299,12 +357,19 @@ impl Front {
         let started = Instant::now();
         let limits = route.map(|r| r.limits_of(&version)).unwrap_or_default();
         // Triton's `timeout` parameter is a deadline too; the earlier one counts.
-        let client_timeout = match (grpc_timeout(metadata), asked.timeout) {
+        let client_timeout = match (grpc_timeout(metadata), timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let deadline = limits.deadline(client_timeout, started);
         request.model_version.clone_from(&version);
+        if let Some(route) = route {
+            // Consumed here: no worker (the fallback's neither) has anything to do with
+            // them.
+            for name in route.routing_parameters() {
+                request.parameters.remove(name);
+            }
+        }
         // Only a route with a fallback pays for a copy of the request.
         let fallback = route
             .and_then(|r| r.fallback.as_ref())
@@ -313,19 +378,8 @@ impl Front {
         let default_shape = route
             .filter(|r| r.default_prediction)
             .map(|_| DefaultShape::of(&request));
-        if let Some(route) = route {
-            // Consumed here: the worker has nothing to do with them.
-            for name in route.routing_parameters() {
-                request.parameters.remove(name);
-            }
-        }
         apply_input_rules_mode(&mut request, route.and_then(|r| r.input_rules_mode));
-        let mut result = self.call(&routing, request, deadline).await;
-        if let (Ok(_), Some(sequence)) = (&result, &asked.sequence)
-            && sequence.end
-        {
-            self.sequences.ended(&model, sequence);
-        }
+        let mut result = self.call(routing, request, deadline).await;
         let code = result
             .as_ref()
             .map_or_else(|e| e.status().code(), |_| tonic::Code::Ok);
@@ -338,7 +392,7 @@ impl Front {
                 .store(cacheable, answered, response, &self.metrics);
         }
         let result = self
-            .fall_back(&routing, result, fallback, deadline, &model, &version)
+            .fall_back(routing, result, fallback, deadline, &model, &version)
             .await;
         // A call answered with a default prediction is kept too: its real prediction
         // is still missing.
@@ -348,7 +402,7 @@ impl Front {
             letters.keep(&model, &version, &error.status(), &original);
         }
         let mut result = match (result, default_shape) {
-            (Err(error), Some(shape)) if falls_back(&error) => {
+            (Err(error), Some(shape)) if falls_back(&error) && !shape.classified => {
                 self.answer_default(error, shape, &model, &version)
             }
             (result, _) => result,
@@ -423,6 +477,13 @@ impl Front {
         match (result, fallback) {
             (Err(error), Some(((to_model, to_version), mut copy))) if falls_back(&error) => {
                 tracing::debug!(model, version, %error, to_model, to_version, "served by the fallback");
+                apply_input_rules_mode(
+                    &mut copy,
+                    routing
+                        .routes
+                        .get(&to_model)
+                        .and_then(|r| r.input_rules_mode),
+                );
                 copy.model_name = to_model;
                 copy.model_version = to_version;
                 let served = self.call(routing, copy, deadline).await;
@@ -536,8 +597,8 @@ impl Front {
     }
 }
 
-/// Sets the route's input-rule mode on a request for its version's worker, or removes
-/// a mode the client sent: only the gateway's routes choose it.
+/// Sets a route's input-rule mode on a request for its version's worker; without one,
+/// the request carries none (a client's own was refused), and the card's mode holds.
 fn apply_input_rules_mode(
     request: &mut ModelInferRequest,
     mode: Option<aviary_worker::input_rules::RuleMode>,

@@ -46,7 +46,7 @@ impl Default for Sequences {
 /// Where a request of a sequence goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    /// It starts the sequence: route it as any request, then [`Sequences::started`].
+    /// It starts the sequence: route it as any request, then [`Sequences::settle`].
     Start,
     /// It continues the sequence: to this version.
     Continue(Arc<str>),
@@ -98,18 +98,15 @@ impl Sequences {
         }
     }
 
-    /// Holds `sequence` (just started) on `version`, unless it also ends.
-    pub fn started(&self, model: &str, sequence: &Sequence, version: &str) {
-        if !sequence.end {
-            self.open
-                .insert((model.to_owned(), sequence.id.clone()), version.into());
+    /// Records that a request of `sequence` was answered: its end forgets the
+    /// sequence; a start answered by `version` itself (`held`) holds it there.
+    pub fn settle(&self, model: &str, sequence: &Sequence, version: &str, held: bool) {
+        let key = (model.to_owned(), sequence.id.clone());
+        if sequence.end {
+            self.open.invalidate(&key);
+        } else if held {
+            self.open.insert(key, version.into());
         }
-    }
-
-    /// Forgets `sequence`: its last request was served.
-    pub fn ended(&self, model: &str, sequence: &Sequence) {
-        self.open
-            .invalidate(&(model.to_owned(), sequence.id.clone()));
     }
 
     /// How many sequences are open (approximately: expired ones go lazily).
@@ -141,7 +138,7 @@ mod tests {
             sequences.place("m", &request(7, true, false), None).ok(),
             Some(Placement::Start)
         );
-        sequences.started("m", &request(7, true, false), "1");
+        sequences.settle("m", &request(7, true, false), "1", true);
         for _ in 0..3 {
             assert_eq!(
                 sequences.place("m", &request(7, false, false), None).ok(),
@@ -154,7 +151,7 @@ mod tests {
                 .place("other", &request(7, false, false), None)
                 .is_err()
         );
-        sequences.ended("m", &request(7, false, true));
+        sequences.settle("m", &request(7, false, true), "1", false);
         let refused = sequences
             .place("m", &request(7, false, false), None)
             .expect_err("ended");
@@ -169,7 +166,7 @@ mod tests {
     #[test]
     fn a_pin_must_agree_with_the_sequence_and_a_restart_moves_it() {
         let sequences = Sequences::default();
-        sequences.started("m", &request(1, true, false), "2");
+        sequences.settle("m", &request(1, true, false), "2", true);
         assert!(
             sequences
                 .place("m", &request(1, false, false), Some("2"))
@@ -180,13 +177,13 @@ mod tests {
             .expect_err("another version");
         assert!(refused.to_string().contains("is on version 2"), "{refused}");
         // A new start of the same id is a new sequence.
-        sequences.started("m", &request(1, true, false), "1");
+        sequences.settle("m", &request(1, true, false), "1", true);
         assert_eq!(
             sequences.place("m", &request(1, false, false), None).ok(),
             Some(Placement::Continue("1".into()))
         );
         // A one-request sequence (start and end) is never held.
-        sequences.started("m", &request(9, true, true), "1");
+        sequences.settle("m", &request(9, true, true), "1", true);
         assert!(
             sequences
                 .place("m", &request(9, false, false), None)
@@ -197,7 +194,7 @@ mod tests {
     #[test]
     fn an_idle_sequence_is_forgotten() {
         let sequences = Sequences::new(Duration::from_millis(1));
-        sequences.started("m", &request(3, true, false), "1");
+        sequences.settle("m", &request(3, true, false), "1", true);
         std::thread::sleep(Duration::from_millis(20));
         assert!(
             sequences

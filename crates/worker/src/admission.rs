@@ -20,15 +20,17 @@ use aviary::tensor::Datatype;
 use crate::WorkerError;
 
 /// Fixed bytes one BYTES element costs while it is turned into an ONNX string tensor,
-/// when the most copies of it are alive at once: the decoded `String` (24), the
-/// NUL-terminated copy `ort` makes for ONNX Runtime (16, and a heap block of at least
-/// 32), the pointer array ONNX Runtime reads them from (8), ONNX Runtime's own
-/// `std::string` (32), and the `String`'s heap block of at least 32 when it is not
-/// empty. Measured on a worker: 114 bytes per empty element, 147 per one-byte element,
-/// which this bounds with [`BYTES_COPIES`].
+/// when the most copies of it are alive at once: the decoded bytes (24, and a heap
+/// block of at least 32 when not empty), the empty NUL-terminated string `ort`
+/// creates the element with (16, and a heap block), the pointer array ONNX Runtime
+/// reads those from (8) and ONNX Runtime's own `std::string` (32). Measured on a
+/// worker when `ort` still copied every element's bytes: 114 bytes per empty element,
+/// 147 per one-byte element; the bound is kept.
 pub const BYTES_ELEMENT_OVERHEAD: u64 = 144;
-/// Copies of a BYTES element's own bytes alive at that moment: the `String`, `ort`'s
-/// NUL-terminated copy and ONNX Runtime's `std::string`.
+/// Copies of a BYTES element's own bytes counted as alive at that moment: the decoded
+/// bytes and ONNX Runtime's `std::string` (two since the worker writes elements into
+/// ONNX Runtime itself, `string_tensors`), and one more kept from when `ort` copied
+/// them too, so the budget errs on the safe side.
 pub const BYTES_COPIES: u64 = 3;
 
 /// Default [`TensorLimits::max_request_tensor_bytes`]: 256 MiB, also the decode limit

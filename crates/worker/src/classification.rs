@@ -48,7 +48,8 @@ impl Labels {
             let list = match given {
                 LabelsCard::List(list) => list.clone(),
                 LabelsCard::File(file) => {
-                    let path = folder.join(file);
+                    let path =
+                        crate::repository::file_beside(folder, file, &format!("labels.{output}"))?;
                     std::fs::read_to_string(&path)
                         .map_err(|e| {
                             format!("model card: labels.{output}: {}: {e}", path.display())

@@ -227,7 +227,7 @@ impl DriftTracker {
         if let Some(file) = &card.reference {
             load_reference(
                 card,
-                &folder.join(file),
+                &crate::repository::file_beside(folder, file, "drift.reference")?,
                 &mut tracked,
                 &features,
                 &mut samples,

@@ -136,11 +136,7 @@ impl WorkerError {
 
 impl From<aviary::parameters::ParameterError> for WorkerError {
     fn from(error: aviary::parameters::ParameterError) -> WorkerError {
-        if error.unimplemented {
-            WorkerError::Unimplemented(error.to_string())
-        } else {
-            WorkerError::InvalidRequest(error.to_string())
-        }
+        WorkerError::InvalidRequest(error.to_string())
     }
 }
 

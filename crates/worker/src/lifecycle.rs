@@ -256,13 +256,14 @@ impl Lifecycle {
         unsettled: &BTreeSet<(String, u64)>,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
-        self.sync_forcing(catalog, only_model, unsettled, may_unload, false)
+        let _serial = self.serial.lock().await;
+        self.sync_locked(catalog, only_model, unsettled, may_unload, false)
             .await
     }
 
-    /// [`Lifecycle::sync`]; `reload` also reloads versions whose file did not change
-    /// (their settings did).
-    async fn sync_forcing(
+    /// [`Lifecycle::sync`], the caller holding `serial`; `reload` also reloads versions
+    /// whose file did not change (their settings or card did).
+    async fn sync_locked(
         &self,
         catalog: &ArcSwap<Catalog>,
         only_model: Option<&str>,
@@ -270,7 +271,6 @@ impl Lifecycle {
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
         reload: bool,
     ) -> Result<SyncReport, WorkerError> {
-        let _serial = self.serial.lock().await;
         let scanned = repository::scan(self.repository())?;
         let mut present: BTreeMap<String, BTreeMap<u64, VersionEntry>> = BTreeMap::new();
         for entry in scanned {
@@ -385,35 +385,61 @@ impl Lifecycle {
     /// Triton's RepositoryModelLoad: loads or reloads `model` from the repository as
     /// its version policy says, new copies beside running ones (no unload-before-load
     /// gap), with the settings `config` overrides (until the next load without one:
-    /// every running version is reloaded when they change). An error when no version
-    /// of the model ends up loaded.
+    /// every running version is reloaded when they change, or when `reload` says its
+    /// files were just supplied). An error when no version of the model ends up
+    /// loaded, or one failed; then the previous override is back.
     pub(crate) async fn load_model(
         &self,
         catalog: &ArcSwap<Catalog>,
         model: &str,
         config: Option<ModelOverride>,
+        reload: bool,
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
         repository::check_model_name(model)?;
-        let changed = {
-            let mut overrides = self
-                .overrides
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let before = overrides.get(model).cloned();
-            match &config {
-                Some(config) => overrides.insert(model.to_owned(), config.clone()),
-                None => overrides.remove(model),
-            };
-            before != config
-        };
+        let _serial = self.serial.lock().await;
+        let previous = self.set_override(model, config.clone());
+        let changed = previous != config;
         // An explicit load retries files that failed before, even unchanged ones.
         update(catalog, |catalog| {
             catalog.failed.retain(|(m, _), _| m != model)
         });
-        let report = self
-            .sync_forcing(catalog, Some(model), &BTreeSet::new(), may_unload, changed)
-            .await?;
+        let result = self
+            .sync_locked(
+                catalog,
+                Some(model),
+                &BTreeSet::new(),
+                may_unload,
+                changed || reload,
+            )
+            .await
+            .and_then(|report| self.loaded_as_asked(catalog, model, report));
+        if result.is_err() {
+            self.set_override(model, previous);
+        }
+        result
+    }
+
+    /// Sets (or clears) `model`'s load-time override; returns the one it replaces.
+    fn set_override(&self, model: &str, config: Option<ModelOverride>) -> Option<ModelOverride> {
+        let mut overrides = self
+            .overrides
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match config {
+            Some(config) => overrides.insert(model.to_owned(), config),
+            None => overrides.remove(model),
+        }
+    }
+
+    /// `report` of loading `model`, or the error when no version of it is loaded or
+    /// one failed.
+    fn loaded_as_asked(
+        &self,
+        catalog: &ArcSwap<Catalog>,
+        model: &str,
+        report: SyncReport,
+    ) -> Result<SyncReport, WorkerError> {
         if catalog.load().versions(model).is_empty() {
             let reasons: Vec<String> = report
                 .failed
@@ -448,6 +474,8 @@ impl Lifecycle {
         model: &str,
     ) -> Result<Vec<u64>, WorkerError> {
         catalog.load().slot(model, "")?;
+        // A later load starts from the repository's settings again.
+        self.set_override(model, None);
         let versions: Vec<u64> = catalog
             .load()
             .versions(model)

@@ -2,7 +2,7 @@
 //! `config` override (Triton's model configuration as JSON) and `file:<path>` model
 //! files supplied by the client. Aviary takes the override fields it has settings for
 //! (`max_batch_size` with `dynamic_batching`, the instance count, the version policy
-//! and a zero-data warm-up) and refuses every other field, parameter or value naming
+//! and no warm-up) and refuses every other field, parameter or value naming
 //! it, so a load never silently does less than asked. Pure code: the files are written
 //! by the caller.
 
@@ -217,9 +217,12 @@ fn config_override(model: &str, text: &str) -> Result<ModelOverride, WorkerError
     Ok(over)
 }
 
+/// A whole number ≥ 0, as a JSON number or, as proto3's JSON writes 64-bit integers,
+/// a string of digits.
 fn count(value: &Value) -> Result<usize, String> {
     value
         .as_u64()
+        .or_else(|| value.as_str().and_then(|text| text.parse().ok()))
         .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| format!("must be a whole number ≥ 0, not {value}"))
 }
@@ -312,30 +315,21 @@ fn version_policy(value: &Value) -> Result<VersionPolicy, String> {
     }
 }
 
-/// Triton's `model_warmup`: an empty list turns warm-up off; samples of zero data
-/// warm up on zeros. Random data and data files are not implemented.
+/// Triton's `model_warmup`: an empty list turns warm-up off. Samples are not taken
+/// here (their shapes, types and data would each need honouring): the model card's
+/// `[warmup]` declares them.
 fn warmup(value: &Value) -> Result<WarmupCard, WorkerError> {
-    let Value::Array(samples) = value else {
-        return Err(invalid(format!(
-            "config.model_warmup: must be a list, not {value}"
-        )));
-    };
-    if samples.is_empty() {
-        return Ok(WarmupCard::Switch(WarmupSwitch::Off));
+    match value {
+        Value::Array(samples) if samples.is_empty() => Ok(WarmupCard::Switch(WarmupSwitch::Off)),
+        Value::Array(_) => Err(WorkerError::Unimplemented(
+            "config.model_warmup: warm-up samples are not taken in a load-time override \
+             ([] turns warm-up off); declare them in the model card's [warmup]"
+                .into(),
+        )),
+        other => Err(invalid(format!(
+            "config.model_warmup: must be a list, not {other}"
+        ))),
     }
-    for sample in samples {
-        let inputs = sample.get("inputs").and_then(Value::as_object);
-        for (input, data) in inputs.into_iter().flatten() {
-            if data.get("zero_data").and_then(Value::as_bool) != Some(true) {
-                return Err(WorkerError::Unimplemented(format!(
-                    "config.model_warmup: input \"{input}\": only zero_data warm-up is taken \
-                     in a load-time override; declare sample inputs in the model card's \
-                     [warmup]"
-                )));
-            }
-        }
-    }
-    Ok(WarmupCard::Switch(WarmupSwitch::Zeros))
 }
 
 fn invalid(message: String) -> WorkerError {

@@ -258,6 +258,25 @@ pub fn read_card(path: &Path) -> Result<ModelCard, WorkerError> {
     })
 }
 
+/// The file a model card names beside its model: `name` must be a plain file name in
+/// `folder` (no folder part, not absolute, not `.` or `..`), so a card (which a client
+/// may supply with RepositoryModelLoad) can never make the worker read another file.
+/// `key` names the card key for the error.
+pub fn file_beside(folder: &Path, name: &str, key: &str) -> Result<PathBuf, String> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0');
+    if !plain {
+        return Err(format!(
+            "model card: {key}: {name:?} must be the name of a file beside the model file \
+             (no folder part)"
+        ));
+    }
+    Ok(folder.join(name))
+}
+
 /// Writes a file a client supplied with RepositoryModelLoad into `<root>/<model>/<version>/`:
 /// first beside it under a temporary name, then renamed over it, so a scan never sees
 /// half a file and a failed write leaves the old one.
@@ -274,8 +293,15 @@ pub fn write_supplied(
         reason: format!("writing the supplied file: {e}"),
     };
     fs::create_dir_all(&folder).map_err(failed)?;
-    let temporary = folder.join(format!(".{}.supplied-{}", file.name, std::process::id()));
-    let written = fs::File::create(&temporary).and_then(|mut out| {
+    // Unique per write, so concurrent loads never write into one temporary file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = folder.join(format!(
+        ".{}.supplied-{}-{n}",
+        file.name,
+        std::process::id()
+    ));
+    let written = fs::File::create_new(&temporary).and_then(|mut out| {
         out.write_all(&file.bytes)?;
         out.sync_all()
     });

@@ -75,6 +75,12 @@ impl WorkerService {
         result
     }
 
+    /// Holds what one request reads from shared memory to `bytes` (the message limit).
+    pub fn with_message_limit(mut self, bytes: usize) -> WorkerService {
+        self.shared_memory = Arc::new(shared_memory::Registry::new(bytes as u64));
+        self
+    }
+
     /// Serves `worker`; Triton's load and unload RPCs as `model_control` says.
     pub fn new(worker: Arc<Worker>, model_control: ModelControl) -> WorkerService {
         WorkerService {
@@ -295,14 +301,9 @@ where
             set_serving(&health, false).await;
         }
     };
-    serve_guarded(
-        WorkerService::new(worker, model_control),
-        listener,
-        options,
-        checks,
-        health,
-        draining,
-    )
-    .await
-    .map_err(|e| WorkerError::Serve(e.to_string()))
+    let service =
+        WorkerService::new(worker, model_control).with_message_limit(options.max_message_bytes);
+    serve_guarded(service, listener, options, checks, health, draining)
+        .await
+        .map_err(|e| WorkerError::Serve(e.to_string()))
 }

@@ -51,7 +51,7 @@ pub enum TensorData {
     Fp32(Vec<f32>),
     /// FP64.
     Fp64(Vec<f64>),
-    /// BYTES: any bytes but NUL, as ONNX string tensors hold them.
+    /// BYTES: any bytes, as ONNX Runtime's string tensors hold them.
     Bytes(Vec<Vec<u8>>),
 }
 
@@ -273,8 +273,8 @@ impl Checked<'_> {
         &self.classifications
     }
 
-    /// Decodes the inputs: converts and range-checks typed values, checks BYTES
-    /// elements for UTF-8 and NUL.
+    /// Decodes the inputs: converts and range-checks typed values, and copies BYTES
+    /// elements out.
     pub fn decode(self) -> Result<ValidatedRequest, WorkerError> {
         let inputs = self
             .inputs

@@ -92,7 +92,8 @@ impl Warmup {
                 let inputs = match (&samples.file, samples.inputs.is_empty()) {
                     (None, false) => samples.inputs.clone(),
                     (Some(file), true) => {
-                        let path = folder.join(file);
+                        let path = crate::repository::file_beside(folder, file, "warmup.file")
+                            .map_err(|e| e.trim_start_matches("model card: ").to_owned())?;
                         let text = std::fs::read_to_string(&path)
                             .map_err(|e| format!("warmup.file: {}: {e}", path.display()))?;
                         serde_json::from_str(&text)

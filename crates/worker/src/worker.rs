@@ -224,14 +224,17 @@ fn classify(
             .output(name)
             .is_some_and(|spec| spec.shape.first() == Some(&-1));
         *output = classification::classify(output, *classes, per_row, model.labels.of(name))
-            .map_err(|reason| {
-                WorkerError::invalid(format!(
-                    "parameter \"{}\" of output \"{name}\": {reason}",
-                    parameters::CLASSIFICATION
-                ))
-            })?;
+            .map_err(|reason| classification_refused(name, &reason))?;
     }
     Ok(outputs)
+}
+
+/// A refused `classification` parameter of output `name`.
+fn classification_refused(name: &str, reason: &str) -> WorkerError {
+    WorkerError::invalid(format!(
+        "parameter \"{}\" of output \"{name}\": {reason}",
+        parameters::CLASSIFICATION
+    ))
 }
 
 /// Validates and runs one inference on `slot`, whatever version the request names,
@@ -249,7 +252,6 @@ pub async fn infer_on(
     let started = Instant::now();
     let mut decoded = started;
     let model = slot.current();
-    let mut classifications = Vec::new();
     let result = async {
         let asked = read_parameters(&model, &request)?;
         let deadline = match asked.timeout {
@@ -257,15 +259,12 @@ pub async fn infer_on(
             None => deadline,
         };
         let checked = validate::check(&model.schema, &request)?;
-        classifications = checked.classifications().to_vec();
+        // Outputs asked for as classes are checked before the run, not after it.
+        let classifications = checked.classifications().to_vec();
         for (name, _) in &classifications {
             if let Some(spec) = model.schema.output(name) {
-                classification::classifiable(name, spec.datatype).map_err(|reason| {
-                    WorkerError::invalid(format!(
-                        "parameter \"{}\" of output \"{name}\": {reason}",
-                        parameters::CLASSIFICATION
-                    ))
-                })?;
+                classification::classifiable(name, spec.datatype)
+                    .map_err(|reason| classification_refused(name, &reason))?;
             }
         }
         let reservation = slot.admission().admit(checked.cost())?;
@@ -290,6 +289,10 @@ pub async fn infer_on(
             .and_then(|i| i.shape.first())
             .map_or(1, |&d| u64::try_from(d).unwrap_or(0));
         let (outputs, timings) = model.infer(validated, reservation, deadline).await?;
+        if let Some(drift) = &model.drift {
+            drift.record_outputs(&outputs);
+        }
+        let outputs = classify(&model, outputs, &classifications)?;
         Ok::<_, WorkerError>((outputs, timings, batch))
     }
     .await;
@@ -297,10 +300,6 @@ pub async fn infer_on(
         Ok((outputs, timings, batch)) => {
             slot.stats()
                 .record_success(started.elapsed(), timings, batch);
-            if let Some(drift) = &model.drift {
-                drift.record_outputs(&outputs);
-            }
-            let outputs = classify(&model, outputs, &classifications)?;
             if telemetry::tracing_on() {
                 telemetry::record_stages(|| stage_spans(started, decoded, &timings, batch));
             }
@@ -580,7 +579,10 @@ impl Worker {
         may_unload: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<SyncReport, WorkerError> {
         repository::check_model_name(model)?;
-        if !request.files.is_empty() {
+        // Supplied files are loaded even where the model file's fingerprint did not
+        // change (a card alone).
+        let supplied = !request.files.is_empty();
+        if supplied {
             let root = self.repository().to_owned();
             let model = model.to_owned();
             let files = request.files;
@@ -593,7 +595,7 @@ impl Worker {
             .map_err(|e| WorkerError::Unavailable(format!("writing model files: {e}")))??;
         }
         self.lifecycle
-            .load_model(&self.catalog, model, request.config, may_unload)
+            .load_model(&self.catalog, model, request.config, supplied, may_unload)
             .await
     }
 
