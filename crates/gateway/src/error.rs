@@ -13,6 +13,10 @@ pub enum GatewayError {
     /// The in-process worker refused or failed the request.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// The client's request asks for something the gateway refuses: a parameter it
+    /// does not know, a sequence it does not hold.
+    #[error("{0}")]
+    InvalidRequest(String),
     /// A request's shared memory region could not be read or written.
     #[error(transparent)]
     SharedMemory(#[from] aviary::shared_memory::SharedMemoryError),
@@ -168,6 +172,7 @@ impl GatewayError {
             GatewayError::Route(_) => tonic::Status::not_found(message),
             GatewayError::Worker(e) => tonic::Status::new(e.code(), message),
             GatewayError::SharedMemory(e) => tonic::Status::new(e.code(), message),
+            GatewayError::InvalidRequest(_) => tonic::Status::invalid_argument(message),
             GatewayError::Remote { endpoint, status } => {
                 if status.code() == tonic::Code::Unavailable {
                     tonic::Status::unavailable(format!(
@@ -196,6 +201,12 @@ impl GatewayError {
             | GatewayError::Serve(_)
             | GatewayError::AuditTrail(_) => tonic::Status::internal(message),
         }
+    }
+}
+
+impl From<aviary::parameters::ParameterError> for GatewayError {
+    fn from(error: aviary::parameters::ParameterError) -> GatewayError {
+        GatewayError::InvalidRequest(error.to_string())
     }
 }
 

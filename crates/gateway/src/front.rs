@@ -249,7 +249,7 @@ impl Front {
         let asked = parameters::read_request(&request.parameters, |name| {
             route.is_some_and(|r| r.routing_parameters().any(|p| p == name))
         })
-        .map_err(|e| GatewayError::Worker(e.into()))?;
+        .map_err(GatewayError::from)?;
         let pinned = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
         let placement = asked
             .sequence

@@ -10,7 +10,6 @@
 use std::{sync::Arc, time::Duration};
 
 use aviary::parameters::{Sequence, SequenceId};
-use aviary_worker::WorkerError;
 use moka::sync::Cache;
 
 use crate::GatewayError;
@@ -116,7 +115,7 @@ impl Sequences {
 }
 
 fn refused(message: String) -> GatewayError {
-    GatewayError::Worker(WorkerError::InvalidRequest(message))
+    GatewayError::InvalidRequest(message)
 }
 
 #[cfg(test)]
