@@ -312,7 +312,6 @@ impl Front {
             reason,
             timeout,
         } = decided;
-        let version = version.to_owned();
         let route = routing.routes.get(&request.model_name);
         let attributes = RequestView {
             metadata,
@@ -326,7 +325,7 @@ impl Front {
         let arrived = Instant::now();
         let cacheable = route.and_then(|r| PredictionCache::cacheable(r, &request));
         if let Some(cacheable) = &cacheable {
-            let held = (request.model_name.as_str(), version.as_str());
+            let held = (request.model_name.as_str(), version);
             if let Some(hit) = self
                 .cache
                 .lookup(routing, cacheable, held, &self.metrics)
@@ -335,13 +334,7 @@ impl Front {
                 // Not a request the version served: its metrics judge real inferences.
                 let hit = Ok(hit);
                 if let Some(audited) = audited {
-                    audited.finish(
-                        audit,
-                        &request.model_name,
-                        &version,
-                        &hit,
-                        arrived.elapsed(),
-                    );
+                    audited.finish(audit, &request.model_name, version, &hit, arrived.elapsed());
                 }
                 return hit;
             }
@@ -355,14 +348,14 @@ impl Front {
         // From here on the request belongs to `version`: its outcome counts for it.
         let model = request.model_name.clone();
         let started = Instant::now();
-        let limits = route.map(|r| r.limits_of(&version)).unwrap_or_default();
+        let limits = route.map(|r| r.limits_of(version)).unwrap_or_default();
         // Triton's `timeout` parameter is a deadline too; the earlier one counts.
         let client_timeout = match (grpc_timeout(metadata), timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let deadline = limits.deadline(client_timeout, started);
-        request.model_version.clone_from(&version);
+        request.model_version = version.to_owned();
         if let Some(route) = route {
             // Consumed here: no worker (the fallback's neither) has anything to do with
             // them.
@@ -373,7 +366,7 @@ impl Front {
         // Only a route with a fallback pays for a copy of the request.
         let fallback = route
             .and_then(|r| r.fallback.as_ref())
-            .filter(|(m, v)| (m.as_str(), v.as_str()) != (model.as_str(), version.as_str()))
+            .filter(|(m, v)| (m.as_str(), v.as_str()) != (model.as_str(), version))
             .map(|target| (target.clone(), request.clone()));
         let default_shape = route
             .filter(|r| r.default_prediction)
@@ -384,31 +377,31 @@ impl Front {
             .as_ref()
             .map_or_else(|e| e.status().code(), |_| tonic::Code::Ok);
         self.metrics
-            .record_call(&model, &version, reason, code, started.elapsed());
+            .record_call(&model, version, reason, code, started.elapsed());
         // Only the version's own successful answer is kept, never a stand-in's.
         if let (Ok(response), Some(cacheable)) = (&mut result, &cacheable) {
-            let answered = (model.as_str(), version.as_str());
+            let answered = (model.as_str(), version);
             self.cache
                 .store(cacheable, answered, response, &self.metrics);
         }
         let result = self
-            .fall_back(routing, result, fallback, deadline, &model, &version)
+            .fall_back(routing, result, fallback, deadline, &model, version)
             .await;
         // A call answered with a default prediction is kept too: its real prediction
         // is still missing.
         if let (Err(error), Some((letters, original))) = (&result, original)
             && kept_as_dead_letter(error)
         {
-            letters.keep(&model, &version, &error.status(), &original);
+            letters.keep(&model, version, &error.status(), &original);
         }
         let mut result = match (result, default_shape) {
             (Err(error), Some(shape)) if falls_back(&error) && !shape.classified => {
-                self.answer_default(error, shape, &model, &version)
+                self.answer_default(error, shape, &model, version)
             }
             (result, _) => result,
         };
         if let Some(audited) = audited {
-            audited.finish(audit, &model, &version, &result, arrived.elapsed());
+            audited.finish(audit, &model, version, &result, arrived.elapsed());
         }
         // Which weights answered is the gateway's business, not the client's.
         if let Ok(response) = &mut result {

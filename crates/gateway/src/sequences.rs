@@ -107,11 +107,6 @@ impl Sequences {
             self.open.insert(key, version.into());
         }
     }
-
-    /// How many sequences are open (approximately: expired ones go lazily).
-    pub fn open(&self) -> u64 {
-        self.open.entry_count()
-    }
 }
 
 fn refused(message: String) -> GatewayError {
