@@ -60,7 +60,7 @@ COPY deploy/local/models /usr/share/aviary/models
 USER 10001:10001
 WORKDIR /var/lib/aviary
 # gRPC inference, /metrics, admin API (gateway defaults in deploy/image/aviary.toml).
-EXPOSE 8001 8002 8003
+EXPOSE 8000 8001 8002 8003
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/aviary"]
 CMD ["serve", "--config", "/usr/share/aviary/aviary.toml"]

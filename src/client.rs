@@ -9,12 +9,13 @@ use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
+    json_tensors::{Utf8, decode_raw, encode, flatten, typed_values},
     pb::inference::{
         ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
         grpc_inference_service_client::GrpcInferenceServiceClient,
         model_infer_request::InferInputTensor,
     },
-    tensor::{self, Datatype},
+    tensor::Datatype,
 };
 
 /// Connects to a v2 server at `addr` (`http://host:port`, or `https://` with `tls`)
@@ -263,134 +264,6 @@ pub fn build_request(
     Ok(request)
 }
 
-/// Shape and row-major leaves of a nested JSON array; ragged arrays are an error.
-pub fn flatten(value: &Value) -> Result<(Vec<i64>, Vec<&Value>), String> {
-    fn walk<'v>(
-        value: &'v Value,
-        depth: usize,
-        shape: &mut Vec<i64>,
-        leaves: &mut Vec<&'v Value>,
-    ) -> Result<(), String> {
-        match value {
-            Value::Array(items) => {
-                let len = i64::try_from(items.len()).map_err(|_| "array too long".to_owned())?;
-                match shape.get(depth) {
-                    Some(&expected) if expected != len => {
-                        return Err(format!(
-                            "ragged array: dimension {depth} has lengths {expected} and {len}"
-                        ));
-                    }
-                    Some(_) => {}
-                    None if leaves.is_empty() => shape.push(len),
-                    None => {
-                        return Err(format!(
-                            "ragged array: nesting depth differs at dimension {depth}"
-                        ));
-                    }
-                }
-                items
-                    .iter()
-                    .try_for_each(|item| walk(item, depth + 1, shape, leaves))
-            }
-            leaf => {
-                if depth != shape.len() {
-                    return Err(format!(
-                        "ragged array: a value sits at depth {depth} of {}",
-                        shape.len()
-                    ));
-                }
-                leaves.push(leaf);
-                Ok(())
-            }
-        }
-    }
-    let mut shape = Vec::new();
-    let mut leaves = Vec::new();
-    walk(value, 0, &mut shape, &mut leaves)?;
-    Ok((shape, leaves))
-}
-
-fn encode(datatype: Datatype, leaves: &[&Value]) -> Result<Vec<u8>, String> {
-    let number = |v: &Value| {
-        v.as_f64()
-            .ok_or_else(|| format!("{v} is not a number ({datatype} input)"))
-    };
-    let int = |v: &Value| {
-        v.as_i64()
-            .ok_or_else(|| format!("{v} is not an integer ({datatype} input)"))
-    };
-    let uint = |v: &Value| {
-        v.as_u64()
-            .ok_or_else(|| format!("{v} is not a non-negative integer ({datatype} input)"))
-    };
-    let narrow = |v: &Value| format!("{v} is out of range for {datatype}");
-    macro_rules! ints {
-        ($ty:ty, $get:expr) => {{
-            let values = leaves
-                .iter()
-                .map(|v| $get(v).and_then(|n| <$ty>::try_from(n).map_err(|_| narrow(v))))
-                .collect::<Result<Vec<$ty>, String>>()?;
-            tensor::to_raw(&values)
-        }};
-    }
-    Ok(match datatype {
-        Datatype::Bool => {
-            let values = leaves
-                .iter()
-                .map(|v| {
-                    v.as_bool()
-                        .ok_or_else(|| format!("{v} is not true/false (BOOL input)"))
-                })
-                .collect::<Result<Vec<bool>, String>>()?;
-            tensor::to_raw(&values)
-        }
-        Datatype::Uint8 => ints!(u8, uint),
-        Datatype::Uint16 => ints!(u16, uint),
-        Datatype::Uint32 => ints!(u32, uint),
-        Datatype::Uint64 => ints!(u64, uint),
-        Datatype::Int8 => ints!(i8, int),
-        Datatype::Int16 => ints!(i16, int),
-        Datatype::Int32 => ints!(i32, int),
-        Datatype::Int64 => ints!(i64, int),
-        Datatype::Fp16 => {
-            let bits = leaves
-                .iter()
-                .map(|v| number(v).map(|n| half::f16::from_f64(n).to_bits()));
-            tensor::to_raw(&bits.collect::<Result<Vec<u16>, String>>()?)
-        }
-        Datatype::Bf16 => {
-            let bits = leaves
-                .iter()
-                .map(|v| number(v).map(|n| half::bf16::from_f64(n).to_bits()));
-            tensor::to_raw(&bits.collect::<Result<Vec<u16>, String>>()?)
-        }
-        // Narrowing to f32 is what sending an FP32 tensor means.
-        Datatype::Fp32 => tensor::to_raw(
-            &leaves
-                .iter()
-                .map(|v| number(v).map(|n| n as f32))
-                .collect::<Result<Vec<f32>, String>>()?,
-        ),
-        Datatype::Fp64 => tensor::to_raw(
-            &leaves
-                .iter()
-                .map(|v| number(v))
-                .collect::<Result<Vec<f64>, String>>()?,
-        ),
-        Datatype::Bytes => {
-            let strings = leaves
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| format!("{v} is not a string (BYTES input)"))
-                })
-                .collect::<Result<Vec<String>, String>>()?;
-            tensor::encode_bytes_elements(&strings)
-        }
-    })
-}
-
 /// One decoded tensor (an input or an output): name, datatype, shape and values as JSON.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DecodedTensor {
@@ -423,7 +296,7 @@ pub fn decode_response(response: &ModelInferResponse) -> Result<Vec<DecodedTenso
                     output.name
                 )
             })?;
-            let data = decode_raw(datatype, raw, &output.shape)
+            let data = decode_raw(datatype, raw, &output.shape, Utf8::Lossy)
                 .map_err(|e| format!("output \"{}\": {e}", output.name))?;
             Ok(DecodedTensor {
                 name: output.name.clone(),
@@ -450,7 +323,7 @@ pub fn decode_request(request: &ModelInferRequest) -> Result<Vec<DecodedTensor>,
                 )
             })?;
             let data = match (request.raw_input_contents.get(i), &input.contents) {
-                (Some(raw), _) => decode_raw(datatype, raw, &input.shape),
+                (Some(raw), _) => decode_raw(datatype, raw, &input.shape, Utf8::Lossy),
                 (None, Some(typed)) => Ok(typed_values(datatype, typed)),
                 (None, None) => Err("no contents".to_owned()),
             }
@@ -463,64 +336,6 @@ pub fn decode_request(request: &ModelInferRequest) -> Result<Vec<DecodedTensor>,
             })
         })
         .collect()
-}
-
-/// The values of the typed contents field that carries `datatype`.
-fn typed_values(datatype: Datatype, typed: &crate::contents::InferTensorContents) -> Vec<Value> {
-    fn all<T: Clone + Into<Value>>(values: &[T]) -> Vec<Value> {
-        values.iter().cloned().map(Into::into).collect()
-    }
-    match datatype {
-        Datatype::Bool => all(&typed.bool_contents),
-        Datatype::Int8 | Datatype::Int16 | Datatype::Int32 => all(&typed.int_contents),
-        Datatype::Int64 => all(&typed.int64_contents),
-        Datatype::Uint8 | Datatype::Uint16 | Datatype::Uint32 => all(&typed.uint_contents),
-        Datatype::Uint64 => all(&typed.uint64_contents),
-        Datatype::Fp32 => all(&typed.fp32_contents),
-        Datatype::Fp64 => all(&typed.fp64_contents),
-        Datatype::Fp16 | Datatype::Bf16 => Vec::new(),
-        Datatype::Bytes => typed
-            .bytes_contents
-            .iter()
-            .map(|e| Value::from(String::from_utf8_lossy(e).into_owned()))
-            .collect(),
-    }
-}
-
-fn decode_raw(datatype: Datatype, raw: &[u8], shape: &[i64]) -> Result<Vec<Value>, String> {
-    fn numbers<T: tensor::Element + Into<Value>>(raw: &[u8]) -> Result<Vec<Value>, String> {
-        tensor::from_raw::<T>(raw)
-            .map(|v| v.into_iter().map(Into::into).collect())
-            .ok_or_else(|| "raw contents are not a whole number of elements".to_owned())
-    }
-    let halves = |to_f64: fn(u16) -> f64| -> Result<Vec<Value>, String> {
-        tensor::from_raw::<u16>(raw)
-            .map(|v| v.into_iter().map(|b| Value::from(to_f64(b))).collect())
-            .ok_or_else(|| "raw contents are not a whole number of elements".to_owned())
-    };
-    match datatype {
-        Datatype::Bool => numbers::<bool>(raw),
-        Datatype::Uint8 => numbers::<u8>(raw),
-        Datatype::Uint16 => numbers::<u16>(raw),
-        Datatype::Uint32 => numbers::<u32>(raw),
-        Datatype::Uint64 => numbers::<u64>(raw),
-        Datatype::Int8 => numbers::<i8>(raw),
-        Datatype::Int16 => numbers::<i16>(raw),
-        Datatype::Int32 => numbers::<i32>(raw),
-        Datatype::Int64 => numbers::<i64>(raw),
-        Datatype::Fp16 => halves(|b| half::f16::from_bits(b).to_f64()),
-        Datatype::Bf16 => halves(|b| half::bf16::from_bits(b).to_f64()),
-        Datatype::Fp32 => numbers::<f32>(raw),
-        Datatype::Fp64 => numbers::<f64>(raw),
-        Datatype::Bytes => {
-            let count = tensor::element_count(shape).ok_or("invalid shape")?;
-            let elements = tensor::decode_bytes_elements(raw, count).map_err(|e| e.to_string())?;
-            Ok(elements
-                .into_iter()
-                .map(|e| Value::from(String::from_utf8_lossy(e).into_owned()))
-                .collect())
-        }
-    }
 }
 
 /// Renders values as a nested array following `shape`, cutting long tensors short.
@@ -566,31 +381,6 @@ fn render_leaf(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn flatten_gives_shape_and_rejects_ragged() {
-        let value: Value = serde_json::json!([[1, 2, 3], [4, 5, 6]]);
-        let (shape, leaves) = flatten(&value).expect("rectangular");
-        assert_eq!(shape, vec![2, 3]);
-        assert_eq!(leaves.len(), 6);
-        assert!(flatten(&serde_json::json!([[1, 2], [3]])).is_err());
-        assert!(flatten(&serde_json::json!([[1, 2], 3])).is_err());
-        assert_eq!(
-            flatten(&serde_json::json!(7)).expect("scalar").0,
-            Vec::<i64>::new()
-        );
-    }
-
-    #[test]
-    fn encode_checks_types_and_ranges() {
-        let leaves = [&Value::from(300)];
-        assert!(encode(Datatype::Uint8, &leaves).is_err());
-        assert!(encode(Datatype::Fp32, &[&Value::from("x")]).is_err());
-        assert_eq!(
-            encode(Datatype::Int16, &[&Value::from(-2)]).expect("fits"),
-            vec![0xfe, 0xff]
-        );
-    }
 
     #[test]
     fn render_nests_and_truncates() {

@@ -14,8 +14,12 @@
 //! - [`names`]: what a model or version name may be, for every path that takes one.
 //! - [`parameters`]: every request, input and output parameter the protocol defines,
 //!   what Aviary does with each, and typed reads of the ones it implements.
+//! - [`json_tensors`] (features `client`, `server`): tensors as JSON values, nested
+//!   arrays to raw contents and back.
 //! - [`tensor`]: datatypes, element sizes, raw little-endian encoding and the BYTES
 //!   length-prefix format.
+//! - [`rest`] (feature `server`): the KServe v2 HTTP/REST endpoint, each request the
+//!   equivalent gRPC call made in process.
 //! - [`server`] (feature `server`): the server runner every Aviary server shares.
 //! - [`shared_memory`] (feature `server`): Triton's system shared memory regions, and
 //!   requests' inputs and outputs read from and written to them.
@@ -37,10 +41,14 @@ pub mod calls;
 pub mod client;
 pub mod codec;
 pub mod contents;
+#[cfg(any(feature = "client", feature = "server"))]
+pub mod json_tensors;
 #[cfg(feature = "server")]
 pub mod metrics;
 pub mod names;
 pub mod parameters;
+#[cfg(feature = "server")]
+pub mod rest;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -11,9 +11,6 @@
 
 use std::{
     future::Future,
-    io,
-    net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -22,7 +19,6 @@ use std::{
 };
 
 use axum::{Router, http::header, response::IntoResponse, routing::get};
-use futures::{Stream, StreamExt};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -31,7 +27,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::tls::{Conn, ServerTls};
+use crate::tls::ServerTls;
 
 /// What `/metrics` answers with: OpenMetrics text, which Prometheus reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -82,10 +78,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = Accepted {
-        local: listener.local_addr()?,
-        incoming: crate::tls::incoming(listener, tls),
-    };
+    let listener = crate::tls::HttpIncoming::new(listener, tls)?;
     let app =
         Router::new().route(
             "/metrics",
@@ -99,40 +92,6 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// The connections of [`crate::tls::incoming`] as axum takes them: the same accept
-/// loop, handshakes and rotation as the gRPC listeners.
-struct Accepted {
-    incoming: Pin<Box<dyn Stream<Item = io::Result<Conn>> + Send>>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for Accepted {
-    type Io = Conn;
-    type Addr = Option<SocketAddr>;
-
-    async fn accept(&mut self) -> (Conn, Option<SocketAddr>) {
-        loop {
-            match self.incoming.next().await {
-                Some(Ok(conn)) => {
-                    let peer = conn.peer_addr();
-                    return (conn, peer);
-                }
-                Some(Err(error)) => {
-                    // Out of file descriptors and the like: back off, as axum does.
-                    tracing::warn!(%error, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                // The accept loop never ends while this end is held.
-                None => std::future::pending().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
-        Ok(Some(self.local))
-    }
 }
 
 /// Upper bounds of every duration histogram's buckets, in seconds: 100 µs to 10 s,

@@ -74,8 +74,9 @@ pub struct Known {
     pub support: Support,
 }
 
-const GRPC_HAS_NO_JSON: &str = "it belongs to the HTTP/REST binary tensor extension; \
-                                over gRPC tensors are always binary (raw contents)";
+const GRPC_HAS_NO_JSON: &str = "it belongs to the HTTP/REST binary tensor extension, which \
+                                the HTTP endpoint reads; over gRPC tensors are always binary \
+                                (raw contents)";
 const SHARED_MEMORY: &str = "a shared memory region is read or written by the server that \
                              receives the request (aviary::shared_memory), before this";
 

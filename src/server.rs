@@ -127,7 +127,6 @@ where
     S: GrpcInferenceService,
     F: Future<Output = ()> + Send,
 {
-    let max_message_bytes = options.max_message_bytes;
     set_live(&health).await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -140,17 +139,7 @@ where
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| ServeError(e.to_string()))?;
-    use tonic::codec::CompressionEncoding;
-    // What Triton accepts (tritonclient's `compression_algorithm`); any other
-    // `grpc-encoding` is refused with UNIMPLEMENTED naming it.
-    let mut inference = GrpcInferenceServiceServer::new(service)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate)
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes);
-    for encoding in &options.response_compression {
-        inference = inference.send_compressed(*encoding);
-    }
+    let inference = inference_service(service, &options);
     let health_service =
         tonic_health::pb::health_server::HealthServer::new(health_service_from(health));
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -163,7 +152,7 @@ where
         .add_service(Guarded::new(health_service, checks.clone()))
         .add_service(Guarded::new(reflection_v1, checks.clone()))
         .add_service(Guarded::new(reflection_v1alpha, checks.clone()))
-        .add_service(Guarded::new(ClientErrorCodes(inference), checks.clone()))
+        .add_service(Guarded::new(inference, checks.clone()))
         .serve_with_incoming_shutdown(
             crate::tls::incoming(listener, options.tls.clone()),
             shutdown,
@@ -192,6 +181,27 @@ pub fn incoming(
     listener: TcpListener,
 ) -> std::pin::Pin<Box<dyn Stream<Item = std::io::Result<crate::tls::Conn>> + Send>> {
     crate::tls::incoming(listener, None)
+}
+
+/// The v2 service as every listener serves it: requests compressed as Triton's
+/// clients compress them accepted, responses compressed as `options` says, messages
+/// held to its limit, and a client's malformed message answered with a client's code.
+pub fn inference_service<S: GrpcInferenceService>(
+    service: S,
+    options: &ServeOptions,
+) -> ClientErrorCodes<GrpcInferenceServiceServer<S>> {
+    use tonic::codec::CompressionEncoding;
+    // What Triton accepts (tritonclient's `compression_algorithm`); any other
+    // `grpc-encoding` is refused with UNIMPLEMENTED naming it.
+    let mut inference = GrpcInferenceServiceServer::new(service)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes);
+    for encoding in &options.response_compression {
+        inference = inference.send_compressed(*encoding);
+    }
+    ClientErrorCodes(inference)
 }
 
 fn health_service_from(reporter: HealthReporter) -> impl tonic_health::pb::health_server::Health {

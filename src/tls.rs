@@ -358,6 +358,62 @@ pub fn incoming(
     ))
 }
 
+/// The connections of [`incoming`] as axum takes them (the `/metrics` and HTTP/REST
+/// endpoints): the same accept loop, handshakes and rotation as the gRPC listeners.
+pub struct HttpIncoming {
+    incoming: Pin<Box<dyn Stream<Item = io::Result<Conn>> + Send>>,
+    local: SocketAddr,
+}
+
+impl HttpIncoming {
+    /// The connections `listener` accepts, through a TLS handshake when `tls` is set.
+    pub fn new(listener: TcpListener, tls: Option<Arc<ServerTls>>) -> io::Result<HttpIncoming> {
+        Ok(HttpIncoming {
+            local: listener.local_addr()?,
+            incoming: incoming(listener, tls),
+        })
+    }
+}
+
+impl axum::serve::Listener for HttpIncoming {
+    type Io = Conn;
+    type Addr = Option<SocketAddr>;
+
+    async fn accept(&mut self) -> (Conn, Option<SocketAddr>) {
+        use futures::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => {
+                    let peer = conn.peer_addr();
+                    return (conn, peer);
+                }
+                Some(Err(error)) => {
+                    // Out of file descriptors and the like: back off, as axum does.
+                    tracing::warn!(%error, "HTTP listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // The accept loop never ends while this end is held.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Option<SocketAddr>> {
+        Ok(Some(self.local))
+    }
+}
+
+/// What an axum handler knows of its connection: the same [`ConnInfo`] a gRPC call
+/// finds in its extensions (the peer, and its client certificates under mTLS).
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpIncoming>>
+    for ConnInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpIncoming>) -> ConnInfo {
+        use tonic::transport::server::Connected;
+        stream.io().connect_info()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

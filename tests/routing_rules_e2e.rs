@@ -210,3 +210,64 @@ versions = [ { version = "2", weight = 50, fault = { error_rate = 1.0 } }, { ver
         "{error}"
     );
 }
+
+/// An HTTP/REST inference of ROW with `headers` and JSON `parameters`: the version
+/// that answered, by the body and by `x-aviary-variant`, which must agree.
+async fn http_version_for(
+    gateway: &support::Running,
+    headers: &[(&str, &str)],
+    parameters: serde_json::Value,
+) -> String {
+    let body = serde_json::json!({
+        "parameters": parameters,
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}],
+    });
+    let answer = support::http_request(
+        gateway.http_addr.expect("a gateway serves HTTP/REST"),
+        "POST",
+        "/v2/models/demo/infer",
+        headers,
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&answer.body).expect("JSON answer");
+    let version = json["model_version"]
+        .as_str()
+        .expect("model_version")
+        .to_owned();
+    assert_eq!(answer.headers["x-aviary-variant"], version);
+    version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_are_routed_by_the_same_rules_and_sticky_keys() {
+    let gateway = support::start_embedded(ROUTES).await;
+    set_weights(&gateway, 0, 100).await;
+    let none = serde_json::json!({});
+    for _ in 0..20 {
+        assert_eq!(http_version_for(&gateway, &[], none.clone()).await, "1");
+    }
+    // A header rule and a parameter rule pick the canary at weight 0; the parameter is
+    // the gateway's (the worker would refuse a parameter it does not know).
+    assert_eq!(
+        http_version_for(&gateway, &[("x-canary", "always")], none.clone()).await,
+        "2"
+    );
+    let tier = serde_json::json!({"tier": "beta-7"});
+    assert_eq!(http_version_for(&gateway, &[], tier).await, "2");
+    // A sticky user gets over HTTP the version it gets over gRPC.
+    set_weights(&gateway, 50, 50).await;
+    let mut client = gateway.client().await;
+    for i in 0..20 {
+        let user = format!("user-{i}");
+        let grpc = version_for(&mut client, &[("x-user-id", user.clone())], &[]).await;
+        let http = http_version_for(&gateway, &[("x-user-id", &user)], none.clone()).await;
+        assert_eq!(grpc, http, "{user}");
+    }
+}

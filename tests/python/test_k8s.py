@@ -353,26 +353,28 @@ def test_gateway_ports_equal_the_config_listeners(render, overlay):
     _, config, _ = gateway_config(objects, gateway)
 
     # nothing overrides the config's listeners
-    for flag in ("--listen", "--admin-listen", "--metrics-listen"):
+    for flag in ("--listen", "--admin-listen", "--metrics-listen", "--http-listen"):
         assert flag not in container["args"], f"{flag} would override the config"
-    for var in ("AVIARY_LISTEN", "AVIARY_ADMIN_LISTEN", "AVIARY_METRICS_LISTEN", "AVIARY_CONFIG"):
+    for var in ("AVIARY_LISTEN", "AVIARY_ADMIN_LISTEN", "AVIARY_METRICS_LISTEN", "AVIARY_HTTP_LISTEN", "AVIARY_CONFIG"):
         assert var not in env(container)
 
-    grpc, metrics, admin = (config[t]["listen"] for t in ("server", "metrics", "admin"))
-    for address in (grpc, metrics, admin):
+    grpc, metrics, admin, http = (config[t]["listen"] for t in ("server", "metrics", "admin", "http"))
+    for address in (grpc, metrics, admin, http):
         # the kubelet probes and Services reach the pod IP, not loopback
         assert ipaddress.ip_address(host_of(address)).is_unspecified, address
     check_probes(container, port_of(grpc))
     assert container_port(container, "grpc") == port_of(grpc)
     assert container_port(container, "metrics") == port_of(metrics)
     assert container_port(container, "admin") == port_of(admin)
-    assert config["metrics"].get("enabled", True) and config["admin"].get("enabled", True)
+    assert container_port(container, "http") == port_of(http)
+    assert all(config[t].get("enabled", True) for t in ("metrics", "admin", "http"))
 
     labels = gateway["spec"]["template"]["metadata"]["labels"]
     clients = named(objects, "Service", "aviary")
     assert selects(clients["spec"]["selector"], labels)
     ports = {p["name"]: p for p in clients["spec"]["ports"]}
-    assert set(ports) == {"grpc", "metrics"}, "the client Service must not expose admin"
+    assert set(ports) == {"grpc", "http", "metrics"}, "the client Service must not expose admin"
+    assert ports["http"]["port"] == port_of(http) == resolve_target_port(ports["http"], container)
     assert ports["grpc"]["port"] == port_of(grpc) == resolve_target_port(ports["grpc"], container)
     assert ports["metrics"]["port"] == port_of(metrics) == resolve_target_port(ports["metrics"], container)
 
@@ -643,8 +645,8 @@ def test_networkpolicy_guards_every_admin_port(render, overlay):
                         for a in allowed
                     ), f
             else:
-                # everything else is the inference and metrics ports
-                assert opened <= {names.get("grpc"), names.get("metrics")}
+                # everything else is the inference (gRPC, HTTP/REST) and metrics ports
+                assert opened <= {names.get("grpc"), names.get("http"), names.get("metrics")}
         assert admin_rules == 1
         # the controller (split) is one of the admitted admin clients of the gateways
         for d, t in pod_templates(objects):

@@ -3,7 +3,7 @@
 The test starts the real gateway binary (env AVIARY_BIN, else target/debug/aviary)
 with tests/python/aviary-test.toml on an ephemeral port, waits for the line
 `aviary: listening on 127.0.0.1:PORT` on its stdout, and talks to it with
-`tritonclient.grpc`. Expected outputs are computed independently with the Python
+`tritonclient.grpc` (test_tritonclient_http.py: the same server's HTTP/REST endpoint). Expected outputs are computed independently with the Python
 onnxruntime package from the model files in tests/models.
 
     pip install -r tests/python/requirements.txt
@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = Path("tests") / "python" / "aviary-test.toml"
 MODELS = REPO / "tests" / "models"
 READY_RE = re.compile(r"^aviary: listening on (127\.0\.0\.1:\d+)$")
+HTTP_RE = re.compile(r"^aviary: http listening on (127\.0\.0\.1:\d+)$")
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
@@ -60,9 +61,10 @@ def aviary_bin() -> Path:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, address: str, stderr_lines: list[str]):
+    def __init__(self, proc: subprocess.Popen, address: str, http_address: str, stderr_lines: list[str]):
         self.proc = proc
         self.address = address
+        self.http_address = http_address
         self.stderr_lines = stderr_lines
 
     def stderr(self) -> str:
@@ -82,7 +84,18 @@ def launch(config: Path) -> Server:
         pytest.fail(f"aviary binary not found at {binary} (build it with `cargo build` or set AVIARY_BIN)")
 
     proc = subprocess.Popen(
-        [str(binary), "serve", "--config", str(config), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        [
+            str(binary),
+            "serve",
+            "--config",
+            str(config),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -98,10 +111,12 @@ def launch(config: Path) -> Server:
     threading.Thread(target=_pump, args=(proc.stderr, stderr_lines.append), daemon=True).start()
 
     address = None
+    http_address = None
     stdout_seen: list[str] = []
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while address is None:
+        # The gRPC listener is bound first and the HTTP one last; both lines are awaited.
+        while address is None or http_address is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RuntimeError(f"timed out after {START_TIMEOUT_S:.0f}s waiting for the listening line")
@@ -115,13 +130,16 @@ def launch(config: Path) -> Server:
             m = READY_RE.match(line.rstrip("\r\n"))
             if m:
                 address = m.group(1)
+            m = HTTP_RE.match(line.rstrip("\r\n"))
+            if m:
+                http_address = m.group(1)
     except RuntimeError as e:
         _stop(proc)
         time.sleep(0.2)  # let the pump threads collect the last stderr lines
         pytest.fail(
             f"{e}\n--- aviary stdout ---\n{''.join(stdout_seen)}\n--- aviary stderr ---\n{''.join(stderr_lines)}"
         )
-    return Server(proc, address, stderr_lines)
+    return Server(proc, address, http_address, stderr_lines)
 
 
 @pytest.fixture(scope="session")

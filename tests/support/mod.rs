@@ -12,6 +12,7 @@ pub use load::*;
 pub use requests::*;
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -80,6 +81,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where its admin API listens (gateways only).
     pub admin_addr: Option<SocketAddr>,
+    /// Where its HTTP/REST endpoint listens (gateways only).
+    pub http_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), String>>>,
 }
@@ -181,6 +184,7 @@ where
     Running {
         addr,
         admin_addr: None,
+        http_addr: None,
         shutdown: Some(tx),
         handle: Some(handle),
     }
@@ -239,11 +243,16 @@ pub async fn serve_gateway(gateway: Gateway) -> Result<Running, String> {
         .await
         .map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    let http = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
     let mut running = spawn(addr, move |rx| async move {
         let listeners = Listeners {
             inference: listener,
             admin: Some(admin),
             metrics: None,
+            http: Some(http),
         };
         gateway
             .serve(listeners, aviary::server::DEFAULT_GRACE_PERIOD, async {
@@ -253,6 +262,7 @@ pub async fn serve_gateway(gateway: Gateway) -> Result<Running, String> {
             .map_err(|e| e.to_string())
     });
     running.admin_addr = Some(admin_addr);
+    running.http_addr = Some(http_addr);
     Ok(running)
 }
 
@@ -327,5 +337,59 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An HTTP/1.1 answer: status, headers (names lowercase) and body.
+#[allow(dead_code)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// Sends one HTTP/1.1 request to `addr` on a connection of its own (closed after the
+/// answer): enough of a client for the HTTP/REST endpoint, with no client library.
+#[allow(dead_code)]
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream.write_all(body).await.expect("write body");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read answer");
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer has a head");
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    HttpAnswer {
+        status,
+        headers,
+        body: answer[split + 4..].to_vec(),
     }
 }

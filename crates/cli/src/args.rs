@@ -156,6 +156,9 @@ pub struct ServeArgs {
     /// Prometheus `/metrics` listen address; overrides the config's metrics.listen.
     #[arg(long, env = "AVIARY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// KServe v2 HTTP/REST listen address; overrides the config's http.listen.
+    #[arg(long, env = "AVIARY_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "AVIARY_GRACE_PERIOD", default_value_t = 30.0)]
     pub grace_period: f64,

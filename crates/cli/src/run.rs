@@ -131,20 +131,29 @@ const WORKER_METRICS_LISTEN: SocketAddr =
 const CONTROLLER_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8006);
 
-/// The metrics listener: at `configured`, which must bind; or at `default` if it is
-/// free. Two Aviary processes on one host would otherwise fail on the second's
-/// default, so a taken default costs the metrics endpoint, with a warning, not the
-/// process.
+/// The metrics listener: see [`bind_or_default`].
 async fn bind_metrics(
     configured: Option<SocketAddr>,
     default: SocketAddr,
 ) -> anyhow::Result<Option<TcpListener>> {
+    bind_or_default(configured, default, "metrics").await
+}
+
+/// A secondary listener (metrics, HTTP/REST): at `configured`, which must bind; or at
+/// `default` if it is free. Two Aviary processes on one host would otherwise fail on
+/// the second's default, so a taken default costs that endpoint, with a warning, not
+/// the process.
+async fn bind_or_default(
+    configured: Option<SocketAddr>,
+    default: SocketAddr,
+    what: &str,
+) -> anyhow::Result<Option<TcpListener>> {
     match configured {
-        Some(addr) => Ok(Some(bind(addr, "metrics").await?)),
-        None => match bind(default, "metrics").await {
+        Some(addr) => Ok(Some(bind(addr, what).await?)),
+        None => match bind(default, what).await {
             Ok(listener) => Ok(Some(listener)),
             Err(error) => {
-                tracing::warn!(%default, error = %format!("{error:#}"), "the default metrics address is taken; serving no /metrics (set --metrics-listen)");
+                tracing::warn!(%default, error = %format!("{error:#}"), what, "the default address is taken; not serving this endpoint (set --{what}-listen)");
                 Ok(None)
             }
         },
@@ -160,6 +169,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     let prefix = match what {
         "admin" => "admin ",
         "metrics" => "metrics ",
+        "http" => "http ",
         _ => "",
     };
     println!("aviary: {prefix}listening on {local}");
@@ -221,6 +231,8 @@ async fn serve_with(args: ServeArgs, mode: Mode, config: Config) -> anyhow::Resu
     let admin_enabled = config.admin.enabled;
     let metrics_listen = args.metrics_listen.or(config.metrics.listen);
     let metrics_enabled = config.metrics.enabled;
+    let http_listen = args.http_listen.or(config.http.listen);
+    let http_enabled = config.http.enabled;
     let gateway = Gateway::start(config, mode)
         .await?
         .watch_config(args.config.clone());
@@ -240,12 +252,24 @@ async fn serve_with(args: ServeArgs, mode: Mode, config: Config) -> anyhow::Resu
         }
         false => None,
     };
+    let http = match http_enabled {
+        true => {
+            bind_or_default(
+                http_listen,
+                aviary_gateway::config::DEFAULT_HTTP_LISTEN,
+                "http",
+            )
+            .await?
+        }
+        false => None,
+    };
     gateway
         .serve(
             Listeners {
                 inference,
                 admin,
                 metrics,
+                http,
             },
             grace_period(args.grace_period)?,
             shutdown,

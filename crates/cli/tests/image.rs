@@ -165,7 +165,7 @@ fn the_image_layout_serves_the_demo_with_nothing_but_its_own_files() {
         stage.user, "10001:10001",
         "runs as the non-root user the manifests name"
     );
-    assert_eq!(stage.exposed, [8001, 8002, 8003]);
+    assert_eq!(stage.exposed, [8000, 8001, 8002, 8003]);
     assert_eq!(stage.entrypoint, ["/usr/local/bin/aviary"]);
 
     let image = tempfile::tempdir().expect("temp dir");

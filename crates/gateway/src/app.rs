@@ -97,6 +97,8 @@ pub struct Gateway {
     admin_tls: Option<Arc<ServerTls>>,
     /// TLS on `/metrics`, when `[metrics] tls` is set.
     metrics_tls: Option<Arc<ServerTls>>,
+    /// TLS on the HTTP/REST listener, when `[http] tls` is set.
+    http_tls: Option<Arc<ServerTls>>,
 }
 
 /// The TLS of a listener configured by `tls` (at `field`) offering `alpn`, its files
@@ -124,6 +126,8 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
     /// `GET /metrics` (Prometheus), if enabled.
     pub metrics: Option<TcpListener>,
+    /// The KServe v2 HTTP/REST API, if enabled.
+    pub http: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -222,8 +226,10 @@ impl Gateway {
             config.metrics.tls.as_ref(),
             aviary::metrics::ALPN,
         )?;
+        let http_tls = open_tls("http.tls", config.http.tls.as_ref(), aviary::rest::ALPN)?;
         let peer_limits = config.server.peer_rate_limit.map(PeerLimits::new);
         Ok(Gateway {
+            http_tls,
             peer_limits,
             inference_tls,
             admin_tls,
@@ -285,9 +291,14 @@ impl Gateway {
         server::set_serving(&health, false).await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
-        for tls in [&self.inference_tls, &self.admin_tls, &self.metrics_tls]
-            .into_iter()
-            .flatten()
+        for tls in [
+            &self.inference_tls,
+            &self.admin_tls,
+            &self.metrics_tls,
+            &self.http_tls,
+        ]
+        .into_iter()
+        .flatten()
         {
             tasks.spawn(Arc::clone(tls).watch());
         }
@@ -386,6 +397,35 @@ impl Gateway {
                 .is_on()
                 .then(|| Arc::new(audit.clone()) as Arc<dyn CallAudit>),
         };
+        let options = server::ServeOptions {
+            max_message_bytes: self.config.server.max_message_bytes,
+            grace_period,
+            tls: self.inference_tls.clone(),
+            response_compression: self
+                .config
+                .server
+                .response_compression
+                .iter()
+                .map(|c| c.encoding())
+                .collect(),
+        };
+        if let Some(listener) = listeners.http {
+            // The same service, checks and audit as the gRPC listener, called in process.
+            let inference = aviary::rest::in_process(front.clone(), &options, checks.clone());
+            let tls = self.http_tls.clone();
+            let limit = options.max_message_bytes;
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+                };
+                if let Err(error) =
+                    aviary::rest::serve(listener, tls, inference, limit, stopped).await
+                {
+                    tracing::error!(%error, "HTTP/REST endpoint stopped");
+                }
+            });
+        }
         if let Some(listener) = listeners.admin {
             let parts = admin::AdminParts {
                 tls: self.admin_tls.clone(),
@@ -430,18 +470,6 @@ impl Gateway {
                 server::set_serving(&health, false).await;
                 tracing::info!("shutting down: finishing in-flight requests");
             }
-        };
-        let options = server::ServeOptions {
-            max_message_bytes: self.config.server.max_message_bytes,
-            grace_period,
-            tls: self.inference_tls.clone(),
-            response_compression: self
-                .config
-                .server
-                .response_compression
-                .iter()
-                .map(|c| c.encoding())
-                .collect(),
         };
         let result = server::serve_guarded(
             front,

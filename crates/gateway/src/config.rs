@@ -35,6 +35,9 @@ pub struct Config {
     /// The Prometheus endpoint's listener.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The KServe v2 HTTP/REST endpoint's listener.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// OpenTelemetry trace export (off unless an endpoint is set here or in
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     #[serde(default)]
@@ -427,6 +430,35 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `[http]`: the KServe v2 HTTP/REST endpoint (see docs/protocol.md, "HTTP/REST"):
+/// the same calls, checks and routing as the gRPC listener, as JSON.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; `--http-listen` overrides it. Unset: Triton's HTTP port,
+    /// [`DEFAULT_HTTP_LISTEN`], when it is free (another Aviary process on the same
+    /// host may hold it; then this one serves no HTTP/REST and says so).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Whether to serve HTTP/REST at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// HTTPS, and with `client_ca` clients must present a certificate (their names
+    /// are identities for `[auth]`, as on the gRPC listener); unset: plaintext.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            enabled: true,
+            tls: None,
+        }
+    }
+}
+
 /// `[auth]`: who may call what (see `crate::auth`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -563,6 +595,10 @@ impl TracingConfig {
         }
     }
 }
+
+/// Where a gateway serves HTTP/REST unless told otherwise: Triton's HTTP port.
+pub const DEFAULT_HTTP_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8000);
 
 /// Where a gateway serves `/metrics` unless told otherwise.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
@@ -871,6 +907,7 @@ impl Config {
             config.server.tls.as_mut(),
             config.admin.tls.as_mut(),
             config.metrics.tls.as_mut(),
+            config.http.tls.as_mut(),
         ]
         .into_iter()
         .flatten()

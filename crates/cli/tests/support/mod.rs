@@ -438,13 +438,15 @@ impl Served {
     }
 }
 
-/// A gateway's three listeners on loopback, each on a port the system picks.
-pub const LOOPBACK_LISTENERS: [&str; 6] = [
+/// A gateway's four listeners on loopback, each on a port the system picks.
+pub const LOOPBACK_LISTENERS: [&str; 8] = [
     "--listen",
     "127.0.0.1:0",
     "--admin-listen",
     "127.0.0.1:0",
     "--metrics-listen",
+    "127.0.0.1:0",
+    "--http-listen",
     "127.0.0.1:0",
 ];
 
