@@ -74,6 +74,14 @@ pub trait CallAudit: Send + Sync + fmt::Debug + 'static {
     fn record(&self, path: &str, caller: &Caller, status: &Status);
 }
 
+/// The outcome of a guard's check already made for a call, left in its extensions by
+/// an in-process caller that had to check before it could build the call (the
+/// HTTP/REST endpoint checks a request before it reads its body); [`Guarded`] then
+/// takes it instead of checking again. Only code in the process can set extensions:
+/// nothing a client sends becomes one.
+#[derive(Debug, Clone)]
+struct Checked(Option<Arc<str>>);
+
 /// What checks a server's calls: its guard and its audit, either optional.
 #[derive(Debug, Clone, Default)]
 pub struct CallChecks {
@@ -81,6 +89,37 @@ pub struct CallChecks {
     pub guard: Option<Arc<dyn CallGuard>>,
     /// Records the calls that change something; none: nothing is recorded.
     pub audit: Option<Arc<dyn CallAudit>>,
+}
+
+impl CallChecks {
+    /// Checks a call to `path` ahead of making it, for an in-process caller that must
+    /// know before it builds the call (the HTTP/REST endpoint, before it reads a body):
+    /// the guard's check, once. Allowed, it leaves the outcome in `extensions`, and the
+    /// [`Guarded`] service the call then goes to takes it instead of checking again (a
+    /// rate limit is not charged twice). Refused, the refusal is recorded as
+    /// [`Guarded`] records one.
+    pub fn check_ahead(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        extensions: &mut http::Extensions,
+    ) -> Result<(), Status> {
+        let Some(guard) = &self.guard else {
+            return Ok(());
+        };
+        match guard.check(path, headers, extensions) {
+            Ok(key) => {
+                extensions.insert(Checked(key));
+                Ok(())
+            }
+            Err(status) => {
+                if let Some(audit) = self.audit.as_ref().filter(|audit| audit.records(path)) {
+                    audit.record(path, &peer_of(extensions), &status);
+                }
+                Err(status)
+            }
+        }
+    }
 }
 
 /// A service whose calls are checked by a [`CallGuard`] first, recorded by a
@@ -129,9 +168,12 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (mut parts, body) = request.into_parts();
-        let checked = match &self.checks.guard {
-            Some(guard) => guard.check(parts.uri.path(), &parts.headers, &mut parts.extensions),
-            None => Ok(None),
+        let checked = match (parts.extensions.remove::<Checked>(), &self.checks.guard) {
+            (Some(Checked(key)), _) => Ok(key),
+            (None, Some(guard)) => {
+                guard.check(parts.uri.path(), &parts.headers, &mut parts.extensions)
+            }
+            (None, None) => Ok(None),
         };
         let caller = match &checked {
             Ok(Some(key)) => Caller::Key(Arc::clone(key)),

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    json_tensors::{Utf8, decode_raw, encode, flatten, typed_values},
+    json_tensors::{DecodeError, Fidelity, decode_raw, encode, flatten, typed_values},
     pb::inference::{
         ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
         grpc_inference_service_client::GrpcInferenceServiceClient,
@@ -296,7 +296,7 @@ pub fn decode_response(response: &ModelInferResponse) -> Result<Vec<DecodedTenso
                     output.name
                 )
             })?;
-            let data = decode_raw(datatype, raw, &output.shape, Utf8::Lossy)
+            let data = decode_raw(datatype, raw, &output.shape, Fidelity::Lossy)
                 .map_err(|e| format!("output \"{}\": {e}", output.name))?;
             Ok(DecodedTensor {
                 name: output.name.clone(),
@@ -323,9 +323,9 @@ pub fn decode_request(request: &ModelInferRequest) -> Result<Vec<DecodedTensor>,
                 )
             })?;
             let data = match (request.raw_input_contents.get(i), &input.contents) {
-                (Some(raw), _) => decode_raw(datatype, raw, &input.shape, Utf8::Lossy),
+                (Some(raw), _) => decode_raw(datatype, raw, &input.shape, Fidelity::Lossy),
                 (None, Some(typed)) => Ok(typed_values(datatype, typed)),
-                (None, None) => Err("no contents".to_owned()),
+                (None, None) => Err(DecodeError::Malformed("no contents".to_owned())),
             }
             .map_err(|e| format!("input \"{}\": {e}", input.name))?;
             Ok(DecodedTensor {

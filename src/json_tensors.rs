@@ -6,13 +6,26 @@ use serde_json::Value;
 
 use crate::tensor::{self, Datatype};
 
-/// What to do with a BYTES element that is not UTF-8 when it becomes a JSON string.
+/// What to do with a value JSON cannot carry as it is: a BYTES element that is not
+/// UTF-8, a NaN or an infinity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Utf8 {
-    /// Replace what is not UTF-8 (text for people to read).
+pub enum Fidelity {
+    /// Write what comes closest (text for people to read): invalid UTF-8 replaced,
+    /// NaN and the infinities as `null`.
     Lossy,
-    /// Refuse it: the bytes would not arrive as they are.
-    Strict,
+    /// Refuse it: the value would not arrive as it is.
+    Exact,
+}
+
+/// Raw contents that cannot be written as JSON values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A value JSON cannot carry as it is, with [`Fidelity::Exact`].
+    #[error("{0}")]
+    NotJson(String),
+    /// Contents that are not a tensor of their datatype and shape.
+    #[error("{0}")]
+    Malformed(String),
 }
 
 /// Shape and row-major leaves of a nested JSON array; ragged arrays are an error.
@@ -78,6 +91,12 @@ pub fn encode(datatype: Datatype, leaves: &[&Value]) -> Result<Vec<u8>, String> 
             .ok_or_else(|| format!("{v} is not a non-negative integer ({datatype} input)"))
     };
     let narrow = |v: &Value| format!("{v} is out of range for {datatype}");
+    // JSON numbers are finite; one past the datatype's largest would become an
+    // infinity, another value: refused like an integer out of range.
+    let finite = |v: &Value, is_finite: bool| match is_finite {
+        true => Ok(()),
+        false => Err(narrow(v)),
+    };
     macro_rules! ints {
         ($ty:ty, $get:expr) => {{
             let values = leaves
@@ -107,22 +126,27 @@ pub fn encode(datatype: Datatype, leaves: &[&Value]) -> Result<Vec<u8>, String> 
         Datatype::Int32 => ints!(i32, int),
         Datatype::Int64 => ints!(i64, int),
         Datatype::Fp16 => {
-            let bits = leaves
-                .iter()
-                .map(|v| number(v).map(|n| half::f16::from_f64(n).to_bits()));
+            let bits = leaves.iter().map(|v| {
+                let x = half::f16::from_f64(number(v)?);
+                finite(v, x.is_finite()).map(|()| x.to_bits())
+            });
             tensor::to_raw(&bits.collect::<Result<Vec<u16>, String>>()?)
         }
         Datatype::Bf16 => {
-            let bits = leaves
-                .iter()
-                .map(|v| number(v).map(|n| half::bf16::from_f64(n).to_bits()));
+            let bits = leaves.iter().map(|v| {
+                let x = half::bf16::from_f64(number(v)?);
+                finite(v, x.is_finite()).map(|()| x.to_bits())
+            });
             tensor::to_raw(&bits.collect::<Result<Vec<u16>, String>>()?)
         }
         // Narrowing to f32 is what sending an FP32 tensor means.
         Datatype::Fp32 => tensor::to_raw(
             &leaves
                 .iter()
-                .map(|v| number(v).map(|n| n as f32))
+                .map(|v| {
+                    let x = number(v)? as f32;
+                    finite(v, x.is_finite()).map(|()| x)
+                })
                 .collect::<Result<Vec<f32>, String>>()?,
         ),
         Datatype::Fp64 => tensor::to_raw(
@@ -170,23 +194,48 @@ pub fn typed_values(
     }
 }
 
-/// The values of raw `datatype` contents of `shape`, as JSON values. BYTES elements
-/// become strings, as `utf8` says.
+/// The values of raw `datatype` contents of `shape`, as JSON values; what JSON cannot
+/// carry as it is is handled as `fidelity` says.
 pub fn decode_raw(
     datatype: Datatype,
     raw: &[u8],
     shape: &[i64],
-    utf8: Utf8,
-) -> Result<Vec<Value>, String> {
-    fn numbers<T: tensor::Element + Into<Value>>(raw: &[u8]) -> Result<Vec<Value>, String> {
+    fidelity: Fidelity,
+) -> Result<Vec<Value>, DecodeError> {
+    let values = decode_values(datatype, raw, shape, fidelity)?;
+    let float = matches!(
+        datatype,
+        Datatype::Fp16 | Datatype::Bf16 | Datatype::Fp32 | Datatype::Fp64
+    );
+    // A float that is not finite became null: JSON has no NaN or infinity.
+    if float
+        && fidelity == Fidelity::Exact
+        && let Some(i) = values.iter().position(Value::is_null)
+    {
+        return Err(DecodeError::NotJson(format!(
+            "element {i} is not a finite number (NaN or an infinity), which JSON cannot carry"
+        )));
+    }
+    Ok(values)
+}
+
+fn decode_values(
+    datatype: Datatype,
+    raw: &[u8],
+    shape: &[i64],
+    fidelity: Fidelity,
+) -> Result<Vec<Value>, DecodeError> {
+    const NOT_WHOLE: &str = "raw contents are not a whole number of elements";
+    let malformed = |reason: &str| DecodeError::Malformed(reason.to_owned());
+    fn numbers<T: tensor::Element + Into<Value>>(raw: &[u8]) -> Result<Vec<Value>, DecodeError> {
         tensor::from_raw::<T>(raw)
             .map(|v| v.into_iter().map(Into::into).collect())
-            .ok_or_else(|| "raw contents are not a whole number of elements".to_owned())
+            .ok_or_else(|| DecodeError::Malformed(NOT_WHOLE.to_owned()))
     }
-    let halves = |to_f64: fn(u16) -> f64| -> Result<Vec<Value>, String> {
+    let halves = |to_f64: fn(u16) -> f64| -> Result<Vec<Value>, DecodeError> {
         tensor::from_raw::<u16>(raw)
             .map(|v| v.into_iter().map(|b| Value::from(to_f64(b))).collect())
-            .ok_or_else(|| "raw contents are not a whole number of elements".to_owned())
+            .ok_or_else(|| DecodeError::Malformed(NOT_WHOLE.to_owned()))
     };
     match datatype {
         Datatype::Bool => numbers::<bool>(raw),
@@ -202,22 +251,23 @@ pub fn decode_raw(
         Datatype::Bf16 => halves(|b| half::bf16::from_bits(b).to_f64()),
         Datatype::Fp32 => tensor::from_raw::<f32>(raw)
             .map(|v| v.into_iter().map(shortest_f32).collect())
-            .ok_or_else(|| "raw contents are not a whole number of elements".to_owned()),
+            .ok_or_else(|| DecodeError::Malformed(NOT_WHOLE.to_owned())),
         Datatype::Fp64 => numbers::<f64>(raw),
         Datatype::Bytes => {
-            let count = tensor::element_count(shape).ok_or("invalid shape")?;
-            let elements = tensor::decode_bytes_elements(raw, count).map_err(|e| e.to_string())?;
+            let count = tensor::element_count(shape).ok_or_else(|| malformed("invalid shape"))?;
+            let elements =
+                tensor::decode_bytes_elements(raw, count).map_err(|e| malformed(&e.to_string()))?;
             elements
                 .into_iter()
                 .enumerate()
-                .map(|(i, e)| match (std::str::from_utf8(e), utf8) {
+                .map(|(i, e)| match (std::str::from_utf8(e), fidelity) {
                     (Ok(text), _) => Ok(Value::from(text)),
-                    (Err(_), Utf8::Lossy) => {
+                    (Err(_), Fidelity::Lossy) => {
                         Ok(Value::from(String::from_utf8_lossy(e).into_owned()))
                     }
-                    (Err(error), Utf8::Strict) => Err(format!(
+                    (Err(error), Fidelity::Exact) => Err(DecodeError::NotJson(format!(
                         "BYTES element {i} is not UTF-8 text ({error}), which JSON cannot carry"
-                    )),
+                    ))),
                 })
                 .collect()
         }
@@ -269,20 +319,41 @@ mod tests {
     #[test]
     fn bytes_that_are_not_utf8_are_refused_when_strict() {
         let raw = tensor::encode_bytes_elements([b"ok".as_slice(), &[0xff, 0xfe]]);
-        let lossy = decode_raw(Datatype::Bytes, &raw, &[2], Utf8::Lossy).expect("lossy");
+        let lossy = decode_raw(Datatype::Bytes, &raw, &[2], Fidelity::Lossy).expect("lossy");
         assert_eq!(lossy[0], Value::from("ok"));
-        let error = decode_raw(Datatype::Bytes, &raw, &[2], Utf8::Strict).expect_err("strict");
-        assert!(error.contains("element 1"), "{error}");
+        let error = decode_raw(Datatype::Bytes, &raw, &[2], Fidelity::Exact).expect_err("strict");
+        assert!(
+            matches!(&error, DecodeError::NotJson(e) if e.contains("element 1")),
+            "{error}"
+        );
     }
 
     #[test]
     fn fp32_values_are_written_as_briefly_as_they_read_back() {
         let raw = tensor::to_raw(&[0.1f32, 1.0e-7, f32::NAN]);
-        let values = decode_raw(Datatype::Fp32, &raw, &[3], Utf8::Strict).expect("fp32");
+        let values = decode_raw(Datatype::Fp32, &raw, &[3], Fidelity::Lossy).expect("fp32");
         assert_eq!(
             serde_json::to_string(&values).expect("json"),
             "[0.1,1e-7,null]"
         );
         assert_eq!(values[0].as_f64().map(|f| f as f32), Some(0.1f32));
+    }
+
+    #[test]
+    fn floats_json_cannot_carry_are_refused_when_exact() {
+        let raw = tensor::to_raw(&[1.0f64, f64::INFINITY]);
+        let error = decode_raw(Datatype::Fp64, &raw, &[2], Fidelity::Exact).expect_err("inf");
+        assert!(
+            matches!(&error, DecodeError::NotJson(e) if e.contains("element 1")),
+            "{error}"
+        );
+        let lossy = decode_raw(Datatype::Fp64, &raw, &[2], Fidelity::Lossy).expect("lossy");
+        assert_eq!(lossy[1], Value::Null);
+        // A JSON number past FP32's (or FP16's) largest is out of range, not infinity.
+        for datatype in [Datatype::Fp32, Datatype::Fp16, Datatype::Bf16] {
+            let error = encode(datatype, &[&Value::from(1.0e300)]).expect_err("overflow");
+            assert!(error.contains("out of range"), "{datatype}: {error}");
+        }
+        assert!(encode(Datatype::Fp16, &[&Value::from(65504.0)]).is_ok());
     }
 }

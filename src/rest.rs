@@ -99,6 +99,12 @@ impl Failure {
         }
     }
 
+    /// This failure, carrying `headers` for the caller too.
+    pub fn with_headers(mut self, headers: http::HeaderMap) -> Failure {
+        self.headers = Box::new(headers);
+        self
+    }
+
     /// A request that cannot be read as sent (400).
     pub fn bad_request(message: impl Into<String>) -> Failure {
         Failure::new(http::StatusCode::BAD_REQUEST, message)
@@ -107,10 +113,24 @@ impl Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(status: tonic::Status) -> Failure {
+        let metadata = status.metadata().as_ref();
+        let mut headers = answer_headers(metadata);
+        // gRPC's retry pushback (a rate limit's wait) is HTTP's Retry-After, in whole
+        // seconds, rounded up.
+        if let Some(wait_ms) = metadata
+            .get("grpc-retry-pushback-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(wait_ms.div_ceil(1000).max(1)),
+            );
+        }
         Failure {
             status: http_status(status.code()),
             message: status.message().to_owned(),
-            headers: Box::new(answer_headers(status.metadata().as_ref())),
+            headers: Box::new(headers),
         }
     }
 }

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 
 use bytes::Bytes;
 use flate2::{
-    Compression, read::GzDecoder, read::ZlibDecoder, write::GzEncoder, write::ZlibEncoder,
+    Compression,
+    bufread::{MultiGzDecoder, ZlibDecoder},
+    write::{GzEncoder, ZlibEncoder},
 };
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::BodyExt;
@@ -59,21 +61,31 @@ pub async fn read(
     let Some(encoding) = encoding else {
         return Ok(sent);
     };
-    let mut plain = Vec::new();
-    let read = match encoding {
-        Encoding::Gzip => GzDecoder::new(&sent[..])
-            .take(limit as u64 + 1)
-            .read_to_end(&mut plain),
-        Encoding::Deflate => ZlibDecoder::new(&sent[..])
-            .take(limit as u64 + 1)
-            .read_to_end(&mut plain),
-    };
-    read.map_err(|error| {
+    let invalid = |error: &dyn std::fmt::Display| {
         Failure::bad_request(format!(
             "the request body is not valid {} data: {error}",
             encoding.name()
         ))
-    })?;
+    };
+    let mut plain = Vec::new();
+    let cap = limit as u64 + 1;
+    match encoding {
+        // Every member of a gzip body is read (RFC 1952 allows several).
+        Encoding::Gzip => {
+            MultiGzDecoder::new(&sent[..])
+                .take(cap)
+                .read_to_end(&mut plain)
+                .map_err(|e| invalid(&e))?;
+        }
+        Encoding::Deflate => {
+            let mut decoder = ZlibDecoder::new(&sent[..]).take(cap);
+            decoder.read_to_end(&mut plain).map_err(|e| invalid(&e))?;
+            // Bytes after the zlib stream's end would be lost: refused, not dropped.
+            if plain.len() <= limit && !decoder.into_inner().into_inner().is_empty() {
+                return Err(invalid(&"bytes follow the end of the compressed stream"));
+            }
+        }
+    }
     if plain.len() > limit {
         return Err(over());
     }
@@ -176,6 +188,29 @@ mod tests {
                 .expect_err("over the limit");
             assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE);
         }
+    }
+
+    #[tokio::test]
+    async fn every_gzip_member_is_read_and_nothing_after_a_zlib_stream_is_dropped() {
+        let (first, _) = compress(b"hello ", Encoding::Gzip);
+        let (second, _) = compress(b"world", Encoding::Gzip);
+        let gzip = headers(header::CONTENT_ENCODING, "gzip");
+        let both = [first.as_ref(), second.as_ref()].concat();
+        let read_back = read(&gzip, axum::body::Body::from(both), 100)
+            .await
+            .expect("two members");
+        assert_eq!(read_back, "hello world");
+        let (zlib, _) = compress(b"hello", Encoding::Deflate);
+        let deflate = headers(header::CONTENT_ENCODING, "deflate");
+        let trailing = [zlib.as_ref(), b"junk"].concat();
+        let refused = read(&deflate, axum::body::Body::from(trailing), 100)
+            .await
+            .expect_err("trailing bytes");
+        assert!(
+            refused.message.contains("bytes follow"),
+            "{}",
+            refused.message
+        );
     }
 
     #[tokio::test]

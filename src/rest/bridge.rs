@@ -20,13 +20,17 @@ use crate::{
     server::{ServeOptions, inference_service},
 };
 
-/// The v2 service as the endpoint calls it: HTTP/2-shaped gRPC requests in, gRPC
-/// responses out.
-pub type Inference = BoxCloneSyncService<
-    http::Request<tonic::body::Body>,
-    http::Response<tonic::body::Body>,
-    Infallible,
->;
+/// The v2 service as the endpoint calls it (HTTP/2-shaped gRPC requests in, gRPC
+/// responses out), and the checks it is behind.
+#[derive(Clone)]
+pub struct Inference {
+    service: BoxCloneSyncService<
+        http::Request<tonic::body::Body>,
+        http::Response<tonic::body::Body>,
+        Infallible,
+    >,
+    checks: CallChecks,
+}
 
 /// `service` as the gRPC listener serves it (message limits, client error codes),
 /// behind `checks`.
@@ -35,7 +39,34 @@ pub fn in_process<S: GrpcInferenceService>(
     options: &ServeOptions,
     checks: CallChecks,
 ) -> Inference {
-    BoxCloneSyncService::new(Guarded::new(inference_service(service, options), checks))
+    Inference {
+        service: BoxCloneSyncService::new(Guarded::new(
+            inference_service(service, options),
+            checks.clone(),
+        )),
+        checks,
+    }
+}
+
+/// The path of the v2 service's `method`.
+fn path_of(method: &str) -> String {
+    format!("/inference.GRPCInferenceService/{method}")
+}
+
+impl Inference {
+    /// Checks now whether a caller with `headers` (on the connection `extensions`
+    /// describe) may call `method`, as the service would when called; the call, made
+    /// with these `extensions`, is not checked again. A request's body is read only
+    /// once its caller is known to be let in, as gRPC decodes a message only then.
+    pub fn check_ahead(
+        &self,
+        method: &str,
+        headers: &http::HeaderMap,
+        extensions: &mut http::Extensions,
+    ) -> Result<(), Status> {
+        self.checks
+            .check_ahead(&path_of(method), headers, extensions)
+    }
 }
 
 /// Request headers that describe the HTTP exchange itself, not the call: not passed on
@@ -93,7 +124,7 @@ pub async fn call<Req: Message, Resp: Message + Default>(
     )));
     *request.method_mut() = http::Method::POST;
     *request.version_mut() = http::Version::HTTP_2;
-    *request.uri_mut() = http::Uri::try_from(format!("/inference.GRPCInferenceService/{method}"))
+    *request.uri_mut() = http::Uri::try_from(path_of(method))
         .map_err(|error| Status::internal(format!("method {method}: {error}")))?;
     *request.extensions_mut() = extensions;
     let forwarded = request.headers_mut();
@@ -107,7 +138,7 @@ pub async fn call<Req: Message, Resp: Message + Default>(
         http::HeaderValue::from_static("application/grpc"),
     );
     forwarded.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-    let response = match inference.clone().oneshot(request).await {
+    let response = match inference.service.clone().oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     };

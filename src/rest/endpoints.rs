@@ -104,7 +104,8 @@ pub fn router(inference: Inference, limit: usize) -> Router {
         .route("/v2/logging", any(log_settings))
         .fallback(no_endpoint)
         .method_not_allowed_fallback(wrong_method)
-        .layer(middleware::from_fn(refuse_query))
+        .layer(middleware::from_fn(refuse_unread))
+        .layer(middleware::map_response(errors_as_json))
         .with_state(Endpoint { inference, limit })
 }
 
@@ -122,7 +123,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
         parts: &mut http::request::Parts,
         _: &S,
     ) -> Result<Caller, Self::Rejection> {
-        let mut extensions = http::Extensions::new();
+        // What the guard reads (the connection's ConnInfo) and leaves (the caller's
+        // identity) go with the call.
+        let mut extensions = parts.extensions.clone();
         if let Some(ConnectInfo(info)) = parts.extensions.get::<ConnectInfo<ConnInfo>>() {
             extensions.insert(info.clone());
         }
@@ -134,6 +137,22 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 impl Caller {
+    /// The body `sent` to call `method` with, read only once this caller is known to
+    /// be let in: keys and rate limits are checked first, as gRPC checks them before
+    /// it decodes a message (see [`bridge::Inference::check_ahead`]).
+    async fn read_body(
+        &mut self,
+        endpoint: &Endpoint,
+        method: &str,
+        sent: Body,
+    ) -> Result<bytes::Bytes, Failure> {
+        endpoint
+            .inference
+            .check_ahead(method, &self.headers, &mut self.extensions)
+            .map_err(Failure::from)?;
+        body::read(&self.headers, sent, endpoint.limit).await
+    }
+
     /// Calls `method` with `message` as this caller.
     async fn call<Req: Message, Resp: Message + Default>(
         &self,
@@ -150,6 +169,21 @@ impl Caller {
         )
         .await
         .map_err(Failure::from)
+    }
+}
+
+impl Caller {
+    /// Calls `method` with `message` and answers its response (of protobuf type
+    /// `full_name`) as JSON.
+    async fn call_json<Req: Message, Resp: Message + Default>(
+        &self,
+        endpoint: &Endpoint,
+        method: &str,
+        message: &Req,
+        full_name: &str,
+    ) -> Result<Response, Failure> {
+        let answered: Answered<Resp> = self.call(endpoint, method, message).await?;
+        message_json(full_name, &answered.message, &answered.metadata)
     }
 }
 
@@ -204,14 +238,14 @@ async fn server_metadata(
     State(endpoint): State<Endpoint>,
     caller: Caller,
 ) -> Result<Response, Failure> {
-    let answered: Answered<ServerMetadataResponse> = caller
-        .call(&endpoint, "ServerMetadata", &ServerMetadataRequest {})
-        .await?;
-    message_json(
-        "inference.ServerMetadataResponse",
-        &answered.message,
-        &answered.metadata,
-    )
+    caller
+        .call_json::<_, ServerMetadataResponse>(
+            &endpoint,
+            "ServerMetadata",
+            &ServerMetadataRequest {},
+            "inference.ServerMetadataResponse",
+        )
+        .await
 }
 
 async fn model_metadata(
@@ -220,18 +254,14 @@ async fn model_metadata(
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Response, Failure> {
     let (name, version) = model_and_version(&path);
-    let answered: Answered<ModelMetadataResponse> = caller
-        .call(
+    caller
+        .call_json::<_, ModelMetadataResponse>(
             &endpoint,
             "ModelMetadata",
             &ModelMetadataRequest { name, version },
+            "inference.ModelMetadataResponse",
         )
-        .await?;
-    message_json(
-        "inference.ModelMetadataResponse",
-        &answered.message,
-        &answered.metadata,
-    )
+        .await
 }
 
 async fn model_ready(
@@ -279,28 +309,24 @@ async fn statistics(
     let (name, version) = path
         .map(|Path(p)| model_and_version(&p))
         .unwrap_or_default();
-    let answered: Answered<ModelStatisticsResponse> = caller
-        .call(
+    caller
+        .call_json::<_, ModelStatisticsResponse>(
             &endpoint,
             "ModelStatistics",
             &ModelStatisticsRequest { name, version },
+            "inference.ModelStatisticsResponse",
         )
-        .await?;
-    message_json(
-        "inference.ModelStatisticsResponse",
-        &answered.message,
-        &answered.metadata,
-    )
+        .await
 }
 
 async fn infer(
     State(endpoint): State<Endpoint>,
-    caller: Caller,
+    mut caller: Caller,
     Path(path): Path<HashMap<String, String>>,
     sent: Body,
 ) -> Result<Response, Failure> {
     let (model, version) = model_and_version(&path);
-    let bytes = body::read(&caller.headers, sent, endpoint.limit).await?;
+    let bytes = caller.read_body(&endpoint, "ModelInfer", sent).await?;
     let json_length = match caller.headers.get(infer::HEADER_LENGTH) {
         None => None,
         Some(value) => Some(
@@ -317,9 +343,29 @@ async fn infer(
         ),
     };
     let (request, form) = infer::read_request(&model, &version, &bytes, json_length)?;
+    // JSON numbers can take more room as tensors (an INT64 `0,` is 2 bytes of JSON, 8
+    // as a tensor): the request as the gRPC service takes it is held to the same limit.
+    let encoded = request.encoded_len();
+    if encoded > endpoint.limit {
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request takes {encoded} bytes as tensors, over the server's message limit of {} bytes",
+                endpoint.limit
+            ),
+        ));
+    }
     let answered: Answered<ModelInferResponse> =
         caller.call(&endpoint, "ModelInfer", &request).await?;
-    let answer = infer::write_response(&answered.message, &form).map_err(Failure::bad_request)?;
+    // The model has run (a sequence has moved on): a failure here still says which
+    // version answered.
+    let answer = infer::write_response(&answered.message, &form).map_err(|error| {
+        let status = match &error {
+            infer::Unwritable::NotJson(_) => StatusCode::BAD_REQUEST,
+            infer::Unwritable::Malformed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Failure::new(status, error.to_string()).with_headers(answer_headers(&answered.metadata))
+    })?;
     let mut headers = answer_headers(&answered.metadata);
     let content_type = match answer.json_length {
         Some(length) => {
@@ -333,6 +379,7 @@ async fn infer(
         Some(encoding) => {
             let (compressed, name) = body::compress(&answer.body, encoding);
             headers.insert(header::CONTENT_ENCODING, name);
+            headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
             compressed
         }
         None => answer.body,
@@ -343,12 +390,13 @@ async fn infer(
 /// A JSON body of type `T`; an empty body is `T`'s default (tritonclient sends none
 /// for calls without options).
 async fn json_body<T: for<'de> Deserialize<'de> + Default>(
-    caller: &Caller,
+    caller: &mut Caller,
+    endpoint: &Endpoint,
+    method: &str,
     sent: Body,
-    limit: usize,
     what: &str,
 ) -> Result<T, Failure> {
-    let bytes = body::read(&caller.headers, sent, limit).await?;
+    let bytes = caller.read_body(endpoint, method, sent).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -365,11 +413,17 @@ struct IndexJson {
 
 async fn repository_index(
     State(endpoint): State<Endpoint>,
-    caller: Caller,
+    mut caller: Caller,
     sent: Body,
 ) -> Result<Response, Failure> {
-    let asked: IndexJson =
-        json_body(&caller, sent, endpoint.limit, "a repository index request").await?;
+    let asked: IndexJson = json_body(
+        &mut caller,
+        &endpoint,
+        "RepositoryIndex",
+        sent,
+        "a repository index request",
+    )
+    .await?;
     let answered: Answered<RepositoryIndexResponse> = caller
         .call(
             &endpoint,
@@ -438,12 +492,18 @@ fn repository_parameters(
 
 async fn load(
     State(endpoint): State<Endpoint>,
-    caller: Caller,
+    mut caller: Caller,
     Path(model_name): Path<String>,
     sent: Body,
 ) -> Result<Response, Failure> {
-    let asked: RepositoryJson =
-        json_body(&caller, sent, endpoint.limit, "a model load request").await?;
+    let asked: RepositoryJson = json_body(
+        &mut caller,
+        &endpoint,
+        "RepositoryModelLoad",
+        sent,
+        "a model load request",
+    )
+    .await?;
     let request = RepositoryModelLoadRequest {
         repository_name: String::new(),
         model_name,
@@ -457,12 +517,18 @@ async fn load(
 
 async fn unload(
     State(endpoint): State<Endpoint>,
-    caller: Caller,
+    mut caller: Caller,
     Path(model_name): Path<String>,
     sent: Body,
 ) -> Result<Response, Failure> {
-    let asked: RepositoryJson =
-        json_body(&caller, sent, endpoint.limit, "a model unload request").await?;
+    let asked: RepositoryJson = json_body(
+        &mut caller,
+        &endpoint,
+        "RepositoryModelUnload",
+        sent,
+        "a model unload request",
+    )
+    .await?;
     let request = RepositoryModelUnloadRequest {
         repository_name: String::new(),
         model_name,
@@ -516,11 +582,13 @@ struct RegisterJson {
 
 async fn shared_memory_register(
     State(endpoint): State<Endpoint>,
-    caller: Caller,
+    mut caller: Caller,
     Path(name): Path<String>,
     sent: Body,
 ) -> Result<Response, Failure> {
-    let bytes = body::read(&caller.headers, sent, endpoint.limit).await?;
+    let bytes = caller
+        .read_body(&endpoint, "SystemSharedMemoryRegister", sent)
+        .await?;
     let asked: RegisterJson = serde_json::from_slice(&bytes).map_err(|error| {
         Failure::bad_request(format!(
             "the body is not a shared memory registration ({{\"key\", \"offset\", \"byte_size\"}}): {error}"
@@ -573,28 +641,28 @@ async fn trace_setting(
     State(endpoint): State<Endpoint>,
     caller: Caller,
 ) -> Result<Response, Failure> {
-    let answered: Answered<TraceSettingResponse> = caller
-        .call(&endpoint, "TraceSetting", &TraceSettingRequest::default())
-        .await?;
-    message_json(
-        "inference.TraceSettingResponse",
-        &answered.message,
-        &answered.metadata,
-    )
+    caller
+        .call_json::<_, TraceSettingResponse>(
+            &endpoint,
+            "TraceSetting",
+            &TraceSettingRequest::default(),
+            "inference.TraceSettingResponse",
+        )
+        .await
 }
 
 async fn log_settings(
     State(endpoint): State<Endpoint>,
     caller: Caller,
 ) -> Result<Response, Failure> {
-    let answered: Answered<LogSettingsResponse> = caller
-        .call(&endpoint, "LogSettings", &LogSettingsRequest::default())
-        .await?;
-    message_json(
-        "inference.LogSettingsResponse",
-        &answered.message,
-        &answered.metadata,
-    )
+    caller
+        .call_json::<_, LogSettingsResponse>(
+            &endpoint,
+            "LogSettings",
+            &LogSettingsRequest::default(),
+            "inference.LogSettingsResponse",
+        )
+        .await
 }
 
 async fn no_endpoint(request: Request) -> Failure {
@@ -619,13 +687,40 @@ async fn wrong_method(request: Request) -> Failure {
     )
 }
 
-/// A query string is refused, not ignored: no endpoint reads one.
-async fn refuse_query(request: Request, next: Next) -> Response {
-    match request.uri().query() {
-        Some(query) if !query.is_empty() => Failure::bad_request(format!(
+/// What no endpoint reads is refused, not ignored: a query string, and gRPC's
+/// `grpc-timeout` (an HTTP client sets a deadline with the `timeout` parameter).
+async fn refuse_unread(request: Request, next: Next) -> Response {
+    if let Some(query) = request.uri().query().filter(|q| !q.is_empty()) {
+        return Failure::bad_request(format!(
             "query parameters are not supported (got \"{query}\"): the v2 endpoints take their options in the JSON body"
         ))
-        .into_response(),
-        _ => next.run(request).await,
+        .into_response();
     }
+    if request.headers().contains_key("grpc-timeout") {
+        return Failure::bad_request(
+            "header grpc-timeout is gRPC's: over HTTP set a deadline with the request parameter \"timeout\" (microseconds)",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Errors axum answers itself (a path that does not decode, say) written as the
+/// endpoint's own are: `{"error": "…"}`.
+async fn errors_as_json(response: Response) -> Response {
+    // axum's refusals are plain text; the endpoint's own answers are JSON, or empty
+    // (a health check's "false").
+    let plain_text = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if response.status().is_success() || !plain_text {
+        return response;
+    }
+    let status = response.status();
+    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    Failure::new(status, text).into_response()
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    json_tensors::{self, Utf8},
+    json_tensors::{self, DecodeError, Fidelity},
     parameters::{BINARY_DATA, BINARY_DATA_OUTPUT, BINARY_DATA_SIZE, SHARED_MEMORY_REGION},
     pb::inference::{
         InferParameter, ModelInferRequest, ModelInferResponse,
@@ -47,7 +47,7 @@ fn bad(message: impl Into<String>) -> BadRequest {
 struct RequestJson {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     parameters: Option<Map<String, Value>>,
     inputs: Vec<InputJson>,
     #[serde(default)]
@@ -60,9 +60,10 @@ struct InputJson {
     name: String,
     shape: Vec<i64>,
     datatype: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     parameters: Option<Map<String, Value>>,
-    #[serde(default)]
+    /// `Some(Null)` for `"data": null`: present, and refused as no tensor's data.
+    #[serde(default, deserialize_with = "present")]
     data: Option<Value>,
 }
 
@@ -70,8 +71,46 @@ struct InputJson {
 #[serde(deny_unknown_fields)]
 struct OutputJson {
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     parameters: Option<Map<String, Value>>,
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+/// A parameters object whose names are each given once: a repeated name is refused
+/// rather than one of its values dropped.
+fn unique_keys<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Map<String, Value>>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = Option<Map<String, Value>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of parameters")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut parameters = Map::new();
+            while let Some((name, value)) = map.next_entry::<String, Value>()? {
+                if parameters.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "parameter \"{name}\" is given twice"
+                    )));
+                }
+                parameters.insert(name, value);
+            }
+            Ok(Some(parameters))
+        }
+    }
+    deserializer.deserialize_any(Unique)
 }
 
 /// How the answer's outputs are written: each requested output's choice, and the
@@ -176,6 +215,9 @@ fn read_input(
         ),
     };
     let in_shared_memory = parameters.contains_key(SHARED_MEMORY_REGION);
+    if input.data == Some(Value::Null) {
+        return Err(bad(format!("{place}: \"data\" is null")));
+    }
     let raw = match (binary_size, input.data, in_shared_memory) {
         (Some(_), Some(_), _) => {
             return Err(bad(format!(
@@ -323,8 +365,23 @@ pub struct Answer {
     pub json_length: Option<usize>,
 }
 
+/// An answer that cannot be written as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unwritable {
+    /// An output JSON cannot carry (bytes that are not UTF-8, a NaN): the client asked
+    /// for JSON where only binary data would do.
+    #[error("{0}")]
+    NotJson(String),
+    /// The answer itself is malformed (no contents, an unknown datatype).
+    #[error("{0}")]
+    Malformed(String),
+}
+
 /// `response` as JSON with its binary outputs after it, as `form` asks.
-pub fn write_response(response: &ModelInferResponse, form: &OutputForm) -> Result<Answer, String> {
+pub fn write_response(
+    response: &ModelInferResponse,
+    form: &OutputForm,
+) -> Result<Answer, Unwritable> {
     let mut outputs = Vec::with_capacity(response.outputs.len());
     let mut binary = Vec::new();
     for (i, output) in response.outputs.iter().enumerate() {
@@ -335,16 +392,21 @@ pub fn write_response(response: &ModelInferResponse, form: &OutputForm) -> Resul
         json.insert("shape".into(), Value::from(output.shape.clone()));
         let mut parameters = parameters_json(&output.parameters);
         if !output.parameters.contains_key(SHARED_MEMORY_REGION) {
-            let raw = output_contents(response, i).map_err(|e| format!("{place}: {e}"))?;
+            let raw = output_contents(response, i)
+                .map_err(|e| Unwritable::Malformed(format!("{place}: {e}")))?;
             if form.is_binary(&output.name) {
                 parameters.insert(BINARY_DATA_SIZE.into(), Value::from(raw.len()));
                 binary.push(raw);
             } else {
-                let datatype = Datatype::parse(&output.datatype)
-                    .ok_or_else(|| format!("{place}: unknown datatype {}", output.datatype))?;
-                let data = json_tensors::decode_raw(datatype, &raw, &output.shape, Utf8::Strict)
-                    .map_err(|e| {
-                        format!("{place}: {e}; ask for it with \"{BINARY_DATA}\": true")
+                let datatype = Datatype::parse(&output.datatype).ok_or_else(|| {
+                    Unwritable::Malformed(format!("{place}: unknown datatype {}", output.datatype))
+                })?;
+                let data = json_tensors::decode_raw(datatype, &raw, &output.shape, Fidelity::Exact)
+                    .map_err(|e| match e {
+                        DecodeError::NotJson(e) => Unwritable::NotJson(format!(
+                            "{place}: {e}; ask for it with \"{BINARY_DATA}\": true"
+                        )),
+                        DecodeError::Malformed(e) => Unwritable::Malformed(format!("{place}: {e}")),
                     })?;
                 json.insert("data".into(), Value::Array(data));
             }
@@ -373,7 +435,8 @@ pub fn write_response(response: &ModelInferResponse, form: &OutputForm) -> Resul
         );
     }
     head.insert("outputs".into(), Value::Array(outputs));
-    let json = serde_json::to_vec(&Value::Object(head)).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec(&Value::Object(head))
+        .map_err(|e| Unwritable::Malformed(e.to_string()))?;
     if binary.is_empty() {
         return Ok(Answer {
             body: Bytes::from(json),
@@ -601,9 +664,11 @@ mod tests {
         assert_eq!(head["outputs"][0]["data"], json!([0.5, 0.25]));
         let all_json = OutputForm::default();
         let error = write_response(&response(), &all_json).expect_err("not UTF-8");
+        assert!(matches!(error, Unwritable::NotJson(_)), "{error:?}");
+        let text = error.to_string();
         assert!(
-            error.contains("output \"s\"") && error.contains("binary_data"),
-            "{error}"
+            text.contains("output \"s\"") && text.contains("binary_data"),
+            "{text}"
         );
     }
 

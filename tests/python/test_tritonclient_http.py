@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -239,13 +240,55 @@ def test_errors_have_the_grpc_wording_and_their_http_status(web):
         ),
         ("POST", "/v2/models/demo/infer", b"{}", {"Inference-Header-Content-Length": "99"}, 400, "the body has only 2 bytes"),
         ("POST", "/v2/models/demo/infer", b"x", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+        (
+            "POST",
+            "/v2/models/demo/infer",
+            b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": null}]}',
+            {},
+            400,
+            '"data" is null',
+        ),
+        (
+            "POST",
+            "/v2/models/demo/infer",
+            b'{"parameters": {"timeout": 1, "timeout": 2}, "inputs": []}',
+            {},
+            400,
+            'parameter "timeout" is given twice',
+        ),
+        (
+            "POST",
+            "/v2/models/demo/infer",
+            b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1e300, 0, 0, 0]}]}',
+            {},
+            400,
+            "1e+300 is out of range for FP32",
+        ),
+        ("GET", "/v2/models/demo", None, {"grpc-timeout": "1S"}, 400, "header grpc-timeout"),
+        ("GET", "/v2/models/%FF/ready", None, {}, 400, "UTF-8"),
         ("GET", "/v2/models/demo?verbose=1", None, {}, 400, "query parameters are not supported"),
         ("GET", "/v2/nothing", None, {}, 404, "no KServe v2 endpoint at GET /v2/nothing"),
         ("DELETE", "/v2/models/demo", None, {}, 405, "DELETE is not a method"),
         ("GET", "/v2/cudasharedmemory/status", None, {}, 501, "not supported"),
         ("GET", "/v2/trace/setting", None, {}, 501, "not supported"),
     ],
-    ids=["not-json", "unknown-field", "binary-missing", "header-length", "brotli", "query", "no-endpoint", "method", "cuda", "trace"],
+    ids=[
+        "not-json",
+        "unknown-field",
+        "binary-missing",
+        "header-length",
+        "brotli",
+        "data-null",
+        "parameter-twice",
+        "fp32-overflow",
+        "grpc-timeout",
+        "path-not-utf8",
+        "query",
+        "no-endpoint",
+        "method",
+        "cuda",
+        "trace",
+    ],
 )
 def test_bad_requests_are_refused_naming_the_reason(server, method, path, body, headers, status, says):
     got, answer_headers, answer = request(server.http_address, method, path, body, headers)
@@ -329,10 +372,13 @@ def guarded(tmp_path_factory):
     """A gateway with model control "explicit" and API keys: one infer key, one admin key."""
     root = tmp_path_factory.mktemp("http-control")
     shutil.copytree(MODELS / "demo", root / "models" / "demo")
-    keys = {"infer": "infer-key-0123456789", "admin": "admin-key-0123456789"}
+    keys = {"infer": "infer-key-0123456789", "admin": "admin-key-0123456789", "slow": "slow-key-0123456789"}
     (root / "keys.toml").write_text(
         "".join(
-            f'[[keys]]\nname = "{name}"\nsha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\nroles = ["{name}"]\n\n'
+            f'[[keys]]\nname = "{name}"\nsha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
+            f'roles = ["{"infer" if name == "slow" else name}"]\n'
+            + ("rate_limit = { per_second = 0.2, burst = 1 }\n" if name == "slow" else "")
+            + "\n"
             for name, key in keys.items()
         )
     )
@@ -368,6 +414,27 @@ def test_http_calls_pass_the_same_keys_and_roles_as_grpc(guarded):
             c.unload_model("demo", headers=bearer(keys["infer"]))
         assert status_of(ei.value) == "403", ei.value.message()
         assert "model-control" in ei.value.message(), ei.value.message()
+        # A caller without a key is refused before its body is read: one that announces
+        # a body over the message limit and sends the first MiB of it gets 401, not 413.
+        host, port = srv.http_address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(
+                b"POST /v2/models/demo/infer HTTP/1.1\r\nHost: aviary\r\n"
+                + f"Content-Length: {65 * 1024 * 1024}\r\n\r\n".encode()
+                + b"0" * (1024 * 1024)
+            )
+            status_line = conn.recv(4096).split(b"\r\n", 1)[0]
+        assert status_line.startswith(b"HTTP/1.1 401"), status_line
+        # A key over its rate limit gets 429 with Retry-After.
+        body = json.dumps(
+            {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": BATCH[0].tolist()}]}
+        ).encode()
+        first, _, answer = request(srv.http_address, "POST", "/v2/models/demo/infer", body, bearer(keys["slow"]))
+        assert first == 200, answer
+        second, headers, answer = request(srv.http_address, "POST", "/v2/models/demo/infer", body, bearer(keys["slow"]))
+        assert second == 429, answer
+        assert int(headers["Retry-After"]) >= 1, dict(headers)
+        assert "over its rate limit" in json.loads(answer)["error"], answer
     finally:
         c.close()
 

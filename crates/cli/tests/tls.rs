@@ -96,6 +96,7 @@ fn listeners_speak_tls_require_client_certificates_where_asked_and_rotate_withou
         &format!(
             "[admin]\ntls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{clients}\" }}\n\n\
              [metrics]\ntls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{clients}\" }}\n\n\
+             [http]\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\n\
              [server]\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n"
         ),
     );
@@ -149,6 +150,12 @@ fn listeners_speak_tls_require_client_certificates_where_asked_and_rotate_withou
         !plain.is_ok_and(|answer| String::from_utf8_lossy(&answer).contains("aviary_")),
         "plaintext HTTP gets no metrics"
     );
+
+    // HTTP/REST is HTTPS beside a TLS gRPC listener, with the same certificate.
+    let http = served.http_addr();
+    let (status, _, _) =
+        get_tls(http, "/v2/health/ready", &first_ca, None).expect("HTTPS with the server's CA");
+    assert!(status.contains("200"), "{status}");
 
     // Rotation: a certificate from another CA replaces the files; new handshakes use it.
     let second_ca = Ca::new("second CA");

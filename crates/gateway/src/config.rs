@@ -596,6 +596,30 @@ impl TracingConfig {
     }
 }
 
+/// Why the HTTP/REST listener would let in what the gRPC listener keeps out, if it
+/// would: both serve the same calls, so plaintext HTTP beside TLS gRPC sends keys and
+/// tensors in the clear, and HTTP without the client CA gRPC requires lets in callers
+/// without a certificate.
+fn http_weaker_than_grpc(config: &Config) -> Option<String> {
+    let grpc = config.server.tls.as_ref()?;
+    if !config.http.enabled {
+        return None;
+    }
+    match &config.http.tls {
+        None => Some(
+            "http: [server] tls protects the gRPC listener but the HTTP/REST listener, which \
+             serves the same calls, would be plaintext; set [http] tls (or [http] enabled = false)"
+                .to_owned(),
+        ),
+        Some(http) if grpc.client_ca.is_some() && http.client_ca.is_none() => Some(
+            "http.tls: [server] tls requires client certificates but the HTTP/REST listener, \
+             which serves the same calls, would not; set http.tls.client_ca"
+                .to_owned(),
+        ),
+        Some(_) => None,
+    }
+}
+
 /// Where a gateway serves HTTP/REST unless told otherwise: Triton's HTTP port.
 pub const DEFAULT_HTTP_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8000);
@@ -982,6 +1006,9 @@ impl Config {
                 "workers.tls: give both cert and key (the gateway's client certificate), or neither"
                     .to_owned(),
             );
+        }
+        if let Some(problem) = http_weaker_than_grpc(&config) {
+            problems.push(problem);
         }
         if let Some(limit) = &config.server.peer_rate_limit {
             if !(limit.per_second > 0.0 && limit.per_second.is_finite()) {
@@ -1540,5 +1567,35 @@ mod tests {
         let half = "[workers]\ntls = { ca = \"ca.crt\", cert = \"gw.crt\" }\n";
         let err = Config::parse(half).expect_err("a certificate without its key");
         assert!(err.contains("workers.tls: give both cert and key"), "{err}");
+    }
+
+    #[test]
+    fn http_rest_is_never_weaker_than_the_grpc_listener() {
+        let tls = "{ cert = \"s.crt\", key = \"s.key\" }";
+        let mtls = "{ cert = \"s.crt\", key = \"s.key\", client_ca = \"c.crt\" }";
+        let config =
+            |server: &str, http: &str| format!("[server]\ntls = {server}\n\n[http]\n{http}\n");
+        let err = Config::parse(&config(tls, "")).expect_err("plaintext HTTP beside TLS gRPC");
+        assert!(
+            err.contains("http: [server] tls protects the gRPC listener"),
+            "{err}"
+        );
+        let err = Config::parse(&config(mtls, &format!("tls = {tls}"))).expect_err("no client CA");
+        assert!(
+            err.contains("http.tls: [server] tls requires client certificates"),
+            "{err}"
+        );
+        for (server, http) in [
+            (tls, format!("tls = {tls}")),
+            (mtls, format!("tls = {mtls}")),
+            (mtls, "enabled = false".to_owned()),
+        ] {
+            assert!(
+                Config::parse(&config(server, &http)).is_ok(),
+                "{server} {http}"
+            );
+        }
+        // Without TLS on gRPC, HTTP may be plaintext (the default).
+        assert!(Config::parse("[http]\nlisten = \"127.0.0.1:8000\"\n").is_ok());
     }
 }

@@ -309,6 +309,8 @@ pub struct Served {
     extra: Vec<String>,
     env: Vec<(String, String)>,
     metrics: Option<SocketAddr>,
+    /// Read after `metrics` (the listening lines come in that order).
+    http: Option<SocketAddr>,
 }
 
 impl Served {
@@ -361,6 +363,7 @@ impl Served {
             extra,
             env,
             metrics: None,
+            http: None,
         }
     }
 
@@ -398,6 +401,15 @@ impl Served {
     }
 
     /// Where the gateway serves `/metrics` (read from its output once).
+    /// The HTTP/REST listener's address (after [`Self::metrics_addr`]: the listening
+    /// lines come in that order).
+    pub fn http_addr(&mut self) -> SocketAddr {
+        self.metrics_addr();
+        *self
+            .http
+            .get_or_insert_with(|| self.server.wait_address("aviary: http listening on "))
+    }
+
     pub fn metrics_addr(&mut self) -> SocketAddr {
         *self
             .metrics
@@ -414,6 +426,7 @@ impl Served {
             Served::spawn(self.command, &self.config, &self.extra, &self.env);
         self.server = server;
         self.metrics = None;
+        self.http = None;
         self.inference = inference;
         self.addr = format!("http://{inference}");
         self.admin = format!("http://{admin}");
@@ -883,7 +896,7 @@ pub async fn successes(worker: &str, version: &str) -> u64 {
 /// `GET /metrics` over plain HTTP/1.1: the status line and the body.
 pub fn scrape(addr: SocketAddr) -> (String, String, String) {
     let stream = TcpStream::connect(addr).expect("the metrics endpoint accepts");
-    get_metrics(stream).expect("an answer")
+    http_get(stream, "/metrics").expect("an answer")
 }
 
 /// `GET /metrics` over HTTPS, trusting the CA in `ca` and presenting `identity`
@@ -893,17 +906,32 @@ pub fn scrape_tls(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> std::io::Result<(String, String, String)> {
+    get_tls(addr, "/metrics", ca, identity)
+}
+
+/// `GET path` over HTTPS, as [`scrape_tls`].
+pub fn get_tls(
+    addr: SocketAddr,
+    path: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> std::io::Result<(String, String, String)> {
     use tokio_rustls::rustls::{ClientConnection, StreamOwned, pki_types::ServerName};
     let config =
         aviary::tls::client_config(ca, identity, &[b"http/1.1"]).map_err(std::io::Error::other)?;
     let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
     let session = ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
-    get_metrics(StreamOwned::new(session, TcpStream::connect(addr)?))
+    http_get(StreamOwned::new(session, TcpStream::connect(addr)?), path)
 }
 
-/// The HTTP/1.1 exchange of a scrape over `stream`: status line, content type, body.
-fn get_metrics(mut stream: impl Read + Write) -> std::io::Result<(String, String, String)> {
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: aviary\r\nConnection: close\r\n\r\n")?;
+/// The HTTP/1.1 exchange of `GET path` over `stream`: status line, content type, body.
+fn http_get(
+    mut stream: impl Read + Write,
+    path: &str,
+) -> std::io::Result<(String, String, String)> {
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: aviary\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut answer = Vec::new();
     // A TLS peer that closes without close_notify still sent the whole answer.
     if let Err(error) = stream.read_to_end(&mut answer)
