@@ -8,6 +8,7 @@ Python onnxruntime package, as there.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import json
@@ -482,3 +483,12 @@ def test_repository_load_with_config_and_files_over_http(guarded):
         assert c.is_model_ready("demo", headers=admin)
     finally:
         c.close()
+
+
+def test_a_card_alone_for_a_version_without_a_model_is_refused(guarded):
+    srv, keys, models = guarded
+    body = json.dumps({"parameters": {"config": "{}", "file:5/model.toml": base64.b64encode(b"owner = 'x'\n").decode()}})
+    status, _, answer = request(srv.http_address, "POST", "/v2/repository/models/demo/load", body.encode(), bearer(keys["admin"]))
+    assert status == 400, answer
+    assert 'parameter "file:5/model.toml"' in json.loads(answer)["error"] and "loads nothing" in json.loads(answer)["error"]
+    assert not (models / "demo" / "5").exists(), "a refused load writes nothing"

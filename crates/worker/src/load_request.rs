@@ -120,6 +120,33 @@ pub fn read(
     Ok(request)
 }
 
+impl LoadRequest {
+    /// The versions whose card is supplied without their model: each needs a model
+    /// already in the repository, or the card would load nothing.
+    pub fn cards_alone(&self) -> BTreeSet<u64> {
+        let with_model: BTreeSet<u64> = self
+            .files
+            .iter()
+            .filter(|f| f.name == MODEL_FILE)
+            .map(|f| f.version)
+            .collect();
+        self.files
+            .iter()
+            .filter(|f| f.name == CARD_FILE && !with_model.contains(&f.version))
+            .map(|f| f.version)
+            .collect()
+    }
+}
+
+/// The refusal of a card supplied for `version` of `model`, which has no model file
+/// in the repository and none supplied.
+pub fn card_without_model(model: &str, version: u64) -> WorkerError {
+    invalid(format!(
+        "parameter \"file:{version}/{CARD_FILE}\": {model} version {version} has no \
+         {MODEL_FILE} in the repository and none is supplied; a card alone loads nothing"
+    ))
+}
+
 /// `file:<version>/model.onnx` or `file:<version>/model.toml`; nothing else.
 fn supplied_file(path: &str, bytes: Vec<u8>) -> Result<SuppliedFile, WorkerError> {
     let refuse = || {

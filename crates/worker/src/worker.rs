@@ -35,7 +35,7 @@ use crate::{
     classification, default_prediction,
     input_rules::{self, MODE_PARAMETER, RuleMode},
     lifecycle::{Lifecycle, LoadOutcome, SyncReport, VersionPolicy},
-    load_request::LoadRequest,
+    load_request::{self, LoadRequest},
     model::{FINGERPRINT_PARAMETER, LoadedModel, OutputTensor, SessionOptions},
     repository::{self, InputFormat, ModelCard},
     stats::Timings,
@@ -585,8 +585,19 @@ impl Worker {
         if supplied {
             let root = self.repository().to_owned();
             let model = model.to_owned();
+            let cards_alone = request.cards_alone();
             let files = request.files;
             tokio::task::spawn_blocking(move || {
+                // Checked before anything is written: a refused load leaves no file.
+                for version in cards_alone {
+                    let model_file = root
+                        .join(&model)
+                        .join(version.to_string())
+                        .join(repository::MODEL_FILE);
+                    if !model_file.is_file() {
+                        return Err(load_request::card_without_model(&model, version));
+                    }
+                }
                 files
                     .iter()
                     .try_for_each(|file| repository::write_supplied(&root, &model, file))

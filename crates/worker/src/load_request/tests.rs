@@ -180,3 +180,26 @@ fn files_and_other_parameters() {
         "{repository}"
     );
 }
+
+#[test]
+fn a_card_supplied_without_its_model_is_named() {
+    let file = |path: &'static str| (path, ParameterChoice::BytesParam(b"x".to_vec()));
+    let request = read(
+        "demo",
+        "",
+        &parameters(&[
+            ("config", ParameterChoice::StringParam("{}".into())),
+            file("file:5/model.toml"),
+            file("file:6/model.toml"),
+            file("file:6/model.onnx"),
+            file("file:7/model.onnx"),
+        ]),
+    )
+    .expect("read");
+    assert_eq!(request.cards_alone(), BTreeSet::from([5]));
+    let refusal = card_without_model("demo", 5).to_string();
+    assert!(
+        refusal.contains("file:5/model.toml") && refusal.contains("loads nothing"),
+        "{refusal}"
+    );
+}
