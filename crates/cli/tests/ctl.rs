@@ -180,6 +180,37 @@ fn models_lists_every_version_with_state_path_and_card() {
 }
 
 #[test]
+fn card_shows_a_versions_registry_record() {
+    let served = Served::demo();
+    let file = repo_root().join("deploy/local/models/demo/2/model.onnx");
+    let sha256 = aviary_worker::registry::Sha256::of(&std::fs::read(&file).expect("model"));
+
+    let text = served.ctl(&["card", "demo", "2"]).ok().stdout;
+    for expected in [
+        "semver           2.0.0".to_owned(),
+        format!("file sha256      {sha256}"),
+        "training run     make_models.py:demo_v2".to_owned(),
+        "hidden_units".to_owned(),
+        "owner            Aviary maintainers".to_owned(),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} in:\n{text}");
+    }
+    let record = served.ctl(&["card", "demo", "2", "--json"]).json();
+    assert_eq!(record["card"]["semver"], "2.0.0", "{record:#}");
+    assert_eq!(record["sha256"], sha256.as_str(), "{record:#}");
+    assert_eq!(
+        record["card"]["lineage"]["training_run"],
+        "make_models.py:demo_v2"
+    );
+
+    let missing = served.ctl(&["card", "demo", "9"]).failed();
+    assert!(
+        missing.stderr.contains("no version 9 of model \"demo\""),
+        "{missing:#?}"
+    );
+}
+
+#[test]
 fn unload_refuses_weighted_versions_unless_forced_and_load_brings_them_back() {
     let served = Served::demo();
 

@@ -27,6 +27,8 @@
 //! - [`warmup`]: the warm-up a model card declares (off, zeros or sample inputs).
 //! - [`string_tensors`]: ONNX string tensors written from and read as bytes (the
 //!   worker's only `unsafe` code: ONNX Runtime's C API).
+//! - [`registry`]: a version's registry record in its card: semantic version, lineage,
+//!   the SHA-256 its model file must have.
 //! - [`model`]: a loaded version, its session pool, and ORT value conversion.
 //! - [`stats`]: per-version statistics.
 //! - [`exposition`]: those statistics and the versions' states on `/metrics`.
@@ -63,6 +65,7 @@ pub mod load_request;
 pub mod loader;
 pub mod model;
 pub mod model_control;
+pub mod registry;
 pub mod repository;
 pub mod runtime;
 pub mod schema;

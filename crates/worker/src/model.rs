@@ -28,6 +28,7 @@ use crate::{
     default_prediction::DefaultPrediction,
     drift::DriftTracker,
     input_rules::InputRules,
+    registry::{self, Sha256},
     repository::{Fingerprint, InputFormat, ModelCard},
     runtime,
     schema::ModelSchema,
@@ -144,6 +145,9 @@ pub struct LoadedModel {
     /// replica that loaded the same weights, different after any weight change. A
     /// gateway's prediction cache keys answers by it (see [`FINGERPRINT_PARAMETER`]).
     pub content_hash: String,
+    /// The SHA-256 of the model file's bytes, the registry's fingerprint of it
+    /// (checked against the card's `sha256` when the card states one).
+    pub sha256: Sha256,
     /// Whether its requests run inline or on the blocking pool.
     pub inline: InlinePolicy,
     /// Dynamic batching, when the model card asks for it.
@@ -187,6 +191,9 @@ impl LoadedModel {
             reason,
         };
         let bytes = std::fs::read(path).map_err(|e| load_error(e.to_string()))?;
+        let sha256 = Sha256::of(&bytes);
+        registry::check_file(&sha256, card.as_ref().and_then(|c| c.sha256.as_ref()))
+            .map_err(load_error)?;
         let environment = runtime::environment()?;
         let instances = options.instances.max(1);
         let mut sessions = Vec::with_capacity(instances);
@@ -263,6 +270,7 @@ impl LoadedModel {
             loaded_at: SystemTime::now(),
             fingerprint,
             content_hash: content_hash(&bytes),
+            sha256,
             inline: InlinePolicy {
                 limit: options.inline_max,
                 measured: None,

@@ -10,8 +10,13 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    WorkerError, batching::BatchingCard, classification::LabelsCard,
-    default_prediction::DefaultValues, drift::DriftCard, input_rules::InputRulesCard,
+    WorkerError,
+    batching::BatchingCard,
+    classification::LabelsCard,
+    default_prediction::DefaultValues,
+    drift::DriftCard,
+    input_rules::InputRulesCard,
+    registry::{Lineage, Sha256},
     warmup::WarmupCard,
 };
 
@@ -43,6 +48,17 @@ pub struct ModelCard {
     /// Evaluation metrics, by name.
     #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
+    /// The version's semantic version ("2.1.0"), its name in the registry (see
+    /// [`crate::registry`]).
+    #[serde(default)]
+    pub semver: Option<semver::Version>,
+    /// The SHA-256 the model file must have (as `sha256sum` prints it): a file with
+    /// another is refused at load.
+    #[serde(default)]
+    pub sha256: Option<Sha256>,
+    /// Where the version came from: training data, code, run, hyperparameters.
+    #[serde(default)]
+    pub lineage: Option<Lineage>,
     /// One example's outputs, by output name, that a gateway answers with when a call
     /// fails and the route opts in (see [`crate::default_prediction`]).
     #[serde(default)]
@@ -412,6 +428,31 @@ mod tests {
         fs::write(&path, "ownr = \"typo\"\n")?;
         let err = read_card(&path).expect_err("unknown key must be rejected");
         assert!(err.to_string().contains("ownr"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn registry_keys_are_checked_as_the_card_is_read() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join(CARD_FILE);
+        fs::write(
+            &path,
+            "semver = \"2.1.0-rc.1+build.5\"\n[lineage]\ntraining_run = \"r1\"\n",
+        )?;
+        let card = read_card(&path)?;
+        assert_eq!(
+            card.semver.map(|v| v.to_string()).as_deref(),
+            Some("2.1.0-rc.1+build.5")
+        );
+        for (text, named) in [
+            ("semver = \"2.1\"\n", "semver"),
+            ("sha256 = \"abc\"\n", "not a SHA-256"),
+            ("[lineage]\nrun = \"x\"\n", "run"),
+        ] {
+            fs::write(&path, text)?;
+            let err = read_card(&path).expect_err("refused");
+            assert!(err.to_string().contains(named), "{text}: {err}");
+        }
         Ok(())
     }
 

@@ -441,12 +441,20 @@ impl Worker {
                 .map(|card| card_parameters(card, loaded.default_prediction.as_ref()))
                 .unwrap_or_default()
                 .into_iter()
-                .chain([(
-                    FINGERPRINT_PARAMETER.to_owned(),
-                    ModelParameter {
-                        string_value: loaded.content_hash.clone(),
-                    },
-                )])
+                .chain([
+                    (
+                        FINGERPRINT_PARAMETER.to_owned(),
+                        ModelParameter {
+                            string_value: loaded.content_hash.clone(),
+                        },
+                    ),
+                    (
+                        SHA256_PARAMETER.to_owned(),
+                        ModelParameter {
+                            string_value: loaded.sha256.to_string(),
+                        },
+                    ),
+                ])
                 .collect(),
             ..Default::default()
         })
@@ -647,6 +655,7 @@ fn card_parameters(
                 .iter()
                 .map(|(name, value)| (format!("card.metrics.{name}"), value.to_string())),
         )
+        .chain(registry_parameters(card))
         .chain(default.map(|d| (default_prediction::PARAMETER.to_owned(), d.to_json())))
         .chain(card.input_rules.as_ref().map(|rules| {
             // Plain data of strings, numbers and maps: serialising cannot fail.
@@ -655,6 +664,48 @@ fn card_parameters(
         }))
         .map(|(key, string_value)| (key, ModelParameter { string_value }))
         .collect()
+}
+
+/// `ModelConfig` parameter holding the SHA-256 of the model file the version loaded:
+/// the registry's fingerprint of it, whether or not its card states one.
+pub const SHA256_PARAMETER: &str = "model.sha256";
+
+/// A card's registry record as config parameters: `card.semver` and
+/// `card.lineage.*` (its hyperparameters as one JSON object).
+fn registry_parameters(card: &repository::ModelCard) -> Vec<(String, String)> {
+    let mut parameters = Vec::new();
+    if let Some(semver) = &card.semver {
+        parameters.push(("card.semver".to_owned(), semver.to_string()));
+    }
+    if let Some(sha256) = &card.sha256 {
+        parameters.push(("card.sha256".to_owned(), sha256.to_string()));
+    }
+    if let Some(lineage) = &card.lineage {
+        let text = [
+            ("dataset", lineage.dataset.clone()),
+            (
+                "dataset_sha256",
+                lineage
+                    .dataset_sha256
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            ),
+            ("code_revision", lineage.code_revision.clone()),
+            ("training_run", lineage.training_run.clone()),
+        ];
+        parameters.extend(
+            text.into_iter()
+                .filter(|(_, value)| !value.is_empty())
+                .map(|(key, value)| (format!("card.lineage.{key}"), value)),
+        );
+        if !lineage.hyperparameters.is_empty() {
+            // Plain JSON values: serialising cannot fail.
+            let json = serde_json::to_string(&lineage.hyperparameters).unwrap_or_default();
+            parameters.push(("card.lineage.hyperparameters".to_owned(), json));
+        }
+    }
+    parameters
 }
 
 /// The spans of a request's stages in the worker, laid end to end from their measured

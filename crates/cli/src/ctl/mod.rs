@@ -94,6 +94,14 @@ pub enum CtlCommand {
         #[arg(long)]
         schema: bool,
     },
+    /// One version's model card as a registry record: semantic version, the model
+    /// file's SHA-256 (and the card's, when it states one), lineage, metrics, owner.
+    Card {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+    },
     /// How far each tracked feature of a model's versions drifts from its reference
     /// (model cards with [drift]): test, adjusted p-value, PSI, outliers, verdict.
     Drift {
@@ -431,6 +439,7 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Models { model, schema } => {
             models::list(channel, model.as_deref(), *schema, json).await
         }
+        CtlCommand::Card { model, version } => models::card(channel, model, version, json).await,
         CtlCommand::Load { model, version } => {
             models::load(channel, model, version, models::Load::Fresh, json).await
         }

@@ -2,7 +2,7 @@
 
 use super::Channel;
 use aviary::pb::admin::{
-    ListModelsRequest, ListModelsResponse, UnloadVersionRequest, VersionRequest,
+    ListModelsRequest, ListModelsResponse, ModelVersionInfo, UnloadVersionRequest, VersionRequest,
     models_client::ModelsClient,
 };
 use aviary_worker::input_rules::{Allowed, InputRulesCard, Policy};
@@ -127,6 +127,73 @@ fn render_models(list: &ListModelsResponse) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// One version's card as a registry record.
+pub(super) async fn card(
+    channel: Channel,
+    model: &str,
+    version: &str,
+    json: bool,
+) -> Result<String, CtlError> {
+    let list = ModelsClient::new(channel)
+        .list_models(ListModelsRequest {
+            model: model.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let found = list
+        .versions
+        .into_iter()
+        .find(|v| v.version == version)
+        .ok_or_else(|| CtlError::Status {
+            code: tonic::Code::NotFound,
+            message: format!("the gateway has no version {version} of model \"{model}\""),
+        })?;
+    Ok(print(&found, json, render_card))
+}
+
+/// A version's record, one field per line; what the card does not state is left out.
+fn render_card(v: &ModelVersionInfo) -> String {
+    let mut lines = vec![
+        ("model", v.model.clone()),
+        ("version", v.version.clone()),
+        ("state", v.state.clone()),
+        ("file", v.path.clone()),
+        ("file sha256", v.sha256.clone()),
+    ];
+    match &v.card {
+        None => lines.push(("card", "none (no model.toml beside the model)".to_owned())),
+        Some(card) => {
+            lines.extend([
+                ("semver", card.semver.clone()),
+                ("card sha256", card.stated_sha256.clone()),
+                ("owner", card.owner.clone()),
+                ("description", card.description.clone()),
+                ("training data", card.training_data.clone()),
+            ]);
+            if let Some(l) = &card.lineage {
+                lines.extend([
+                    ("dataset", l.dataset.clone()),
+                    ("dataset sha256", l.dataset_sha256.clone()),
+                    ("code revision", l.code_revision.clone()),
+                    ("training run", l.training_run.clone()),
+                    ("hyperparameters", l.hyperparameters.clone()),
+                ]);
+            }
+            let mut metrics: Vec<_> = card.metrics.iter().collect();
+            metrics.sort_by(|a, b| a.0.cmp(b.0));
+            let metrics: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            lines.push(("metrics", metrics.join(", ")));
+        }
+    }
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    lines
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(key, value)| format!("{key:<width$}  {value}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Whether a load reads a version for the first time or again.

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use aviary::pb::admin::{
-    DriftReport, DriftRequest, FeatureDrift, ListModelsRequest, ListModelsResponse, ModelCard,
-    ModelVersionInfo, UnloadVersionRequest, VersionDrift, VersionRequest, VersionResponse,
+    DriftReport, DriftRequest, FeatureDrift, Lineage, ListModelsRequest, ListModelsResponse,
+    ModelCard, ModelVersionInfo, UnloadVersionRequest, VersionDrift, VersionRequest,
+    VersionResponse,
     models_server::{Models, ModelsServer},
 };
 use tonic::{Request, Response, Status};
@@ -59,10 +60,25 @@ fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo>
                     .as_ref()
                     .map(|m| m.path.display().to_string())
                     .unwrap_or_default(),
+                sha256: loaded
+                    .as_ref()
+                    .map(|m| m.sha256.to_string())
+                    .unwrap_or_default(),
                 card: loaded
                     .as_ref()
                     .and_then(|m| m.card.as_ref())
                     .map(|c| ModelCard {
+                        semver: c
+                            .semver
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
+                        stated_sha256: c
+                            .sha256
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
+                        lineage: c.lineage.as_ref().map(lineage),
                         description: c.description.clone(),
                         owner: c.owner.clone(),
                         intended_use: c.intended_use.clone(),
@@ -80,6 +96,25 @@ fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo>
             }
         })
         .collect()
+}
+
+/// A card's lineage as the admin API sends it.
+fn lineage(lineage: &aviary_worker::registry::Lineage) -> Lineage {
+    Lineage {
+        dataset: lineage.dataset.clone(),
+        dataset_sha256: lineage
+            .dataset_sha256
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        code_revision: lineage.code_revision.clone(),
+        training_run: lineage.training_run.clone(),
+        hyperparameters: match lineage.hyperparameters.is_empty() {
+            true => String::new(),
+            // Plain JSON values: serialising cannot fail.
+            false => serde_json::to_string(&lineage.hyperparameters).unwrap_or_default(),
+        },
+    }
 }
 
 /// A tracked version's drift as the admin API sends it.
