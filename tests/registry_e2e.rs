@@ -30,8 +30,10 @@ async fn a_cards_record_is_served_and_a_swapped_file_is_refused() {
     );
     std::fs::write(models.join("demo/2/model.onnx"), &v1).expect("swap");
 
+    // The repository is watched: a fixed card is picked up without a reload.
     let config = format!(
-        "[repository]\npath = \"{}\"\n\n[routes.demo]\nversions = [ {{ version = \"1\", weight = 1 }} ]\n",
+        "[repository]\npath = \"{}\"\nwatch = true\nwatch_interval_ms = 50\n\n\
+         [routes.demo]\nversions = [ {{ version = \"1\", weight = 1 }} ]\n",
         models.display()
     );
     let gateway = support::start_gateway(&config, aviary_gateway::Mode::Embedded)
@@ -74,5 +76,36 @@ async fn a_cards_record_is_served_and_a_swapped_file_is_refused() {
     let hyperparameters: serde_json::Value =
         serde_json::from_str(&parameter("card.lineage.hyperparameters")).expect("JSON");
     assert_eq!(hyperparameters["steps"], 300);
+
+    // A card that now describes the file in place: the version loads, the model file
+    // untouched (the card is part of the version's fingerprint).
+    let card = models.join("demo/2/model.toml");
+    let text = std::fs::read_to_string(&card).expect("card");
+    let fixed = text.replace(sha2.as_str(), sha1.as_str());
+    let staged = models.join("demo/2/.model.toml.new");
+    std::fs::write(&staged, fixed).expect("write");
+    std::fs::rename(&staged, &card).expect("publish the card");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let index = client
+            .repository_index(RepositoryIndexRequest::default())
+            .await
+            .expect("index")
+            .into_inner();
+        let state = index
+            .models
+            .iter()
+            .find(|m| m.name == "demo" && m.version == "2")
+            .map(|m| m.state.clone())
+            .unwrap_or_default();
+        if state == "READY" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "version 2 loads once its card is fixed: {state}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     gateway.stop().await.expect("clean stop");
 }

@@ -492,3 +492,24 @@ def test_a_card_alone_for_a_version_without_a_model_is_refused(guarded):
     assert status == 400, answer
     assert 'parameter "file:5/model.toml"' in json.loads(answer)["error"] and "loads nothing" in json.loads(answer)["error"]
     assert not (models / "demo" / "5").exists(), "a refused load writes nothing"
+
+
+def test_a_supplied_model_that_is_not_its_cards_is_refused_before_it_is_written(guarded):
+    srv, keys, models = guarded
+    v1 = (MODELS / "demo" / "1" / "model.onnx").read_bytes()
+    v2 = (MODELS / "demo" / "2" / "model.onnx").read_bytes()
+    card = f'sha256 = "{hashlib.sha256(v2).hexdigest()}"\n'.encode()
+    body = json.dumps(
+        {
+            "parameters": {
+                "config": "{}",
+                "file:7/model.onnx": base64.b64encode(v1).decode(),
+                "file:7/model.toml": base64.b64encode(card).decode(),
+            }
+        }
+    )
+    status, _, answer = request(srv.http_address, "POST", "/v2/repository/models/demo/load", body.encode(), bearer(keys["admin"]))
+    assert status == 400, answer
+    error = json.loads(answer)["error"]
+    assert 'parameter "file:7/model.onnx"' in error and hashlib.sha256(v1).hexdigest() in error, error
+    assert not (models / "demo" / "7").exists(), "a refused load writes nothing"

@@ -135,12 +135,25 @@ fn models_lists_every_version_with_state_path_and_card() {
     for (model, version) in [("demo", "1"), ("demo", "2"), ("mlp", "1")] {
         let rows = rows_starting(&table, &[model, version]);
         assert_eq!(rows.len(), 1, "one row for {model} {version}:\n{table}");
-        assert_eq!(rows[0][2], "READY", "{model} {version}:\n{table}");
+        assert_eq!(rows[0][3], "READY", "{model} {version}:\n{table}");
         let path = models.join(model).join(version).join("model.onnx");
         assert_eq!(
             rows[0].last().copied(),
             Some(path.to_str().expect("utf-8 path")),
             "{model} {version} shows its file:\n{table}"
+        );
+    }
+
+    // The demo cards state their semantic versions; the mlp's card states none.
+    for (model, version, semver) in [
+        ("demo", "1", "1.0.0"),
+        ("demo", "2", "2.0.0"),
+        ("mlp", "1", "-"),
+    ] {
+        assert_eq!(
+            rows_starting(&table, &[model, version])[0][2],
+            semver,
+            "{table}"
         );
     }
 

@@ -275,6 +275,7 @@ mod tests {
                 len: 1,
                 modified_ns: 2,
                 inode: 3,
+                card: None,
             },
         }
     }

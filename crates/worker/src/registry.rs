@@ -69,9 +69,49 @@ pub struct Lineage {
     /// The training run's id in the experiment tracker (an MLflow run id).
     #[serde(default)]
     pub training_run: String,
-    /// The training's hyperparameters, by name: numbers, strings, booleans, lists.
-    #[serde(default)]
+    /// The training's hyperparameters, by name: numbers, strings, booleans, dates,
+    /// lists and tables, served as JSON.
+    #[serde(default, deserialize_with = "hyperparameters")]
     pub hyperparameters: BTreeMap<String, serde_json::Value>,
+}
+
+/// Hyperparameters read as TOML and written as the JSON they are served as: a date as
+/// its RFC 3339 text; a NaN or an infinity, which JSON cannot hold, refused naming it.
+fn hyperparameters<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, serde_json::Value>, D::Error> {
+    BTreeMap::<String, toml::Value>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(name, value)| {
+            json_of(&value)
+                .map(|json| (name.clone(), json))
+                .map_err(|reason| {
+                    serde::de::Error::custom(format!("hyperparameters.{name}: {reason}"))
+                })
+        })
+        .collect()
+}
+
+fn json_of(value: &toml::Value) -> Result<serde_json::Value, String> {
+    use serde_json::Value as Json;
+    Ok(match value {
+        toml::Value::String(text) => Json::from(text.as_str()),
+        toml::Value::Integer(n) => Json::from(*n),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .ok_or_else(|| format!("{f} has no JSON form; write it as a string"))?,
+        toml::Value::Boolean(b) => Json::from(*b),
+        toml::Value::Datetime(date) => Json::from(date.to_string()),
+        toml::Value::Array(items) => {
+            Json::Array(items.iter().map(json_of).collect::<Result<_, _>>()?)
+        }
+        toml::Value::Table(table) => Json::Object(
+            table
+                .iter()
+                .map(|(k, v)| json_of(v).map(|json| (k.clone(), json)))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
 }
 
 /// Checks a model file whose contents hash to `actual` against the SHA-256 its card
@@ -124,6 +164,14 @@ mod tests {
         .expect("lineage");
         assert_eq!(lineage.hyperparameters["steps"], serde_json::json!(300));
         assert_eq!(lineage.hyperparameters["opt"], serde_json::json!("sgd"));
+        let dated: Lineage =
+            toml::from_str("[hyperparameters]\ncutoff = 2026-11-30\n").expect("date");
+        assert_eq!(
+            dated.hyperparameters["cutoff"],
+            serde_json::json!("2026-11-30")
+        );
+        let error = toml::from_str::<Lineage>("[hyperparameters]\nlr = nan\n").expect_err("NaN");
+        assert!(error.to_string().contains("hyperparameters.lr"), "{error}");
         let error = toml::from_str::<Lineage>("datasett = \"x\"\n").expect_err("typo");
         assert!(error.to_string().contains("datasett"), "{error}");
     }

@@ -132,8 +132,10 @@ impl InputFormat {
     }
 }
 
-/// Identity of a model file's contents as the filesystem sees it: replacing the file
-/// (an atomic rename gives a new inode) or rewriting it changes the fingerprint.
+/// Identity of a version's files as the filesystem sees them: replacing the model file
+/// (an atomic rename gives a new inode) or rewriting it changes the fingerprint, and so
+/// does editing its card (a new `sha256` or `semver` takes effect, and a load that
+/// failed on a stale card is tried again once the card is fixed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Fingerprint {
     /// Size in bytes.
@@ -142,19 +144,41 @@ pub struct Fingerprint {
     pub modified_ns: i128,
     /// Inode number.
     pub inode: u64,
+    /// The card's size, modification time and inode, when there is a card.
+    pub card: Option<(u64, i128, u64)>,
 }
 
 impl Fingerprint {
-    /// The fingerprint of `path` now.
+    /// The fingerprint of the model file at `path` now (without its card's).
     pub fn of(path: &Path) -> std::io::Result<Fingerprint> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(path)?;
+        let (len, modified_ns, inode) = stamp(path)?;
         Ok(Fingerprint {
-            len: meta.len(),
-            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            inode: meta.ino(),
+            len,
+            modified_ns,
+            inode,
+            card: None,
         })
     }
+
+    /// This fingerprint with the card at `card` (if any) taken in: a card that cannot
+    /// be read counts as none (its load will say why).
+    pub fn with_card(self, card: Option<&Path>) -> Fingerprint {
+        Fingerprint {
+            card: card.and_then(|path| stamp(path).ok()),
+            ..self
+        }
+    }
+}
+
+/// A file's size, modification time (ns since the epoch) and inode.
+fn stamp(path: &Path) -> std::io::Result<(u64, i128, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)?;
+    Ok((
+        meta.len(),
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        meta.ino(),
+    ))
 }
 
 /// One version folder found in the repository.
@@ -198,8 +222,8 @@ pub fn version_entry(root: &Path, model: &str, version: u64) -> Result<VersionEn
         model: model.to_owned(),
         version,
         model_path,
+        fingerprint: fingerprint.with_card(card_path.as_deref()),
         card_path,
-        fingerprint,
     })
 }
 
@@ -248,8 +272,8 @@ pub fn scan(root: &Path) -> Result<Vec<VersionEntry>, WorkerError> {
                 model: model.clone(),
                 version,
                 model_path,
+                fingerprint: fingerprint.with_card(card_path.as_deref()),
                 card_path,
-                fingerprint,
             });
         }
     }

@@ -606,6 +606,7 @@ impl Worker {
                         return Err(load_request::card_without_model(&model, version));
                     }
                 }
+                check_supplied(&root, &model, &files)?;
                 files
                     .iter()
                     .try_for_each(|file| repository::write_supplied(&root, &model, file))
@@ -622,6 +623,61 @@ impl Worker {
     pub async fn unload_model(&self, model: &str) -> Result<Vec<u64>, WorkerError> {
         self.lifecycle.unload_model(&self.catalog, model).await
     }
+}
+
+/// Refuses supplied files that could not load, before any is written: a supplied card
+/// that does not parse, and a model whose SHA-256 is not the one its card states (the
+/// supplied card, else the one in the repository). Otherwise the repository would keep
+/// a pair that fails at every start.
+fn check_supplied(
+    root: &std::path::Path,
+    model: &str,
+    files: &[load_request::SuppliedFile],
+) -> Result<(), WorkerError> {
+    let versions: std::collections::BTreeSet<u64> = files.iter().map(|f| f.version).collect();
+    for version in versions {
+        let dir = root.join(model).join(version.to_string());
+        let supplied = |name: &str| {
+            files
+                .iter()
+                .find(|f| f.version == version && f.name == name)
+        };
+        let refuse = |name: &str, reason: String| {
+            WorkerError::InvalidRequest(format!("parameter \"file:{version}/{name}\": {reason}"))
+        };
+        let card = match supplied(repository::CARD_FILE) {
+            Some(file) => Some(
+                std::str::from_utf8(&file.bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| {
+                        toml::from_str::<repository::ModelCard>(text).map_err(|e| e.to_string())
+                    })
+                    .map_err(|e| {
+                        refuse(repository::CARD_FILE, format!("invalid model card: {e}"))
+                    })?,
+            ),
+            None => {
+                let path = dir.join(repository::CARD_FILE);
+                path.is_file()
+                    .then(|| repository::read_card(&path))
+                    .transpose()?
+            }
+        };
+        let Some(stated) = card.and_then(|card| card.sha256) else {
+            continue;
+        };
+        let actual = match supplied(repository::MODEL_FILE) {
+            Some(file) => crate::registry::Sha256::of(&file.bytes),
+            // A card alone for a version without a model was refused before this.
+            None => match std::fs::read(dir.join(repository::MODEL_FILE)) {
+                Ok(bytes) => crate::registry::Sha256::of(&bytes),
+                Err(_) => continue,
+            },
+        };
+        crate::registry::check_file(&actual, Some(&stated))
+            .map_err(|reason| refuse(repository::MODEL_FILE, reason))?;
+    }
+    Ok(())
 }
 
 /// A tensor's dims as `ModelConfig` states them: without the batch dimension when the

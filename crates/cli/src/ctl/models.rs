@@ -103,15 +103,23 @@ fn render_models(list: &ListModelsResponse) -> String {
     let mut rows = vec![vec![
         "MODEL".into(),
         "VERSION".into(),
+        "SEMVER".into(),
         "STATE".into(),
         "WEIGHT".into(),
         "LOADED".into(),
         "PATH / REASON".into(),
     ]];
     for v in &list.versions {
+        let semver = v
+            .card
+            .as_ref()
+            .map(|c| c.semver.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "-".into());
         rows.push(vec![
             v.model.clone(),
             v.version.clone(),
+            semver,
             v.state.clone(),
             if v.routed {
                 v.weight.to_string()
@@ -142,6 +150,17 @@ pub(super) async fn card(
         })
         .await?
         .into_inner();
+    if list.versions.is_empty() {
+        // The admin API lists the embedded worker's versions; `aviary gateway` has none.
+        return Err(CtlError::Status {
+            code: tonic::Code::NotFound,
+            message: format!(
+                "the gateway lists no versions of model \"{model}\": it has none in its own \
+                 repository (a gateway without an embedded worker lists none; a remote \
+                 version's record is in its ModelConfig parameters card.* and model.sha256)"
+            ),
+        });
+    }
     let found = list
         .versions
         .into_iter()
@@ -159,10 +178,15 @@ fn render_card(v: &ModelVersionInfo) -> String {
         ("model", v.model.clone()),
         ("version", v.version.clone()),
         ("state", v.state.clone()),
+        ("reason", v.reason.clone()),
         ("file", v.path.clone()),
         ("file sha256", v.sha256.clone()),
     ];
     match &v.card {
+        // What is known of a version comes from its running copy.
+        None if v.path.is_empty() => {
+            lines.push(("card", "unknown: the version is not loaded".to_owned()));
+        }
         None => lines.push(("card", "none (no model.toml beside the model)".to_owned())),
         Some(card) => {
             lines.extend([
