@@ -27,11 +27,14 @@
 //! - `error`: [`RouteError`] for request-time failures, [`ValidationErrors`] for
 //!   rejected specs.
 //! - `rollout`: [`rollout::Rollout`], the pure state machine behind progressive rollouts.
+//! - `bandit`: traffic shares learnt from feedback (Thompson sampling, ε-greedy) within
+//!   guardrails; not a route policy yet.
 //! - `stats`: significance tests, confidence intervals and the KS drift test for
 //!   experiment and canary reports.
 #![forbid(unsafe_code)]
 
 mod attributes;
+pub mod bandit;
 mod error;
 pub mod rollout;
 mod route;
