@@ -490,28 +490,33 @@ fn repository_parameters(
         .collect()
 }
 
+/// A load or unload's parameters, read after the caller's check: the JSON body's
+/// `parameters` as the repository call takes them.
+async fn repository_body(
+    caller: &mut Caller,
+    endpoint: &Endpoint,
+    method: &str,
+    sent: Body,
+) -> Result<HashMap<String, ModelRepositoryParameter>, Failure> {
+    let what = format!("a {method} request ({{\"parameters\": {{…}}}})");
+    let asked: RepositoryJson = json_body(caller, endpoint, method, sent, &what).await?;
+    repository_parameters(asked.parameters)
+}
+
 async fn load(
     State(endpoint): State<Endpoint>,
     mut caller: Caller,
     Path(model_name): Path<String>,
     sent: Body,
 ) -> Result<Response, Failure> {
-    let asked: RepositoryJson = json_body(
-        &mut caller,
-        &endpoint,
-        "RepositoryModelLoad",
-        sent,
-        "a model load request",
-    )
-    .await?;
+    let method = "RepositoryModelLoad";
     let request = RepositoryModelLoadRequest {
         repository_name: String::new(),
+        parameters: repository_body(&mut caller, &endpoint, method, sent).await?,
         model_name,
-        parameters: repository_parameters(asked.parameters)?,
     };
-    let answered: Answered<RepositoryModelLoadResponse> = caller
-        .call(&endpoint, "RepositoryModelLoad", &request)
-        .await?;
+    let answered: Answered<RepositoryModelLoadResponse> =
+        caller.call(&endpoint, method, &request).await?;
     Ok((answer_headers(&answered.metadata), StatusCode::OK).into_response())
 }
 
@@ -521,22 +526,14 @@ async fn unload(
     Path(model_name): Path<String>,
     sent: Body,
 ) -> Result<Response, Failure> {
-    let asked: RepositoryJson = json_body(
-        &mut caller,
-        &endpoint,
-        "RepositoryModelUnload",
-        sent,
-        "a model unload request",
-    )
-    .await?;
+    let method = "RepositoryModelUnload";
     let request = RepositoryModelUnloadRequest {
         repository_name: String::new(),
+        parameters: repository_body(&mut caller, &endpoint, method, sent).await?,
         model_name,
-        parameters: repository_parameters(asked.parameters)?,
     };
-    let answered: Answered<RepositoryModelUnloadResponse> = caller
-        .call(&endpoint, "RepositoryModelUnload", &request)
-        .await?;
+    let answered: Answered<RepositoryModelUnloadResponse> =
+        caller.call(&endpoint, method, &request).await?;
     Ok((answer_headers(&answered.metadata), StatusCode::OK).into_response())
 }
 
