@@ -170,11 +170,29 @@ async fn apply_config(
 /// A note for every setting that differs from the one the gateway started with and
 /// applies only at restart.
 fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
+    // Every section is named here, so a new one does not compile until it is sorted
+    // into applied-at-once (routes, rollout plans) or named below.
+    let Config {
+        server: _,
+        admin: _,
+        metrics: _,
+        http: _,
+        tracing: _,
+        auth: _,
+        audit: _,
+        workers: _,
+        repository: _,
+        routes: _,
+        rollouts: _,
+        dead_letters: _,
+        cache: _,
+    } = config;
     let (before, after) = (&started_with.rollouts, &config.rollouts);
     [
         ("server", config.server != started_with.server),
         ("admin", config.admin != started_with.admin),
         ("metrics", config.metrics != started_with.metrics),
+        ("http", config.http != started_with.http),
         ("tracing", config.tracing != started_with.tracing),
         // The keys file's contents apply at once; which file, at restart.
         ("auth", config.auth != started_with.auth),
@@ -327,6 +345,7 @@ mod tests {
             ("[server]\nlisten = \"127.0.0.1:9001\"", "server"),
             ("[admin]\nlisten = \"127.0.0.1:9003\"", "admin"),
             ("[metrics]\nenabled = false", "metrics"),
+            ("[http]\nenabled = false", "http"),
             ("[tracing]\nsample_ratio = 0.5", "tracing"),
             ("[auth]\nkeys_file = \"keys.toml\"", "auth"),
             ("[audit]\ndir = \"audit\"", "audit"),
