@@ -135,7 +135,7 @@ fn models_lists_every_version_with_state_path_and_card() {
     for (model, version) in [("demo", "1"), ("demo", "2"), ("mlp", "1")] {
         let rows = rows_starting(&table, &[model, version]);
         assert_eq!(rows.len(), 1, "one row for {model} {version}:\n{table}");
-        assert_eq!(rows[0][3], "READY", "{model} {version}:\n{table}");
+        assert_eq!(rows[0][4], "READY", "{model} {version}:\n{table}");
         let path = models.join(model).join(version).join("model.onnx");
         assert_eq!(
             rows[0].last().copied(),

@@ -197,6 +197,8 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
         | ("aviary.admin.v1.Experiments", "GetExperimentReport" | "GetShadowReport") => READ,
         // Ground truth comes from the applications that asked for the predictions.
         ("aviary.admin.v1.Experiments", "Feedback") => INFER,
+        // Approving a version for production is the admin's decision.
+        ("aviary.admin.v1.Models", "Approve") => ADMIN,
         ("aviary.admin.v1.Models", _) => MODEL_CONTROL,
         // Everything else changes something, or is unknown: only admin.
         _ => ADMIN,

@@ -38,6 +38,10 @@ pub struct Config {
     /// The KServe v2 HTTP/REST endpoint's listener.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The approval workflow (see `crate::registry`); absent: versions take traffic
+    /// whatever their stage.
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
     /// OpenTelemetry trace export (off unless an endpoint is set here or in
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     #[serde(default)]
@@ -198,6 +202,20 @@ pub struct RolloutsConfig {
     /// and refuses rollout commands, and only serves its stats and takes route changes.
     #[serde(default)]
     pub controlled: bool,
+}
+
+/// `[registry]`: versions not approved take at most the canary cap of unpinned traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The largest share (percent, 0 to 100) of a model's unpinned traffic a version
+    /// that is not approved may take; default 0 (pinned and shadow traffic only).
+    #[serde(default)]
+    pub canary_cap_percent: u32,
+    /// Where stages set while running (approvals, promotions) are kept, relative to
+    /// the config file; absent: they last as long as the process.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for RolloutsConfig {
@@ -969,6 +987,14 @@ impl Config {
         {
             *state_file = base.join(&*state_file);
         }
+        if let Some(state_file) = config
+            .registry
+            .as_mut()
+            .and_then(|r| r.state_file.as_mut())
+            .filter(|p| p.is_relative())
+        {
+            *state_file = base.join(&*state_file);
+        }
         Ok(config)
     }
 
@@ -1006,6 +1032,14 @@ impl Config {
                 "workers.tls: give both cert and key (the gateway's client certificate), or neither"
                     .to_owned(),
             );
+        }
+        if let Some(registry) = &config.registry
+            && registry.canary_cap_percent > 100
+        {
+            problems.push(format!(
+                "registry.canary_cap_percent: {} is over 100",
+                registry.canary_cap_percent
+            ));
         }
         if let Some(problem) = http_weaker_than_grpc(&config) {
             problems.push(problem);

@@ -21,7 +21,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError};
+use aviary_worker::{LoadOutcome, SyncReport, Worker, WorkerError, registry::Stage};
 
 use crate::{
     GatewayError,
@@ -29,9 +29,49 @@ use crate::{
     backend::WorkerCalls,
     config::Config,
     defaults::Defaults,
+    registry::{StageRecord, StageRegistry},
     route::{Route, RouteVersion, Routes},
     routing::{Pools, Routing, RoutingInputs},
 };
+
+/// The stage `model` `version`'s card declares, when the embedded worker has it loaded.
+fn declared_stage(worker: Option<&Arc<Worker>>, model: &str, version: &str) -> Option<StageRecord> {
+    let loaded = worker?.slot(model, version).ok()?.current();
+    let card = loaded.card.as_ref()?;
+    let stage = card.stage?;
+    let approval = card.approval.clone().unwrap_or_default();
+    Some(StageRecord {
+        stage,
+        by: match approval.by.is_empty() {
+            true => "model card".to_owned(),
+            false => approval.by,
+        },
+        at_ms: 0,
+        note: approval.note,
+    })
+}
+
+/// Checks every route's weights against the registry's cap (see
+/// [`crate::registry::check_weights`]).
+fn check_stages(
+    registry: &StageRegistry,
+    worker: Option<&Arc<Worker>>,
+    routes: &Routes,
+) -> Result<(), GatewayError> {
+    for (model, route) in routes {
+        let weights: Vec<(String, u32)> = route
+            .versions
+            .iter()
+            .map(|v| (v.version.clone(), v.weight))
+            .collect();
+        crate::registry::check_weights(model, &weights, registry.cap_percent(), |version| {
+            registry
+                .stage(model, version, declared_stage(worker, model, version))
+                .stage
+        })?;
+    }
+    Ok(())
+}
 
 /// Whether the last config file change applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -191,6 +231,8 @@ pub struct Control {
     canaries: Mutex<BTreeMap<String, String>>,
     /// Where every change is recorded, with who made it.
     audit: Audit,
+    /// The approval workflow, when `[registry]` is set.
+    registry: Option<Arc<StageRegistry>>,
 }
 
 impl Control {
@@ -198,6 +240,15 @@ impl Control {
     pub fn new(config: &Config, worker: Option<Arc<Worker>>) -> Result<Control, GatewayError> {
         let mut pools = Pools::default();
         let routes = Route::all_from(&config.routes);
+        let registry = config
+            .registry
+            .as_ref()
+            .map(|r| StageRegistry::open(r.canary_cap_percent, r.state_file.clone()))
+            .transpose()?
+            .map(Arc::new);
+        if let Some(registry) = &registry {
+            check_stages(registry, worker.as_ref(), &routes)?;
+        }
         let worker_calls = WorkerCalls::from_config(config)?;
         let routing = Routing::build(
             RoutingInputs {
@@ -226,7 +277,147 @@ impl Control {
             defaults: Defaults::default(),
             canaries: Mutex::new(BTreeMap::new()),
             audit: Audit::off(),
+            registry,
         })
+    }
+
+    /// The approval workflow, when `[registry]` is set.
+    pub fn registry(&self) -> Option<&Arc<StageRegistry>> {
+        self.registry.as_ref()
+    }
+
+    /// The stage of `model` `version`, when `[registry]` is set.
+    pub fn stage(&self, model: &str, version: &str) -> Option<StageRecord> {
+        let registry = self.registry.as_ref()?;
+        Some(registry.stage(
+            model,
+            version,
+            declared_stage(self.worker.as_ref(), model, version),
+        ))
+    }
+
+    /// Approves `model` `version` (admin: `aviary ctl approve`), as the caller of the
+    /// call this runs in, with `note`. Stages other than candidate and approved are
+    /// kept (approving a production version changes nothing).
+    pub fn approve(
+        &self,
+        model: &str,
+        version: &str,
+        note: &str,
+    ) -> Result<StageRecord, GatewayError> {
+        let registry = self.registry.as_ref().ok_or_else(|| GatewayError::Config {
+            path: "registry".to_owned(),
+            message: "this gateway has no [registry]: versions take traffic whatever their stage"
+                .to_owned(),
+        })?;
+        // A version this gateway routes or has loaded: approving a name that exists
+        // nowhere would approve whatever later takes it.
+        let inventory = self
+            .worker
+            .as_ref()
+            .map(|w| w.inventory())
+            .unwrap_or_default();
+        let routing = self.routing.load();
+        let routed: Vec<String> = routing
+            .table
+            .route(model)
+            .map(|r| r.versions().map(|(v, _)| v.to_owned()).collect())
+            .unwrap_or_default();
+        let known = inventory
+            .get(model)
+            .is_some_and(|set| set.contains(version));
+        if !known && !routed.iter().any(|v| v == version) {
+            return Err(GatewayError::Route(
+                aviary_router::RouteError::UnknownVersion {
+                    model: model.to_owned(),
+                    version: version.to_owned(),
+                    routable: routed,
+                },
+            ));
+        }
+        let current = registry.stage(
+            model,
+            version,
+            declared_stage(self.worker.as_ref(), model, version),
+        );
+        if matches!(current.stage, Stage::Production) {
+            return Ok(current);
+        }
+        let record = StageRecord {
+            stage: Stage::Approved,
+            by: aviary::calls::caller().to_string(),
+            at_ms: aviary::unix_ms(std::time::SystemTime::now()),
+            note: note.to_owned(),
+        };
+        registry.set(model, version, record.clone())?;
+        self.record_stage(model, version, &current, &record);
+        Ok(record)
+    }
+
+    /// Records a stage change in the audit trail, before and after.
+    fn record_stage(&self, model: &str, version: &str, before: &StageRecord, after: &StageRecord) {
+        let mut audit =
+            Audit::record_of(Kind::Model, after.stage.name()).about(model, Some(version));
+        audit.before = Some(serde_json::json!({ "stage": before.stage.name() }));
+        audit.after = Some(serde_json::json!({ "stage": after.stage.name(), "note": after.note }));
+        self.audit.record(audit);
+    }
+
+    /// After a routing change: an approved version that now takes all of its model's
+    /// unpinned traffic becomes production, and the model's production version before
+    /// it archived. A failure to save is logged: the routing change stands.
+    fn promote(&self, registry: &StageRegistry, in_force: &Routes) {
+        for (model, route) in in_force {
+            let weighted: Vec<&RouteVersion> =
+                route.versions.iter().filter(|v| v.weight > 0).collect();
+            let [only] = weighted.as_slice() else {
+                continue;
+            };
+            let stage_of = |version: &str| {
+                registry.stage(
+                    model,
+                    version,
+                    declared_stage(self.worker.as_ref(), model, version),
+                )
+            };
+            let promoted = stage_of(&only.version);
+            if promoted.stage != Stage::Approved {
+                continue;
+            }
+            let now = aviary::unix_ms(SystemTime::now());
+            let by = aviary::calls::caller().to_string();
+            let mut changes = vec![(
+                only.version.clone(),
+                promoted,
+                StageRecord {
+                    stage: Stage::Production,
+                    by: by.clone(),
+                    at_ms: now,
+                    note: "took all unpinned traffic".to_owned(),
+                },
+            )];
+            for other in route.versions.iter().filter(|v| v.version != only.version) {
+                let before = stage_of(&other.version);
+                if before.stage == Stage::Production {
+                    let after = StageRecord {
+                        stage: Stage::Archived,
+                        by: by.clone(),
+                        at_ms: now,
+                        note: format!("replaced by version {}", only.version),
+                    };
+                    changes.push((other.version.clone(), before, after));
+                }
+            }
+            for (version, before, after) in changes {
+                match registry.set(model, &version, after.clone()) {
+                    Ok(()) => {
+                        tracing::info!(model, version, stage = after.stage.name(), "stage changed");
+                        self.record_stage(model, &version, &before, &after);
+                    }
+                    Err(error) => tracing::error!(%error, model, version, "saving a stage failed"),
+                }
+            }
+        }
     }
 
     /// Records every change (routes, versions) in `audit`.
@@ -883,6 +1074,9 @@ impl Control {
             let route = in_force.get(model).cloned().unwrap_or_default();
             in_force.insert(model.clone(), hold.weights.apply_to(&route));
         }
+        if let Some(registry) = &self.registry {
+            check_stages(registry, self.worker.as_ref(), &in_force)?;
+        }
         let routing = Routing::build(
             RoutingInputs {
                 routes: &in_force,
@@ -896,6 +1090,9 @@ impl Control {
         log_route_changes(&self.routing.load(), &routing, &self.audit);
         self.routing.store(Arc::new(routing));
         writer.routes = routes;
+        if let Some(registry) = &self.registry {
+            self.promote(registry, &in_force);
+        }
         Ok(generation)
     }
 

@@ -63,6 +63,25 @@ pub enum GatewayError {
         /// The weights held.
         weights: String,
     },
+    /// A version that is not approved would take more unpinned traffic than the
+    /// registry's canary cap.
+    #[error(
+        "model \"{model}\" version {version} is at stage {stage}, not approved: it may take at most \
+         {cap_percent}% of unpinned traffic ([registry] canary_cap_percent), not {share}%; \
+         approve it first (aviary ctl approve {model} {version}), or pin or shadow it"
+    )]
+    NotApproved {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// Its stage.
+        stage: &'static str,
+        /// The share asked for, in percent.
+        share: String,
+        /// The cap, in percent.
+        cap_percent: u32,
+    },
     /// Fault injection failed this request on purpose.
     #[error(
         "injected fault: model \"{model}\" version \"{version}\" is configured to fail a share of requests"
@@ -190,6 +209,7 @@ impl GatewayError {
             GatewayError::GenerationMismatch { .. }
             | GatewayError::Refused(_)
             | GatewayError::HeldByRollout { .. }
+            | GatewayError::NotApproved { .. }
             | GatewayError::RolloutCommand(_) => tonic::Status::failed_precondition(message),
             GatewayError::NoRollout { .. } => tonic::Status::not_found(message),
             GatewayError::NoBackend { .. }

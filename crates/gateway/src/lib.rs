@@ -35,6 +35,8 @@
 //! - [`front`]: the v2 service clients talk to.
 //! - [`auth`]: API keys, the roles they grant, and the check every call passes.
 //! - [`peer_limits`]: rate limits per client address, for gateways without keys.
+//! - [`registry`]: the approval workflow: versions' stages, and the canary cap on
+//!   versions not approved.
 //! - [`audit`]: the audit trail: changes with who made them, and sampled predictions.
 //! - [`app`]: assembling a gateway and running it until shutdown.
 //! - [`error`]: [`GatewayError`] and its mapping to gRPC statuses.
@@ -59,6 +61,7 @@ pub mod front;
 pub mod infer_client;
 pub mod metrics;
 pub mod peer_limits;
+pub mod registry;
 pub mod replicas;
 pub mod rollouts;
 pub mod route;

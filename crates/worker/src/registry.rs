@@ -52,6 +52,68 @@ impl fmt::Display for Sha256 {
     }
 }
 
+/// Where a version stands in the approval workflow.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Not approved: pinned and shadow traffic, and unpinned traffic up to the
+    /// canary cap only.
+    #[default]
+    Candidate,
+    /// Approved for production traffic.
+    Approved,
+    /// Serving all of its model's unpinned traffic (or did last).
+    Production,
+    /// Replaced by a newer production version.
+    Archived,
+}
+
+impl Stage {
+    /// Its name, as cards and the admin API write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Candidate => "candidate",
+            Stage::Approved => "approved",
+            Stage::Production => "production",
+            Stage::Archived => "archived",
+        }
+    }
+
+    /// Whether a version at this stage may take unpinned traffic beyond the cap.
+    pub fn may_take_traffic(self) -> bool {
+        matches!(self, Stage::Approved | Stage::Production)
+    }
+}
+
+/// Who approved a version, when and why, as its card declares.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    /// Who approved it.
+    pub by: String,
+    /// When (a TOML date-time, or text).
+    #[serde(default, deserialize_with = "text_or_date")]
+    pub at: String,
+    /// Why.
+    #[serde(default)]
+    pub note: String,
+}
+
+/// A TOML date-time (or a string) as its text.
+fn text_or_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(match toml::Value::deserialize(deserializer)? {
+        toml::Value::String(text) => text,
+        toml::Value::Datetime(date) => date.to_string(),
+        other => {
+            return Err(serde::de::Error::custom(format!(
+                "approval.at: {other} is not a date-time"
+            )));
+        }
+    })
+}
+
 /// Where a version came from: what it was trained on, by which code, in which run,
 /// with which settings. Every field is optional; those given are served as they are.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use crate::{
     default_prediction::DefaultValues,
     drift::DriftCard,
     input_rules::InputRulesCard,
-    registry::{Lineage, Sha256},
+    registry::{Approval, Lineage, Sha256, Stage},
     warmup::WarmupCard,
 };
 
@@ -59,6 +59,13 @@ pub struct ModelCard {
     /// Where the version came from: training data, code, run, hyperparameters.
     #[serde(default)]
     pub lineage: Option<Lineage>,
+    /// Its stage in the approval workflow as it was published (a gateway's
+    /// `[registry]` may have set another since); absent: candidate.
+    #[serde(default)]
+    pub stage: Option<Stage>,
+    /// Who approved it, when and why (for a card published as approved).
+    #[serde(default)]
+    pub approval: Option<Approval>,
     /// One example's outputs, by output name, that a gateway answers with when a call
     /// fails and the route opts in (see [`crate::default_prediction`]).
     #[serde(default)]

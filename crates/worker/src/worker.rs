@@ -736,6 +736,20 @@ fn registry_parameters(card: &repository::ModelCard) -> Vec<(String, String)> {
     if let Some(sha256) = &card.sha256 {
         parameters.push(("card.sha256".to_owned(), sha256.to_string()));
     }
+    if let Some(stage) = card.stage {
+        parameters.push(("card.stage".to_owned(), stage.name().to_owned()));
+    }
+    if let Some(approval) = &card.approval {
+        for (key, value) in [
+            ("by", &approval.by),
+            ("at", &approval.at),
+            ("note", &approval.note),
+        ] {
+            if !value.is_empty() {
+                parameters.push((format!("card.approval.{key}"), value.clone()));
+            }
+        }
+    }
     if let Some(lineage) = &card.lineage {
         let text = [
             ("dataset", lineage.dataset.clone()),

@@ -94,6 +94,17 @@ pub enum CtlCommand {
         #[arg(long)]
         schema: bool,
     },
+    /// Approve a version for production traffic (a gateway with [registry]; admin
+    /// role): past the canary cap, a version takes unpinned traffic only once approved.
+    Approve {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+        /// Why: recorded with the stage and in the audit trail.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
     /// One version's model card as a registry record: semantic version, the model
     /// file's SHA-256 (and the card's, when it states one), lineage, metrics, owner.
     Card {
@@ -440,6 +451,11 @@ pub async fn run(args: &CtlArgs) -> Result<String, CtlError> {
             models::list(channel, model.as_deref(), *schema, json).await
         }
         CtlCommand::Card { model, version } => models::card(channel, model, version, json).await,
+        CtlCommand::Approve {
+            model,
+            version,
+            note,
+        } => models::approve(channel, model, version, note, json).await,
         CtlCommand::Load { model, version } => {
             models::load(channel, model, version, models::Load::Fresh, json).await
         }

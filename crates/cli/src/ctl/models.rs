@@ -1,9 +1,10 @@
-//! `aviary ctl models | load | reload | unload`: the `Models` admin service.
+//! `aviary ctl models | card | approve | load | reload | unload`: the `Models` admin
+//! service.
 
 use super::Channel;
 use aviary::pb::admin::{
-    ListModelsRequest, ListModelsResponse, ModelVersionInfo, UnloadVersionRequest, VersionRequest,
-    models_client::ModelsClient,
+    ApproveRequest, ListModelsRequest, ListModelsResponse, ModelVersionInfo, UnloadVersionRequest,
+    VersionRequest, models_client::ModelsClient,
 };
 use aviary_worker::input_rules::{Allowed, InputRulesCard, Policy};
 
@@ -104,6 +105,7 @@ fn render_models(list: &ListModelsResponse) -> String {
         "MODEL".into(),
         "VERSION".into(),
         "SEMVER".into(),
+        "STAGE".into(),
         "STATE".into(),
         "WEIGHT".into(),
         "LOADED".into(),
@@ -116,10 +118,15 @@ fn render_models(list: &ListModelsResponse) -> String {
             .map(|c| c.semver.clone())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "-".into());
+        let stage = v
+            .stage
+            .as_ref()
+            .map_or_else(|| "-".into(), |s| s.stage.clone());
         rows.push(vec![
             v.model.clone(),
             v.version.clone(),
             semver,
+            stage,
             v.state.clone(),
             if v.routed {
                 v.weight.to_string()
@@ -135,6 +142,28 @@ fn render_models(list: &ListModelsResponse) -> String {
         ]);
     }
     table(&rows)
+}
+
+/// Approves a version for production traffic.
+pub(super) async fn approve(
+    channel: Channel,
+    model: &str,
+    version: &str,
+    note: &str,
+    json: bool,
+) -> Result<String, CtlError> {
+    let answer = ModelsClient::new(channel)
+        .approve(ApproveRequest {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            note: note.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(print(&answer, json, |answer| {
+        let stage = answer.stage.clone().unwrap_or_default();
+        format!("{model} {version}: {} (by {})", stage.stage, stage.by)
+    }))
 }
 
 /// One version's card as a registry record.
@@ -182,6 +211,14 @@ fn render_card(v: &ModelVersionInfo) -> String {
         ("file", v.path.clone()),
         ("file sha256", v.sha256.clone()),
     ];
+    if let Some(stage) = &v.stage {
+        let since = match stage.at_ms {
+            0 => String::new(),
+            at => format!(", {}", loaded_at(at)),
+        };
+        lines.push(("stage", format!("{} (by {}{since})", stage.stage, stage.by)));
+        lines.push(("stage note", stage.note.clone()));
+    }
     match &v.card {
         // What is known of a version comes from its running copy.
         None if v.path.is_empty() => {

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use aviary::pb::admin::{
-    DriftReport, DriftRequest, FeatureDrift, Lineage, ListModelsRequest, ListModelsResponse,
-    ModelCard, ModelVersionInfo, UnloadVersionRequest, VersionDrift, VersionRequest,
-    VersionResponse,
+    ApproveRequest, DriftReport, DriftRequest, FeatureDrift, Lineage, ListModelsRequest,
+    ListModelsResponse, ModelCard, ModelVersionInfo, StageResponse, UnloadVersionRequest,
+    VersionDrift, VersionRequest, VersionResponse, VersionStage,
     models_server::{Models, ModelsServer},
 };
 use tonic::{Request, Response, Status};
@@ -64,6 +64,9 @@ fn model_versions(control: &Control, routing: &Routing) -> Vec<ModelVersionInfo>
                     .as_ref()
                     .map(|m| m.sha256.to_string())
                     .unwrap_or_default(),
+                stage: control
+                    .stage(&entry.name, &entry.version)
+                    .map(version_stage),
                 card: loaded
                     .as_ref()
                     .and_then(|m| m.card.as_ref())
@@ -156,8 +159,31 @@ fn millis(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A stage as the admin API sends it.
+fn version_stage(record: crate::registry::StageRecord) -> VersionStage {
+    VersionStage {
+        stage: record.stage.name().to_owned(),
+        by: record.by,
+        at_ms: record.at_ms,
+        note: record.note,
+    }
+}
+
 #[tonic::async_trait]
 impl Models for ModelsService {
+    async fn approve(
+        &self,
+        request: Request<ApproveRequest>,
+    ) -> Result<Response<StageResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        let record = self.control.approve(model, version, &request.note)?;
+        Ok(Response::new(StageResponse {
+            stage: Some(version_stage(record)),
+        }))
+    }
+
     async fn list_models(
         &self,
         request: Request<ListModelsRequest>,

@@ -11,7 +11,8 @@ pub enum Kind {
     Call,
     /// A model's route changed: its versions and weights before and after.
     Route,
-    /// A model version was loaded, reloaded or unloaded, with its file's fingerprint.
+    /// A model version was loaded, reloaded or unloaded, with its file's fingerprint;
+    /// or its stage changed (`approved`, `production`, `archived`).
     Model,
     /// A rollout started, was commanded, or its driver decided a step.
     Rollout,

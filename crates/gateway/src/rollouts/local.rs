@@ -105,6 +105,31 @@ impl LocalGateway {
             .min_by(|a, b| a.value.total_cmp(&b.value));
     }
 
+    /// Why the plan could never finish here: with `[registry]`, a canary that is not
+    /// approved cannot take a step past the canary cap (approve it first, or end the
+    /// plan at the cap).
+    fn unapproved(&self, plan: &RolloutPlan) -> Vec<String> {
+        let Some(stage) = self.control.stage(&plan.model, &plan.canary) else {
+            return Vec::new();
+        };
+        let cap = self
+            .control
+            .registry()
+            .map_or(100, |registry| registry.cap_percent());
+        match plan.steps.iter().find(|step| step.weight > cap) {
+            Some(step) if !stage.stage.may_take_traffic() => vec![format!(
+                "canary {} is at stage {}, not approved: a step of {}% is past the {cap}% \
+                 [registry] canary_cap_percent; approve it first (aviary ctl approve {} {})",
+                plan.canary,
+                stage.stage.name(),
+                step.weight,
+                plan.model,
+                plan.canary
+            )],
+            _ => Vec::new(),
+        }
+    }
+
     /// Why the plan's data gates could never be measured here: no embedded worker, a
     /// version the route sends to remote workers, or one loaded without `[drift]`.
     fn undriftable(&self, plan: &RolloutPlan) -> Vec<String> {
@@ -172,6 +197,7 @@ impl Target for LocalGateway {
             .map(|m| m.config().version.as_str());
         let mut problems = plan_problems(plan, &routing.table, shadow);
         problems.extend(self.undriftable(plan));
+        problems.extend(self.unapproved(plan));
         problems
     }
 
