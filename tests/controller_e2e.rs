@@ -208,3 +208,78 @@ async fn a_dns_name_finds_the_gateways_to_drive() {
         "the start weights reached the gateway"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_of_a_canary_a_gateway_has_not_approved_is_refused_at_start() {
+    use aviary::pb::admin::ApproveRequest;
+    // Gateway a enforces stages (its version 1 is adopted from the file, version 2 is a
+    // candidate); gateway b does not.
+    let a = support::start_gateway(&format!("{CONTROLLED}\n[registry]\n"), Mode::Embedded)
+        .await
+        .expect("gateway a starts");
+    let b = support::start_gateway(CONTROLLED, Mode::Embedded)
+        .await
+        .expect("gateway b starts");
+    let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let controller_addr = listener.local_addr().expect("local addr");
+    let (stop_controller, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(run_controller(
+        Gateways::List(addresses.to_vec()),
+        ControllerOptions {
+            evaluate_interval: Duration::from_millis(100),
+            ..ControllerOptions::default()
+        },
+        listener,
+        None,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let ctl = Admin::connect(controller_addr).await;
+    let refused = ctl
+        .rollouts()
+        .start_rollout(plan())
+        .await
+        .expect_err("gateway a has not approved version 2");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let gateway_a = a.admin_addr.expect("admin").to_string();
+    assert!(
+        refused
+            .message()
+            .contains(&format!("on gateway {gateway_a}"))
+            && refused.message().contains("canary 2 is at stage candidate"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        !refused
+            .message()
+            .contains(&b.admin_addr.expect("admin").to_string()),
+        "gateway b has no [registry]: {}",
+        refused.message()
+    );
+
+    Admin::connect(a.admin_addr.expect("admin"))
+        .await
+        .models()
+        .approve(ApproveRequest {
+            model: "demo".into(),
+            version: "2".into(),
+            note: String::new(),
+        })
+        .await
+        .expect("approve on gateway a");
+    ctl.rollouts()
+        .start_rollout(plan())
+        .await
+        .expect("approved everywhere it is enforced");
+
+    let _ = stop_controller.send(());
+    served
+        .await
+        .expect("controller task")
+        .expect("controller stops cleanly");
+    a.stop().await.expect("gateway a stops");
+    b.stop().await.expect("gateway b stops");
+}

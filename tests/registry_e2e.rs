@@ -177,6 +177,11 @@ async fn a_candidate_takes_at_most_the_cap_until_approved_and_promotion_archives
         .start_rollout(support::demo_plan(60_000))
         .await
         .expect_err("a plan past the cap");
+    assert_eq!(
+        rollout.code(),
+        tonic::Code::FailedPrecondition,
+        "{rollout:?}"
+    );
     assert!(
         rollout.message().contains("not approved"),
         "{}",
@@ -199,7 +204,8 @@ async fn a_candidate_takes_at_most_the_cap_until_approved_and_promotion_archives
         Some("approved")
     );
     set(&[("1", 50), ("2", 50)]).await.expect("approved");
-    set(&[("1", 0), ("2", 100)]).await.expect("all of it");
+    // Version 1 leaves the route altogether: archived all the same.
+    set(&[("2", 100)]).await.expect("all of it");
     let stages: std::collections::BTreeMap<String, String> = admin
         .list_models("demo")
         .await
@@ -244,4 +250,203 @@ async fn a_candidate_takes_at_most_the_cap_until_approved_and_promotion_archives
         saved.contains("\"production\"") && saved.contains("\"archived\""),
         "{saved}"
     );
+}
+
+/// The audit trail's lines once every one of `expected` is there (its writer runs on
+/// its own thread), or after ten seconds.
+async fn audit_trail(dir: &std::path::Path, expected: &[&str]) -> String {
+    let file = dir.join("audit.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let trail = std::fs::read_to_string(&file).unwrap_or_default();
+        if expected.iter().all(|e| trail.contains(e)) || std::time::Instant::now() > deadline {
+            return trail;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_with_no_approved_version_serves_pins_only_until_one_is_approved() {
+    use aviary::pb::admin::ApproveRequest;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = support::copy_test_models(dir.path());
+    // No route and no stages: every version of every model is a candidate.
+    let config = format!(
+        "[repository]\npath = \"{}\"\n\n[registry]\n",
+        models.display()
+    );
+    let gateway = support::start_gateway(&config, aviary_gateway::Mode::Embedded)
+        .await
+        .expect("starts: candidates wait, they do not stop the gateway");
+    let mut client = gateway.client().await;
+    let row = [[1.0, 2.0, 3.0, 4.0]];
+
+    let refused = support::infer_error(&mut client, support::demo_request(&row, "")).await;
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("pinned requests only")
+            && refused.message().contains("aviary ctl approve demo"),
+        "{}",
+        refused.message()
+    );
+    let pinned = support::infer(&mut client, support::demo_request(&row, "1")).await;
+    assert_eq!(pinned.model_version, "1", "a candidate can be pinned");
+
+    // Approving version 1 gives it the implicit route: all unpinned traffic, so it is
+    // production at once.
+    let admin = gateway.admin().await;
+    admin
+        .models()
+        .approve(ApproveRequest {
+            model: "demo".into(),
+            version: "1".into(),
+            note: String::new(),
+        })
+        .await
+        .expect("approve");
+    let unpinned = support::infer(&mut client, support::demo_request(&row, "")).await;
+    assert_eq!(unpinned.model_version, "1");
+    let stage = |versions: &[aviary::pb::admin::ModelVersionInfo], version: &str| {
+        versions
+            .iter()
+            .find(|v| v.version == version)
+            .and_then(|v| v.stage.as_ref())
+            .map(|s| s.stage.clone())
+            .unwrap_or_default()
+    };
+    let versions = admin.list_models("demo").await;
+    assert_eq!(stage(&versions, "1"), "production");
+    assert_eq!(stage(&versions, "2"), "candidate", "the newer one waits");
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_start_adopts_what_the_file_routes_and_later_starts_judge_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = support::copy_test_models(dir.path());
+    let state = dir.path().join("registry.json");
+    let audit = dir.path().join("audit");
+    let config = |weights: &str| {
+        format!(
+            "[repository]\npath = \"{}\"\n\n[registry]\nstate_file = \"{}\"\n\n\
+             [audit]\ndir = \"{}\"\n\n[routes.demo]\nversions = [ {weights} ]\n",
+            models.display(),
+            state.display(),
+            audit.display()
+        )
+    };
+    // Turning [registry] on under a running deployment: what the file routes is
+    // approved by config-file, recorded.
+    let gateway = support::start_gateway(
+        &config("{ version = \"1\", weight = 100 }, { version = \"2\", weight = 0 }"),
+        aviary_gateway::Mode::Embedded,
+    )
+    .await
+    .expect("the first start adopts version 1");
+    let versions = gateway.admin().await.list_models("demo").await;
+    let one = versions
+        .iter()
+        .find(|v| v.version == "1")
+        .and_then(|v| v.stage.clone())
+        .expect("version 1 has a stage");
+    assert_eq!(
+        (one.stage.as_str(), one.by.as_str()),
+        ("approved", "config-file")
+    );
+    let trail = audit_trail(&audit, &["\"actor\":\"config-file\""]).await;
+    assert!(
+        trail.contains("\"action\":\"approved\"") && trail.contains("\"actor\":\"config-file\""),
+        "{trail}"
+    );
+    gateway.stop().await.expect("clean stop");
+
+    // Now the registry knows the model: a file giving the candidate half is refused.
+    let refused = support::rejected_at_start(
+        &config("{ version = \"1\", weight = 50 }, { version = \"2\", weight = 50 }"),
+        aviary_gateway::Mode::Embedded,
+    )
+    .await;
+    assert!(
+        refused.contains("version 2 is at stage candidate")
+            && refused.contains("canary_cap_percent"),
+        "{refused}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_model_out_of_rule_blocks_neither_another_model_nor_its_own_rollback() {
+    use aviary::pb::admin::SetRouteRequest;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let models = support::copy_test_models(dir.path());
+    for version in ["1", "2"] {
+        prepend(
+            &models.join(format!("demo/{version}/model.toml")),
+            "stage = \"approved\"",
+        );
+    }
+    std::fs::write(models.join("fixed/1/model.toml"), "stage = \"approved\"\n").expect("card");
+    let config = format!(
+        "[repository]\npath = \"{}\"\nwatch = true\nwatch_interval_ms = 50\n\n[registry]\n\n\
+         [routes.demo]\nversions = [ {{ version = \"1\", weight = 50 }}, {{ version = \"2\", weight = 50 }} ]\n",
+        models.display()
+    );
+    let gateway = support::start_gateway(&config, aviary_gateway::Mode::Embedded)
+        .await
+        .expect("starts");
+    let admin = gateway.admin().await;
+    // Version 2's card is republished as a candidate: demo's route in force is now
+    // out of rule.
+    let card = models.join("demo/2/model.toml");
+    let text = std::fs::read_to_string(&card).expect("card");
+    let staged = models.join("demo/2/.model.toml.new");
+    std::fs::write(
+        &staged,
+        text.replace("stage = \"approved\"", "stage = \"candidate\""),
+    )
+    .expect("write");
+    std::fs::rename(&staged, &card).expect("publish the card");
+    let demoted =
+        support::eventually(std::time::Duration::from_secs(30), || async {
+            admin.list_models("demo").await.iter().any(|v| {
+                v.version == "2" && v.stage.as_ref().is_some_and(|s| s.stage == "candidate")
+            })
+        })
+        .await;
+    assert!(demoted, "the reloaded card's stage is in force");
+
+    let set = |model: &'static str, weights: &'static [(&'static str, u32)]| {
+        let admin = &admin;
+        async move {
+            admin
+                .routes()
+                .set_route(SetRouteRequest {
+                    route: Some(support::route(model, weights)),
+                    expected_generation: None,
+                })
+                .await
+        }
+    };
+    // Another model, judged alone, changes.
+    set("fixed", &[("1", 100)]).await.expect("fixed is in rule");
+    // demo's candidate cannot move to another share past the cap...
+    let refused = set("demo", &[("1", 60), ("2", 40)])
+        .await
+        .expect_err("a candidate past the cap");
+    assert!(
+        refused
+            .message()
+            .contains("version 2 is at stage candidate"),
+        "{}",
+        refused.message()
+    );
+    // ...but taking its traffic away, a rollback, is allowed.
+    set("demo", &[("1", 100), ("2", 0)])
+        .await
+        .expect("a rollback to the approved version");
+    gateway.stop().await.expect("clean stop");
 }

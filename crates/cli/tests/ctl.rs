@@ -193,6 +193,39 @@ fn models_lists_every_version_with_state_path_and_card() {
 }
 
 #[test]
+fn approve_lets_a_candidate_take_traffic_and_models_shows_its_stage() {
+    // The demo's file routes demo 1 and 2 (adopted at this first start); mlp is
+    // unrouted and its only version a candidate: it serves pinned requests only.
+    let served = Served::start(&format!("{}\n[registry]\n", demo_config()), &[]);
+    let stage_of = |model: &str, version: &str| {
+        let table = served.ctl(&["models", model]).ok().stdout;
+        let rows = rows_starting(&table, &[model, version]);
+        assert_eq!(rows.len(), 1, "one row for {model} {version}:\n{table}");
+        rows[0][3].to_owned()
+    };
+    assert_eq!(stage_of("demo", "2"), "approved");
+    assert_eq!(stage_of("mlp", "1"), "candidate");
+    // Both demo versions were adopted: weights may move between them.
+    let moved = served.ctl(&["set-weights", "demo", "1=100", "2=0"]).ok();
+    assert!(moved.stdout.contains("generation"), "{moved:#?}");
+
+    let approved = served
+        .ctl(&["approve", "mlp", "1", "--note", "offline eval passed"])
+        .ok()
+        .stdout;
+    assert!(
+        approved.contains("mlp 1: production"),
+        "approved, and on the implicit route at once, production: {approved}"
+    );
+    assert_eq!(stage_of("mlp", "1"), "production");
+    let card = served.ctl(&["card", "mlp", "1"]).ok().stdout;
+    assert!(card.contains("production"), "{card}");
+
+    let unknown = served.ctl(&["approve", "mlp", "9"]).failed();
+    assert!(unknown.stderr.contains("9"), "{unknown:#?}");
+}
+
+#[test]
 fn card_shows_a_versions_registry_record() {
     let served = Served::demo();
     let file = repo_root().join("deploy/local/models/demo/2/model.onnx");

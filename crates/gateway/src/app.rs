@@ -171,7 +171,7 @@ impl Gateway {
             }
         };
         let audit = Audit::open(&config.audit)?;
-        let control = Control::new(&config, worker)?.with_audit(audit.clone());
+        let control = Control::new(&config, worker, audit.clone())?;
         let routing = control.routing().load_full();
         for (model, version) in routing.routed_versions() {
             let share = routing

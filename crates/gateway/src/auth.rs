@@ -191,7 +191,7 @@ pub fn roles_for(path: &str) -> Option<&'static [Role]> {
         ("inference.GRPCInferenceService", _) => READ,
         (reflection, _) if reflection.starts_with("grpc.reflection.") => INFER_OR_READ,
         ("aviary.admin.v1.Routes", "GetRoutes" | "GetConfigStatus")
-        | ("aviary.admin.v1.Models", "ListModels" | "GetDrift")
+        | ("aviary.admin.v1.Models", "ListModels" | "GetDrift" | "GetStage")
         | ("aviary.admin.v1.Rollouts", "GetRollout")
         | ("aviary.admin.v1.DeadLetters", "ListDeadLetters")
         | ("aviary.admin.v1.Experiments", "GetExperimentReport" | "GetShadowReport") => READ,
@@ -971,6 +971,7 @@ mod tests {
             ),
             ("/aviary.admin.v1.Models/ListModels", Role::Read, true),
             ("/aviary.admin.v1.Models/GetDrift", Role::Read, true),
+            ("/aviary.admin.v1.Models/GetStage", Role::Read, true),
             ("/aviary.admin.v1.Rollouts/StartRollout", Role::Read, false),
             ("/aviary.admin.v1.Rollouts/GetRollout", Role::Read, true),
             (

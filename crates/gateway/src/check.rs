@@ -53,7 +53,9 @@ pub fn check_config_file(
         },
     };
     let routes = Route::all_from(&config.routes);
-    let (routes, inventory) = with_implicit_routes(&routes, served);
+    // Stages are not judged here: they live in the cards and the running gateway's
+    // [registry] state file, and a start checks them.
+    let (routes, inventory) = with_implicit_routes(&routes, served, &|_, _| true);
     let table = match check_routes(&routes, embedded, &inventory) {
         Ok(table) => table,
         Err(error) => return lines(error),

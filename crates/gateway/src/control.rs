@@ -51,19 +51,107 @@ fn declared_stage(worker: Option<&Arc<Worker>>, model: &str, version: &str) -> O
     })
 }
 
+/// Whether `model` `version` may take unpinned traffic past the canary cap: any
+/// version without a registry, an approved or production one with it.
+fn takes_unpinned(
+    registry: Option<&StageRegistry>,
+    worker: Option<&Arc<Worker>>,
+    model: &str,
+    version: &str,
+) -> bool {
+    registry.is_none_or(|registry| {
+        registry
+            .stage(model, version, declared_stage(worker, model, version))
+            .stage
+            .may_take_traffic()
+    })
+}
+
+/// At start, for each model the config file routes past the cap and the registry has
+/// no stage for: its weighted versions whose cards state no stage are approved by
+/// `config-file`. They are what ran before `[registry]` was turned on (or before a
+/// memory-only registry restarted); once the registry has a stage for a model, its
+/// weights in the file are judged like any change.
+fn adopt_configured(
+    registry: &StageRegistry,
+    worker: Option<&Arc<Worker>>,
+    configured: &Routes,
+    audit: &Audit,
+) -> Result<(), GatewayError> {
+    for (model, route) in configured {
+        if !registry.versions(model).is_empty() {
+            continue;
+        }
+        let weights = route_weights(route);
+        let stage_of = |version: &str| {
+            registry
+                .stage(model, version, declared_stage(worker, model, version))
+                .stage
+        };
+        if crate::registry::check_weights(model, &weights, registry.cap_percent(), stage_of).is_ok()
+        {
+            continue;
+        }
+        for (version, _) in weights.iter().filter(|(_, weight)| *weight > 0) {
+            if declared_stage(worker, model, version).is_some() {
+                continue;
+            }
+            let before = registry.stage(model, version, None);
+            let after = StageRecord {
+                stage: Stage::Approved,
+                by: "config-file".to_owned(),
+                at_ms: aviary::unix_ms(SystemTime::now()),
+                note: "routed by the config file at start, before the registry had a stage for \
+                       this model"
+                    .to_owned(),
+            };
+            registry.set(model, version, after.clone())?;
+            tracing::warn!(
+                model,
+                version,
+                "[registry]: approved as the config file routes it (the registry had no stage for this model)"
+            );
+            record_stage(audit, model, version, &before, &after);
+        }
+    }
+    Ok(())
+}
+
+/// Records a stage change in the audit trail, before and after, as done by whoever
+/// the new stage names.
+fn record_stage(
+    audit: &Audit,
+    model: &str,
+    version: &str,
+    before: &StageRecord,
+    after: &StageRecord,
+) {
+    let mut record = Audit::record_of(Kind::Model, after.stage.name()).about(model, Some(version));
+    record.actor = after.by.clone();
+    record.before = Some(serde_json::json!({ "stage": before.stage.name() }));
+    record.after = Some(serde_json::json!({ "stage": after.stage.name(), "note": after.note }));
+    audit.record(record);
+}
+
+/// A route's versions and weights, in order.
+fn route_weights(route: &Route) -> Vec<(String, u32)> {
+    route
+        .versions
+        .iter()
+        .map(|v| (v.version.clone(), v.weight))
+        .collect()
+}
+
 /// Checks every route's weights against the registry's cap (see
 /// [`crate::registry::check_weights`]).
 fn check_stages(
     registry: &StageRegistry,
     worker: Option<&Arc<Worker>>,
     routes: &Routes,
+    models: &BTreeSet<String>,
 ) -> Result<(), GatewayError> {
-    for (model, route) in routes {
-        let weights: Vec<(String, u32)> = route
-            .versions
-            .iter()
-            .map(|v| (v.version.clone(), v.weight))
-            .collect();
+    for (model, route) in routes.iter().filter(|(model, _)| models.contains(*model)) {
+        let weights = route_weights(route);
         crate::registry::check_weights(model, &weights, registry.cap_percent(), |version| {
             registry
                 .stage(model, version, declared_stage(worker, model, version))
@@ -71,6 +159,17 @@ fn check_stages(
         })?;
     }
     Ok(())
+}
+
+/// The models whose versions or weights differ between `before` and `after`.
+fn moved_models(before: &Routes, after: &Routes) -> BTreeSet<String> {
+    let weights = |route: Option<&Route>| route.map(route_weights).unwrap_or_default();
+    before
+        .keys()
+        .chain(after.keys())
+        .filter(|model| weights(before.get(*model)) != weights(after.get(*model)))
+        .cloned()
+        .collect()
 }
 
 /// Whether the last config file change applied.
@@ -236,8 +335,13 @@ pub struct Control {
 }
 
 impl Control {
-    /// Builds the first routing snapshot (generation 1) from `config`.
-    pub fn new(config: &Config, worker: Option<Arc<Worker>>) -> Result<Control, GatewayError> {
+    /// Builds the first routing snapshot (generation 1) from `config`; every change
+    /// (routes, versions, stages) is recorded in `audit`.
+    pub fn new(
+        config: &Config,
+        worker: Option<Arc<Worker>>,
+        audit: Audit,
+    ) -> Result<Control, GatewayError> {
         let mut pools = Pools::default();
         let routes = Route::all_from(&config.routes);
         let registry = config
@@ -246,10 +350,10 @@ impl Control {
             .map(|r| StageRegistry::open(r.canary_cap_percent, r.state_file.clone()))
             .transpose()?
             .map(Arc::new);
-        if let Some(registry) = &registry {
-            check_stages(registry, worker.as_ref(), &routes)?;
-        }
         let worker_calls = WorkerCalls::from_config(config)?;
+        if let Some(registry) = &registry {
+            adopt_configured(registry, worker.as_ref(), &routes, &audit)?;
+        }
         let routing = Routing::build(
             RoutingInputs {
                 routes: &routes,
@@ -257,9 +361,16 @@ impl Control {
                 hidden: &BTreeSet::new(),
                 worker_calls: &worker_calls,
                 generation: 1,
+                takes_unpinned: &|model, version| {
+                    takes_unpinned(registry.as_deref(), worker.as_ref(), model, version)
+                },
             },
             &mut pools,
         )?;
+        if let Some(registry) = &registry {
+            let every: BTreeSet<String> = routing.routes.keys().cloned().collect();
+            check_stages(registry, worker.as_ref(), &routing.routes, &every)?;
+        }
         Ok(Control {
             routing: Arc::new(ArcSwap::from_pointee(routing)),
             worker,
@@ -276,7 +387,7 @@ impl Control {
             health: Mutex::new(BTreeMap::new()),
             defaults: Defaults::default(),
             canaries: Mutex::new(BTreeMap::new()),
-            audit: Audit::off(),
+            audit,
             registry,
         })
     }
@@ -299,12 +410,15 @@ impl Control {
     /// Approves `model` `version` (admin: `aviary ctl approve`), as the caller of the
     /// call this runs in, with `note`. Stages other than candidate and approved are
     /// kept (approving a production version changes nothing).
-    pub fn approve(
+    pub async fn approve(
         &self,
         model: &str,
         version: &str,
         note: &str,
     ) -> Result<StageRecord, GatewayError> {
+        // Under the writer's lock: a promotion (made while publishing) cannot come
+        // between reading the stage and setting it.
+        let mut writer = self.writer.lock().await;
         let registry = self.registry.as_ref().ok_or_else(|| GatewayError::Config {
             path: "registry".to_owned(),
             message: "this gateway has no [registry]: versions take traffic whatever their stage"
@@ -350,24 +464,21 @@ impl Control {
             note: note.to_owned(),
         };
         registry.set(model, version, record.clone())?;
-        self.record_stage(model, version, &current, &record);
-        Ok(record)
-    }
-
-    /// Records a stage change in the audit trail, before and after.
-    fn record_stage(&self, model: &str, version: &str, before: &StageRecord, after: &StageRecord) {
-        let mut audit =
-            Audit::record_of(Kind::Model, after.stage.name()).about(model, Some(version));
-        audit.before = Some(serde_json::json!({ "stage": before.stage.name() }));
-        audit.after = Some(serde_json::json!({ "stage": after.stage.name(), "note": after.note }));
-        self.audit.record(audit);
+        record_stage(&self.audit, model, version, &current, &record);
+        // An implicit route sends its model's unpinned traffic to the newest approved
+        // version: rebuilt, it may now go to this one (which then becomes production).
+        let routes = writer.routes.clone();
+        if let Err(error) = self.publish(&mut writer, routes, &BTreeSet::new()) {
+            tracing::error!(%error, model, version, "routes not rebuilt after an approval");
+        }
+        Ok(self.stage(model, version).unwrap_or(record))
     }
 
     /// After a routing change: an approved version that now takes all of its model's
     /// unpinned traffic becomes production, and the model's production version before
     /// it archived. A failure to save is logged: the routing change stands.
-    fn promote(&self, registry: &StageRegistry, in_force: &Routes) {
-        for (model, route) in in_force {
+    fn promote(&self, registry: &StageRegistry, in_force: &Routes, models: &BTreeSet<String>) {
+        for (model, route) in in_force.iter().filter(|(model, _)| models.contains(*model)) {
             let weighted: Vec<&RouteVersion> =
                 route.versions.iter().filter(|v| v.weight > 0).collect();
             let [only] = weighted.as_slice() else {
@@ -396,8 +507,15 @@ impl Control {
                     note: "took all unpinned traffic".to_owned(),
                 },
             )];
-            for other in route.versions.iter().filter(|v| v.version != only.version) {
-                let before = stage_of(&other.version);
+            // Every version of the model the registry knows, in the route or not.
+            let mut others: BTreeSet<String> =
+                route.versions.iter().map(|v| v.version.clone()).collect();
+            others.extend(registry.versions(model));
+            if let Some(worker) = &self.worker {
+                others.extend(worker.inventory().get(model).cloned().unwrap_or_default());
+            }
+            for other in others.iter().filter(|v| **v != only.version) {
+                let before = stage_of(other);
                 if before.stage == Stage::Production {
                     let after = StageRecord {
                         stage: Stage::Archived,
@@ -405,25 +523,19 @@ impl Control {
                         at_ms: now,
                         note: format!("replaced by version {}", only.version),
                     };
-                    changes.push((other.version.clone(), before, after));
+                    changes.push((other.clone(), before, after));
                 }
             }
             for (version, before, after) in changes {
                 match registry.set(model, &version, after.clone()) {
                     Ok(()) => {
                         tracing::info!(model, version, stage = after.stage.name(), "stage changed");
-                        self.record_stage(model, &version, &before, &after);
+                        record_stage(&self.audit, model, &version, &before, &after);
                     }
                     Err(error) => tracing::error!(%error, model, version, "saving a stage failed"),
                 }
             }
         }
-    }
-
-    /// Records every change (routes, versions) in `audit`.
-    pub fn with_audit(mut self, audit: Audit) -> Control {
-        self.audit = audit;
-        self
     }
 
     /// The TLS of calls to `https://` workers, when `[workers] tls` is set.
@@ -1074,9 +1186,6 @@ impl Control {
             let route = in_force.get(model).cloned().unwrap_or_default();
             in_force.insert(model.clone(), hold.weights.apply_to(&route));
         }
-        if let Some(registry) = &self.registry {
-            check_stages(registry, self.worker.as_ref(), &in_force)?;
-        }
         let routing = Routing::build(
             RoutingInputs {
                 routes: &in_force,
@@ -1084,14 +1193,40 @@ impl Control {
                 hidden,
                 worker_calls: &self.worker_calls,
                 generation,
+                takes_unpinned: &|model, version| {
+                    takes_unpinned(
+                        self.registry.as_deref(),
+                        self.worker.as_ref(),
+                        model,
+                        version,
+                    )
+                },
             },
             &mut writer.pools,
         )?;
+        // The routes in force, implicit ones included; only the models whose weights
+        // this change moves are judged, so one model out of rule (a card reloaded at a
+        // lower stage) never blocks another's change, or its own rollback.
+        let changed = match &self.registry {
+            Some(registry) => {
+                let changed = moved_models(&self.routing.load().routes, &routing.routes);
+                check_stages(registry, self.worker.as_ref(), &routing.routes, &changed)?;
+                changed
+            }
+            None => BTreeSet::new(),
+        };
         log_route_changes(&self.routing.load(), &routing, &self.audit);
+        let in_force_now = routing.routes.clone();
         self.routing.store(Arc::new(routing));
         writer.routes = routes;
         if let Some(registry) = &self.registry {
-            self.promote(registry, &in_force);
+            // Not while a rollout holds the weights: its last step is still judged, and
+            // a rollback must find its baseline as it was.
+            let settled: BTreeSet<String> = changed
+                .into_iter()
+                .filter(|model| !writer.holds.contains_key(model))
+                .collect();
+            self.promote(registry, &in_force_now, &settled);
         }
         Ok(generation)
     }
@@ -1244,7 +1379,7 @@ mod tests {
     #[tokio::test]
     async fn a_file_change_applies_to_the_models_it_changes() {
         let config = config();
-        let control = Control::new(&config, None).expect("builds");
+        let control = Control::new(&config, None, Audit::off()).expect("builds");
         let file = Route::all_from(&config.routes);
         let generation = control.routing().load().generation;
         assert_eq!(
@@ -1294,7 +1429,7 @@ mod tests {
             "#,
         )
         .expect("valid config");
-        let control = Control::new(&config, None).expect("builds");
+        let control = Control::new(&config, None, Audit::off()).expect("builds");
         let limits = |version: &str| control.routing().load().routes["a"].limits_of(version);
         assert_eq!(
             (limits("2").max_in_flight, limits("2").max_queue),
@@ -1360,7 +1495,7 @@ mod tests {
     #[tokio::test]
     async fn a_running_rollout_holds_its_weights_until_it_ends() {
         let config = config();
-        let control = Control::new(&config, None).expect("builds");
+        let control = Control::new(&config, None, Audit::off()).expect("builds");
         let file = Route::all_from(&config.routes);
         control
             .set_rollout_weights("a", held(), RUNNING)
@@ -1434,7 +1569,7 @@ mod tests {
     #[tokio::test]
     async fn a_hold_whose_lease_ran_out_leaves_its_weights_free() {
         let config = config();
-        let control = Control::new(&config, None).expect("builds");
+        let control = Control::new(&config, None, Audit::off()).expect("builds");
         let file = Route::all_from(&config.routes);
         let lapsing = Holding::Running {
             lease: Some(Duration::ZERO),
@@ -1465,7 +1600,7 @@ mod tests {
     #[tokio::test]
     async fn a_remote_no_route_uses_is_dropped() {
         let config = config();
-        let control = Control::new(&config, None).expect("builds");
+        let control = Control::new(&config, None, Audit::off()).expect("builds");
         assert_eq!(control.routing().load().remotes().len(), 1);
         let mut moved = Route::all_from(&config.routes);
         for route in moved.values_mut() {

@@ -188,6 +188,14 @@ impl GatewayError {
     pub fn status(&self) -> tonic::Status {
         let message = self.to_string();
         match self {
+            // Only the registry makes a route pinned-only: a model none of whose
+            // versions is approved yet.
+            GatewayError::Route(RouteError::PinnedOnly { model, .. }) => {
+                tonic::Status::failed_precondition(format!(
+                    "{message} ([registry]: a version takes unpinned traffic once approved, \
+                     aviary ctl approve {model} VERSION)"
+                ))
+            }
             GatewayError::Route(_) => tonic::Status::not_found(message),
             GatewayError::Worker(e) => tonic::Status::new(e.code(), message),
             GatewayError::SharedMemory(e) => tonic::Status::new(e.code(), message),

@@ -14,6 +14,7 @@ use std::{
     sync::Mutex,
 };
 
+use aviary_router::rollout::RolloutPlan;
 use aviary_worker::registry::Stage;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,8 @@ pub struct StageRegistry {
     /// Where the stages set here are kept; `None`: in memory only.
     state_file: Option<PathBuf>,
     set: Mutex<BTreeMap<String, BTreeMap<String, StageRecord>>>,
+    /// Held by a change while it saves, so changes apply one at a time.
+    writes: Mutex<()>,
 }
 
 impl StageRegistry {
@@ -59,6 +62,7 @@ impl StageRegistry {
             cap_percent,
             state_file,
             set: Mutex::new(set),
+            writes: Mutex::new(()),
         })
     }
 
@@ -85,19 +89,40 @@ impl StageRegistry {
             })
     }
 
-    /// Sets `model` `version` to `record` and saves every stage set.
+    /// The versions of `model` whose stage was set here.
+    pub fn versions(&self, model: &str) -> Vec<String> {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(model)
+            .map(|versions| versions.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Sets `model` `version` to `record`: saved first, then in force, so a failed
+    /// save changes nothing. Changes are serialised by `writes` (the file is written
+    /// outside the map's lock, which requests' look-ups take).
     pub fn set(&self, model: &str, version: &str, record: StageRecord) -> Result<(), GatewayError> {
-        let mut set = self
-            .set
+        let _one_at_a_time = self
+            .writes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        set.entry(model.to_owned())
+        let mut next = self
+            .set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        next.entry(model.to_owned())
             .or_default()
             .insert(version.to_owned(), record);
-        match &self.state_file {
-            Some(path) => write_state(path, &set),
-            None => Ok(()),
+        if let Some(path) = &self.state_file {
+            write_state(path, &next)?;
         }
+        *self
+            .set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        Ok(())
     }
 }
 
@@ -130,6 +155,25 @@ pub fn check_weights(
     Ok(())
 }
 
+/// Why `plan` could never finish under the registry's rule: its canary, at `stage`,
+/// is not approved and a step gives it more than `cap_percent`. Checked when a rollout
+/// starts, by the gateway that drives it or by the controller on every gateway.
+pub fn plan_past_cap(plan: &RolloutPlan, stage: Stage, cap_percent: u32) -> Option<String> {
+    if stage.may_take_traffic() {
+        return None;
+    }
+    let step = plan.steps.iter().find(|step| step.weight > cap_percent)?;
+    Some(format!(
+        "canary {} is at stage {}, not approved: a step of {}% is past the {cap_percent}% \
+         [registry] canary_cap_percent; approve it first (aviary ctl approve {} {})",
+        plan.canary,
+        stage.name(),
+        step.weight,
+        plan.model,
+        plan.canary
+    ))
+}
+
 fn read_state(
     path: &Path,
 ) -> Result<BTreeMap<String, BTreeMap<String, StageRecord>>, GatewayError> {
@@ -141,18 +185,27 @@ fn read_state(
     serde_json::from_str(&text).map_err(|e| problem(e.to_string()))
 }
 
-/// Writes the stages through a temporary file renamed over the old: never half a file.
+/// Writes the stages through a temporary file, flushed to disk, then renamed over the
+/// old: a crash leaves the old file or the new, never half of one.
 fn write_state(
     path: &Path,
     set: &BTreeMap<String, BTreeMap<String, StageRecord>>,
 ) -> Result<(), GatewayError> {
+    use std::io::Write;
     let problem = |e: std::io::Error| GatewayError::Config {
         path: "registry.state_file".to_owned(),
         message: format!("{}: {e}", path.display()),
     };
     let text = serde_json::to_string_pretty(set).unwrap_or_default();
-    let staged = path.with_extension("tmp");
-    std::fs::write(&staged, text).map_err(problem)?;
+    if let Some(folder) = path.parent().filter(|f| !f.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder).map_err(problem)?;
+    }
+    let mut staged_name = path.as_os_str().to_owned();
+    staged_name.push(".saving");
+    let staged = PathBuf::from(staged_name);
+    let mut file = std::fs::File::create(&staged).map_err(problem)?;
+    file.write_all(text.as_bytes()).map_err(problem)?;
+    file.sync_all().map_err(problem)?;
     std::fs::rename(&staged, path).map_err(problem)
 }
 
@@ -181,6 +234,29 @@ mod tests {
         );
         let approved = |_: &str| Stage::Approved;
         assert!(check_weights("demo", &weights(&[("1", 0), ("2", 100)]), 0, approved).is_ok());
+    }
+
+    #[test]
+    fn a_failed_save_changes_no_stage_and_a_missing_folder_is_made() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let record = StageRecord {
+            stage: Stage::Approved,
+            by: "key:ops".into(),
+            at_ms: 1,
+            note: String::new(),
+        };
+        let nested = dir.path().join("state/registry.json");
+        let registry = StageRegistry::open(0, Some(nested.clone())).expect("open");
+        registry
+            .set("demo", "2", record.clone())
+            .expect("the folder is made");
+        assert!(nested.is_file());
+        // A state file under a plain file cannot be written: the stage stays as it was.
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "x").expect("file");
+        let registry = StageRegistry::open(0, Some(plain.join("registry.json"))).expect("open");
+        assert!(registry.set("demo", "2", record).is_err());
+        assert_eq!(registry.stage("demo", "2", None).stage, Stage::Candidate);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct Route {
     pub cache_ttl: Option<Duration>,
     /// The input-rule mode its versions apply over their cards'; `None`: each card's.
     pub input_rules_mode: Option<aviary_worker::input_rules::RuleMode>,
+    /// Every weight is 0 and unpinned requests are refused: an implicit route none of
+    /// whose versions may take unpinned traffic yet (see [`Route::implicit`]).
+    pub pinned_only: bool,
 }
 
 /// One version of a route.
@@ -100,6 +103,7 @@ impl From<&RouteConfig> for Route {
             default_prediction: config.default_prediction,
             cache_ttl: config.cache.map(|c| Duration::from_millis(c.ttl_ms)),
             input_rules_mode: config.input_rules_mode,
+            pinned_only: false,
         }
     }
 }
@@ -274,15 +278,24 @@ impl Route {
     /// The route of an embedded model without an explicit one: the newest version
     /// takes all unpinned traffic; older loaded versions stay reachable by pinning, as
     /// in Triton.
-    pub fn implicit(versions: &BTreeSet<String>) -> Route {
+    ///
+    /// The newest version `takes_unpinned` allows takes all unpinned traffic (with
+    /// `[registry]`, the newest approved one); when it allows none, the route serves
+    /// pinned requests only.
+    pub fn implicit(versions: &BTreeSet<String>, takes_unpinned: impl Fn(&str) -> bool) -> Route {
         let mut sorted: Vec<&String> = versions.iter().collect();
         sorted.sort_by_key(|v| version_order(v));
-        let newest = sorted.last().map(|v| v.as_str());
+        let newest = sorted
+            .iter()
+            .rev()
+            .find(|v| takes_unpinned(v))
+            .map(|v| v.as_str());
         Route {
             versions: sorted
                 .iter()
                 .map(|v| RouteVersion::new(v, u32::from(Some(v.as_str()) == newest)))
                 .collect(),
+            pinned_only: newest.is_none(),
             ..Route::default()
         }
     }
@@ -300,6 +313,7 @@ impl Route {
                 .collect(),
             sticky: self.sticky.clone(),
             rules: self.rules.clone(),
+            pinned_only: self.pinned_only,
         }
     }
 }
@@ -318,13 +332,27 @@ mod tests {
     #[test]
     fn the_newest_numeric_version_takes_an_implicit_route() {
         let versions: BTreeSet<String> = ["2", "10", "1"].map(String::from).into();
-        let route = Route::implicit(&versions);
-        let weights: Vec<(&str, u32)> = route
-            .versions
-            .iter()
-            .map(|v| (v.version.as_str(), v.weight))
-            .collect();
-        assert_eq!(weights, [("1", 0), ("2", 0), ("10", 1)]);
+        let weights = |route: &Route| -> Vec<(String, u32)> {
+            route
+                .versions
+                .iter()
+                .map(|v| (v.version.clone(), v.weight))
+                .collect()
+        };
+        let every = Route::implicit(&versions, |_| true);
+        assert_eq!(
+            weights(&every),
+            [("1".into(), 0), ("2".into(), 0), ("10".into(), 1)]
+        );
+        assert!(!every.pinned_only);
+        // With [registry], the newest version that may take traffic.
+        let approved = Route::implicit(&versions, |v| v != "10");
+        assert_eq!(
+            weights(&approved),
+            [("1".into(), 0), ("2".into(), 1), ("10".into(), 0)]
+        );
+        let none = Route::implicit(&versions, |_| false);
+        assert!(none.pinned_only && none.versions.iter().all(|v| v.weight == 0));
     }
 
     #[test]

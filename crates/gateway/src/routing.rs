@@ -36,7 +36,6 @@ pub struct Pools {
 }
 
 /// What a snapshot is built from.
-#[derive(Debug)]
 pub struct RoutingInputs<'a> {
     /// Explicit routes (config file and admin API).
     pub routes: &'a Routes,
@@ -48,6 +47,9 @@ pub struct RoutingInputs<'a> {
     pub worker_calls: &'a WorkerCalls,
     /// The new snapshot's generation.
     pub generation: u64,
+    /// Whether a version (model, version) may take an implicit route's unpinned
+    /// traffic: with `[registry]`, only an approved one may.
+    pub takes_unpinned: &'a dyn Fn(&str, &str) -> bool,
 }
 
 /// A compiled route table and the backends behind it.
@@ -79,12 +81,13 @@ impl Routing {
             hidden,
             worker_calls,
             generation,
+            takes_unpinned,
         } = inputs;
         let mut served = worker.map(|w| w.inventory()).unwrap_or_default();
         for (model, versions) in &mut served {
             versions.retain(|v| !hidden.contains(&(model.clone(), v.clone())));
         }
-        let (routes, inventory) = with_implicit_routes(explicit, served);
+        let (routes, inventory) = with_implicit_routes(explicit, served, takes_unpinned);
         let table = check_routes(&routes, worker.is_some(), &inventory)?;
 
         let mut factory = BackendFactory {
@@ -331,17 +334,21 @@ fn check_limits(explicit: &Routes) -> Result<(), GatewayError> {
 
 /// The explicit routes plus an implicit route for every model the embedded worker
 /// `served` without one, and the versions each model can be routed to (`served`, or on
-/// an endpoint). Pure, so `aviary check-config` judges a file as a start would.
+/// an endpoint). An implicit route's unpinned traffic goes to the newest version
+/// `takes_unpinned` allows. Pure, so `aviary check-config` judges a file as a start
+/// would.
 pub fn with_implicit_routes(
     explicit: &Routes,
     mut served: BTreeMap<String, BTreeSet<String>>,
+    takes_unpinned: &dyn Fn(&str, &str) -> bool,
 ) -> (Routes, BTreeMap<String, BTreeSet<String>>) {
     let mut routes = explicit.clone();
     served.retain(|_, versions| !versions.is_empty());
     let mut inventory = served;
     for (model, versions) in &inventory {
         if !routes.contains_key(model) {
-            routes.insert(model.clone(), Route::implicit(versions));
+            let route = Route::implicit(versions, |version| takes_unpinned(model, version));
+            routes.insert(model.clone(), route);
         }
     }
     for (model, route) in explicit {

@@ -177,6 +177,7 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         admin: _,
         metrics: _,
         http: _,
+        registry: _,
         tracing: _,
         auth: _,
         audit: _,
@@ -193,6 +194,7 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         ("admin", config.admin != started_with.admin),
         ("metrics", config.metrics != started_with.metrics),
         ("http", config.http != started_with.http),
+        ("registry", config.registry != started_with.registry),
         ("tracing", config.tracing != started_with.tracing),
         // The keys file's contents apply at once; which file, at restart.
         ("auth", config.auth != started_with.auth),
@@ -346,6 +348,7 @@ mod tests {
             ("[admin]\nlisten = \"127.0.0.1:9003\"", "admin"),
             ("[metrics]\nenabled = false", "metrics"),
             ("[http]\nenabled = false", "http"),
+            ("[registry]\ncanary_cap_percent = 5", "registry"),
             ("[tracing]\nsample_ratio = 0.5", "tracing"),
             ("[auth]\nkeys_file = \"keys.toml\"", "auth"),
             ("[audit]\ndir = \"audit\"", "audit"),

@@ -22,6 +22,15 @@ pub enum RouteError {
         /// The versions the route does have, in config order.
         routable: Vec<String>,
     },
+    /// The request pinned no version, and no version of the model's route may take
+    /// unpinned traffic (every weight is 0).
+    #[error("model '{model}' serves pinned requests only: none of its versions takes unpinned traffic; set model_version to one of: {list}", list = .routable.join(", "))]
+    PinnedOnly {
+        /// The requested model.
+        model: String,
+        /// The versions a request may pin.
+        routable: Vec<String>,
+    },
 }
 
 /// One problem in a route spec, with the path of the offending field.

@@ -18,7 +18,7 @@ use crate::table::{Decision, DecisionReason};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     slots: Vec<Slot>,
-    /// Sum of all weights; always positive.
+    /// Sum of all weights; positive unless the route is pinned-only.
     total: u64,
     /// Tried in config order; each names a slot of `slots`.
     rules: Vec<Rule>,
@@ -58,7 +58,7 @@ impl Route {
                 end: total,
             });
         }
-        if total == 0 {
+        if total == 0 && !spec.pinned_only {
             return Err(WeightError::NoPositiveWeight);
         }
         Ok(Self {
@@ -92,9 +92,15 @@ impl Route {
         self.slots.iter().map(|slot| (&*slot.version, slot.weight))
     }
 
-    /// Sum of all weights; always positive.
+    /// Sum of all weights; 0 only for a pinned-only route (see
+    /// [`RouteSpec::pinned_only`]).
     pub fn total_weight(&self) -> u64 {
         self.total
+    }
+
+    /// Whether unpinned requests have no version to go to (every weight is 0).
+    pub fn is_pinned_only(&self) -> bool {
+        self.total == 0
     }
 
     /// The weight of `version`, or `None` if it is not part of this route.
@@ -104,11 +110,17 @@ impl Route {
 
     /// The fraction of unpinned traffic `version` receives, or `None` if it is not part of this route.
     pub fn share(&self, version: &str) -> Option<f64> {
-        self.weight(version)
-            .map(|weight| f64::from(weight) / self.total as f64)
+        self.weight(version).map(|weight| match self.total {
+            0 => 0.0,
+            total => f64::from(weight) / total as f64,
+        })
     }
 
     /// The version owning the segment at `point` in `[0, 1)`; values outside (and NaN) clamp to the ends.
+    ///
+    /// # Panics
+    ///
+    /// On a pinned-only route, which has no segments; so do the other `pick` methods.
     pub fn pick_at(&self, point: f64) -> &str {
         // `as` saturates: NaN and negative values become 0, too large ones u64::MAX.
         let offset = (point * self.total as f64) as u64;
@@ -134,32 +146,36 @@ impl Route {
     }
 
     /// Decides an unpinned request: the first matching rule, else the sticky key's
-    /// segment when the request has a key, else a weighted draw with `rng`.
-    pub(crate) fn decide<A, R>(&self, attributes: &A, rng: &mut R) -> Decision<'_>
+    /// segment when the request has a key, else a weighted draw with `rng`; `None`
+    /// when no rule matches a pinned-only route.
+    pub(crate) fn decide<A, R>(&self, attributes: &A, rng: &mut R) -> Option<Decision<'_>>
     where
         A: RequestAttributes + ?Sized,
         R: Rng + ?Sized,
     {
         for (index, rule) in self.rules.iter().enumerate() {
             if let Some(slot) = rule.apply(attributes) {
-                return Decision {
+                return Some(Decision {
                     // Rule slots index `slots`: validation resolves each rule's version
                     // to its position in the same version list `slots` is built from.
                     version: &self.slots[slot].version,
                     reason: DecisionReason::Rule(index),
-                };
+                });
             }
         }
+        if self.is_pinned_only() {
+            return None;
+        }
         if let Some(hash) = self.sticky.as_ref().and_then(|s| s.hash(attributes)) {
-            return Decision {
+            return Some(Decision {
                 version: self.pick_at_fraction(hash),
                 reason: DecisionReason::Sticky,
-            };
+            });
         }
-        Decision {
+        Some(Decision {
             version: self.pick(rng),
             reason: DecisionReason::Weighted,
-        }
+        })
     }
 
     /// Looks up `version` in this route, returning the route's own copy of the name.

@@ -27,6 +27,14 @@ pub struct RouteSpec {
     /// Match rules, tried in order before the split; the first that matches picks the version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleSpec>,
+    /// Every weight may be 0: the route then serves pinned requests (and its rules)
+    /// only, and refuses the rest with [`RouteError::PinnedOnly`]. Set by the gateway
+    /// for a model none of whose versions may take unpinned traffic yet; never read
+    /// from a file.
+    ///
+    /// [`RouteError::PinnedOnly`]: crate::RouteError::PinnedOnly
+    #[serde(skip)]
+    pub pinned_only: bool,
 }
 
 impl RouteSpec {

@@ -142,7 +142,12 @@ impl RouteTable {
                     routable: route.versions().map(|(v, _)| v.to_owned()).collect(),
                 }),
             },
-            None => Ok(route.decide(attributes, rng)),
+            None => route
+                .decide(attributes, rng)
+                .ok_or_else(|| RouteError::PinnedOnly {
+                    model: model.to_owned(),
+                    routable: route.versions().map(|(v, _)| v.to_owned()).collect(),
+                }),
         }
     }
 }
@@ -190,6 +195,54 @@ mod tests {
             [("1", 70), ("2", 30), ("3", 0)]
         );
         assert!(table.route("ghost").is_none());
+    }
+
+    #[test]
+    fn a_pinned_only_route_takes_pins_and_refuses_the_rest_naming_the_versions() {
+        let inventory: BTreeMap<String, BTreeSet<String>> =
+            [("demo".to_owned(), ["1", "2"].map(str::to_owned).into())].into();
+        let spec = RouteSpec {
+            pinned_only: true,
+            ..RouteSpec::weighted(vec![
+                VersionWeight {
+                    version: "1".to_owned(),
+                    weight: 0,
+                },
+                VersionWeight {
+                    version: "2".to_owned(),
+                    weight: 0,
+                },
+            ])
+        };
+        let table =
+            RouteTable::compile(&[("demo".to_owned(), spec)].into(), &inventory).expect("compiles");
+        let mut rng = SmallRng::seed_from_u64(3);
+        let pinned = table.resolve("demo", Some("2"), &mut rng).expect("a pin");
+        assert_eq!(pinned.version, "2");
+        assert_eq!(
+            table.resolve("demo", None, &mut rng),
+            Err(RouteError::PinnedOnly {
+                model: "demo".to_owned(),
+                routable: vec!["1".to_owned(), "2".to_owned()],
+            })
+        );
+        // A route with a positive weight is never pinned-only, even when it says so.
+        let weighted = RouteSpec {
+            pinned_only: true,
+            ..RouteSpec::weighted(vec![VersionWeight {
+                version: "1".to_owned(),
+                weight: 1,
+            }])
+        };
+        let table = RouteTable::compile(&[("demo".to_owned(), weighted)].into(), &inventory)
+            .expect("compiles");
+        assert_eq!(
+            table
+                .resolve("demo", None, &mut rng)
+                .expect("weighted")
+                .version,
+            "1"
+        );
     }
 
     #[test]

@@ -414,6 +414,20 @@ mod tests {
     }
 
     #[test]
+    fn all_zero_weights_compile_only_as_a_pinned_only_route() {
+        let inventory = inventory(&[("demo", &["1", "2", "3"])]);
+        let pinned_only = RouteSpec {
+            pinned_only: true,
+            ..spec(&[("1", 0), ("2", 0)])
+        };
+        let table = RouteTable::compile(&[("demo".to_owned(), pinned_only)].into(), &inventory)
+            .expect("a pinned-only route may have every weight at 0");
+        let route = table.route("demo").expect("routed");
+        assert!(route.is_pinned_only());
+        assert_eq!(route.share("1"), Some(0.0));
+    }
+
+    #[test]
     fn all_zero_weights_are_rejected() {
         assert_single_error(
             spec(&[("1", 0), ("2", 0)]),
@@ -848,6 +862,7 @@ mod tests {
                 versions,
                 sticky,
                 rules,
+                pinned_only: false,
             });
         prop::collection::btree_map(model_name(), spec, 0..4)
     }

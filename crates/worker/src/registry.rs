@@ -81,6 +81,18 @@ impl Stage {
         }
     }
 
+    /// The stage named `name`, as [`Stage::name`] writes it.
+    pub fn from_name(name: &str) -> Option<Stage> {
+        [
+            Stage::Candidate,
+            Stage::Approved,
+            Stage::Production,
+            Stage::Archived,
+        ]
+        .into_iter()
+        .find(|stage| stage.name() == name)
+    }
+
     /// Whether a version at this stage may take unpinned traffic beyond the cap.
     pub fn may_take_traffic(self) -> bool {
         matches!(self, Stage::Approved | Stage::Production)

@@ -178,9 +178,25 @@ impl Models for ModelsService {
         let request = request.into_inner();
         let model = required("model", &request.model)?;
         let version = required("version", &request.version)?;
-        let record = self.control.approve(model, version, &request.note)?;
+        let record = self.control.approve(model, version, &request.note).await?;
         Ok(Response::new(StageResponse {
             stage: Some(version_stage(record)),
+            enforced: true,
+            canary_cap_percent: self.control.registry().map_or(0, |r| r.cap_percent()),
+        }))
+    }
+
+    async fn get_stage(
+        &self,
+        request: Request<VersionRequest>,
+    ) -> Result<Response<StageResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        let version = required("version", &request.version)?;
+        Ok(Response::new(StageResponse {
+            stage: self.control.stage(model, version).map(version_stage),
+            enforced: self.control.registry().is_some(),
+            canary_cap_percent: self.control.registry().map_or(0, |r| r.cap_percent()),
         }))
     }
 

@@ -15,10 +15,11 @@ use std::{
 
 use aviary::client::TokenChannel;
 use aviary::pb::admin::{
-    GetRoutesRequest, RolloutWeights as WeightsMessage, VariantStatsRequest,
-    fleet_client::FleetClient, routes_client::RoutesClient,
+    GetRoutesRequest, RolloutWeights as WeightsMessage, VariantStatsRequest, VersionRequest,
+    fleet_client::FleetClient, models_client::ModelsClient, routes_client::RoutesClient,
 };
 use aviary_router::rollout::{MetricsSnapshot, RolloutPlan};
+use aviary_worker::registry::Stage;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tonic::transport::Channel;
 
@@ -183,6 +184,35 @@ impl RemoteGateways {
             .find(|r| r.model == model)
             .map(|r| r.versions.into_iter().map(|v| v.version).collect()))
     }
+
+    /// Why `plan` could never finish on the gateway at `address` under its
+    /// `[registry]` (a canary not approved there, stepped past its cap); `Err` when the
+    /// gateway cannot be asked. Stages are each gateway's own.
+    async fn unapproved(
+        &self,
+        address: &str,
+        plan: &RolloutPlan,
+    ) -> Result<Option<String>, String> {
+        let mut client = ModelsClient::new(self.channel(address)?);
+        let answer = client
+            .get_stage(VersionRequest {
+                model: plan.model.clone(),
+                version: plan.canary.clone(),
+            })
+            .await
+            .map_err(|status| status.message().to_owned())?
+            .into_inner();
+        let stage = match answer.stage.filter(|_| answer.enforced) {
+            None => return Ok(None),
+            Some(stage) => Stage::from_name(&stage.stage).ok_or_else(|| {
+                format!("stage \"{}\" is not one this controller knows", stage.stage)
+            })?,
+        };
+        Ok(
+            crate::registry::plan_past_cap(plan, stage, answer.canary_cap_percent)
+                .map(|why| format!("canary: on gateway {address}, {why}")),
+        )
+    }
 }
 
 impl Target for RemoteGateways {
@@ -247,6 +277,21 @@ impl Target for RemoteGateways {
             ));
         }
         problems
+    }
+
+    /// Each gateway's own `[registry]` judges the canary: one that has not approved it
+    /// refuses every step past its cap, so the rollout could never finish.
+    async fn preconditions(&self, plan: &RolloutPlan) -> Vec<String> {
+        let mut unmet = Vec::new();
+        for address in self.addresses().await {
+            match self.unapproved(&address, plan).await {
+                Ok(why) => unmet.extend(why),
+                Err(error) => unmet.push(format!(
+                    "gateway {address} did not say the canary's stage: {error}"
+                )),
+            }
+        }
+        unmet
     }
 
     /// The canary's and the baseline's step windows summed over every gateway that

@@ -109,25 +109,15 @@ impl LocalGateway {
     /// approved cannot take a step past the canary cap (approve it first, or end the
     /// plan at the cap).
     fn unapproved(&self, plan: &RolloutPlan) -> Vec<String> {
-        let Some(stage) = self.control.stage(&plan.model, &plan.canary) else {
+        let (Some(stage), Some(registry)) = (
+            self.control.stage(&plan.model, &plan.canary),
+            self.control.registry(),
+        ) else {
             return Vec::new();
         };
-        let cap = self
-            .control
-            .registry()
-            .map_or(100, |registry| registry.cap_percent());
-        match plan.steps.iter().find(|step| step.weight > cap) {
-            Some(step) if !stage.stage.may_take_traffic() => vec![format!(
-                "canary {} is at stage {}, not approved: a step of {}% is past the {cap}% \
-                 [registry] canary_cap_percent; approve it first (aviary ctl approve {} {})",
-                plan.canary,
-                stage.stage.name(),
-                step.weight,
-                plan.model,
-                plan.canary
-            )],
-            _ => Vec::new(),
-        }
+        crate::registry::plan_past_cap(plan, stage.stage, registry.cap_percent())
+            .into_iter()
+            .collect()
     }
 
     /// Why the plan's data gates could never be measured here: no embedded worker, a
@@ -197,8 +187,11 @@ impl Target for LocalGateway {
             .map(|m| m.config().version.as_str());
         let mut problems = plan_problems(plan, &routing.table, shadow);
         problems.extend(self.undriftable(plan));
-        problems.extend(self.unapproved(plan));
         problems
+    }
+
+    async fn preconditions(&self, plan: &RolloutPlan) -> Vec<String> {
+        self.unapproved(plan)
     }
 
     async fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {

@@ -47,6 +47,13 @@ pub trait Target: Send + Sync + 'static {
     /// are the driver's): versions that are not routable, gates nothing measures.
     fn check(&self, plan: &RolloutPlan) -> impl Future<Output = Vec<String>> + Send;
 
+    /// Why a valid `plan` may not run here now (refused as a failed precondition):
+    /// with `[registry]`, a canary that is not approved stepped past the canary cap.
+    fn preconditions(&self, plan: &RolloutPlan) -> impl Future<Output = Vec<String>> + Send {
+        let _ = plan;
+        std::future::ready(Vec::new())
+    }
+
     /// The evidence for the current step of `plan`.
     fn snapshot(&self, plan: &RolloutPlan) -> impl Future<Output = MetricsSnapshot> + Send;
 
@@ -320,6 +327,13 @@ impl<T: Target> Driver<T> {
             Ok(rollout) if problems.is_empty() => rollout,
             _ => return Err(GatewayError::InvalidRollout(problems)),
         };
+        let unmet = self.target.preconditions(&plan).await;
+        if !unmet.is_empty() {
+            return Err(GatewayError::Refused(format!(
+                "rollout refused: {}",
+                unmet.join("; ")
+            )));
+        }
         let mut entries = self.entries.lock().await;
         if let Some(active) = entries
             .get(&plan.model)
