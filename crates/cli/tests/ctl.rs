@@ -313,7 +313,7 @@ fn unload_refuses_weighted_versions_unless_forced_and_load_brings_them_back() {
 #[test]
 fn an_invalid_config_edit_is_rejected_naming_the_key_and_routes_keep_serving() {
     let served = Served::demo();
-    let before = served.routes();
+    let before = served.route_table();
     let status = served.ctl(&["config-status"]).ok().stdout;
     assert!(status.contains("applied"), "{status}");
     assert!(!status.contains("REJECTED"), "{status}");
@@ -340,7 +340,11 @@ fn an_invalid_config_edit_is_rejected_naming_the_key_and_routes_keep_serving() {
             .any(|e| e.as_str().is_some_and(|e| e.contains("wieght")))),
         "{json:#}"
     );
-    assert_eq!(served.routes(), before, "the last good routes keep serving");
+    assert_eq!(
+        served.route_table(),
+        before,
+        "the last good routes keep serving"
+    );
 
     // A valid edit after the bad one applies and clears the errors.
     let fixed = good
@@ -419,5 +423,54 @@ fn sigterm_drains_slow_requests_in_flight_and_exits_zero() {
     assert!(
         !stderr.contains("grace period over"),
         "the requests finished within the grace period; stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_bandit_route_learns_from_ctl_feedback_and_the_report_shows_its_posterior() {
+    let routed = "  { version = \"2\", weight = 10 },\n]\n";
+    let config = demo_config();
+    assert!(config.contains(routed), "the demo routes demo 90/10");
+    let config = config.replace(
+        routed,
+        &format!(
+            "{routed}bandit = {{ strategy = \"thompson\", reward = \"correct\", warmup = 20, \
+             interval_ms = 100, seed = 3 }}\n"
+        ),
+    );
+    let served = Served::start(&config, &[]);
+    for i in 0..10 {
+        let id = format!("req-{i}");
+        served
+            .ctl(&["feedback", "demo", "2", &id, "--correct"])
+            .ok();
+        served
+            .ctl(&["feedback", "demo", "1", &id, "--incorrect"])
+            .ok();
+    }
+    let weight_of_2 = || {
+        route_of(&served.routes(), "demo")
+            .and_then(|route| route.into_iter().find(|(v, _)| v == "2"))
+            .map_or(0, |(_, w)| w)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || weight_of_2() >= 9_000),
+        "version 2, right every time, takes 90 % or more: {:?}",
+        route_of(&served.routes(), "demo")
+    );
+    let report = served.ctl(&["experiment", "report", "demo"]).ok().stdout;
+    for expected in [
+        "bandit: thompson on correct feedback, min share 5.00%; 20 rewards, learnt shares",
+        "Beta(11, 1)",
+        "Beta(1, 11)",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
+    let json = served
+        .ctl(&["experiment", "report", "demo", "--json"])
+        .json();
+    assert_eq!(
+        json["bandit"]["arms"][1]["posterior_alpha"], 11.0,
+        "{json:#}"
     );
 }

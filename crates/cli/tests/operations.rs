@@ -488,7 +488,7 @@ fn sigterm_answers_the_messages_in_flight_on_open_streams_then_exits_zero() {
 #[test]
 fn a_deleted_config_file_keeps_the_routes_and_its_restored_weights_apply() {
     let served = Served::demo();
-    let before = served.routes();
+    let before = served.route_table();
     let generation = before["generation"].as_u64().expect("generation");
     let status_before = served.ctl(&["config-status", "--json"]).json();
     let traffic = Traffic::start(&[&served.addr]);
@@ -503,7 +503,7 @@ fn a_deleted_config_file_keeps_the_routes_and_its_restored_weights_apply() {
     });
     assert!(noticed, "the watcher read the missing file");
     assert_eq!(
-        served.routes(),
+        served.route_table(),
         before,
         "the routes stay while the file is gone"
     );

@@ -358,6 +358,14 @@ impl Gateway {
                 ),
             ));
         }
+        tasks.spawn(acting_as(
+            Caller::Process("bandit"),
+            crate::bandit::driver::run(
+                Arc::clone(&self.control),
+                Arc::clone(&self.metrics),
+                stop_rx.clone(),
+            ),
+        ));
         if let Some(rollouts) = &self.rollouts {
             tasks.spawn(acting_as(
                 Caller::Process("rollout-driver"),

@@ -740,6 +740,10 @@ pub struct RouteConfig {
     /// over the card's own `mode`: `reject` or `flag` (absent: each card's).
     #[serde(default)]
     pub input_rules_mode: Option<aviary_worker::input_rules::RuleMode>,
+    /// Learn the weights from feedback (a multi-armed bandit over the weighted
+    /// versions); absent: the weights are fixed.
+    #[serde(default)]
+    pub bandit: Option<crate::bandit::BanditConfig>,
 }
 
 /// A route's fallback.
@@ -1166,6 +1170,9 @@ impl Config {
             }
         }
         problems.extend(cache_problems(&config));
+        for (model, route) in &config.routes {
+            problems.extend(crate::bandit::problems(model, route));
+        }
         problems.extend(name_problems(&config));
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());

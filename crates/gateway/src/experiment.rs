@@ -62,6 +62,7 @@ pub fn report(
             .unwrap_or_default(),
         variants: experiments.iter().map(|(v, e)| variant(v, e)).collect(),
         comparisons,
+        bandit: None,
     })
 }
 

@@ -52,6 +52,7 @@ use crate::{
     control::Control,
     dead_letters::DeadLetters,
     metrics::{Metrics, StandIn},
+    route::Route,
     routing::Routing,
     sequences::{Placement, Sequences},
     stack::Call,
@@ -261,7 +262,7 @@ impl Front {
                 metadata,
                 parameters: &request.parameters,
             };
-            SPLIT_RNG.with_borrow_mut(|rng| {
+            let (version, reason) = SPLIT_RNG.with_borrow_mut(|rng| {
                 let (pinned, reason) = match &placement {
                     Some(Placement::Continue(version)) => {
                         (Some(&**version), Some(DecisionReason::Sequence))
@@ -272,7 +273,20 @@ impl Front {
                     .table
                     .resolve_with(&request.model_name, pinned, &attributes, rng)
                     .map(|d| (d.version.to_owned(), reason.unwrap_or(d.reason)))
-            })?
+            })?;
+            match (reason, route) {
+                (DecisionReason::Sticky, Some(route)) if route.bandit.is_some() => (
+                    self.kept_assignment(
+                        &routing,
+                        route,
+                        &request.model_name,
+                        &attributes,
+                        version,
+                    ),
+                    reason,
+                ),
+                _ => (version, reason),
+            }
         };
         if telemetry::tracing_on() {
             let span = tracing::Span::current();
@@ -494,6 +508,36 @@ impl Front {
             }
             (result, _) => result,
         }
+    }
+
+    /// On a bandit route, a sticky user stays on the version it was first given while
+    /// that version still takes unpinned traffic; only new users follow the current
+    /// shares (`decided`).
+    fn kept_assignment(
+        &self,
+        routing: &Routing,
+        route: &Route,
+        model: &str,
+        attributes: &RequestView<'_>,
+        decided: String,
+    ) -> String {
+        let Some(key) = routing
+            .table
+            .route(model)
+            .and_then(|r| r.sticky_key(attributes))
+        else {
+            return decided;
+        };
+        let weighted = |version: &str| {
+            route
+                .versions
+                .iter()
+                .any(|v| v.version == version && v.weight > 0)
+        };
+        self.control
+            .bandits()
+            .assignments()
+            .keep(model, key, &decided, weighted)
     }
 
     /// The default prediction of `model` at `version` shaped for the failed request, or

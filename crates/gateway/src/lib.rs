@@ -13,6 +13,7 @@
 //! - [`shadow`]: mirroring a share of requests to a shadow version and comparing answers.
 //! - [`metrics`]: requests, errors and latency per routed version, with rollout step windows.
 //! - [`exposition`]: those metrics and the routes' weights on `/metrics`.
+//! - [`bandit`]: routes whose weights a multi-armed bandit learns from feedback.
 //! - [`experiment`]: A/B experiment reports: per-variant outcomes and significance tests.
 //! - [`rollouts`]: the rollout driver, generic over its target: this gateway, or many
 //!   gateways through their admin API.
@@ -47,6 +48,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod bandit;
 pub mod cache;
 pub mod check;
 pub mod config;

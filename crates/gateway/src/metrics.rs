@@ -490,6 +490,20 @@ impl Metrics {
         }
     }
 
+    /// The feedback a variant received and the requests it failed, since start-up
+    /// (none for one never seen).
+    pub fn outcomes_and_errors(&self, model: &str, version: &str) -> (Outcomes, u64) {
+        let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
+        variants
+            .get(model)
+            .and_then(|m| m.get(version))
+            .map(|variant| {
+                let variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
+                (variant.outcomes, variant.total.errors)
+            })
+            .unwrap_or_default()
+    }
+
     /// Everything since start-up; an empty window for a variant never seen.
     pub fn total(&self, model: &str, version: &str) -> Window {
         self.read(model, version, |v| v.total.clone())

@@ -12,6 +12,7 @@ use aviary::pb::admin as pb;
 use aviary_router::{RouteSpec, RuleSpec, StickySpec, VersionWeight};
 
 use crate::{
+    bandit::BanditConfig,
     config::{FaultConfig, LimitsConfig, RouteConfig, ShadowConfig},
     stack::{BreakerSettings, Limits},
 };
@@ -49,6 +50,8 @@ pub struct Route {
     /// Every weight is 0 and unpinned requests are refused: an implicit route none of
     /// whose versions may take unpinned traffic yet (see [`Route::implicit`]).
     pub pinned_only: bool,
+    /// The policy that learns the weights from feedback; `None`: the weights are fixed.
+    pub bandit: Option<BanditConfig>,
 }
 
 /// One version of a route.
@@ -104,6 +107,7 @@ impl From<&RouteConfig> for Route {
             cache_ttl: config.cache.map(|c| Duration::from_millis(c.ttl_ms)),
             input_rules_mode: config.input_rules_mode,
             pinned_only: false,
+            bandit: config.bandit.clone(),
         }
     }
 }
@@ -205,7 +209,7 @@ impl Route {
 
     /// The route `SetRoute` asks for: versions, weights and endpoints (several replicas
     /// comma-separated in one `endpoint`). What the message
-    /// cannot say (sticky key, rules, shadow, faults, cache) is empty here; the gateway keeps
+    /// cannot say (sticky key, rules, shadow, faults, cache, bandit) is empty here; the gateway keeps
     /// it from the route in force.
     pub fn from_message(message: &pb::Route) -> Route {
         Route {

@@ -13,8 +13,8 @@
 //!   minimum share for every arm (so a starved arm can still show it got better) and a
 //!   maximum share per arm (a version not approved for production).
 //!
-//! Routes do not use these shares yet: this is the policy's arithmetic, tested by
-//! simulation.
+//! This is the policy's arithmetic, tested by simulation; the gateway's `bandit`
+//! module applies it to routes.
 
 use std::collections::BTreeMap;
 
@@ -77,8 +77,9 @@ pub struct Guardrails {
     /// Until this many rewards have arrived (all arms together), the fixed shares
     /// hold.
     pub warmup_rewards: u64,
-    /// Every arm's least share, from 0 to 1: set aside for each arm before the
-    /// strategy's shares spread the rest (at most an equal split).
+    /// Every arm's least share, from 0 to 1 (at most an equal split). Shares that keep
+    /// every bound stand as they are; otherwise each arm gets this much first and the
+    /// strategy's shares spread the rest.
     pub min_share: f64,
     /// Arms' greatest shares, by arm index (e.g. a version not approved).
     pub max_share: BTreeMap<usize, f64>,
@@ -107,7 +108,20 @@ pub fn shares(
             Strategy::EpsilonGreedy { epsilon } => epsilon_greedy(arms, epsilon.clamp(0.0, 1.0)),
         }
     };
-    bounded(&chosen, guardrails)
+    match within(&chosen, guardrails) {
+        true => chosen,
+        false => bounded(&chosen, guardrails),
+    }
+}
+
+/// Whether `shares` already keep every guardrail: then they stand as they are (the
+/// configured weights through the warm-up, say), rather than being re-spread.
+fn within(shares: &[f64], guardrails: &Guardrails) -> bool {
+    let floor = guardrails.min_share.clamp(0.0, 1.0 / shares.len() as f64);
+    shares.iter().enumerate().all(|(i, &share)| {
+        let cap = guardrails.max_share.get(&i).copied().unwrap_or(1.0);
+        share.is_finite() && share >= floor && share <= cap.max(floor)
+    })
 }
 
 fn normalised(weights: &[f64], arms: usize) -> Vec<f64> {
@@ -147,19 +161,61 @@ fn thompson(kind: RewardKind, arms: &[ArmRewards], draws: usize, rng: &mut impl 
     wins.iter().map(|&w| w as f64 / draws as f64).collect()
 }
 
-/// One draw from an arm's posterior: Beta(1 + successes, 1 + failures), or a Normal
-/// around its mean with its standard error (a wide one until it has two rewards).
-fn posterior_draw(kind: RewardKind, arm: &ArmRewards, rng: &mut impl Rng) -> f64 {
+/// What an arm's rewards say its mean reward may be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Posterior {
+    /// Correct/incorrect feedback: Beta(alpha, beta), from a uniform prior.
+    Beta {
+        /// 1 + successes.
+        alpha: f64,
+        /// 1 + failures.
+        beta: f64,
+    },
+    /// Numeric rewards: a Normal around the mean with its standard error as the
+    /// spread (a wide one until the arm has two rewards).
+    Normal {
+        /// The mean reward (0 before any).
+        mean: f64,
+        /// The spread.
+        sd: f64,
+    },
+}
+
+impl Posterior {
+    /// Its mean.
+    pub fn mean(&self) -> f64 {
+        match *self {
+            Posterior::Beta { alpha, beta } => alpha / (alpha + beta),
+            Posterior::Normal { mean, .. } => mean,
+        }
+    }
+
+    /// Its standard deviation.
+    pub fn sd(&self) -> f64 {
+        match *self {
+            Posterior::Beta { alpha, beta } => {
+                let total = alpha + beta;
+                (alpha * beta / (total * total * (total + 1.0))).sqrt()
+            }
+            Posterior::Normal { sd, .. } => sd,
+        }
+    }
+}
+
+/// The posterior of an arm whose rewards are of `kind`.
+pub fn posterior(kind: RewardKind, arm: &ArmRewards) -> Posterior {
     match kind {
         RewardKind::Binary => {
             let successes = arm.sum.clamp(0.0, arm.count as f64);
             let failures = arm.count as f64 - successes;
-            // Both parameters are at least 1: the distribution always exists.
-            Beta::new(1.0 + successes, 1.0 + failures).map_or(0.5, |beta| beta.sample(rng))
+            Posterior::Beta {
+                alpha: 1.0 + successes,
+                beta: 1.0 + failures,
+            }
         }
         RewardKind::Numeric => {
             let n = arm.count as f64;
-            let (mean, spread) = match arm.count {
+            let (mean, sd) = match arm.count {
                 0 => (0.0, 1.0e6),
                 1 => (arm.sum, 1.0e3),
                 _ => {
@@ -168,8 +224,19 @@ fn posterior_draw(kind: RewardKind, arm: &ArmRewards, rng: &mut impl Rng) -> f64
                     (mean, (variance / n).sqrt())
                 }
             };
-            Normal::new(mean, spread).map_or(mean, |normal| normal.sample(rng))
+            Posterior::Normal { mean, sd }
         }
+    }
+}
+
+/// One draw from an arm's posterior.
+fn posterior_draw(kind: RewardKind, arm: &ArmRewards, rng: &mut impl Rng) -> f64 {
+    match posterior(kind, arm) {
+        // Both parameters are at least 1: the distribution always exists.
+        Posterior::Beta { alpha, beta } => {
+            Beta::new(alpha, beta).map_or(0.5, |beta| beta.sample(rng))
+        }
+        Posterior::Normal { mean, sd } => Normal::new(mean, sd).map_or(mean, |n| n.sample(rng)),
     }
 }
 
@@ -189,7 +256,7 @@ fn epsilon_greedy(arms: &[ArmRewards], epsilon: f64) -> Vec<f64> {
         .collect()
 }
 
-/// `shares` within the guardrails: every arm first gets the minimum share, and what is
+/// `shares` brought within the guardrails: every arm first gets the minimum share, and what is
 /// left is spread in proportion to `shares`, no arm past its maximum; what a full arm
 /// cannot take goes to the others (equally to arms the strategy gave nothing, once the
 /// rest are full). When the maximums leave no room for it all, the rest is spread

@@ -2,8 +2,8 @@
 
 use super::Channel;
 use aviary::pb::admin::{
-    ExperimentReport, ExperimentReportRequest, FeedbackRequest, ShadowReport, ShadowReportRequest,
-    experiments_client::ExperimentsClient, feedback_request::Outcome,
+    BanditReport, ExperimentReport, ExperimentReportRequest, FeedbackRequest, ShadowReport,
+    ShadowReportRequest, experiments_client::ExperimentsClient, feedback_request::Outcome,
 };
 
 use super::{
@@ -193,12 +193,73 @@ fn render_experiment(report: &ExperimentReport) -> String {
             opt(c.accuracy_msprt_p, 4),
         ]);
     }
+    let bandit = report
+        .bandit
+        .as_ref()
+        .map(render_bandit)
+        .unwrap_or_default();
     format!(
-        "{} experiment, baseline {}\n{}\n\n{}\n(p: fixed-sample two-sided; mSPRT p stays valid however often it is read)",
+        "{} experiment, baseline {}\n{}\n\n{}\n(p: fixed-sample two-sided; mSPRT p stays valid however often it is read){bandit}",
         report.model,
         report.baseline,
         table(&rows),
         table(&tests)
+    )
+}
+
+/// The bandit policy's section: its state, and each arm's share and posterior.
+fn render_bandit(bandit: &BanditReport) -> String {
+    let mut rows = vec![
+        [
+            "ARM",
+            "SHARE",
+            "MAX SHARE",
+            "REWARDS",
+            "MEAN REWARD",
+            "POSTERIOR",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for arm in &bandit.arms {
+        let posterior = match bandit.reward.as_str() {
+            "correct" => format!(
+                "Beta({}, {}) mean {:.4}",
+                arm.posterior_alpha, arm.posterior_beta, arm.posterior_mean
+            ),
+            _ => format!(
+                "Normal({:.4}, sd {:.4})",
+                arm.posterior_mean, arm.posterior_sd
+            ),
+        };
+        rows.push(vec![
+            arm.version.clone(),
+            format!("{:.2}%", arm.share * 100.0),
+            arm.max_share
+                .map_or_else(|| "-".into(), |m| format!("{:.2}%", m * 100.0)),
+            arm.rewards.to_string(),
+            opt(arm.mean_reward, 4),
+            posterior,
+        ]);
+    }
+    let state = match (bandit.updated_unix_ms, bandit.warming_up) {
+        (0, _) => "not updated yet".to_owned(),
+        (_, true) => format!(
+            "warming up: {} of {} rewards, configured weights",
+            bandit.rewards, bandit.warmup
+        ),
+        (_, false) => format!("{} rewards, learnt shares", bandit.rewards),
+    };
+    let applied = match bandit.not_applied.as_str() {
+        "" => String::new(),
+        reason => format!("\nnot applied: {reason}"),
+    };
+    format!(
+        "\n\nbandit: {} on {} feedback, min share {:.2}%; {state}{applied}\n{}",
+        bandit.strategy,
+        bandit.reward,
+        bandit.min_share * 100.0,
+        table(&rows)
     )
 }
 
@@ -230,6 +291,7 @@ mod tests {
                 version: "2".into(),
                 ..Default::default()
             }],
+            bandit: None,
         };
         let text = render_experiment(&report);
         assert!(text.contains("1 (baseline)  10"), "{text}");
@@ -242,5 +304,40 @@ mod tests {
             serde_json::from_str(&print(&report, true, render_experiment)).expect("JSON");
         assert_eq!(json["comparisons"][0]["accuracy"], serde_json::Value::Null);
         assert_eq!(json["variants"][0]["error_rate"], 0.1);
+    }
+
+    #[test]
+    fn the_bandit_section_shows_shares_posteriors_and_why_weights_did_not_apply() {
+        use aviary::pb::admin::BanditArm;
+
+        let bandit = BanditReport {
+            strategy: "epsilon-greedy".into(),
+            reward: "numeric".into(),
+            warmup: 100,
+            rewards: 40,
+            warming_up: true,
+            min_share: 0.05,
+            arms: vec![BanditArm {
+                version: "2".into(),
+                share: 0.1,
+                rewards: 40,
+                mean_reward: Some(1.5),
+                posterior_mean: 1.5,
+                posterior_sd: 0.25,
+                max_share: Some(0.1),
+                ..Default::default()
+            }],
+            updated_unix_ms: 1,
+            not_applied: "a running rollout holds the weights".into(),
+        };
+        let text = render_bandit(&bandit);
+        for expected in [
+            "bandit: epsilon-greedy on numeric feedback, min share 5.00%; warming up: 40 of 100 rewards",
+            "not applied: a running rollout holds the weights",
+            "2    10.00%  10.00%     40",
+            "Normal(1.5000, sd 0.2500)",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in:\n{text}");
+        }
     }
 }

@@ -85,9 +85,10 @@ impl Experiments for ExperimentsService {
             )));
         }
         let baseline = Some(request.baseline.as_str()).filter(|b| !b.is_empty());
-        experiment::report(&self.metrics, model, &versions, baseline)
-            .map(Response::new)
-            .map_err(Status::invalid_argument)
+        let mut report = experiment::report(&self.metrics, model, &versions, baseline)
+            .map_err(Status::invalid_argument)?;
+        report.bandit = self.control.bandits().report(model);
+        Ok(Response::new(report))
     }
 
     async fn get_shadow_report(

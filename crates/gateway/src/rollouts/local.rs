@@ -191,7 +191,17 @@ impl Target for LocalGateway {
     }
 
     async fn preconditions(&self, plan: &RolloutPlan) -> Vec<String> {
-        self.unapproved(plan)
+        let model = &plan.model;
+        let mut problems = self.unapproved(plan);
+        if let Some(route) = self.control.routing().load().routes.get(model)
+            && route.bandit.is_some()
+        {
+            problems.push(format!(
+                "routes.{model}.bandit: the weights of model \"{model}\" are learnt by its bandit \
+                 policy; remove the bandit from the config file to roll out a version"
+            ));
+        }
+        problems
     }
 
     async fn snapshot(&self, plan: &RolloutPlan) -> MetricsSnapshot {

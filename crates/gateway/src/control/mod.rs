@@ -12,7 +12,13 @@
 //! - a running rollout, above both: while it runs, its canary and baseline weights are
 //!   held; a file edit to that model's weights is reported in the config status as held,
 //!   and `SetRoute` that would change them is refused. When the rollout ends its final
-//!   weights become the route's own.
+//!   weights become the route's own;
+//! - a bandit policy (`routes.<model>.bandit`), between the route's own weights and a
+//!   rollout's: its learnt weights lie over the configured ones (see [`bandit`]).
+
+mod bandit;
+
+pub use bandit::{BanditApplied, BanditRoute};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,6 +33,7 @@ use crate::{
     GatewayError,
     audit::{Audit, Kind},
     backend::WorkerCalls,
+    bandit::driver::Bandits,
     config::Config,
     defaults::Defaults,
     registry::{StageRecord, StageRegistry},
@@ -310,6 +317,8 @@ struct Writer {
     routes: Routes,
     /// Weights of running rollouts, by model.
     holds: BTreeMap<String, Hold>,
+    /// Weights bandit policies chose, by model: each arm's, over the route's own.
+    bandit: BTreeMap<String, Vec<(String, u32)>>,
     pools: Pools,
 }
 
@@ -332,6 +341,8 @@ pub struct Control {
     audit: Audit,
     /// The approval workflow, when `[registry]` is set.
     registry: Option<Arc<StageRegistry>>,
+    /// The bandit routes' policies and the sticky users they placed.
+    bandits: Bandits,
 }
 
 impl Control {
@@ -378,6 +389,7 @@ impl Control {
             writer: tokio::sync::Mutex::new(Writer {
                 routes: routes.clone(),
                 holds: BTreeMap::new(),
+                bandit: BTreeMap::new(),
                 pools,
             }),
             file: Mutex::new(FileState {
@@ -389,7 +401,13 @@ impl Control {
             canaries: Mutex::new(BTreeMap::new()),
             audit,
             registry,
+            bandits: Bandits::default(),
         })
+    }
+
+    /// The bandit routes' policies and the sticky users they placed.
+    pub fn bandits(&self) -> &Bandits {
+        &self.bandits
     }
 
     /// The approval workflow, when `[registry]` is set.
@@ -586,8 +604,8 @@ impl Control {
         let mut route = route;
         // The admin API sets versions, weights and the limits it names; a route's
         // sticky key, match rules, shadow, fallback, dead letters, default prediction, cache,
-        // input-rule mode, injected faults and the limits the request leaves out stay as
-        // they are.
+        // input-rule mode, bandit policy, injected faults and the limits the request
+        // leaves out stay as they are.
         if let Some(existing) = routes.get(model) {
             route.sticky = route.sticky.or_else(|| existing.sticky.clone());
             route.shadow = route.shadow.or_else(|| existing.shadow.clone());
@@ -597,6 +615,10 @@ impl Control {
             route.default_prediction = existing.default_prediction;
             route.cache_ttl = existing.cache_ttl;
             route.input_rules_mode = existing.input_rules_mode;
+            route.bandit = existing.bandit.clone();
+            if route.bandit.is_some() {
+                bandit::keep_configured_weights(model, &mut route, existing, &self.routing.load())?;
+            }
             if route.rules.is_empty() {
                 route.rules = existing.rules.clone();
             }
@@ -1182,6 +1204,7 @@ impl Control {
     ) -> Result<u64, GatewayError> {
         let generation = self.routing.load().generation + 1;
         let mut in_force = routes.clone();
+        bandit::lay_over(&mut in_force, &writer.bandit);
         for (model, hold) in &writer.holds {
             let route = in_force.get(model).cloned().unwrap_or_default();
             in_force.insert(model.clone(), hold.weights.apply_to(&route));
@@ -1218,6 +1241,9 @@ impl Control {
         log_route_changes(&self.routing.load(), &routing, &self.audit);
         let in_force_now = routing.routes.clone();
         self.routing.store(Arc::new(routing));
+        writer
+            .bandit
+            .retain(|model, _| routes.get(model).is_some_and(|r| r.bandit.is_some()));
         writer.routes = routes;
         if let Some(registry) = &self.registry {
             // Not while a rollout holds the weights: its last step is still judged, and
