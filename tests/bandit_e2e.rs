@@ -225,6 +225,19 @@ async fn hand_changes_to_a_bandits_weights_are_refused() {
         "{rollout:?}"
     );
 
+    // This gateway plans its bandit itself: a controller's weights are refused.
+    let pushed = admin
+        .fleet()
+        .set_bandit_weights(aviary::pb::admin::BanditWeights {
+            model: "demo".into(),
+            weights: vec![],
+            report: None,
+        })
+        .await
+        .expect_err("not a controlled gateway");
+    assert_eq!(pushed.code(), Code::FailedPrecondition, "{pushed:?}");
+    assert!(pushed.message().contains("controlled = true"), "{pushed:?}");
+
     gateway.stop().await.expect("clean stop");
 }
 

@@ -283,3 +283,134 @@ async fn a_rollout_of_a_canary_a_gateway_has_not_approved_is_refused_at_start() 
     a.stop().await.expect("gateway a stops");
     b.stop().await.expect("gateway b stops");
 }
+
+/// Controlled gateways with `demo` split 50/50 by a bandit the controller plans.
+const CONTROLLED_BANDIT: &str = r#"
+[repository]
+path = "{models}"
+instances = 2
+
+[rollouts]
+controlled = true
+
+[routes.demo]
+versions = [ { version = "1", weight = 50 }, { version = "2", weight = 50 } ]
+bandit = { strategy = "thompson", reward = "correct", warmup = 30, min_share = 0.05, interval_ms = 100, seed = 11 }
+"#;
+
+/// `correct` of `of` feedback on `version` of `demo`, sent to one gateway.
+async fn feedback(gateway: &Admin, version: &str, correct: u32, of: u32) {
+    use aviary::pb::admin::{FeedbackRequest, feedback_request::Outcome};
+    for i in 0..of {
+        gateway
+            .experiments()
+            .feedback(FeedbackRequest {
+                request_id: format!("req-{version}-{i}"),
+                model: "demo".into(),
+                version: version.into(),
+                outcome: Some(Outcome::Correct(i < correct)),
+            })
+            .await
+            .expect("feedback on an arm");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
+    let a = support::start_gateway(CONTROLLED_BANDIT, Mode::Embedded)
+        .await
+        .expect("gateway a starts");
+    let b = support::start_gateway(CONTROLLED_BANDIT, Mode::Embedded)
+        .await
+        .expect("gateway b starts");
+    let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (stop_controller, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(run_controller(
+        Gateways::List(addresses.to_vec()),
+        ControllerOptions {
+            evaluate_interval: Duration::from_millis(100),
+            ..ControllerOptions::default()
+        },
+        listener,
+        None,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let (mut admin_a, mut admin_b) = (a.admin().await, b.admin().await);
+
+    // Each gateway alone has 20 rewards, under the warm-up of 30: only their sum can
+    // move the policy. Version 1 is right every time (told to a), 2 never (told to b).
+    feedback(&admin_a, "1", 20, 20).await;
+    feedback(&admin_b, "2", 0, 20).await;
+    let both_moved = support::eventually(Duration::from_secs(30), || {
+        let (admin_a, admin_b) = (&admin_a, &admin_b);
+        async move {
+            let on_a = weight_of(&admin_a.weights("demo").await, "1");
+            let on_b = weight_of(&admin_b.weights("demo").await, "1");
+            on_a == on_b && on_a >= 9_000
+        }
+    })
+    .await;
+    let (on_a, on_b) = (weights(&mut admin_a).await, weights(&mut admin_b).await);
+    assert!(
+        both_moved,
+        "both gateways give version 1 90 %+: a {on_a:?}, b {on_b:?}"
+    );
+
+    for gateway in [&a, &b] {
+        let report = gateway
+            .admin()
+            .await
+            .experiments()
+            .get_experiment_report(aviary::pb::admin::ExperimentReportRequest {
+                model: "demo".into(),
+                baseline: String::new(),
+            })
+            .await
+            .expect("report")
+            .into_inner()
+            .bandit
+            .expect("the controller's policy");
+        assert_eq!(report.rewards, 40, "the fleet's sum: {report:?}");
+        assert!(!report.warming_up);
+        let posterior: Vec<(f64, f64)> = report
+            .arms
+            .iter()
+            .map(|arm| (arm.posterior_alpha, arm.posterior_beta))
+            .collect();
+        assert_eq!(posterior, [(21.0, 1.0), (1.0, 21.0)], "{report:?}");
+    }
+
+    // Weights a controlled gateway is sent must be its arms', out of 10,000.
+    use aviary::pb::admin::{BanditArmWeight, BanditWeights};
+    let arm = |version: &str, weight| BanditArmWeight {
+        version: version.into(),
+        weight,
+    };
+    for (weights, said) in [
+        (vec![arm("1", 10_000)], "are not the route's arms"),
+        (vec![arm("1", 5_000), arm("2", 4_000)], "sum to 9000"),
+    ] {
+        let refused = admin_a
+            .fleet()
+            .set_bandit_weights(BanditWeights {
+                model: "demo".into(),
+                weights,
+                report: None,
+            })
+            .await
+            .expect_err("bad weights");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains(said), "{refused:?}");
+    }
+
+    let _ = stop_controller.send(());
+    served
+        .await
+        .expect("controller task")
+        .expect("controller stops cleanly");
+    a.stop().await.expect("clean stop");
+    b.stop().await.expect("clean stop");
+}

@@ -27,6 +27,10 @@ use crate::{
     GatewayError, admin,
     audit::Audit,
     auth::Keys,
+    bandit::{
+        self,
+        driver::{LOCAL_TICK, LocalBandits},
+    },
     cache::{self, PredictionCache},
     config::{Config, TlsConfig},
     control::Control,
@@ -358,14 +362,13 @@ impl Gateway {
                 ),
             ));
         }
-        tasks.spawn(acting_as(
-            Caller::Process("bandit"),
-            crate::bandit::driver::run(
-                Arc::clone(&self.control),
-                Arc::clone(&self.metrics),
-                stop_rx.clone(),
-            ),
-        ));
+        if !self.config.rollouts.controlled {
+            let target = LocalBandits::new(Arc::clone(&self.control), Arc::clone(&self.metrics));
+            tasks.spawn(acting_as(
+                Caller::Process("bandit"),
+                Arc::new(bandit::driver::Driver::new(target)).run(LOCAL_TICK, stop_rx.clone()),
+            ));
+        }
         if let Some(rollouts) = &self.rollouts {
             tasks.spawn(acting_as(
                 Caller::Process("rollout-driver"),

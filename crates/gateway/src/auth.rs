@@ -979,6 +979,13 @@ mod tests {
                 Role::ModelControl,
                 false,
             ),
+            // The feedback of every bandit route is the controller's (an admin key).
+            (
+                "/aviary.admin.v1.Fleet/GetBanditFeedback",
+                Role::Read,
+                false,
+            ),
+            ("/aviary.admin.v1.Fleet/SetBanditWeights", Role::Admin, true),
             ("/aviary.admin.v1.Experiments/Feedback", Role::Infer, true),
             ("/something.Else/Method", Role::Read, false),
         ];

@@ -4,6 +4,11 @@
 //! its weights to every gateway (which hold them while the rollout runs). Rollouts are
 //! kept in the controller's state file, so a restarted controller carries on.
 //!
+//! It also plans the gateways' bandit routes (on gateways with `[rollouts] controlled
+//! = true`): every evaluate interval it sums their feedback and, for each route whose
+//! `interval_ms` is due, sends one policy's weights to every gateway
+//! ([`bandit::fleet`]).
+//!
 //! The controller serves only the `Rollouts` admin service, so `aviary ctl --admin
 //! <controller> rollout ...` works as with one gateway, and `/metrics` (its process and
 //! the rollouts it drives).
@@ -16,6 +21,7 @@ use crate::{
     GatewayError,
     admin::RolloutsService,
     backend::WatchedTls,
+    bandit::{self, fleet::FleetBandits},
     exposition::RolloutsCollector,
     rollouts::{Driver, Gateways, RemoteGateways},
 };
@@ -73,17 +79,31 @@ pub async fn run_controller<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    let mut target = RemoteGateways::new(gateways, options.evaluate_interval);
-    target = target.with_authorization(options.gateway_authorization);
-    if let Some(files) = options.gateway_tls {
-        let tls = WatchedTls::open(files).map_err(|message| GatewayError::Config {
-            path: "--gateway-tls-ca/--gateway-tls-cert/--gateway-tls-key".into(),
-            message,
-        })?;
-        let tls = Arc::new(tls);
-        tokio::spawn(Arc::clone(&tls).watch());
-        target = target.with_tls(tls);
-    }
+    let tls = match options.gateway_tls {
+        Some(files) => {
+            let tls = WatchedTls::open(files).map_err(|message| GatewayError::Config {
+                path: "--gateway-tls-ca/--gateway-tls-cert/--gateway-tls-key".into(),
+                message,
+            })?;
+            let tls = Arc::new(tls);
+            tokio::spawn(Arc::clone(&tls).watch());
+            Some(tls)
+        }
+        None => None,
+    };
+    // The rollouts' and the bandits' calls to the gateways, each with its channels.
+    let reach = || {
+        let gateways = RemoteGateways::new(gateways.clone(), options.evaluate_interval)
+            .with_authorization(options.gateway_authorization.clone());
+        match &tls {
+            Some(tls) => gateways.with_tls(Arc::clone(tls)),
+            None => gateways,
+        }
+    };
+    let target = reach();
+    let bandits = Arc::new(bandit::driver::Driver::new(FleetBandits::new(Arc::new(
+        reach(),
+    ))));
     let controller = Arc::new(
         Driver::open(target, options.state_file)
             .await?
@@ -103,7 +123,9 @@ where
             },
         ));
     }
-    let driver = tokio::spawn(Arc::clone(&controller).run(options.evaluate_interval, stop_rx));
+    let driver =
+        tokio::spawn(Arc::clone(&controller).run(options.evaluate_interval, stop_rx.clone()));
+    let bandit_driver = tokio::spawn(bandits.run(options.evaluate_interval, stop_rx));
     // Ready once the state file is read (above); NOT_SERVING as soon as shutdown begins,
     // while `liveness` stays SERVING (probes: docs/operations.md).
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -131,5 +153,6 @@ where
         .map_err(|e| aviary::server::ServeError::new(format!("controller admin API: {e}")).into());
     let _ = stop_tx.send(true);
     let _ = driver.await;
+    let _ = bandit_driver.await;
     served
 }

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::{required, variants};
 use crate::{
+    bandit::driver::pending_report,
     control::Control,
     experiment,
     metrics::{Metrics, Outcome},
@@ -87,7 +88,19 @@ impl Experiments for ExperimentsService {
         let baseline = Some(request.baseline.as_str()).filter(|b| !b.is_empty());
         let mut report = experiment::report(&self.metrics, model, &versions, baseline)
             .map_err(Status::invalid_argument)?;
-        report.bandit = self.control.bandits().report(model);
+        report.bandit = self
+            .control
+            .routing()
+            .load()
+            .routes
+            .get(model)
+            .and_then(|route| route.bandit.as_ref())
+            .map(|config| {
+                self.control
+                    .bandits()
+                    .report(model)
+                    .unwrap_or_else(|| pending_report(config))
+            });
         Ok(Response::new(report))
     }
 

@@ -1,18 +1,25 @@
 //! The `Fleet` service: what `aviary controller` uses on each gateway whose rollouts it
-//! drives: the step windows' counters, a new step window, and the rollout's weights.
+//! drives: the step windows' counters, a new step window, and the rollout's weights;
+//! and for bandit routes, the arms' feedback and the policy's weights.
 
 use std::{sync::Arc, time::Duration};
 
 use aviary::pb::admin::{
-    LatencyBucket, ResetVariantStatsResponse, RolloutWeights as WeightsMessage, SetRouteResponse,
-    VariantStats, VariantStatsRequest, VariantStatsResponse,
+    BanditFeedbackRequest, BanditFeedbackResponse, BanditWeights, LatencyBucket,
+    ResetVariantStatsResponse, RolloutWeights as WeightsMessage, SetRouteResponse, VariantStats,
+    VariantStatsRequest, VariantStatsResponse,
     fleet_server::{Fleet, FleetServer},
 };
 use tonic::{Request, Response, Status};
 
 use super::{required, variants};
 use crate::{
-    control::{Control, Holding, RolloutWeights},
+    bandit::{
+        WEIGHT_SCALE,
+        driver::{apply_local, local_inputs},
+        fleet::feedback_message,
+    },
+    control::{BanditApplied, Control, Holding, RolloutWeights},
     metrics::Metrics,
 };
 
@@ -106,6 +113,64 @@ impl Fleet for FleetService {
             .control
             .set_rollout_weights(model, weights, holding)
             .await?;
+        Ok(Response::new(SetRouteResponse { generation }))
+    }
+
+    async fn get_bandit_feedback(
+        &self,
+        _request: Request<BanditFeedbackRequest>,
+    ) -> Result<Response<BanditFeedbackResponse>, Status> {
+        let routes = local_inputs(&self.control, &self.metrics)
+            .await
+            .iter()
+            .map(feedback_message)
+            .collect();
+        Ok(Response::new(BanditFeedbackResponse { routes }))
+    }
+
+    async fn set_bandit_weights(
+        &self,
+        request: Request<BanditWeights>,
+    ) -> Result<Response<SetRouteResponse>, Status> {
+        let request = request.into_inner();
+        let model = required("model", &request.model)?;
+        if !self.control.bandits().controlled() {
+            return Err(Status::failed_precondition(
+                "this gateway plans its bandit routes itself; set [rollouts] controlled = true \
+                 for aviary controller to plan them",
+            ));
+        }
+        let routes = self.control.bandit_routes().await;
+        let Some(route) = routes.iter().find(|r| r.model == model) else {
+            return Err(Status::failed_precondition(format!(
+                "routes.{model} has no bandit on this gateway"
+            )));
+        };
+        let asked: Vec<&str> = request.weights.iter().map(|w| w.version.as_str()).collect();
+        let arms: Vec<&str> = route.arms.iter().map(|(v, _)| v.as_str()).collect();
+        if asked != arms {
+            return Err(Status::invalid_argument(format!(
+                "weights: versions {asked:?} are not the route's arms {arms:?}"
+            )));
+        }
+        let total: u64 = request.weights.iter().map(|w| u64::from(w.weight)).sum();
+        if total != u64::from(WEIGHT_SCALE) {
+            return Err(Status::invalid_argument(format!(
+                "weights: they sum to {total}, not {WEIGHT_SCALE}"
+            )));
+        }
+        let weights = request
+            .weights
+            .into_iter()
+            .map(|w| (w.version, w.weight))
+            .collect();
+        let report = request.report.unwrap_or_default();
+        let generation = match apply_local(&self.control, model, weights, report).await? {
+            BanditApplied::Published(generation) => generation,
+            BanditApplied::Unchanged | BanditApplied::Held => {
+                self.control.routing().load().generation
+            }
+        };
         Ok(Response::new(SetRouteResponse { generation }))
     }
 }

@@ -297,7 +297,7 @@ pub fn changes_something(path: &str) -> bool {
         "aviary.admin.v1.Models" => !matches!(method, "ListModels" | "GetDrift"),
         "aviary.admin.v1.Rollouts" => method != "GetRollout",
         "aviary.admin.v1.DeadLetters" => method == "ReplayDeadLetters",
-        "aviary.admin.v1.Fleet" => method != "GetVariantStats",
+        "aviary.admin.v1.Fleet" => !matches!(method, "GetVariantStats" | "GetBanditFeedback"),
         _ => false,
     }
 }

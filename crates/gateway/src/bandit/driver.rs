@@ -1,25 +1,56 @@
-//! The bandit driver: replans each bandit route when its interval is due, applies the
-//! weights through [`Control`], and keeps the last plan for experiment reports.
+//! The bandit driver: one policy per bandit route, replanned when its interval is due
+//! over a [`BanditTarget`]'s feedback, its weights applied there. A gateway drives its
+//! own routes ([`LocalBandits`]); `aviary controller` drives many gateways' on their
+//! summed feedback ([`super::fleet::FleetBandits`]).
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, PoisonError},
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aviary::pb::admin::{BanditArm, BanditReport};
-use aviary_router::bandit::posterior;
+use aviary_router::bandit::{Posterior, posterior};
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::sync::watch;
 
 use super::{Arm, BanditConfig, Plan, arm_rewards, assignments::Assignments, plan};
 use crate::{
+    GatewayError,
     control::{BanditApplied, Control},
     metrics::Metrics,
 };
 
-/// How often the driver looks for routes that are due.
-const TICK: Duration = Duration::from_millis(50);
+/// How often a gateway's driver looks for routes that are due.
+pub const LOCAL_TICK: Duration = Duration::from_millis(50);
+
+/// One bandit route's arms and their feedback, as a target sees them now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BanditInput {
+    /// The model.
+    pub model: String,
+    /// Its policy's setting.
+    pub config: BanditConfig,
+    /// Its arms, in the route's order.
+    pub arms: Vec<Arm>,
+}
+
+/// Where a driver reads feedback and applies weights.
+pub trait BanditTarget: Send + Sync + 'static {
+    /// Every bandit route, with its arms' feedback now.
+    fn inputs(&self) -> impl Future<Output = Vec<BanditInput>> + Send;
+
+    /// Gives `model`'s arms `weights` (out of [`super::WEIGHT_SCALE`]); `report` is
+    /// the policy's state, kept where experiment reports read it (with why the
+    /// weights were not applied, if so).
+    fn apply(
+        &self,
+        model: &str,
+        weights: Vec<(String, u32)>,
+        report: BanditReport,
+    ) -> impl Future<Output = Result<BanditApplied, GatewayError>> + Send;
+}
 
 /// One bandit route's policy between updates.
 #[derive(Debug)]
@@ -28,7 +59,6 @@ struct Policy {
     /// Seeded from the config's `seed`, so a seeded run draws the same shares.
     rng: StdRng,
     due: Instant,
-    report: BanditReport,
 }
 
 impl Policy {
@@ -41,108 +71,78 @@ impl Policy {
             config: config.clone(),
             rng,
             due: now,
-            report: BanditReport {
-                strategy: config.strategy_name().to_owned(),
-                reward: config.reward_name().to_owned(),
-                warmup: config.warmup,
-                warming_up: true,
-                min_share: config.min_share,
-                ..BanditReport::default()
-            },
         }
     }
 }
 
-/// Every bandit route's policy, and the sticky users they placed.
-#[derive(Debug, Default)]
-pub struct Bandits {
+/// The policies of a target's bandit routes.
+#[derive(Debug)]
+pub struct Driver<T> {
+    target: T,
     policies: Mutex<BTreeMap<String, Policy>>,
-    assignments: Assignments,
 }
 
-impl Bandits {
-    /// Sticky users' versions on bandit routes.
-    pub fn assignments(&self) -> &Assignments {
-        &self.assignments
+impl<T: BanditTarget> Driver<T> {
+    /// A driver with no policy yet: each starts at the route's first update.
+    pub fn new(target: T) -> Driver<T> {
+        Driver {
+            target,
+            policies: Mutex::new(BTreeMap::new()),
+        }
     }
 
-    /// `model`'s policy as last updated; `None` when its route is not a bandit.
-    pub fn report(&self, model: &str) -> Option<BanditReport> {
-        self.policies().get(model).map(|p| p.report.clone())
-    }
-
-    fn policies(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Policy>> {
+    fn policies(&self) -> MutexGuard<'_, BTreeMap<String, Policy>> {
         self.policies.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Replans every bandit route whose interval is due and applies its weights.
-    pub async fn update(&self, control: &Control, metrics: &Metrics) {
-        let routes = control.bandit_routes().await;
+    /// Replans every bandit route whose interval is due and applies its weights. A
+    /// route whose setting changed starts a new policy (seeded again).
+    pub async fn update(&self) {
+        let inputs = self.target.inputs().await;
         let now = Instant::now();
-        let due: Vec<_> = {
+        let planned: Vec<(BanditInput, Plan)> = {
             let mut policies = self.policies();
-            let gone: Vec<String> = policies
-                .keys()
-                .filter(|model| !routes.iter().any(|r| &r.model == *model))
-                .cloned()
-                .collect();
-            for model in gone {
-                policies.remove(&model);
-                self.assignments.forget(&model);
-            }
-            routes
+            policies.retain(|model, _| inputs.iter().any(|i| &i.model == model));
+            inputs
                 .into_iter()
-                .filter(|route| {
+                .filter_map(|input| {
                     let policy = policies
-                        .entry(route.model.clone())
-                        .or_insert_with(|| Policy::new(&route.config, now));
-                    if policy.config != route.config {
-                        *policy = Policy::new(&route.config, now);
+                        .entry(input.model.clone())
+                        .or_insert_with(|| Policy::new(&input.config, now));
+                    if policy.config != input.config {
+                        *policy = Policy::new(&input.config, now);
                     }
-                    policy.due <= now
+                    if policy.due > now {
+                        return None;
+                    }
+                    policy.due = now + Duration::from_millis(policy.config.interval_ms);
+                    let plan = plan(&policy.config, &input.arms, &mut policy.rng);
+                    Some((input, plan))
                 })
                 .collect()
         };
-        for route in due {
-            let arms: Vec<Arm> = route
-                .arms
-                .iter()
-                .map(|(version, configured)| {
-                    let (outcomes, errors) = metrics.outcomes_and_errors(&route.model, version);
-                    Arm {
-                        version: version.clone(),
-                        configured: *configured,
-                        rewards: arm_rewards(&route.config, &outcomes, errors),
-                        max_share: control.arm_cap(&route.model, version),
-                    }
-                })
-                .collect();
-            let Some(plan) = self.policies().get_mut(&route.model).map(|policy| {
-                policy.due = now + Duration::from_millis(policy.config.interval_ms);
-                plan(&policy.config, &arms, &mut policy.rng)
-            }) else {
-                continue;
-            };
-            let not_applied = match control
-                .set_bandit_weights(&route.model, plan.weights.clone())
-                .await
-            {
-                Ok(BanditApplied::Published(_) | BanditApplied::Unchanged) => String::new(),
-                Ok(BanditApplied::Held) => "a running rollout holds the weights".to_owned(),
-                Err(error) => {
-                    tracing::warn!(model = route.model, %error, "the bandit's weights were refused");
-                    error.to_string()
-                }
-            };
-            if let Some(policy) = self.policies().get_mut(&route.model) {
-                policy.report = report(&policy.config, &arms, &plan, not_applied);
+        for (input, plan) in planned {
+            let report = report(&input.config, &input.arms, &plan);
+            if let Err(error) = self.target.apply(&input.model, plan.weights, report).await {
+                tracing::warn!(model = input.model, %error, "the bandit's weights were not applied");
             }
+        }
+    }
+
+    /// Updates every `tick` until `stop` turns true.
+    pub async fn run(self: Arc<Self>, tick: Duration, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.update().await;
         }
     }
 }
 
-/// What an experiment report shows of a plan.
-fn report(config: &BanditConfig, arms: &[Arm], plan: &Plan, not_applied: String) -> BanditReport {
+/// What an experiment report shows of a plan (applied: `not_applied` empty).
+fn report(config: &BanditConfig, arms: &[Arm], plan: &Plan) -> BanditReport {
     let kind = config.kind();
     BanditReport {
         strategy: config.strategy_name().to_owned(),
@@ -157,8 +157,8 @@ fn report(config: &BanditConfig, arms: &[Arm], plan: &Plan, not_applied: String)
             .map(|(arm, &share)| {
                 let posterior = posterior(kind, &arm.rewards);
                 let (alpha, beta) = match posterior {
-                    aviary_router::bandit::Posterior::Beta { alpha, beta } => (alpha, beta),
-                    aviary_router::bandit::Posterior::Normal { .. } => (0.0, 0.0),
+                    Posterior::Beta { alpha, beta } => (alpha, beta),
+                    Posterior::Normal { .. } => (0.0, 0.0),
                 };
                 BanditArm {
                     version: arm.version.clone(),
@@ -176,17 +176,157 @@ fn report(config: &BanditConfig, arms: &[Arm], plan: &Plan, not_applied: String)
         updated_unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        not_applied,
+        not_applied: String::new(),
     }
 }
 
-/// Updates the bandit routes of `control` until `stop` turns true.
-pub async fn run(control: Arc<Control>, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            _ = stop.wait_for(|s| *s) => return,
+/// The report of a bandit route not planned yet: its setting, warming up, no arms.
+pub fn pending_report(config: &BanditConfig) -> BanditReport {
+    BanditReport {
+        strategy: config.strategy_name().to_owned(),
+        reward: config.reward_name().to_owned(),
+        warmup: config.warmup,
+        warming_up: true,
+        min_share: config.min_share,
+        ..BanditReport::default()
+    }
+}
+
+/// Why weights were not applied, for the report; empty when they were.
+pub fn not_applied(result: &Result<BanditApplied, GatewayError>) -> String {
+    match result {
+        Ok(BanditApplied::Published(_) | BanditApplied::Unchanged) => String::new(),
+        Ok(BanditApplied::Held) => "a running rollout holds the weights".to_owned(),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// A gateway's bandit state: the policies' last reports (its own driver's, or the
+/// controller's) and the sticky users they placed.
+#[derive(Debug)]
+pub struct Bandits {
+    /// Whether `aviary controller` plans this gateway's bandit routes.
+    controlled: bool,
+    reports: Mutex<BTreeMap<String, BanditReport>>,
+    assignments: Assignments,
+}
+
+impl Bandits {
+    /// No report yet; `controlled`: a controller plans the routes, not this gateway.
+    pub fn new(controlled: bool) -> Bandits {
+        Bandits {
+            controlled,
+            reports: Mutex::new(BTreeMap::new()),
+            assignments: Assignments::default(),
         }
-        control.bandits().update(&control, &metrics).await;
+    }
+
+    /// Whether `aviary controller` plans this gateway's bandit routes.
+    pub fn controlled(&self) -> bool {
+        self.controlled
+    }
+
+    /// Sticky users' versions on bandit routes.
+    pub fn assignments(&self) -> &Assignments {
+        &self.assignments
+    }
+
+    /// `model`'s policy as last updated.
+    pub fn report(&self, model: &str) -> Option<BanditReport> {
+        self.reports().get(model).cloned()
+    }
+
+    /// Keeps `model`'s latest report.
+    pub fn record(&self, model: &str, report: BanditReport) {
+        self.reports().insert(model.to_owned(), report);
+    }
+
+    /// Forgets the reports and sticky users of models that are no longer bandits.
+    pub fn keep_only(&self, models: &[&str]) {
+        let gone: Vec<String> = self
+            .reports()
+            .keys()
+            .filter(|model| !models.contains(&model.as_str()))
+            .cloned()
+            .collect();
+        for model in gone {
+            self.reports().remove(&model);
+            self.assignments.forget(&model);
+        }
+    }
+
+    fn reports(&self) -> MutexGuard<'_, BTreeMap<String, BanditReport>> {
+        self.reports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A gateway's own bandit routes: feedback from its metrics, weights through its
+/// [`Control`].
+#[derive(Debug, Clone)]
+pub struct LocalBandits {
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+}
+
+impl LocalBandits {
+    /// Over `control`'s routes and `metrics`' feedback.
+    pub fn new(control: Arc<Control>, metrics: Arc<Metrics>) -> LocalBandits {
+        LocalBandits { control, metrics }
+    }
+}
+
+/// `control`'s bandit routes with their arms' feedback in `metrics`.
+pub async fn local_inputs(control: &Control, metrics: &Metrics) -> Vec<BanditInput> {
+    let routes = control.bandit_routes().await;
+    let models: Vec<&str> = routes.iter().map(|r| r.model.as_str()).collect();
+    control.bandits().keep_only(&models);
+    routes
+        .iter()
+        .map(|route| BanditInput {
+            model: route.model.clone(),
+            config: route.config.clone(),
+            arms: route
+                .arms
+                .iter()
+                .map(|(version, configured)| {
+                    let (outcomes, errors) = metrics.outcomes_and_errors(&route.model, version);
+                    Arm {
+                        version: version.clone(),
+                        configured: *configured,
+                        rewards: arm_rewards(&route.config, &outcomes, errors),
+                        max_share: control.arm_cap(&route.model, version),
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Applies `weights` to `control`'s route of `model` and keeps `report`, saying why
+/// they were not applied if so.
+pub async fn apply_local(
+    control: &Control,
+    model: &str,
+    weights: Vec<(String, u32)>,
+    mut report: BanditReport,
+) -> Result<BanditApplied, GatewayError> {
+    let result = control.set_bandit_weights(model, weights).await;
+    report.not_applied = not_applied(&result);
+    control.bandits().record(model, report);
+    result
+}
+
+impl BanditTarget for LocalBandits {
+    async fn inputs(&self) -> Vec<BanditInput> {
+        local_inputs(&self.control, &self.metrics).await
+    }
+
+    async fn apply(
+        &self,
+        model: &str,
+        weights: Vec<(String, u32)>,
+        report: BanditReport,
+    ) -> Result<BanditApplied, GatewayError> {
+        apply_local(&self.control, model, weights, report).await
     }
 }

@@ -10,13 +10,16 @@
 //!
 //! - this file: the setting ([`BanditConfig`]), its checks, and the pure steps from
 //!   feedback to weights ([`plan`]).
-//! - [`driver`]: the task that replans every bandit route when due and applies the
-//!   weights through [`Control`](crate::control::Control); the state reports read.
+//! - [`driver`]: the driver that replans every bandit route when due over a target (a
+//!   gateway's own routes, through [`Control`](crate::control::Control)), and the
+//!   gateway's bandit state reports read.
+//! - [`fleet`]: the controller's target: many gateways' feedback summed, one policy.
 //! - [`assignments`]: sticky users kept on the version they were first given while
 //!   the shares move.
 
 pub mod assignments;
 pub mod driver;
+pub mod fleet;
 
 use aviary_router::bandit::{self, ArmRewards, Guardrails, RewardKind, Strategy};
 use rand::Rng;

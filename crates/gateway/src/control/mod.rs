@@ -401,7 +401,7 @@ impl Control {
             canaries: Mutex::new(BTreeMap::new()),
             audit,
             registry,
-            bandits: Bandits::default(),
+            bandits: Bandits::new(config.rollouts.controlled),
         })
     }
 

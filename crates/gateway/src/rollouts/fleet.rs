@@ -93,7 +93,7 @@ impl RemoteGateways {
     }
 
     /// The gateways' admin addresses now; a failed DNS lookup is logged and is none.
-    async fn addresses(&self) -> Vec<String> {
+    pub(crate) async fn addresses(&self) -> Vec<String> {
         match &self.gateways {
             Gateways::List(list) => list.clone(),
             Gateways::Dns(name) => match tokio::net::lookup_host(name.as_str()).await {
@@ -161,7 +161,7 @@ impl RemoteGateways {
         Ok(channel)
     }
 
-    fn fleet(&self, address: &str) -> Result<FleetClient<TokenChannel>, String> {
+    pub(crate) fn fleet(&self, address: &str) -> Result<FleetClient<TokenChannel>, String> {
         self.channel(address).map(FleetClient::new)
     }
 
