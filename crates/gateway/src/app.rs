@@ -42,6 +42,7 @@ use crate::{
     rollouts::{LocalGateway, Rollouts},
     routing::Routing,
     sequences::Sequences,
+    sources::mlflow::MlflowSource,
     stack::BreakerState,
     watch as watcher,
 };
@@ -368,6 +369,19 @@ impl Gateway {
                 Caller::Process("bandit"),
                 Arc::new(bandit::driver::Driver::new(target)).run(LOCAL_TICK, stop_rx.clone()),
             ));
+        }
+        if let Some(repository) = &self.config.repository {
+            for source in &self.config.mlflow {
+                let source = MlflowSource::new(source.clone(), repository.path.clone());
+                tasks.spawn(acting_as(
+                    Caller::Process("mlflow"),
+                    source.run(
+                        Arc::clone(&self.control),
+                        self.rollouts.clone(),
+                        stop_rx.clone(),
+                    ),
+                ));
+            }
         }
         if let Some(rollouts) = &self.rollouts {
             tasks.spawn(acting_as(

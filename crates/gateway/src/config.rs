@@ -57,6 +57,9 @@ pub struct Config {
     pub workers: WorkersConfig,
     /// The embedded worker's model repository (`aviary serve`).
     pub repository: Option<RepositoryConfig>,
+    /// MLflow Model Registries whose versions are fetched into the repository.
+    #[serde(default)]
+    pub mlflow: Vec<crate::sources::mlflow::MlflowConfig>,
     /// Routes by model name.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
@@ -1173,6 +1176,10 @@ impl Config {
         for (model, route) in &config.routes {
             problems.extend(crate::bandit::problems(model, route));
         }
+        problems.extend(crate::sources::mlflow::problems(
+            &config.mlflow,
+            config.repository.is_some(),
+        ));
         problems.extend(name_problems(&config));
         if config.rollouts.evaluate_interval_ms == 0 {
             problems.push("rollouts.evaluate_interval_ms: must be at least 1".to_owned());

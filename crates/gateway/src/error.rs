@@ -151,6 +151,9 @@ pub enum GatewayError {
     /// The audit trail could not be read.
     #[error("audit trail: {0}")]
     AuditTrail(String),
+    /// A model source (an MLflow registry) could not give a version.
+    #[error("model source: {0}")]
+    Source(#[from] crate::sources::SourceError),
     /// A routed version has no backend (a bug in building the routing snapshot).
     #[error("model \"{model}\" version \"{version}\" has no backend")]
     NoBackend {
@@ -228,6 +231,7 @@ impl GatewayError {
             GatewayError::InjectedFault { .. }
             | GatewayError::Serve(_)
             | GatewayError::AuditTrail(_) => tonic::Status::internal(message),
+            GatewayError::Source(error) => tonic::Status::new(error.code(), message),
         }
     }
 }

@@ -21,6 +21,7 @@
 //!   admin API, a running rollout; version load/reload/unload, repository sync.
 //! - [`controller`]: `aviary controller`: the rollout driver over many gateways.
 //! - [`watch`]: watching the config file and the model repository.
+//! - [`sources`]: model versions fetched from an MLflow Model Registry.
 //! - [`dead_letters`]: requests that finally failed, kept on disk to be sent again.
 //! - [`defaults`]: the model cards' default predictions, held for calls that failed.
 //! - [`cache`]: the prediction cache: answers served again to identical requests, in
@@ -70,6 +71,7 @@ pub mod route;
 pub mod routing;
 pub mod sequences;
 pub mod shadow;
+pub mod sources;
 pub mod stack;
 pub mod watch;
 

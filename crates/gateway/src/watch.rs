@@ -183,6 +183,7 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         audit: _,
         workers: _,
         repository: _,
+        mlflow: _,
         routes: _,
         rollouts: _,
         dead_letters: _,
@@ -203,6 +204,8 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         ("audit", config.audit != started_with.audit),
         ("workers", config.workers != started_with.workers),
         ("repository", config.repository != started_with.repository),
+        // The sources' pollers start with the gateway.
+        ("mlflow", config.mlflow != started_with.mlflow),
         (
             "rollouts.evaluate_interval_ms",
             before.evaluate_interval_ms != after.evaluate_interval_ms,

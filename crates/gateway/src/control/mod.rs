@@ -645,6 +645,40 @@ impl Control {
         self.publish(&mut writer, routes, &BTreeSet::new())
     }
 
+    /// Loads `version` of the embedded worker at weight 0: it joins `model`'s route
+    /// (made explicit from the one in force when the model had an implicit route, which
+    /// would give the newest version everything) pinnable, with no unpinned traffic, in
+    /// the same publication that makes it routable. For a model with no route yet, as
+    /// [`Control::load_version`].
+    pub async fn load_version_unweighted(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> Result<(LoadOutcome, u64), GatewayError> {
+        let worker = self.embedded()?;
+        let number = version_number(model, version)?;
+        let loaded = worker.load_version(model, number).await;
+        self.audit_version("load", model, version, loaded.as_ref().map(|_| ()));
+        let outcome = loaded?;
+        let mut writer = self.writer.lock().await;
+        let mut routes = writer.routes.clone();
+        let in_force = self
+            .routing
+            .load()
+            .routes
+            .get(model)
+            .filter(|r| !r.pinned_only && r.versions.iter().any(|v| v.weight > 0))
+            .cloned();
+        if let Some(mut route) = routes.get(model).cloned().or(in_force) {
+            if !route.versions.iter().any(|v| v.version == version) {
+                route.versions.push(RouteVersion::new(version, 0));
+            }
+            routes.insert(model.to_owned(), route);
+        }
+        let generation = self.publish(&mut writer, routes, &BTreeSet::new())?;
+        Ok((outcome, generation))
+    }
+
     /// Applies a new version of the config file's routes: each model whose route in
     /// the file changed since the last applied version takes the file's route; the
     /// others keep theirs (admin changes, finished rollouts). Running rollouts keep
