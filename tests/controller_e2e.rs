@@ -349,7 +349,18 @@ async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
         async move {
             let on_a = weight_of(&admin_a.weights("demo").await, "1");
             let on_b = weight_of(&admin_b.weights("demo").await, "1");
-            on_a == on_b && on_a >= 9_000
+            // Once a plan on all 40 rewards reached both (updates every 100 ms).
+            let counted = admin_b
+                .experiments()
+                .get_experiment_report(aviary::pb::admin::ExperimentReportRequest {
+                    model: "demo".into(),
+                    baseline: String::new(),
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().bandit)
+                .is_some_and(|b| b.rewards == 40);
+            counted && on_a == on_b && on_a >= 9_000
         }
     })
     .await;

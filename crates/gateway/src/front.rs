@@ -528,16 +528,15 @@ impl Front {
         else {
             return decided;
         };
-        let weighted = |version: &str| {
+        let bandits = self.control.bandits();
+        let serves = |version: &str| {
             route
                 .versions
                 .iter()
                 .any(|v| v.version == version && v.weight > 0)
+                && bandits.keeps_users(model, version)
         };
-        self.control
-            .bandits()
-            .assignments()
-            .keep(model, key, &decided, weighted)
+        bandits.assignments().keep(model, key, &decided, serves)
     }
 
     /// The default prediction of `model` at `version` shaped for the failed request, or

@@ -490,16 +490,27 @@ impl Metrics {
         }
     }
 
-    /// The feedback a variant received and the requests it failed, since start-up
-    /// (none for one never seen).
-    pub fn outcomes_and_errors(&self, model: &str, version: &str) -> (Outcomes, u64) {
+    /// The feedback a variant received and the calls it failed itself (INTERNAL,
+    /// UNAVAILABLE, UNKNOWN, DATA_LOSS: not refused input, shed load or a client's
+    /// deadline), since start-up (none for one never seen).
+    pub fn outcomes_and_failures(&self, model: &str, version: &str) -> (Outcomes, u64) {
+        const FAILURES: [tonic::Code; 4] = [
+            tonic::Code::Internal,
+            tonic::Code::Unavailable,
+            tonic::Code::Unknown,
+            tonic::Code::DataLoss,
+        ];
         let variants = self.variants.read().unwrap_or_else(PoisonError::into_inner);
         variants
             .get(model)
             .and_then(|m| m.get(version))
             .map(|variant| {
                 let variant = variant.lock().unwrap_or_else(PoisonError::into_inner);
-                (variant.outcomes, variant.total.errors)
+                let failed = FAILURES
+                    .iter()
+                    .filter_map(|&code| variant.codes.get(code as usize))
+                    .sum();
+                (variant.outcomes, failed)
             })
             .unwrap_or_default()
     }

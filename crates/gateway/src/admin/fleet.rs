@@ -84,6 +84,15 @@ impl Fleet for FleetService {
     ) -> Result<Response<SetRouteResponse>, Status> {
         let request = request.into_inner();
         let model = required("model", &request.model)?;
+        if request.held
+            && let Some(route) = self.control.routing().load().routes.get(model)
+            && route.bandit.is_some()
+        {
+            return Err(Status::failed_precondition(format!(
+                "routes.{model}.bandit: this gateway learns the model's weights with a bandit \
+                 policy; a rollout would fight it"
+            )));
+        }
         required("canary", &request.canary)?;
         required("baseline", &request.baseline)?;
         for (field, weight) in [
@@ -146,8 +155,10 @@ impl Fleet for FleetService {
                 "routes.{model} has no bandit on this gateway"
             )));
         };
-        let asked: Vec<&str> = request.weights.iter().map(|w| w.version.as_str()).collect();
-        let arms: Vec<&str> = route.arms.iter().map(|(v, _)| v.as_str()).collect();
+        let mut asked: Vec<&str> = request.weights.iter().map(|w| w.version.as_str()).collect();
+        let mut arms: Vec<&str> = route.arms.iter().map(|(v, _)| v.as_str()).collect();
+        asked.sort_unstable();
+        arms.sort_unstable();
         if asked != arms {
             return Err(Status::invalid_argument(format!(
                 "weights: versions {asked:?} are not the route's arms {arms:?}"

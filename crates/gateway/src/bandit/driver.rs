@@ -50,6 +50,15 @@ pub trait BanditTarget: Send + Sync + 'static {
         weights: Vec<(String, u32)>,
         report: BanditReport,
     ) -> impl Future<Output = Result<BanditApplied, GatewayError>> + Send;
+
+    /// Keeps `report` of a plan that gave no weights (no arm may take traffic).
+    fn record(&self, model: &str, report: BanditReport) {
+        tracing::warn!(
+            model,
+            why = report.not_applied,
+            "the bandit has no weights to give"
+        );
+    }
 }
 
 /// One bandit route's policy between updates.
@@ -102,7 +111,11 @@ impl<T: BanditTarget> Driver<T> {
         let now = Instant::now();
         let planned: Vec<(BanditInput, Plan)> = {
             let mut policies = self.policies();
-            policies.retain(|model, _| inputs.iter().any(|i| &i.model == model));
+            // A round with no route at all may be a round no gateway answered: the
+            // policies (their seeded draws) are kept for the next.
+            if !inputs.is_empty() {
+                policies.retain(|model, _| inputs.iter().any(|i| &i.model == model));
+            }
             inputs
                 .into_iter()
                 .filter_map(|input| {
@@ -123,6 +136,16 @@ impl<T: BanditTarget> Driver<T> {
         };
         for (input, plan) in planned {
             let report = report(&input.config, &input.arms, &plan);
+            if plan.weights.is_empty() {
+                let report = BanditReport {
+                    not_applied: "no arm may take traffic: none is approved under [registry] \
+                                  with a canary cap of 0"
+                        .to_owned(),
+                    ..report
+                };
+                self.target.record(&input.model, report);
+                continue;
+            }
             if let Err(error) = self.target.apply(&input.model, plan.weights, report).await {
                 tracing::warn!(model = input.model, %error, "the bandit's weights were not applied");
             }
@@ -150,7 +173,7 @@ fn report(config: &BanditConfig, arms: &[Arm], plan: &Plan) -> BanditReport {
         warmup: config.warmup,
         rewards: plan.rewards,
         warming_up: plan.warming_up,
-        min_share: config.min_share,
+        min_share: plan.floor,
         arms: arms
             .iter()
             .zip(&plan.shares)
@@ -236,6 +259,19 @@ impl Bandits {
         self.reports().get(model).cloned()
     }
 
+    /// Whether sticky users placed on `model` `version` stay there: not once the
+    /// policy holds it at its least share (starved) or at a cap (its users beyond the
+    /// cap would pass it); before any plan, they do.
+    pub fn keeps_users(&self, model: &str, version: &str) -> bool {
+        let reports = self.reports();
+        let Some(report) = reports.get(model) else {
+            return true;
+        };
+        report.arms.iter().any(|arm| {
+            arm.version == version && arm.max_share.is_none() && arm.share > report.min_share + 1e-3
+        })
+    }
+
     /// Keeps `model`'s latest report.
     pub fn record(&self, model: &str, report: BanditReport) {
         self.reports().insert(model.to_owned(), report);
@@ -289,7 +325,7 @@ pub async fn local_inputs(control: &Control, metrics: &Metrics) -> Vec<BanditInp
                 .arms
                 .iter()
                 .map(|(version, configured)| {
-                    let (outcomes, errors) = metrics.outcomes_and_errors(&route.model, version);
+                    let (outcomes, errors) = metrics.outcomes_and_failures(&route.model, version);
                     Arm {
                         version: version.clone(),
                         configured: *configured,
@@ -328,5 +364,9 @@ impl BanditTarget for LocalBandits {
         report: BanditReport,
     ) -> Result<BanditApplied, GatewayError> {
         apply_local(&self.control, model, weights, report).await
+    }
+
+    fn record(&self, model: &str, report: BanditReport) {
+        self.control.bandits().record(model, report);
     }
 }

@@ -234,12 +234,15 @@ pub struct Arm {
 pub struct Plan {
     /// Each arm's share, in the arms' order.
     pub shares: Vec<f64>,
-    /// Each arm's weight, out of [`WEIGHT_SCALE`].
+    /// Each arm's weight, out of [`WEIGHT_SCALE`]; empty when no arm may take
+    /// traffic.
     pub weights: Vec<(String, u32)>,
     /// Rewards counted, all arms together.
     pub rewards: u64,
     /// Whether the configured weights still hold.
     pub warming_up: bool,
+    /// The least share in force: the configured one, lowered to the smallest cap.
+    pub floor: f64,
 }
 
 /// The shares `config`'s policy gives `arms`. An arm whose maximum share is 0 (not
@@ -254,9 +257,10 @@ pub fn plan(config: &BanditConfig, arms: &[Arm], rng: &mut impl Rng) -> Plan {
         .iter()
         .filter_map(|&i| arms[i].max_share)
         .fold(1.0, f64::min);
+    let floor = config.min_share.min(smallest_cap);
     let guardrails = Guardrails {
         warmup_rewards: config.warmup,
-        min_share: config.min_share.min(smallest_cap),
+        min_share: floor,
         max_share: playing
             .iter()
             .enumerate()
@@ -280,8 +284,12 @@ pub fn plan(config: &BanditConfig, arms: &[Arm], rng: &mut impl Rng) -> Plan {
     for (slot, &i) in playing.iter().enumerate() {
         shares[i] = chosen[slot];
     }
-    let capped: Vec<bool> = arms.iter().map(|a| a.max_share.is_some()).collect();
-    let weights = weights_of(&shares, &capped);
+    let caps: Vec<Option<f64>> = arms.iter().map(|a| a.max_share).collect();
+    // No arm may take traffic (none approved, at a cap of 0): no weights to give.
+    let weights = match playing.is_empty() {
+        true => Vec::new(),
+        false => weights_of(&shares, &caps),
+    };
     let total: u64 = rewards.iter().map(|r| r.count).sum();
     Plan {
         weights: arms
@@ -292,26 +300,32 @@ pub fn plan(config: &BanditConfig, arms: &[Arm], rng: &mut impl Rng) -> Plan {
         shares,
         rewards: total,
         warming_up: total < config.warmup,
+        floor,
     }
 }
 
 /// Shares as weights out of [`WEIGHT_SCALE`]: each floored, so none passes its share
-/// (nor so its cap); what flooring leaves goes to the largest uncapped share (the
-/// largest of all when every arm is capped).
-pub fn weights_of(shares: &[f64], capped: &[bool]) -> Vec<u32> {
+/// (nor so its cap); what flooring leaves goes to the largest share with room for it
+/// under its cap (`caps`, by arm), else to the largest (the registry then refuses
+/// weights no arm could carry, and the report says so).
+pub fn weights_of(shares: &[f64], caps: &[Option<f64>]) -> Vec<u32> {
     let scale = f64::from(WEIGHT_SCALE);
     let mut weights: Vec<u32> = shares
         .iter()
         .map(|s| (s.clamp(0.0, 1.0) * scale).floor() as u32)
         .collect();
-    let given: u32 = weights.iter().sum();
-    let largest = |only_uncapped: bool| {
+    let left = WEIGHT_SCALE.saturating_sub(weights.iter().sum());
+    let room = |i: usize| match caps.get(i).copied().flatten() {
+        None => true,
+        Some(cap) => f64::from(weights[i] + left) <= (cap * scale).floor(),
+    };
+    let largest = |with_room: bool| {
         (0..shares.len())
-            .filter(|&i| !only_uncapped || !capped.get(i).copied().unwrap_or(false))
+            .filter(|&i| !with_room || room(i))
             .max_by(|&a, &b| shares[a].total_cmp(&shares[b]).then(b.cmp(&a)))
     };
     if let Some(i) = largest(true).or_else(|| largest(false)) {
-        weights[i] += WEIGHT_SCALE.saturating_sub(given);
+        weights[i] += left;
     }
     weights
 }
@@ -481,11 +495,22 @@ mod tests {
     fn flooring_leftovers_go_to_the_largest_uncapped_share() {
         let third = 1.0 / 3.0;
         assert_eq!(
-            weights_of(&[third, third, third], &[true, false, true]),
+            weights_of(&[third, third, third], &[Some(third), None, Some(third)]),
             [3333, 3334, 3333]
         );
-        assert_eq!(weights_of(&[0.5, 0.5], &[true, true]), [5000, 5000]);
-        assert_eq!(weights_of(&[0.0, 0.0], &[false, false]), [10000, 0]);
+        assert_eq!(
+            weights_of(&[0.5, 0.5], &[Some(0.5), Some(0.5)]),
+            [5000, 5000]
+        );
+        assert_eq!(weights_of(&[0.0, 0.0], &[None, None]), [10000, 0]);
+        // Every arm capped: the leftover goes where the cap leaves room.
+        assert_eq!(
+            weights_of(
+                &[0.34, 0.31995, 0.34005],
+                &[Some(0.34), Some(0.34), Some(0.34)]
+            ),
+            [3400, 3200, 3400]
+        );
     }
 
     #[test]

@@ -48,6 +48,15 @@ fn arms(route: &Route) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// Whether `weights` name exactly the arms of `route` (in any order).
+pub(super) fn same_arms(route: &Route, weights: &[(String, u32)]) -> bool {
+    let mut arms: Vec<String> = arms(route).into_iter().map(|(v, _)| v).collect();
+    let mut named: Vec<&String> = weights.iter().map(|(v, _)| v).collect();
+    arms.sort();
+    named.sort();
+    arms.iter().eq(named)
+}
+
 /// `weights` as shares out of [`WEIGHT_SCALE`], the weighted ones only, by version.
 fn shares(weights: impl IntoIterator<Item = (String, u32)>) -> Vec<(String, u32)> {
     let mut weighted: Vec<(String, u32)> = weights.into_iter().filter(|(_, w)| *w > 0).collect();
@@ -72,11 +81,7 @@ pub(super) fn lay_over(
         let Some(route) = routes.get_mut(model).filter(|r| r.bandit.is_some()) else {
             continue;
         };
-        let same_arms = arms(route)
-            .iter()
-            .map(|(v, _)| v)
-            .eq(weights.iter().map(|(v, _)| v));
-        if !same_arms {
+        if !same_arms(route, weights) {
             continue;
         }
         for version in &mut route.versions {
@@ -115,6 +120,15 @@ pub(super) fn keep_configured_weights(
             .iter()
             .find(|v| v.version == version.version)
             .map_or(0, |v| v.weight);
+    }
+    // An arm at weight 0 in force (starved, or capped at 0) is in no share list, so
+    // the check above lets it leave; a bandit needs two.
+    if arms(route).len() < 2 {
+        return Err(GatewayError::Refused(format!(
+            "routes.{model}: a bandit needs at least two versions with weight (its arms); \
+             this change leaves {}",
+            arms(route).len()
+        )));
     }
     Ok(())
 }
@@ -166,6 +180,13 @@ impl Control {
         self.expire_holds(&mut writer);
         if writer.holds.contains_key(model) {
             return Ok(BanditApplied::Held);
+        }
+        // The arms may have changed (a config edit) since the weights were chosen.
+        let current = writer.routes.get(model).filter(|r| r.bandit.is_some());
+        if !current.is_some_and(|route| same_arms(route, &weights)) {
+            return Err(GatewayError::Refused(format!(
+                "routes.{model}: its bandit's arms changed since these weights were chosen"
+            )));
         }
         let in_force = self
             .routing

@@ -1275,16 +1275,22 @@ impl Control {
         log_route_changes(&self.routing.load(), &routing, &self.audit);
         let in_force_now = routing.routes.clone();
         self.routing.store(Arc::new(routing));
-        writer
-            .bandit
-            .retain(|model, _| routes.get(model).is_some_and(|r| r.bandit.is_some()));
+        // A policy's weights last while the route is a bandit over the same arms.
+        writer.bandit.retain(|model, weights| {
+            routes
+                .get(model)
+                .is_some_and(|r| r.bandit.is_some() && bandit::same_arms(r, weights))
+        });
         writer.routes = routes;
         if let Some(registry) = &self.registry {
             // Not while a rollout holds the weights: its last step is still judged, and
             // a rollback must find its baseline as it was.
+            // Nor on a bandit route: its policy moves the weights all the time, and a
+            // share of 100 % there is a passing estimate, not a promotion.
             let settled: BTreeSet<String> = changed
                 .into_iter()
                 .filter(|model| !writer.holds.contains_key(model))
+                .filter(|model| in_force_now.get(model).is_none_or(|r| r.bandit.is_none()))
                 .collect();
             self.promote(registry, &in_force_now, &settled);
         }

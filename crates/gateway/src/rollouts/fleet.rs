@@ -280,7 +280,8 @@ impl Target for RemoteGateways {
     }
 
     /// Each gateway's own `[registry]` judges the canary: one that has not approved it
-    /// refuses every step past its cap, so the rollout could never finish.
+    /// refuses every step past its cap, so the rollout could never finish. And a
+    /// bandit route's weights are its policy's: a rollout would fight it.
     async fn preconditions(&self, plan: &RolloutPlan) -> Vec<String> {
         let mut unmet = Vec::new();
         for address in self.addresses().await {
@@ -288,6 +289,25 @@ impl Target for RemoteGateways {
                 Ok(why) => unmet.extend(why),
                 Err(error) => unmet.push(format!(
                     "gateway {address} did not say the canary's stage: {error}"
+                )),
+            }
+            let bandits = match self.fleet(&address) {
+                Ok(mut client) => client
+                    .get_bandit_feedback(aviary::pb::admin::BanditFeedbackRequest {})
+                    .await
+                    .map(|r| r.into_inner().routes)
+                    .map_err(|status| status.message().to_owned()),
+                Err(error) => Err(error),
+            };
+            match bandits {
+                Ok(routes) if routes.iter().any(|r| r.model == plan.model) => unmet.push(format!(
+                    "routes.{}.bandit: gateway {address} learns the model's weights with a bandit \
+                     policy; remove the bandit from its config file to roll out a version",
+                    plan.model
+                )),
+                Ok(_) => {}
+                Err(error) => unmet.push(format!(
+                    "gateway {address} did not say whether the route is a bandit: {error}"
                 )),
             }
         }
