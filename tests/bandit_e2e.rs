@@ -6,10 +6,7 @@ mod support;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use aviary::pb::admin::{
-    BanditReport, ExperimentReportRequest, FeedbackRequest, SetRouteRequest,
-    feedback_request::Outcome,
-};
+use aviary::pb::admin::{BanditReport, ExperimentReportRequest, SetRouteRequest};
 use tonic::{Code, Request};
 
 const ROW: [[f32; 4]; 1] = [[5.1, 3.5, 1.4, 0.2]];
@@ -52,19 +49,11 @@ async fn version_for(client: &mut Client, user: Option<&str>) -> Option<String> 
 }
 
 async fn feedback(gateway: &support::Running, version: &str, correct: u32, of: u32) {
-    let admin = gateway.admin().await;
-    for i in 0..of {
-        admin
-            .experiments()
-            .feedback(FeedbackRequest {
-                request_id: format!("req-{version}-{i}"),
-                model: "demo".into(),
-                version: version.into(),
-                outcome: Some(Outcome::Correct(i < correct)),
-            })
-            .await
-            .expect("feedback on an arm is accepted");
-    }
+    gateway
+        .admin()
+        .await
+        .feedback_on_demo(version, correct, of)
+        .await;
 }
 
 async fn bandit_report(gateway: &support::Running) -> BanditReport {

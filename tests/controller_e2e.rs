@@ -298,23 +298,6 @@ versions = [ { version = "1", weight = 50 }, { version = "2", weight = 50 } ]
 bandit = { strategy = "thompson", reward = "correct", warmup = 30, min_share = 0.05, interval_ms = 100, seed = 11 }
 "#;
 
-/// `correct` of `of` feedback on `version` of `demo`, sent to one gateway.
-async fn feedback(gateway: &Admin, version: &str, correct: u32, of: u32) {
-    use aviary::pb::admin::{FeedbackRequest, feedback_request::Outcome};
-    for i in 0..of {
-        gateway
-            .experiments()
-            .feedback(FeedbackRequest {
-                request_id: format!("req-{version}-{i}"),
-                model: "demo".into(),
-                version: version.into(),
-                outcome: Some(Outcome::Correct(i < correct)),
-            })
-            .await
-            .expect("feedback on an arm");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
     let a = support::start_gateway(CONTROLLED_BANDIT, Mode::Embedded)
@@ -342,8 +325,8 @@ async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
 
     // Each gateway alone has 20 rewards, under the warm-up of 30: only their sum can
     // move the policy. Version 1 is right every time (told to a), 2 never (told to b).
-    feedback(&admin_a, "1", 20, 20).await;
-    feedback(&admin_b, "2", 0, 20).await;
+    admin_a.feedback_on_demo("1", 20, 20).await;
+    admin_b.feedback_on_demo("2", 0, 20).await;
     let both_moved = support::eventually(Duration::from_secs(30), || {
         let (admin_a, admin_b) = (&admin_a, &admin_b);
         async move {

@@ -85,6 +85,23 @@ impl Admin {
             .unwrap_or_else(|s| panic!("{model} has a shadow: {s:?}"))
             .into_inner()
     }
+
+    /// `of` pieces of feedback on `version` of `demo`, the first `correct` of them
+    /// correct, the rest incorrect.
+    pub async fn feedback_on_demo(&self, version: &str, correct: u32, of: u32) {
+        use aviary::pb::admin::{FeedbackRequest, feedback_request::Outcome};
+        for i in 0..of {
+            self.experiments()
+                .feedback(FeedbackRequest {
+                    request_id: format!("req-{version}-{i}"),
+                    model: "demo".into(),
+                    version: version.into(),
+                    outcome: Some(Outcome::Correct(i < correct)),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("feedback on demo {version}: {s:?}"));
+        }
+    }
 }
 
 /// A route for `model` with these (version, weight) pairs and no endpoints.
