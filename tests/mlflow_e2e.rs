@@ -68,8 +68,9 @@ impl Mlflow {
     }
 
     /// Registers `file` as a new version of `name` (accuracy `accuracy`, tagged with
-    /// `sha256` or the file's), moving `alias` to it; returns (version, run id).
-    fn register(
+    /// `sha256` or the file's), moving `alias` to it; returns (version, run id). Runs
+    /// off the test's runtime threads: the Python client takes seconds to start.
+    async fn register(
         &self,
         name: &str,
         file: &Path,
@@ -89,7 +90,10 @@ impl Mlflow {
         if let Some(sha256) = sha256 {
             command.args(["--sha256", sha256]);
         }
-        let output = command.output().expect("register.py runs");
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("joined")
+            .expect("register.py runs");
         assert!(
             output.status.success(),
             "register.py: {}",
@@ -135,13 +139,15 @@ async fn the_gateway_follows_the_alias_with_the_registrys_metadata_and_rolls_the
     let dir = tempfile::tempdir().expect("temp dir");
     let mut mlflow = Mlflow::start(dir.path()).await;
     let demo = support::test_models().join("demo");
-    let (v1, _) = mlflow.register(
-        "iris-classifier",
-        &demo.join("1/model.onnx"),
-        0.91,
-        None,
-        "champion",
-    );
+    let (v1, _) = mlflow
+        .register(
+            "iris-classifier",
+            &demo.join("1/model.onnx"),
+            0.91,
+            None,
+            "champion",
+        )
+        .await;
     assert_eq!(v1, "1");
 
     let repository = dir.path().join("models");
@@ -181,18 +187,32 @@ rollout = {{ steps = [ {{ weight = 50, min_duration_ms = 3600000, min_requests =
         .expect("iris answers");
 
     // The alias moves to version 2: it is fetched, loaded and rolled out as the canary.
-    let (v2, run2) = mlflow.register(
-        "iris-classifier",
-        &demo.join("2/model.onnx"),
-        0.97,
-        None,
-        "champion",
-    );
+    let (v2, run2) = mlflow
+        .register(
+            "iris-classifier",
+            &demo.join("2/model.onnx"),
+            0.97,
+            None,
+            "champion",
+        )
+        .await;
     assert_eq!(v2, "2");
     assert!(
         support::eventually(Duration::from_secs(30), || ready(&gateway, "2")).await,
         "version 2 follows the alias"
     );
+    // The rollout starts just after the load.
+    let started = support::eventually(Duration::from_secs(10), || async {
+        admin
+            .rollouts()
+            .get_rollout(aviary::pb::admin::GetRolloutRequest {
+                model: "iris".into(),
+            })
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(started, "a rollout of version 2 starts");
     let rollout = admin.rollout("iris").await;
     assert_eq!(
         (
@@ -226,17 +246,23 @@ rollout = {{ steps = [ {{ weight = 50, min_duration_ms = 3600000, min_requests =
     // A version whose file is not the one the registry's sha256 tag names is refused:
     // never loaded, never left in the repository.
     let wrong = "0".repeat(64);
-    let (v3, _) = mlflow.register(
-        "iris-classifier",
-        &demo.join("1/model.onnx"),
-        0.99,
-        Some(&wrong),
-        "champion",
-    );
+    let (v3, _) = mlflow
+        .register(
+            "iris-classifier",
+            &demo.join("1/model.onnx"),
+            0.99,
+            Some(&wrong),
+            "champion",
+        )
+        .await;
     assert_eq!(v3, "3");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!ready(&gateway, "3").await, "version 3 is refused");
     assert!(!repository.join("iris/3").exists(), "no version 3 folder");
+    assert!(
+        !repository.join("iris/.mlflow-3.partial").exists(),
+        "nor its download"
+    );
 
     // The registry goes down: the gateway keeps serving what it has.
     mlflow.stop();

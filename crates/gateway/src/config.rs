@@ -1178,7 +1178,8 @@ impl Config {
         }
         problems.extend(crate::sources::mlflow::problems(
             &config.mlflow,
-            config.repository.is_some(),
+            config.repository.as_ref(),
+            config.rollouts.controlled,
         ));
         problems.extend(name_problems(&config));
         if config.rollouts.evaluate_interval_ms == 0 {

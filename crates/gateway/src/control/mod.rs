@@ -657,10 +657,12 @@ impl Control {
     ) -> Result<(LoadOutcome, u64), GatewayError> {
         let worker = self.embedded()?;
         let number = version_number(model, version)?;
+        // Held through the load: a change published meanwhile would route the new
+        // version (the newest) on an implicit route.
+        let mut writer = self.writer.lock().await;
         let loaded = worker.load_version(model, number).await;
         self.audit_version("load", model, version, loaded.as_ref().map(|_| ()));
         let outcome = loaded?;
-        let mut writer = self.writer.lock().await;
         let mut routes = writer.routes.clone();
         let in_force = self
             .routing

@@ -37,6 +37,9 @@ pub fn check_uri(uri: &str) -> Result<Uri, String> {
     if parsed.host().is_none_or(str::is_empty) {
         return Err("names no host".to_owned());
     }
+    if parsed.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not carry credentials (user:password@): none are sent".to_owned());
+    }
     Ok(parsed)
 }
 
@@ -44,7 +47,9 @@ async fn get(uri: &Uri) -> Result<hyper::Response<Incoming>, SourceError> {
     let call = |message: String| SourceError::Unreachable(format!("{uri}: {message}"));
     let host = uri.host().ok_or_else(|| call("no host".into()))?;
     let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect((host, port)))
+    // An IPv6 literal keeps its brackets in the URI, not in the address.
+    let address = host.trim_start_matches('[').trim_end_matches(']');
+    let stream = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect((address, port)))
         .await
         .map_err(|_| call("connect timed out".into()))?
         .map_err(|e| call(e.to_string()))?;
@@ -101,12 +106,22 @@ pub async fn get_json(uri: &Uri) -> Result<serde_json::Value, SourceError> {
         }
         bytes.extend_from_slice(&chunk);
     }
-    let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        SourceError::Invalid(format!("{uri}: answered {status} with no JSON ({e})"))
-    })?;
-    if status.is_success() {
-        return Ok(json);
-    }
+    let json = serde_json::from_slice::<serde_json::Value>(&bytes);
+    let json = match (status.is_success(), json) {
+        (true, Ok(json)) => return Ok(json),
+        (true, Err(e)) => {
+            return Err(SourceError::Invalid(format!(
+                "{uri}: answered {status} with no JSON ({e})"
+            )));
+        }
+        // An error page of a proxy in front of the server: it is unreachable.
+        (false, Err(_)) => {
+            return Err(SourceError::Unreachable(format!(
+                "{uri}: answered {status}"
+            )));
+        }
+        (false, Ok(json)) => json,
+    };
     let message = json["message"].as_str().unwrap_or("no message").to_owned();
     match status {
         StatusCode::NOT_FOUND => Err(SourceError::NotFound(message)),
@@ -124,11 +139,16 @@ pub async fn get_json(uri: &Uri) -> Result<serde_json::Value, SourceError> {
 /// that is not 200, or shorter or longer than its `content-length`, is an error.
 pub async fn download(uri: &Uri, file: &mut tokio::fs::File) -> Result<(u64, String), SourceError> {
     let response = get(uri).await?;
-    if response.status() != StatusCode::OK {
-        return Err(SourceError::Unreachable(format!(
-            "{uri}: answered {}",
-            response.status()
-        )));
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
+            return Err(SourceError::NotFound(format!("{uri}: no such artifact")));
+        }
+        status => {
+            return Err(SourceError::Unreachable(format!(
+                "{uri}: answered {status}"
+            )));
+        }
     }
     let declared: Option<u64> = response
         .headers()

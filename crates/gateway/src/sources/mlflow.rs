@@ -87,6 +87,9 @@ fn default_poll_interval_ms() -> u64 {
     30_000
 }
 
+/// The longest wait between two looks after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
 /// The shortest `poll_interval_ms`.
 pub const MIN_POLL_INTERVAL_MS: u64 = 100;
 
@@ -108,13 +111,30 @@ impl MlflowConfig {
     }
 }
 
-/// What is wrong with the `[[mlflow]]` sources, each with its path.
-pub fn problems(sources: &[MlflowConfig], has_repository: bool) -> Vec<String> {
+/// What is wrong with the `[[mlflow]]` sources, each with its path; `repository`
+/// is `[repository]`, `controlled` whether a controller runs the rollouts.
+pub fn problems(
+    sources: &[MlflowConfig],
+    repository: Option<&crate::config::RepositoryConfig>,
+    controlled: bool,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let mut models = BTreeSet::new();
     for (i, source) in sources.iter().enumerate() {
         let path = format!("mlflow[{i}]");
-        if !has_repository {
+        if source.rollout.is_some() && controlled {
+            problems.push(format!(
+                "{path}.rollout: an aviary controller runs this gateway's rollouts \
+                 ([rollouts] controlled = true); start them there"
+            ));
+        }
+        if source.rollout.is_some() && repository.is_some_and(|r| r.watch) {
+            problems.push(format!(
+                "{path}.rollout: with [repository] watch = true the watcher could load a fetched \
+                 version (as the newest, taking the traffic) before its rollout; set watch = false"
+            ));
+        }
+        if repository.is_none() {
             problems.push(format!(
                 "{path}: needs [repository]: versions are written into it and loaded by the \
                  embedded worker (aviary serve)"
@@ -127,9 +147,10 @@ pub fn problems(sources: &[MlflowConfig], has_repository: bool) -> Vec<String> {
             problems.push(format!("{path}.registered_model: must not be empty"));
         }
         let model = source.model();
-        if model.is_empty() || model.starts_with('.') || model.contains(['/', '\\']) {
+        if let Some(why) = aviary::names::model_name_problem(model) {
             problems.push(format!(
-                "{path}.model: \"{model}\" is not a folder name of the repository"
+                "{path}.model: \"{model}\" is not a model name: {why} (set model to the name \
+                 to serve it under)"
             ));
         }
         if !models.insert(model.to_owned()) {
@@ -322,6 +343,15 @@ pub fn card(
     }
 }
 
+/// The first line of a card this source writes: how a folder it wrote is told from
+/// one it did not (which it never takes as the registry's version, nor deletes).
+fn card_header(config: &MlflowConfig, version: &RegisteredVersion) -> String {
+    format!(
+        "# Written by aviary from MLflow {} registered model \"{}\" version {}.\n",
+        config.tracking_uri, config.registered_model, version.version
+    )
+}
+
 /// Where the server's artifact proxy serves `file` of the artifacts at
 /// `artifact_uri` (`mlflow-artifacts:/<path>`); `Err` for a store the gateway would
 /// have to reach itself (s3://, ...).
@@ -343,11 +373,18 @@ pub fn artifact_url(
                  (mlflow-artifacts:); run mlflow server with --serve-artifacts"
             ))
         })?;
+    let encoded = |path: &str| -> String {
+        path.split('/')
+            .filter(|segment| !segment.is_empty())
+            .map(query)
+            .collect::<Vec<_>>()
+            .join("/")
+    };
     Ok(format!(
         "{}/api/2.0/mlflow-artifacts/artifacts/{}/{}",
         tracking_uri.trim_end_matches('/'),
-        path.trim_matches('/'),
-        file.trim_start_matches('/')
+        encoded(path),
+        encoded(file)
     ))
 }
 
@@ -372,6 +409,8 @@ pub struct MlflowSource {
     /// Versions whose artifact was refused (checksum, load): not fetched again until
     /// the registry names another version or the gateway restarts.
     refused: Mutex<BTreeSet<String>>,
+    /// The version the registry named at the last look.
+    last_wanted: Mutex<Option<String>>,
 }
 
 impl MlflowSource {
@@ -381,6 +420,7 @@ impl MlflowSource {
             config,
             repository,
             refused: Mutex::new(BTreeSet::new()),
+            last_wanted: Mutex::new(None),
         }
     }
 
@@ -431,7 +471,7 @@ impl MlflowSource {
     }
 
     /// Downloads `version` into the repository with its card, renamed into place once
-    /// complete; returns its folder.
+    /// complete; returns its folder. Whatever fails, nothing half-written is left.
     async fn fetch(&self, version: &RegisteredVersion) -> Result<PathBuf, SourceError> {
         let name = query(&self.config.registered_model);
         let number = query(&version.version);
@@ -448,26 +488,61 @@ impl MlflowSource {
         let url: Uri = url
             .parse()
             .map_err(|e| SourceError::Invalid(format!("{url}: {e}")))?;
-        let run = match version.run_id.is_empty() {
-            true => RunRecord::default(),
-            false => RunRecord::from_json(
-                &http::get_json(&self.api(&format!("runs/get?run_id={}", query(&version.run_id)))?)
-                    .await?["run"],
-            ),
-        };
+        let run = self.run_of(version).await?;
         let model_folder = self.repository.join(self.config.model());
         let partial = model_folder.join(format!(".mlflow-{}.partial", version.version));
+        if let Err(error) = self.write_partial(&partial, &url, version, &run).await {
+            let _ = tokio::fs::remove_dir_all(&partial).await;
+            return Err(error);
+        }
+        let folder = model_folder.join(&version.version);
+        if let Err(error) = tokio::fs::rename(&partial, &folder).await {
+            let _ = tokio::fs::remove_dir_all(&partial).await;
+            return Err(SourceError::Storage(format!(
+                "{}: {error}",
+                folder.display()
+            )));
+        }
+        Ok(folder)
+    }
+
+    /// The run that produced `version`; an empty record when it has none, or when the
+    /// run is gone (the card then lacks its metrics and parameters, not the version).
+    async fn run_of(&self, version: &RegisteredVersion) -> Result<RunRecord, SourceError> {
+        if version.run_id.is_empty() {
+            return Ok(RunRecord::default());
+        }
+        let uri = self.api(&format!("runs/get?run_id={}", query(&version.run_id)))?;
+        match http::get_json(&uri).await {
+            Ok(answer) => Ok(RunRecord::from_json(&answer["run"])),
+            Err(SourceError::NotFound(why)) => {
+                tracing::warn!(run_id = version.run_id, why, "the version's run is gone");
+                Ok(RunRecord::default())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Downloads the artifact at `url` into the hidden folder `partial` (made afresh)
+    /// and writes `version`'s card beside it.
+    async fn write_partial(
+        &self,
+        partial: &std::path::Path,
+        url: &Uri,
+        version: &RegisteredVersion,
+        run: &RunRecord,
+    ) -> Result<(), SourceError> {
         let storage =
             |e: std::io::Error| SourceError::Storage(format!("{}: {e}", partial.display()));
         // A download cut short before starts again from nothing.
         if partial.exists() {
-            tokio::fs::remove_dir_all(&partial).await.map_err(storage)?;
+            tokio::fs::remove_dir_all(partial).await.map_err(storage)?;
         }
-        tokio::fs::create_dir_all(&partial).await.map_err(storage)?;
+        tokio::fs::create_dir_all(partial).await.map_err(storage)?;
         let mut file = tokio::fs::File::create(partial.join(MODEL_FILE))
             .await
             .map_err(storage)?;
-        let (length, hex) = http::download(&url, &mut file).await?;
+        let (length, hex) = http::download(url, &mut file).await?;
         file.sync_all().await.map_err(storage)?;
         let sha256 = Sha256::try_from(hex).map_err(SourceError::Invalid)?;
         if let Some(stated) = version.tags.get("sha256")
@@ -479,21 +554,15 @@ impl MlflowSource {
                 version.version, self.config.registered_model
             )));
         }
-        let card = card(&self.config, version, &run, sha256);
+        let card = card(&self.config, version, run, sha256);
         let text = toml::to_string(&card)
             .map_err(|e| SourceError::Invalid(format!("the model card: {e}")))?;
-        let header = format!(
-            "# Written by aviary from MLflow {} registered model \"{}\" version {}.\n",
-            self.config.tracking_uri, self.config.registered_model, version.version
-        );
-        tokio::fs::write(partial.join(CARD_FILE), header + &text)
-            .await
-            .map_err(storage)?;
-        let folder = model_folder.join(&version.version);
-        tokio::fs::rename(&partial, &folder)
-            .await
-            .map_err(storage)?;
-        Ok(folder)
+        tokio::fs::write(
+            partial.join(CARD_FILE),
+            card_header(&self.config, version) + &text,
+        )
+        .await
+        .map_err(storage)
     }
 
     /// One look at the registry: fetches and loads the version it names if this
@@ -507,22 +576,43 @@ impl MlflowSource {
         let wanted = self.wanted().await?;
         let model = self.config.model();
         let version = wanted.version.clone();
+        let moved = self.note_wanted(&version);
+        if self.refused().contains(&version) {
+            return Ok(None);
+        }
         let loaded = control.worker().is_some_and(|w| {
             w.inventory()
                 .get(model)
                 .is_some_and(|v| v.contains(&version))
         });
-        if loaded || self.refused().contains(&version) {
+        if loaded {
+            if moved {
+                self.bring_back(control, rollouts, &version).await;
+            }
             return Ok(None);
         }
         let folder = self.repository.join(model).join(&version);
-        if !folder.join(MODEL_FILE).exists()
-            && let Err(error) = self.fetch(&wanted).await
-        {
-            if matches!(error, SourceError::Invalid(_)) {
+        match folder.exists() {
+            // Fetched before (a restart between the rename and the load), or not ours.
+            true if !self.wrote(&folder) => {
                 self.refused().insert(version.clone());
+                return Err(SourceError::Invalid(format!(
+                    "{} exists and was not written from MLflow: it is neither taken as the \
+                     registry's version {version} nor replaced; move it away, or serve the \
+                     registered model under another model name",
+                    folder.display()
+                ))
+                .into());
             }
-            return Err(error.into());
+            true => {}
+            false => {
+                if let Err(error) = self.fetch(&wanted).await {
+                    if matches!(error, SourceError::Invalid(_)) {
+                        self.refused().insert(version.clone());
+                    }
+                    return Err(error.into());
+                }
+            }
         }
         // The version serving the most before this one arrives is the rollout's baseline;
         // to be rolled out, the new one comes in at weight 0.
@@ -531,11 +621,15 @@ impl MlflowSource {
             true => control.load_version_unweighted(model, &version).await,
             false => control.load_version(model, &version).await,
         };
-        if let Err(error) = loaded {
-            self.refused().insert(version.clone());
-            // Not left loadable: the next start would load it again.
-            let _ = tokio::fs::remove_dir_all(&folder).await;
-            return Err(error);
+        match loaded {
+            Ok(_) => {}
+            // The model itself does not load: not left loadable for the next start.
+            Err(error @ GatewayError::Worker(_)) => {
+                self.refused().insert(version.clone());
+                let _ = tokio::fs::remove_dir_all(&folder).await;
+                return Err(error);
+            }
+            Err(error) => return Err(error),
         }
         tracing::info!(
             model,
@@ -543,22 +637,76 @@ impl MlflowSource {
             registered_model = self.config.registered_model,
             "version from MLflow loaded"
         );
-        if let (Some(rollouts), Some(baseline)) = (rollouts, baseline)
-            && let Some(plan) = self.config.plan(&version, &baseline)
-        {
-            match rollouts.start(plan).await {
-                Ok(_) => tracing::info!(
-                    model,
-                    canary = version,
-                    baseline,
-                    "rollout of the MLflow version started"
-                ),
-                Err(error) => {
-                    tracing::warn!(model, canary = version, %error, "the MLflow version's rollout did not start")
-                }
-            }
+        if let Some(baseline) = baseline {
+            self.roll_out(rollouts, &version, &baseline).await;
         }
         Ok(Some(version))
+    }
+
+    /// Whether `folder` was written by this source (its card's first line says so).
+    fn wrote(&self, folder: &std::path::Path) -> bool {
+        std::fs::read_to_string(folder.join(CARD_FILE))
+            .is_ok_and(|card| card.starts_with("# Written by aviary from MLflow"))
+    }
+
+    /// Notes the version the registry names now; whether it moved since the last look
+    /// (a version refused before is tried again once the alias moves on and back).
+    fn note_wanted(&self, version: &str) -> bool {
+        let mut last = self
+            .last_wanted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let moved = last.as_deref().is_some_and(|last| last != version);
+        if moved {
+            self.refused().clear();
+        }
+        *last = Some(version.to_owned());
+        moved
+    }
+
+    /// The alias moved to `version`, which this gateway already has (a rollback in
+    /// MLflow): rolled out against the version serving the most, with `rollout`;
+    /// else said, as the weights are the operator's.
+    async fn bring_back(&self, control: &Control, rollouts: Option<&Rollouts>, version: &str) {
+        let model = self.config.model();
+        match serving_most(control, model) {
+            Some(serving) if serving != version => {
+                if self.config.rollout.is_some() {
+                    self.roll_out(rollouts, version, &serving).await;
+                } else {
+                    tracing::warn!(
+                        model,
+                        version,
+                        serving,
+                        "the MLflow alias moved to a version this gateway has; its weights are \
+                         not changed by the source (set them, or configure rollout)"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts the rollout of `canary` against `baseline`, with `rollout`.
+    async fn roll_out(&self, rollouts: Option<&Rollouts>, canary: &str, baseline: &str) {
+        let model = self.config.model();
+        let (Some(rollouts), Some(plan)) = (rollouts, self.config.plan(canary, baseline)) else {
+            return;
+        };
+        match rollouts.start(plan).await {
+            Ok(_) => tracing::info!(
+                model,
+                canary,
+                baseline,
+                "rollout of the MLflow version started"
+            ),
+            Err(error) => tracing::warn!(
+                model,
+                canary,
+                %error,
+                "the MLflow version's rollout did not start; it stays at weight 0"
+            ),
+        }
     }
 
     fn refused(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -573,17 +721,30 @@ impl MlflowSource {
         mut stop: watch::Receiver<bool>,
     ) {
         let interval = Duration::from_millis(self.config.poll_interval_ms);
+        let mut failures: u32 = 0;
         loop {
-            if let Err(error) = self.poll(&control, rollouts.as_deref()).await {
-                tracing::warn!(
-                    tracking_uri = self.config.tracking_uri,
-                    registered_model = self.config.registered_model,
-                    %error,
-                    "MLflow source: nothing changed"
-                );
+            match self.poll(&control, rollouts.as_deref()).await {
+                Ok(_) => failures = 0,
+                // No version at the alias yet is a state, not a failure: no backoff.
+                Err(error @ GatewayError::Source(SourceError::NotFound(_))) => {
+                    failures = 0;
+                    tracing::info!(registered_model = self.config.registered_model, %error, "MLflow source: nothing to serve yet");
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(
+                        tracking_uri = self.config.tracking_uri,
+                        registered_model = self.config.registered_model,
+                        %error,
+                        "MLflow source: nothing changed"
+                    );
+                }
             }
+            // Failing again and again (a server down, a download that keeps breaking):
+            // ask less often, up to every ten minutes.
+            let wait = (interval * 2u32.pow(failures.min(12))).min(MAX_BACKOFF.max(interval));
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -688,7 +849,7 @@ alias = "champion"
         bad.stage = Some("Production".into());
         bad.artifact = "../x.onnx".into();
         bad.poll_interval_ms = 5;
-        let found = problems(&[bad, config()], false);
+        let found = problems(&[bad, config()], None, false);
         for expected in [
             "mlflow[0]: needs [repository]",
             "mlflow[0].tracking_uri: https is not supported yet",
@@ -702,7 +863,30 @@ alias = "champion"
                 "{expected} in {found:#?}"
             );
         }
-        assert!(problems(&[config()], true).is_empty());
+        let repository: crate::config::RepositoryConfig =
+            toml::from_str("path = \"models\"\nwatch = true").expect("a repository");
+        assert!(problems(&[config()], Some(&repository), false).is_empty());
+        let mut rolled = config();
+        rolled.model = Some("bad name".into());
+        rolled.rollout = Some(SourceRollout {
+            steps: vec![Step {
+                weight: 100,
+                min_duration_ms: 1,
+                min_requests: 1,
+            }],
+            gates: Gates::error_rate(0.01),
+        });
+        let found = problems(&[rolled], Some(&repository), true);
+        for expected in [
+            "mlflow[0].rollout: an aviary controller runs",
+            "mlflow[0].rollout: with [repository] watch = true",
+            "mlflow[0].model: \"bad name\" is not a model name",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{expected} in {found:#?}"
+            );
+        }
     }
 
     #[test]
