@@ -6,7 +6,7 @@ mod support;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use aviary::pb::admin::{BanditReport, ExperimentReportRequest, SetRouteRequest};
+use aviary::pb::admin::{BanditReport, SetRouteRequest};
 use tonic::{Code, Request};
 
 const ROW: [[f32; 4]; 1] = [[5.1, 3.5, 1.4, 0.2]];
@@ -60,15 +60,8 @@ async fn bandit_report(gateway: &support::Running) -> BanditReport {
     gateway
         .admin()
         .await
-        .experiments()
-        .get_experiment_report(ExperimentReportRequest {
-            model: "demo".into(),
-            baseline: String::new(),
-        })
+        .demo_bandit()
         .await
-        .expect("demo is routed")
-        .into_inner()
-        .bandit
         .expect("demo's route is a bandit")
 }
 

@@ -38,6 +38,47 @@ async fn rollout(controller: &mut Admin) -> RolloutStatus {
     controller.rollout("demo").await
 }
 
+/// An `aviary controller` of some gateways, judging every 100 ms, on a loopback port
+/// of its own.
+struct Controller {
+    addr: std::net::SocketAddr,
+    stop: oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Result<(), aviary_gateway::GatewayError>>,
+}
+
+impl Controller {
+    async fn start(gateways: &[&support::Running]) -> Controller {
+        let addresses = gateways
+            .iter()
+            .map(|g| g.admin_addr.expect("admin listener").to_string())
+            .collect();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(run_controller(
+            Gateways::List(addresses),
+            ControllerOptions {
+                evaluate_interval: Duration::from_millis(100),
+                ..ControllerOptions::default()
+            },
+            listener,
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Controller { addr, stop, served }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served
+            .await
+            .expect("controller task")
+            .expect("controller stops cleanly");
+    }
+}
+
 /// The gateway's weights of versions 2 and 1 for `demo`.
 async fn weights(gateway: &mut Admin) -> (u32, u32) {
     let weights = gateway.weights("demo").await;
@@ -53,22 +94,8 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
     let b = support::start_gateway(CONTROLLED, Mode::Embedded)
         .await
         .expect("gateway b starts");
-    let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let controller_addr = listener.local_addr().expect("local addr");
-    let (stop_controller, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(run_controller(
-        Gateways::List(addresses.to_vec()),
-        ControllerOptions {
-            evaluate_interval: Duration::from_millis(100),
-            ..ControllerOptions::default()
-        },
-        listener,
-        None,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = Controller::start(&[&a, &b]).await;
+    let controller_addr = controller.addr;
 
     let load = Load::start(&[&a, &b], 1, &ROWS).await;
     let mut ctl = Admin::connect(controller_addr).await;
@@ -137,11 +164,7 @@ async fn one_controller_moves_two_gateways_through_the_same_steps() {
     assert!(failures.is_empty(), "no request failed: {failures:?}");
     assert!(answered >= 40, "both steps saw traffic: {answered}");
 
-    let _ = stop_controller.send(());
-    served
-        .await
-        .expect("controller task")
-        .expect("controller stops cleanly");
+    controller.stop().await;
     a.stop().await.expect("gateway a stops");
     b.stop().await.expect("gateway b stops");
 }
@@ -220,22 +243,8 @@ async fn a_rollout_of_a_canary_a_gateway_has_not_approved_is_refused_at_start() 
     let b = support::start_gateway(CONTROLLED, Mode::Embedded)
         .await
         .expect("gateway b starts");
-    let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let controller_addr = listener.local_addr().expect("local addr");
-    let (stop_controller, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(run_controller(
-        Gateways::List(addresses.to_vec()),
-        ControllerOptions {
-            evaluate_interval: Duration::from_millis(100),
-            ..ControllerOptions::default()
-        },
-        listener,
-        None,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = Controller::start(&[&a, &b]).await;
+    let controller_addr = controller.addr;
     let ctl = Admin::connect(controller_addr).await;
     let refused = ctl
         .rollouts()
@@ -275,11 +284,7 @@ async fn a_rollout_of_a_canary_a_gateway_has_not_approved_is_refused_at_start() 
         .await
         .expect("approved everywhere it is enforced");
 
-    let _ = stop_controller.send(());
-    served
-        .await
-        .expect("controller task")
-        .expect("controller stops cleanly");
+    controller.stop().await;
     a.stop().await.expect("gateway a stops");
     b.stop().await.expect("gateway b stops");
 }
@@ -306,21 +311,7 @@ async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
     let b = support::start_gateway(CONTROLLED_BANDIT, Mode::Embedded)
         .await
         .expect("gateway b starts");
-    let addresses = [&a, &b].map(|g| g.admin_addr.expect("admin listener").to_string());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (stop_controller, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(run_controller(
-        Gateways::List(addresses.to_vec()),
-        ControllerOptions {
-            evaluate_interval: Duration::from_millis(100),
-            ..ControllerOptions::default()
-        },
-        listener,
-        None,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let controller = Controller::start(&[&a, &b]).await;
     let (mut admin_a, mut admin_b) = (a.admin().await, b.admin().await);
 
     // Each gateway alone has 20 rewards, under the warm-up of 30: only their sum can
@@ -333,16 +324,7 @@ async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
             let on_a = weight_of(&admin_a.weights("demo").await, "1");
             let on_b = weight_of(&admin_b.weights("demo").await, "1");
             // Once a plan on all 40 rewards reached both (updates every 100 ms).
-            let counted = admin_b
-                .experiments()
-                .get_experiment_report(aviary::pb::admin::ExperimentReportRequest {
-                    model: "demo".into(),
-                    baseline: String::new(),
-                })
-                .await
-                .ok()
-                .and_then(|r| r.into_inner().bandit)
-                .is_some_and(|b| b.rewards == 40);
+            let counted = admin_b.demo_bandit().await.is_some_and(|b| b.rewards == 40);
             counted && on_a == on_b && on_a >= 9_000
         }
     })
@@ -357,15 +339,8 @@ async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
         let report = gateway
             .admin()
             .await
-            .experiments()
-            .get_experiment_report(aviary::pb::admin::ExperimentReportRequest {
-                model: "demo".into(),
-                baseline: String::new(),
-            })
+            .demo_bandit()
             .await
-            .expect("report")
-            .into_inner()
-            .bandit
             .expect("the controller's policy");
         assert_eq!(report.rewards, 40, "the fleet's sum: {report:?}");
         assert!(!report.warming_up);
@@ -400,11 +375,7 @@ async fn one_controller_plans_a_bandit_on_two_gateways_summed_feedback() {
         assert!(refused.message().contains(said), "{refused:?}");
     }
 
-    let _ = stop_controller.send(());
-    served
-        .await
-        .expect("controller task")
-        .expect("controller stops cleanly");
+    controller.stop().await;
     a.stop().await.expect("clean stop");
     b.stop().await.expect("clean stop");
 }

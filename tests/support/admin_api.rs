@@ -86,6 +86,20 @@ impl Admin {
             .into_inner()
     }
 
+    /// The bandit policy's state in `demo`'s experiment report (`None`: not a bandit
+    /// route).
+    pub async fn demo_bandit(&self) -> Option<aviary::pb::admin::BanditReport> {
+        self.experiments()
+            .get_experiment_report(aviary::pb::admin::ExperimentReportRequest {
+                model: "demo".into(),
+                baseline: String::new(),
+            })
+            .await
+            .expect("demo's experiment report")
+            .into_inner()
+            .bandit
+    }
+
     /// `of` pieces of feedback on `version` of `demo`, the first `correct` of them
     /// correct, the rest incorrect.
     pub async fn feedback_on_demo(&self, version: &str, correct: u32, of: u32) {
