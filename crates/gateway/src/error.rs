@@ -184,6 +184,17 @@ impl GatewayError {
             _ => false,
         }
     }
+
+    /// Whether the call's deadline passed: the gateway's own timer, or the worker's
+    /// answer to the deadline the gateway passed on.
+    pub fn is_deadline(&self) -> bool {
+        match self {
+            GatewayError::DeadlineExceeded { .. } => true,
+            GatewayError::Remote { status, .. } => status.code() == tonic::Code::DeadlineExceeded,
+            GatewayError::Worker(error) => error.code() == tonic::Code::DeadlineExceeded,
+            _ => false,
+        }
+    }
 }
 
 impl GatewayError {

@@ -55,7 +55,7 @@ use crate::{
     route::Route,
     routing::Routing,
     sequences::{Placement, Sequences},
-    stack::Call,
+    stack::{Call, Deadline},
 };
 
 /// Response header naming the variant (version) that served the request.
@@ -477,7 +477,7 @@ impl Front {
         routing: &Routing,
         result: Result<ModelInferResponse, GatewayError>,
         fallback: Option<((String, String), ModelInferRequest)>,
-        deadline: Instant,
+        deadline: Deadline,
         model: &str,
         version: &str,
     ) -> Result<ModelInferResponse, GatewayError> {
@@ -579,7 +579,7 @@ impl Front {
         &self,
         routing: &Routing,
         request: ModelInferRequest,
-        deadline: Instant,
+        deadline: Deadline,
     ) -> Result<ModelInferResponse, GatewayError> {
         let service = routing
             .service(&request.model_name, &request.model_version)?

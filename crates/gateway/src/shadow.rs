@@ -30,7 +30,7 @@ use tower::ServiceExt;
 
 use crate::{
     config::ShadowConfig,
-    stack::{Call, InferService, Limits},
+    stack::{Call, Deadline, InferService, Limits},
 };
 
 /// Values kept per output and side for the distribution test.
@@ -223,7 +223,10 @@ async fn dispatch(mirror: std::sync::Weak<Mirror>, mut jobs: mpsc::Receiver<Job>
             let (service, limits) = mirror.target.load().as_ref().clone();
             // A shadow call has a deadline like any other: a hung shadow never holds
             // its permit for good.
-            let call = Call::new(job.request, Some(Instant::now() + limits.timeout));
+            let call = Call::new(
+                job.request,
+                Some(Deadline::routes(Instant::now() + limits.timeout)),
+            );
             match service.oneshot(call).await {
                 Ok(shadow) => mirror.record(&job.primary, &shadow),
                 Err(error) => {

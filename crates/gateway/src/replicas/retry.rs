@@ -112,9 +112,8 @@ mod tests {
 
     fn call() -> Call {
         Call {
-            request: Default::default(),
-            deadline: None,
             max_attempts: 3,
+            ..Call::new(Default::default(), None)
         }
     }
 

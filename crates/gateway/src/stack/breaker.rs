@@ -152,6 +152,16 @@ impl Breaker {
         }
     }
 
+    /// Records that a call admitted at `admitted` ended without a verdict (its client
+    /// gave up on it) at `now`: if it was the probe, the next call probes instead, or
+    /// the breaker would stay half-open, failing every call, for good.
+    pub fn abandon(&self, admitted: Admit, now: Instant) {
+        let mut state = self.lock();
+        if admitted == Admit::Probe && *state == BreakerState::HalfOpen {
+            *state = BreakerState::Open { until: now };
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
         // The state is one Copy value, whole after every write.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -213,10 +223,45 @@ where
                 }),
             };
         }
-        BreakerFuture::Admitted {
-            response: self.inner.call(call),
+        let owed = Owed {
             breaker: Arc::clone(&self.layer.breaker),
             admitted,
+            deadline_is_clients: call.deadline_is_clients,
+            settled: false,
+        };
+        BreakerFuture::Admitted {
+            response: self.inner.call(call),
+            owed,
+        }
+    }
+}
+
+/// What an admitted call owes its breaker: its outcome, recorded when it ends. A call
+/// dropped unfinished (its client gave up) leaves no verdict.
+#[derive(Debug)]
+pub struct Owed {
+    breaker: Arc<Breaker>,
+    admitted: Admit,
+    deadline_is_clients: bool,
+    settled: bool,
+}
+
+impl Owed {
+    fn settle(&mut self, result: &Result<ModelInferResponse, GatewayError>) {
+        let failed = result.as_ref().err().is_some_and(|error| {
+            // A client that asked for less time than the route gives a call and did
+            // not get its answer in it was in a hurry; the version did not fail.
+            error.is_backend_failure() && !(self.deadline_is_clients && error.is_deadline())
+        });
+        self.breaker.record(self.admitted, failed, Instant::now());
+        self.settled = true;
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker.abandon(self.admitted, Instant::now());
         }
     }
 }
@@ -232,8 +277,7 @@ pin_project! {
         Admitted {
             #[pin]
             response: F,
-            breaker: Arc<Breaker>,
-            admitted: Admit,
+            owed: Owed,
         },
     }
 }
@@ -249,17 +293,9 @@ where
             BreakerProjection::Rejected { error } => Poll::Ready(Err(error
                 .take()
                 .unwrap_or_else(|| GatewayError::Refused("breaker future polled again".into())))),
-            BreakerProjection::Admitted {
-                response,
-                breaker,
-                admitted,
-            } => {
+            BreakerProjection::Admitted { response, owed } => {
                 let result = std::task::ready!(response.poll(cx));
-                let failed = result
-                    .as_ref()
-                    .err()
-                    .is_some_and(GatewayError::is_backend_failure);
-                breaker.record(*admitted, failed, Instant::now());
+                owed.settle(&result);
                 Poll::Ready(result)
             }
         }

@@ -1,12 +1,14 @@
 //! The request path of one routed version as a stack of tower layers around its
 //! backend, outermost first:
 //!
-//! 1. [`deadline`]: the call ends at its deadline (DEADLINE_EXCEEDED);
-//! 2. tower's `load_shed` + `concurrency_limit`: at most `max_in_flight + max_queue`
+//! 1. [`breaker`]: a version failing again and again fails fast (UNAVAILABLE) until a
+//!    probe succeeds. Outermost, so it sees a call that missed the route's deadline
+//!    as the version's failure (and one that missed a client's shorter deadline as
+//!    no failure), and an open breaker costs a call no place in the queue;
+//! 2. [`deadline`]: the call ends at its deadline (DEADLINE_EXCEEDED);
+//! 3. tower's `load_shed` + `concurrency_limit`: at most `max_in_flight + max_queue`
 //!    calls are admitted, the excess is answered at once with RESOURCE_EXHAUSTED;
-//! 3. [`queue`]: admitted calls wait for one of `max_in_flight` places;
-//! 4. [`breaker`]: a version failing again and again fails fast (UNAVAILABLE) until a
-//!    probe succeeds;
+//! 4. [`queue`]: admitted calls wait for one of `max_in_flight` places;
 //! 5. [`fault`]: injected faults, when configured;
 //! 6. the backend (in-process worker or remote worker), which passes the deadline on.
 //!
@@ -43,6 +45,24 @@ pub use queue::{QueueLayer, QueueService};
 
 use crate::{GatewayError, backend::Backend, config::FaultConfig};
 
+/// When a call must have ended, and whose time that is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// The instant.
+    pub at: Instant,
+    /// The client asked for less time than the route gives a call: a version that
+    /// misses this deadline has not failed, the client was in a hurry (its breaker
+    /// does not count it).
+    pub clients: bool,
+}
+
+impl Deadline {
+    /// The route's own deadline at `at`: a version that misses it failed the call.
+    pub fn routes(at: Instant) -> Deadline {
+        Deadline { at, clients: false }
+    }
+}
+
 /// One inference on its way to a version: the request (its version resolved) and
 /// when the client stops waiting for it.
 #[derive(Debug, Clone)]
@@ -51,6 +71,8 @@ pub struct Call {
     pub request: ModelInferRequest,
     /// When the call must have ended; `None`: no deadline.
     pub deadline: Option<Instant>,
+    /// Whether `deadline` is a client's shorter one (see [`Deadline::clients`]).
+    pub deadline_is_clients: bool,
     /// Attempts the call may take over a version's replicas, the first included: the
     /// version's `retry_attempts`, set by its stack.
     pub max_attempts: u32,
@@ -59,10 +81,11 @@ pub struct Call {
 impl Call {
     /// A call of `request` until `deadline`, given one attempt until a version's stack
     /// sets its own.
-    pub fn new(request: ModelInferRequest, deadline: Option<Instant>) -> Call {
+    pub fn new(request: ModelInferRequest, deadline: Option<Deadline>) -> Call {
         Call {
             request,
-            deadline,
+            deadline: deadline.map(|d| d.at),
+            deadline_is_clients: deadline.is_some_and(|d| d.clients),
             max_attempts: 1,
         }
     }
@@ -159,14 +182,17 @@ impl Limits {
     }
 
     /// The deadline of a call that arrives at `now` with the client's `timeout`.
-    pub fn deadline(&self, client_timeout: Option<Duration>, now: Instant) -> Instant {
+    pub fn deadline(&self, client_timeout: Option<Duration>, now: Instant) -> Deadline {
         let timeout = match client_timeout {
             Some(timeout) => timeout
                 .min(self.max_timeout)
                 .saturating_sub(ANSWER_MARGIN.min(timeout / 10)),
             None => self.timeout,
         };
-        now + timeout
+        Deadline {
+            at: now + timeout,
+            clients: client_timeout.is_some_and(|asked| asked < self.timeout),
+        }
     }
 }
 
@@ -251,7 +277,11 @@ where
     let shedding = Arc::clone(&name);
     let (limits, shed) = (guards.limits, Arc::clone(&guards.shed));
     let service = ServiceBuilder::new()
-        .layer(DeadlineLayer::new(Arc::clone(&name)))
+        .layer(BreakerLayer::new(
+            Arc::clone(&guards.breaker),
+            Arc::clone(&name),
+        ))
+        .layer(DeadlineLayer::new(name))
         .map_err(move |error: BoxError| {
             let error = shed_error(error, &shedding, limits);
             if matches!(error, GatewayError::Overloaded { .. }) {
@@ -264,7 +294,6 @@ where
             &guards.admitted,
         )))
         .layer(QueueLayer::new(Arc::clone(&guards.in_flight)))
-        .layer(BreakerLayer::new(Arc::clone(&guards.breaker), name))
         .option_layer(fault.map(FaultLayer::new))
         .service(inner);
     BoxCloneSyncService::new(service)
@@ -323,7 +352,7 @@ pub(crate) mod tests {
     #[derive(Debug, Clone)]
     pub(crate) struct Fake {
         delay: Duration,
-        fail: bool,
+        fail: Option<tonic::Code>,
         completed: Arc<AtomicUsize>,
     }
 
@@ -331,15 +360,20 @@ pub(crate) mod tests {
         pub(crate) fn answering_after(delay: Duration) -> Fake {
             Fake {
                 delay,
-                fail: false,
+                fail: None,
                 completed: Arc::new(AtomicUsize::new(0)),
             }
         }
 
         pub(crate) fn failing() -> Fake {
+            Fake::failing_with(tonic::Code::Unavailable, Duration::ZERO)
+        }
+
+        /// A remote worker answering `code` after `delay`.
+        pub(crate) fn failing_with(code: tonic::Code, delay: Duration) -> Fake {
             Fake {
-                fail: true,
-                ..Fake::answering_after(Duration::ZERO)
+                fail: Some(code),
+                ..Fake::answering_after(delay)
             }
         }
 
@@ -363,11 +397,11 @@ pub(crate) mod tests {
                 tokio::time::sleep(this.delay).await;
                 this.completed.fetch_add(1, Ordering::SeqCst);
                 match this.fail {
-                    true => Err(GatewayError::Remote {
+                    Some(code) => Err(GatewayError::Remote {
                         endpoint: "http://fake".into(),
-                        status: tonic::Status::unavailable("down"),
+                        status: tonic::Status::new(code, "failed"),
                     }),
-                    false => Ok(ModelInferResponse {
+                    None => Ok(ModelInferResponse {
                         model_name: call.request.model_name,
                         model_version: call.request.model_version,
                         ..ModelInferResponse::default()
@@ -377,6 +411,7 @@ pub(crate) mod tests {
         }
     }
 
+    /// A call with the route's own `deadline`.
     pub(crate) fn call(deadline: Option<Instant>) -> Call {
         Call::new(
             ModelInferRequest {
@@ -384,8 +419,16 @@ pub(crate) mod tests {
                 model_version: "1".into(),
                 ..ModelInferRequest::default()
             },
-            deadline,
+            deadline.map(Deadline::routes),
         )
+    }
+
+    /// A call whose client asked for less time than the route gives: until `at`.
+    fn hurried_call(at: Instant) -> Call {
+        Call {
+            deadline_is_clients: true,
+            ..call(Some(at))
+        }
     }
 
     /// The stack over a fake backend instead of a real one.
@@ -468,6 +511,98 @@ pub(crate) mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 
+    const THREE_FAILURES: Limits = Limits {
+        breaker: BreakerSettings {
+            failures: 3,
+            open_for: Duration::from_secs(5),
+        },
+        timeout: Duration::from_secs(30),
+        max_timeout: Duration::from_secs(300),
+        max_in_flight: 64,
+        max_queue: 256,
+        retry_attempts: 3,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_version_that_misses_the_routes_deadline_opens_its_breaker() {
+        let hung = Fake::answering_after(Duration::from_secs(60));
+        let (service, guards) = stack(hung, THREE_FAILURES);
+        for _ in 0..3 {
+            let deadline = Instant::now() + Duration::from_millis(100);
+            let result = service.clone().oneshot(call(Some(deadline))).await;
+            assert!(
+                matches!(result, Err(GatewayError::DeadlineExceeded { .. })),
+                "{result:?}"
+            );
+        }
+        assert_eq!(guards.breaker().state().label(), "open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_deadline_shorter_than_the_routes_never_opens_the_breaker() {
+        // Missed at the gateway's timer, or answered DEADLINE_EXCEEDED by the worker
+        // the deadline was passed on to: neither is the version failing.
+        let hung = Fake::answering_after(Duration::from_secs(60));
+        let expiring = Fake::failing_with(tonic::Code::DeadlineExceeded, Duration::ZERO);
+        for fake in [hung, expiring] {
+            let (service, guards) = stack(fake, THREE_FAILURES);
+            for _ in 0..10 {
+                let at = Instant::now() + Duration::from_millis(100);
+                let result = service.clone().oneshot(hurried_call(at)).await;
+                assert!(
+                    result.as_ref().is_err_and(GatewayError::is_deadline),
+                    "{result:?}"
+                );
+            }
+            assert_eq!(
+                guards.breaker().state(),
+                BreakerState::Closed { failures: 0 }
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_its_client_gives_up_on_leaves_the_next_call_to_probe() {
+        let (service, guards) = stack(
+            Fake::answering_after(Duration::from_secs(60)),
+            THREE_FAILURES,
+        );
+        // Opened long enough ago that the next call is the probe.
+        let long_ago = Instant::now() - Duration::from_secs(10);
+        for _ in 0..3 {
+            guards.breaker().record(Admit::Call, true, long_ago);
+        }
+        for _ in 0..3 {
+            let probe = service.clone().oneshot(call(None));
+            let gave_up = tokio::time::timeout(Duration::from_millis(10), probe).await;
+            assert!(gave_up.is_err(), "the probe's client stopped waiting");
+            assert_eq!(
+                guards.breaker().admit(Instant::now()),
+                Admit::Probe,
+                "the next call probes: {:?}",
+                guards.breaker().state()
+            );
+            guards.breaker().abandon(Admit::Probe, Instant::now());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_dropped_unfinished_gives_its_breaker_no_verdict() {
+        let (service, guards) = stack(
+            Fake::answering_after(Duration::from_secs(60)),
+            THREE_FAILURES,
+        );
+        for _ in 0..5 {
+            let call = service.clone().oneshot(call(None));
+            let gave_up = tokio::time::timeout(Duration::from_millis(10), call).await;
+            assert!(gave_up.is_err(), "the client stopped waiting");
+        }
+        assert_eq!(
+            guards.breaker().state(),
+            BreakerState::Closed { failures: 0 }
+        );
+    }
+
     #[test]
     fn a_client_deadline_is_capped_and_a_missing_one_defaulted() {
         let limits = Limits {
@@ -476,20 +611,35 @@ pub(crate) mod tests {
             ..Limits::default()
         };
         let now = Instant::now();
-        assert_eq!(limits.deadline(None, now), now + Duration::from_secs(2));
+        let at = |client: Option<Duration>| limits.deadline(client, now).at;
+        assert_eq!(at(None), now + Duration::from_secs(2));
         assert_eq!(
-            limits.deadline(Some(Duration::from_millis(300)), now),
+            at(Some(Duration::from_millis(300))),
             now + Duration::from_millis(290),
             "the gateway answers just before the client's deadline"
         );
         assert_eq!(
-            limits.deadline(Some(Duration::from_millis(50)), now),
+            at(Some(Duration::from_millis(50))),
             now + Duration::from_millis(45),
             "by at most a tenth of it"
         );
         assert_eq!(
-            limits.deadline(Some(Duration::from_secs(60)), now),
+            at(Some(Duration::from_secs(60))),
             now + Duration::from_secs(10) - Duration::from_millis(10)
         );
+    }
+
+    #[test]
+    fn only_a_client_asking_for_less_than_the_routes_timeout_owns_the_deadline() {
+        let limits = Limits {
+            timeout: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        let now = Instant::now();
+        let clients = |client: Option<Duration>| limits.deadline(client, now).clients;
+        assert!(!clients(None));
+        assert!(clients(Some(Duration::from_millis(300))));
+        assert!(!clients(Some(Duration::from_secs(2))));
+        assert!(!clients(Some(Duration::from_secs(60))));
     }
 }
