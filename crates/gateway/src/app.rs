@@ -42,7 +42,7 @@ use crate::{
     rollouts::{LocalGateway, Rollouts},
     routing::Routing,
     sequences::Sequences,
-    sources::mlflow::MlflowSource,
+    sources::{bucket::BucketSource, mlflow::MlflowSource},
     stack::BreakerState,
     watch as watcher,
 };
@@ -380,6 +380,13 @@ impl Gateway {
                         self.rollouts.clone(),
                         stop_rx.clone(),
                     ),
+                ));
+            }
+            for source in &self.config.bucket {
+                let source = BucketSource::new(source.clone(), repository.path.clone())?;
+                tasks.spawn(acting_as(
+                    Caller::Process("bucket"),
+                    source.run(Arc::clone(&self.control), stop_rx.clone()),
                 ));
             }
         }

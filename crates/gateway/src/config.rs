@@ -60,6 +60,9 @@ pub struct Config {
     /// MLflow Model Registries whose versions are fetched into the repository.
     #[serde(default)]
     pub mlflow: Vec<crate::sources::mlflow::MlflowConfig>,
+    /// S3 or S3-compatible buckets whose versions are fetched into the repository.
+    #[serde(default)]
+    pub bucket: Vec<crate::sources::bucket::BucketConfig>,
     /// Routes by model name.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
@@ -1180,6 +1183,10 @@ impl Config {
             &config.mlflow,
             config.repository.as_ref(),
             config.rollouts.controlled,
+        ));
+        problems.extend(crate::sources::bucket::problems(
+            &config.bucket,
+            config.repository.as_ref(),
         ));
         problems.extend(name_problems(&config));
         if config.rollouts.evaluate_interval_ms == 0 {

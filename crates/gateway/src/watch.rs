@@ -184,6 +184,7 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         workers: _,
         repository: _,
         mlflow: _,
+        bucket: _,
         routes: _,
         rollouts: _,
         dead_letters: _,
@@ -206,6 +207,7 @@ fn restart_only(started_with: &Config, config: &Config) -> Vec<String> {
         ("repository", config.repository != started_with.repository),
         // The sources' pollers start with the gateway.
         ("mlflow", config.mlflow != started_with.mlflow),
+        ("bucket", config.bucket != started_with.bucket),
         (
             "rollouts.evaluate_interval_ms",
             before.evaluate_interval_ms != after.evaluate_interval_ms,

@@ -16,7 +16,12 @@ pub struct Sha256(String);
 impl Sha256 {
     /// The SHA-256 of `bytes`.
     pub fn of(bytes: &[u8]) -> Sha256 {
-        let digest = Hasher::digest(bytes);
+        Sha256::of_digest(&Hasher::digest(bytes))
+    }
+
+    /// A finished SHA-256 digest (32 bytes), as hex: for a hash computed as a file
+    /// streams in.
+    pub fn of_digest(digest: &[u8]) -> Sha256 {
         Sha256(digest.iter().map(|b| format!("{b:02x}")).collect())
     }
 

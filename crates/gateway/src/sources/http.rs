@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use aviary_worker::registry::Sha256 as Sha256Digest;
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Bytes, Incoming};
@@ -135,9 +136,12 @@ pub async fn get_json(uri: &Uri) -> Result<serde_json::Value, SourceError> {
     }
 }
 
-/// Streams `uri`'s body into `file`; returns its length and SHA-256 (hex). An answer
+/// Streams `uri`'s body into `file`; returns its length and SHA-256. An answer
 /// that is not 200, or shorter or longer than its `content-length`, is an error.
-pub async fn download(uri: &Uri, file: &mut tokio::fs::File) -> Result<(u64, String), SourceError> {
+pub async fn download(
+    uri: &Uri,
+    file: &mut tokio::fs::File,
+) -> Result<(u64, Sha256Digest), SourceError> {
     let response = get(uri).await?;
     match response.status() {
         StatusCode::OK => {}
@@ -169,7 +173,5 @@ pub async fn download(uri: &Uri, file: &mut tokio::fs::File) -> Result<(u64, Str
             "{uri}: the download stopped at {length} of {declared} bytes"
         )));
     }
-    let digest = hasher.finalize();
-    let hex = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok((length, hex))
+    Ok((length, Sha256Digest::of_digest(&hasher.finalize())))
 }

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::{SourceError, http};
+use super::{MIN_POLL_INTERVAL_MS, SourceError, backoff, http};
 use crate::{GatewayError, control::Control, rollouts::Rollouts};
 
 /// The model file's name in the repository.
@@ -86,12 +86,6 @@ fn default_artifact() -> String {
 fn default_poll_interval_ms() -> u64 {
     30_000
 }
-
-/// The longest wait between two looks after failures.
-const MAX_BACKOFF: Duration = Duration::from_secs(600);
-
-/// The shortest `poll_interval_ms`.
-pub const MIN_POLL_INTERVAL_MS: u64 = 100;
 
 impl MlflowConfig {
     /// The model's name here.
@@ -542,9 +536,8 @@ impl MlflowSource {
         let mut file = tokio::fs::File::create(partial.join(MODEL_FILE))
             .await
             .map_err(storage)?;
-        let (length, hex) = http::download(url, &mut file).await?;
+        let (length, sha256) = http::download(url, &mut file).await?;
         file.sync_all().await.map_err(storage)?;
-        let sha256 = Sha256::try_from(hex).map_err(SourceError::Invalid)?;
         if let Some(stated) = version.tags.get("sha256")
             && !stated.trim().eq_ignore_ascii_case(sha256.as_str())
         {
@@ -740,11 +733,8 @@ impl MlflowSource {
                     );
                 }
             }
-            // Failing again and again (a server down, a download that keeps breaking):
-            // ask less often, up to every ten minutes.
-            let wait = (interval * 2u32.pow(failures.min(12))).min(MAX_BACKOFF.max(interval));
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(backoff(interval, failures)) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }

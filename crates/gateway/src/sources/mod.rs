@@ -4,10 +4,31 @@
 //! - [`mlflow`]: an MLflow Model Registry polled for the version an alias (or stage)
 //!   names; its ONNX artifact downloaded, verified and written with a model card made
 //!   from the registry's metadata.
-//! - [`http`]: the HTTP/1.1 calls they make.
+//! - [`bucket`]: an S3 or S3-compatible bucket listed for versions laid out as in
+//!   the repository; each downloaded (resumably), verified and renamed into place.
+//! - [`http`]: the HTTP/1.1 calls the MLflow source makes.
+//!
+//! Both poll, back off after failures ([`backoff`]) and keep serving what the gateway
+//! has while their source is down.
 
+pub mod bucket;
 pub mod http;
 pub mod mlflow;
+
+use std::time::Duration;
+
+/// The shortest `poll_interval_ms` of a source.
+pub const MIN_POLL_INTERVAL_MS: u64 = 100;
+
+/// The longest wait between two looks after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+/// The wait before the next look after `failures` failed looks in a row: `interval`,
+/// doubling with each failure (a server down, a download that keeps breaking) up to
+/// ten minutes (or `interval`, if longer).
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    (interval * 2u32.pow(failures.min(12))).min(MAX_BACKOFF.max(interval))
+}
 
 /// Why a source could not give a version.
 #[derive(Debug, thiserror::Error)]
