@@ -22,34 +22,25 @@ python=${PYTHON:-python3}
 
 PYTHON=$python scripts/fetch-onnxruntime.sh .aviary/onnxruntime
 
-if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
-  if [ ! -x .venv/bin/python ] || ! cmp -s tests/python/requirements.txt .venv/.requirements 2>/dev/null; then
-    echo "setup: creating .venv with the Python test clients"
-    "$python" -m venv .venv
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-    cp tests/python/requirements.txt .venv/.requirements
+# venv DIR REQUIREMENTS PROGRAM WHAT: a venv at DIR with REQUIREMENTS installed from
+# PyPI, made again when PROGRAM is missing in it or REQUIREMENTS changed.
+venv() {
+  local dir=$1 requirements=$2 program=$3 what=$4
+  [ "${AVIARY_SKIP_PYTHON:-0}" = 1 ] && return 0
+  if [ ! -x "$dir/bin/$program" ] || ! cmp -s "$requirements" "$dir/.requirements" 2>/dev/null; then
+    echo "setup: creating $dir with $what (PyPI)"
+    "$python" -m venv "$dir"
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$dir/.requirements"
   fi
-fi
+}
 
-# The MLflow model source is tested against a real MLflow tracking server.
-if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
-  if [ ! -x .aviary/mlflow/bin/mlflow ] || ! cmp -s tests/mlflow-requirements.txt .aviary/mlflow/.requirements 2>/dev/null; then
-    echo "setup: creating .aviary/mlflow with MLflow's tracking server (PyPI)"
-    "$python" -m venv .aviary/mlflow
-    .aviary/mlflow/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow-requirements.txt
-    cp tests/mlflow-requirements.txt .aviary/mlflow/.requirements
-  fi
-fi
-
-# The bucket model source is tested against moto, an S3-compatible server.
-if [ "${AVIARY_SKIP_PYTHON:-0}" != 1 ]; then
-  if [ ! -x .aviary/moto/bin/moto_server ] || ! cmp -s tests/moto-requirements.txt .aviary/moto/.requirements 2>/dev/null; then
-    echo "setup: creating .aviary/moto with moto's S3-compatible server (PyPI)"
-    "$python" -m venv .aviary/moto
-    .aviary/moto/bin/python -m pip install --quiet --disable-pip-version-check -r tests/moto-requirements.txt
-    cp tests/moto-requirements.txt .aviary/moto/.requirements
-  fi
-fi
+venv .venv tests/python/requirements.txt python "the Python test clients"
+# The MLflow model source is tested against a real MLflow tracking server, the bucket
+# source against moto, an S3-compatible server: venvs of their own, as their
+# dependencies are not the test clients'.
+venv .aviary/mlflow tests/mlflow-requirements.txt mlflow "MLflow's tracking server"
+venv .aviary/moto tests/moto-requirements.txt moto_server "moto's S3-compatible server"
 
 # apt_install COMMAND PACKAGE SERVICE WHY: Debian's PACKAGE, when COMMAND is missing.
 # Only the binaries are wanted: the tests start their own servers on ports of their

@@ -214,8 +214,10 @@ async fn hand_changes_to_a_bandits_weights_are_refused() {
         .expect_err("the policy owns the weights");
     assert_eq!(set.code(), Code::FailedPrecondition, "{set:?}");
     assert!(set.message().contains("routes.demo.bandit"), "{set:?}");
-    // The weights in force may be sent back (to change limits, say).
+    // The weights in force may be sent back (to change limits, say), the arms in any
+    // order.
     admin.set_weights("demo", &[("1", 50), ("2", 50)]).await;
+    admin.set_weights("demo", &[("2", 50), ("1", 50)]).await;
 
     let rollout = admin
         .rollouts()

@@ -68,8 +68,7 @@ impl Mlflow {
     }
 
     /// Registers `file` as a new version of `name` (accuracy `accuracy`, tagged with
-    /// `sha256` or the file's), moving `alias` to it; returns (version, run id). Runs
-    /// off the test's runtime threads: the Python client takes seconds to start.
+    /// `sha256` or the file's), moving `alias` to it; returns (version, run id).
     async fn register(
         &self,
         name: &str,
@@ -78,18 +77,45 @@ impl Mlflow {
         sha256: Option<&str>,
         alias: &str,
     ) -> (String, String) {
+        let mut args = vec![
+            file.display().to_string(),
+            accuracy.to_string(),
+            "--alias".into(),
+            alias.into(),
+        ];
+        if let Some(sha256) = sha256 {
+            args.extend(["--sha256".into(), sha256.into()]);
+        }
+        self.client(name, args).await
+    }
+
+    /// Registers `file` as a new version of `name` at the (legacy) `stage`.
+    async fn register_at_stage(&self, name: &str, file: &Path, stage: &str) -> String {
+        let args = vec![
+            file.display().to_string(),
+            "0.9".into(),
+            "--stage".into(),
+            stage.into(),
+        ];
+        self.client(name, args).await.0
+    }
+
+    /// Moves `alias` of `name` back to an existing `version`.
+    async fn move_alias(&self, name: &str, alias: &str, version: &str) {
+        let args = vec!["--move".into(), alias.into(), "--to".into(), version.into()];
+        self.client(name, args).await;
+    }
+
+    /// Runs tests/mlflow/register.py on `name` with `args`; returns (version, run id).
+    /// Runs off the test's runtime threads: the Python client takes seconds to start.
+    async fn client(&self, name: &str, args: Vec<String>) -> (String, String) {
         let mut command = Command::new(Self::python());
         command
             .arg(support::repo_root().join("tests/mlflow/register.py"))
             .arg(&self.uri)
             .arg(name)
-            .arg(file)
-            .arg(accuracy.to_string())
-            .args(["--alias", alias])
+            .args(args)
             .current_dir(&self.folder);
-        if let Some(sha256) = sha256 {
-            command.args(["--sha256", sha256]);
-        }
         let output = tokio::task::spawn_blocking(move || command.output())
             .await
             .expect("joined")
@@ -124,10 +150,14 @@ impl Drop for Mlflow {
 }
 
 async fn ready(gateway: &support::Running, version: &str) -> bool {
+    ready_model(gateway, "iris", version).await
+}
+
+async fn ready_model(gateway: &support::Running, model: &str, version: &str) -> bool {
     let mut client = gateway.client().await;
     client
         .model_ready(ModelReadyRequest {
-            name: "iris".into(),
+            name: model.into(),
             version: version.into(),
         })
         .await
@@ -168,6 +198,13 @@ model = "iris"
 alias = "champion"
 poll_interval_ms = 200
 rollout = {{ steps = [ {{ weight = 50, min_duration_ms = 3600000, min_requests = 1000 }}, {{ weight = 100, min_duration_ms = 3600000, min_requests = 1000 }} ], gates = {{ max_error_rate_increase = 0.05 }} }}
+
+[[mlflow]]
+tracking_uri = "{1}"
+registered_model = "iris-staged"
+model = "staged"
+stage = "Production"
+poll_interval_ms = 200
 "#,
         repository.display(),
         mlflow.uri
@@ -262,6 +299,38 @@ rollout = {{ steps = [ {{ weight = 50, min_duration_ms = 3600000, min_requests =
     assert!(
         !repository.join("iris/.mlflow-3.partial").exists(),
         "nor its download"
+    );
+
+    // A rollback in MLflow: with version 2 serving everything, the alias moves back
+    // to version 1, which the gateway has: 1 is rolled out against 2.
+    let abort = aviary::pb::admin::RolloutCommandRequest {
+        model: "iris".into(),
+        note: "to move the weights by hand".into(),
+    };
+    admin
+        .rollouts()
+        .abort_rollout(abort)
+        .await
+        .expect("the rollout of 2 is aborted");
+    admin.set_weights("iris", &[("1", 0), ("2", 100)]).await;
+    mlflow.move_alias("iris-classifier", "champion", "1").await;
+    let rolled_back = support::eventually(Duration::from_secs(10), || async {
+        let rollout = admin.rollout("iris").await;
+        (rollout.canary.as_str(), rollout.baseline.as_str()) == ("1", "2")
+    })
+    .await;
+    assert!(rolled_back, "{:?}", admin.rollout("iris").await);
+
+    // A source following a (legacy) stage takes the latest version at it.
+    let staged = mlflow
+        .register_at_stage("iris-staged", &demo.join("2/model.onnx"), "Production")
+        .await;
+    assert!(
+        support::eventually(Duration::from_secs(30), || ready_model(
+            &gateway, "staged", &staged
+        ))
+        .await,
+        "version {staged} of the staged model comes from MLflow"
     );
 
     // The registry goes down: the gateway keeps serving what it has.

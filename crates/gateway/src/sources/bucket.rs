@@ -76,12 +76,8 @@ pub struct BucketConfig {
     #[serde(default)]
     pub models: Vec<String>,
     /// How often the bucket is listed, in milliseconds (default 30000).
-    #[serde(default = "default_poll_interval_ms")]
+    #[serde(default = "super::default_poll_interval_ms")]
     pub poll_interval_ms: u64,
-}
-
-fn default_poll_interval_ms() -> u64 {
-    30_000
 }
 
 /// A `credentials_file`.

@@ -61,7 +61,7 @@ pub struct MlflowConfig {
     #[serde(default = "default_artifact")]
     pub artifact: String,
     /// How often the registry is asked, in milliseconds (default 30000).
-    #[serde(default = "default_poll_interval_ms")]
+    #[serde(default = "super::default_poll_interval_ms")]
     pub poll_interval_ms: u64,
     /// Roll each new version out as the canary against the version serving the most
     /// unpinned traffic; absent: a new version is loaded and routed as any other.
@@ -81,10 +81,6 @@ pub struct SourceRollout {
 
 fn default_artifact() -> String {
     MODEL_FILE.to_owned()
-}
-
-fn default_poll_interval_ms() -> u64 {
-    30_000
 }
 
 impl MlflowConfig {

@@ -20,6 +20,11 @@ use std::time::Duration;
 /// The shortest `poll_interval_ms` of a source.
 pub const MIN_POLL_INTERVAL_MS: u64 = 100;
 
+/// A source's `poll_interval_ms` when the config sets none.
+pub(crate) fn default_poll_interval_ms() -> u64 {
+    30_000
+}
+
 /// The longest wait between two looks after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
