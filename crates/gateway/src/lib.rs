@@ -21,7 +21,7 @@
 //!   admin API, a running rollout; version load/reload/unload, repository sync.
 //! - [`controller`]: `aviary controller`: the rollout driver over many gateways.
 //! - [`watch`]: watching the config file and the model repository.
-//! - [`sources`]: model versions fetched from an MLflow Model Registry.
+//! - [`sources`]: model versions fetched from an MLflow Model Registry or an S3 bucket.
 //! - [`dead_letters`]: requests that finally failed, kept on disk to be sent again.
 //! - [`defaults`]: the model cards' default predictions, held for calls that failed.
 //! - [`cache`]: the prediction cache: answers served again to identical requests, in
