@@ -319,7 +319,8 @@ impl Backend for InProcess {
     }
 
     fn infer(&self, call: Call) -> BoxFuture<'_, Result<ModelInferResponse, GatewayError>> {
-        let run = async move { Ok(infer_on(&self.slot, call.request, call.deadline).await?) };
+        let deadline = call.expires_at();
+        let run = async move { Ok(infer_on(&self.slot, call.request, deadline).await?) };
         if !telemetry::in_recorded_request() {
             return Box::pin(run);
         }
@@ -467,7 +468,7 @@ impl Backend for Remote {
         });
         let run = async move {
             self.infer
-                .infer(&call.request, call.deadline)
+                .infer(&call.request, call.expires_at())
                 .await
                 .map_err(|status| GatewayError::Remote {
                     endpoint: self.endpoint.clone(),

@@ -655,14 +655,10 @@ impl Control {
         model: &str,
         version: &str,
     ) -> Result<(LoadOutcome, u64), GatewayError> {
-        let worker = self.embedded()?;
-        let number = version_number(model, version)?;
         // Held through the load: a change published meanwhile would route the new
         // version (the newest) on an implicit route.
         let mut writer = self.writer.lock().await;
-        let loaded = worker.load_version(model, number).await;
-        self.audit_version("load", model, version, loaded.as_ref().map(|_| ()));
-        let outcome = loaded?;
+        let outcome = self.load_audited(model, version).await?;
         let mut routes = writer.routes.clone();
         let in_force = self
             .routing
@@ -818,16 +814,22 @@ impl Control {
         model: &str,
         version: &str,
     ) -> Result<(LoadOutcome, u64), GatewayError> {
-        let worker = self.embedded()?;
-        let number = version_number(model, version)?;
         // Loading can take long; route changes need not wait for it.
-        let loaded = worker.load_version(model, number).await;
-        self.audit_version("load", model, version, loaded.as_ref().map(|_| ()));
-        let outcome = loaded?;
+        let outcome = self.load_audited(model, version).await?;
         let mut writer = self.writer.lock().await;
         let routes = writer.routes.clone();
         let generation = self.publish(&mut writer, routes, &BTreeSet::new())?;
         Ok((outcome, generation))
+    }
+
+    /// Loads `version` into the embedded worker, recording the attempt in the audit
+    /// trail; routes are the caller's.
+    async fn load_audited(&self, model: &str, version: &str) -> Result<LoadOutcome, GatewayError> {
+        let worker = self.embedded()?;
+        let number = version_number(model, version)?;
+        let loaded = worker.load_version(model, number).await;
+        self.audit_version("load", model, version, loaded.as_ref().map(|_| ()));
+        Ok(loaded?)
     }
 
     /// Loads a running version's file again and swaps it in; routes do not change.

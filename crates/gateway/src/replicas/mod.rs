@@ -285,7 +285,7 @@ impl Backend for Replicas {
                 // Right after start, names may not be looked up yet: wait for that
                 // (within the deadline), not for replicas to come back.
                 let first_lookup = resolved.wait_for(|done| *done);
-                let _ = match call.deadline {
+                let _ = match call.expires_at() {
                     Some(deadline) => tokio::time::timeout_at(deadline.into(), first_lookup)
                         .await
                         .ok(),

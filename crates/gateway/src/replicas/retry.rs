@@ -86,7 +86,11 @@ impl Policy<Call, ModelInferResponse, GatewayError> for RetryPolicy {
         }
         let backoff = BASE_BACKOFF * 2u32.pow(self.attempts - 1);
         let delay = backoff / 2 + backoff.mul_f64(rand::random::<f64>() / 2.0);
-        if call.deadline.is_some_and(|d| Instant::now() + delay >= d) || !self.budget.withdraw() {
+        if call
+            .expires_at()
+            .is_some_and(|d| Instant::now() + delay >= d)
+            || !self.budget.withdraw()
+        {
             return None;
         }
         self.attempts += 1;
@@ -153,7 +157,7 @@ mod tests {
     async fn a_call_whose_deadline_is_near_is_not_retried() {
         let mut policy = RetryPolicy::new();
         let mut call = Call {
-            deadline: Some(Instant::now()),
+            deadline: Some(crate::stack::Deadline::routes(Instant::now())),
             ..call()
         };
         assert!(policy.retry(&mut call, &mut unreachable()).is_none());

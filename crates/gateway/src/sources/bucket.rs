@@ -44,7 +44,7 @@ use tokio::{
     sync::watch,
 };
 
-use super::{MIN_POLL_INTERVAL_MS, SourceError, backoff};
+use super::{SourceError, common_problems, look_every};
 use crate::{GatewayError, control::Control};
 
 /// The model file a version must have to be taken.
@@ -169,12 +169,11 @@ pub fn problems(
     let mut problems = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         let path = format!("bucket[{i}]");
-        if repository.is_none() {
-            problems.push(format!(
-                "{path}: needs [repository]: versions are written into it and loaded by the \
-                 embedded worker (aviary serve)"
-            ));
-        }
+        problems.extend(common_problems(
+            &path,
+            repository.is_some(),
+            source.poll_interval_ms,
+        ));
         if let Err(why) = source.bucket_and_prefix() {
             problems.push(format!("{path}.url: {why}"));
         }
@@ -196,12 +195,6 @@ pub fn problems(
                     "{path}.models: \"{model}\" is not a model name: {why}"
                 ));
             }
-        }
-        if source.poll_interval_ms < MIN_POLL_INTERVAL_MS {
-            problems.push(format!(
-                "{path}.poll_interval_ms: {} is below the least, {MIN_POLL_INTERVAL_MS}",
-                source.poll_interval_ms
-            ));
         }
     }
     problems
@@ -469,47 +462,50 @@ impl BucketSource {
         number: u64,
         objects: &BucketVersion,
     ) -> Result<PathBuf, SourceError> {
-        let model_folder = self.repository.join(model);
         let partial = self.partial_folder(model, number);
-        let offsets = match self.prepare(&partial, objects).await {
-            Ok(offsets) => offsets,
-            Err(error) => {
-                let _ = tokio::fs::remove_dir_all(&partial).await;
-                return Err(error);
-            }
-        };
+        let folder = self.repository.join(model).join(number.to_string());
+        let result = self
+            .fetch_into(&partial, &folder, model, number, objects)
+            .await;
+        // What the store did not finish giving is resumed at the next look; anything
+        // else (a file that cannot be whole, a failed check, the disk) starts over.
+        if let Err(error) = &result
+            && !matches!(
+                error,
+                SourceError::Unreachable(_) | SourceError::NotFound(_)
+            )
+        {
+            let _ = tokio::fs::remove_dir_all(&partial).await;
+        }
+        result.map(|()| folder)
+    }
+
+    /// [`BucketSource::fetch`]'s steps, into `partial` and then renamed to `folder`.
+    async fn fetch_into(
+        &self,
+        partial: &FsPath,
+        folder: &FsPath,
+        model: &str,
+        number: u64,
+        objects: &BucketVersion,
+    ) -> Result<(), SourceError> {
+        let offsets = self.prepare(partial, objects).await?;
         for (object, offset) in objects.values().zip(offsets) {
-            let local = partial.join(&object.file);
-            if let Err(error) = self.download(object, &local, offset).await {
-                // A file that cannot be whole is started over; one the store did not
-                // finish giving is resumed at the next look.
-                if matches!(error, SourceError::Invalid(_)) {
-                    let _ = tokio::fs::remove_dir_all(&partial).await;
-                }
-                return Err(error);
-            }
+            self.download(object, &partial.join(&object.file), offset)
+                .await?;
         }
+        verify(partial, model, number).await?;
+        drop_stage(&partial.join(CARD_FILE), model, number).await?;
+        let storage = |path: &FsPath, e: std::io::Error| {
+            SourceError::Storage(format!("{}: {e}", path.display()))
+        };
         let manifest = partial.join(MANIFEST_FILE);
-        let storage =
-            |e: std::io::Error| SourceError::Storage(format!("{}: {e}", partial.display()));
-        if let Err(error) = verify(&partial, model, number).await {
-            let _ = tokio::fs::remove_dir_all(&partial).await;
-            return Err(error);
-        }
-        if let Err(error) = drop_stage(&partial.join(CARD_FILE), model, number).await {
-            let _ = tokio::fs::remove_dir_all(&partial).await;
-            return Err(error);
-        }
-        tokio::fs::remove_file(&manifest).await.map_err(storage)?;
-        let folder = model_folder.join(number.to_string());
-        if let Err(error) = tokio::fs::rename(&partial, &folder).await {
-            let _ = tokio::fs::remove_dir_all(&partial).await;
-            return Err(SourceError::Storage(format!(
-                "{}: {error}",
-                folder.display()
-            )));
-        }
-        Ok(folder)
+        tokio::fs::remove_file(&manifest)
+            .await
+            .map_err(|e| storage(&manifest, e))?;
+        tokio::fs::rename(partial, folder)
+            .await
+            .map_err(|e| storage(folder, e))
     }
 
     /// `<model>/<partial prefix><number>.partial`: where `number` is downloaded.
@@ -650,22 +646,17 @@ impl BucketSource {
     }
 
     /// Lists every `poll_interval_ms` until `stop` turns true; failures are logged.
-    pub async fn run(self, control: Arc<Control>, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, control: Arc<Control>, stop: watch::Receiver<bool>) {
         let interval = Duration::from_millis(self.config.poll_interval_ms);
-        let mut failures: u32 = 0;
-        loop {
-            match self.poll(&control).await {
-                Ok(_) => failures = 0,
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(bucket = self.config.url, %error, "bucket source: nothing changed");
-                }
+        let (this, control) = (&self, &control);
+        look_every(interval, stop, || async move {
+            let result = this.poll(control).await;
+            if let Err(error) = &result {
+                tracing::warn!(bucket = this.config.url, %error, "bucket source: nothing changed");
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff(interval, failures)) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
+            result.is_ok()
+        })
+        .await;
     }
 }
 
@@ -875,19 +866,17 @@ mod tests {
         bad.poll_interval_ms = 5;
         bad.credentials_file = Some("/nonexistent/credentials.toml".into());
         let found = problems(&[bad], None);
-        for expected in [
-            "bucket[0]: needs [repository]",
-            "bucket[0].url: \"gs://models\" is not an s3:// URL",
-            "bucket[0].endpoint: \"minio:9000\" is not an http:// or https:// address",
-            "bucket[0].credentials_file: /nonexistent/credentials.toml",
-            "bucket[0].models: \"bad name\" is not a model name",
-            "bucket[0].poll_interval_ms: 5",
-        ] {
-            assert!(
-                found.iter().any(|p| p.starts_with(expected)),
-                "{expected} in {found:#?}"
-            );
-        }
+        crate::sources::assert_named(
+            &found,
+            &[
+                "bucket[0]: needs [repository]",
+                "bucket[0].url: \"gs://models\" is not an s3:// URL",
+                "bucket[0].endpoint: \"minio:9000\" is not an http:// or https:// address",
+                "bucket[0].credentials_file: /nonexistent/credentials.toml",
+                "bucket[0].models: \"bad name\" is not a model name",
+                "bucket[0].poll_interval_ms: 5",
+            ],
+        );
         let repository: crate::config::RepositoryConfig =
             toml::from_str("path = \"models\"").expect("a repository");
         assert!(problems(&[config("s3://models/prod")], Some(&repository)).is_empty());

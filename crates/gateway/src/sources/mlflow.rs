@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::{MIN_POLL_INTERVAL_MS, SourceError, backoff, http};
+use super::{SourceError, common_problems, http, look_every};
 use crate::{GatewayError, control::Control, rollouts::Rollouts};
 
 /// The model file's name in the repository.
@@ -124,12 +124,11 @@ pub fn problems(
                  version (as the newest, taking the traffic) before its rollout; set watch = false"
             ));
         }
-        if repository.is_none() {
-            problems.push(format!(
-                "{path}: needs [repository]: versions are written into it and loaded by the \
-                 embedded worker (aviary serve)"
-            ));
-        }
+        problems.extend(common_problems(
+            &path,
+            repository.is_some(),
+            source.poll_interval_ms,
+        ));
         if let Err(why) = http::check_uri(&source.tracking_uri) {
             problems.push(format!("{path}.tracking_uri: {why}"));
         }
@@ -165,12 +164,6 @@ pub fn problems(
             problems.push(format!(
                 "{path}.artifact: \"{}\" is not a path below the version's artifacts",
                 source.artifact
-            ));
-        }
-        if source.poll_interval_ms < MIN_POLL_INTERVAL_MS {
-            problems.push(format!(
-                "{path}.poll_interval_ms: {} is below the least, {MIN_POLL_INTERVAL_MS}",
-                source.poll_interval_ms
             ));
         }
         // The plan's own checks, on stand-in versions: only steps and gates can fail.
@@ -707,33 +700,30 @@ impl MlflowSource {
         self,
         control: Arc<Control>,
         rollouts: Option<Arc<Rollouts>>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
         let interval = Duration::from_millis(self.config.poll_interval_ms);
-        let mut failures: u32 = 0;
-        loop {
-            match self.poll(&control, rollouts.as_deref()).await {
-                Ok(_) => failures = 0,
+        let (this, control, rollouts) = (&self, &control, rollouts.as_deref());
+        look_every(interval, stop, || async move {
+            match this.poll(control, rollouts).await {
+                Ok(_) => true,
                 // No version at the alias yet is a state, not a failure: no backoff.
                 Err(error @ GatewayError::Source(SourceError::NotFound(_))) => {
-                    failures = 0;
-                    tracing::info!(registered_model = self.config.registered_model, %error, "MLflow source: nothing to serve yet");
+                    tracing::info!(registered_model = this.config.registered_model, %error, "MLflow source: nothing to serve yet");
+                    true
                 }
                 Err(error) => {
-                    failures = failures.saturating_add(1);
                     tracing::warn!(
-                        tracking_uri = self.config.tracking_uri,
-                        registered_model = self.config.registered_model,
+                        tracking_uri = this.config.tracking_uri,
+                        registered_model = this.config.registered_model,
                         %error,
                         "MLflow source: nothing changed"
                     );
+                    false
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff(interval, failures)) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
+        })
+        .await;
     }
 }
 
@@ -836,19 +826,17 @@ alias = "champion"
         bad.artifact = "../x.onnx".into();
         bad.poll_interval_ms = 5;
         let found = problems(&[bad, config()], None, false);
-        for expected in [
-            "mlflow[0]: needs [repository]",
-            "mlflow[0].tracking_uri: https is not supported yet",
-            "mlflow[0]: set alias or stage, not both",
-            "mlflow[0].artifact: \"../x.onnx\"",
-            "mlflow[0].poll_interval_ms: 5",
-            "mlflow[1].model: another [[mlflow]] source already brings model \"iris\"",
-        ] {
-            assert!(
-                found.iter().any(|p| p.starts_with(expected)),
-                "{expected} in {found:#?}"
-            );
-        }
+        crate::sources::assert_named(
+            &found,
+            &[
+                "mlflow[0]: needs [repository]",
+                "mlflow[0].tracking_uri: https is not supported yet",
+                "mlflow[0]: set alias or stage, not both",
+                "mlflow[0].artifact: \"../x.onnx\"",
+                "mlflow[0].poll_interval_ms: 5",
+                "mlflow[1].model: another [[mlflow]] source already brings model \"iris\"",
+            ],
+        );
         let repository: crate::config::RepositoryConfig =
             toml::from_str("path = \"models\"\nwatch = true").expect("a repository");
         assert!(problems(&[config()], Some(&repository), false).is_empty());
@@ -863,16 +851,14 @@ alias = "champion"
             gates: Gates::error_rate(0.01),
         });
         let found = problems(&[rolled], Some(&repository), true);
-        for expected in [
-            "mlflow[0].rollout: an aviary controller runs",
-            "mlflow[0].rollout: with [repository] watch = true",
-            "mlflow[0].model: \"bad name\" is not a model name",
-        ] {
-            assert!(
-                found.iter().any(|p| p.starts_with(expected)),
-                "{expected} in {found:#?}"
-            );
-        }
+        crate::sources::assert_named(
+            &found,
+            &[
+                "mlflow[0].rollout: an aviary controller runs",
+                "mlflow[0].rollout: with [repository] watch = true",
+                "mlflow[0].model: \"bad name\" is not a model name",
+            ],
+        );
     }
 
     #[test]

@@ -15,10 +15,12 @@ pub mod bucket;
 pub mod http;
 pub mod mlflow;
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
+
+use tokio::sync::watch;
 
 /// The shortest `poll_interval_ms` of a source.
-pub const MIN_POLL_INTERVAL_MS: u64 = 100;
+const MIN_POLL_INTERVAL_MS: u64 = 100;
 
 /// A source's `poll_interval_ms` when the config sets none.
 pub(crate) fn default_poll_interval_ms() -> u64 {
@@ -31,8 +33,51 @@ const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// The wait before the next look after `failures` failed looks in a row: `interval`,
 /// doubling with each failure (a server down, a download that keeps breaking) up to
 /// ten minutes (or `interval`, if longer).
-pub fn backoff(interval: Duration, failures: u32) -> Duration {
+fn backoff(interval: Duration, failures: u32) -> Duration {
     (interval * 2u32.pow(failures.min(12))).min(MAX_BACKOFF.max(interval))
+}
+
+/// Takes a `look` every `interval` until `stop` turns true. A look answers whether it
+/// went well; after one that failed, the next waits longer ([`backoff`]).
+pub async fn look_every<F, Fut>(interval: Duration, mut stop: watch::Receiver<bool>, mut look: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut failures: u32 = 0;
+    loop {
+        failures = match look().await {
+            true => 0,
+            false => failures.saturating_add(1),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(backoff(interval, failures)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The problems every source's section can have: `path` is the section
+/// (`mlflow[0]`), `has_repository` whether `[repository]` is set.
+pub(crate) fn common_problems(
+    path: &str,
+    has_repository: bool,
+    poll_interval_ms: u64,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !has_repository {
+        problems.push(format!(
+            "{path}: needs [repository]: versions are written into it and loaded by the \
+             embedded worker (aviary serve)"
+        ));
+    }
+    if poll_interval_ms < MIN_POLL_INTERVAL_MS {
+        problems.push(format!(
+            "{path}.poll_interval_ms: {poll_interval_ms} is below the least, \
+             {MIN_POLL_INTERVAL_MS}"
+        ));
+    }
+    problems
 }
 
 /// Why a source could not give a version.
@@ -62,5 +107,16 @@ impl SourceError {
             SourceError::Invalid(_) => tonic::Code::FailedPrecondition,
             SourceError::Storage(_) => tonic::Code::Internal,
         }
+    }
+}
+
+/// Asserts that every one of `expected` starts one of the problems `found`.
+#[cfg(test)]
+fn assert_named(found: &[String], expected: &[&str]) {
+    for expected in expected {
+        assert!(
+            found.iter().any(|p| p.starts_with(expected)),
+            "{expected} in {found:#?}"
+        );
     }
 }

@@ -226,7 +226,7 @@ where
         let owed = Owed {
             breaker: Arc::clone(&self.layer.breaker),
             admitted,
-            deadline_is_clients: call.deadline_is_clients,
+            deadline_is_clients: call.deadline.is_some_and(|d| d.clients),
             settled: false,
         };
         BreakerFuture::Admitted {

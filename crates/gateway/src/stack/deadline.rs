@@ -63,7 +63,9 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let expiry = call.deadline.map(|d| tokio::time::sleep_until(d.into()));
+        let expiry = call
+            .expires_at()
+            .map(|d| tokio::time::sleep_until(d.into()));
         DeadlineFuture {
             response: self.inner.call(call),
             expiry,

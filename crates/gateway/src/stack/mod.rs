@@ -69,10 +69,8 @@ impl Deadline {
 pub struct Call {
     /// The request, `model_version` set to the version that serves it.
     pub request: ModelInferRequest,
-    /// When the call must have ended; `None`: no deadline.
-    pub deadline: Option<Instant>,
-    /// Whether `deadline` is a client's shorter one (see [`Deadline::clients`]).
-    pub deadline_is_clients: bool,
+    /// When the call must have ended, and whose time that is; `None`: no deadline.
+    pub deadline: Option<Deadline>,
     /// Attempts the call may take over a version's replicas, the first included: the
     /// version's `retry_attempts`, set by its stack.
     pub max_attempts: u32,
@@ -84,10 +82,14 @@ impl Call {
     pub fn new(request: ModelInferRequest, deadline: Option<Deadline>) -> Call {
         Call {
             request,
-            deadline: deadline.map(|d| d.at),
-            deadline_is_clients: deadline.is_some_and(|d| d.clients),
+            deadline,
             max_attempts: 1,
         }
+    }
+
+    /// When the call must have ended; `None`: no deadline.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.deadline.map(|d| d.at)
     }
 }
 
@@ -426,8 +428,8 @@ pub(crate) mod tests {
     /// A call whose client asked for less time than the route gives: until `at`.
     fn hurried_call(at: Instant) -> Call {
         Call {
-            deadline_is_clients: true,
-            ..call(Some(at))
+            deadline: Some(Deadline { at, clients: true }),
+            ..call(None)
         }
     }
 
